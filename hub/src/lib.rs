@@ -1,1 +1,635 @@
-//! placeholder
+//! The tidemesh hub: certificate authority, enrollment, renewal and
+//! revocation for one SPIFFE trust domain, served over QUIC (ALPN
+//! `tidemesh-ctl/1`) with a local admin API on a Unix socket.
+//!
+//! Entry points take their clock and their bound socket, so tests and
+//! simulations run the hub in-process and in virtual time:
+//! [`init`] creates a data directory, [`Hub::open`] loads it and
+//! [`Hub::serve`] runs until the shutdown future resolves.
+//!
+//! # Data directory
+//! | file          | what |
+//! |---------------|------|
+//! | `ca.pem`      | the CA certificate (the trust bundle) |
+//! | `ca_key.pem`  | the CA private key, PKCS#8, mode 0600 |
+//! | `hub.db`      | redb: tokens, spokes, audit log ([`store`]) |
+//! | `admin.sock`  | the admin socket while `serve` runs, mode 0600 |
+
+pub mod authority;
+pub mod store;
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs,
+    future::Future,
+    io::Write,
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use serde_json::{json, Value};
+use tidemesh_identity::{
+    clock::Clock,
+    naming::{self, MeshIdentity},
+    svid::{self, Ca},
+    verify::{self, Authorizer, TrustBundle},
+    SpiffeId, TrustDomain,
+};
+use tidemesh_net::{admin, QuicSettings};
+use tidemesh_proto::{close, JoinToken, Request, Response, ALPN_CTL};
+use tracing::{info, warn};
+
+pub use store::{AuditEntry, SpokeRecord, Store};
+
+/// Hub settings.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// Lifetime of node SVIDs.
+    pub node_ttl: Duration,
+    /// Lifetime of workload SVIDs.
+    pub workload_ttl: Duration,
+    /// How long a spoke may have been out of contact and still re-establish
+    /// itself with its pinned key after its certificate expired.
+    pub max_offline: Duration,
+    /// Lifetime of the hub's own serving certificate (re-issued at half life).
+    pub hub_cert_ttl: Duration,
+    /// QUIC transport settings.
+    pub quic: QuicSettings,
+    /// Serve the admin socket in the data directory.
+    pub admin_socket: bool,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            node_ttl: Duration::from_secs(3600),
+            workload_ttl: Duration::from_secs(3600),
+            max_offline: Duration::from_secs(30 * 24 * 3600),
+            hub_cert_ttl: Duration::from_secs(24 * 3600),
+            quic: QuicSettings::default(),
+            admin_socket: true,
+        }
+    }
+}
+
+/// Errors of the hub's operations.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The data directory already holds a hub.
+    #[error("{0} already exists: refusing to overwrite an existing hub")]
+    AlreadyInitialized(PathBuf),
+    /// The data directory holds no hub.
+    #[error("{0} is not a hub data directory (run `tidemesh-hub init` first)")]
+    NotInitialized(PathBuf),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Certificate handling failed.
+    #[error("certificate: {0}")]
+    Cert(#[from] svid::IssueError),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// An argument was invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// The network layer failed.
+    #[error(transparent)]
+    Net(#[from] tidemesh_net::NetError),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> HubError + '_ {
+    move |source| HubError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// RFC 3339 rendering of a millisecond timestamp.
+pub fn rfc3339_ms(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+const CA_CERT: &str = "ca.pem";
+const CA_KEY: &str = "ca_key.pem";
+const DB: &str = "hub.db";
+
+/// Writes a file that must not exist yet, with the given mode, durably.
+pub(crate) fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), HubError> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(io_err(path))?;
+    f.write_all(bytes).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))
+}
+
+/// Creates a hub data directory: the CA (key mode 0600) and the database.
+/// Refuses to touch a directory that already holds either.
+pub fn init(data_dir: &Path, td: &TrustDomain, clock: &dyn Clock) -> Result<[u8; 32], HubError> {
+    for name in [CA_CERT, CA_KEY, DB] {
+        let p = data_dir.join(name);
+        if p.exists() {
+            return Err(HubError::AlreadyInitialized(p));
+        }
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
+        .map_err(io_err(data_dir))?;
+    let now = clock.now();
+    // Backdate a little so a spoke whose clock lags by minutes still accepts it.
+    let ca = Ca::generate(
+        td,
+        now - Duration::from_secs(3600),
+        now + Duration::from_secs(10 * 365 * 24 * 3600),
+    )?;
+    write_new(&data_dir.join(CA_KEY), ca.key_pem().as_bytes(), 0o600)?;
+    write_new(&data_dir.join(CA_CERT), ca.cert_pem().as_bytes(), 0o644)?;
+    Store::create(&data_dir.join(DB), td.as_str())?;
+    Ok(ca.fingerprint())
+}
+
+/// Rejects revoked spokes at the TLS handshake.
+#[derive(Debug)]
+struct HubAuthorizer {
+    revoked: Arc<RwLock<HashSet<String>>>,
+}
+
+impl Authorizer for HubAuthorizer {
+    fn authorize(&self, peer: &SpiffeId) -> Result<(), String> {
+        let revoked = self.revoked.read().map_err(|_| "revocation list poisoned".to_owned())?;
+        if revoked.contains(&peer.to_string()) {
+            return Err(format!("{peer} is revoked"));
+        }
+        Ok(())
+    }
+}
+
+struct Live {
+    conn: quinn::Connection,
+    stable_id: usize,
+}
+
+pub(crate) struct Inner {
+    pub(crate) data_dir: PathBuf,
+    pub(crate) store: Store,
+    pub(crate) ca: Ca,
+    pub(crate) td: TrustDomain,
+    pub(crate) cfg: HubConfig,
+    pub(crate) clock: Arc<dyn Clock>,
+    revoked: Arc<RwLock<HashSet<String>>>,
+    live: Mutex<HashMap<String, Live>>,
+}
+
+/// A loaded hub. Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").field("data_dir", &self.inner.data_dir).finish()
+    }
+}
+
+/// One row of `tidemesh-hub spokes`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SpokeInfo {
+    /// Node SPIFFE ID.
+    pub id: String,
+    /// Whether a control session is live now.
+    pub connected: bool,
+    /// Last authenticated contact (RFC 3339).
+    pub last_seen: String,
+    /// not_after of its current node SVID (RFC 3339).
+    pub cert_not_after: String,
+    /// When it enrolled (RFC 3339).
+    pub enrolled: String,
+    /// Whether it is revoked.
+    pub revoked: bool,
+}
+
+impl Hub {
+    /// Loads a hub data directory.
+    pub fn open(data_dir: &Path, cfg: HubConfig, clock: Arc<dyn Clock>) -> Result<Hub, HubError> {
+        let key_path = data_dir.join(CA_KEY);
+        let cert_path = data_dir.join(CA_CERT);
+        let db_path = data_dir.join(DB);
+        for p in [&key_path, &cert_path, &db_path] {
+            if !p.exists() {
+                return Err(HubError::NotInitialized(data_dir.to_owned()));
+            }
+        }
+        let key = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+        let cert = fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
+        let ca = Ca::from_pem(&cert, &key)?;
+        let store = Store::open(&db_path)?;
+        let td_s = store
+            .meta("trust_domain")?
+            .ok_or_else(|| HubError::NotInitialized(data_dir.to_owned()))?;
+        let td = TrustDomain::new(&td_s).map_err(|e| HubError::Invalid(e.to_string()))?;
+        let revoked = store
+            .spokes()?
+            .into_iter()
+            .filter(|(_, r)| r.revoked_ms.is_some())
+            .map(|(id, _)| id)
+            .collect();
+        Ok(Hub {
+            inner: Arc::new(Inner {
+                data_dir: data_dir.to_owned(),
+                store,
+                ca,
+                td,
+                cfg,
+                clock,
+                revoked: Arc::new(RwLock::new(revoked)),
+                live: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.inner.td
+    }
+
+    /// SHA-256 fingerprint of the CA certificate.
+    pub fn ca_fingerprint(&self) -> [u8; 32] {
+        self.inner.ca.fingerprint()
+    }
+
+    /// The database (for inspection by tests and tools).
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub(crate) fn now_ms(&self) -> u64 {
+        unix_ms(self.inner.clock.now())
+    }
+
+    /// Creates a single-use join token bound to a spoke node ID.
+    pub fn create_token(&self, spoke: &SpiffeId, ttl: Duration) -> Result<JoinToken, HubError> {
+        if spoke.trust_domain() != &self.inner.td {
+            return Err(HubError::Invalid(format!(
+                "{spoke} is not in this hub's trust domain {}",
+                self.inner.td
+            )));
+        }
+        if !matches!(naming::classify(spoke), Some(MeshIdentity::Node { .. })) {
+            return Err(HubError::Invalid(format!(
+                "{spoke} is not a spoke node ID (expected spiffe://{}/store/STORE/node/NODE)",
+                self.inner.td
+            )));
+        }
+        if ttl.is_zero() || ttl > Duration::from_secs(7 * 24 * 3600) {
+            return Err(HubError::Invalid(format!(
+                "token ttl {} out of range (1s..7d)",
+                humantime::format_duration(ttl)
+            )));
+        }
+        let mut secret = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+            .map_err(|_| HubError::Invalid("no system randomness".into()))?;
+        let token = JoinToken::new(spoke.clone(), &secret, self.ca_fingerprint());
+        let now = self.now_ms();
+        let rec = store::TokenRecord {
+            spoke: spoke.to_string(),
+            created_ms: now,
+            expires_ms: now + ttl.as_millis() as u64,
+        };
+        let audit = AuditEntry {
+            at_ms: now,
+            event: "token_created".into(),
+            subject: Some(spoke.to_string()),
+            detail: format!("ttl {}", humantime::format_duration(ttl)),
+        };
+        self.inner
+            .store
+            .put_token(&svid::sha256(token.secret.as_bytes()), &rec, &audit)?;
+        Ok(token)
+    }
+
+    /// Every enrolled spoke.
+    pub fn spokes(&self) -> Result<Vec<SpokeInfo>, HubError> {
+        let live = self.live_ids();
+        Ok(self
+            .inner
+            .store
+            .spokes()?
+            .into_iter()
+            .map(|(id, r)| {
+                let connected = live.contains(&id);
+                SpokeInfo {
+                    connected,
+                    last_seen: rfc3339_ms(if connected { self.now_ms() } else { r.last_seen_ms }),
+                    cert_not_after: rfc3339_ms(r.cert_not_after_ms),
+                    enrolled: rfc3339_ms(r.enrolled_ms),
+                    revoked: r.revoked_ms.is_some(),
+                    id,
+                }
+            })
+            .collect())
+    }
+
+    fn live_ids(&self) -> HashSet<String> {
+        match self.inner.live.lock() {
+            Ok(l) => l.keys().cloned().collect(),
+            Err(p) => p.into_inner().keys().cloned().collect(),
+        }
+    }
+
+    /// Revokes a spoke: persisted, its live connection closed at once, and
+    /// its handshakes, renewals and streams refused from then on.
+    pub fn revoke(&self, spoke: &SpiffeId) -> Result<(), HubError> {
+        let id = spoke.to_string();
+        let now = self.now_ms();
+        let audit = AuditEntry {
+            at_ms: now,
+            event: "revoked".into(),
+            subject: Some(id.clone()),
+            detail: "revoked by operator".into(),
+        };
+        let updated = self.inner.store.update_spoke(&id, Some(&audit), |r| {
+            r.revoked_ms.get_or_insert(now);
+        })?;
+        if updated.is_none() {
+            return Err(HubError::Invalid(format!("no enrolled spoke {id}")));
+        }
+        if let Ok(mut r) = self.inner.revoked.write() {
+            r.insert(id.clone());
+        }
+        let live = self.inner.live.lock().ok().and_then(|mut l| l.remove(&id));
+        if let Some(l) = live {
+            l.conn
+                .close(quinn::VarInt::from_u32(close::REVOKED), b"revoked");
+        }
+        info!(target: "tidemesh::audit", spoke = %id, "spoke revoked");
+        Ok(())
+    }
+
+    pub(crate) fn is_revoked(&self, id: &str) -> bool {
+        self.inner
+            .revoked
+            .read()
+            .map(|r| r.contains(id))
+            .unwrap_or(true)
+    }
+
+    fn server_tls(&self) -> Result<rustls::ServerConfig, HubError> {
+        let now = self.inner.clock.now();
+        let key = svid::generate_key()?;
+        let csr = svid::make_csr(&key, &naming::hub_id(&self.inner.td))?;
+        let leaf = self.inner.ca.sign_csr(
+            &csr,
+            &naming::hub_id(&self.inner.td),
+            now - Duration::from_secs(300),
+            now + self.inner.cfg.hub_cert_ttl,
+        )?;
+        let chain = vec![leaf, self.inner.ca.cert_der()];
+        let bundle = TrustBundle::new(self.inner.td.clone(), vec![self.inner.ca.cert_der()]);
+        let authorizer = Arc::new(HubAuthorizer {
+            revoked: self.inner.revoked.clone(),
+        });
+        verify::server_config(
+            bundle,
+            chain,
+            &key,
+            authorizer,
+            true,
+            self.inner.clock.clone(),
+            &[ALPN_CTL],
+        )
+        .map_err(|e| HubError::Invalid(format!("tls config: {e}")))
+    }
+
+    /// Runs the QUIC endpoint (and the admin socket, if configured) on an
+    /// already bound socket until `shutdown` resolves.
+    pub async fn serve(
+        &self,
+        socket: Arc<dyn quinn::AsyncUdpSocket>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), HubError> {
+        let server = self.inner.cfg.quic.server_config(self.server_tls()?)?;
+        let endpoint = tidemesh_net::quic::endpoint(socket, Some(server))?;
+        let admin_task = if self.inner.cfg.admin_socket {
+            let path = admin::socket_path(&self.inner.data_dir);
+            let listener = admin::bind(&path).map_err(io_err(&path))?;
+            let hub = self.clone();
+            Some(tokio::spawn(admin::serve(listener, move |caller, req| {
+                let hub = hub.clone();
+                async move { hub.admin(caller, req).await }
+            })))
+        } else {
+            None
+        };
+        info!(addr = ?endpoint.local_addr().ok(), td = %self.inner.td, "hub serving");
+        let refresh = self.inner.cfg.hub_cert_ttl / 2;
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tokio::time::sleep(refresh) => {
+                    match self.server_tls().and_then(|tls| Ok(self.inner.cfg.quic.server_config(tls)?)) {
+                        Ok(cfg) => endpoint.set_server_config(Some(cfg)),
+                        Err(e) => warn!(error = %e, "hub certificate refresh failed"),
+                    }
+                }
+                incoming = endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let hub = self.clone();
+                    tokio::spawn(async move { hub.handle_incoming(incoming).await });
+                }
+            }
+        }
+        endpoint.close(quinn::VarInt::from_u32(close::SHUTDOWN), b"hub shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        if let Some(t) = admin_task {
+            t.abort();
+            let _ = fs::remove_file(admin::socket_path(&self.inner.data_dir));
+        }
+        Ok(())
+    }
+
+    async fn admin(&self, caller: admin::Caller, req: Value) -> Result<Value, String> {
+        let cmd = req.get("cmd").and_then(Value::as_str).unwrap_or("");
+        let arg = |k: &str| req.get(k).and_then(Value::as_str).map(str::to_owned);
+        match cmd {
+            "token_create" => {
+                let spoke = arg("spoke").ok_or("missing spoke")?;
+                let id = SpiffeId::parse(&spoke).map_err(|e| format!("--spoke {spoke}: {e}"))?;
+                let ttl = req
+                    .get("ttl_s")
+                    .and_then(Value::as_u64)
+                    .map(Duration::from_secs)
+                    .unwrap_or(Duration::from_secs(600));
+                let token = self.create_token(&id, ttl).map_err(|e| e.to_string())?;
+                info!(target: "tidemesh::audit", spoke = %id, uid = ?caller.uid, "join token created");
+                Ok(json!({"token": token.to_string(), "expires_in_s": ttl.as_secs()}))
+            }
+            "spokes" => {
+                let list = self.spokes().map_err(|e| e.to_string())?;
+                serde_json::to_value(list).map_err(|e| e.to_string())
+            }
+            "revoke" => {
+                let spoke = arg("spoke").ok_or("missing spoke")?;
+                let id = SpiffeId::parse(&spoke).map_err(|e| format!("--spoke {spoke}: {e}"))?;
+                self.revoke(&id).map_err(|e| e.to_string())?;
+                Ok(json!({"revoked": id.to_string()}))
+            }
+            "audit" => {
+                let log = self.inner.store.audit_log().map_err(|e| e.to_string())?;
+                Ok(Value::Array(
+                    log.into_iter()
+                        .map(|(seq, e)| json!({"seq": seq, "at": rfc3339_ms(e.at_ms), "event": e.event, "subject": e.subject, "detail": e.detail}))
+                        .collect(),
+                ))
+            }
+            other => Err(format!("unknown admin command {other:?}")),
+        }
+    }
+
+    async fn handle_incoming(&self, incoming: quinn::Incoming) {
+        let remote = incoming.remote_address();
+        let conn = match incoming.await {
+            Ok(c) => c,
+            Err(e) => {
+                info!(%remote, error = %e, "handshake failed");
+                return;
+            }
+        };
+        let peer = tidemesh_net::peer_spiffe_id(&conn);
+        let node = match &peer {
+            Some(id) => match naming::classify(id) {
+                Some(MeshIdentity::Node { .. }) => Some(id.clone()),
+                _ => {
+                    conn.close(quinn::VarInt::from_u32(close::FORBIDDEN), b"control sessions need a node SVID");
+                    return;
+                }
+            },
+            None => None,
+        };
+        let stable_id = conn.stable_id();
+        loop {
+            let (send, recv) = match conn.accept_bi().await {
+                Ok(s) => s,
+                Err(_) => break,
+            };
+            let hub = self.clone();
+            let conn2 = conn.clone();
+            let node2 = node.clone();
+            tokio::spawn(async move { hub.handle_stream(conn2, node2, send, recv).await });
+        }
+        if let Some(id) = node {
+            let id = id.to_string();
+            let removed = self
+                .inner
+                .live
+                .lock()
+                .map(|mut l| {
+                    if l.get(&id).map(|x| x.stable_id) == Some(stable_id) {
+                        l.remove(&id);
+                        true
+                    } else {
+                        false
+                    }
+                })
+                .unwrap_or(false);
+            if removed {
+                let now = self.now_ms();
+                let _ = self.inner.store.update_spoke(&id, None, |r| r.last_seen_ms = now);
+                info!(spoke = %id, reason = ?conn.close_reason(), "spoke disconnected");
+            }
+        }
+    }
+
+    async fn handle_stream(
+        &self,
+        conn: quinn::Connection,
+        node: Option<SpiffeId>,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
+        let req = match tokio::time::timeout(
+            Duration::from_secs(10),
+            tidemesh_net::read_frame::<Request>(&mut recv),
+        )
+        .await
+        {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                let code = match &e {
+                    tidemesh_net::NetError::Frame(tidemesh_proto::FrameError::UnsupportedVersion { .. }) => {
+                        close::UNSUPPORTED_VERSION
+                    }
+                    _ => close::PROTOCOL_ERROR,
+                };
+                warn!(remote = %conn.remote_address(), error = %e, "bad control frame; closing connection");
+                let _ = tidemesh_net::write_frame(
+                    &mut send,
+                    &Response::Error {
+                        code: tidemesh_proto::ErrorCode::BadRequest,
+                        message: e.to_string(),
+                    },
+                )
+                .await;
+                let _ = send.finish();
+                conn.close(quinn::VarInt::from_u32(code), e.to_string().as_bytes());
+                return;
+            }
+            Err(_) => {
+                conn.close(quinn::VarInt::from_u32(close::PROTOCOL_ERROR), b"request timed out");
+                return;
+            }
+        };
+        if let (Some(id), Request::Hello { .. }) = (&node, &req) {
+            if let Ok(mut l) = self.inner.live.lock() {
+                if let Some(old) = l.insert(
+                    id.to_string(),
+                    Live {
+                        conn: conn.clone(),
+                        stable_id: conn.stable_id(),
+                    },
+                ) {
+                    if old.stable_id != conn.stable_id() {
+                        old.conn
+                            .close(quinn::VarInt::from_u32(close::NORMAL), b"replaced by a newer session");
+                    }
+                }
+            }
+            info!(spoke = %id, remote = %conn.remote_address(), "spoke connected");
+        }
+        let resp = authority::handle(self, &conn, node.as_ref(), req);
+        let close_after = matches!(
+            &resp,
+            Response::Error {
+                code: tidemesh_proto::ErrorCode::Revoked,
+                ..
+            }
+        );
+        let _ = tidemesh_net::write_frame(&mut send, &resp).await;
+        let _ = send.finish();
+        if close_after {
+            let _ = send.stopped().await;
+            conn.close(quinn::VarInt::from_u32(close::REVOKED), b"revoked");
+        }
+    }
+}

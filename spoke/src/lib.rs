@@ -1,1 +1,700 @@
-//! placeholder
+//! The tidemesh spoke: enrolls once with a join token, then keeps an mTLS
+//! control session to the hub, renews its SVIDs at half life, and keeps
+//! serving from its cached certificates whenever the hub is unreachable,
+//! including after a restart during a partition.
+//!
+//! Entry points take their clock and bound socket so tests and simulations
+//! run spokes in-process and in virtual time: [`enroll`], [`Spoke::open`],
+//! [`Spoke::run`].
+//!
+//! # Expired certificates and the max-offline window
+//! A partition can outlast the node SVID. When the link returns with an
+//! expired SVID, the spoke opens a connection without a client certificate
+//! and proves possession of the node key that the hub pinned at enrollment:
+//! it signs a challenge derived from *this* TLS session (an RFC 5705
+//! exporter value bound to the spoke ID), so a recorded proof is useless on
+//! any other connection. The hub re-issues to the pinned key only if the
+//! spoke is not revoked and its last contact lies within the hub's
+//! max-offline window (default 30 days). Past the window a new join token is
+//! required: a key that sat unattended on a box for longer than the window
+//! is not trusted on its own. The key never leaves the box, so the risk is
+//! the same as for a stolen unexpired certificate, bounded by the window and
+//! by revocation, which is checked first.
+
+pub mod config;
+pub mod creds;
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use rustls::pki_types::CertificateDer;
+use serde_json::{json, Value};
+use tidemesh_identity::{
+    clock::Clock,
+    naming,
+    svid::{self, KeyPair},
+    verify::{self, ExactId, ServerTrust, TrustBundle},
+    SpiffeId,
+};
+use tidemesh_net::{admin, NetError, QuicSettings};
+use tidemesh_proto::{close, ErrorCode, JoinToken, Request, Response, ALPN_CTL};
+use tracing::{debug, info, warn};
+
+pub use config::{FileConfig, WorkloadConfig};
+pub use creds::{CredStore, CredsError, Svid};
+
+/// The SNI name used towards the hub; the SPIFFE verifier ignores it.
+const SNI: &str = "hub.tidemesh.invalid";
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Spoke settings.
+#[derive(Debug, Clone)]
+pub struct SpokeConfig {
+    /// Overrides the hub address stored at enrollment.
+    pub hub: Option<SocketAddr>,
+    /// The file configuration (workloads).
+    pub file: FileConfig,
+    /// Renew SVIDs this far into their lifetime (0.5 = half life).
+    pub renew_fraction: f64,
+    /// First reconnect delay.
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay (jittered exponential backoff up to this).
+    pub reconnect_max: Duration,
+    /// QUIC transport settings.
+    pub quic: QuicSettings,
+    /// Serve the admin socket in the data directory.
+    pub admin_socket: bool,
+    /// Seed for jitter (random if `None`).
+    pub seed: Option<u64>,
+}
+
+impl Default for SpokeConfig {
+    fn default() -> Self {
+        Self {
+            hub: None,
+            file: FileConfig::default(),
+            renew_fraction: 0.5,
+            reconnect_min: Duration::from_millis(200),
+            reconnect_max: Duration::from_secs(2),
+            quic: QuicSettings::default(),
+            admin_socket: true,
+            seed: None,
+        }
+    }
+}
+
+/// Errors of the spoke's operations.
+#[derive(Debug, thiserror::Error)]
+pub enum SpokeError {
+    /// The credential cache failed.
+    #[error(transparent)]
+    Creds(#[from] CredsError),
+    /// The token is malformed.
+    #[error(transparent)]
+    Token(#[from] tidemesh_proto::TokenError),
+    /// The network failed.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The hub refused.
+    #[error("hub refused: {code}: {message}")]
+    Refused {
+        /// Machine-readable reason.
+        code: ErrorCode,
+        /// Explanation.
+        message: String,
+    },
+    /// The hub answered something unexpected.
+    #[error("unexpected answer from the hub: {0}")]
+    Unexpected(String),
+    /// Certificate handling failed.
+    #[error("certificate: {0}")]
+    Cert(#[from] svid::IssueError),
+    /// Already enrolled.
+    #[error("{0} already holds an enrolled spoke: pass --force to replace it")]
+    AlreadyEnrolled(PathBuf),
+    /// Invalid input.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn tls_err(e: rustls::Error) -> NetError {
+    NetError::Tls(e.to_string())
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn expect_cert(resp: Response) -> Result<(Vec<CertificateDer<'static>>, Vec<CertificateDer<'static>>), SpokeError> {
+    match resp {
+        Response::Certificate { chain, bundle } => Ok((
+            chain.into_iter().map(CertificateDer::from).collect(),
+            bundle.into_iter().map(CertificateDer::from).collect(),
+        )),
+        Response::Error { code, message } => Err(SpokeError::Refused { code, message }),
+        other => Err(SpokeError::Unexpected(format!("{other:?}"))),
+    }
+}
+
+fn client_endpoint(socket: Arc<dyn quinn::AsyncUdpSocket>) -> Result<quinn::Endpoint, NetError> {
+    tidemesh_net::quic::endpoint(socket, None)
+}
+
+async fn connect(
+    endpoint: &quinn::Endpoint,
+    quic: &QuicSettings,
+    tls: rustls::ClientConfig,
+    addr: SocketAddr,
+) -> Result<quinn::Connection, NetError> {
+    let cfg = quic.client_config(tls)?;
+    let connecting = endpoint
+        .connect_with(cfg, addr, SNI)
+        .map_err(|e| NetError::Connect { addr, reason: e.to_string() })?;
+    connecting.await.map_err(|e| NetError::Connect {
+        addr,
+        reason: format!("{e} (is the hub running, and is UDP to it allowed?)"),
+    })
+}
+
+/// What enrollment produced.
+#[derive(Debug)]
+pub struct Enrolled {
+    /// The node ID.
+    pub id: SpiffeId,
+    /// not_after of the node SVID.
+    pub not_after: SystemTime,
+}
+
+/// Enrolls a spoke: generates the node key here, sends a CSR with the join
+/// token to the hub (verified by the token's pinned CA fingerprint) and
+/// stores chain, bundle and key (0600) in `data_dir`.
+pub async fn enroll(
+    data_dir: &Path,
+    hub: SocketAddr,
+    token: &str,
+    force: bool,
+    socket: Arc<dyn quinn::AsyncUdpSocket>,
+    clock: Arc<dyn Clock>,
+    quic: QuicSettings,
+) -> Result<Enrolled, SpokeError> {
+    let token = JoinToken::parse(token)?;
+    let store = CredStore::new(data_dir);
+    if store.is_enrolled() && !force {
+        return Err(SpokeError::AlreadyEnrolled(data_dir.to_owned()));
+    }
+    let td = token.spoke.trust_domain().clone();
+    let key = svid::generate_key()?;
+    let csr = svid::make_csr(&key, &token.spoke)?;
+    let tls = verify::anonymous_client_config(
+        ServerTrust::Pinned {
+            trust_domain: td.clone(),
+            ca_fingerprint: token.ca_fingerprint,
+        },
+        Arc::new(ExactId(naming::hub_id(&td))),
+        clock.clone(),
+        &[ALPN_CTL],
+    )
+    .map_err(tls_err)?;
+    let endpoint = client_endpoint(socket)?;
+    let conn = connect(&endpoint, &quic, tls, hub).await?;
+    let resp = tidemesh_net::request(
+        &conn,
+        &Request::Enroll {
+            token: token.secret.clone(),
+            spoke: token.spoke.clone(),
+            csr,
+        },
+        REQUEST_TIMEOUT,
+    )
+    .await;
+    conn.close(quinn::VarInt::from_u32(close::NORMAL), b"enrolled");
+    endpoint.wait_idle().await;
+    let (chain, bundle) = expect_cert(resp?)?;
+    if !bundle.iter().any(|c| svid::sha256(c) == token.ca_fingerprint) {
+        return Err(SpokeError::Unexpected("the trust bundle does not contain the pinned CA".into()));
+    }
+    let node = Svid::new(key, chain)?;
+    if node.id != token.spoke {
+        return Err(SpokeError::Unexpected(format!("issued {} instead of {}", node.id, token.spoke)));
+    }
+    let ident = creds::Identity {
+        id: token.spoke.clone(),
+        hub: hub.to_string(),
+        enrolled_at: rfc3339(clock.now()),
+    };
+    store.save_enrollment(&ident, &node.key, &node.chain, &bundle)?;
+    store.save_contact(&creds::ContactState {
+        last_contact_ms: Some(unix_ms(clock.now())),
+    })?;
+    Ok(Enrolled {
+        id: node.id,
+        not_after: node.not_after,
+    })
+}
+
+/// What the spoke is doing, for `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Trying to reach the hub.
+    Connecting,
+    /// A control session is up.
+    Connected,
+    /// The hub is unreachable; serving from the cache.
+    Disconnected,
+    /// The hub revoked this spoke.
+    Revoked,
+    /// Past the max-offline window: a new join token is needed.
+    NeedsEnrollment,
+}
+
+#[derive(Debug)]
+struct Live {
+    state: State,
+    last_error: Option<String>,
+    last_contact_ms: Option<u64>,
+    hub_addr: SocketAddr,
+}
+
+struct Inner {
+    store: CredStore,
+    ident: creds::Identity,
+    cfg: SpokeConfig,
+    clock: Arc<dyn Clock>,
+    live: Mutex<Live>,
+    rng: Mutex<StdRng>,
+}
+
+/// A loaded, enrolled spoke. Cheap to clone.
+#[derive(Clone)]
+pub struct Spoke {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Spoke {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spoke").field("id", &self.inner.ident.id.to_string()).finish()
+    }
+}
+
+enum SessionEnd {
+    /// The session ran and then the connection ended.
+    Lost(String),
+    /// Shutdown requested.
+    Shutdown,
+}
+
+impl Spoke {
+    /// Loads an enrolled spoke from its data directory; needs no network.
+    pub fn open(data_dir: &Path, cfg: SpokeConfig, clock: Arc<dyn Clock>) -> Result<Spoke, SpokeError> {
+        let store = CredStore::new(data_dir);
+        let ident = store.identity()?;
+        // Fail now, not at the first connection, if the cache is unusable.
+        store.node()?;
+        store.bundle(ident.id.trust_domain())?;
+        let hub_addr = match cfg.hub {
+            Some(a) => a,
+            None => match &cfg.file.hub {
+                Some(h) => config::parse_hub_addr(h).map_err(|e| SpokeError::Invalid(format!("hub = {h:?}: {e}")))?,
+                None => config::parse_hub_addr(&ident.hub)
+                    .map_err(|e| SpokeError::Invalid(format!("hub address {:?} stored at enrollment: {e}", ident.hub)))?,
+            },
+        };
+        let rng = match cfg.seed {
+            Some(s) => StdRng::seed_from_u64(s),
+            None => StdRng::from_os_rng(),
+        };
+        let last_contact_ms = store.contact().last_contact_ms;
+        Ok(Spoke {
+            inner: Arc::new(Inner {
+                store,
+                ident,
+                cfg,
+                clock,
+                live: Mutex::new(Live {
+                    state: State::Connecting,
+                    last_error: None,
+                    last_contact_ms,
+                    hub_addr,
+                }),
+                rng: Mutex::new(rng),
+            }),
+        })
+    }
+
+    /// The node ID.
+    pub fn id(&self) -> &SpiffeId {
+        &self.inner.ident.id
+    }
+
+    fn set_state(&self, state: State, error: Option<String>) {
+        if let Ok(mut l) = self.inner.live.lock() {
+            if l.state != state {
+                info!(spoke = %self.inner.ident.id, from = ?l.state, to = ?state, "spoke state");
+            }
+            l.state = state;
+            if error.is_some() || state == State::Connected {
+                l.last_error = error;
+            }
+        }
+    }
+
+    fn state(&self) -> State {
+        self.inner.live.lock().map(|l| l.state).unwrap_or(State::Disconnected)
+    }
+
+    fn touch_contact(&self) {
+        self.touch_contact_at(self.inner.clock.now());
+    }
+
+    fn touch_contact_at(&self, at: SystemTime) {
+        let now = unix_ms(at);
+        if let Ok(mut l) = self.inner.live.lock() {
+            l.last_contact_ms = Some(now);
+        }
+        if let Err(e) = self.inner.store.save_contact(&creds::ContactState { last_contact_ms: Some(now) }) {
+            warn!(error = %e, "cannot persist last contact");
+        }
+    }
+
+    /// The status document (`tidemesh-spoke status --json`).
+    pub fn status(&self) -> Value {
+        let now = self.inner.clock.now();
+        let (state, last_error, last_contact_ms, hub) = match self.inner.live.lock() {
+            Ok(l) => (l.state, l.last_error.clone(), l.last_contact_ms, l.hub_addr),
+            Err(_) => (State::Disconnected, None, None, self.inner.cfg.hub.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))),
+        };
+        let connected = state == State::Connected;
+        let last_contact = if connected {
+            Some(now)
+        } else {
+            last_contact_ms.map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
+        };
+        let node = self.inner.store.node().ok();
+        let workloads: Vec<Value> = self
+            .inner
+            .cfg
+            .file
+            .workloads
+            .iter()
+            .map(|w| {
+                let s = self.inner.store.workload(&w.service_account).ok().flatten();
+                json!({
+                    "service_account": w.service_account,
+                    "id": s.as_ref().map(|s| s.id.to_string()),
+                    "cert_not_after": s.as_ref().map(|s| rfc3339(s.not_after)),
+                })
+            })
+            .collect();
+        json!({
+            "id": self.inner.ident.id.to_string(),
+            "connected": connected,
+            "state": state,
+            "hub": hub.to_string(),
+            "cert_not_after": node.as_ref().map(|n| rfc3339(n.not_after)),
+            "cert_time_left_s": node.as_ref().map(|n| n.not_after.duration_since(now).map(|d| d.as_secs() as i64).unwrap_or_else(|e| -(e.duration().as_secs() as i64))),
+            "cert_expired": node.as_ref().map(|n| n.expired(now)),
+            "last_contact": last_contact.map(rfc3339),
+            "last_contact_age_s": last_contact.map(|t| now.duration_since(t).map(|d| d.as_secs()).unwrap_or(0)),
+            "last_error": last_error,
+            "workloads": workloads,
+        })
+    }
+
+    fn jitter(&self, d: Duration) -> Duration {
+        // Full jitter over [d/2, d].
+        let f: f64 = self.inner.rng.lock().map(|mut r| r.random_range(0.5..=1.0)).unwrap_or(0.75);
+        d.mul_f64(f)
+    }
+
+    fn hub_addr(&self) -> SocketAddr {
+        self.inner
+            .live
+            .lock()
+            .map(|l| l.hub_addr)
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 7443)))
+    }
+
+    fn bundle(&self) -> Result<TrustBundle, SpokeError> {
+        Ok(self.inner.store.bundle(self.inner.ident.id.trust_domain())?)
+    }
+
+    fn hub_authorizer(&self) -> Arc<ExactId> {
+        Arc::new(ExactId(naming::hub_id(self.inner.ident.id.trust_domain())))
+    }
+
+    /// Runs until `shutdown` resolves: keeps the control session up, renews,
+    /// reconnects, and serves `status` on the admin socket throughout.
+    pub async fn run(
+        &self,
+        socket: Arc<dyn quinn::AsyncUdpSocket>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), SpokeError> {
+        let endpoint = client_endpoint(socket)?;
+        let admin_task = if self.inner.cfg.admin_socket {
+            let path = admin::socket_path(self.inner.store.dir());
+            let listener = admin::bind(&path).map_err(|e| SpokeError::Invalid(format!("{}: {e}", path.display())))?;
+            let me = self.clone();
+            Some(tokio::spawn(admin::serve(listener, move |_caller, req| {
+                let me = me.clone();
+                async move { me.admin(req) }
+            })))
+        } else {
+            None
+        };
+        info!(spoke = %self.inner.ident.id, hub = %self.hub_addr(), "spoke running");
+        tokio::pin!(shutdown);
+        let mut backoff = self.inner.cfg.reconnect_min;
+        loop {
+            let end = tokio::select! {
+                _ = &mut shutdown => SessionEnd::Shutdown,
+                r = self.session(&endpoint) => match r {
+                    Ok(end) => end,
+                    Err(e) => {
+                        let (state, msg) = self.classify_failure(&e);
+                        self.set_state(state, Some(msg.clone()));
+                        warn!(spoke = %self.inner.ident.id, error = %msg, "hub session failed");
+                        SessionEnd::Lost(msg)
+                    }
+                },
+            };
+            match end {
+                SessionEnd::Shutdown => break,
+                SessionEnd::Lost(reason) => {
+                    if self.state() == State::Connected {
+                        self.set_state(State::Disconnected, Some(reason));
+                    }
+                    if self.state() == State::Connecting {
+                        self.set_state(State::Disconnected, None);
+                    }
+                }
+            }
+            let wait = match self.state() {
+                // Nothing a retry can fix soon; still retry, slowly, so an
+                // operator's fix (unrevoke, new window) is picked up.
+                State::Revoked | State::NeedsEnrollment => Duration::from_secs(60),
+                _ => self.jitter(backoff),
+            };
+            backoff = (backoff * 2).min(self.inner.cfg.reconnect_max);
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            if self.state() == State::Connected {
+                backoff = self.inner.cfg.reconnect_min;
+            }
+        }
+        endpoint.close(quinn::VarInt::from_u32(close::SHUTDOWN), b"spoke shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        if let Some(t) = admin_task {
+            t.abort();
+            let _ = std::fs::remove_file(admin::socket_path(self.inner.store.dir()));
+        }
+        Ok(())
+    }
+
+    fn classify_failure(&self, e: &SpokeError) -> (State, String) {
+        match e {
+            SpokeError::Refused { code: ErrorCode::Revoked, .. } => (State::Revoked, e.to_string()),
+            SpokeError::Refused {
+                code: ErrorCode::OfflineWindowExceeded | ErrorCode::NotEnrolled,
+                ..
+            } => (State::NeedsEnrollment, e.to_string()),
+            SpokeError::Net(NetError::Connection(quinn::ConnectionError::ApplicationClosed(c)))
+                if c.error_code == quinn::VarInt::from_u32(close::REVOKED) =>
+            {
+                (State::Revoked, "the hub revoked this spoke".into())
+            }
+            _ if self.state() == State::Revoked => (State::Revoked, e.to_string()),
+            _ => (State::Disconnected, e.to_string()),
+        }
+    }
+
+    fn admin(&self, req: Value) -> Result<Value, String> {
+        match req.get("cmd").and_then(Value::as_str) {
+            Some("status") => Ok(self.status()),
+            other => Err(format!("unknown admin command {other:?}")),
+        }
+    }
+
+    /// Re-establishes an expired node SVID with the pinned key.
+    async fn reestablish(&self, endpoint: &quinn::Endpoint, node: &Svid) -> Result<Svid, SpokeError> {
+        info!(spoke = %self.inner.ident.id, expired = %rfc3339(node.not_after), "node SVID expired; re-establishing with the pinned key");
+        let tls = verify::client_config_no_cert(self.bundle()?, self.hub_authorizer(), self.inner.clock.clone(), &[ALPN_CTL])
+            .map_err(tls_err)?;
+        let conn = connect(endpoint, &self.inner.cfg.quic, tls, self.hub_addr()).await?;
+        let challenge = tidemesh_net::reestablish_challenge(&conn, &self.inner.ident.id)?;
+        let proof = svid::sign(&node.key, &challenge)?;
+        let csr = svid::make_csr(&node.key, &self.inner.ident.id)?;
+        let resp = tidemesh_net::request(
+            &conn,
+            &Request::Reestablish {
+                spoke: self.inner.ident.id.clone(),
+                csr,
+                proof,
+            },
+            REQUEST_TIMEOUT,
+        )
+        .await;
+        conn.close(quinn::VarInt::from_u32(close::NORMAL), b"reestablished");
+        let (chain, bundle) = expect_cert(resp?)?;
+        self.install_node(chain, bundle)
+    }
+
+    fn install_node(&self, chain: Vec<CertificateDer<'static>>, bundle: Vec<CertificateDer<'static>>) -> Result<Svid, SpokeError> {
+        let key = self.inner.store.node()?.key;
+        let s = Svid::new(key, chain)?;
+        if s.id != self.inner.ident.id {
+            return Err(SpokeError::Unexpected(format!("hub issued {} instead of {}", s.id, self.inner.ident.id)));
+        }
+        if !bundle.is_empty() {
+            self.inner.store.save_bundle(&bundle)?;
+        }
+        self.inner.store.save_node_chain(&s.chain)?;
+        info!(target: "tidemesh::audit", spoke = %s.id, not_after = %rfc3339(s.not_after), "node SVID installed");
+        Ok(s)
+    }
+
+    /// One control session: connect (re-establishing first if the node SVID
+    /// expired), say hello, fetch missing workload SVIDs, then renew on time
+    /// until the connection ends.
+    async fn session(&self, endpoint: &quinn::Endpoint) -> Result<SessionEnd, SpokeError> {
+        let mut node = self.inner.store.node()?;
+        if node.expired(self.inner.clock.now()) {
+            node = self.reestablish(endpoint, &node).await?;
+        }
+        let tls = verify::client_config(
+            self.bundle()?,
+            node.chain.clone(),
+            &node.key,
+            self.hub_authorizer(),
+            self.inner.clock.clone(),
+            &[ALPN_CTL],
+        )
+        .map_err(tls_err)?;
+        let conn = connect(endpoint, &self.inner.cfg.quic, tls, self.hub_addr()).await?;
+        let resp: Response = tidemesh_net::request(
+            &conn,
+            &Request::Hello {
+                agent: format!("tidemesh-spoke/{}", env!("CARGO_PKG_VERSION")),
+            },
+            REQUEST_TIMEOUT,
+        )
+        .await?;
+        match resp {
+            Response::Welcome { .. } => {}
+            Response::Error { code, message } => return Err(SpokeError::Refused { code, message }),
+            other => return Err(SpokeError::Unexpected(format!("{other:?}"))),
+        }
+        self.set_state(State::Connected, None);
+        self.touch_contact();
+        loop {
+            let next = self.maintain(&conn, &mut node).await;
+            let now = self.inner.clock.now();
+            let wait = next.duration_since(now).unwrap_or(Duration::ZERO);
+            debug!(wait = ?wait, "next certificate maintenance");
+            tokio::select! {
+                e = conn.closed() => {
+                    return Ok(SessionEnd::Lost(match &e {
+                        quinn::ConnectionError::ApplicationClosed(c) if c.error_code == quinn::VarInt::from_u32(close::REVOKED) => {
+                            self.set_state(State::Revoked, Some("the hub revoked this spoke".into()));
+                            "revoked".into()
+                        }
+                        quinn::ConnectionError::TimedOut => {
+                            // The last packet arrived about one idle timeout ago.
+                            self.touch_contact_at(self.inner.clock.now() - self.inner.cfg.quic.idle_timeout);
+                            "connection lost: hub silent for the idle timeout".into()
+                        }
+                        other => {
+                            self.touch_contact();
+                            format!("connection lost: {other}")
+                        }
+                    }));
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Renews what is due; returns when to look again.
+    async fn maintain(&self, conn: &quinn::Connection, node: &mut Svid) -> SystemTime {
+        let now = self.inner.clock.now();
+        let frac = self.inner.cfg.renew_fraction;
+        let retry = now + self.jitter(Duration::from_secs(5));
+        let mut next = now + Duration::from_secs(3600);
+        if node.renew_at(frac) <= now {
+            match self.renew_node(conn, node).await {
+                Ok(s) => *node = s,
+                Err(e) => {
+                    warn!(error = %e, "node SVID renewal failed; retrying");
+                    if let SpokeError::Refused { code: ErrorCode::Revoked, .. } = e {
+                        self.set_state(State::Revoked, Some(e.to_string()));
+                    }
+                    next = next.min(retry);
+                }
+            }
+        }
+        next = next.min(node.renew_at(frac).max(now + Duration::from_millis(100)));
+        let td = self.inner.ident.id.trust_domain().clone();
+        let store_name = match naming::classify(&self.inner.ident.id) {
+            Some(naming::MeshIdentity::Node { store, .. }) => store,
+            _ => return next,
+        };
+        for w in &self.inner.cfg.file.workloads {
+            let cur = self.inner.store.workload(&w.service_account).ok().flatten();
+            let due = cur.as_ref().map(|s| s.renew_at(frac)).unwrap_or(now);
+            if due > now {
+                next = next.min(due);
+                continue;
+            }
+            match self.issue_workload(conn, &td, &store_name, &w.service_account).await {
+                Ok(s) => next = next.min(s.renew_at(frac)),
+                Err(e) => {
+                    warn!(account = %w.service_account, error = %e, "workload SVID issuance failed; retrying");
+                    next = next.min(retry);
+                }
+            }
+        }
+        next
+    }
+
+    async fn renew_node(&self, conn: &quinn::Connection, node: &Svid) -> Result<Svid, SpokeError> {
+        let csr = svid::make_csr(&node.key, &self.inner.ident.id)?;
+        let resp = tidemesh_net::request(conn, &Request::Renew { csr }, REQUEST_TIMEOUT).await?;
+        let (chain, bundle) = expect_cert(resp)?;
+        let s = self.install_node(chain, bundle)?;
+        self.touch_contact();
+        Ok(s)
+    }
+
+    async fn issue_workload(
+        &self,
+        conn: &quinn::Connection,
+        td: &tidemesh_identity::TrustDomain,
+        store: &str,
+        account: &str,
+    ) -> Result<Svid, SpokeError> {
+        let id = naming::workload_id(td, store, account).map_err(|e| SpokeError::Invalid(e.to_string()))?;
+        let key: KeyPair = self.inner.store.workload_key(account)?;
+        let csr = svid::make_csr(&key, &id)?;
+        let resp = tidemesh_net::request(conn, &Request::IssueWorkload { id: id.clone(), csr }, REQUEST_TIMEOUT).await?;
+        let (chain, _) = expect_cert(resp)?;
+        let s = Svid::new(key, chain)?;
+        if s.id != id {
+            return Err(SpokeError::Unexpected(format!("hub issued {} instead of {id}", s.id)));
+        }
+        self.inner.store.save_workload_chain(account, &s.chain)?;
+        info!(target: "tidemesh::audit", workload = %id, not_after = %rfc3339(s.not_after), "workload SVID installed");
+        Ok(s)
+    }
+}

@@ -1,1 +1,229 @@
-fn main() {}
+//! `tidemesh-spoke`: the command line over the spoke library.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+use tidemesh_identity::clock::SystemClock;
+use tidemesh_net::{admin, QuicSettings};
+use tidemesh_spoke::{FileConfig, Spoke, SpokeConfig};
+
+/// The tidemesh spoke: a store's node proxy that keeps working when the
+/// uplink to the hub drops.
+#[derive(Parser)]
+#[command(name = "tidemesh-spoke", version, about)]
+struct Cli {
+    /// Log format for `run`: `text` or `json`.
+    #[arg(long, global = true, env = "TIDEMESH_LOG_FORMAT", default_value = "text")]
+    log_format: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Enroll with the hub using a single-use join token.
+    Enroll {
+        /// Where the spoke keeps its state.
+        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        data_dir: PathBuf,
+        /// The hub's QUIC address, host:port.
+        #[arg(long, env = "TIDEMESH_HUB")]
+        hub: String,
+        /// The join token from `tidemesh-hub token create`.
+        #[arg(long, env = "TIDEMESH_TOKEN")]
+        token: String,
+        /// Replace an existing enrollment (new key, new identity).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run the spoke.
+    Run {
+        /// Where the spoke keeps its state.
+        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Spoke configuration (TOML): workloads, hub address.
+        #[arg(long, env = "TIDEMESH_CONFIG")]
+        config: Option<PathBuf>,
+        /// Override the hub address stored at enrollment.
+        #[arg(long, env = "TIDEMESH_HUB")]
+        hub: Option<String>,
+        /// Renew SVIDs this far into their lifetime (0.05..0.95).
+        #[arg(long, env = "TIDEMESH_RENEW_AT", default_value_t = 0.5)]
+        renew_at: f64,
+        /// Longest delay between reconnect attempts (jittered exponential backoff).
+        #[arg(long, env = "TIDEMESH_RECONNECT_MAX", default_value = "2s", value_parser = humantime::parse_duration)]
+        reconnect_max: Duration,
+        /// QUIC keep-alive interval.
+        #[arg(long, env = "TIDEMESH_KEEP_ALIVE", default_value = "1s", value_parser = humantime::parse_duration)]
+        keep_alive: Duration,
+        /// QUIC idle timeout: the hub is declared unreachable after this much silence.
+        #[arg(long, env = "TIDEMESH_IDLE_TIMEOUT", default_value = "4s", value_parser = humantime::parse_duration)]
+        idle_timeout: Duration,
+    },
+    /// Show the running spoke's status.
+    Status {
+        /// Where the spoke keeps its state.
+        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// SVIDs for local apps that do their own mTLS.
+    Svid {
+        #[command(subcommand)]
+        cmd: SvidCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum SvidCmd {
+    /// Write svid.pem (leaf first), svid_key.pem (PKCS#8) and bundle.pem.
+    Export {
+        /// Where the spoke keeps its state.
+        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Export this workload's SVID instead of the node's.
+        #[arg(long)]
+        workload: Option<String>,
+    },
+}
+
+fn init_tracing(format: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        "text" => b.init(),
+        "json" => b.json().init(),
+        other => bail!("--log-format {other:?}: expected text or json"),
+    }
+    Ok(())
+}
+
+fn hub_addr(flag: &str, s: &str) -> anyhow::Result<SocketAddr> {
+    tidemesh_spoke::config::parse_hub_addr(s).map_err(|e| anyhow::anyhow!("{flag} {s:?}: {e}"))
+}
+
+fn client_socket(hub: SocketAddr) -> anyhow::Result<Arc<dyn quinn::AsyncUdpSocket>> {
+    let bind: SocketAddr = if hub.is_ipv6() { "[::]:0".parse()? } else { "0.0.0.0:0".parse()? };
+    let sock = std::net::UdpSocket::bind(bind).context("binding a UDP socket")?;
+    Ok(tidemesh_net::quic::wrap_socket(sock)?)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Enroll { data_dir, hub, token, force } => {
+            let addr = hub_addr("--hub", &hub)?;
+            let e = tidemesh_spoke::enroll(
+                &data_dir,
+                addr,
+                &token,
+                force,
+                client_socket(addr)?,
+                Arc::new(SystemClock),
+                QuicSettings::default(),
+            )
+            .await?;
+            println!(
+                "enrolled as {} (node SVID valid until {})",
+                e.id,
+                humantime::format_rfc3339_seconds(e.not_after)
+            );
+        }
+        Cmd::Run {
+            data_dir,
+            config,
+            hub,
+            renew_at,
+            reconnect_max,
+            keep_alive,
+            idle_timeout,
+        } => {
+            init_tracing(&cli.log_format)?;
+            let file = match &config {
+                Some(p) => FileConfig::load(p)?,
+                None => FileConfig::default(),
+            };
+            if !(0.05..=0.95).contains(&renew_at) {
+                bail!("--renew-at {renew_at}: must be between 0.05 and 0.95");
+            }
+            if keep_alive >= idle_timeout {
+                bail!("--keep-alive {keep_alive:?} must be shorter than --idle-timeout {idle_timeout:?}");
+            }
+            let hub = hub.map(|h| hub_addr("--hub", &h)).transpose()?;
+            let cfg = SpokeConfig {
+                hub,
+                file,
+                renew_fraction: renew_at,
+                reconnect_max,
+                quic: QuicSettings {
+                    keep_alive,
+                    idle_timeout,
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let spoke = Spoke::open(&data_dir, cfg, Arc::new(SystemClock))?;
+            let sock = client_socket(hub.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))))?;
+            spoke.run(sock, shutdown_signal()).await?;
+        }
+        Cmd::Status { data_dir, json } => {
+            let s = admin::call(&admin::socket_path(&data_dir), json!({"cmd": "status"})).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                let f = |k: &str| match &s[k] {
+                    Value::String(x) => x.clone(),
+                    Value::Null => "-".into(),
+                    v => v.to_string(),
+                };
+                println!("id:              {}", f("id"));
+                println!("state:           {}", f("state"));
+                println!("hub:             {}", f("hub"));
+                println!("cert not after:  {} ({} s left)", f("cert_not_after"), f("cert_time_left_s"));
+                println!("last contact:    {}", f("last_contact"));
+                if s["last_error"].is_string() {
+                    println!("last error:      {}", f("last_error"));
+                }
+                for w in s["workloads"].as_array().into_iter().flatten() {
+                    println!(
+                        "workload:        {} {} until {}",
+                        w["service_account"].as_str().unwrap_or("-"),
+                        w["id"].as_str().unwrap_or("(not issued yet)"),
+                        w["cert_not_after"].as_str().unwrap_or("-")
+                    );
+                }
+            }
+        }
+        Cmd::Svid {
+            cmd: SvidCmd::Export { data_dir, out, workload },
+        } => {
+            let id = tidemesh_spoke::CredStore::new(&data_dir).export(&out, workload.as_deref())?;
+            println!("exported {id} to {}", out.display());
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+}

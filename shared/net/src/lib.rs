@@ -1,1 +1,16 @@
-//! placeholder
+//! Async glue shared by the hub and spoke drivers: QUIC endpoints and
+//! transport settings, framed request/response on QUIC streams, the local
+//! admin socket, and a clock that follows tokio's (possibly virtual) time.
+//!
+//! Who drives it: `tidemesh-hub` and `tidemesh-spoke`. What it must not do:
+//! hold protocol rules (who may enroll, when to renew): those live in the
+//! hub and spoke logic. This crate only moves bytes and maps errors.
+
+pub mod admin;
+pub mod clock;
+pub mod quic;
+
+pub use clock::TokioClock;
+pub use quic::{
+    peer_spiffe_id, read_frame, reestablish_challenge, request, write_frame, NetError, QuicSettings,
+};

@@ -1,0 +1,319 @@
+//! The hub's durable state in one redb file (`hub.db` in the data directory).
+//!
+//! Who drives it: [`crate::Hub`]. What it must not do: decide policy. It
+//! stores and fetches records; every multi-step change (consuming a token and
+//! pinning the spoke's key, say) is one write transaction so it is all or
+//! nothing, and two-phase commit is on for this security state.
+//!
+//! # Tables
+//! | table    | key                          | value |
+//! |----------|------------------------------|-------|
+//! | `meta`   | `&str` name                  | UTF-8 bytes: `trust_domain`, `schema` |
+//! | `tokens` | `&[u8]` SHA-256 of the secret| postcard [`TokenRecord`] |
+//! | `spokes` | `&str` node SPIFFE ID        | postcard [`SpokeRecord`] |
+//! | `audit`  | `u64` sequence (from 1)      | JSON [`AuditEntry`] |
+//!
+//! Times are milliseconds since the Unix epoch (u64). postcard field order is
+//! the format: append fields only with a schema bump.
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tokens");
+const SPOKES: TableDefinition<&str, &[u8]> = TableDefinition::new("spokes");
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+
+/// Current schema version of `hub.db`.
+pub const SCHEMA: &str = "1";
+
+/// A join token waiting to be used.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// The spoke ID the token is bound to.
+    pub spoke: String,
+    /// When the token was created.
+    pub created_ms: u64,
+    /// When it stops being valid.
+    pub expires_ms: u64,
+}
+
+/// An enrolled spoke.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SpokeRecord {
+    /// The node key pinned at enrollment (uncompressed P-256 point).
+    pub pinned_key: Vec<u8>,
+    /// When it enrolled.
+    pub enrolled_ms: u64,
+    /// not_after of the last node SVID issued to it.
+    pub cert_not_after_ms: u64,
+    /// Last authenticated contact.
+    pub last_seen_ms: u64,
+    /// Set when an operator revoked it.
+    pub revoked_ms: Option<u64>,
+}
+
+/// One audit log entry: every issuance, renewal, refusal and revocation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AuditEntry {
+    /// When.
+    pub at_ms: u64,
+    /// What: `enrolled`, `renewed`, `workload_issued`, `reestablished`,
+    /// `refused`, `revoked`, `token_created`.
+    pub event: String,
+    /// The spoke (or requested ID) concerned.
+    pub subject: Option<String>,
+    /// Details for people.
+    pub detail: String,
+}
+
+/// Storage failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// redb failed.
+    #[error("database: {0}")]
+    Db(#[from] redb::Error),
+    /// A stored value did not decode: the file is damaged or from another version.
+    #[error("corrupt record in table {table}: {reason}")]
+    Corrupt {
+        /// Which table.
+        table: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self { StoreError::Db(e.into()) }
+        }
+    )*};
+}
+db_err!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// What consuming a token found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TokenUse {
+    /// The token was valid and bound to the given spoke: the spoke is now enrolled.
+    Enrolled,
+    /// No such token, or already used.
+    Invalid,
+    /// The token had expired; it was burned.
+    Expired,
+    /// The token is bound to another spoke ID; it was burned.
+    Mismatch {
+        /// The ID it is bound to.
+        bound: String,
+    },
+}
+
+/// The hub database.
+#[derive(Debug)]
+pub struct Store {
+    db: Database,
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(table: &'static str, b: &[u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(b).map_err(|e| StoreError::Corrupt {
+        table,
+        reason: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // postcard encoding of these plain structs into a Vec cannot fail.
+    postcard::to_allocvec(v).unwrap_or_default()
+}
+
+impl Store {
+    /// Creates a new database; fails if the file exists.
+    pub fn create(path: &Path, trust_domain: &str) -> Result<Store, StoreError> {
+        let db = Database::create(path)?;
+        let mut tx = db.begin_write()?;
+        tx.set_two_phase_commit(true);
+        {
+            let mut meta = tx.open_table(META)?;
+            meta.insert("trust_domain", trust_domain.as_bytes())?;
+            meta.insert("schema", SCHEMA.as_bytes())?;
+            tx.open_table(TOKENS)?;
+            tx.open_table(SPOKES)?;
+            tx.open_table(AUDIT)?;
+        }
+        tx.commit()?;
+        Ok(Store { db })
+    }
+
+    /// Opens an existing database.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = Database::open(path)?;
+        let store = Store { db };
+        let schema = store.meta("schema")?;
+        if schema.as_deref() != Some(SCHEMA) {
+            return Err(StoreError::Corrupt {
+                table: "meta",
+                reason: format!("schema {schema:?}, this build reads {SCHEMA}"),
+            });
+        }
+        Ok(store)
+    }
+
+    /// A meta value.
+    pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(META)?;
+        Ok(t.get(key)?
+            .map(|v| String::from_utf8_lossy(v.value()).into_owned()))
+    }
+
+    fn write(&self) -> Result<redb::WriteTransaction, StoreError> {
+        let mut tx = self.db.begin_write()?;
+        tx.set_two_phase_commit(true);
+        Ok(tx)
+    }
+
+    fn append_audit(tx: &redb::WriteTransaction, e: &AuditEntry) -> Result<(), StoreError> {
+        let mut t = tx.open_table(AUDIT)?;
+        let next = t.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
+        let bytes = serde_json::to_vec(e).unwrap_or_default();
+        t.insert(next, bytes.as_slice())?;
+        Ok(())
+    }
+
+    /// Appends an audit entry on its own.
+    pub fn audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
+        let tx = self.write()?;
+        Self::append_audit(&tx, e)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The audit log, oldest first.
+    pub fn audit_log(&self) -> Result<Vec<(u64, AuditEntry)>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(AUDIT)?;
+        let mut out = Vec::with_capacity(t.len()? as usize);
+        for row in t.iter()? {
+            let (k, v) = row?;
+            let e: AuditEntry = serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
+                table: "audit",
+                reason: e.to_string(),
+            })?;
+            out.push((k.value(), e));
+        }
+        Ok(out)
+    }
+
+    /// Stores a new token (by the hash of its secret) with its audit entry.
+    pub fn put_token(&self, hash: &[u8; 32], rec: &TokenRecord, audit: &AuditEntry) -> Result<(), StoreError> {
+        let tx = self.write()?;
+        {
+            let mut t = tx.open_table(TOKENS)?;
+            t.insert(hash.as_slice(), encode(rec).as_slice())?;
+        }
+        Self::append_audit(&tx, audit)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Consumes a token and, if it is valid for `spoke`, enrolls the spoke
+    /// with `record`, all in one write transaction: of two racers exactly one
+    /// wins. Expired and mismatched tokens are burned too.
+    pub fn consume_token(
+        &self,
+        hash: &[u8; 32],
+        spoke: &str,
+        now_ms: u64,
+        record: &SpokeRecord,
+        audit_ok: &AuditEntry,
+    ) -> Result<TokenUse, StoreError> {
+        let tx = self.write()?;
+        let found = {
+            let mut t = tx.open_table(TOKENS)?;
+            let removed = t.remove(hash.as_slice())?;
+            match removed {
+                None => None,
+                Some(v) => Some(decode::<TokenRecord>("tokens", v.value())?),
+            }
+        };
+        let outcome = match found {
+            None => TokenUse::Invalid,
+            Some(tok) if tok.expires_ms <= now_ms => TokenUse::Expired,
+            Some(tok) if tok.spoke != spoke => TokenUse::Mismatch { bound: tok.spoke },
+            Some(_) => {
+                let mut s = tx.open_table(SPOKES)?;
+                s.insert(spoke, encode(record).as_slice())?;
+                drop(s);
+                Self::append_audit(&tx, audit_ok)?;
+                TokenUse::Enrolled
+            }
+        };
+        if outcome != TokenUse::Invalid {
+            tx.commit()?;
+        } else {
+            tx.abort()?;
+        }
+        Ok(outcome)
+    }
+
+    /// One spoke's record.
+    pub fn spoke(&self, id: &str) -> Result<Option<SpokeRecord>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(SPOKES)?;
+        match t.get(id)? {
+            None => Ok(None),
+            Some(v) => Ok(Some(decode("spokes", v.value())?)),
+        }
+    }
+
+    /// Every spoke, ordered by ID.
+    pub fn spokes(&self) -> Result<Vec<(String, SpokeRecord)>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(SPOKES)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            out.push((k.value().to_owned(), decode("spokes", v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Read-modify-write of one spoke record with an optional audit entry.
+    /// Returns the updated record, or `None` if the spoke is unknown.
+    pub fn update_spoke(
+        &self,
+        id: &str,
+        audit: Option<&AuditEntry>,
+        f: impl FnOnce(&mut SpokeRecord),
+    ) -> Result<Option<SpokeRecord>, StoreError> {
+        let tx = self.write()?;
+        let updated = {
+            let mut t = tx.open_table(SPOKES)?;
+            let cur = match t.get(id)? {
+                None => None,
+                Some(v) => Some(decode::<SpokeRecord>("spokes", v.value())?),
+            };
+            match cur {
+                None => None,
+                Some(mut rec) => {
+                    f(&mut rec);
+                    t.insert(id, encode(&rec).as_slice())?;
+                    Some(rec)
+                }
+            }
+        };
+        if let Some(a) = audit {
+            Self::append_audit(&tx, a)?;
+        }
+        tx.commit()?;
+        Ok(updated)
+    }
+}

@@ -1,0 +1,183 @@
+//! QUIC plumbing: transport settings, framed messages on streams, one-shot
+//! requests, peer identity and the re-establishment challenge.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use serde::{de::DeserializeOwned, Serialize};
+use tidemesh_identity::{verify::peer_id, SpiffeId};
+use tidemesh_proto::{decode_payload, encode_frame, payload_len, FrameError, LEN_PREFIX};
+
+/// Errors of the network layer.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The connection could not be set up.
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect {
+        /// Where to.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The connection was lost or closed.
+    #[error("connection lost: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// Writing to a stream failed.
+    #[error("write failed: {0}")]
+    Write(String),
+    /// Reading from a stream failed.
+    #[error("read failed: {0}")]
+    Read(String),
+    /// The peer sent a bad frame.
+    #[error("bad frame: {0}")]
+    Frame(#[from] FrameError),
+    /// The peer did not answer in time.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// A TLS configuration problem.
+    #[error("tls configuration: {0}")]
+    Tls(String),
+    /// Local I/O failure (socket, file).
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Transport settings shared by hub and spoke.
+#[derive(Debug, Clone, Copy)]
+pub struct QuicSettings {
+    /// Keep-alive interval: how often an idle connection proves it is alive.
+    pub keep_alive: Duration,
+    /// Idle timeout: a connection with no packets for this long is dead.
+    /// Also bounds how long a handshake to a silent peer hangs.
+    pub idle_timeout: Duration,
+    /// Concurrent bidirectional streams a peer may open.
+    pub max_streams: u32,
+}
+
+impl Default for QuicSettings {
+    fn default() -> Self {
+        Self {
+            keep_alive: Duration::from_millis(1000),
+            idle_timeout: Duration::from_millis(4000),
+            max_streams: 64,
+        }
+    }
+}
+
+impl QuicSettings {
+    /// The quinn transport config for these settings.
+    pub fn transport(&self) -> Arc<quinn::TransportConfig> {
+        let mut t = quinn::TransportConfig::default();
+        t.keep_alive_interval(Some(self.keep_alive));
+        // An idle timeout above quinn's VarInt range is a configuration error
+        // the caller made; fall back to quinn's default rather than panic.
+        t.max_idle_timeout(quinn::IdleTimeout::try_from(self.idle_timeout).ok());
+        t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(self.max_streams));
+        t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+        Arc::new(t)
+    }
+
+    /// quinn client config from a rustls client config.
+    pub fn client_config(&self, tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, NetError> {
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| NetError::Tls(e.to_string()))?;
+        let mut c = quinn::ClientConfig::new(Arc::new(crypto));
+        c.transport_config(self.transport());
+        Ok(c)
+    }
+
+    /// quinn server config from a rustls server config.
+    pub fn server_config(&self, tls: rustls::ServerConfig) -> Result<quinn::ServerConfig, NetError> {
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+            .map_err(|e| NetError::Tls(e.to_string()))?;
+        let mut s = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        s.transport_config(self.transport());
+        Ok(s)
+    }
+}
+
+/// Makes an endpoint over an already bound socket (real or simulated).
+pub fn endpoint(
+    socket: Arc<dyn quinn::AsyncUdpSocket>,
+    server: Option<quinn::ServerConfig>,
+) -> Result<quinn::Endpoint, NetError> {
+    Ok(quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        server,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?)
+}
+
+/// Wraps a bound std UDP socket for quinn's tokio runtime.
+pub fn wrap_socket(sock: std::net::UdpSocket) -> Result<Arc<dyn quinn::AsyncUdpSocket>, NetError> {
+    use quinn::Runtime;
+    Ok(quinn::TokioRuntime.wrap_udp_socket(sock)?)
+}
+
+/// Writes one frame.
+pub async fn write_frame<T: Serialize>(
+    send: &mut quinn::SendStream,
+    msg: &T,
+) -> Result<(), NetError> {
+    let bytes = encode_frame(msg)?;
+    send.write_all(&bytes)
+        .await
+        .map_err(|e| NetError::Write(e.to_string()))
+}
+
+/// Reads one frame; the length is checked against the limit before the body
+/// is read.
+pub async fn read_frame<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Result<T, NetError> {
+    let mut prefix = [0u8; LEN_PREFIX];
+    recv.read_exact(&mut prefix)
+        .await
+        .map_err(|e| NetError::Read(e.to_string()))?;
+    let len = payload_len(prefix)?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| NetError::Read(e.to_string()))?;
+    Ok(decode_payload(&body)?)
+}
+
+/// Sends one request on a new stream and waits for its answer.
+pub async fn request<Q: Serialize, A: DeserializeOwned>(
+    conn: &quinn::Connection,
+    req: &Q,
+    timeout: Duration,
+) -> Result<A, NetError> {
+    let fut = async {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        write_frame(&mut send, req).await?;
+        // The stream can only be closed already if the peer reset it; the
+        // read below reports that.
+        let _ = send.finish();
+        read_frame(&mut recv).await
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| NetError::Timeout(timeout))?
+}
+
+/// The peer's SPIFFE ID, if it presented a certificate that passed the verifier.
+pub fn peer_spiffe_id(conn: &quinn::Connection) -> Option<SpiffeId> {
+    let any = conn.peer_identity()?;
+    let certs = any
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    peer_id(&certs).ok()
+}
+
+/// The message a re-establishing spoke signs with its pinned key: bound to
+/// this very TLS session (RFC 5705 exporter) and to the spoke's ID, so it can
+/// be neither replayed on another connection nor reused for another spoke.
+pub fn reestablish_challenge(conn: &quinn::Connection, spoke: &SpiffeId) -> Result<Vec<u8>, NetError> {
+    let mut out = [0u8; 32];
+    conn.export_keying_material(&mut out, b"EXPORTER-tidemesh-reestablish-v1", spoke.to_string().as_bytes())
+        .map_err(|_| NetError::Tls("keying material export failed".into()))?;
+    let mut msg = b"tidemesh reestablish v1\n".to_vec();
+    msg.extend_from_slice(spoke.to_string().as_bytes());
+    msg.push(b'\n');
+    msg.extend_from_slice(&out);
+    Ok(msg)
+}

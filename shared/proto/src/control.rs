@@ -1,0 +1,128 @@
+//! Control messages (ALPN `tidemesh-ctl/1`): enrollment, renewal, workload
+//! issuance, re-establishment after expiry, session hello.
+//!
+//! Every request travels on its own QUIC bidirectional stream: the spoke
+//! writes one [`Request`] frame and finishes the stream, the hub answers with
+//! one [`Response`] frame. The variants' order is the wire format.
+
+use serde::{Deserialize, Serialize};
+use tidemesh_identity::SpiffeId;
+
+/// A DER-encoded certificate chain, leaf first.
+pub type DerChain = Vec<Vec<u8>>;
+
+/// Spoke to hub.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Opens a control session on an mTLS connection made with the node SVID.
+    Hello {
+        /// Version of the spoke software, for the operator.
+        agent: String,
+    },
+    /// First contact: a join token and a CSR for the node SVID. Sent on a
+    /// connection without a client certificate.
+    Enroll {
+        /// The single-use join token's secret part.
+        token: String,
+        /// The spoke ID the spoke believes the token is bound to.
+        spoke: SpiffeId,
+        /// PKCS#10 CSR (DER) made with the spoke's freshly generated key.
+        csr: Vec<u8>,
+    },
+    /// Renewal of the node SVID on an authenticated session; the CSR must use
+    /// the key pinned at enrollment.
+    Renew {
+        /// PKCS#10 CSR (DER).
+        csr: Vec<u8>,
+    },
+    /// A workload SVID for one of the spoke's own workloads.
+    IssueWorkload {
+        /// The requested workload ID, `spiffe://TD/store/STORE/sa/ACCOUNT`.
+        id: SpiffeId,
+        /// PKCS#10 CSR (DER) made with the workload's key, generated on the spoke.
+        csr: Vec<u8>,
+    },
+    /// Re-establishment after the node SVID expired during a partition: sent
+    /// on a connection without a client certificate. `proof` is an ECDSA
+    /// signature by the pinned node key over this connection's TLS exporter
+    /// value (see `tidemesh_net::reestablish_challenge`), so it cannot be
+    /// replayed on another connection.
+    Reestablish {
+        /// The spoke's node ID.
+        spoke: SpiffeId,
+        /// PKCS#10 CSR (DER) with the pinned key.
+        csr: Vec<u8>,
+        /// Signature over the channel-bound challenge.
+        proof: Vec<u8>,
+    },
+    /// Liveness probe on an authenticated session.
+    Ping,
+}
+
+/// Hub to spoke.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Answer to `Hello`.
+    Welcome {
+        /// The hub's clock, milliseconds since the Unix epoch.
+        hub_time_unix_ms: u64,
+    },
+    /// A signed SVID and the trust bundle.
+    Certificate {
+        /// The SVID chain, leaf first (DER).
+        chain: DerChain,
+        /// The trust bundle's roots (DER).
+        bundle: Vec<Vec<u8>>,
+    },
+    /// Answer to `Ping`.
+    Pong,
+    /// The request was refused.
+    Error {
+        /// Machine-readable reason.
+        code: ErrorCode,
+        /// Human-readable explanation.
+        message: String,
+    },
+}
+
+/// Why the hub refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The request was malformed or not valid in this state.
+    BadRequest,
+    /// Unknown, already used or expired join token (one code for all three,
+    /// so a prober learns nothing).
+    InvalidToken,
+    /// The token is bound to another spoke ID.
+    TokenMismatch,
+    /// The spoke is revoked.
+    Revoked,
+    /// The requested identity is outside the caller's store or trust domain.
+    Forbidden,
+    /// The spoke was offline longer than the max-offline window; it must
+    /// enroll again with a new token.
+    OfflineWindowExceeded,
+    /// The spoke is not known to the hub.
+    NotEnrolled,
+    /// The proof of possession or the CSR key does not match the pinned key.
+    KeyMismatch,
+    /// The hub failed internally; retry later.
+    Internal,
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            ErrorCode::BadRequest => "bad request",
+            ErrorCode::InvalidToken => "invalid token",
+            ErrorCode::TokenMismatch => "token bound to another spoke",
+            ErrorCode::Revoked => "revoked",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::OfflineWindowExceeded => "offline window exceeded",
+            ErrorCode::NotEnrolled => "not enrolled",
+            ErrorCode::KeyMismatch => "key mismatch",
+            ErrorCode::Internal => "internal error",
+        };
+        f.write_str(s)
+    }
+}

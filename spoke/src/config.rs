@@ -1,0 +1,191 @@
+//! The spoke's TOML configuration (`tidemesh-spoke run --config FILE`).
+//!
+//! Every key is documented in `deploy/examples/spoke.toml`. Unknown keys are
+//! errors, and every value is checked before any socket is bound; an error
+//! names the key and the value.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::Path};
+
+use serde::Deserialize;
+use tidemesh_identity::SpiffeId;
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// The hub's QUIC address; defaults to the one used at enrollment.
+    pub hub: Option<String>,
+    /// QUIC listener for peer spokes at the site (data plane).
+    pub data_listen: Option<SocketAddr>,
+    /// The address peers dial; registered with the hub.
+    pub data_advertise: Option<SocketAddr>,
+    /// Local workloads this spoke holds SVIDs for and proxies.
+    #[serde(default, rename = "workload")]
+    pub workloads: Vec<WorkloadConfig>,
+}
+
+/// One `[[workload]]` entry.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadConfig {
+    /// Its SVID is `spiffe://TD/store/STORE/sa/<service_account>`.
+    pub service_account: String,
+    /// The service it serves.
+    pub service: Option<String>,
+    /// Namespace of the service.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Labels, e.g. `version = "v1"`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Where the spoke delivers calls for it.
+    pub inbound: Option<SocketAddr>,
+    /// Where it calls mesh services.
+    pub outbound: Option<SocketAddr>,
+    /// Optional HTTP health-check path.
+    pub health: Option<String>,
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+
+/// A configuration error, naming the key and the value.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// TOML syntax or type error (the message names the key).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// What toml said.
+        message: String,
+    },
+    /// A value is not acceptable.
+    #[error("{key} = {value:?}: {reason}")]
+    Invalid {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, value: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        value: value.into(),
+        reason: reason.into(),
+    }
+}
+
+impl FileConfig {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.display().to_string(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<FileConfig, ConfigError> {
+        let cfg: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "<config>".into(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(h) = &self.hub {
+            parse_hub_addr(h).map_err(|reason| invalid("hub", h.clone(), reason))?;
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, w) in self.workloads.iter().enumerate() {
+            let key = |k: &str| format!("workload[{i}].{k}");
+            let probe = format!("spiffe://x/sa/{}", w.service_account);
+            if w.service_account.is_empty() || w.service_account.contains('/') || SpiffeId::parse(&probe).is_err() {
+                return Err(invalid(
+                    key("service_account"),
+                    w.service_account.clone(),
+                    "must be one SPIFFE path segment: letters, digits, '.', '-', '_'",
+                ));
+            }
+            if !seen.insert(w.service_account.clone()) {
+                return Err(invalid(key("service_account"), w.service_account.clone(), "declared twice"));
+            }
+            if let Some(h) = &w.health {
+                if !h.starts_with('/') {
+                    return Err(invalid(key("health"), h.clone(), "must be an absolute HTTP path starting with '/'"));
+                }
+            }
+            if w.namespace.is_empty() {
+                return Err(invalid(key("namespace"), "", "must not be empty"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses `host:port` into a socket address (IP literal or resolvable name).
+pub fn parse_hub_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    use std::net::ToSocketAddrs;
+    s.to_socket_addrs()
+        .map_err(|e| format!("not a host:port address: {e}"))?
+        .next()
+        .ok_or_else(|| "resolves to no address".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_parses_and_errors_name_the_key() {
+        let ok = r#"
+hub = "127.0.0.1:7443"
+data_listen = "0.0.0.0:7444"
+data_advertise = "10.1.2.3:7444"
+[[workload]]
+service_account = "pos"
+service = "pos"
+namespace = "store"
+labels = { app = "pos", version = "v1" }
+inbound = "127.0.0.1:8080"
+outbound = "127.0.0.1:15001"
+health = "/healthz"
+"#;
+        let c = FileConfig::parse(ok).expect("valid");
+        assert_eq!(c.workloads[0].labels["version"], "v1");
+        let e = FileConfig::parse("[[workload]]\nservice_account = \"a/b\"\n").expect_err("invalid");
+        assert!(e.to_string().contains("workload[0].service_account"), "{e}");
+        let e = FileConfig::parse("hub = \"nope\"\n").expect_err("invalid");
+        assert!(e.to_string().contains("hub"), "{e}");
+        let e = FileConfig::parse("bogus = 1\n").expect_err("unknown key");
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let e = FileConfig::parse("[[workload]]\nservice_account = \"a\"\ninbound = \"x\"\n").expect_err("bad addr");
+        assert!(e.to_string().contains("inbound"), "{e}");
+    }
+}

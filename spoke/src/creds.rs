@@ -1,0 +1,321 @@
+//! The spoke's credential cache on disk, so it serves through partitions and
+//! reboots without the hub.
+//!
+//! # Data directory
+//! | file                          | what |
+//! |-------------------------------|------|
+//! | `spoke.json`                  | ID, hub address, trust domain, enrollment time |
+//! | `node_key.pem`                | node private key, PKCS#8, mode 0600; generated here, never sent |
+//! | `node.pem`                    | node SVID chain, leaf first |
+//! | `bundle.pem`                  | trust bundle (the hub CA) |
+//! | `workloads/ACCOUNT/key.pem`   | workload key, mode 0600 |
+//! | `workloads/ACCOUNT/svid.pem`  | workload SVID chain |
+//! | `state.json`                  | last successful contact with the hub |
+//! | `admin.sock`                  | the admin socket while `run` is up, mode 0600 |
+//!
+//! Every file is replaced atomically (write to a temporary file, fsync,
+//! rename, fsync the directory), so a power cut leaves the old or the new
+//! version, never a torn one.
+
+use std::{
+    fs,
+    io::Write,
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use rustls::pki_types::CertificateDer;
+use serde::{Deserialize, Serialize};
+use tidemesh_identity::{
+    svid::{self, KeyPair},
+    verify::TrustBundle,
+    SpiffeId, TrustDomain,
+};
+
+/// Errors reading or writing the cache.
+#[derive(Debug, thiserror::Error)]
+pub enum CredsError {
+    /// The spoke was never enrolled in this directory.
+    #[error("{0} holds no enrolled spoke: run `tidemesh-spoke enroll` first")]
+    NotEnrolled(PathBuf),
+    /// File I/O failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A file's content is unusable.
+    #[error("{path}: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CredsError + '_ {
+    move |source| CredsError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn corrupt(path: &Path, reason: impl ToString) -> CredsError {
+    CredsError::Corrupt {
+        path: path.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Writes `bytes` to `path` atomically with the given mode.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CredsError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io(dir))?;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(io(&tmp))?;
+        f.write_all(bytes).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+    }
+    fs::rename(&tmp, path).map_err(io(path))?;
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// `spoke.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Identity {
+    /// The node ID.
+    pub id: SpiffeId,
+    /// The hub address used at enrollment.
+    pub hub: String,
+    /// When it enrolled (RFC 3339).
+    pub enrolled_at: String,
+}
+
+/// `state.json`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ContactState {
+    /// Last successful contact, ms since the Unix epoch.
+    pub last_contact_ms: Option<u64>,
+}
+
+/// A key and the chain issued to it.
+pub struct Svid {
+    /// Leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The private key.
+    pub key: KeyPair,
+    /// The ID in the leaf.
+    pub id: SpiffeId,
+    /// Validity of the leaf.
+    pub not_before: SystemTime,
+    /// Validity of the leaf.
+    pub not_after: SystemTime,
+}
+
+impl std::fmt::Debug for Svid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Svid")
+            .field("id", &self.id.to_string())
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Svid {
+    /// Builds from a key and a DER chain, reading the leaf's ID and validity.
+    pub fn new(key: KeyPair, chain: Vec<CertificateDer<'static>>) -> Result<Svid, svid::IssueError> {
+        let leaf = chain.first().ok_or(svid::IssueError::NoPemCertificates)?;
+        let id = svid::cert_spiffe_id(leaf)?;
+        let (not_before, not_after) = svid::cert_validity(leaf)?;
+        Ok(Svid {
+            chain,
+            key,
+            id,
+            not_before,
+            not_after,
+        })
+    }
+
+    /// Whether it has expired at `now`.
+    pub fn expired(&self, now: SystemTime) -> bool {
+        now >= self.not_after
+    }
+
+    /// When to renew: `fraction` of the way through its lifetime.
+    pub fn renew_at(&self, fraction: f64) -> SystemTime {
+        let life = self.not_after.duration_since(self.not_before).unwrap_or_default();
+        self.not_before + life.mul_f64(fraction.clamp(0.05, 0.95))
+    }
+}
+
+/// The credential directory.
+#[derive(Debug, Clone)]
+pub struct CredStore {
+    dir: PathBuf,
+}
+
+impl CredStore {
+    /// The cache in `dir`.
+    pub fn new(dir: &Path) -> CredStore {
+        CredStore { dir: dir.to_owned() }
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn p(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Whether an enrollment is stored.
+    pub fn is_enrolled(&self) -> bool {
+        self.p("spoke.json").exists()
+    }
+
+    /// Reads `spoke.json`.
+    pub fn identity(&self) -> Result<Identity, CredsError> {
+        let path = self.p("spoke.json");
+        if !path.exists() {
+            return Err(CredsError::NotEnrolled(self.dir.clone()));
+        }
+        let b = fs::read(&path).map_err(io(&path))?;
+        serde_json::from_slice(&b).map_err(|e| corrupt(&path, e))
+    }
+
+    /// Writes a complete enrollment: key first, then chain and bundle, then
+    /// `spoke.json` last, so a crash midway leaves "not enrolled".
+    pub fn save_enrollment(
+        &self,
+        ident: &Identity,
+        key: &KeyPair,
+        chain: &[CertificateDer<'_>],
+        bundle: &[CertificateDer<'_>],
+    ) -> Result<(), CredsError> {
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir).map_err(io(&self.dir))?;
+        let _ = fs::remove_file(self.p("spoke.json"));
+        write_atomic(&self.p("node_key.pem"), key.serialize_pem().as_bytes(), 0o600)?;
+        write_atomic(&self.p("node.pem"), svid::certs_to_pem(chain).as_bytes(), 0o644)?;
+        write_atomic(&self.p("bundle.pem"), svid::certs_to_pem(bundle).as_bytes(), 0o644)?;
+        let _ = fs::remove_dir_all(self.p("workloads"));
+        let _ = fs::remove_file(self.p("state.json"));
+        let json = serde_json::to_vec_pretty(ident).map_err(|e| corrupt(&self.p("spoke.json"), e))?;
+        write_atomic(&self.p("spoke.json"), &json, 0o644)
+    }
+
+    fn read_pem(&self, path: &Path) -> Result<String, CredsError> {
+        fs::read_to_string(path).map_err(io(path))
+    }
+
+    fn load_svid(&self, key_path: &Path, chain_path: &Path) -> Result<Svid, CredsError> {
+        let key = svid::key_from_pem(&self.read_pem(key_path)?).map_err(|e| corrupt(key_path, e))?;
+        let chain = svid::pem_certs(&self.read_pem(chain_path)?).map_err(|e| corrupt(chain_path, e))?;
+        Svid::new(key, chain).map_err(|e| corrupt(chain_path, e))
+    }
+
+    /// The node SVID.
+    pub fn node(&self) -> Result<Svid, CredsError> {
+        self.load_svid(&self.p("node_key.pem"), &self.p("node.pem"))
+    }
+
+    /// Replaces the node chain (the key stays: it is pinned at the hub).
+    pub fn save_node_chain(&self, chain: &[CertificateDer<'_>]) -> Result<(), CredsError> {
+        write_atomic(&self.p("node.pem"), svid::certs_to_pem(chain).as_bytes(), 0o644)
+    }
+
+    /// The trust bundle.
+    pub fn bundle(&self, td: &TrustDomain) -> Result<TrustBundle, CredsError> {
+        let path = self.p("bundle.pem");
+        let roots = svid::pem_certs(&self.read_pem(&path)?).map_err(|e| corrupt(&path, e))?;
+        if roots.is_empty() {
+            return Err(corrupt(&path, "no certificates"));
+        }
+        Ok(TrustBundle::new(td.clone(), roots))
+    }
+
+    /// Replaces the trust bundle.
+    pub fn save_bundle(&self, roots: &[CertificateDer<'_>]) -> Result<(), CredsError> {
+        write_atomic(&self.p("bundle.pem"), svid::certs_to_pem(roots).as_bytes(), 0o644)
+    }
+
+    fn workload_dir(&self, account: &str) -> PathBuf {
+        self.dir.join("workloads").join(account)
+    }
+
+    /// A workload's key, generated and stored on first use.
+    pub fn workload_key(&self, account: &str) -> Result<KeyPair, CredsError> {
+        let path = self.workload_dir(account).join("key.pem");
+        if path.exists() {
+            return svid::key_from_pem(&self.read_pem(&path)?).map_err(|e| corrupt(&path, e));
+        }
+        let key = svid::generate_key().map_err(|e| corrupt(&path, e))?;
+        write_atomic(&path, key.serialize_pem().as_bytes(), 0o600)?;
+        Ok(key)
+    }
+
+    /// A workload's SVID, if one was issued.
+    pub fn workload(&self, account: &str) -> Result<Option<Svid>, CredsError> {
+        let d = self.workload_dir(account);
+        if !d.join("svid.pem").exists() {
+            return Ok(None);
+        }
+        self.load_svid(&d.join("key.pem"), &d.join("svid.pem")).map(Some)
+    }
+
+    /// Stores a workload's chain.
+    pub fn save_workload_chain(&self, account: &str, chain: &[CertificateDer<'_>]) -> Result<(), CredsError> {
+        write_atomic(
+            &self.workload_dir(account).join("svid.pem"),
+            svid::certs_to_pem(chain).as_bytes(),
+            0o644,
+        )
+    }
+
+    /// `state.json`.
+    pub fn contact(&self) -> ContactState {
+        fs::read(self.p("state.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Records a successful contact.
+    pub fn save_contact(&self, s: &ContactState) -> Result<(), CredsError> {
+        let json = serde_json::to_vec(s).map_err(|e| corrupt(&self.p("state.json"), e))?;
+        write_atomic(&self.p("state.json"), &json, 0o644)
+    }
+
+    /// Writes `svid.pem`, `svid_key.pem` (PKCS#8, 0600) and `bundle.pem` of
+    /// the node SVID or of one workload's into `out`.
+    pub fn export(&self, out: &Path, workload: Option<&str>) -> Result<SpiffeId, CredsError> {
+        let ident = self.identity()?;
+        let s = match workload {
+            None => self.node()?,
+            Some(a) => self.workload(a)?.ok_or_else(|| CredsError::Corrupt {
+                path: self.workload_dir(a),
+                reason: format!("no SVID issued for workload {a:?} yet (is it in the config, and has the spoke reached the hub since?)"),
+            })?,
+        };
+        let bundle = self.bundle(ident.id.trust_domain())?;
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(out).map_err(io(out))?;
+        write_atomic(&out.join("svid.pem"), svid::certs_to_pem(&s.chain).as_bytes(), 0o644)?;
+        write_atomic(&out.join("svid_key.pem"), s.key.serialize_pem().as_bytes(), 0o600)?;
+        write_atomic(&out.join("bundle.pem"), svid::certs_to_pem(bundle.roots()).as_bytes(), 0o644)?;
+        Ok(s.id)
+    }
+}
