@@ -1,1 +1,354 @@
-//! End-to-end tests live under tests/.
+//! The drill harness: starts the real `tidemesh-hub` and `tidemesh-spoke`
+//! binaries as processes on loopback, drives their command lines, and waits
+//! for what they report. End-to-end tests under `tests/tests/` use it.
+//!
+//! Binaries are built once per test run with `cargo build --workspace
+//! --bins` (a no-op when they are fresh), so `cargo test --workspace` alone
+//! is enough.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// Path of a workspace binary, building the binaries on first use.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        // target/debug/deps/<test-exe> -> target/debug
+        let exe = std::env::current_exe().expect("test executable path");
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--workspace", "--bins", "--quiet"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build --workspace --bins failed");
+        dir
+    });
+    dir.join(name)
+}
+
+/// Polls `f` every 50 ms until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if start.elapsed() > timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs a command to completion, with stdin closed.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null()).output().expect("spawn command")
+}
+
+/// Output as text (stdout then stderr), for assertion messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Starts a child whose stdout's first line is `listening=ADDR`; returns the
+/// child and the address. Logs go to `log`.
+fn spawn_listening(mut cmd: Command, log: &Path) -> (Child, SocketAddr) {
+    let log = std::fs::File::create(log).expect("log file");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read listening line");
+    let addr = line
+        .trim()
+        .strip_prefix("listening=")
+        .unwrap_or_else(|| panic!("expected listening=ADDR, got {line:?}"))
+        .parse()
+        .expect("address");
+    (child, addr)
+}
+
+/// Kills a child with SIGKILL and reaps it.
+pub fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Sends SIGTERM and waits up to 5 s, then SIGKILL.
+pub fn terminate(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    if wait_for(Duration::from_secs(5), || child.try_wait().ok().flatten()).is_none() {
+        kill(child);
+    }
+}
+
+/// A hub process and its data directory.
+pub struct HubProc {
+    /// Data directory.
+    pub dir: PathBuf,
+    /// The trust domain.
+    pub td: String,
+    /// Where it listens (fixed after the first start, so restarts reuse it).
+    pub addr: Option<SocketAddr>,
+    child: Option<Child>,
+    extra: Vec<String>,
+}
+
+impl HubProc {
+    /// `tidemesh-hub init` in `root/hub`.
+    pub fn init(root: &Path, td: &str) -> HubProc {
+        let dir = root.join("hub");
+        let o = run(Command::new(bin("tidemesh-hub")).args([
+            "init",
+            "--data-dir",
+            dir.to_str().expect("utf8 path"),
+            "--trust-domain",
+            td,
+        ]));
+        assert!(o.status.success(), "hub init failed: {}", text(&o));
+        HubProc {
+            dir,
+            td: td.into(),
+            addr: None,
+            child: None,
+            extra: Vec::new(),
+        }
+    }
+
+    /// Extra `serve` flags for every (re)start.
+    pub fn with_args(mut self, args: &[&str]) -> HubProc {
+        self.extra = args.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    /// Starts `serve` (on the previous address after the first start).
+    pub fn start(&mut self) -> SocketAddr {
+        assert!(self.child.is_none(), "hub already running");
+        let listen = self
+            .addr
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "127.0.0.1:0".into());
+        let mut cmd = Command::new(bin("tidemesh-hub"));
+        cmd.args(["serve", "--data-dir"])
+            .arg(&self.dir)
+            .args(["--listen", &listen])
+            .args(&self.extra);
+        let log = self.dir.with_extension(format!(
+            "log.{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        let (child, addr) = spawn_listening(cmd, &log);
+        self.child = Some(child);
+        self.addr = Some(addr);
+        // The admin socket comes up right after the QUIC endpoint.
+        wait_for(Duration::from_secs(10), || {
+            self.dir.join("admin.sock").exists().then_some(())
+        })
+        .expect("hub admin socket");
+        addr
+    }
+
+    /// SIGKILLs the hub.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill(&mut c);
+        }
+    }
+
+    /// SIGTERMs the hub (orderly shutdown).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            terminate(&mut c);
+        }
+    }
+
+    /// Runs an admin subcommand, e.g. `["spokes", "--json"]`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(bin("tidemesh-hub"));
+        cmd.arg(args[0]);
+        if args[0] == "token" {
+            cmd.arg(args[1]).arg("--data-dir").arg(&self.dir).args(&args[2..]);
+        } else {
+            cmd.arg("--data-dir").arg(&self.dir).args(&args[1..]);
+        }
+        run(&mut cmd)
+    }
+
+    /// `token create` for a node ID, returning the token.
+    pub fn token(&self, spoke: &str, ttl: &str) -> String {
+        let o = self.cli(&["token", "create", "--spoke", spoke, "--ttl", ttl]);
+        assert!(o.status.success(), "token create failed: {}", text(&o));
+        String::from_utf8_lossy(&o.stdout).trim().to_owned()
+    }
+
+    /// `spokes --json`.
+    pub fn spokes(&self) -> Vec<Value> {
+        let o = self.cli(&["spokes", "--json"]);
+        assert!(o.status.success(), "spokes failed: {}", text(&o));
+        serde_json::from_slice::<Value>(&o.stdout)
+            .expect("json")
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The `spokes --json` row of one spoke.
+    pub fn spoke(&self, id: &str) -> Option<Value> {
+        self.spokes().into_iter().find(|s| s["id"] == id)
+    }
+
+    /// `audit --json` events as (event, subject) pairs.
+    pub fn audit(&self) -> Vec<(String, String)> {
+        let o = self.cli(&["audit", "--json"]);
+        assert!(o.status.success(), "audit failed: {}", text(&o));
+        serde_json::from_slice::<Value>(&o.stdout)
+            .expect("json")
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                (
+                    e["event"].as_str().unwrap_or("").to_owned(),
+                    e["subject"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for HubProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A spoke process and its data directory.
+pub struct SpokeProc {
+    /// Data directory.
+    pub dir: PathBuf,
+    /// Its node ID.
+    pub id: String,
+    child: Option<Child>,
+    args: Vec<String>,
+}
+
+impl SpokeProc {
+    /// A spoke in `root/<name>` for node ID `id`.
+    pub fn new(root: &Path, name: &str, id: &str) -> SpokeProc {
+        SpokeProc {
+            dir: root.join(name),
+            id: id.into(),
+            child: None,
+            args: Vec::new(),
+        }
+    }
+
+    /// `tidemesh-spoke enroll`.
+    pub fn enroll(&self, hub: SocketAddr, token: &str) -> Output {
+        run(Command::new(bin("tidemesh-spoke"))
+            .args(["enroll", "--data-dir"])
+            .arg(&self.dir)
+            .args(["--hub", &hub.to_string(), "--token", token]))
+    }
+
+    /// Extra `run` flags for every (re)start.
+    pub fn with_args(mut self, args: &[&str]) -> SpokeProc {
+        self.args = args.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    /// Starts `run`; waits for the admin socket.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "spoke already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.with_extension("log"))
+            .expect("log");
+        let child = Command::new(bin("tidemesh-spoke"))
+            .args(["run", "--data-dir"])
+            .arg(&self.dir)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn spoke");
+        self.child = Some(child);
+        wait_for(Duration::from_secs(10), || self.try_status())
+            .expect("spoke admin socket answers");
+    }
+
+    /// SIGKILLs the spoke.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill(&mut c);
+        }
+    }
+
+    /// `status --json`, if the spoke answers.
+    pub fn try_status(&self) -> Option<Value> {
+        let o = run(Command::new(bin("tidemesh-spoke"))
+            .args(["status", "--json", "--data-dir"])
+            .arg(&self.dir));
+        if !o.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&o.stdout).ok()
+    }
+
+    /// `status --json`.
+    pub fn status(&self) -> Value {
+        self.try_status().expect("spoke status")
+    }
+
+    /// Waits until `status.state == state`; returns that status.
+    pub fn wait_state(&self, state: &str, timeout: Duration) -> Value {
+        wait_for(timeout, || {
+            self.try_status().filter(|s| s["state"] == state)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "spoke {} did not reach state {state} within {timeout:?}; last status: {:?}\nlog:\n{}",
+                self.id,
+                self.try_status(),
+                std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()
+            )
+        })
+    }
+}
+
+impl Drop for SpokeProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

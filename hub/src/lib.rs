@@ -592,6 +592,8 @@ impl Hub {
                 )
                 .await;
                 let _ = send.finish();
+                // Let the error frame reach the peer before the close discards it.
+                let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
                 conn.close(quinn::VarInt::from_u32(code), e.to_string().as_bytes());
                 return;
             }
@@ -628,7 +630,7 @@ impl Hub {
         let _ = tidemesh_net::write_frame(&mut send, &resp).await;
         let _ = send.finish();
         if close_after {
-            let _ = send.stopped().await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
             conn.close(quinn::VarInt::from_u32(close::REVOKED), b"revoked");
         }
     }
