@@ -17,6 +17,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod turmoil_quic;
+
 /// Path of a workspace binary, building the binaries on first use.
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();

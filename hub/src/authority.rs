@@ -52,7 +52,9 @@ impl Hub {
     /// clock skew). Returns the chain and its not_after in ms.
     fn sign(&self, csr: &[u8], id: &SpiffeId, ttl: Duration) -> Result<(Vec<Vec<u8>>, u64), svid::IssueError> {
         let now = self.inner.clock.now();
-        let not_after = now + ttl;
+        // Never issue past the CA's own expiry.
+        let ca_not_after = svid::cert_validity(&self.inner.ca.cert_der())?.1;
+        let not_after = (now + ttl).min(ca_not_after);
         let leaf = self
             .inner
             .ca

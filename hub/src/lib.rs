@@ -443,11 +443,12 @@ impl Hub {
         };
         info!(addr = ?endpoint.local_addr().ok(), td = %self.inner.td, "hub serving");
         let refresh = self.inner.cfg.hub_cert_ttl / 2;
+        let mut refresh_timer = tokio::time::interval_at(tokio::time::Instant::now() + refresh, refresh);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
-                _ = tokio::time::sleep(refresh) => {
+                _ = refresh_timer.tick() => {
                     match self.server_tls().and_then(|tls| Ok(self.inner.cfg.quic.server_config(tls)?)) {
                         Ok(cfg) => endpoint.set_server_config(Some(cfg)),
                         Err(e) => warn!(error = %e, "hub certificate refresh failed"),
