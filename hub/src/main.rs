@@ -124,9 +124,25 @@ async fn call(data_dir: &std::path::Path, req: Value) -> anyhow::Result<Value> {
     Ok(admin::call(&admin::socket_path(data_dir), req).await?)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(real_main(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Init { data_dir, trust_domain } => {
             let td = TrustDomain::new(&trust_domain).with_context(|| format!("--trust-domain {trust_domain:?}"))?;

@@ -117,9 +117,25 @@ fn client_socket(hub: SocketAddr) -> anyhow::Result<Arc<dyn quinn::AsyncUdpSocke
     Ok(tidemesh_net::quic::wrap_socket(sock)?)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(real_main(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Enroll { data_dir, hub, token, force } => {
             let addr = hub_addr("--hub", &hub)?;
