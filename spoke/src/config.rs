@@ -117,7 +117,7 @@ impl FileConfig {
 
     fn validate(&self) -> Result<(), ConfigError> {
         if let Some(h) = &self.hub {
-            parse_hub_addr(h).map_err(|reason| invalid("hub", h.clone(), reason))?;
+            check_hub_addr(h).map_err(|reason| invalid("hub", h.clone(), reason))?;
         }
         let mut seen = std::collections::HashSet::new();
         for (i, w) in self.workloads.iter().enumerate() {
@@ -144,6 +144,29 @@ impl FileConfig {
         }
         Ok(())
     }
+}
+
+/// Checks the shape of `host:port` without resolving it, so a spoke that
+/// boots during an outage (no DNS) still starts; the name is resolved at
+/// each connection attempt.
+pub fn check_hub_addr(s: &str) -> Result<(), String> {
+    if s.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| "expected host:port".to_owned())?;
+    port.parse::<u16>()
+        .map_err(|_| format!("port {port:?} is not a number from 0 to 65535"))?;
+    let ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+    if !ok {
+        return Err(format!("{host:?} is not a host name or IP address"));
+    }
+    Ok(())
 }
 
 /// Parses `host:port` into a socket address (IP literal or resolvable name).
@@ -182,6 +205,10 @@ health = "/healthz"
         let e = FileConfig::parse("[[workload]]\nservice_account = \"a/b\"\n").expect_err("invalid");
         assert!(e.to_string().contains("workload[0].service_account"), "{e}");
         let e = FileConfig::parse("hub = \"nope\"\n").expect_err("invalid");
+        assert!(e.to_string().contains("hub"), "{e}");
+        // a name is checked for shape only, not resolved
+        FileConfig::parse("hub = \"hub.does-not-resolve.invalid:7443\"\n").expect("name accepted");
+        let e = FileConfig::parse("hub = \"bad host:7443\"\n").expect_err("invalid");
         assert!(e.to_string().contains("hub"), "{e}");
         let e = FileConfig::parse("bogus = 1\n").expect_err("unknown key");
         assert!(e.to_string().contains("bogus"), "{e}");

@@ -218,6 +218,14 @@ impl CredStore {
         write_atomic(&self.p("spoke.json"), &json, 0o644)
     }
 
+    /// Records the hub address as the operator wrote it (a name stays a name).
+    pub fn set_hub(&self, hub: &str) -> Result<(), CredsError> {
+        let mut ident = self.identity()?;
+        ident.hub = hub.to_owned();
+        let json = serde_json::to_vec_pretty(&ident).map_err(|e| corrupt(&self.p("spoke.json"), e))?;
+        write_atomic(&self.p("spoke.json"), &json, 0o644)
+    }
+
     fn read_pem(&self, path: &Path) -> Result<String, CredsError> {
         fs::read_to_string(path).map_err(io(path))
     }

@@ -263,10 +263,11 @@ struct Live {
     state: State,
     last_error: Option<String>,
     last_contact_ms: Option<u64>,
-    hub_addr: SocketAddr,
 }
 
 struct Inner {
+    /// `host:port` of the hub, resolved at each connection attempt.
+    hub: String,
     store: CredStore,
     ident: creds::Identity,
     cfg: SpokeConfig,
@@ -302,14 +303,12 @@ impl Spoke {
         // Fail now, not at the first connection, if the cache is unusable.
         store.node()?;
         store.bundle(ident.id.trust_domain())?;
-        let hub_addr = match cfg.hub {
-            Some(a) => a,
-            None => match &cfg.file.hub {
-                Some(h) => config::parse_hub_addr(h).map_err(|e| SpokeError::Invalid(format!("hub = {h:?}: {e}")))?,
-                None => config::parse_hub_addr(&ident.hub)
-                    .map_err(|e| SpokeError::Invalid(format!("hub address {:?} stored at enrollment: {e}", ident.hub)))?,
-            },
+        let hub = match (cfg.hub, &cfg.file.hub) {
+            (Some(a), _) => a.to_string(),
+            (None, Some(h)) => h.clone(),
+            (None, None) => ident.hub.clone(),
         };
+        config::check_hub_addr(&hub).map_err(|e| SpokeError::Invalid(format!("hub address {hub:?}: {e}")))?;
         let rng = match cfg.seed {
             Some(s) => StdRng::seed_from_u64(s),
             None => StdRng::from_os_rng(),
@@ -325,8 +324,8 @@ impl Spoke {
                     state: State::Connecting,
                     last_error: None,
                     last_contact_ms,
-                    hub_addr,
                 }),
+                hub,
                 rng: Mutex::new(rng),
             }),
         })
@@ -370,9 +369,10 @@ impl Spoke {
     /// The status document (`tidemesh-spoke status --json`).
     pub fn status(&self) -> Value {
         let now = self.inner.clock.now();
-        let (state, last_error, last_contact_ms, hub) = match self.inner.live.lock() {
-            Ok(l) => (l.state, l.last_error.clone(), l.last_contact_ms, l.hub_addr),
-            Err(_) => (State::Disconnected, None, None, self.inner.cfg.hub.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))),
+        let hub = &self.inner.hub;
+        let (state, last_error, last_contact_ms) = match self.inner.live.lock() {
+            Ok(l) => (l.state, l.last_error.clone(), l.last_contact_ms),
+            Err(_) => (State::Disconnected, None, None),
         };
         let connected = state == State::Connected;
         let last_contact = if connected {
@@ -400,7 +400,7 @@ impl Spoke {
             "id": self.inner.ident.id.to_string(),
             "connected": connected,
             "state": state,
-            "hub": hub.to_string(),
+            "hub": hub,
             "cert_not_after": node.as_ref().map(|n| rfc3339(n.not_after)),
             "cert_time_left_s": node.as_ref().map(|n| n.not_after.duration_since(now).map(|d| d.as_secs() as i64).unwrap_or_else(|e| -(e.duration().as_secs() as i64))),
             "cert_expired": node.as_ref().map(|n| n.expired(now)),
@@ -417,12 +417,18 @@ impl Spoke {
         d.mul_f64(f)
     }
 
-    fn hub_addr(&self) -> SocketAddr {
-        self.inner
-            .live
-            .lock()
-            .map(|l| l.hub_addr)
-            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 7443)))
+    async fn hub_addr(&self) -> Result<SocketAddr, SpokeError> {
+        if let Some(a) = self.inner.cfg.hub {
+            return Ok(a);
+        }
+        if let Ok(a) = self.inner.hub.parse() {
+            return Ok(a);
+        }
+        tokio::net::lookup_host(self.inner.hub.as_str())
+            .await
+            .map_err(|e| SpokeError::Invalid(format!("cannot resolve hub {}: {e}", self.inner.hub)))?
+            .next()
+            .ok_or_else(|| SpokeError::Invalid(format!("hub {} resolves to no address", self.inner.hub)))
     }
 
     fn bundle(&self) -> Result<TrustBundle, SpokeError> {
@@ -452,7 +458,7 @@ impl Spoke {
         } else {
             None
         };
-        info!(spoke = %self.inner.ident.id, hub = %self.hub_addr(), "spoke running");
+        info!(spoke = %self.inner.ident.id, hub = %self.inner.hub, "spoke running");
         tokio::pin!(shutdown);
         let mut backoff = self.inner.cfg.reconnect_min;
         loop {
@@ -532,7 +538,7 @@ impl Spoke {
         info!(spoke = %self.inner.ident.id, expired = %rfc3339(node.not_after), "node SVID expired; re-establishing with the pinned key");
         let tls = verify::client_config_no_cert(self.bundle()?, self.hub_authorizer(), self.inner.clock.clone(), &[ALPN_CTL])
             .map_err(tls_err)?;
-        let conn = connect(endpoint, &self.inner.cfg.quic, tls, self.hub_addr()).await?;
+        let conn = connect(endpoint, &self.inner.cfg.quic, tls, self.hub_addr().await?).await?;
         let challenge = tidemesh_net::reestablish_challenge(&conn, &self.inner.ident.id)?;
         let proof = svid::sign(&node.key, &challenge)?;
         let csr = svid::make_csr(&node.key, &self.inner.ident.id)?;
@@ -582,7 +588,7 @@ impl Spoke {
             &[ALPN_CTL],
         )
         .map_err(tls_err)?;
-        let conn = connect(endpoint, &self.inner.cfg.quic, tls, self.hub_addr()).await?;
+        let conn = connect(endpoint, &self.inner.cfg.quic, tls, self.hub_addr().await?).await?;
         let resp: Response = tidemesh_net::request(
             &conn,
             &Request::Hello {

@@ -149,6 +149,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 QuicSettings::default(),
             )
             .await?;
+            if hub.parse::<SocketAddr>().is_err() {
+                // keep the name, so later runs resolve it afresh
+                tidemesh_spoke::CredStore::new(&data_dir).set_hub(&hub)?;
+            }
             println!(
                 "enrolled as {} (node SVID valid until {})",
                 e.id,
@@ -175,9 +179,12 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             if keep_alive >= idle_timeout {
                 bail!("--keep-alive {keep_alive:?} must be shorter than --idle-timeout {idle_timeout:?}");
             }
-            let hub = hub.map(|h| hub_addr("--hub", &h)).transpose()?;
+            if let Some(h) = &hub {
+                tidemesh_spoke::config::check_hub_addr(h).map_err(|e| anyhow::anyhow!("--hub {h:?}: {e}"))?;
+            }
+            let file = FileConfig { hub: hub.or(file.hub), ..file };
             let cfg = SpokeConfig {
-                hub,
+                hub: None,
                 file,
                 renew_fraction: renew_at,
                 reconnect_max,
@@ -189,7 +196,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 ..Default::default()
             };
             let spoke = Spoke::open(&data_dir, cfg, Arc::new(SystemClock))?;
-            let sock = client_socket(hub.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))))?;
+            let sock = client_socket(SocketAddr::from(([127, 0, 0, 1], 0)))?;
             spoke.run(sock, shutdown_signal()).await?;
         }
         Cmd::Status { data_dir, json } => {
