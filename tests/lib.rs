@@ -120,6 +120,20 @@ pub struct HubProc {
     pub addr: Option<SocketAddr>,
     child: Option<Child>,
     extra: Vec<String>,
+    wrap: Vec<String>,
+}
+
+/// A command, optionally run through a wrapper such as
+/// `ip netns exec NS` (the first element is the program).
+fn command(wrap: &[String], program: PathBuf) -> Command {
+    match wrap.split_first() {
+        None => Command::new(program),
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(program);
+            c
+        }
+    }
 }
 
 impl HubProc {
@@ -140,7 +154,16 @@ impl HubProc {
             addr: None,
             child: None,
             extra: Vec::new(),
+            wrap: Vec::new(),
         }
+    }
+
+    /// Runs `serve` through a wrapper (e.g. `["ip", "netns", "exec", "NS"]`)
+    /// and on a fixed listen address.
+    pub fn wrapped(mut self, wrap: &[&str], listen: SocketAddr) -> HubProc {
+        self.wrap = wrap.iter().map(|s| s.to_string()).collect();
+        self.addr = Some(listen);
+        self
     }
 
     /// Extra `serve` flags for every (re)start.
@@ -156,7 +179,7 @@ impl HubProc {
             .addr
             .map(|a| a.to_string())
             .unwrap_or_else(|| "127.0.0.1:0".into());
-        let mut cmd = Command::new(bin("tidemesh-hub"));
+        let mut cmd = command(&self.wrap, bin("tidemesh-hub"));
         cmd.args(["serve", "--data-dir"])
             .arg(&self.dir)
             .args(["--listen", &listen])
@@ -261,6 +284,7 @@ pub struct SpokeProc {
     pub id: String,
     child: Option<Child>,
     args: Vec<String>,
+    wrap: Vec<String>,
 }
 
 impl SpokeProc {
@@ -271,12 +295,19 @@ impl SpokeProc {
             id: id.into(),
             child: None,
             args: Vec::new(),
+            wrap: Vec::new(),
         }
+    }
+
+    /// Runs `enroll` and `run` through a wrapper (e.g. `ip netns exec NS`).
+    pub fn wrapped(mut self, wrap: &[&str]) -> SpokeProc {
+        self.wrap = wrap.iter().map(|s| s.to_string()).collect();
+        self
     }
 
     /// `tidemesh-spoke enroll`.
     pub fn enroll(&self, hub: SocketAddr, token: &str) -> Output {
-        run(Command::new(bin("tidemesh-spoke"))
+        run(command(&self.wrap, bin("tidemesh-spoke"))
             .args(["enroll", "--data-dir"])
             .arg(&self.dir)
             .args(["--hub", &hub.to_string(), "--token", token]))
@@ -296,7 +327,7 @@ impl SpokeProc {
             .append(true)
             .open(self.dir.with_extension("log"))
             .expect("log");
-        let child = Command::new(bin("tidemesh-spoke"))
+        let child = command(&self.wrap, bin("tidemesh-spoke"))
             .args(["run", "--data-dir"])
             .arg(&self.dir)
             .args(&self.args)
@@ -352,5 +383,161 @@ impl SpokeProc {
 impl Drop for SpokeProc {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A `tidemesh-relay` process between one spoke and the hub, driven through
+/// its control socket.
+pub struct RelayProc {
+    /// Where spokes send (the relay's listen address).
+    pub addr: SocketAddr,
+    control: PathBuf,
+    child: Option<Child>,
+}
+
+impl RelayProc {
+    /// Starts a relay in front of `upstream`, control socket and log in `dir`.
+    pub fn start(dir: &Path, name: &str, upstream: SocketAddr, seed: u64) -> RelayProc {
+        std::fs::create_dir_all(dir).expect("relay dir");
+        let control = dir.join(format!("{name}.ctl"));
+        let mut cmd = Command::new(bin("tidemesh-relay"));
+        cmd.args(["--listen", "127.0.0.1:0", "--upstream", &upstream.to_string()])
+            .args(["--seed", &seed.to_string()])
+            .arg("--control")
+            .arg(&control);
+        let (child, addr) = spawn_listening(cmd, &dir.join(format!("{name}.log")));
+        wait_for(Duration::from_secs(5), || control.exists().then_some(())).expect("relay control socket");
+        RelayProc {
+            addr,
+            control,
+            child: Some(child),
+        }
+    }
+
+    /// Runs `tidemesh-relay ctl --control PATH ARGS...`.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        let o = run(Command::new(bin("tidemesh-relay"))
+            .args(["ctl", "--control"])
+            .arg(&self.control)
+            .args(args));
+        assert!(o.status.success(), "relay ctl {args:?}: {}", text(&o));
+        o
+    }
+
+    /// Drops everything (both directions, or `up` / `down` only).
+    pub fn blackout(&self, direction: Option<&str>) {
+        match direction {
+            None => self.ctl(&["blackout"]),
+            Some(d) => self.ctl(&["blackout", "--direction", d]),
+        };
+    }
+
+    /// Removes every impairment.
+    pub fn heal(&self) {
+        self.ctl(&["heal"]);
+    }
+
+    /// `stats --json`.
+    pub fn stats(&self) -> Value {
+        serde_json::from_slice(&self.ctl(&["stats", "--json"]).stdout).expect("stats json")
+    }
+}
+
+impl Drop for RelayProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill(&mut c);
+        }
+    }
+}
+
+/// One status sample of one spoke.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// Since the timeline started.
+    pub at: Duration,
+    /// Which spoke.
+    pub spoke: usize,
+    /// `state` from `status --json` (or `down` if the spoke did not answer).
+    pub state: String,
+    /// `cert_not_after` from the status.
+    pub cert_not_after: String,
+}
+
+/// What happened to the spokes over time: the drill's record.
+#[derive(Debug, Default)]
+pub struct Timeline {
+    start: Option<Instant>,
+    /// Samples in time order.
+    pub samples: Vec<Sample>,
+    /// (time, label) of the faults applied.
+    pub events: Vec<(Duration, String)>,
+}
+
+impl Timeline {
+    /// Starts the clock.
+    pub fn start() -> Timeline {
+        Timeline {
+            start: Some(Instant::now()),
+            ..Default::default()
+        }
+    }
+
+    /// Time since the start.
+    pub fn now(&self) -> Duration {
+        self.start.map(|s| s.elapsed()).unwrap_or_default()
+    }
+
+    /// Notes a fault or action.
+    pub fn event(&mut self, label: &str) -> Duration {
+        let at = self.now();
+        eprintln!("[{:>7.2}s] {label}", at.as_secs_f64());
+        self.events.push((at, label.to_owned()));
+        at
+    }
+
+    /// Samples every spoke every 200 ms for `d`.
+    pub fn record(&mut self, spokes: &[&SpokeProc], d: Duration) {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            for (i, s) in spokes.iter().enumerate() {
+                let st = s.try_status();
+                self.samples.push(Sample {
+                    at: self.now(),
+                    spoke: i,
+                    state: st
+                        .as_ref()
+                        .and_then(|v| v["state"].as_str())
+                        .unwrap_or("down")
+                        .to_owned(),
+                    cert_not_after: st
+                        .as_ref()
+                        .and_then(|v| v["cert_not_after"].as_str())
+                        .unwrap_or("")
+                        .to_owned(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The first time at or after `after` that spoke `i` was in `state`.
+    pub fn first(&self, i: usize, state: &str, after: Duration) -> Option<Duration> {
+        self.samples
+            .iter()
+            .find(|s| s.spoke == i && s.at >= after && s.state == state)
+            .map(|s| s.at)
+    }
+
+    /// Every state spoke `i` was seen in between two times.
+    pub fn states(&self, i: usize, from: Duration, to: Duration) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .samples
+            .iter()
+            .filter(|s| s.spoke == i && s.at >= from && s.at <= to)
+            .map(|s| s.state.clone())
+            .collect();
+        v.dedup();
+        v
     }
 }
