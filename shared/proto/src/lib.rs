@@ -178,7 +178,7 @@ mod tests {
     /// Golden bytes: a diff here is a protocol change and needs a version bump.
     #[test]
     fn golden_ping_and_pong() {
-        assert_eq!(ping(), [0, 0, 0, 2, 1, 6]);
+        assert_eq!(ping(), [0, 0, 0, 2, 1, 5]);
         let pong = encode_frame(&Response::Pong).expect("encodes");
         assert_eq!(pong, [0, 0, 0, 2, 1, 2]);
         let err = encode_frame(&Response::Error {
@@ -227,7 +227,7 @@ mod tests {
             Err(FrameError::TrailingBytes(1))
         ));
         // payload with an extra byte inside the announced length
-        let mut h = vec![0, 0, 0, 3, 1, 6, 0];
+        let mut h = vec![0, 0, 0, 3, 1, 5, 0];
         assert!(matches!(
             decode_frame::<Request>(&h),
             Err(FrameError::TrailingBytes(1))
