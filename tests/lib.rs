@@ -221,7 +221,10 @@ impl HubProc {
         let mut cmd = Command::new(bin("tidemesh-hub"));
         cmd.arg(args[0]);
         if args[0] == "token" {
-            cmd.arg(args[1]).arg("--data-dir").arg(&self.dir).args(&args[2..]);
+            cmd.arg(args[1])
+                .arg("--data-dir")
+                .arg(&self.dir)
+                .args(&args[2..]);
         } else {
             cmd.arg("--data-dir").arg(&self.dir).args(&args[1..]);
         }
@@ -401,12 +404,18 @@ impl RelayProc {
         std::fs::create_dir_all(dir).expect("relay dir");
         let control = dir.join(format!("{name}.ctl"));
         let mut cmd = Command::new(bin("tidemesh-relay"));
-        cmd.args(["--listen", "127.0.0.1:0", "--upstream", &upstream.to_string()])
-            .args(["--seed", &seed.to_string()])
-            .arg("--control")
-            .arg(&control);
+        cmd.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &upstream.to_string(),
+        ])
+        .args(["--seed", &seed.to_string()])
+        .arg("--control")
+        .arg(&control);
         let (child, addr) = spawn_listening(cmd, &dir.join(format!("{name}.log")));
-        wait_for(Duration::from_secs(5), || control.exists().then_some(())).expect("relay control socket");
+        wait_for(Duration::from_secs(5), || control.exists().then_some(()))
+            .expect("relay control socket");
         RelayProc {
             addr,
             control,

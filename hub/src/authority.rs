@@ -50,7 +50,12 @@ impl Hub {
 
     /// Signs a CSR for `id` valid for `ttl` from now (backdated 60 s for
     /// clock skew). Returns the chain and its not_after in ms.
-    fn sign(&self, csr: &[u8], id: &SpiffeId, ttl: Duration) -> Result<(Vec<Vec<u8>>, u64), svid::IssueError> {
+    fn sign(
+        &self,
+        csr: &[u8],
+        id: &SpiffeId,
+        ttl: Duration,
+    ) -> Result<(Vec<Vec<u8>>, u64), svid::IssueError> {
         let now = self.inner.clock.now();
         // Never issue past the CA's own expiry.
         let ca_not_after = svid::cert_validity(&self.inner.ca.cert_der())?.1;
@@ -68,10 +73,17 @@ impl Hub {
 }
 
 /// Answers one control request.
-pub fn handle(hub: &Hub, conn: &quinn::Connection, node: Option<&SpiffeId>, req: Request) -> Response {
+pub fn handle(
+    hub: &Hub,
+    conn: &quinn::Connection,
+    node: Option<&SpiffeId>,
+    req: Request,
+) -> Response {
     match (node, req) {
         (None, Request::Enroll { token, spoke, csr }) => enroll(hub, &token, &spoke, &csr),
-        (None, Request::Reestablish { spoke, csr, proof }) => reestablish(hub, conn, &spoke, &csr, &proof),
+        (None, Request::Reestablish { spoke, csr, proof }) => {
+            reestablish(hub, conn, &spoke, &csr, &proof)
+        }
         (None, _) => err(
             ErrorCode::Forbidden,
             "this request needs a control session authenticated with the node SVID",
@@ -107,9 +119,20 @@ fn enroll(hub: &Hub, token: &str, spoke: &SpiffeId, csr: &[u8]) -> Response {
         .map(|t| t.secret)
         .unwrap_or_else(|_| token.trim().to_owned());
     let sid = spoke.to_string();
-    if spoke.trust_domain() != hub.trust_domain() || !matches!(naming::classify(spoke), Some(MeshIdentity::Node { .. })) {
-        hub.audit_refusal(&sid, "enrollment for an ID that is not a node of this trust domain");
-        return err(ErrorCode::Forbidden, format!("{sid} is not a spoke node ID of trust domain {}", hub.trust_domain()));
+    if spoke.trust_domain() != hub.trust_domain()
+        || !matches!(naming::classify(spoke), Some(MeshIdentity::Node { .. }))
+    {
+        hub.audit_refusal(
+            &sid,
+            "enrollment for an ID that is not a node of this trust domain",
+        );
+        return err(
+            ErrorCode::Forbidden,
+            format!(
+                "{sid} is not a spoke node ID of trust domain {}",
+                hub.trust_domain()
+            ),
+        );
     }
     let key = match svid::csr_public_key(csr) {
         Ok(k) => k,
@@ -134,7 +157,11 @@ fn enroll(hub: &Hub, token: &str, spoke: &SpiffeId, csr: &[u8]) -> Response {
         detail: format!("node SVID until {}", rfc3339_ms(not_after)),
     };
     let hash = svid::sha256(secret.as_bytes());
-    match hub.inner.store.consume_token(&hash, &sid, now, &record, &audit) {
+    match hub
+        .inner
+        .store
+        .consume_token(&hash, &sid, now, &record, &audit)
+    {
         Ok(TokenUse::Enrolled) => {
             if let Ok(mut r) = hub.inner.revoked.write() {
                 r.remove(&sid);
@@ -144,7 +171,10 @@ fn enroll(hub: &Hub, token: &str, spoke: &SpiffeId, csr: &[u8]) -> Response {
         }
         Ok(TokenUse::Invalid) | Ok(TokenUse::Expired) => {
             hub.audit_refusal(&sid, "enrollment with an unknown, used or expired token");
-            err(ErrorCode::InvalidToken, "invalid join token: unknown, already used or expired")
+            err(
+                ErrorCode::InvalidToken,
+                "invalid join token: unknown, already used or expired",
+            )
         }
         Ok(TokenUse::Mismatch { bound }) => {
             hub.audit_refusal(&sid, &format!("token bound to {bound}; burned"));
@@ -210,7 +240,10 @@ fn issue_node(hub: &Hub, id: &SpiffeId, csr: &[u8], event: &str) -> Response {
 
 fn issue_workload(hub: &Hub, node: &SpiffeId, wid: &SpiffeId, csr: &[u8]) -> Response {
     let Some(MeshIdentity::Node { store: own, .. }) = naming::classify(node) else {
-        return err(ErrorCode::Forbidden, "only spoke nodes request workload SVIDs");
+        return err(
+            ErrorCode::Forbidden,
+            "only spoke nodes request workload SVIDs",
+        );
     };
     let ok = wid.trust_domain() == hub.trust_domain()
         && matches!(naming::classify(wid), Some(MeshIdentity::Workload { ref store, .. }) if *store == own);
@@ -237,7 +270,13 @@ fn issue_workload(hub: &Hub, node: &SpiffeId, wid: &SpiffeId, csr: &[u8]) -> Res
     hub.certificate(chain)
 }
 
-fn reestablish(hub: &Hub, conn: &quinn::Connection, spoke: &SpiffeId, csr: &[u8], proof: &[u8]) -> Response {
+fn reestablish(
+    hub: &Hub,
+    conn: &quinn::Connection,
+    spoke: &SpiffeId,
+    csr: &[u8],
+    proof: &[u8],
+) -> Response {
     let sid = spoke.to_string();
     let rec = match hub.inner.store.spoke(&sid) {
         Ok(Some(r)) => r,
@@ -268,7 +307,10 @@ fn reestablish(hub: &Hub, conn: &quinn::Connection, spoke: &SpiffeId, csr: &[u8]
         );
     }
     if let Err(resp) = check_pinned(&rec, csr) {
-        hub.audit_refusal(&sid, "re-establishment with a key other than the pinned one");
+        hub.audit_refusal(
+            &sid,
+            "re-establishment with a key other than the pinned one",
+        );
         return resp;
     }
     let challenge = match tidemesh_net::reestablish_challenge(conn, spoke) {
@@ -277,7 +319,10 @@ fn reestablish(hub: &Hub, conn: &quinn::Connection, spoke: &SpiffeId, csr: &[u8]
     };
     if svid::verify_signature(&rec.pinned_key, &challenge, proof).is_err() {
         hub.audit_refusal(&sid, "re-establishment with an invalid proof of possession");
-        return err(ErrorCode::KeyMismatch, "proof of possession of the pinned key failed");
+        return err(
+            ErrorCode::KeyMismatch,
+            "proof of possession of the pinned key failed",
+        );
     }
     issue_node(hub, spoke, csr, "reestablished")
 }

@@ -175,7 +175,10 @@ struct HubAuthorizer {
 
 impl Authorizer for HubAuthorizer {
     fn authorize(&self, peer: &SpiffeId) -> Result<(), String> {
-        let revoked = self.revoked.read().map_err(|_| "revocation list poisoned".to_owned())?;
+        let revoked = self
+            .revoked
+            .read()
+            .map_err(|_| "revocation list poisoned".to_owned())?;
         if revoked.contains(&peer.to_string()) {
             return Err(format!("{peer} is revoked"));
         }
@@ -207,7 +210,9 @@ pub struct Hub {
 
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hub").field("data_dir", &self.inner.data_dir).finish()
+        f.debug_struct("Hub")
+            .field("data_dir", &self.inner.data_dir)
+            .finish()
     }
 }
 
@@ -340,7 +345,11 @@ impl Hub {
                 let connected = live.contains(&id);
                 SpokeInfo {
                     connected,
-                    last_seen: rfc3339_ms(if connected { self.now_ms() } else { r.last_seen_ms }),
+                    last_seen: rfc3339_ms(if connected {
+                        self.now_ms()
+                    } else {
+                        r.last_seen_ms
+                    }),
                     cert_not_after: rfc3339_ms(r.cert_not_after_ms),
                     enrolled: rfc3339_ms(r.enrolled_ms),
                     revoked: r.revoked_ms.is_some(),
@@ -443,7 +452,8 @@ impl Hub {
         };
         info!(addr = ?endpoint.local_addr().ok(), td = %self.inner.td, "hub serving");
         let refresh = self.inner.cfg.hub_cert_ttl / 2;
-        let mut refresh_timer = tokio::time::interval_at(tokio::time::Instant::now() + refresh, refresh);
+        let mut refresh_timer =
+            tokio::time::interval_at(tokio::time::Instant::now() + refresh, refresh);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -461,7 +471,10 @@ impl Hub {
                 }
             }
         }
-        endpoint.close(quinn::VarInt::from_u32(close::SHUTDOWN), b"hub shutting down");
+        endpoint.close(
+            quinn::VarInt::from_u32(close::SHUTDOWN),
+            b"hub shutting down",
+        );
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         if let Some(t) = admin_task {
             t.abort();
@@ -522,7 +535,10 @@ impl Hub {
             Some(id) => match naming::classify(id) {
                 Some(MeshIdentity::Node { .. }) => Some(id.clone()),
                 _ => {
-                    conn.close(quinn::VarInt::from_u32(close::FORBIDDEN), b"control sessions need a node SVID");
+                    conn.close(
+                        quinn::VarInt::from_u32(close::FORBIDDEN),
+                        b"control sessions need a node SVID",
+                    );
                     return;
                 }
             },
@@ -556,7 +572,10 @@ impl Hub {
                 .unwrap_or(false);
             if removed {
                 let now = self.now_ms();
-                let _ = self.inner.store.update_spoke(&id, None, |r| r.last_seen_ms = now);
+                let _ = self
+                    .inner
+                    .store
+                    .update_spoke(&id, None, |r| r.last_seen_ms = now);
                 info!(spoke = %id, reason = ?conn.close_reason(), "spoke disconnected");
             }
         }
@@ -578,9 +597,9 @@ impl Hub {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 let code = match &e {
-                    tidemesh_net::NetError::Frame(tidemesh_proto::FrameError::UnsupportedVersion { .. }) => {
-                        close::UNSUPPORTED_VERSION
-                    }
+                    tidemesh_net::NetError::Frame(
+                        tidemesh_proto::FrameError::UnsupportedVersion { .. },
+                    ) => close::UNSUPPORTED_VERSION,
                     _ => close::PROTOCOL_ERROR,
                 };
                 warn!(remote = %conn.remote_address(), error = %e, "bad control frame; closing connection");
@@ -599,7 +618,10 @@ impl Hub {
                 return;
             }
             Err(_) => {
-                conn.close(quinn::VarInt::from_u32(close::PROTOCOL_ERROR), b"request timed out");
+                conn.close(
+                    quinn::VarInt::from_u32(close::PROTOCOL_ERROR),
+                    b"request timed out",
+                );
                 return;
             }
         };
@@ -613,8 +635,10 @@ impl Hub {
                     },
                 ) {
                     if old.stable_id != conn.stable_id() {
-                        old.conn
-                            .close(quinn::VarInt::from_u32(close::NORMAL), b"replaced by a newer session");
+                        old.conn.close(
+                            quinn::VarInt::from_u32(close::NORMAL),
+                            b"replaced by a newer session",
+                        );
                     }
                 }
             }

@@ -15,7 +15,12 @@ use tidemesh_net::admin;
 #[command(name = "tidemesh-hub", version, about)]
 struct Cli {
     /// Log format for `serve`: `text` or `json`.
-    #[arg(long, global = true, env = "TIDEMESH_LOG_FORMAT", default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        env = "TIDEMESH_LOG_FORMAT",
+        default_value = "text"
+    )]
     log_format: String,
     #[command(subcommand)]
     cmd: Cmd,
@@ -110,7 +115,9 @@ enum TokenCmd {
 fn init_tracing(format: &str) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr)
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         "text" => b.init(),
@@ -144,10 +151,17 @@ fn main() -> std::process::ExitCode {
 
 async fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Init { data_dir, trust_domain } => {
-            let td = TrustDomain::new(&trust_domain).with_context(|| format!("--trust-domain {trust_domain:?}"))?;
+        Cmd::Init {
+            data_dir,
+            trust_domain,
+        } => {
+            let td = TrustDomain::new(&trust_domain)
+                .with_context(|| format!("--trust-domain {trust_domain:?}"))?;
             let fp = tidemesh_hub::init(&data_dir, &td, &SystemClock)?;
-            println!("initialized hub for trust domain {td} in {}", data_dir.display());
+            println!(
+                "initialized hub for trust domain {td} in {}",
+                data_dir.display()
+            );
             println!("ca fingerprint sha256:{}", svid::hex(&fp));
         }
         Cmd::Serve {
@@ -175,24 +189,40 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 ..Default::default()
             };
             let hub = Hub::open(&data_dir, cfg, Arc::new(SystemClock))?;
-            let sock = std::net::UdpSocket::bind(listen).with_context(|| format!("--listen {listen}"))?;
+            let sock =
+                std::net::UdpSocket::bind(listen).with_context(|| format!("--listen {listen}"))?;
             let bound = sock.local_addr()?;
             println!("listening={bound}");
             let socket = tidemesh_net::quic::wrap_socket(sock)?;
             hub.serve(socket, shutdown_signal()).await?;
         }
         Cmd::Token {
-            cmd: TokenCmd::Create { data_dir, spoke, ttl },
+            cmd:
+                TokenCmd::Create {
+                    data_dir,
+                    spoke,
+                    ttl,
+                },
         } => {
-            let r = call(&data_dir, json!({"cmd": "token_create", "spoke": spoke, "ttl_s": ttl.as_secs().max(1)})).await?;
-            println!("{}", r.get("token").and_then(Value::as_str).unwrap_or_default());
+            let r = call(
+                &data_dir,
+                json!({"cmd": "token_create", "spoke": spoke, "ttl_s": ttl.as_secs().max(1)}),
+            )
+            .await?;
+            println!(
+                "{}",
+                r.get("token").and_then(Value::as_str).unwrap_or_default()
+            );
         }
         Cmd::Spokes { data_dir, json } => {
             let r = call(&data_dir, json!({"cmd": "spokes"})).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                println!("{:<50} {:<10} {:<22} {:<22}", "ID", "STATE", "LAST SEEN", "CERT NOT AFTER");
+                println!(
+                    "{:<50} {:<10} {:<22} {:<22}",
+                    "ID", "STATE", "LAST SEEN", "CERT NOT AFTER"
+                );
                 for s in r.as_array().into_iter().flatten() {
                     let state = if s["revoked"].as_bool() == Some(true) {
                         "revoked"
@@ -240,13 +270,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},

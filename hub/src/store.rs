@@ -203,17 +203,23 @@ impl Store {
         let mut out = Vec::with_capacity(t.len()? as usize);
         for row in t.iter()? {
             let (k, v) = row?;
-            let e: AuditEntry = serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
-                table: "audit",
-                reason: e.to_string(),
-            })?;
+            let e: AuditEntry =
+                serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
+                    table: "audit",
+                    reason: e.to_string(),
+                })?;
             out.push((k.value(), e));
         }
         Ok(out)
     }
 
     /// Stores a new token (by the hash of its secret) with its audit entry.
-    pub fn put_token(&self, hash: &[u8; 32], rec: &TokenRecord, audit: &AuditEntry) -> Result<(), StoreError> {
+    pub fn put_token(
+        &self,
+        hash: &[u8; 32],
+        rec: &TokenRecord,
+        audit: &AuditEntry,
+    ) -> Result<(), StoreError> {
         let tx = self.write()?;
         {
             let mut t = tx.open_table(TOKENS)?;

@@ -81,7 +81,11 @@ pub enum ConfigError {
     },
 }
 
-fn invalid(key: impl Into<String>, value: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+fn invalid(
+    key: impl Into<String>,
+    value: impl Into<String>,
+    reason: impl Into<String>,
+) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
         value: value.into(),
@@ -123,7 +127,10 @@ impl FileConfig {
         for (i, w) in self.workloads.iter().enumerate() {
             let key = |k: &str| format!("workload[{i}].{k}");
             let probe = format!("spiffe://x/sa/{}", w.service_account);
-            if w.service_account.is_empty() || w.service_account.contains('/') || SpiffeId::parse(&probe).is_err() {
+            if w.service_account.is_empty()
+                || w.service_account.contains('/')
+                || SpiffeId::parse(&probe).is_err()
+            {
                 return Err(invalid(
                     key("service_account"),
                     w.service_account.clone(),
@@ -131,11 +138,19 @@ impl FileConfig {
                 ));
             }
             if !seen.insert(w.service_account.clone()) {
-                return Err(invalid(key("service_account"), w.service_account.clone(), "declared twice"));
+                return Err(invalid(
+                    key("service_account"),
+                    w.service_account.clone(),
+                    "declared twice",
+                ));
             }
             if let Some(h) = &w.health {
                 if !h.starts_with('/') {
-                    return Err(invalid(key("health"), h.clone(), "must be an absolute HTTP path starting with '/'"));
+                    return Err(invalid(
+                        key("health"),
+                        h.clone(),
+                        "must be an absolute HTTP path starting with '/'",
+                    ));
                 }
             }
             if w.namespace.is_empty() {
@@ -202,7 +217,8 @@ health = "/healthz"
 "#;
         let c = FileConfig::parse(ok).expect("valid");
         assert_eq!(c.workloads[0].labels["version"], "v1");
-        let e = FileConfig::parse("[[workload]]\nservice_account = \"a/b\"\n").expect_err("invalid");
+        let e =
+            FileConfig::parse("[[workload]]\nservice_account = \"a/b\"\n").expect_err("invalid");
         assert!(e.to_string().contains("workload[0].service_account"), "{e}");
         let e = FileConfig::parse("hub = \"nope\"\n").expect_err("invalid");
         assert!(e.to_string().contains("hub"), "{e}");
@@ -212,7 +228,8 @@ health = "/healthz"
         assert!(e.to_string().contains("hub"), "{e}");
         let e = FileConfig::parse("bogus = 1\n").expect_err("unknown key");
         assert!(e.to_string().contains("bogus"), "{e}");
-        let e = FileConfig::parse("[[workload]]\nservice_account = \"a\"\ninbound = \"x\"\n").expect_err("bad addr");
+        let e = FileConfig::parse("[[workload]]\nservice_account = \"a\"\ninbound = \"x\"\n")
+            .expect_err("bad addr");
         assert!(e.to_string().contains("inbound"), "{e}");
     }
 }

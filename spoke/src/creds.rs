@@ -74,7 +74,11 @@ fn corrupt(path: &Path, reason: impl ToString) -> CredsError {
 /// Writes `bytes` to `path` atomically with the given mode.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CredsError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io(dir))?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(dir))?;
     let tmp = path.with_extension("tmp");
     {
         let mut f = fs::OpenOptions::new()
@@ -137,7 +141,10 @@ impl std::fmt::Debug for Svid {
 
 impl Svid {
     /// Builds from a key and a DER chain, reading the leaf's ID and validity.
-    pub fn new(key: KeyPair, chain: Vec<CertificateDer<'static>>) -> Result<Svid, svid::IssueError> {
+    pub fn new(
+        key: KeyPair,
+        chain: Vec<CertificateDer<'static>>,
+    ) -> Result<Svid, svid::IssueError> {
         let leaf = chain.first().ok_or(svid::IssueError::NoPemCertificates)?;
         let id = svid::cert_spiffe_id(leaf)?;
         let (not_before, not_after) = svid::cert_validity(leaf)?;
@@ -157,7 +164,10 @@ impl Svid {
 
     /// When to renew: `fraction` of the way through its lifetime.
     pub fn renew_at(&self, fraction: f64) -> SystemTime {
-        let life = self.not_after.duration_since(self.not_before).unwrap_or_default();
+        let life = self
+            .not_after
+            .duration_since(self.not_before)
+            .unwrap_or_default();
         self.not_before + life.mul_f64(fraction.clamp(0.05, 0.95))
     }
 }
@@ -171,7 +181,9 @@ pub struct CredStore {
 impl CredStore {
     /// The cache in `dir`.
     pub fn new(dir: &Path) -> CredStore {
-        CredStore { dir: dir.to_owned() }
+        CredStore {
+            dir: dir.to_owned(),
+        }
     }
 
     /// The directory.
@@ -207,14 +219,31 @@ impl CredStore {
         chain: &[CertificateDer<'_>],
         bundle: &[CertificateDer<'_>],
     ) -> Result<(), CredsError> {
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir).map_err(io(&self.dir))?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .map_err(io(&self.dir))?;
         let _ = fs::remove_file(self.p("spoke.json"));
-        write_atomic(&self.p("node_key.pem"), key.serialize_pem().as_bytes(), 0o600)?;
-        write_atomic(&self.p("node.pem"), svid::certs_to_pem(chain).as_bytes(), 0o644)?;
-        write_atomic(&self.p("bundle.pem"), svid::certs_to_pem(bundle).as_bytes(), 0o644)?;
+        write_atomic(
+            &self.p("node_key.pem"),
+            key.serialize_pem().as_bytes(),
+            0o600,
+        )?;
+        write_atomic(
+            &self.p("node.pem"),
+            svid::certs_to_pem(chain).as_bytes(),
+            0o644,
+        )?;
+        write_atomic(
+            &self.p("bundle.pem"),
+            svid::certs_to_pem(bundle).as_bytes(),
+            0o644,
+        )?;
         let _ = fs::remove_dir_all(self.p("workloads"));
         let _ = fs::remove_file(self.p("state.json"));
-        let json = serde_json::to_vec_pretty(ident).map_err(|e| corrupt(&self.p("spoke.json"), e))?;
+        let json =
+            serde_json::to_vec_pretty(ident).map_err(|e| corrupt(&self.p("spoke.json"), e))?;
         write_atomic(&self.p("spoke.json"), &json, 0o644)
     }
 
@@ -222,7 +251,8 @@ impl CredStore {
     pub fn set_hub(&self, hub: &str) -> Result<(), CredsError> {
         let mut ident = self.identity()?;
         ident.hub = hub.to_owned();
-        let json = serde_json::to_vec_pretty(&ident).map_err(|e| corrupt(&self.p("spoke.json"), e))?;
+        let json =
+            serde_json::to_vec_pretty(&ident).map_err(|e| corrupt(&self.p("spoke.json"), e))?;
         write_atomic(&self.p("spoke.json"), &json, 0o644)
     }
 
@@ -231,8 +261,10 @@ impl CredStore {
     }
 
     fn load_svid(&self, key_path: &Path, chain_path: &Path) -> Result<Svid, CredsError> {
-        let key = svid::key_from_pem(&self.read_pem(key_path)?).map_err(|e| corrupt(key_path, e))?;
-        let chain = svid::pem_certs(&self.read_pem(chain_path)?).map_err(|e| corrupt(chain_path, e))?;
+        let key =
+            svid::key_from_pem(&self.read_pem(key_path)?).map_err(|e| corrupt(key_path, e))?;
+        let chain =
+            svid::pem_certs(&self.read_pem(chain_path)?).map_err(|e| corrupt(chain_path, e))?;
         Svid::new(key, chain).map_err(|e| corrupt(chain_path, e))
     }
 
@@ -243,7 +275,11 @@ impl CredStore {
 
     /// Replaces the node chain (the key stays: it is pinned at the hub).
     pub fn save_node_chain(&self, chain: &[CertificateDer<'_>]) -> Result<(), CredsError> {
-        write_atomic(&self.p("node.pem"), svid::certs_to_pem(chain).as_bytes(), 0o644)
+        write_atomic(
+            &self.p("node.pem"),
+            svid::certs_to_pem(chain).as_bytes(),
+            0o644,
+        )
     }
 
     /// The trust bundle.
@@ -258,7 +294,11 @@ impl CredStore {
 
     /// Replaces the trust bundle.
     pub fn save_bundle(&self, roots: &[CertificateDer<'_>]) -> Result<(), CredsError> {
-        write_atomic(&self.p("bundle.pem"), svid::certs_to_pem(roots).as_bytes(), 0o644)
+        write_atomic(
+            &self.p("bundle.pem"),
+            svid::certs_to_pem(roots).as_bytes(),
+            0o644,
+        )
     }
 
     fn workload_dir(&self, account: &str) -> PathBuf {
@@ -282,11 +322,16 @@ impl CredStore {
         if !d.join("svid.pem").exists() {
             return Ok(None);
         }
-        self.load_svid(&d.join("key.pem"), &d.join("svid.pem")).map(Some)
+        self.load_svid(&d.join("key.pem"), &d.join("svid.pem"))
+            .map(Some)
     }
 
     /// Stores a workload's chain.
-    pub fn save_workload_chain(&self, account: &str, chain: &[CertificateDer<'_>]) -> Result<(), CredsError> {
+    pub fn save_workload_chain(
+        &self,
+        account: &str,
+        chain: &[CertificateDer<'_>],
+    ) -> Result<(), CredsError> {
         write_atomic(
             &self.workload_dir(account).join("svid.pem"),
             svid::certs_to_pem(chain).as_bytes(),
@@ -320,10 +365,26 @@ impl CredStore {
             })?,
         };
         let bundle = self.bundle(ident.id.trust_domain())?;
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(out).map_err(io(out))?;
-        write_atomic(&out.join("svid.pem"), svid::certs_to_pem(&s.chain).as_bytes(), 0o644)?;
-        write_atomic(&out.join("svid_key.pem"), s.key.serialize_pem().as_bytes(), 0o600)?;
-        write_atomic(&out.join("bundle.pem"), svid::certs_to_pem(bundle.roots()).as_bytes(), 0o644)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(out)
+            .map_err(io(out))?;
+        write_atomic(
+            &out.join("svid.pem"),
+            svid::certs_to_pem(&s.chain).as_bytes(),
+            0o644,
+        )?;
+        write_atomic(
+            &out.join("svid_key.pem"),
+            s.key.serialize_pem().as_bytes(),
+            0o600,
+        )?;
+        write_atomic(
+            &out.join("bundle.pem"),
+            svid::certs_to_pem(bundle.roots()).as_bytes(),
+            0o644,
+        )?;
         Ok(s.id)
     }
 }

@@ -128,14 +128,18 @@ fn tls_err(e: rustls::Error) -> NetError {
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-fn expect_cert(resp: Response) -> Result<(Vec<CertificateDer<'static>>, Vec<CertificateDer<'static>>), SpokeError> {
+fn expect_cert(
+    resp: Response,
+) -> Result<(Vec<CertificateDer<'static>>, Vec<CertificateDer<'static>>), SpokeError> {
     match resp {
         Response::Certificate { chain, bundle } => Ok((
             chain.into_iter().map(CertificateDer::from).collect(),
@@ -159,7 +163,10 @@ async fn connect(
     let cfg = quic.client_config(tls)?;
     let connecting = endpoint
         .connect_with(cfg, addr, SNI)
-        .map_err(|e| NetError::Connect { addr, reason: e.to_string() })?;
+        .map_err(|e| NetError::Connect {
+            addr,
+            reason: e.to_string(),
+        })?;
     connecting.await.map_err(|e| NetError::Connect {
         addr,
         reason: format!("{e} (is the hub running, and is UDP to it allowed?)"),
@@ -220,12 +227,20 @@ pub async fn enroll(
     conn.close(quinn::VarInt::from_u32(close::NORMAL), b"enrolled");
     endpoint.wait_idle().await;
     let (chain, bundle) = expect_cert(resp?)?;
-    if !bundle.iter().any(|c| svid::sha256(c) == token.ca_fingerprint) {
-        return Err(SpokeError::Unexpected("the trust bundle does not contain the pinned CA".into()));
+    if !bundle
+        .iter()
+        .any(|c| svid::sha256(c) == token.ca_fingerprint)
+    {
+        return Err(SpokeError::Unexpected(
+            "the trust bundle does not contain the pinned CA".into(),
+        ));
     }
     let node = Svid::new(key, chain)?;
     if node.id != token.spoke {
-        return Err(SpokeError::Unexpected(format!("issued {} instead of {}", node.id, token.spoke)));
+        return Err(SpokeError::Unexpected(format!(
+            "issued {} instead of {}",
+            node.id, token.spoke
+        )));
     }
     let ident = creds::Identity {
         id: token.spoke.clone(),
@@ -284,7 +299,9 @@ pub struct Spoke {
 
 impl std::fmt::Debug for Spoke {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Spoke").field("id", &self.inner.ident.id.to_string()).finish()
+        f.debug_struct("Spoke")
+            .field("id", &self.inner.ident.id.to_string())
+            .finish()
     }
 }
 
@@ -297,7 +314,11 @@ enum SessionEnd {
 
 impl Spoke {
     /// Loads an enrolled spoke from its data directory; needs no network.
-    pub fn open(data_dir: &Path, cfg: SpokeConfig, clock: Arc<dyn Clock>) -> Result<Spoke, SpokeError> {
+    pub fn open(
+        data_dir: &Path,
+        cfg: SpokeConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Spoke, SpokeError> {
         let store = CredStore::new(data_dir);
         let ident = store.identity()?;
         // Fail now, not at the first connection, if the cache is unusable.
@@ -308,7 +329,8 @@ impl Spoke {
             (None, Some(h)) => h.clone(),
             (None, None) => ident.hub.clone(),
         };
-        config::check_hub_addr(&hub).map_err(|e| SpokeError::Invalid(format!("hub address {hub:?}: {e}")))?;
+        config::check_hub_addr(&hub)
+            .map_err(|e| SpokeError::Invalid(format!("hub address {hub:?}: {e}")))?;
         let rng = match cfg.seed {
             Some(s) => StdRng::seed_from_u64(s),
             None => StdRng::from_os_rng(),
@@ -349,7 +371,11 @@ impl Spoke {
     }
 
     fn state(&self) -> State {
-        self.inner.live.lock().map(|l| l.state).unwrap_or(State::Disconnected)
+        self.inner
+            .live
+            .lock()
+            .map(|l| l.state)
+            .unwrap_or(State::Disconnected)
     }
 
     fn touch_contact(&self) {
@@ -361,7 +387,9 @@ impl Spoke {
         if let Ok(mut l) = self.inner.live.lock() {
             l.last_contact_ms = Some(now);
         }
-        if let Err(e) = self.inner.store.save_contact(&creds::ContactState { last_contact_ms: Some(now) }) {
+        if let Err(e) = self.inner.store.save_contact(&creds::ContactState {
+            last_contact_ms: Some(now),
+        }) {
             warn!(error = %e, "cannot persist last contact");
         }
     }
@@ -413,7 +441,12 @@ impl Spoke {
 
     fn jitter(&self, d: Duration) -> Duration {
         // Full jitter over [d/2, d].
-        let f: f64 = self.inner.rng.lock().map(|mut r| r.random_range(0.5..=1.0)).unwrap_or(0.75);
+        let f: f64 = self
+            .inner
+            .rng
+            .lock()
+            .map(|mut r| r.random_range(0.5..=1.0))
+            .unwrap_or(0.75);
         d.mul_f64(f)
     }
 
@@ -426,13 +459,20 @@ impl Spoke {
         }
         tokio::net::lookup_host(self.inner.hub.as_str())
             .await
-            .map_err(|e| SpokeError::Invalid(format!("cannot resolve hub {}: {e}", self.inner.hub)))?
+            .map_err(|e| {
+                SpokeError::Invalid(format!("cannot resolve hub {}: {e}", self.inner.hub))
+            })?
             .next()
-            .ok_or_else(|| SpokeError::Invalid(format!("hub {} resolves to no address", self.inner.hub)))
+            .ok_or_else(|| {
+                SpokeError::Invalid(format!("hub {} resolves to no address", self.inner.hub))
+            })
     }
 
     fn bundle(&self) -> Result<TrustBundle, SpokeError> {
-        Ok(self.inner.store.bundle(self.inner.ident.id.trust_domain())?)
+        Ok(self
+            .inner
+            .store
+            .bundle(self.inner.ident.id.trust_domain())?)
     }
 
     fn hub_authorizer(&self) -> Arc<ExactId> {
@@ -449,7 +489,8 @@ impl Spoke {
         let endpoint = client_endpoint(socket)?;
         let admin_task = if self.inner.cfg.admin_socket {
             let path = admin::socket_path(self.inner.store.dir());
-            let listener = admin::bind(&path).map_err(|e| SpokeError::Invalid(format!("{}: {e}", path.display())))?;
+            let listener = admin::bind(&path)
+                .map_err(|e| SpokeError::Invalid(format!("{}: {e}", path.display())))?;
             let me = self.clone();
             Some(tokio::spawn(admin::serve(listener, move |_caller, req| {
                 let me = me.clone();
@@ -500,7 +541,10 @@ impl Spoke {
                 backoff = self.inner.cfg.reconnect_min;
             }
         }
-        endpoint.close(quinn::VarInt::from_u32(close::SHUTDOWN), b"spoke shutting down");
+        endpoint.close(
+            quinn::VarInt::from_u32(close::SHUTDOWN),
+            b"spoke shutting down",
+        );
         let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
         if let Some(t) = admin_task {
             t.abort();
@@ -511,7 +555,10 @@ impl Spoke {
 
     fn classify_failure(&self, e: &SpokeError) -> (State, String) {
         match e {
-            SpokeError::Refused { code: ErrorCode::Revoked, .. } => (State::Revoked, e.to_string()),
+            SpokeError::Refused {
+                code: ErrorCode::Revoked,
+                ..
+            } => (State::Revoked, e.to_string()),
             SpokeError::Refused {
                 code: ErrorCode::OfflineWindowExceeded | ErrorCode::NotEnrolled,
                 ..
@@ -534,10 +581,19 @@ impl Spoke {
     }
 
     /// Re-establishes an expired node SVID with the pinned key.
-    async fn reestablish(&self, endpoint: &quinn::Endpoint, node: &Svid) -> Result<Svid, SpokeError> {
+    async fn reestablish(
+        &self,
+        endpoint: &quinn::Endpoint,
+        node: &Svid,
+    ) -> Result<Svid, SpokeError> {
         info!(spoke = %self.inner.ident.id, expired = %rfc3339(node.not_after), "node SVID expired; re-establishing with the pinned key");
-        let tls = verify::client_config_no_cert(self.bundle()?, self.hub_authorizer(), self.inner.clock.clone(), &[ALPN_CTL])
-            .map_err(tls_err)?;
+        let tls = verify::client_config_no_cert(
+            self.bundle()?,
+            self.hub_authorizer(),
+            self.inner.clock.clone(),
+            &[ALPN_CTL],
+        )
+        .map_err(tls_err)?;
         let conn = connect(endpoint, &self.inner.cfg.quic, tls, self.hub_addr().await?).await?;
         let challenge = tidemesh_net::reestablish_challenge(&conn, &self.inner.ident.id)?;
         let proof = svid::sign(&node.key, &challenge)?;
@@ -557,11 +613,18 @@ impl Spoke {
         self.install_node(chain, bundle)
     }
 
-    fn install_node(&self, chain: Vec<CertificateDer<'static>>, bundle: Vec<CertificateDer<'static>>) -> Result<Svid, SpokeError> {
+    fn install_node(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        bundle: Vec<CertificateDer<'static>>,
+    ) -> Result<Svid, SpokeError> {
         let key = self.inner.store.node()?.key;
         let s = Svid::new(key, chain)?;
         if s.id != self.inner.ident.id {
-            return Err(SpokeError::Unexpected(format!("hub issued {} instead of {}", s.id, self.inner.ident.id)));
+            return Err(SpokeError::Unexpected(format!(
+                "hub issued {} instead of {}",
+                s.id, self.inner.ident.id
+            )));
         }
         if !bundle.is_empty() {
             self.inner.store.save_bundle(&bundle)?;
@@ -643,7 +706,11 @@ impl Spoke {
                 Ok(s) => *node = s,
                 Err(e) => {
                     warn!(error = %e, "node SVID renewal failed; retrying");
-                    if let SpokeError::Refused { code: ErrorCode::Revoked, .. } = e {
+                    if let SpokeError::Refused {
+                        code: ErrorCode::Revoked,
+                        ..
+                    } = e
+                    {
                         self.set_state(State::Revoked, Some(e.to_string()));
                     }
                     next = next.min(retry);
@@ -663,7 +730,10 @@ impl Spoke {
                 next = next.min(due);
                 continue;
             }
-            match self.issue_workload(conn, &td, &store_name, &w.service_account).await {
+            match self
+                .issue_workload(conn, &td, &store_name, &w.service_account)
+                .await
+            {
                 Ok(s) => next = next.min(s.renew_at(frac)),
                 Err(e) => {
                     warn!(account = %w.service_account, error = %e, "workload SVID issuance failed; retrying");
@@ -690,14 +760,26 @@ impl Spoke {
         store: &str,
         account: &str,
     ) -> Result<Svid, SpokeError> {
-        let id = naming::workload_id(td, store, account).map_err(|e| SpokeError::Invalid(e.to_string()))?;
+        let id = naming::workload_id(td, store, account)
+            .map_err(|e| SpokeError::Invalid(e.to_string()))?;
         let key: KeyPair = self.inner.store.workload_key(account)?;
         let csr = svid::make_csr(&key, &id)?;
-        let resp = tidemesh_net::request(conn, &Request::IssueWorkload { id: id.clone(), csr }, REQUEST_TIMEOUT).await?;
+        let resp = tidemesh_net::request(
+            conn,
+            &Request::IssueWorkload {
+                id: id.clone(),
+                csr,
+            },
+            REQUEST_TIMEOUT,
+        )
+        .await?;
         let (chain, _) = expect_cert(resp)?;
         let s = Svid::new(key, chain)?;
         if s.id != id {
-            return Err(SpokeError::Unexpected(format!("hub issued {} instead of {id}", s.id)));
+            return Err(SpokeError::Unexpected(format!(
+                "hub issued {} instead of {id}",
+                s.id
+            )));
         }
         self.inner.store.save_workload_chain(account, &s.chain)?;
         info!(target: "tidemesh::audit", workload = %id, not_after = %rfc3339(s.not_after), "workload SVID installed");

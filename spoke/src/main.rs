@@ -15,7 +15,12 @@ use tidemesh_spoke::{FileConfig, Spoke, SpokeConfig};
 #[command(name = "tidemesh-spoke", version, about)]
 struct Cli {
     /// Log format for `run`: `text` or `json`.
-    #[arg(long, global = true, env = "TIDEMESH_LOG_FORMAT", default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        env = "TIDEMESH_LOG_FORMAT",
+        default_value = "text"
+    )]
     log_format: String,
     #[command(subcommand)]
     cmd: Cmd,
@@ -97,7 +102,9 @@ enum SvidCmd {
 fn init_tracing(format: &str) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr)
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         "text" => b.init(),
@@ -112,7 +119,11 @@ fn hub_addr(flag: &str, s: &str) -> anyhow::Result<SocketAddr> {
 }
 
 fn client_socket(hub: SocketAddr) -> anyhow::Result<Arc<dyn quinn::AsyncUdpSocket>> {
-    let bind: SocketAddr = if hub.is_ipv6() { "[::]:0".parse()? } else { "0.0.0.0:0".parse()? };
+    let bind: SocketAddr = if hub.is_ipv6() {
+        "[::]:0".parse()?
+    } else {
+        "0.0.0.0:0".parse()?
+    };
     let sock = std::net::UdpSocket::bind(bind).context("binding a UDP socket")?;
     Ok(tidemesh_net::quic::wrap_socket(sock)?)
 }
@@ -137,7 +148,12 @@ fn main() -> std::process::ExitCode {
 
 async fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Enroll { data_dir, hub, token, force } => {
+        Cmd::Enroll {
+            data_dir,
+            hub,
+            token,
+            force,
+        } => {
             let addr = hub_addr("--hub", &hub)?;
             let e = tidemesh_spoke::enroll(
                 &data_dir,
@@ -180,9 +196,13 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 bail!("--keep-alive {keep_alive:?} must be shorter than --idle-timeout {idle_timeout:?}");
             }
             if let Some(h) = &hub {
-                tidemesh_spoke::config::check_hub_addr(h).map_err(|e| anyhow::anyhow!("--hub {h:?}: {e}"))?;
+                tidemesh_spoke::config::check_hub_addr(h)
+                    .map_err(|e| anyhow::anyhow!("--hub {h:?}: {e}"))?;
             }
-            let file = FileConfig { hub: hub.or(file.hub), ..file };
+            let file = FileConfig {
+                hub: hub.or(file.hub),
+                ..file
+            };
             let cfg = SpokeConfig {
                 hub: None,
                 file,
@@ -212,7 +232,11 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 println!("id:              {}", f("id"));
                 println!("state:           {}", f("state"));
                 println!("hub:             {}", f("hub"));
-                println!("cert not after:  {} ({} s left)", f("cert_not_after"), f("cert_time_left_s"));
+                println!(
+                    "cert not after:  {} ({} s left)",
+                    f("cert_not_after"),
+                    f("cert_time_left_s")
+                );
                 println!("last contact:    {}", f("last_contact"));
                 if s["last_error"].is_string() {
                     println!("last error:      {}", f("last_error"));
@@ -228,7 +252,12 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Svid {
-            cmd: SvidCmd::Export { data_dir, out, workload },
+            cmd:
+                SvidCmd::Export {
+                    data_dir,
+                    out,
+                    workload,
+                },
         } => {
             let id = tidemesh_spoke::CredStore::new(&data_dir).export(&out, workload.as_deref())?;
             println!("exported {id} to {}", out.display());

@@ -19,9 +19,12 @@ const NOTICE_BOUND: Duration = Duration::from_secs(9);
 const RECONNECT_BOUND: Duration = Duration::from_secs(6);
 
 fn check_scenario(tl: &Timeline, spoke: usize, cut: Duration, heal: Duration, cert_before: &str) {
-    let noticed = tl
-        .first(spoke, "disconnected", cut)
-        .unwrap_or_else(|| panic!("spoke {spoke} never reported disconnected: {:?}", tl.samples));
+    let noticed = tl.first(spoke, "disconnected", cut).unwrap_or_else(|| {
+        panic!(
+            "spoke {spoke} never reported disconnected: {:?}",
+            tl.samples
+        )
+    });
     let back = tl
         .first(spoke, "connected", heal)
         .unwrap_or_else(|| panic!("spoke {spoke} never reconnected: {:?}", tl.samples));
@@ -30,8 +33,16 @@ fn check_scenario(tl: &Timeline, spoke: usize, cut: Duration, heal: Duration, ce
         (noticed - cut).as_secs_f64(),
         (back - heal).as_secs_f64()
     );
-    assert!(noticed - cut <= NOTICE_BOUND, "noticed after {:?}", noticed - cut);
-    assert!(back - heal <= RECONNECT_BOUND, "reconnected after {:?}", back - heal);
+    assert!(
+        noticed - cut <= NOTICE_BOUND,
+        "noticed after {:?}",
+        noticed - cut
+    );
+    assert!(
+        back - heal <= RECONNECT_BOUND,
+        "reconnected after {:?}",
+        back - heal
+    );
     // Through the blackout it kept answering, on the same certificate.
     let during: Vec<_> = tl
         .samples
@@ -41,7 +52,10 @@ fn check_scenario(tl: &Timeline, spoke: usize, cut: Duration, heal: Duration, ce
     assert!(!during.is_empty());
     for s in during {
         assert_eq!(s.state, "disconnected", "{s:?}");
-        assert_eq!(s.cert_not_after, cert_before, "served from the cached certificate");
+        assert_eq!(
+            s.cert_not_after, cert_before,
+            "served from the cached certificate"
+        );
     }
 }
 
@@ -54,7 +68,12 @@ fn spokes_ride_out_a_relay_blackout() {
     let mut relays = Vec::new();
     let mut spokes = Vec::new();
     for i in 0..2 {
-        let relay = RelayProc::start(&tmp.path().join("relays"), &format!("r{i}"), hub_addr, 1000 + i);
+        let relay = RelayProc::start(
+            &tmp.path().join("relays"),
+            &format!("r{i}"),
+            hub_addr,
+            1000 + i,
+        );
         let id = format!("spiffe://{TD}/store/s{i}/node/n1");
         let spoke = SpokeProc::new(tmp.path(), &format!("spoke{i}"), &id);
         let o = spoke.enroll(relay.addr, &hub.token(&id, "10m"));
@@ -66,7 +85,10 @@ fn spokes_ride_out_a_relay_blackout() {
         s.start();
         s.wait_state("connected", Duration::from_secs(10));
     }
-    let cert_before = spokes[0].status()["cert_not_after"].as_str().unwrap_or("").to_owned();
+    let cert_before = spokes[0].status()["cert_not_after"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
 
     let refs: Vec<&SpokeProc> = spokes.iter().collect();
     let mut tl = Timeline::start();
@@ -80,11 +102,19 @@ fn spokes_ride_out_a_relay_blackout() {
 
     check_scenario(&tl, 0, cut, heal, &cert_before);
     // the other spoke never noticed
-    assert_eq!(tl.states(1, Duration::ZERO, tl.now()), vec!["connected".to_owned()]);
+    assert_eq!(
+        tl.states(1, Duration::ZERO, tl.now()),
+        vec!["connected".to_owned()]
+    );
     let stats = relays[0].stats();
-    assert!(stats["up"]["dropped"]["blackout"].as_u64().unwrap_or(0) > 0, "{stats}");
+    assert!(
+        stats["up"]["dropped"]["blackout"].as_u64().unwrap_or(0) > 0,
+        "{stats}"
+    );
     // the hub saw it go and come back
-    let row = hub.spoke("spiffe://edge.example/store/s0/node/n1").expect("listed");
+    let row = hub
+        .spoke("spiffe://edge.example/store/s0/node/n1")
+        .expect("listed");
     assert_eq!(row["connected"], true);
 }
 
@@ -100,7 +130,10 @@ impl Netns {
             .arg(&self.script)
             .args(args)
             .env("TIDEMESH_DRILL_PREFIX", &self.prefix)
-            .env("TIDEMESH_DRILL_STATE_DIR", format!("/tmp/{}-state", self.prefix)))
+            .env(
+                "TIDEMESH_DRILL_STATE_DIR",
+                format!("/tmp/{}-state", self.prefix),
+            ))
     }
 
     fn ok(&self, args: &[&str]) -> String {
@@ -117,9 +150,7 @@ impl Drop for Netns {
 }
 
 fn netns_available() -> Result<(), String> {
-    let is_root = run(Command::new("id").arg("-u"))
-        .stdout
-        .starts_with(b"0");
+    let is_root = run(Command::new("id").arg("-u")).stdout.starts_with(b"0");
     if !is_root {
         return Err("not root".into());
     }
@@ -150,19 +181,26 @@ fn spoke_rides_out_a_silent_netns_partition() {
     // the namespace names come from the script's own listing
     let listing = run(Command::new("ip").args(["netns", "list"]));
     let names = String::from_utf8_lossy(&listing.stdout).to_string();
-    assert!(names.contains(&hub_ns) && names.contains(&spoke_ns), "{names}");
+    assert!(
+        names.contains(&hub_ns) && names.contains(&spoke_ns),
+        "{names}"
+    );
 
     let tmp = tempfile::tempdir().expect("tempdir");
     let listen = format!("{hub_ip}:7443").parse().expect("addr");
     let mut hub = HubProc::init(tmp.path(), TD).wrapped(&["ip", "netns", "exec", &hub_ns], listen);
     hub.start();
     let id = format!("spiffe://{TD}/store/ns1/node/n1");
-    let mut spoke = SpokeProc::new(tmp.path(), "spoke", &id).wrapped(&["ip", "netns", "exec", &spoke_ns]);
+    let mut spoke =
+        SpokeProc::new(tmp.path(), "spoke", &id).wrapped(&["ip", "netns", "exec", &spoke_ns]);
     let o = spoke.enroll(listen, &hub.token(&id, "10m"));
     assert!(o.status.success(), "enroll across the router: {}", text(&o));
     spoke.start();
     spoke.wait_state("connected", Duration::from_secs(10));
-    let cert_before = spoke.status()["cert_not_after"].as_str().unwrap_or("").to_owned();
+    let cert_before = spoke.status()["cert_not_after"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
 
     let mut tl = Timeline::start();
     tl.record(&[&spoke], Duration::from_secs(1));

@@ -34,14 +34,19 @@ fn enroll_connects_lists_and_exports() {
         .args(["init", "--trust-domain", TD, "--data-dir"])
         .arg(&hub.dir));
     assert!(!again.status.success());
-    assert!(text(&again).contains("refusing to overwrite"), "{}", text(&again));
+    assert!(
+        text(&again).contains("refusing to overwrite"),
+        "{}",
+        text(&again)
+    );
 
     let addr = hub.start();
     let id = node("sf01", "n1");
     let token = hub.token(&id, "10m");
     let cfg = tmp.path().join("spoke.toml");
     std::fs::write(&cfg, "[[workload]]\nservice_account = \"pos\"\n").expect("config");
-    let mut spoke = SpokeProc::new(tmp.path(), "s1", &id).with_args(&["--config", cfg.to_str().expect("utf8")]);
+    let mut spoke =
+        SpokeProc::new(tmp.path(), "s1", &id).with_args(&["--config", cfg.to_str().expect("utf8")]);
     let o = spoke.enroll(addr, &token);
     assert!(o.status.success(), "enroll: {}", text(&o));
     assert_eq!(mode(&spoke.dir.join("node_key.pem")), 0o600);
@@ -49,21 +54,34 @@ fn enroll_connects_lists_and_exports() {
     let st = spoke.wait_state("connected", Duration::from_secs(10));
     assert_eq!(st["connected"], true);
     assert_eq!(st["id"], id.as_str());
-    assert!(st["cert_not_after"].is_string() && st["last_contact"].is_string(), "{st}");
+    assert!(
+        st["cert_not_after"].is_string() && st["last_contact"].is_string(),
+        "{st}"
+    );
 
-    let row = wait_for(Duration::from_secs(5), || hub.spoke(&id).filter(|r| r["connected"] == true))
-        .expect("hub lists the spoke as connected");
-    assert!(row["last_seen"].is_string() && row["cert_not_after"].is_string(), "{row}");
+    let row = wait_for(Duration::from_secs(5), || {
+        hub.spoke(&id).filter(|r| r["connected"] == true)
+    })
+    .expect("hub lists the spoke as connected");
+    assert!(
+        row["last_seen"].is_string() && row["cert_not_after"].is_string(),
+        "{row}"
+    );
     assert_eq!(mode(&hub.dir.join("admin.sock")), 0o600);
 
     // the workload SVID arrives and exports for local apps
     wait_for(Duration::from_secs(5), || {
-        spoke.status()["workloads"][0]["id"].as_str().map(str::to_owned)
+        spoke.status()["workloads"][0]["id"]
+            .as_str()
+            .map(str::to_owned)
     })
     .expect("workload SVID issued");
     for (args, want) in [
         (vec![], id.clone()),
-        (vec!["--workload", "pos"], format!("spiffe://{TD}/store/sf01/sa/pos")),
+        (
+            vec!["--workload", "pos"],
+            format!("spiffe://{TD}/store/sf01/sa/pos"),
+        ),
     ] {
         let out = tmp.path().join(format!("export{}", args.len()));
         let o = run(Command::new(bin("tidemesh-spoke"))
@@ -73,8 +91,12 @@ fn enroll_connects_lists_and_exports() {
             .arg(&out)
             .args(&args));
         assert!(o.status.success(), "export: {}", text(&o));
-        let chain = svid::pem_certs(&std::fs::read_to_string(out.join("svid.pem")).expect("svid")).expect("pem");
-        assert_eq!(svid::cert_spiffe_id(&chain[0]).expect("id").to_string(), want);
+        let chain = svid::pem_certs(&std::fs::read_to_string(out.join("svid.pem")).expect("svid"))
+            .expect("pem");
+        assert_eq!(
+            svid::cert_spiffe_id(&chain[0]).expect("id").to_string(),
+            want
+        );
         assert_eq!(mode(&out.join("svid_key.pem")), 0o600);
         let key = std::fs::read_to_string(out.join("svid_key.pem")).expect("key");
         assert!(key.contains("BEGIN PRIVATE KEY"), "PKCS#8 expected");
@@ -102,7 +124,11 @@ fn join_tokens_are_single_use_expire_bind_and_race() {
     assert_ne!(unknown, t1);
     let o = SpokeProc::new(tmp.path(), "u", &node("s", "a")).enroll(addr, &unknown);
     assert!(!o.status.success());
-    assert!(text(&o).contains("invalid join token: unknown, already used or expired"), "{}", text(&o));
+    assert!(
+        text(&o).contains("invalid join token: unknown, already used or expired"),
+        "{}",
+        text(&o)
+    );
 
     // expired, and burned
     let t2 = hub.token(&node("s", "b"), "1s");
@@ -118,19 +144,33 @@ fn join_tokens_are_single_use_expire_bind_and_race() {
     assert!(!o.status.success());
     assert!(text(&o).contains("bound to another spoke"), "{}", text(&o));
     let o = SpokeProc::new(tmp.path(), "c", &node("s", "c")).enroll(addr, &t3);
-    assert!(!o.status.success(), "a token misused for another ID is burned");
+    assert!(
+        !o.status.success(),
+        "a token misused for another ID is burned"
+    );
 
     // garbage
     let o = SpokeProc::new(tmp.path(), "g", &node("s", "g")).enroll(addr, "hello");
     assert!(!o.status.success());
-    assert!(text(&o).contains("not a tidemesh join token"), "{}", text(&o));
+    assert!(
+        text(&o).contains("not a tidemesh join token"),
+        "{}",
+        text(&o)
+    );
 
     // two spokes race on one token: exactly one wins
     for round in 0..3 {
         let t = hub.token(&node("r", &format!("n{round}")), "10m");
         let spawn = |name: &str| {
             Command::new(bin("tidemesh-spoke"))
-                .args(["enroll", "--hub", &addr.to_string(), "--token", &t, "--data-dir"])
+                .args([
+                    "enroll",
+                    "--hub",
+                    &addr.to_string(),
+                    "--token",
+                    &t,
+                    "--data-dir",
+                ])
                 .arg(tmp.path().join(format!("{name}{round}")))
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
@@ -138,11 +178,18 @@ fn join_tokens_are_single_use_expire_bind_and_race() {
                 .expect("spawn")
         };
         let (x, y) = (spawn("x"), spawn("y"));
-        let (ox, oy) = (x.wait_with_output().expect("x"), y.wait_with_output().expect("y"));
+        let (ox, oy) = (
+            x.wait_with_output().expect("x"),
+            y.wait_with_output().expect("y"),
+        );
         let wins = [&ox, &oy].iter().filter(|o| o.status.success()).count();
         assert_eq!(wins, 1, "round {round}: {} / {}", text(&ox), text(&oy));
     }
-    let enrolled: Vec<_> = hub.audit().into_iter().filter(|(e, _)| e == "enrolled").collect();
+    let enrolled: Vec<_> = hub
+        .audit()
+        .into_iter()
+        .filter(|(e, _)| e == "enrolled")
+        .collect();
     assert_eq!(enrolled.len(), 4, "{enrolled:?}");
 }
 
@@ -184,11 +231,25 @@ fn revoked_spoke_is_cut_off_and_refused() {
         if let Ok(c) = ctl_session(addr, &creds, true).await {
             let sid: SpiffeId = id.parse().expect("id");
             let csr = svid::make_csr(&creds.node().expect("node").key, &sid).expect("csr");
-            let r = tidemesh_net::request::<_, Response>(&c, &Request::Renew { csr }, Duration::from_secs(5)).await;
+            let r = tidemesh_net::request::<_, Response>(
+                &c,
+                &Request::Renew { csr },
+                Duration::from_secs(5),
+            )
+            .await;
             assert!(r.is_err(), "renewal must fail for a revoked spoke: {r:?}");
         }
         let resp = reestablish_on_fresh_conn(addr, &spoke.dir).await;
-        assert!(matches!(resp, Response::Error { code: ErrorCode::Revoked, .. }), "{resp:?}");
+        assert!(
+            matches!(
+                resp,
+                Response::Error {
+                    code: ErrorCode::Revoked,
+                    ..
+                }
+            ),
+            "{resp:?}"
+        );
     });
     assert!(hub.audit().iter().any(|(e, s)| e == "revoked" && s == &id));
 }
@@ -235,7 +296,12 @@ fn hub_outage_spoke_serves_from_cache_and_recovers_with_renewal() {
 fn expired_certificate_reestablishes_within_window_and_not_past_it() {
     let tmp = tempfile::tempdir().expect("tempdir");
     // within the window
-    let mut hub = HubProc::init(&tmp.path().join("a"), TD).with_args(&["--node-ttl", "3s", "--max-offline", "1h"]);
+    let mut hub = HubProc::init(&tmp.path().join("a"), TD).with_args(&[
+        "--node-ttl",
+        "3s",
+        "--max-offline",
+        "1h",
+    ]);
     let addr = hub.start();
     let id = node("sf04", "n1");
     let mut spoke = SpokeProc::new(tmp.path(), "s", &id);
@@ -244,17 +310,27 @@ fn expired_certificate_reestablishes_within_window_and_not_past_it() {
     spoke.wait_state("connected", Duration::from_secs(10));
     hub.kill();
     spoke.wait_state("disconnected", Duration::from_secs(9));
-    wait_for(Duration::from_secs(10), || (spoke.status()["cert_expired"] == true).then_some(()))
-        .expect("certificate expires during the outage");
+    wait_for(Duration::from_secs(10), || {
+        (spoke.status()["cert_expired"] == true).then_some(())
+    })
+    .expect("certificate expires during the outage");
     hub.start();
     let st = spoke.wait_state("connected", Duration::from_secs(10));
     assert_eq!(st["cert_expired"], false, "{st}");
-    assert!(hub.audit().iter().any(|(e, s)| e == "reestablished" && s == &id));
+    assert!(hub
+        .audit()
+        .iter()
+        .any(|(e, s)| e == "reestablished" && s == &id));
     spoke.kill();
     hub.kill();
 
     // past the window
-    let mut hub = HubProc::init(&tmp.path().join("b"), TD).with_args(&["--node-ttl", "3s", "--max-offline", "2s"]);
+    let mut hub = HubProc::init(&tmp.path().join("b"), TD).with_args(&[
+        "--node-ttl",
+        "3s",
+        "--max-offline",
+        "2s",
+    ]);
     let addr = hub.start();
     let id = node("sf04", "n2");
     let mut spoke = SpokeProc::new(tmp.path(), "s2", &id);
@@ -262,12 +338,17 @@ fn expired_certificate_reestablishes_within_window_and_not_past_it() {
     spoke.start();
     spoke.wait_state("connected", Duration::from_secs(10));
     hub.kill();
-    wait_for(Duration::from_secs(10), || (spoke.status()["cert_expired"] == true).then_some(()))
-        .expect("certificate expires during the outage");
+    wait_for(Duration::from_secs(10), || {
+        (spoke.status()["cert_expired"] == true).then_some(())
+    })
+    .expect("certificate expires during the outage");
     hub.start();
     let st = spoke.wait_state("needs_enrollment", Duration::from_secs(10));
     let err = st["last_error"].as_str().unwrap_or("");
-    assert!(err.contains("max-offline window") && err.contains("new join token"), "{err}");
+    assert!(
+        err.contains("max-offline window") && err.contains("new join token"),
+        "{err}"
+    );
     assert!(hub.audit().iter().any(|(e, s)| e == "refused" && s == &id));
 }
 
@@ -284,7 +365,14 @@ async fn ctl_session(
     let authz = Arc::new(verify::ExactId(naming::hub_id(&td)));
     let tls = if with_cert {
         let n = creds.node().expect("node");
-        verify::client_config(bundle, n.chain.clone(), &n.key, authz, Arc::new(SystemClock), &[ALPN_CTL])
+        verify::client_config(
+            bundle,
+            n.chain.clone(),
+            &n.key,
+            authz,
+            Arc::new(SystemClock),
+            &[ALPN_CTL],
+        )
     } else {
         verify::client_config_no_cert(bundle, authz, Arc::new(SystemClock), &[ALPN_CTL])
     }
@@ -303,13 +391,23 @@ async fn reestablish_on_fresh_conn(addr: SocketAddr, dir: &std::path::Path) -> R
     let creds = tidemesh_spoke::CredStore::new(dir);
     let id = creds.identity().expect("identity").id;
     let key = creds.node().expect("node").key;
-    let conn = ctl_session(addr, &creds, false).await.expect("anonymous session");
+    let conn = ctl_session(addr, &creds, false)
+        .await
+        .expect("anonymous session");
     let challenge = tidemesh_net::reestablish_challenge(&conn, &id).expect("challenge");
     let proof = svid::sign(&key, &challenge).expect("sign");
     let csr = svid::make_csr(&key, &id).expect("csr");
-    tidemesh_net::request(&conn, &Request::Reestablish { spoke: id, csr, proof }, Duration::from_secs(5))
-        .await
-        .expect("answer")
+    tidemesh_net::request(
+        &conn,
+        &Request::Reestablish {
+            spoke: id,
+            csr,
+            proof,
+        },
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("answer")
 }
 
 struct InProc {
@@ -324,7 +422,12 @@ async fn in_process_hub() -> InProc {
     let dir = tmp.path().join("hub");
     let td = tidemesh_identity::TrustDomain::new(TD).expect("td");
     tidemesh_hub::init(&dir, &td, &SystemClock).expect("init");
-    let hub = tidemesh_hub::Hub::open(&dir, tidemesh_hub::HubConfig::default(), Arc::new(SystemClock)).expect("open");
+    let hub = tidemesh_hub::Hub::open(
+        &dir,
+        tidemesh_hub::HubConfig::default(),
+        Arc::new(SystemClock),
+    )
+    .expect("open");
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
     let addr = sock.local_addr().expect("addr");
     let socket = tidemesh_net::quic::wrap_socket(sock).expect("wrap");
@@ -389,14 +492,27 @@ async fn workload_svid_for_a_foreign_store_is_refused() {
     ] {
         let wid: SpiffeId = wid.parse().expect("id");
         let csr = svid::make_csr(&key, &wid).expect("csr");
-        let resp: Response = tidemesh_net::request(&conn, &Request::IssueWorkload { id: wid.clone(), csr }, Duration::from_secs(5))
-            .await
-            .expect("answer");
+        let resp: Response = tidemesh_net::request(
+            &conn,
+            &Request::IssueWorkload {
+                id: wid.clone(),
+                csr,
+            },
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("answer");
         match (ok, resp) {
             (true, Response::Certificate { chain, .. }) => {
                 assert_eq!(svid::cert_spiffe_id(&chain[0]).expect("id"), wid);
             }
-            (false, Response::Error { code: ErrorCode::Forbidden, .. }) => {}
+            (
+                false,
+                Response::Error {
+                    code: ErrorCode::Forbidden,
+                    ..
+                },
+            ) => {}
             (_, other) => panic!("{wid}: unexpected {other:?}"),
         }
     }
@@ -421,7 +537,9 @@ async fn hostile_control_input_gets_typed_errors_and_a_clean_close() {
         Arc::new(SystemClock),
     )
     .expect("open");
-    let sock = tidemesh_net::quic::wrap_socket(std::net::UdpSocket::bind("127.0.0.1:0").expect("bind")).expect("wrap");
+    let sock =
+        tidemesh_net::quic::wrap_socket(std::net::UdpSocket::bind("127.0.0.1:0").expect("bind"))
+            .expect("wrap");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let s2 = spoke.clone();
     let spoke_task = tokio::spawn(async move {
@@ -433,7 +551,10 @@ async fn hostile_control_input_gets_typed_errors_and_a_clean_close() {
     let connected = || spoke.status()["connected"] == true;
     let t0 = Instant::now();
     while !connected() {
-        assert!(t0.elapsed() < Duration::from_secs(10), "spoke never connected");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "spoke never connected"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let creds = tidemesh_spoke::CredStore::new(&dir);
@@ -454,7 +575,16 @@ async fn hostile_control_input_gets_typed_errors_and_a_clean_close() {
     // malformed body
     let c = ctl_session(h.addr, &creds, false).await.expect("conn");
     let r = raw(&c, &[0, 0, 0, 4, 1, 0xff, 0xff, 0xff]).await;
-    assert!(matches!(r, Some(Response::Error { code: ErrorCode::BadRequest, .. })), "{r:?}");
+    assert!(
+        matches!(
+            r,
+            Some(Response::Error {
+                code: ErrorCode::BadRequest,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
     assert_eq!(closed_with(&c).await, close::PROTOCOL_ERROR);
     // oversized: refused from the length prefix alone
     let c = ctl_session(h.addr, &creds, false).await.expect("conn");
@@ -483,16 +613,42 @@ async fn hostile_control_input_gets_typed_errors_and_a_clean_close() {
     )
     .await
     .expect("answer");
-    assert!(matches!(resp, Response::Error { code: ErrorCode::InvalidToken, .. }), "{resp:?}");
-    let resp: Response = tidemesh_net::request(&c, &Request::Renew { csr: vec![1, 2, 3] }, Duration::from_secs(5))
-        .await
-        .expect("answer");
-    assert!(matches!(resp, Response::Error { code: ErrorCode::Forbidden, .. }), "{resp:?}");
+    assert!(
+        matches!(
+            resp,
+            Response::Error {
+                code: ErrorCode::InvalidToken,
+                ..
+            }
+        ),
+        "{resp:?}"
+    );
+    let resp: Response = tidemesh_net::request(
+        &c,
+        &Request::Renew { csr: vec![1, 2, 3] },
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("answer");
+    assert!(
+        matches!(
+            resp,
+            Response::Error {
+                code: ErrorCode::Forbidden,
+                ..
+            }
+        ),
+        "{resp:?}"
+    );
     // a replayed proof of possession (made on another connection) is refused
     let node_key = creds.node().expect("node").key;
     let sid: SpiffeId = id.parse().expect("id");
     let first = ctl_session(h.addr, &creds, false).await.expect("conn");
-    let proof = svid::sign(&node_key, &tidemesh_net::reestablish_challenge(&first, &sid).expect("challenge")).expect("sign");
+    let proof = svid::sign(
+        &node_key,
+        &tidemesh_net::reestablish_challenge(&first, &sid).expect("challenge"),
+    )
+    .expect("sign");
     let second = ctl_session(h.addr, &creds, false).await.expect("conn");
     let resp: Response = tidemesh_net::request(
         &second,
@@ -505,11 +661,24 @@ async fn hostile_control_input_gets_typed_errors_and_a_clean_close() {
     )
     .await
     .expect("answer");
-    assert!(matches!(resp, Response::Error { code: ErrorCode::KeyMismatch, .. }), "{resp:?}");
+    assert!(
+        matches!(
+            resp,
+            Response::Error {
+                code: ErrorCode::KeyMismatch,
+                ..
+            }
+        ),
+        "{resp:?}"
+    );
     // a CSR with another key is refused even with a valid proof
     let other_key = svid::generate_key().expect("key");
     let third = ctl_session(h.addr, &creds, false).await.expect("conn");
-    let proof = svid::sign(&node_key, &tidemesh_net::reestablish_challenge(&third, &sid).expect("challenge")).expect("sign");
+    let proof = svid::sign(
+        &node_key,
+        &tidemesh_net::reestablish_challenge(&third, &sid).expect("challenge"),
+    )
+    .expect("sign");
     let resp: Response = tidemesh_net::request(
         &third,
         &Request::Reestablish {
@@ -521,7 +690,16 @@ async fn hostile_control_input_gets_typed_errors_and_a_clean_close() {
     )
     .await
     .expect("answer");
-    assert!(matches!(resp, Response::Error { code: ErrorCode::KeyMismatch, .. }), "{resp:?}");
+    assert!(
+        matches!(
+            resp,
+            Response::Error {
+                code: ErrorCode::KeyMismatch,
+                ..
+            }
+        ),
+        "{resp:?}"
+    );
 
     // the good spoke never noticed
     assert!(connected(), "{}", spoke.status());

@@ -80,10 +80,15 @@ fn day_long_partition_expires_the_certificate_and_the_spoke_comes_back() {
                     ..Default::default()
                 };
                 let hub = Hub::open(&hub_dir, cfg, clock)?;
-                let token = hub.create_token(&"spiffe://edge.example/store/sf01/node/n1".parse()?, Duration::from_secs(600))?;
+                let token = hub.create_token(
+                    &"spiffe://edge.example/store/sf01/node/n1".parse()?,
+                    Duration::from_secs(600),
+                )?;
                 shared.lock().expect("lock").token = Some(token.to_string());
                 *hub_cell.lock().expect("lock") = Some(hub.clone());
-                let sock = TurmoilUdp::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 7443)).await?;
+                let sock =
+                    TurmoilUdp::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 7443))
+                        .await?;
                 hub.serve(sock, std::future::pending()).await?;
                 Ok(())
             }
@@ -103,8 +108,19 @@ fn day_long_partition_expires_the_certificate_and_the_spoke_comes_back() {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 };
                 if !tidemesh_spoke::CredStore::new(&spoke_dir).is_enrolled() {
-                    let sock = TurmoilUdp::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)).await?;
-                    tidemesh_spoke::enroll(&spoke_dir, hub, &token, false, sock, clock.clone(), quic).await?;
+                    let sock =
+                        TurmoilUdp::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0))
+                            .await?;
+                    tidemesh_spoke::enroll(
+                        &spoke_dir,
+                        hub,
+                        &token,
+                        false,
+                        sock,
+                        clock.clone(),
+                        quic,
+                    )
+                    .await?;
                 }
                 let cfg = SpokeConfig {
                     hub: Some(hub),
@@ -136,7 +152,8 @@ fn day_long_partition_expires_the_certificate_and_the_spoke_comes_back() {
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                 });
-                let sock = TurmoilUdp::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)).await?;
+                let sock =
+                    TurmoilUdp::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)).await?;
                 spoke.run(sock, std::future::pending()).await?;
                 Ok(())
             }
@@ -145,53 +162,84 @@ fn day_long_partition_expires_the_certificate_and_the_spoke_comes_back() {
 
     let status = |shared: &Arc<Mutex<Shared>>| shared.lock().expect("lock").status.clone();
     // Steps until `pred` holds on a snapshot, or `limit` of virtual time passes.
-    let run_until = |sim: &mut turmoil::Sim, limit: Duration, pred: &dyn Fn(&Value) -> bool| -> Option<Value> {
-        let end = sim.elapsed() + limit;
-        while sim.elapsed() < end {
-            sim.step().expect("simulation step");
-            if let Some((_, s)) = status(&shared) {
-                if pred(&s) {
-                    return Some(s);
+    let run_until =
+        |sim: &mut turmoil::Sim, limit: Duration, pred: &dyn Fn(&Value) -> bool| -> Option<Value> {
+            let end = sim.elapsed() + limit;
+            while sim.elapsed() < end {
+                sim.step().expect("simulation step");
+                if let Some((_, s)) = status(&shared) {
+                    if pred(&s) {
+                        return Some(s);
+                    }
                 }
             }
-        }
-        None
-    };
+            None
+        };
 
     let before = run_until(&mut sim, Duration::from_secs(120), &|s| {
         s["connected"] == true && s["workloads"][0]["id"].is_string()
     })
     .expect("spoke enrolls and connects");
     let key_before = std::fs::read(spoke_dir.join("node_key.pem")).expect("key");
-    eprintln!("t={:?} connected: {}", sim.elapsed(), before["cert_not_after"]);
+    eprintln!(
+        "t={:?} connected: {}",
+        sim.elapsed(),
+        before["cert_not_after"]
+    );
 
     sim.partition("hub", "spoke");
     let cut = sim.elapsed();
-    let s = run_until(&mut sim, Duration::from_secs(60), &|s| s["connected"] == false).expect("spoke notices the partition");
-    eprintln!("t={:?} partition noticed after {:?}", sim.elapsed(), sim.elapsed() - cut);
+    let s = run_until(&mut sim, Duration::from_secs(60), &|s| {
+        s["connected"] == false
+    })
+    .expect("spoke notices the partition");
+    eprintln!(
+        "t={:?} partition noticed after {:?}",
+        sim.elapsed(),
+        sim.elapsed() - cut
+    );
     assert_eq!(s["state"], "disconnected");
 
     // Two hours in: the 1 h certificate has expired; the spoke holds on.
     run_until(&mut sim, 2 * HOUR, &|_| false);
     let (_, s) = status(&shared).expect("status");
-    eprintln!("t={:?} during partition: state={} cert_expired={} last_contact={}", sim.elapsed(), s["state"], s["cert_expired"], s["last_contact"]);
+    eprintln!(
+        "t={:?} during partition: state={} cert_expired={} last_contact={}",
+        sim.elapsed(),
+        s["state"],
+        s["cert_expired"],
+        s["last_contact"]
+    );
     assert_eq!(s["cert_expired"], true, "{s}");
     assert_eq!(s["connected"], false);
     assert_eq!(s["id"], before["id"]);
-    assert_eq!(s["workloads"], before["workloads"], "local workload state kept");
+    assert_eq!(
+        s["workloads"], before["workloads"],
+        "local workload state kept"
+    );
 
     // The rest of the day.
     let rest = 24 * HOUR - (sim.elapsed() - cut);
     run_until(&mut sim, rest, &|_| false);
     let (_, s) = status(&shared).expect("status");
     assert_eq!(s["connected"], false);
-    assert_eq!(std::fs::read(spoke_dir.join("node_key.pem")).expect("key"), key_before, "node key kept");
+    assert_eq!(
+        std::fs::read(spoke_dir.join("node_key.pem")).expect("key"),
+        key_before,
+        "node key kept"
+    );
     sim.repair("hub", "spoke");
     let healed = sim.elapsed();
-    eprintln!("t={:?} repaired after {:?} of partition", healed, healed - cut);
+    eprintln!(
+        "t={:?} repaired after {:?} of partition",
+        healed,
+        healed - cut
+    );
 
-    let after = run_until(&mut sim, Duration::from_secs(300), &|s| s["connected"] == true && s["cert_expired"] == false)
-        .expect("spoke re-establishes itself after the heal");
+    let after = run_until(&mut sim, Duration::from_secs(300), &|s| {
+        s["connected"] == true && s["cert_expired"] == false
+    })
+    .expect("spoke re-establishes itself after the heal");
     eprintln!(
         "t={:?} re-established {:?} after the heal; cert until {}",
         sim.elapsed(),
@@ -200,9 +248,18 @@ fn day_long_partition_expires_the_certificate_and_the_spoke_comes_back() {
     );
     let hub = hub_cell.lock().expect("lock").clone().expect("hub");
     let log = hub.store().audit_log().expect("audit");
-    assert!(log.iter().any(|(_, e)| e.event == "reestablished"), "{log:?}");
+    assert!(
+        log.iter().any(|(_, e)| e.event == "reestablished"),
+        "{log:?}"
+    );
     // workloads were re-issued too
-    run_until(&mut sim, Duration::from_secs(120), &|s| s["workloads"][0]["cert_not_after"] != before["workloads"][0]["cert_not_after"])
-        .expect("workload SVID renewed after the heal");
-    eprintln!("simulated {:?} in {:?} of wall time (seed {seed})", sim.elapsed(), wall.elapsed());
+    run_until(&mut sim, Duration::from_secs(120), &|s| {
+        s["workloads"][0]["cert_not_after"] != before["workloads"][0]["cert_not_after"]
+    })
+    .expect("workload SVID renewed after the heal");
+    eprintln!(
+        "simulated {:?} in {:?} of wall time (seed {seed})",
+        sim.elapsed(),
+        wall.elapsed()
+    );
 }

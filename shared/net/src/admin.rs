@@ -90,7 +90,9 @@ where
             let mut reader = BufReader::new(r).take_limit();
             let answer = match reader.read_line(&mut line).await {
                 Ok(0) => return,
-                Ok(_) if line.len() >= MAX_REQUEST => json!({"ok": false, "error": "request too large"}),
+                Ok(_) if line.len() >= MAX_REQUEST => {
+                    json!({"ok": false, "error": "request too large"})
+                }
                 Ok(_) => match serde_json::from_str::<Value>(&line) {
                     Ok(req) => match handler(caller, req).await {
                         Ok(result) => json!({"ok": true, "result": result}),

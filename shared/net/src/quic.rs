@@ -77,7 +77,10 @@ impl QuicSettings {
     }
 
     /// quinn client config from a rustls client config.
-    pub fn client_config(&self, tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, NetError> {
+    pub fn client_config(
+        &self,
+        tls: rustls::ClientConfig,
+    ) -> Result<quinn::ClientConfig, NetError> {
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
             .map_err(|e| NetError::Tls(e.to_string()))?;
         let mut c = quinn::ClientConfig::new(Arc::new(crypto));
@@ -86,7 +89,10 @@ impl QuicSettings {
     }
 
     /// quinn server config from a rustls server config.
-    pub fn server_config(&self, tls: rustls::ServerConfig) -> Result<quinn::ServerConfig, NetError> {
+    pub fn server_config(
+        &self,
+        tls: rustls::ServerConfig,
+    ) -> Result<quinn::ServerConfig, NetError> {
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| NetError::Tls(e.to_string()))?;
         let mut s = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -171,10 +177,17 @@ pub fn peer_spiffe_id(conn: &quinn::Connection) -> Option<SpiffeId> {
 /// The message a re-establishing spoke signs with its pinned key: bound to
 /// this very TLS session (RFC 5705 exporter) and to the spoke's ID, so it can
 /// be neither replayed on another connection nor reused for another spoke.
-pub fn reestablish_challenge(conn: &quinn::Connection, spoke: &SpiffeId) -> Result<Vec<u8>, NetError> {
+pub fn reestablish_challenge(
+    conn: &quinn::Connection,
+    spoke: &SpiffeId,
+) -> Result<Vec<u8>, NetError> {
     let mut out = [0u8; 32];
-    conn.export_keying_material(&mut out, b"EXPORTER-tidemesh-reestablish-v1", spoke.to_string().as_bytes())
-        .map_err(|_| NetError::Tls("keying material export failed".into()))?;
+    conn.export_keying_material(
+        &mut out,
+        b"EXPORTER-tidemesh-reestablish-v1",
+        spoke.to_string().as_bytes(),
+    )
+    .map_err(|_| NetError::Tls("keying material export failed".into()))?;
     let mut msg = b"tidemesh reestablish v1\n".to_vec();
     msg.extend_from_slice(spoke.to_string().as_bytes());
     msg.push(b'\n');

@@ -152,7 +152,9 @@ pub fn decode_frame<T: DeserializeOwned>(buf: &[u8]) -> Result<T, FrameError> {
     let len = payload_len(p)?;
     let body = &buf[LEN_PREFIX..];
     if body.len() < len {
-        return Err(FrameError::Truncated("payload shorter than its length prefix"));
+        return Err(FrameError::Truncated(
+            "payload shorter than its length prefix",
+        ));
     }
     if body.len() > len {
         return Err(FrameError::TrailingBytes(body.len() - len));
@@ -252,10 +254,7 @@ mod tests {
         };
         let mut f = encode_frame(&req).expect("encodes");
         // corrupt the 'td' trust domain into uppercase
-        let pos = f
-            .windows(2)
-            .position(|w| w == b"td")
-            .expect("id present");
+        let pos = f.windows(2).position(|w| w == b"td").expect("id present");
         f[pos] = b'T';
         assert!(matches!(
             decode_frame::<Request>(&f),

@@ -49,7 +49,9 @@ pub enum TokenError {
 }
 
 fn is_hex64(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -85,7 +87,8 @@ impl JoinToken {
         let mut ca_fingerprint = [0u8; 32];
         for (i, chunk) in fp.as_bytes().chunks(2).enumerate() {
             let pair = std::str::from_utf8(chunk).map_err(|_| TokenError::Fingerprint)?;
-            ca_fingerprint[i] = u8::from_str_radix(pair, 16).map_err(|_| TokenError::Fingerprint)?;
+            ca_fingerprint[i] =
+                u8::from_str_radix(pair, 16).map_err(|_| TokenError::Fingerprint)?;
         }
         Ok(JoinToken {
             spoke,
@@ -128,7 +131,10 @@ mod tests {
         let bad_fp = format!("TMJ1~{id}~{}~{}", "00".repeat(32), "0".repeat(3));
         assert_eq!(JoinToken::parse(&bad_fp), Err(TokenError::Fingerprint));
         let bad_id = format!("TMJ1~http://x~{}~{}", "00".repeat(32), "00".repeat(32));
-        assert!(matches!(JoinToken::parse(&bad_id), Err(TokenError::SpokeId(_))));
+        assert!(matches!(
+            JoinToken::parse(&bad_id),
+            Err(TokenError::SpokeId(_))
+        ));
         assert!(!format!("{t:?}").contains(&t.secret));
     }
 }
