@@ -103,6 +103,7 @@ pub fn handle(
                 Request::Ping => Response::Pong,
                 Request::Renew { csr } => renew(hub, id, &csr),
                 Request::IssueWorkload { id: wid, csr } => issue_workload(hub, id, &wid, &csr),
+                Request::SyncConfig { .. } => err(ErrorCode::BadRequest, "config sync is served by the session handler"),
                 Request::Enroll { .. } | Request::Reestablish { .. } => err(
                     ErrorCode::BadRequest,
                     "already authenticated: enrollment and re-establishment use an anonymous connection",
@@ -261,12 +262,15 @@ fn issue_workload(hub: &Hub, node: &SpiffeId, wid: &SpiffeId, csr: &[u8]) -> Res
         Ok(x) => x,
         Err(e) => return err(ErrorCode::BadRequest, format!("cannot sign CSR: {e}")),
     };
-    let _ = hub.inner.store.audit(&AuditEntry {
+    // No certificate leaves the hub without its durable audit record.
+    if let Err(e) = hub.inner.store.audit(&AuditEntry {
         at_ms: hub.now_ms(),
         event: "workload_issued".into(),
         subject: Some(wid.to_string()),
         detail: format!("for {node}, until {}", rfc3339_ms(not_after)),
-    });
+    }) {
+        return err(ErrorCode::Internal, format!("hub storage failed: {e}"));
+    }
     hub.certificate(chain)
 }
 

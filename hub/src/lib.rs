@@ -16,6 +16,7 @@
 //! | `admin.sock`  | the admin socket while `serve` runs, mode 0600 |
 
 pub mod authority;
+pub mod config;
 pub mod store;
 
 use std::{

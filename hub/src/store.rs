@@ -156,6 +156,7 @@ impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let db = Database::open(path)?;
         let store = Store { db };
+        store.config().ensure()?;
         let schema = store.meta("schema")?;
         if schema.as_deref() != Some(SCHEMA) {
             return Err(StoreError::Corrupt {
@@ -164,6 +165,11 @@ impl Store {
             });
         }
         Ok(store)
+    }
+
+    /// The versioned mesh configuration.
+    pub fn config(&self) -> crate::config::ConfigStore<'_> {
+        crate::config::ConfigStore { db: &self.db }
     }
 
     /// A meta value.

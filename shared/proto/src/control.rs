@@ -57,6 +57,17 @@ pub enum Request {
     },
     /// Liveness probe on an authenticated session.
     Ping,
+    /// Config sync (long poll): the spoke names the config version it has
+    /// applied (its last-known-good); the hub answers with the spoke's slice
+    /// of a newer version at once, or waits up to `wait_ms` for one and then
+    /// answers `ConfigUnchanged`. The `have` field is also how the hub learns
+    /// each spoke's applied version.
+    SyncConfig {
+        /// The version the spoke has applied, if any.
+        have: Option<u64>,
+        /// How long the hub may hold the request open.
+        wait_ms: u32,
+    },
 }
 
 /// Hub to spoke.
@@ -82,6 +93,20 @@ pub enum Response {
         code: ErrorCode,
         /// Human-readable explanation.
         message: String,
+    },
+    /// The spoke's slice of a config version.
+    Config {
+        /// The hub's config version.
+        version: u64,
+        /// When it was applied at the hub (ms since the Unix epoch).
+        applied_ms: u64,
+        /// postcard encoding of `tidemesh_policy` 's spoke config slice.
+        snapshot: Vec<u8>,
+    },
+    /// No newer version than the one the spoke has.
+    ConfigUnchanged {
+        /// The hub's current version.
+        version: u64,
     },
 }
 
