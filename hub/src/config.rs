@@ -209,7 +209,7 @@ mod tests {
         let a = json!({"kind": "VirtualService", "metadata": {"name": "r"}, "spec": {"x": 1}});
         let b = json!({"kind": "VirtualService", "metadata": {"name": "r"}, "spec": {"x": 2}});
         let c = json!({"kind": "DestinationRule", "metadata": {"name": "r", "namespace": "prod"}, "spec": {}});
-        let (set, s) = merge(&[a.clone()], &[b.clone(), c.clone()]);
+        let (set, s) = merge(std::slice::from_ref(&a), &[b.clone(), c]);
         assert_eq!(set.len(), 2);
         assert!(s.contains("configured VirtualService default/r"), "{s}");
         assert!(s.contains("created DestinationRule prod/r"), "{s}");
