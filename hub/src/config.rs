@@ -4,26 +4,35 @@
 //!
 //! Who drives it: the admin API (`apply`, `config history|get|rollback`) and
 //! the config sync that serves each spoke its slice. What it must not do:
-//! interpret resources; parsing and validation belong to `tidemesh-policy`.
+//! parse or validate; that belongs to `tidemesh-policy`, and only a
+//! `MeshConfig` that passed it is stored.
 //!
 //! # Table
 //! `config_versions`: `u64` version (from 1) → JSON [`ConfigVersion`]. A
-//! version stores the whole resource set, so `get --version V` and
+//! version stores the whole validated config, so `get --version V` and
 //! `rollback --to V` need no replay.
-
-use std::collections::BTreeMap;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use tidemesh_policy::MeshConfig;
 
 use crate::store::StoreError;
 
 const VERSIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("config_versions");
 
-/// One config version.
+/// One config version: who made it, when, what changed, and the whole config.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ConfigVersion {
+    /// The version's metadata.
+    #[serde(flatten)]
+    pub meta: VersionMeta,
+    /// The complete, validated mesh config.
+    pub config: MeshConfig,
+}
+
+/// A version's metadata (`config history`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VersionMeta {
     /// The version number.
     pub version: u64,
     /// When it was made (ms since the Unix epoch).
@@ -34,74 +43,6 @@ pub struct ConfigVersion {
     pub summary: String,
     /// Set when this version is a rollback to an earlier one.
     pub rollback_of: Option<u64>,
-    /// The complete resource set (Istio and tidemesh documents as JSON).
-    pub resources: Vec<Value>,
-}
-
-/// A resource's identity: kind, namespace, name.
-pub fn resource_key(v: &Value) -> (String, String, String) {
-    let s = |p: &str| {
-        v.pointer(p)
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned()
-    };
-    let ns = s("/metadata/namespace");
-    (
-        s("/kind"),
-        if ns.is_empty() { "default".into() } else { ns },
-        s("/metadata/name"),
-    )
-}
-
-fn label((kind, ns, name): &(String, String, String)) -> String {
-    format!("{kind} {ns}/{name}")
-}
-
-/// Merges `docs` into `current` by (kind, namespace, name), as `kubectl
-/// apply` does; returns the new set and a summary of the changes.
-pub fn merge(current: &[Value], docs: &[Value]) -> (Vec<Value>, String) {
-    let mut set: BTreeMap<_, Value> = current
-        .iter()
-        .map(|v| (resource_key(v), v.clone()))
-        .collect();
-    let mut changes = Vec::new();
-    for d in docs {
-        let k = resource_key(d);
-        match set.insert(k.clone(), d.clone()) {
-            None => changes.push(format!("created {}", label(&k))),
-            Some(old) if old != *d => changes.push(format!("configured {}", label(&k))),
-            Some(_) => {}
-        }
-    }
-    let summary = if changes.is_empty() {
-        "no changes".to_owned()
-    } else {
-        changes.join("; ")
-    };
-    (set.into_values().collect(), summary)
-}
-
-/// Summary of the difference between two resource sets.
-pub fn diff(from: &[Value], to: &[Value]) -> String {
-    let a: BTreeMap<_, _> = from.iter().map(|v| (resource_key(v), v)).collect();
-    let b: BTreeMap<_, _> = to.iter().map(|v| (resource_key(v), v)).collect();
-    let mut out = Vec::new();
-    for (k, v) in &b {
-        match a.get(k) {
-            None => out.push(format!("created {}", label(k))),
-            Some(o) if o != v => out.push(format!("configured {}", label(k))),
-            _ => {}
-        }
-    }
-    for k in a.keys().filter(|k| !b.contains_key(*k)) {
-        out.push(format!("deleted {}", label(k)));
-    }
-    if out.is_empty() {
-        "no changes".into()
-    } else {
-        out.join("; ")
-    }
 }
 
 /// The version table.
@@ -118,7 +59,7 @@ impl ConfigStore<'_> {
         Ok(())
     }
 
-    fn decode(b: &[u8]) -> Result<ConfigVersion, StoreError> {
+    fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, StoreError> {
         serde_json::from_slice(b).map_err(|e| StoreError::Corrupt {
             table: "config_versions",
             reason: e.to_string(),
@@ -151,16 +92,14 @@ impl ConfigStore<'_> {
         }
     }
 
-    /// Every version, oldest first, without their resources.
-    pub fn history(&self) -> Result<Vec<ConfigVersion>, StoreError> {
+    /// Every version's metadata, oldest first.
+    pub fn history(&self) -> Result<Vec<VersionMeta>, StoreError> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(VERSIONS)?;
         let mut out = Vec::new();
         for row in t.iter()? {
             let (_, v) = row?;
-            let mut c = Self::decode(v.value())?;
-            c.resources.clear();
-            out.push(c);
+            out.push(Self::decode(v.value())?);
         }
         Ok(out)
     }
@@ -172,7 +111,7 @@ impl ConfigStore<'_> {
         uid: Option<u32>,
         summary: String,
         rollback_of: Option<u64>,
-        resources: Vec<Value>,
+        config: MeshConfig,
     ) -> Result<ConfigVersion, StoreError> {
         let mut tx = self.db.begin_write()?;
         tx.set_two_phase_commit(true);
@@ -180,12 +119,14 @@ impl ConfigStore<'_> {
             let mut t = tx.open_table(VERSIONS)?;
             let version = t.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
             let c = ConfigVersion {
-                version,
-                at_ms,
-                uid,
-                summary,
-                rollback_of,
-                resources,
+                meta: VersionMeta {
+                    version,
+                    at_ms,
+                    uid,
+                    summary,
+                    rollback_of,
+                },
+                config,
             };
             let bytes = serde_json::to_vec(&c).map_err(|e| StoreError::Corrupt {
                 table: "config_versions",
@@ -196,25 +137,5 @@ impl ConfigStore<'_> {
         };
         tx.commit()?;
         Ok(c)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn merge_upserts_by_kind_namespace_name() {
-        let a = json!({"kind": "VirtualService", "metadata": {"name": "r"}, "spec": {"x": 1}});
-        let b = json!({"kind": "VirtualService", "metadata": {"name": "r"}, "spec": {"x": 2}});
-        let c = json!({"kind": "DestinationRule", "metadata": {"name": "r", "namespace": "prod"}, "spec": {}});
-        let (set, s) = merge(std::slice::from_ref(&a), &[b.clone(), c]);
-        assert_eq!(set.len(), 2);
-        assert!(s.contains("configured VirtualService default/r"), "{s}");
-        assert!(s.contains("created DestinationRule prod/r"), "{s}");
-        let (_, s) = merge(&set, &[b]);
-        assert_eq!(s, "no changes");
-        assert!(diff(&set, &[a]).contains("deleted DestinationRule prod/r"));
     }
 }

@@ -18,6 +18,7 @@
 pub mod authority;
 pub mod config;
 pub mod store;
+pub mod sync;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -201,6 +202,14 @@ pub(crate) struct Inner {
     pub(crate) clock: Arc<dyn Clock>,
     revoked: Arc<RwLock<HashSet<String>>>,
     live: Mutex<HashMap<String, Live>>,
+    /// The newest config version number; spokes' long polls wait on it.
+    pub(crate) config_tx: tokio::sync::watch::Sender<u64>,
+    /// Cache of the newest config version.
+    pub(crate) latest: Mutex<Option<Arc<config::ConfigVersion>>>,
+    /// Serializes applies and rollbacks.
+    pub(crate) apply_lock: Mutex<()>,
+    /// The config version each spoke last reported as applied.
+    pub(crate) applied: Mutex<HashMap<String, u64>>,
 }
 
 /// A loaded hub. Cheap to clone.
@@ -232,6 +241,8 @@ pub struct SpokeInfo {
     pub enrolled: String,
     /// Whether it is revoked.
     pub revoked: bool,
+    /// The config version it last reported as applied.
+    pub config_version: Option<u64>,
 }
 
 impl Hub {
@@ -259,8 +270,15 @@ impl Hub {
             .filter(|(_, r)| r.revoked_ms.is_some())
             .map(|(id, _)| id)
             .collect();
+        let latest = store.config().latest()?.map(Arc::new);
+        let (config_tx, _) =
+            tokio::sync::watch::channel(latest.as_ref().map(|v| v.meta.version).unwrap_or(0));
         Ok(Hub {
             inner: Arc::new(Inner {
+                config_tx,
+                latest: Mutex::new(latest),
+                apply_lock: Mutex::new(()),
+                applied: Mutex::new(HashMap::new()),
                 data_dir: data_dir.to_owned(),
                 store,
                 ca,
@@ -354,6 +372,7 @@ impl Hub {
                     cert_not_after: rfc3339_ms(r.cert_not_after_ms),
                     enrolled: rfc3339_ms(r.enrolled_ms),
                     revoked: r.revoked_ms.is_some(),
+                    config_version: self.applied_version(&id),
                     id,
                 }
             })
@@ -518,6 +537,52 @@ impl Hub {
                         .collect(),
                 ))
             }
+            "apply" => {
+                let yaml = arg("yaml").ok_or("missing yaml")?;
+                let v = self
+                    .apply_yaml(&yaml, caller.uid)
+                    .map_err(|e| e.to_string())?;
+                Ok(json!({"version": v.meta.version, "summary": v.meta.summary}))
+            }
+            "config_history" => {
+                let h = self
+                    .inner
+                    .store
+                    .config()
+                    .history()
+                    .map_err(|e| e.to_string())?;
+                Ok(Value::Array(
+                    h.into_iter()
+                        .map(|m| json!({"version": m.version, "at": rfc3339_ms(m.at_ms), "uid": m.uid, "summary": m.summary, "rollback_of": m.rollback_of}))
+                        .collect(),
+                ))
+            }
+            "config_get" => {
+                let v = match req.get("version").and_then(Value::as_u64) {
+                    Some(n) => self
+                        .inner
+                        .store
+                        .config()
+                        .get(n)
+                        .map_err(|e| e.to_string())?
+                        .ok_or_else(|| format!("no config version {n}"))?,
+                    None => self
+                        .latest_config()
+                        .map_err(|e| e.to_string())?
+                        .map(|v| (*v).clone())
+                        .ok_or("no config has been applied yet")?,
+                };
+                let text = match arg("format").as_deref() {
+                    Some("json") => v.config.to_json(),
+                    _ => v.config.to_yaml(),
+                };
+                Ok(json!({"version": v.meta.version, "text": text}))
+            }
+            "config_rollback" => {
+                let to = req.get("to").and_then(Value::as_u64).ok_or("missing to")?;
+                let v = self.rollback(to, caller.uid).map_err(|e| e.to_string())?;
+                Ok(json!({"version": v.meta.version, "summary": v.meta.summary}))
+            }
             other => Err(format!("unknown admin command {other:?}")),
         }
     }
@@ -645,7 +710,15 @@ impl Hub {
             }
             info!(spoke = %id, remote = %conn.remote_address(), "spoke connected");
         }
-        let resp = authority::handle(self, &conn, node.as_ref(), req);
+        let resp = match (&node, req) {
+            (Some(id), Request::SyncConfig { have, wait_ms })
+                if !self.is_revoked(&id.to_string()) =>
+            {
+                self.sync_config(id, have, Duration::from_millis(u64::from(wait_ms)))
+                    .await
+            }
+            (_, req) => authority::handle(self, &conn, node.as_ref(), req),
+        };
         let close_after = matches!(
             &resp,
             Response::Error {

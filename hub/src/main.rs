@@ -85,6 +85,22 @@ enum Cmd {
         #[arg(long)]
         spoke: String,
     },
+    /// Apply mesh config: multi-document YAML (Istio AuthorizationPolicy,
+    /// VirtualService, DestinationRule, ServiceEntry; tidemesh kinds). All of
+    /// it is validated before anything changes; success makes a new version.
+    Apply {
+        /// Where the hub keeps its state.
+        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        data_dir: PathBuf,
+        /// The YAML file (`-` for standard input).
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// Config versions: history, get, rollback.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
     /// Show the audit log (issuances, renewals, refusals, revocations).
     Audit {
         /// Where the hub keeps its state.
@@ -93,6 +109,40 @@ enum Cmd {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Every version: number, time, who, what changed.
+    History {
+        /// Where the hub keeps its state.
+        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a version's config (the newest by default).
+    Get {
+        /// Where the hub keeps its state.
+        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Which version.
+        #[arg(long)]
+        version: Option<u64>,
+        /// Output format: yaml or json.
+        #[arg(short = 'o', long = "output", default_value = "yaml")]
+        output: String,
+    },
+    /// Make an earlier version current again (as a new version).
+    Rollback {
+        /// Where the hub keeps its state.
+        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        data_dir: PathBuf,
+        /// The version to return to.
+        #[arg(long)]
+        to: u64,
     },
 }
 
@@ -244,6 +294,72 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Revoke { data_dir, spoke } => {
             call(&data_dir, json!({"cmd": "revoke", "spoke": spoke})).await?;
             println!("revoked {spoke}");
+        }
+        Cmd::Apply { data_dir, file } => {
+            let yaml = if file.as_os_str() == "-" {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                    .context("reading standard input")?;
+                s
+            } else {
+                std::fs::read_to_string(&file).with_context(|| format!("-f {}", file.display()))?
+            };
+            let r = call(&data_dir, json!({"cmd": "apply", "yaml": yaml})).await?;
+            println!(
+                "applied: config version {} ({})",
+                r["version"],
+                r["summary"].as_str().unwrap_or("")
+            );
+        }
+        Cmd::Config {
+            cmd: ConfigCmd::History { data_dir, json },
+        } => {
+            let r = call(&data_dir, json!({"cmd": "config_history"})).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("{:>7}  {:<22} {:<6} SUMMARY", "VERSION", "AT", "UID");
+                for e in r.as_array().into_iter().flatten() {
+                    println!(
+                        "{:>7}  {:<22} {:<6} {}",
+                        e["version"],
+                        e["at"].as_str().unwrap_or(""),
+                        e["uid"]
+                            .as_u64()
+                            .map(|u| u.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        e["summary"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+        Cmd::Config {
+            cmd:
+                ConfigCmd::Get {
+                    data_dir,
+                    version,
+                    output,
+                },
+        } => {
+            if output != "yaml" && output != "json" {
+                bail!("-o {output:?}: expected yaml or json");
+            }
+            let mut req = json!({"cmd": "config_get", "format": output});
+            if let Some(v) = version {
+                req["version"] = json!(v);
+            }
+            let r = call(&data_dir, req).await?;
+            print!("{}", r["text"].as_str().unwrap_or(""));
+        }
+        Cmd::Config {
+            cmd: ConfigCmd::Rollback { data_dir, to },
+        } => {
+            let r = call(&data_dir, json!({"cmd": "config_rollback", "to": to})).await?;
+            println!(
+                "rolled back: config version {} ({})",
+                r["version"],
+                r["summary"].as_str().unwrap_or("")
+            );
         }
         Cmd::Audit { data_dir, json } => {
             let r = call(&data_dir, json!({"cmd": "audit"})).await?;

@@ -23,6 +23,7 @@
 
 pub mod config;
 pub mod creds;
+pub mod replica;
 
 use std::{
     future::Future,
@@ -43,6 +44,7 @@ use tidemesh_identity::{
     SpiffeId,
 };
 use tidemesh_net::{admin, NetError, QuicSettings};
+use tidemesh_policy::MeshConfig;
 use tidemesh_proto::{close, ErrorCode, JoinToken, Request, Response, ALPN_CTL};
 use tracing::{debug, info, warn};
 
@@ -257,6 +259,15 @@ pub async fn enroll(
     })
 }
 
+/// Aborts a task when dropped (the session's helpers end with it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// What the spoke is doing, for `status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -281,6 +292,12 @@ struct Live {
 }
 
 struct Inner {
+    /// The last-known-good config replica (`spoke.db`).
+    replica: replica::Replica,
+    /// The config in force: the last-known-good, decoded.
+    config: std::sync::RwLock<Option<(replica::Applied, Arc<MeshConfig>)>>,
+    /// Last time the hub confirmed the config is current (ms).
+    config_checked_ms: Mutex<Option<u64>>,
     /// `host:port` of the hub, resolved at each connection attempt.
     hub: String,
     store: CredStore,
@@ -336,8 +353,30 @@ impl Spoke {
             None => StdRng::from_os_rng(),
         };
         let last_contact_ms = store.contact().last_contact_ms;
+        let replica =
+            replica::Replica::open(store.dir()).map_err(|e| SpokeError::Invalid(e.to_string()))?;
+        let config = match replica.last_known_good() {
+            Ok(Some(a)) => match postcard::from_bytes::<MeshConfig>(&a.snapshot) {
+                Ok(c) => {
+                    info!(version = a.version, "serving the last-known-good config");
+                    Some((a, Arc::new(c)))
+                }
+                Err(e) => {
+                    warn!(version = a.version, error = %e, "last-known-good config does not decode; ignoring it");
+                    None
+                }
+            },
+            Ok(None) => None,
+            Err(e) => {
+                warn!(error = %e, "cannot read the last-known-good config");
+                None
+            }
+        };
         Ok(Spoke {
             inner: Arc::new(Inner {
+                replica,
+                config: std::sync::RwLock::new(config),
+                config_checked_ms: Mutex::new(None),
                 store,
                 ident,
                 cfg,
@@ -402,6 +441,13 @@ impl Spoke {
             Ok(l) => (l.state, l.last_error.clone(), l.last_contact_ms),
             Err(_) => (State::Disconnected, None, None),
         };
+        let cfg = self
+            .inner
+            .config
+            .read()
+            .ok()
+            .and_then(|c| c.as_ref().map(|(a, _)| a.clone()));
+        let checked = self.inner.config_checked_ms.lock().ok().and_then(|c| *c);
         let connected = state == State::Connected;
         let last_contact = if connected {
             Some(now)
@@ -436,7 +482,90 @@ impl Spoke {
             "last_contact_age_s": last_contact.map(|t| now.duration_since(t).map(|d| d.as_secs()).unwrap_or(0)),
             "last_error": last_error,
             "workloads": workloads,
+            "config_version": cfg.as_ref().map(|a| a.version),
+            "config_age_s": cfg.as_ref().map(|a| now.duration_since(UNIX_EPOCH + Duration::from_millis(a.hub_applied_ms)).map(|d| d.as_secs()).unwrap_or(0)),
+            "config_applied_at": cfg.as_ref().map(|a| rfc3339(UNIX_EPOCH + Duration::from_millis(a.applied_ms))),
+            "config_checked_at": checked.map(|ms| rfc3339(UNIX_EPOCH + Duration::from_millis(ms))),
         })
+    }
+
+    /// The config in force (the last-known-good replica), if any.
+    pub fn config(&self) -> Option<Arc<MeshConfig>> {
+        self.inner
+            .config
+            .read()
+            .ok()
+            .and_then(|c| c.as_ref().map(|(_, m)| m.clone()))
+    }
+
+    /// The version of the config in force.
+    pub fn config_version(&self) -> Option<u64> {
+        self.inner
+            .config
+            .read()
+            .ok()
+            .and_then(|c| c.as_ref().map(|(a, _)| a.version))
+    }
+
+    /// Validates a snapshot from the hub and makes it the last-known-good,
+    /// atomically (one redb transaction), then the config in force.
+    fn apply_config(
+        &self,
+        version: u64,
+        hub_applied_ms: u64,
+        snapshot: Vec<u8>,
+    ) -> Result<(), SpokeError> {
+        let cfg: MeshConfig = postcard::from_bytes(&snapshot).map_err(|e| {
+            SpokeError::Unexpected(format!("config version {version} does not decode: {e}"))
+        })?;
+        let applied = replica::Applied {
+            version,
+            hub_applied_ms,
+            applied_ms: unix_ms(self.inner.clock.now()),
+            snapshot,
+        };
+        self.inner
+            .replica
+            .apply(&applied)
+            .map_err(|e| SpokeError::Invalid(e.to_string()))?;
+        if let Ok(mut c) = self.inner.config.write() {
+            *c = Some((applied, Arc::new(cfg)));
+        }
+        info!(target: "tidemesh::audit", version, "config applied");
+        Ok(())
+    }
+
+    /// Keeps the config current while the session lasts (long polls).
+    async fn sync_loop(&self, conn: quinn::Connection) {
+        loop {
+            let req = Request::SyncConfig {
+                have: self.config_version(),
+                wait_ms: 20_000,
+            };
+            match tidemesh_net::request::<_, Response>(&conn, &req, Duration::from_secs(35)).await {
+                Ok(Response::Config {
+                    version,
+                    applied_ms,
+                    snapshot,
+                }) => {
+                    if let Err(e) = self.apply_config(version, applied_ms, snapshot) {
+                        warn!(version, error = %e, "config rejected; keeping the last-known-good");
+                        tokio::time::sleep(self.jitter(Duration::from_secs(5))).await;
+                    }
+                }
+                Ok(Response::ConfigUnchanged { .. }) => {
+                    if let Ok(mut c) = self.inner.config_checked_ms.lock() {
+                        *c = Some(unix_ms(self.inner.clock.now()));
+                    }
+                }
+                Ok(other) => {
+                    warn!(answer = ?other, "config sync refused");
+                    tokio::time::sleep(self.jitter(Duration::from_secs(5))).await;
+                }
+                // The session itself notices a dead connection.
+                Err(_) => return,
+            }
+        }
     }
 
     fn jitter(&self, d: Duration) -> Duration {
@@ -667,6 +796,10 @@ impl Spoke {
         }
         self.set_state(State::Connected, None);
         self.touch_contact();
+        let me = self.clone();
+        let sync_conn = conn.clone();
+        let sync = AbortOnDrop(tokio::spawn(async move { me.sync_loop(sync_conn).await }));
+        let _sync = sync;
         loop {
             let next = self.maintain(&conn, &mut node).await;
             let now = self.inner.clock.now();

@@ -17,7 +17,7 @@ use tokio::{
 };
 
 /// Requests larger than this are refused.
-pub const MAX_REQUEST: usize = 1 << 20;
+pub const MAX_REQUEST: usize = 16 << 20;
 /// The socket's file name inside a data directory.
 pub const SOCKET_NAME: &str = "admin.sock";
 

@@ -1,0 +1,211 @@
+//! Config versions and their sync to spokes.
+//!
+//! Who drives it: the admin API (apply, history, get, rollback) and each
+//! spoke's `SyncConfig` long poll. What it must not do: validate config (the
+//! policy crate does) or hold per-spoke protocol state beyond the version a
+//! spoke last reported; the spoke asks with the version it has, and the hub
+//! answers with its slice of the newest version, or waits for one.
+//!
+//! A spoke's slice: the mesh-wide settings and mode matrix, every store's
+//! locality, the workloads at its own store (other spokes at the same site
+//! included), every cloud service entry, every route and destination policy,
+//! and the authorization policies whose selector could select one of its
+//! workloads (policies without a selector included).
+
+use std::{sync::Arc, time::Duration};
+
+use tidemesh_identity::{naming, SpiffeId};
+use tidemesh_policy::MeshConfig;
+use tidemesh_proto::{ErrorCode, Response, MAX_FRAME};
+
+use crate::{config::ConfigVersion, Hub, HubError};
+
+/// The part of `config` that concerns the spoke at `store`.
+pub fn slice(config: &MeshConfig, store: &str) -> MeshConfig {
+    let workloads: Vec<_> = config
+        .workloads
+        .iter()
+        .filter(|w| w.store == store)
+        .cloned()
+        .collect();
+    let authz_policies = config
+        .authz_policies
+        .iter()
+        .filter(|p| match &p.selector {
+            None => true,
+            Some(sel) => workloads
+                .iter()
+                .any(|w| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v))),
+        })
+        .cloned()
+        .collect();
+    MeshConfig {
+        workloads,
+        authz_policies,
+        ..config.clone()
+    }
+}
+
+impl Hub {
+    /// The newest config version, if any (cached).
+    pub fn latest_config(&self) -> Result<Option<Arc<ConfigVersion>>, HubError> {
+        if let Ok(c) = self.inner.latest.lock() {
+            if c.is_some() {
+                return Ok(c.clone());
+            }
+        }
+        let v = self.inner.store.config().latest()?.map(Arc::new);
+        if let Ok(mut c) = self.inner.latest.lock() {
+            c.clone_from(&v);
+        }
+        Ok(v)
+    }
+
+    fn publish(&self, v: ConfigVersion) -> Arc<ConfigVersion> {
+        let v = Arc::new(v);
+        if let Ok(mut c) = self.inner.latest.lock() {
+            *c = Some(v.clone());
+        }
+        self.inner.config_tx.send_replace(v.meta.version);
+        v
+    }
+
+    /// Validates `yaml` against the current config and, if every check
+    /// passes, stores the result as a new version. An invalid file changes
+    /// nothing; the error names the document, the field and the reason.
+    pub fn apply_yaml(&self, yaml: &str, uid: Option<u32>) -> Result<Arc<ConfigVersion>, HubError> {
+        let _guard = self
+            .inner
+            .apply_lock
+            .lock()
+            .map_err(|_| HubError::Invalid("apply lock poisoned".into()))?;
+        let cur = self.latest_config()?;
+        let base = cur.as_ref().map(|c| c.config.clone()).unwrap_or_default();
+        let next = base
+            .apply_yaml(yaml)
+            .map_err(|e| HubError::Invalid(e.to_string()))?;
+        let changes = base.diff(&next);
+        let summary = if changes.is_empty() {
+            "no changes".to_owned()
+        } else {
+            changes
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let v = self
+            .inner
+            .store
+            .config()
+            .append(self.now_ms(), uid, summary, None, next)?;
+        tracing::info!(target: "tidemesh::audit", version = v.meta.version, uid = ?uid, summary = %v.meta.summary, "config applied");
+        Ok(self.publish(v))
+    }
+
+    /// Makes version `to` current again, as a new version.
+    pub fn rollback(&self, to: u64, uid: Option<u32>) -> Result<Arc<ConfigVersion>, HubError> {
+        let _guard = self
+            .inner
+            .apply_lock
+            .lock()
+            .map_err(|_| HubError::Invalid("apply lock poisoned".into()))?;
+        let target = self
+            .inner
+            .store
+            .config()
+            .get(to)?
+            .ok_or_else(|| HubError::Invalid(format!("no config version {to}")))?;
+        let cur = self.latest_config()?;
+        let base = cur.as_ref().map(|c| c.config.clone()).unwrap_or_default();
+        let changes = base.diff(&target.config);
+        let summary = format!(
+            "rollback to version {to}: {}",
+            if changes.is_empty() {
+                "no changes".to_owned()
+            } else {
+                changes
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            }
+        );
+        let v = self.inner.store.config().append(
+            self.now_ms(),
+            uid,
+            summary,
+            Some(to),
+            target.config,
+        )?;
+        tracing::info!(target: "tidemesh::audit", version = v.meta.version, to, "config rolled back");
+        Ok(self.publish(v))
+    }
+
+    /// The config version each spoke last reported as applied.
+    pub fn applied_version(&self, spoke: &str) -> Option<u64> {
+        self.inner
+            .applied
+            .lock()
+            .ok()
+            .and_then(|m| m.get(spoke).copied())
+    }
+
+    /// Answers a spoke's `SyncConfig`: its slice of a version newer than
+    /// `have` at once, or after waiting up to `wait` for one.
+    pub async fn sync_config(
+        &self,
+        node: &SpiffeId,
+        have: Option<u64>,
+        wait: Duration,
+    ) -> Response {
+        if let (Some(h), Ok(mut m)) = (have, self.inner.applied.lock()) {
+            m.insert(node.to_string(), h);
+        }
+        let Some(naming::MeshIdentity::Node { store, .. }) = naming::classify(node) else {
+            return Response::Error {
+                code: ErrorCode::Forbidden,
+                message: "config sync needs a node SVID".into(),
+            };
+        };
+        let mut rx = self.inner.config_tx.subscribe();
+        let deadline = tokio::time::Instant::now() + wait.min(Duration::from_secs(60));
+        loop {
+            let latest = *rx.borrow_and_update();
+            if latest > 0 && Some(latest) != have {
+                return self.config_response(&store);
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return Response::ConfigUnchanged { version: latest } },
+                _ = tokio::time::sleep_until(deadline) => return Response::ConfigUnchanged { version: latest },
+            }
+        }
+    }
+
+    fn config_response(&self, store: &str) -> Response {
+        let internal = |m: String| Response::Error {
+            code: ErrorCode::Internal,
+            message: m,
+        };
+        let v = match self.latest_config() {
+            Ok(Some(v)) => v,
+            Ok(None) => return internal("no config".into()),
+            Err(e) => return internal(e.to_string()),
+        };
+        let snapshot = match postcard::to_allocvec(&slice(&v.config, store)) {
+            Ok(b) => b,
+            Err(e) => return internal(format!("cannot encode the config slice: {e}")),
+        };
+        if snapshot.len() > MAX_FRAME - 64 {
+            return internal(format!(
+                "config slice of {} bytes exceeds the frame limit",
+                snapshot.len()
+            ));
+        }
+        Response::Config {
+            version: v.meta.version,
+            applied_ms: v.meta.at_ms,
+            snapshot,
+        }
+    }
+}
