@@ -21,6 +21,7 @@
 //! the same as for a stolen unexpired certificate, bounded by the window and
 //! by revocation, which is checked first.
 
+pub mod buffer;
 pub mod config;
 pub mod creds;
 pub mod replica;
