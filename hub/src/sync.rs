@@ -16,7 +16,10 @@ use std::{sync::Arc, time::Duration};
 
 use tidemesh_identity::{naming, SpiffeId};
 use tidemesh_policy::MeshConfig;
-use tidemesh_proto::{ErrorCode, Response, MAX_FRAME};
+use tidemesh_proto::{
+    sync::{hub_answer, HubAnswer},
+    ErrorCode, Response, MAX_FRAME,
+};
 
 use crate::{config::ConfigVersion, Hub, HubError};
 
@@ -172,7 +175,7 @@ impl Hub {
         let deadline = tokio::time::Instant::now() + wait.min(Duration::from_secs(60));
         loop {
             let latest = *rx.borrow_and_update();
-            if latest > 0 && Some(latest) != have {
+            if let HubAnswer::Send(_) = hub_answer(latest, have) {
                 return self.config_response(&store);
             }
             tokio::select! {
@@ -207,5 +210,74 @@ impl Hub {
             applied_ms: v.meta.at_ms,
             snapshot,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A realistic 1,000-service config: 50 stores, a workload per service
+    /// (20 per store), a DestinationRule with two subsets and a 90/10
+    /// VirtualService per service, and 100 authorization policies.
+    fn big_config_yaml() -> String {
+        let mut y = String::new();
+        for s in 0..50 {
+            y += &format!("apiVersion: tidemesh.io/v1alpha1\nkind: Store\nmetadata: {{name: st{s}}}\nspec: {{region: r{}, zone: z{s}}}\n---\n", s % 5);
+        }
+        for i in 0..1000 {
+            let store = i % 50;
+            y += &format!(
+                "apiVersion: tidemesh.io/v1alpha1\nkind: Workload\nmetadata: {{name: svc{i}-st{store}, namespace: retail}}\nspec: {{service: svc{i}, store: st{store}, serviceAccount: svc{i}, address: '10.0.{}.{}:8080', labels: {{app: svc{i}, version: v1}}}}\n---\n",
+                i / 250,
+                i % 250
+            );
+            y += &format!(
+                "apiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {{name: svc{i}, namespace: retail}}\nspec:\n  host: svc{i}\n  subsets:\n  - {{name: v1, labels: {{version: v1}}}}\n  - {{name: v2, labels: {{version: v2}}}}\n---\n"
+            );
+            y += &format!(
+                "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {{name: svc{i}, namespace: retail}}\nspec:\n  hosts: [svc{i}]\n  http:\n  - match: [{{headers: {{x-canary: {{exact: 'true'}}}}}}]\n    route: [{{destination: {{host: svc{i}, subset: v2}}, weight: 100}}]\n  - route:\n    - {{destination: {{host: svc{i}, subset: v1}}, weight: 90}}\n    - {{destination: {{host: svc{i}, subset: v2}}, weight: 10}}\n---\n"
+            );
+        }
+        for p in 0..100 {
+            y += &format!(
+                "apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {{name: p{p}, namespace: retail}}\nspec:\n  selector: {{matchLabels: {{app: svc{}}}}}\n  action: ALLOW\n  rules:\n  - from: [{{source: {{principals: ['edge.example/store/st{}/sa/*']}}}}]\n    to: [{{operation: {{methods: [GET, POST], paths: ['/api/*']}}}}]\n---\n",
+                p * 7,
+                p % 50
+            );
+        }
+        y
+    }
+
+    /// Reports the bytes a spoke receives for a 1,000-service config (a
+    /// size, not a speed: run with `--nocapture` to see the figures).
+    #[test]
+    fn slice_of_a_1000_service_config_fits_a_frame() {
+        let cfg = MeshConfig::from_yaml(&big_config_yaml()).expect("valid config");
+        let full = postcard::to_allocvec(&cfg).expect("encode");
+        let part = slice(&cfg, "st7");
+        let sliced = postcard::to_allocvec(&part).expect("encode");
+        let frame = tidemesh_proto::encode_frame(&Response::Config {
+            version: 1,
+            applied_ms: 0,
+            snapshot: sliced.clone(),
+        })
+        .expect("frame");
+        eprintln!(
+            "1,000 services: full config {} bytes (postcard), JSON {} bytes; slice for one store {} bytes ({} workloads, {} authz policies); frame on the wire {} bytes",
+            full.len(),
+            cfg.to_json().len(),
+            sliced.len(),
+            part.workloads.len(),
+            part.authz_policies.len(),
+            frame.len()
+        );
+        assert_eq!(part.workloads.len(), 20);
+        assert!(
+            !part.authz_policies.is_empty() && part.authz_policies.len() < cfg.authz_policies.len()
+        );
+        assert!(frame.len() < MAX_FRAME);
+        let back: MeshConfig = postcard::from_bytes(&sliced).expect("decode");
+        assert_eq!(back, part);
     }
 }

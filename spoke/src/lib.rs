@@ -539,8 +539,11 @@ impl Spoke {
     /// Keeps the config current while the session lasts (long polls).
     async fn sync_loop(&self, conn: quinn::Connection) {
         loop {
-            let req = Request::SyncConfig {
+            let mut sync = tidemesh_proto::sync::SpokeSync {
                 have: self.config_version(),
+            };
+            let req = Request::SyncConfig {
+                have: sync.poll(),
                 wait_ms: 20_000,
             };
             match tidemesh_net::request::<_, Response>(&conn, &req, Duration::from_secs(35)).await {
@@ -549,6 +552,9 @@ impl Spoke {
                     applied_ms,
                     snapshot,
                 }) => {
+                    if !sync.handle_config(version) {
+                        continue;
+                    }
                     if let Err(e) = self.apply_config(version, applied_ms, snapshot) {
                         warn!(version, error = %e, "config rejected; keeping the last-known-good");
                         tokio::time::sleep(self.jitter(Duration::from_secs(5))).await;
