@@ -103,7 +103,9 @@ pub fn handle(
                 Request::Ping => Response::Pong,
                 Request::Renew { csr } => renew(hub, id, &csr),
                 Request::IssueWorkload { id: wid, csr } => issue_workload(hub, id, &wid, &csr),
-                Request::SyncConfig { .. } => err(ErrorCode::BadRequest, "config sync is served by the session handler"),
+                Request::SyncConfig { .. } | Request::Register { .. } => {
+                    err(ErrorCode::BadRequest, "served by the session handler")
+                }
                 Request::Enroll { .. } | Request::Reestablish { .. } => err(
                     ErrorCode::BadRequest,
                     "already authenticated: enrollment and re-establishment use an anonymous connection",

@@ -210,6 +210,12 @@ pub(crate) struct Inner {
     pub(crate) apply_lock: Mutex<()>,
     /// The config version each spoke last reported as applied.
     pub(crate) applied: Mutex<HashMap<String, u64>>,
+    /// Registered endpoints: spoke ID → (store, endpoints), and each
+    /// store's registry generation. In memory: spokes register on every
+    /// session, so a restarted hub relearns them as they reconnect.
+    pub(crate) registry: Mutex<sync::Registry>,
+    /// Bumped on every registration; held polls wake on it.
+    pub(crate) registry_tx: tokio::sync::watch::Sender<u64>,
 }
 
 /// A loaded hub. Cheap to clone.
@@ -279,6 +285,8 @@ impl Hub {
                 latest: Mutex::new(latest),
                 apply_lock: Mutex::new(()),
                 applied: Mutex::new(HashMap::new()),
+                registry: Mutex::new(sync::Registry::default()),
+                registry_tx: tokio::sync::watch::channel(0).0,
                 data_dir: data_dir.to_owned(),
                 store,
                 ca,
@@ -711,11 +719,24 @@ impl Hub {
             info!(spoke = %id, remote = %conn.remote_address(), "spoke connected");
         }
         let resp = match (&node, req) {
-            (Some(id), Request::SyncConfig { have, wait_ms })
-                if !self.is_revoked(&id.to_string()) =>
-            {
-                self.sync_config(id, have, Duration::from_millis(u64::from(wait_ms)))
-                    .await
+            (
+                Some(id),
+                Request::SyncConfig {
+                    have,
+                    have_registry,
+                    wait_ms,
+                },
+            ) if !self.is_revoked(&id.to_string()) => {
+                self.sync_config(
+                    id,
+                    have,
+                    have_registry,
+                    Duration::from_millis(u64::from(wait_ms)),
+                )
+                .await
+            }
+            (Some(id), Request::Register { endpoints }) if !self.is_revoked(&id.to_string()) => {
+                self.register(id, endpoints)
             }
             (_, req) => authority::handle(self, &conn, node.as_ref(), req),
         };

@@ -12,16 +12,76 @@
 //! and the authorization policies whose selector could select one of its
 //! workloads (policies without a selector included).
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use tidemesh_identity::{naming, SpiffeId};
-use tidemesh_policy::MeshConfig;
+use tidemesh_policy::{
+    model::{ObjectName, Workload},
+    MeshConfig,
+};
 use tidemesh_proto::{
-    sync::{hub_answer, HubAnswer},
-    ErrorCode, Response, MAX_FRAME,
+    sync::{hub_answer_with_registry, HubAnswer},
+    ErrorCode, RegisteredEndpoint, Response, MAX_FRAME,
 };
 
 use crate::{config::ConfigVersion, Hub, HubError};
+
+/// Endpoints spokes registered, per spoke, and a generation per store.
+#[derive(Debug, Default)]
+pub struct Registry {
+    by_spoke: HashMap<String, (String, Vec<RegisteredEndpoint>)>,
+    generation: HashMap<String, u64>,
+}
+
+impl Registry {
+    /// Replaces a spoke's endpoints; returns whether anything changed.
+    pub fn register(
+        &mut self,
+        spoke: &str,
+        store: &str,
+        endpoints: Vec<RegisteredEndpoint>,
+    ) -> bool {
+        let new = (store.to_owned(), endpoints);
+        if self.by_spoke.get(spoke) == Some(&new) {
+            return false;
+        }
+        self.by_spoke.insert(spoke.to_owned(), new);
+        *self.generation.entry(store.to_owned()).or_insert(0) += 1;
+        true
+    }
+
+    /// The store's registry generation (0: nothing registered).
+    pub fn generation(&self, store: &str) -> u64 {
+        self.generation.get(store).copied().unwrap_or(0)
+    }
+
+    /// Healthy endpoints registered at `store` by spokes other than `except`,
+    /// as workloads (name `ACCOUNT.NODE`).
+    pub fn site_workloads(&self, store: &str, except: &str) -> Vec<Workload> {
+        let mut out: Vec<Workload> = self
+            .by_spoke
+            .iter()
+            .filter(|(id, (s, _))| s == store && id.as_str() != except)
+            .flat_map(|(id, (_, eps))| {
+                let node = id.rsplit('/').next().unwrap_or("").to_owned();
+                eps.iter().filter(|e| e.healthy).map(move |e| Workload {
+                    id: ObjectName {
+                        namespace: e.namespace.clone(),
+                        name: format!("{}.{node}", e.service_account),
+                    },
+                    service: e.service.clone(),
+                    store: store.to_owned(),
+                    service_account: e.service_account.clone(),
+                    address: e.address.clone(),
+                    labels: e.labels.clone(),
+                    weight: 1,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.id.namespace, &a.id.name).cmp(&(&b.id.namespace, &b.id.name)));
+        out
+    }
+}
 
 /// The part of `config` that concerns the spoke at `store`.
 pub fn slice(config: &MeshConfig, store: &str) -> MeshConfig {
@@ -154,12 +214,42 @@ impl Hub {
             .and_then(|m| m.get(spoke).copied())
     }
 
-    /// Answers a spoke's `SyncConfig`: its slice of a version newer than
-    /// `have` at once, or after waiting up to `wait` for one.
+    /// Records a spoke's endpoints; spokes at the same site get them with
+    /// their next slice.
+    pub fn register(&self, node: &SpiffeId, endpoints: Vec<RegisteredEndpoint>) -> Response {
+        let Some(naming::MeshIdentity::Node { store, .. }) = naming::classify(node) else {
+            return Response::Error {
+                code: ErrorCode::Forbidden,
+                message: "registration needs a node SVID".into(),
+            };
+        };
+        if endpoints.len() > 1024 {
+            return Response::Error {
+                code: ErrorCode::BadRequest,
+                message: "at most 1024 endpoints per spoke".into(),
+            };
+        }
+        let changed = self
+            .inner
+            .registry
+            .lock()
+            .map(|mut r| r.register(&node.to_string(), &store, endpoints))
+            .unwrap_or(false);
+        if changed {
+            self.inner.registry_tx.send_modify(|g| *g += 1);
+            tracing::info!(spoke = %node, "endpoints registered");
+        }
+        Response::Registered
+    }
+
+    /// Answers a spoke's `SyncConfig`: its slice of a version (or registry
+    /// generation) newer than what it has at once, or after waiting up to
+    /// `wait` for one.
     pub async fn sync_config(
         &self,
         node: &SpiffeId,
         have: Option<u64>,
+        have_registry: u64,
         wait: Duration,
     ) -> Response {
         if let (Some(h), Ok(mut m)) = (have, self.inner.applied.lock()) {
@@ -172,20 +262,31 @@ impl Hub {
             };
         };
         let mut rx = self.inner.config_tx.subscribe();
+        let mut reg_rx = self.inner.registry_tx.subscribe();
         let deadline = tokio::time::Instant::now() + wait.min(Duration::from_secs(60));
         loop {
             let latest = *rx.borrow_and_update();
-            if let HubAnswer::Send(_) = hub_answer(latest, have) {
-                return self.config_response(&store);
+            reg_rx.borrow_and_update();
+            let registry = self
+                .inner
+                .registry
+                .lock()
+                .map(|r| r.generation(&store))
+                .unwrap_or(0);
+            if let HubAnswer::Send(_) =
+                hub_answer_with_registry(latest, registry, have, have_registry)
+            {
+                return self.config_response(node, &store);
             }
             tokio::select! {
                 r = rx.changed() => if r.is_err() { return Response::ConfigUnchanged { version: latest } },
+                r = reg_rx.changed() => if r.is_err() { return Response::ConfigUnchanged { version: latest } },
                 _ = tokio::time::sleep_until(deadline) => return Response::ConfigUnchanged { version: latest },
             }
         }
     }
 
-    fn config_response(&self, store: &str) -> Response {
+    fn config_response(&self, node: &SpiffeId, store: &str) -> Response {
         let internal = |m: String| Response::Error {
             code: ErrorCode::Internal,
             message: m,
@@ -195,7 +296,16 @@ impl Hub {
             Ok(None) => return internal("no config".into()),
             Err(e) => return internal(e.to_string()),
         };
-        let snapshot = match postcard::to_allocvec(&slice(&v.config, store)) {
+        let (registry, site) = match self.inner.registry.lock() {
+            Ok(r) => (
+                r.generation(store),
+                r.site_workloads(store, &node.to_string()),
+            ),
+            Err(_) => (0, Vec::new()),
+        };
+        let mut part = slice(&v.config, store);
+        part.workloads.extend(site);
+        let snapshot = match postcard::to_allocvec(&part) {
             Ok(b) => b,
             Err(e) => return internal(format!("cannot encode the config slice: {e}")),
         };
@@ -207,6 +317,7 @@ impl Hub {
         }
         Response::Config {
             version: v.meta.version,
+            registry,
             applied_ms: v.meta.at_ms,
             snapshot,
         }
@@ -259,6 +370,7 @@ mod tests {
         let sliced = postcard::to_allocvec(&part).expect("encode");
         let frame = tidemesh_proto::encode_frame(&Response::Config {
             version: 1,
+            registry: 0,
             applied_ms: 0,
             snapshot: sliced.clone(),
         })

@@ -75,6 +75,8 @@ pub struct SpokeConfig {
     pub admin_socket: bool,
     /// Seed for jitter (random if `None`).
     pub seed: Option<u64>,
+    /// How often local workloads' health paths are checked.
+    pub health_interval: Duration,
 }
 
 impl Default for SpokeConfig {
@@ -88,6 +90,7 @@ impl Default for SpokeConfig {
             quic: QuicSettings::default(),
             admin_socket: true,
             seed: None,
+            health_interval: Duration::from_secs(2),
         }
     }
 }
@@ -299,6 +302,14 @@ struct Inner {
     config: std::sync::RwLock<Option<(replica::Applied, Arc<MeshConfig>)>>,
     /// Last time the hub confirmed the config is current (ms).
     config_checked_ms: Mutex<Option<u64>>,
+    /// Registry generation of the slice in force (in memory: 0 after a
+    /// restart, so the hub resends the slice once).
+    registry_gen: Mutex<u64>,
+    /// Health of each local workload (service account → healthy), from the
+    /// spoke's own checks; kept current with or without the hub.
+    local_health: Mutex<std::collections::BTreeMap<String, bool>>,
+    /// Bumped when a local workload's health changes.
+    health_tx: tokio::sync::watch::Sender<u64>,
     /// `host:port` of the hub, resolved at each connection attempt.
     hub: String,
     store: CredStore,
@@ -378,6 +389,15 @@ impl Spoke {
                 replica,
                 config: std::sync::RwLock::new(config),
                 config_checked_ms: Mutex::new(None),
+                registry_gen: Mutex::new(0),
+                local_health: Mutex::new(
+                    cfg.file
+                        .workloads
+                        .iter()
+                        .map(|w| (w.service_account.clone(), w.health.is_none()))
+                        .collect(),
+                ),
+                health_tx: tokio::sync::watch::channel(0).0,
                 store,
                 ident,
                 cfg,
@@ -487,7 +507,57 @@ impl Spoke {
             "config_age_s": cfg.as_ref().map(|a| now.duration_since(UNIX_EPOCH + Duration::from_millis(a.hub_applied_ms)).map(|d| d.as_secs()).unwrap_or(0)),
             "config_applied_at": cfg.as_ref().map(|a| rfc3339(UNIX_EPOCH + Duration::from_millis(a.applied_ms))),
             "config_checked_at": checked.map(|ms| rfc3339(UNIX_EPOCH + Duration::from_millis(ms))),
+            "local_endpoints": self.local_endpoints().iter().map(|e| json!({
+                "service_account": e.service_account,
+                "service": e.service,
+                "address": e.address,
+                "healthy": e.healthy,
+            })).collect::<Vec<_>>(),
+            "registry": self.local_registry(),
         })
+    }
+
+    /// The endpoints this spoke can route to without the hub: its own
+    /// healthy local workloads (an unhealthy one leaves at once, hub or no
+    /// hub) and the healthy endpoints of other spokes at its site from the
+    /// last slice.
+    pub fn local_registry(&self) -> Vec<Value> {
+        let mut out: Vec<Value> = self
+            .local_endpoints()
+            .into_iter()
+            .filter(|e| e.healthy)
+            .map(|e| json!({"service": e.service, "service_account": e.service_account, "address": e.address, "origin": "local"}))
+            .collect();
+        if let Some(cfg) = self.config() {
+            let store = match naming::classify(&self.inner.ident.id) {
+                Some(naming::MeshIdentity::Node { store, .. }) => store,
+                _ => String::new(),
+            };
+            let own: std::collections::HashSet<&str> = self
+                .inner
+                .cfg
+                .file
+                .workloads
+                .iter()
+                .map(|w| w.service_account.as_str())
+                .collect();
+            let node = self
+                .inner
+                .ident
+                .id
+                .path()
+                .rsplit('/')
+                .next()
+                .unwrap_or("")
+                .to_owned();
+            out.extend(
+                cfg.workloads
+                    .iter()
+                    .filter(|w| w.store == store && !(own.contains(w.service_account.as_str()) && w.id.name.ends_with(&format!(".{node}"))))
+                    .map(|w| json!({"service": w.service, "service_account": w.service_account, "address": w.address, "origin": "site"})),
+            );
+        }
+        out
     }
 
     /// The config in force (the last-known-good replica), if any.
@@ -513,6 +583,7 @@ impl Spoke {
     fn apply_config(
         &self,
         version: u64,
+        registry: u64,
         hub_applied_ms: u64,
         snapshot: Vec<u8>,
     ) -> Result<(), SpokeError> {
@@ -532,7 +603,10 @@ impl Spoke {
         if let Ok(mut c) = self.inner.config.write() {
             *c = Some((applied, Arc::new(cfg)));
         }
-        info!(target: "tidemesh::audit", version, "config applied");
+        if let Ok(mut g) = self.inner.registry_gen.lock() {
+            *g = registry;
+        }
+        info!(target: "tidemesh::audit", version, registry, "config applied");
         Ok(())
     }
 
@@ -541,21 +615,24 @@ impl Spoke {
         loop {
             let mut sync = tidemesh_proto::sync::SpokeSync {
                 have: self.config_version(),
+                have_registry: self.inner.registry_gen.lock().map(|g| *g).unwrap_or(0),
             };
             let req = Request::SyncConfig {
                 have: sync.poll(),
+                have_registry: sync.have_registry,
                 wait_ms: 20_000,
             };
             match tidemesh_net::request::<_, Response>(&conn, &req, Duration::from_secs(35)).await {
                 Ok(Response::Config {
                     version,
+                    registry,
                     applied_ms,
                     snapshot,
                 }) => {
-                    if !sync.handle_config(version) {
+                    if !sync.handle_config(version, registry) {
                         continue;
                     }
-                    if let Err(e) = self.apply_config(version, applied_ms, snapshot) {
+                    if let Err(e) = self.apply_config(version, registry, applied_ms, snapshot) {
                         warn!(version, error = %e, "config rejected; keeping the last-known-good");
                         tokio::time::sleep(self.jitter(Duration::from_secs(5))).await;
                     }
@@ -571,6 +648,89 @@ impl Spoke {
                 }
                 // The session itself notices a dead connection.
                 Err(_) => return,
+            }
+        }
+    }
+
+    /// This spoke's local endpoints with their current health.
+    fn local_endpoints(&self) -> Vec<tidemesh_proto::RegisteredEndpoint> {
+        let health = self
+            .inner
+            .local_health
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_default();
+        let advertise = self.inner.cfg.file.data_advertise;
+        self.inner
+            .cfg
+            .file
+            .workloads
+            .iter()
+            .map(|w| tidemesh_proto::RegisteredEndpoint {
+                service_account: w.service_account.clone(),
+                service: w
+                    .service
+                    .clone()
+                    .unwrap_or_else(|| w.service_account.clone()),
+                namespace: w.namespace.clone(),
+                labels: w.labels.clone(),
+                address: advertise
+                    .or(w.inbound)
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+                healthy: health.get(&w.service_account).copied().unwrap_or(false),
+            })
+            .collect()
+    }
+
+    /// Checks every local workload that declares a health path: an HTTP GET
+    /// on its inbound address, healthy on a 2xx answer within a second.
+    async fn health_loop(&self) {
+        let checked: Vec<(String, SocketAddr, String)> = self
+            .inner
+            .cfg
+            .file
+            .workloads
+            .iter()
+            .filter_map(|w| Some((w.service_account.clone(), w.inbound?, w.health.clone()?)))
+            .collect();
+        if checked.is_empty() {
+            return;
+        }
+        loop {
+            for (account, addr, path) in &checked {
+                let ok = http_health(*addr, path).await;
+                let changed = self
+                    .inner
+                    .local_health
+                    .lock()
+                    .map(|mut h| h.insert(account.clone(), ok) != Some(ok))
+                    .unwrap_or(false);
+                if changed {
+                    info!(workload = %account, healthy = ok, "local endpoint health changed");
+                    self.inner.health_tx.send_modify(|g| *g += 1);
+                }
+            }
+            tokio::time::sleep(self.inner.cfg.health_interval).await;
+        }
+    }
+
+    /// Registers the local endpoints with the hub now and whenever their
+    /// health changes, for as long as the session lasts.
+    async fn register_loop(&self, conn: quinn::Connection) {
+        let mut rx = self.inner.health_tx.subscribe();
+        loop {
+            rx.borrow_and_update();
+            let req = Request::Register {
+                endpoints: self.local_endpoints(),
+            };
+            match tidemesh_net::request::<_, Response>(&conn, &req, REQUEST_TIMEOUT).await {
+                Ok(Response::Registered) => {}
+                Ok(other) => warn!(answer = ?other, "registration refused"),
+                Err(_) => return,
+            }
+            if rx.changed().await.is_err() {
+                return;
             }
         }
     }
@@ -635,6 +795,8 @@ impl Spoke {
         } else {
             None
         };
+        let me = self.clone();
+        let _health = AbortOnDrop(tokio::spawn(async move { me.health_loop().await }));
         info!(spoke = %self.inner.ident.id, hub = %self.inner.hub, "spoke running");
         tokio::pin!(shutdown);
         let mut backoff = self.inner.cfg.reconnect_min;
@@ -805,8 +967,12 @@ impl Spoke {
         self.touch_contact();
         let me = self.clone();
         let sync_conn = conn.clone();
-        let sync = AbortOnDrop(tokio::spawn(async move { me.sync_loop(sync_conn).await }));
-        let _sync = sync;
+        let _sync = AbortOnDrop(tokio::spawn(async move { me.sync_loop(sync_conn).await }));
+        let me = self.clone();
+        let reg_conn = conn.clone();
+        let _register = AbortOnDrop(tokio::spawn(
+            async move { me.register_loop(reg_conn).await },
+        ));
         loop {
             let next = self.maintain(&conn, &mut node).await;
             let now = self.inner.clock.now();
@@ -925,4 +1091,31 @@ impl Spoke {
         info!(target: "tidemesh::audit", workload = %id, not_after = %rfc3339(s.not_after), "workload SVID installed");
         Ok(s)
     }
+}
+
+/// One HTTP/1.1 health probe: GET `path` on `addr`, healthy on a 2xx status
+/// line within one second.
+async fn http_health(addr: SocketAddr, path: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let probe = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: tidemesh-health\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut buf = [0u8; 64];
+        let mut n = 0;
+        while n < 12 {
+            let r = s.read(&mut buf[n..]).await.ok()?;
+            if r == 0 {
+                break;
+            }
+            n += r;
+        }
+        let line = std::str::from_utf8(&buf[..n]).ok()?;
+        let code = line.split_whitespace().nth(1)?;
+        Some(code.starts_with('2') && line.starts_with("HTTP/1."))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), probe).await,
+        Ok(Some(true))
+    )
 }

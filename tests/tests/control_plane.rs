@@ -171,3 +171,127 @@ fn apply_history_rollback_and_sync_through_partitions_and_restarts() {
         .expect("spokes follow the rollback");
     }
 }
+
+/// A tiny HTTP server answering `/healthz` with 200 or 503.
+fn health_server() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let healthy = std::sync::Arc::new(AtomicBool::new(true));
+    let h = healthy.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { continue };
+            let mut buf = [0u8; 1024];
+            let _ = c.read(&mut buf);
+            let resp: &[u8] = if h.load(Ordering::SeqCst) {
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+            } else {
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\nConnection: close\r\n\r\ndown"
+            };
+            let _ = c.write_all(resp);
+        }
+    });
+    (addr, healthy)
+}
+
+fn registry_has(s: &SpokeProc, origin: &str, account: &str) -> bool {
+    s.try_status()
+        .and_then(|v| v["registry"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .any(|e| e["origin"] == origin && e["service_account"] == account)
+}
+
+#[test]
+fn spokes_register_endpoints_and_health_reaches_the_site_with_or_without_the_hub() {
+    use std::sync::atomic::Ordering;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut hub = HubProc::init(tmp.path(), TD);
+    let hub_addr = hub.start();
+    assert!(apply(&hub, tmp.path(), "store", &store_yaml("sf09"))
+        .status
+        .success());
+    let (health_addr, healthy) = health_server();
+
+    // spoke n1 serves `pos` (health-checked), behind a relay; n2 is at the same site
+    let relay = RelayProc::start(&tmp.path().join("relays"), "r", hub_addr, 3);
+    let cfg1 = tmp.path().join("n1.toml");
+    std::fs::write(
+        &cfg1,
+        format!("data_advertise = \"127.0.0.1:17444\"\n[[workload]]\nservice_account = \"pos\"\nservice = \"pos\"\nnamespace = \"store\"\nlabels = {{ version = \"v1\" }}\ninbound = \"{health_addr}\"\nhealth = \"/healthz\"\n"),
+    )
+    .expect("config");
+    let id1 = format!("spiffe://{TD}/store/sf09/node/n1");
+    let id2 = format!("spiffe://{TD}/store/sf09/node/n2");
+    let mut n1 = SpokeProc::new(tmp.path(), "n1", &id1)
+        .with_args(&["--config", cfg1.to_str().expect("utf8")]);
+    let mut n2 = SpokeProc::new(tmp.path(), "n2", &id2);
+    assert!(n1
+        .enroll(relay.addr, &hub.token(&id1, "10m"))
+        .status
+        .success());
+    assert!(n2
+        .enroll(hub_addr, &hub.token(&id2, "10m"))
+        .status
+        .success());
+    n1.start();
+    n2.start();
+    n1.wait_state("connected", Duration::from_secs(10));
+    n2.wait_state("connected", Duration::from_secs(10));
+
+    // healthy: n1 has it locally, n2 learns it through the hub
+    wait_for(Duration::from_secs(10), || {
+        registry_has(&n1, "local", "pos").then_some(())
+    })
+    .expect("n1 local endpoint healthy");
+    wait_for(Duration::from_secs(10), || {
+        registry_has(&n2, "site", "pos").then_some(())
+    })
+    .unwrap_or_else(|| panic!("n2 never saw n1's endpoint: {:?}", n2.try_status()));
+    let st = n2.status();
+    let ep = st["registry"]
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["origin"] == "site").cloned())
+        .expect("site endpoint");
+    assert_eq!(ep["address"], "127.0.0.1:17444", "{ep}");
+
+    // unhealthy: leaves n1's registry, and n2's
+    healthy.store(false, Ordering::SeqCst);
+    wait_for(Duration::from_secs(10), || {
+        (!registry_has(&n1, "local", "pos")).then_some(())
+    })
+    .expect("n1 drops its unhealthy endpoint");
+    wait_for(Duration::from_secs(10), || {
+        (!registry_has(&n2, "site", "pos")).then_some(())
+    })
+    .expect("n2 drops it too");
+
+    // partitioned from the hub, n1 still tracks its own endpoint's health
+    relay.blackout(None);
+    n1.wait_state("disconnected", Duration::from_secs(9));
+    healthy.store(true, Ordering::SeqCst);
+    wait_for(Duration::from_secs(10), || {
+        registry_has(&n1, "local", "pos").then_some(())
+    })
+    .expect("back in n1's registry without the hub");
+    healthy.store(false, Ordering::SeqCst);
+    wait_for(Duration::from_secs(10), || {
+        (!registry_has(&n1, "local", "pos")).then_some(())
+    })
+    .expect("out of n1's registry without the hub");
+    assert!(!registry_has(&n2, "site", "pos"));
+
+    // heal: the site learns the current health
+    healthy.store(true, Ordering::SeqCst);
+    relay.heal();
+    n1.wait_state("connected", Duration::from_secs(10));
+    wait_for(Duration::from_secs(10), || {
+        registry_has(&n2, "site", "pos").then_some(())
+    })
+    .expect("n2 sees it again after the heal");
+}

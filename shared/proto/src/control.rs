@@ -65,9 +65,34 @@ pub enum Request {
     SyncConfig {
         /// The version the spoke has applied, if any.
         have: Option<u64>,
+        /// The registry generation of the slice the spoke has (0: none).
+        have_registry: u64,
         /// How long the hub may hold the request open.
         wait_ms: u32,
     },
+    /// The spoke's local endpoints and their health, as its own checks see
+    /// them; replaces what the hub held for this spoke.
+    Register {
+        /// Every local workload endpoint.
+        endpoints: Vec<RegisteredEndpoint>,
+    },
+}
+
+/// A local workload endpoint a spoke registers with the hub.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisteredEndpoint {
+    /// Its service account (the SVID's last segment).
+    pub service_account: String,
+    /// The service it serves.
+    pub service: String,
+    /// The service's namespace.
+    pub namespace: String,
+    /// Labels (e.g. version).
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Where peers reach it (the spoke's advertised data address).
+    pub address: String,
+    /// The spoke's own health check says it is healthy.
+    pub healthy: bool,
 }
 
 /// Hub to spoke.
@@ -98,6 +123,8 @@ pub enum Response {
     Config {
         /// The hub's config version.
         version: u64,
+        /// The registry generation included (same-site endpoints).
+        registry: u64,
         /// When it was applied at the hub (ms since the Unix epoch).
         applied_ms: u64,
         /// postcard encoding of `tidemesh_policy` 's spoke config slice.
@@ -108,6 +135,8 @@ pub enum Response {
         /// The hub's current version.
         version: u64,
     },
+    /// Answer to `Register`.
+    Registered,
 }
 
 /// Why the hub refused a request.

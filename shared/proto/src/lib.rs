@@ -24,7 +24,7 @@ pub mod token;
 
 use serde::{de::DeserializeOwned, Serialize};
 
-pub use control::{ErrorCode, Request, Response};
+pub use control::{ErrorCode, RegisteredEndpoint, Request, Response};
 pub use token::{JoinToken, TokenError};
 
 /// The protocol version this build speaks.

@@ -30,11 +30,28 @@ pub fn hub_answer(latest: u64, have: Option<u64>) -> HubAnswer {
     }
 }
 
+/// The same rule over the registry generation, which moves on its own (a
+/// spoke at the same site registers or changes health): send when either
+/// differs.
+pub fn hub_answer_with_registry(
+    latest: u64,
+    registry: u64,
+    have: Option<u64>,
+    have_registry: u64,
+) -> HubAnswer {
+    match hub_answer(latest, have) {
+        HubAnswer::Wait if latest > 0 && registry != have_registry => HubAnswer::Send(latest),
+        other => other,
+    }
+}
+
 /// The spoke's side: the version it has applied (its last-known-good).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SpokeSync {
     /// The applied version.
     pub have: Option<u64>,
+    /// The registry generation of the applied slice.
+    pub have_registry: u64,
 }
 
 impl SpokeSync {
@@ -46,11 +63,12 @@ impl SpokeSync {
     /// A version arrived and was validated and stored: it is now applied.
     /// A stale answer (for a poll sent before a newer version was applied on
     /// another connection) is ignored only if it is the version we have.
-    pub fn handle_config(&mut self, version: u64) -> bool {
-        if self.have == Some(version) {
+    pub fn handle_config(&mut self, version: u64, registry: u64) -> bool {
+        if self.have == Some(version) && self.have_registry == registry {
             return false;
         }
         self.have = Some(version);
+        self.have_registry = registry;
         true
     }
 }
@@ -150,7 +168,7 @@ mod tests {
                     Event::Deliver(i) => {
                         let s = &mut spokes[i];
                         if let Some(Some(v)) = s.answer.take() {
-                            s.sync.handle_config(v);
+                            s.sync.handle_config(v, 0);
                             let have = s.sync.poll();
                             hub_handle(latest, s, have);
                         }
@@ -187,7 +205,7 @@ mod tests {
             for _ in 0..3 {
                 for s in spokes.iter_mut() {
                     if let Some(Some(v)) = s.answer.take() {
-                        s.sync.handle_config(v);
+                        s.sync.handle_config(v, 0);
                         let have = s.sync.poll();
                         hub_handle(latest, s, have);
                     }
