@@ -85,7 +85,20 @@ echo
 echo "== tidemesh-hub spokes"
 "$hub" spokes --data-dir "$work/hub"
 echo
-echo "== the hub goes away (SIGKILL): the spoke keeps its identity and cache"
+echo "== tidemesh-hub apply -f (the seed's Istio AuthorizationPolicy, VirtualService, DestinationRule, ServiceEntry)"
+for f in authorization_policy canary_virtualservice_destinationrule serviceentry_multicluster; do
+  cat "$root/shared/policy/testdata/seed/$f.yaml"
+  echo "---"
+done >"$work/mesh.yaml"
+"$hub" apply --data-dir "$work/hub" -f "$work/mesh.yaml"
+for _ in $(seq 1 100); do
+  "$spoke" status --data-dir "$work/spoke" --json | grep -q '"config_version": 1' && break
+  sleep 0.1
+done
+"$hub" config history --data-dir "$work/hub"
+echo "spoke: $("$spoke" status --data-dir "$work/spoke" --json | grep '"config_version"')"
+echo
+echo "== the hub goes away (SIGKILL): the spoke keeps its identity, certificates and config"
 kill -9 "$hub_pid"
 wait "$hub_pid" 2>/dev/null || true
 wait_state disconnected

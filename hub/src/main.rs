@@ -322,7 +322,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 for e in r.as_array().into_iter().flatten() {
                     println!(
                         "{:>7}  {:<22} {:<6} {}",
-                        e["version"],
+                        e["version"].as_u64().unwrap_or(0),
                         e["at"].as_str().unwrap_or(""),
                         e["uid"]
                             .as_u64()
@@ -369,7 +369,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 for e in r.as_array().into_iter().flatten() {
                     println!(
                         "{:>6} {} {:<16} {} {}",
-                        e["seq"],
+                        e["seq"].as_u64().unwrap_or(0),
                         e["at"].as_str().unwrap_or(""),
                         e["event"].as_str().unwrap_or(""),
                         e["subject"].as_str().unwrap_or("-"),
