@@ -162,41 +162,13 @@ enum TokenCmd {
     },
 }
 
-fn init_tracing(format: &str) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        "text" => b.init(),
-        "json" => b.json().init(),
-        other => bail!("--log-format {other:?}: expected text or json"),
-    }
-    Ok(())
-}
-
 async fn call(data_dir: &std::path::Path, req: Value) -> anyhow::Result<Value> {
     Ok(admin::call(&admin::socket_path(data_dir), req).await?)
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(real_main(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    tidemesh_net::cli::run_main(real_main(cli))
 }
 
 async fn real_main(cli: Cli) -> anyhow::Result<()> {
@@ -223,7 +195,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             keep_alive,
             idle_timeout,
         } => {
-            init_tracing(&cli.log_format)?;
+            tidemesh_net::cli::init_tracing(&cli.log_format).map_err(anyhow::Error::msg)?;
             if keep_alive >= idle_timeout {
                 bail!("--keep-alive {keep_alive:?} must be shorter than --idle-timeout {idle_timeout:?}");
             }
@@ -244,7 +216,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             let bound = sock.local_addr()?;
             println!("listening={bound}");
             let socket = tidemesh_net::quic::wrap_socket(sock)?;
-            hub.serve(socket, shutdown_signal()).await?;
+            hub.serve(socket, tidemesh_net::cli::shutdown_signal())
+                .await?;
         }
         Cmd::Token {
             cmd:
@@ -380,23 +353,4 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
-    }
 }

@@ -83,6 +83,20 @@ impl Registry {
     }
 }
 
+/// What changed between two configs, for the audit entry.
+fn change_summary(from: &MeshConfig, to: &MeshConfig) -> String {
+    let changes = from.diff(to);
+    if changes.is_empty() {
+        "no changes".to_owned()
+    } else {
+        changes
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
 /// The part of `config` that concerns the spoke at `store`.
 pub fn slice(config: &MeshConfig, store: &str) -> MeshConfig {
     let workloads: Vec<_> = config
@@ -147,16 +161,7 @@ impl Hub {
         let next = base
             .apply_yaml(yaml)
             .map_err(|e| HubError::Invalid(e.to_string()))?;
-        let changes = base.diff(&next);
-        let summary = if changes.is_empty() {
-            "no changes".to_owned()
-        } else {
-            changes
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; ")
-        };
+        let summary = change_summary(&base, &next);
         let v = self
             .inner
             .store
@@ -181,18 +186,9 @@ impl Hub {
             .ok_or_else(|| HubError::Invalid(format!("no config version {to}")))?;
         let cur = self.latest_config()?;
         let base = cur.as_ref().map(|c| c.config.clone()).unwrap_or_default();
-        let changes = base.diff(&target.config);
         let summary = format!(
             "rollback to version {to}: {}",
-            if changes.is_empty() {
-                "no changes".to_owned()
-            } else {
-                changes
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            }
+            change_summary(&base, &target.config)
         );
         let v = self.inner.store.config().append(
             self.now_ms(),

@@ -99,21 +99,6 @@ enum SvidCmd {
     },
 }
 
-fn init_tracing(format: &str) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        "text" => b.init(),
-        "json" => b.json().init(),
-        other => bail!("--log-format {other:?}: expected text or json"),
-    }
-    Ok(())
-}
-
 fn hub_addr(flag: &str, s: &str) -> anyhow::Result<SocketAddr> {
     tidemesh_spoke::config::parse_hub_addr(s).map_err(|e| anyhow::anyhow!("{flag} {s:?}: {e}"))
 }
@@ -130,20 +115,7 @@ fn client_socket(hub: SocketAddr) -> anyhow::Result<Arc<dyn quinn::AsyncUdpSocke
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(real_main(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    tidemesh_net::cli::run_main(real_main(cli))
 }
 
 async fn real_main(cli: Cli) -> anyhow::Result<()> {
@@ -184,7 +156,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             keep_alive,
             idle_timeout,
         } => {
-            init_tracing(&cli.log_format)?;
+            tidemesh_net::cli::init_tracing(&cli.log_format).map_err(anyhow::Error::msg)?;
             let file = match &config {
                 Some(p) => FileConfig::load(p)?,
                 None => FileConfig::default(),
@@ -217,7 +189,9 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             };
             let spoke = Spoke::open(&data_dir, cfg, Arc::new(SystemClock))?;
             let sock = client_socket(SocketAddr::from(([127, 0, 0, 1], 0)))?;
-            spoke.run(sock, shutdown_signal()).await?;
+            spoke
+                .run(sock, tidemesh_net::cli::shutdown_signal())
+                .await?;
         }
         Cmd::Status { data_dir, json } => {
             let s = admin::call(&admin::socket_path(&data_dir), json!({"cmd": "status"})).await?;
@@ -264,18 +238,4 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
 }

@@ -7,6 +7,7 @@
 //! hub and spoke logic. This crate only moves bytes and maps errors.
 
 pub mod admin;
+pub mod cli;
 pub mod clock;
 pub mod quic;
 

@@ -1,0 +1,56 @@
+//! What both binaries' `main` needs: the runtime, error reporting, the log
+//! subscriber and the shutdown signal. Libraries emit events; only binaries
+//! call [`init_tracing`].
+
+use std::{fmt::Display, future::Future, process::ExitCode};
+
+/// Runs `main` on a multi-threaded runtime; an error is printed as
+/// `error: ...` (with its causes) and gives exit status 1.
+pub fn run_main<E: Display>(main: impl Future<Output = Result<(), E>>) -> ExitCode {
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(main) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Installs the log subscriber on stderr: `text` (ANSI colours only on a
+/// terminal) or `json`; the filter comes from `RUST_LOG`, default `info`.
+pub fn init_tracing(format: &str) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        "text" => b.init(),
+        "json" => b.json().init(),
+        other => return Err(format!("--log-format {other:?}: expected text or json")),
+    }
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+}
