@@ -296,6 +296,8 @@ struct Live {
 }
 
 struct Inner {
+    /// The durable evidence buffer (`evidence.db`), open while `run` is.
+    evidence: std::sync::OnceLock<buffer::EvidenceBuffer>,
     /// The last-known-good config replica (`spoke.db`).
     replica: replica::Replica,
     /// The config in force: the last-known-good, decoded.
@@ -386,6 +388,7 @@ impl Spoke {
         };
         Ok(Spoke {
             inner: Arc::new(Inner {
+                evidence: std::sync::OnceLock::new(),
                 replica,
                 config: std::sync::RwLock::new(config),
                 config_checked_ms: Mutex::new(None),
@@ -590,6 +593,13 @@ impl Spoke {
         let cfg: MeshConfig = postcard::from_bytes(&snapshot).map_err(|e| {
             SpokeError::Unexpected(format!("config version {version} does not decode: {e}"))
         })?;
+        let previous = self.config_version();
+        self.record_config(
+            version,
+            previous,
+            &snapshot,
+            tidemesh_evidence::record::ConfigSource::Hub,
+        );
         let applied = replica::Applied {
             version,
             hub_applied_ms,
@@ -650,6 +660,97 @@ impl Spoke {
                 Err(_) => return,
             }
         }
+    }
+
+    /// Appends synthetic request records tagged as drill records at `rate`
+    /// per second for `duration`, then waits for their commit: load for
+    /// drills on devices without real traffic.
+    async fn drill_load(&self, rate: f64, duration: Duration) -> Result<Value, String> {
+        if !(rate > 0.0 && rate <= 100_000.0) {
+            return Err(format!(
+                "rate {rate}: must be between 0 and 100000 records/s"
+            ));
+        }
+        if duration.is_zero() || duration > Duration::from_secs(24 * 3600) {
+            return Err("duration must be between 1 ms and 24 h".into());
+        }
+        let b = self
+            .inner
+            .evidence
+            .get()
+            .ok_or("the evidence buffer is not open")?;
+        let run = format!("drill-{}", unix_ms(self.inner.clock.now()));
+        let period = Duration::from_secs_f64(1.0 / rate);
+        let start = tokio::time::Instant::now();
+        let total = (rate * duration.as_secs_f64()).floor() as u64;
+        let (mut appended, mut refused) = (0u64, 0u64);
+        let mut last_ticket = None;
+        for i in 0..total {
+            tokio::time::sleep_until(start + period.mul_f64(i as f64)).await;
+            let now = tidemesh_evidence::UnixMillis(unix_ms(self.inner.clock.now()));
+            let body = tidemesh_evidence::samples::drill_request(&run, i, now);
+            match b.append(tidemesh_evidence::NewRecord::new(now, body)) {
+                Ok(t) => {
+                    appended += 1;
+                    last_ticket = Some(t);
+                }
+                Err(_) => refused += 1,
+            }
+        }
+        // Group commits are written in order by one writer: once the last
+        // drill record is durable, every earlier accepted one is too.
+        let last = match last_ticket {
+            Some(t) => Some(t.committed().await.map_err(|e| e.to_string())?.get()),
+            None => None,
+        };
+        let committed = if last.is_some() { appended } else { 0 };
+        Ok(
+            json!({"run": run, "appended": appended, "committed": committed, "refused": refused, "last_seq": last}),
+        )
+    }
+
+    /// Appends a system record to the evidence buffer (if it is open); the
+    /// caller never waits on disk.
+    fn record(&self, body: tidemesh_evidence::RecordBody) {
+        if let Some(b) = self.inner.evidence.get() {
+            let now = tidemesh_evidence::UnixMillis(unix_ms(self.inner.clock.now()));
+            if let Err(e) = b.append(tidemesh_evidence::NewRecord::new(now, body)) {
+                warn!(target: "tidemesh::audit", error = %e, "evidence append failed");
+            }
+        }
+    }
+
+    fn record_config(
+        &self,
+        version: u64,
+        previous: Option<u64>,
+        snapshot: &[u8],
+        source: tidemesh_evidence::record::ConfigSource,
+    ) {
+        self.record(tidemesh_evidence::RecordBody::ConfigApplied(
+            tidemesh_evidence::record::ConfigApplied {
+                config: tidemesh_evidence::record::ConfigKind::Mesh,
+                version: version.to_string(),
+                previous_version: previous.map(|v| v.to_string()),
+                digest: tidemesh_evidence::Sha256Digest::of(snapshot),
+                source,
+            },
+        ));
+    }
+
+    fn record_cert(&self, s: &Svid, event: tidemesh_evidence::record::CertEventKind) {
+        let Some(leaf) = s.chain.first() else { return };
+        self.record(tidemesh_evidence::RecordBody::Certificate(
+            tidemesh_evidence::record::CertificateEvent {
+                event,
+                spiffe_id: s.id.clone(),
+                certificate_fingerprint: tidemesh_evidence::Sha256Digest::of(leaf),
+                serial_number: String::new(),
+                issued_at: tidemesh_evidence::UnixMillis(unix_ms(s.not_before)),
+                expires_at: tidemesh_evidence::UnixMillis(unix_ms(s.not_after)),
+                issuer: s.id.trust_domain().id().to_string(),
+            },
+        ));
     }
 
     /// This spoke's local endpoints with their current health.
@@ -790,11 +891,27 @@ impl Spoke {
             let me = self.clone();
             Some(tokio::spawn(admin::serve(listener, move |_caller, req| {
                 let me = me.clone();
-                async move { me.admin(req) }
+                async move { me.admin(req).await }
             })))
         } else {
             None
         };
+        let path = self.inner.store.dir().join("evidence.db");
+        let buf = buffer::EvidenceBuffer::open(
+            &path,
+            &self.inner.ident.id,
+            buffer::BufferConfig::default(),
+        )
+        .map_err(|e| SpokeError::Invalid(format!("{}: {e}", path.display())))?;
+        let _ = self.inner.evidence.set(buf);
+        if let Some((a, _)) = self.inner.config.read().ok().and_then(|c| c.clone()) {
+            self.record_config(
+                a.version,
+                None,
+                &a.snapshot,
+                tidemesh_evidence::record::ConfigSource::Cache,
+            );
+        }
         let me = self.clone();
         let _health = AbortOnDrop(tokio::spawn(async move { me.health_loop().await }));
         info!(spoke = %self.inner.ident.id, hub = %self.inner.hub, "spoke running");
@@ -871,9 +988,38 @@ impl Spoke {
         }
     }
 
-    fn admin(&self, req: Value) -> Result<Value, String> {
+    async fn admin(&self, req: Value) -> Result<Value, String> {
         match req.get("cmd").and_then(Value::as_str) {
+            Some("drill_load") => {
+                let rate = req.get("rate").and_then(Value::as_f64).unwrap_or(0.0);
+                let duration_ms = req.get("duration_ms").and_then(Value::as_u64).unwrap_or(0);
+                self.drill_load(rate, Duration::from_millis(duration_ms))
+                    .await
+            }
             Some("status") => Ok(self.status()),
+            Some("evidence_stats") => {
+                let b = self
+                    .inner
+                    .evidence
+                    .get()
+                    .ok_or("the evidence buffer is not open")?;
+                let now = tidemesh_evidence::UnixMillis(unix_ms(self.inner.clock.now()));
+                serde_json::to_value(b.stats(now)).map_err(|e| e.to_string())
+            }
+            Some("evidence_tail") => {
+                let b = self
+                    .inner
+                    .evidence
+                    .get()
+                    .ok_or("the evidence buffer is not open")?;
+                let n = req
+                    .get("n")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(10)
+                    .min(10_000) as usize;
+                let recs = b.tail(n).map_err(|e| e.to_string())?;
+                serde_json::to_value(recs).map_err(|e| e.to_string())
+            }
             other => Err(format!("unknown admin command {other:?}")),
         }
     }
@@ -908,7 +1054,9 @@ impl Spoke {
         .await;
         conn.close(quinn::VarInt::from_u32(close::NORMAL), b"reestablished");
         let (chain, bundle) = expect_cert(resp?)?;
-        self.install_node(chain, bundle)
+        let s = self.install_node(chain, bundle)?;
+        self.record_cert(&s, tidemesh_evidence::record::CertEventKind::Reestablished);
+        Ok(s)
     }
 
     fn install_node(
@@ -1055,6 +1203,7 @@ impl Spoke {
         let resp = tidemesh_net::request(conn, &Request::Renew { csr }, REQUEST_TIMEOUT).await?;
         let (chain, bundle) = expect_cert(resp)?;
         let s = self.install_node(chain, bundle)?;
+        self.record_cert(&s, tidemesh_evidence::record::CertEventKind::Renewed);
         self.touch_contact();
         Ok(s)
     }
@@ -1088,6 +1237,7 @@ impl Spoke {
             )));
         }
         self.inner.store.save_workload_chain(account, &s.chain)?;
+        self.record_cert(&s, tidemesh_evidence::record::CertEventKind::Issued);
         info!(target: "tidemesh::audit", workload = %id, not_after = %rfc3339(s.not_after), "workload SVID installed");
         Ok(s)
     }

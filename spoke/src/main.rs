@@ -81,6 +81,58 @@ enum Cmd {
         #[command(subcommand)]
         cmd: SvidCmd,
     },
+    /// The running spoke's evidence buffer.
+    Evidence {
+        #[command(subcommand)]
+        cmd: EvidenceCmd,
+    },
+    /// Drill helpers.
+    Drill {
+        #[command(subcommand)]
+        cmd: DrillCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum EvidenceCmd {
+    /// The newest records.
+    Tail {
+        /// Where the spoke keeps its state.
+        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        data_dir: PathBuf,
+        /// How many.
+        #[arg(short = 'n', default_value_t = 10)]
+        n: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Buffer depth, sequence numbers, shed counts.
+    Stats {
+        /// Where the spoke keeps its state.
+        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DrillCmd {
+    /// Make the running spoke append synthetic request records (tagged as
+    /// drill records) at a fixed rate; prints how many were committed.
+    Load {
+        /// Where the spoke keeps its state.
+        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Records per second.
+        #[arg(long)]
+        rate: f64,
+        /// For how long (e.g. `60s`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
 }
 
 #[derive(Subcommand)]
@@ -224,6 +276,69 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                     );
                 }
             }
+        }
+        Cmd::Evidence {
+            cmd: EvidenceCmd::Tail { data_dir, n, json },
+        } => {
+            let r = admin::call(
+                &admin::socket_path(&data_dir),
+                json!({"cmd": "evidence_tail", "n": n}),
+            )
+            .await?;
+            for rec in r.as_array().into_iter().flatten() {
+                if json {
+                    println!("{rec}");
+                } else {
+                    let kind = rec["body"]
+                        .as_object()
+                        .and_then(|o| o.keys().next().cloned())
+                        .unwrap_or_default();
+                    println!(
+                        "{:>8} {} {:<8} {}",
+                        rec["seq"],
+                        rec["timestamp"].as_str().unwrap_or(""),
+                        rec["class"].as_str().unwrap_or(""),
+                        kind
+                    );
+                }
+            }
+        }
+        Cmd::Evidence {
+            cmd: EvidenceCmd::Stats { data_dir, json },
+        } => {
+            let r = admin::call(
+                &admin::socket_path(&data_dir),
+                json!({"cmd": "evidence_stats"}),
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else if let Some(o) = r.as_object() {
+                for (k, v) in o {
+                    println!("{k:<24} {v}");
+                }
+            }
+        }
+        Cmd::Drill {
+            cmd:
+                DrillCmd::Load {
+                    data_dir,
+                    rate,
+                    duration,
+                },
+        } => {
+            let r = admin::call(
+                &admin::socket_path(&data_dir),
+                json!({"cmd": "drill_load", "rate": rate, "duration_ms": duration.as_millis() as u64}),
+            )
+            .await?;
+            println!(
+                "drill {}: appended {}, committed {}, refused {}",
+                r["run"].as_str().unwrap_or(""),
+                r["appended"],
+                r["committed"],
+                r["refused"]
+            );
         }
         Cmd::Svid {
             cmd:

@@ -76,6 +76,55 @@ fn enroll_connects_lists_and_exports() {
             .map(str::to_owned)
     })
     .expect("workload SVID issued");
+    // evidence: drill load appends durably; stats survive a SIGKILL
+    let o = run(Command::new(bin("tidemesh-spoke"))
+        .args([
+            "drill",
+            "load",
+            "--rate",
+            "200",
+            "--duration",
+            "1s",
+            "--data-dir",
+        ])
+        .arg(&spoke.dir));
+    assert!(o.status.success(), "drill load: {}", text(&o));
+    assert!(
+        text(&o).contains("appended 200, committed 200"),
+        "{}",
+        text(&o)
+    );
+    let stats = |spoke: &SpokeProc| -> serde_json::Value {
+        let o = run(Command::new(bin("tidemesh-spoke"))
+            .args(["evidence", "stats", "--json", "--data-dir"])
+            .arg(&spoke.dir));
+        assert!(o.status.success(), "evidence stats: {}", text(&o));
+        serde_json::from_slice(&o.stdout).expect("json")
+    };
+    let before = stats(&spoke);
+    for k in [
+        "last_committed_seq",
+        "last_acked_seq",
+        "pending_records",
+        "pending_bytes",
+        "shed_records",
+        "oldest_pending_age_s",
+    ] {
+        assert!(before[k].is_u64(), "{k} missing: {before}");
+    }
+    assert!(
+        before["last_committed_seq"].as_u64().unwrap_or(0) >= 200,
+        "{before}"
+    );
+    spoke.kill();
+    spoke.start();
+    let after = stats(&spoke);
+    assert!(
+        after["last_committed_seq"].as_u64() >= before["last_committed_seq"].as_u64(),
+        "{before} -> {after}"
+    );
+    spoke.wait_state("connected", Duration::from_secs(10));
+
     for (args, want) in [
         (vec![], id.clone()),
         (

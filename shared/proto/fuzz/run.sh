@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs the tidemesh-proto fuzz targets for a bounded time each; exits non-zero
-# if any target finds a crash (panic, failed assertion, sanitizer report,
-# timeout or out-of-memory).
+# Runs the tidemesh-proto and tidemesh-evidence fuzz targets for a bounded
+# time each; exits non-zero if any target finds a crash (panic, failed
+# assertion, sanitizer report, timeout or out-of-memory).
 #
 # Needs a nightly toolchain (libFuzzer instrumentation uses -Z flags) and
 # cargo-fuzz; installs cargo-fuzz if missing and tries to install nightly,
@@ -24,7 +24,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 seconds="${FUZZ_SECONDS:-20}"
 rss_mb="${FUZZ_RSS_MB:-2048}"
 sanitizer="${FUZZ_SANITIZER:-address}"
-read -r -a targets <<<"${FUZZ_TARGETS:-control_frame join_token}"
+read -r -a targets <<<"${FUZZ_TARGETS:-control_frame join_token evidence_batch evidence_chain}"
 
 case "$seconds" in
   '' | *[!0-9]*)

@@ -1,5 +1,6 @@
 //! Writes the seed corpus in `corpus/` from valid messages, so the fuzzer
-//! starts from frames and tokens that get past the first checks.
+//! starts from frames, tokens, evidence batches and evidence chains that get
+//! past the first checks.
 //!
 //! Run from anywhere (stable is fine, nothing here is instrumented):
 //! `cargo run --manifest-path shared/proto/fuzz/Cargo.toml --example gen_corpus`
@@ -9,6 +10,9 @@
 use std::fs;
 use std::path::Path;
 
+use tidemesh_evidence::{
+    samples, Batch, Chain, NewRecord, SealedRecord, ShedReason, ShedRun, UnixMillis,
+};
 use tidemesh_proto::{encode_frame, ErrorCode, JoinToken, Request, Response};
 
 fn main() {
@@ -97,6 +101,78 @@ fn main() {
     let root_id = "spiffe://td".parse().expect("valid trust domain id");
     let short = JoinToken::new(root_id, &[0; 32], [0xff; 32]).to_string();
     write(&tokens, "valid_trust_domain_id", short.as_bytes());
+
+    evidence(&root);
+}
+
+/// Seeds for `evidence_batch` and `evidence_chain`, from one valid chain of
+/// `tidemesh_evidence::samples` records (every body kind, and a shed record).
+fn evidence(root: &Path) {
+    let batches = root.join("evidence_batch");
+    let chains = root.join("evidence_chain");
+    fs::create_dir_all(&batches).expect("create corpus/evidence_batch");
+    fs::create_dir_all(&chains).expect("create corpus/evidence_chain");
+
+    // Must match the spoke id in fuzz_targets/evidence_chain.rs, whose
+    // verifier starts at this spoke's genesis.
+    let spoke = "spiffe://edge.company.com/store/sf01/node/n1"
+        .parse()
+        .expect("valid spoke id");
+    let at = |s: u64| UnixMillis(1_767_225_600_000 + s * 1000);
+    let mut chain = Chain::genesis(&spoke);
+    let mut append = |body| chain.append(NewRecord::new(at(1), body)).expect("seals");
+    // 1..=4: one record of each kind but shed, then 5..=7 requests, 8 a config.
+    let mut records = vec![
+        append(samples::request(1, at(1))),
+        append(samples::mode_transition()),
+        append(samples::certificate_renewed(at(2))),
+        append(samples::config_applied()),
+    ];
+    let dropped: Vec<SealedRecord> = (5..=7)
+        .map(|i| append(samples::drill_request("fuzz-seed", i, at(i))))
+        .collect();
+    let after_shed = append(samples::config_applied());
+    // Records 5..=7 shed, as the spoke's buffer does when it is full.
+    let mut run = ShedRun::new();
+    for r in &dropped {
+        run.drop_record(r.seq, r.timestamp, r.class, r.hash)
+            .expect("contiguous non-audit records");
+    }
+    let shed = run
+        .seal(&records[3].link(), ShedReason::BufferFull, at(9))
+        .expect("non-empty run");
+    records.push(shed);
+    records.push(after_shed);
+
+    // A DER-shaped placeholder: decode checks only the signature's length.
+    let signature = vec![0x30; 70];
+    let batch = |records: &[SealedRecord]| Batch {
+        spoke: spoke.clone(),
+        first_seq: records[0].seq,
+        records: records.to_vec(),
+        signature: signature.clone(),
+    };
+    let encode = |b: Batch| b.encode().expect("batch encodes");
+    write(&batches, "one_record", &encode(batch(&records[..1])));
+    write(&batches, "every_kind", &encode(batch(&records[..4])));
+    write(&batches, "shed_and_after", &encode(batch(&records[4..])));
+    write(&batches, "whole_chain", &encode(batch(&records)));
+
+    // evidence_chain input: a flags byte, then u16-LE-length-prefixed records.
+    let framed = |flags: u8, records: &[SealedRecord]| {
+        let mut out = vec![flags];
+        for r in records {
+            let bytes = r.encode();
+            let len = u16::try_from(bytes.len()).expect("a seed record fits a u16 length");
+            out.extend_from_slice(&len.to_le_bytes());
+            out.extend_from_slice(&bytes);
+        }
+        out
+    };
+    write(&chains, "one_record", &framed(0, &records[..1]));
+    write(&chains, "whole_chain", &framed(0, &records));
+    write(&chains, "whole_chain_reseal", &framed(1, &records));
+    write(&chains, "gap_peeked_key", &framed(2, &records[1..]));
 }
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) {
