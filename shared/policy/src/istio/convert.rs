@@ -81,6 +81,26 @@ impl Cx<'_, '_> {
         }
     }
 
+    /// `spec.hosts`: at least one, each canonical, none twice.
+    fn hosts(&mut self, list: &[String]) -> Vec<String> {
+        if list.is_empty() {
+            self.err("spec.hosts", "at least one host is required");
+        }
+        let mut hosts = Vec::new();
+        for (i, h) in list.iter().enumerate() {
+            if let Some(h) = self.host(&format!("spec.hosts[{i}]"), h) {
+                if hosts.contains(&h) {
+                    self.err(
+                        format!("spec.hosts[{i}]"),
+                        format!("host {h} is listed twice"),
+                    );
+                }
+                hosts.push(h);
+            }
+        }
+        hosts
+    }
+
     fn host(&mut self, path: &str, h: &str) -> Option<String> {
         match canonical_host(h, self.namespace) {
             Ok(h) => Some(h),
@@ -338,21 +358,7 @@ pub(crate) fn virtual_service(
     spec: VirtualServiceSpec,
 ) -> Option<RouteRule> {
     let before = cx.issues.out.count();
-    if spec.hosts.is_empty() {
-        cx.err("spec.hosts", "at least one host is required");
-    }
-    let mut hosts = Vec::new();
-    for (i, h) in spec.hosts.iter().enumerate() {
-        if let Some(h) = cx.host(&format!("spec.hosts[{i}]"), h) {
-            if hosts.contains(&h) {
-                cx.err(
-                    format!("spec.hosts[{i}]"),
-                    format!("host {h} is listed twice"),
-                );
-            }
-            hosts.push(h);
-        }
-    }
+    let hosts = cx.hosts(&spec.hosts);
     let http_in = spec.http.unwrap_or_default();
     if http_in.is_empty() {
         cx.err("spec.http", "at least one http route is required (tcp and tls routes are not supported by tidemesh)");
@@ -876,21 +882,7 @@ pub(crate) fn service_entry(
     spec: ServiceEntrySpec,
 ) -> Option<ServiceEntry> {
     let before = cx.issues.out.count();
-    if spec.hosts.is_empty() {
-        cx.err("spec.hosts", "at least one host is required");
-    }
-    let mut hosts = Vec::new();
-    for (i, h) in spec.hosts.iter().enumerate() {
-        if let Some(h) = cx.host(&format!("spec.hosts[{i}]"), h) {
-            if hosts.contains(&h) {
-                cx.err(
-                    format!("spec.hosts[{i}]"),
-                    format!("host {h} is listed twice"),
-                );
-            }
-            hosts.push(h);
-        }
-    }
+    let hosts = cx.hosts(&spec.hosts);
     let mut ports: Vec<ServicePort> = Vec::new();
     for (i, p) in spec.ports.unwrap_or_default().into_iter().enumerate() {
         let pp = format!("spec.ports[{i}]");
