@@ -220,7 +220,7 @@ impl HubProc {
     pub fn cli(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(bin("tidemesh-hub"));
         cmd.arg(args[0]);
-        if args[0] == "token" || args[0] == "config" {
+        if args[0] == "token" || args[0] == "config" || args[0] == "evidence" {
             cmd.arg(args[1])
                 .arg("--data-dir")
                 .arg(&self.dir)

@@ -103,9 +103,13 @@ pub fn handle(
                 Request::Ping => Response::Pong,
                 Request::Renew { csr } => renew(hub, id, &csr),
                 Request::IssueWorkload { id: wid, csr } => issue_workload(hub, id, &wid, &csr),
-                Request::SyncConfig { .. } | Request::Register { .. } => {
+                Request::SyncConfig { .. } | Request::Register { .. } | Request::EvidenceOpen => {
                     err(ErrorCode::BadRequest, "served by the session handler")
                 }
+                Request::EvidenceBatch { .. } | Request::EvidenceGap { .. } => err(
+                    ErrorCode::BadRequest,
+                    "evidence batches belong on an evidence session stream (EvidenceOpen first)",
+                ),
                 Request::Enroll { .. } | Request::Reestablish { .. } => err(
                     ErrorCode::BadRequest,
                     "already authenticated: enrollment and re-establishment use an anonymous connection",

@@ -13,10 +13,14 @@
 //! | `ca.pem`      | the CA certificate (the trust bundle) |
 //! | `ca_key.pem`  | the CA private key, PKCS#8, mode 0600 |
 //! | `hub.db`      | redb: tokens, spokes, audit log ([`store`]) |
+//! | `evidence.db` | redb: the spokes' evidence chains, aggregates ([`evidence`]) |
 //! | `admin.sock`  | the admin socket while `serve` runs, mode 0600 |
 
 pub mod authority;
 pub mod config;
+pub mod evidence;
+pub mod ingest;
+mod observe;
 pub mod store;
 pub mod sync;
 
@@ -25,6 +29,7 @@ use std::{
     fs,
     future::Future,
     io::Write,
+    net::SocketAddr,
     os::unix::fs::{DirBuilderExt, OpenOptionsExt},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, RwLock},
@@ -43,6 +48,7 @@ use tidemesh_net::{admin, QuicSettings};
 use tidemesh_proto::{close, JoinToken, Request, Response, ALPN_CTL};
 use tracing::{info, warn};
 
+pub use observe::evidence_command;
 pub use store::{AuditEntry, SpokeRecord, Store};
 
 /// Hub settings.
@@ -61,6 +67,15 @@ pub struct HubConfig {
     pub quic: QuicSettings,
     /// Serve the admin socket in the data directory.
     pub admin_socket: bool,
+    /// Evidence ingest pacing (window, slots, hub-wide rate).
+    pub ingest: ingest::IngestSettings,
+    /// Evidence retention (age and bytes per spoke; checkpoints keep the
+    /// remaining chain verifiable).
+    pub retention: evidence::Retention,
+    /// How often retention runs.
+    pub prune_interval: Duration,
+    /// Serve Prometheus `/metrics` here.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Default for HubConfig {
@@ -72,6 +87,10 @@ impl Default for HubConfig {
             hub_cert_ttl: Duration::from_secs(24 * 3600),
             quic: QuicSettings::default(),
             admin_socket: true,
+            ingest: ingest::IngestSettings::default(),
+            retention: evidence::Retention::default(),
+            prune_interval: Duration::from_secs(600),
+            metrics: None,
         }
     }
 }
@@ -129,6 +148,8 @@ pub fn rfc3339_ms(ms: u64) -> String {
 const CA_CERT: &str = "ca.pem";
 const CA_KEY: &str = "ca_key.pem";
 const DB: &str = "hub.db";
+/// The evidence database file in the data directory.
+pub const EVIDENCE_DB: &str = "evidence.db";
 
 /// Writes a file that must not exist yet, with the given mode, durably.
 pub(crate) fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), HubError> {
@@ -216,6 +237,10 @@ pub(crate) struct Inner {
     pub(crate) registry: Mutex<sync::Registry>,
     /// Bumped on every registration; held polls wake on it.
     pub(crate) registry_tx: tokio::sync::watch::Sender<u64>,
+    /// Evidence from the spokes (`evidence.db`).
+    pub(crate) evidence: Arc<evidence::EvidenceStore>,
+    /// Evidence ingest slots, rate and counters.
+    pub(crate) ingest: ingest::Limits,
 }
 
 /// A loaded hub. Cheap to clone.
@@ -277,6 +302,12 @@ impl Hub {
             .map(|(id, _)| id)
             .collect();
         let latest = store.config().latest()?.map(Arc::new);
+        let ev_path = data_dir.join(EVIDENCE_DB);
+        let evidence = Arc::new(
+            evidence::EvidenceStore::open(&ev_path)
+                .map_err(|e| HubError::Invalid(format!("{}: {e}", ev_path.display())))?,
+        );
+        let ingest = ingest::Limits::new(&cfg.ingest);
         let (config_tx, _) =
             tokio::sync::watch::channel(latest.as_ref().map(|v| v.meta.version).unwrap_or(0));
         Ok(Hub {
@@ -287,6 +318,8 @@ impl Hub {
                 applied: Mutex::new(HashMap::new()),
                 registry: Mutex::new(sync::Registry::default()),
                 registry_tx: tokio::sync::watch::channel(0).0,
+                evidence,
+                ingest,
                 data_dir: data_dir.to_owned(),
                 store,
                 ca,
@@ -478,6 +511,22 @@ impl Hub {
         } else {
             None
         };
+        let metrics_task = match self.inner.cfg.metrics {
+            Some(addr) => {
+                let l = tidemesh_net::metrics::bind(addr)
+                    .await
+                    .map_err(|e| HubError::Invalid(format!("--metrics {addr}: {e}")))?;
+                info!(addr = %l.local_addr().unwrap_or(addr), "serving /metrics");
+                let hub = self.clone();
+                Some(tokio::spawn(tidemesh_net::metrics::serve(l, move || {
+                    let hub = hub.clone();
+                    async move { hub.metrics_page().await }
+                })))
+            }
+            None => None,
+        };
+        let hub = self.clone();
+        let prune_task = tokio::spawn(async move { hub.prune_loop().await });
         info!(addr = ?endpoint.local_addr().ok(), td = %self.inner.td, "hub serving");
         let refresh = self.inner.cfg.hub_cert_ttl / 2;
         let mut refresh_timer =
@@ -508,6 +557,10 @@ impl Hub {
             t.abort();
             let _ = fs::remove_file(admin::socket_path(&self.inner.data_dir));
         }
+        if let Some(t) = metrics_task {
+            t.abort();
+        }
+        prune_task.abort();
         Ok(())
     }
 
@@ -590,6 +643,28 @@ impl Hub {
                 let to = req.get("to").and_then(Value::as_u64).ok_or("missing to")?;
                 let v = self.rollback(to, caller.uid).map_err(|e| e.to_string())?;
                 Ok(json!({"version": v.meta.version, "summary": v.meta.summary}))
+            }
+            "stats" => {
+                let store = self.inner.evidence.clone();
+                let mut v = tokio::task::spawn_blocking(move || evidence_command(&store, &req))
+                    .await
+                    .map_err(|e| e.to_string())??;
+                if let Some(o) = v.as_object_mut() {
+                    let spokes = self.spokes().map_err(|e| e.to_string())?;
+                    o.insert("spokes_enrolled".into(), json!(spokes.len()));
+                    o.insert(
+                        "spokes_connected".into(),
+                        json!(spokes.iter().filter(|s| s.connected).count()),
+                    );
+                    o.insert("ingest".into(), self.ingest_counters_json());
+                }
+                Ok(v)
+            }
+            c if c.starts_with("evidence_") => {
+                let store = self.inner.evidence.clone();
+                tokio::task::spawn_blocking(move || evidence_command(&store, &req))
+                    .await
+                    .map_err(|e| e.to_string())?
             }
             other => Err(format!("unknown admin command {other:?}")),
         }
@@ -717,6 +792,12 @@ impl Hub {
                 }
             }
             info!(spoke = %id, remote = %conn.remote_address(), "spoke connected");
+        }
+        if let (Some(id), Request::EvidenceOpen) = (&node, &req) {
+            if !self.is_revoked(&id.to_string()) {
+                self.evidence_session(&conn, id, send, recv).await;
+                return;
+            }
         }
         let resp = match (&node, req) {
             (

@@ -61,6 +61,46 @@ enum Cmd {
         /// QUIC idle timeout: a silent peer is declared gone after this.
         #[arg(long, env = "TIDEMESH_IDLE_TIMEOUT", default_value = "4s", value_parser = humantime::parse_duration)]
         idle_timeout: Duration,
+        /// Serve Prometheus metrics on this TCP address (`GET /metrics`); off unless given.
+        #[arg(long, env = "TIDEMESH_METRICS")]
+        metrics: Option<SocketAddr>,
+        /// Evidence batches a spoke may send ahead of the hub's acks (credits).
+        #[arg(long, env = "TIDEMESH_EVIDENCE_WINDOW", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+        evidence_window: u32,
+        /// Evidence batches committed at once across all spokes; a batch that
+        /// waits for a slot makes its spoke back off.
+        #[arg(long, env = "TIDEMESH_EVIDENCE_SLOTS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+        evidence_slots: u32,
+        /// Evidence records per second across all spokes (0: no limit); spokes
+        /// over it are told to retry after a while.
+        #[arg(long, env = "TIDEMESH_EVIDENCE_RATE", default_value_t = 0)]
+        evidence_rate: u32,
+        /// Delete evidence older than this (e.g. `90d`); the chain stays
+        /// verifiable from a checkpoint. Kept forever unless given.
+        #[arg(long, env = "TIDEMESH_EVIDENCE_RETENTION", value_parser = humantime::parse_duration)]
+        evidence_retention: Option<Duration>,
+        /// Keep at most this many bytes of evidence per spoke (oldest deleted first).
+        #[arg(long, env = "TIDEMESH_EVIDENCE_MAX_BYTES")]
+        evidence_max_bytes: Option<u64>,
+        /// How often retention runs.
+        #[arg(long, env = "TIDEMESH_EVIDENCE_PRUNE_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
+        evidence_prune_interval: Duration,
+    },
+    /// Evidence from the spokes: query, verify, stats, prune. Works on the
+    /// running hub, or directly on evidence.db when it is stopped.
+    Evidence {
+        #[command(subcommand)]
+        cmd: EvidenceCmd,
+    },
+    /// Fleet summary: spokes, evidence totals, per-spoke chains, aggregates
+    /// per spoke, service and mode.
+    Stats {
+        /// Where the hub keeps its state.
+        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Join tokens.
     Token {
@@ -109,6 +149,71 @@ enum Cmd {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum EvidenceCmd {
+    /// Records of one spoke, oldest first.
+    Query {
+        /// Where the hub keeps its state.
+        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        data_dir: PathBuf,
+        /// The spoke's node ID.
+        #[arg(long)]
+        spoke: String,
+        /// Only records at or after this time: RFC 3339 or a duration back from now (`10m`).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only this kind: request, mode_transition, certificate, config_applied, shed.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Start at this sequence number.
+        #[arg(long)]
+        from_seq: Option<u64>,
+        /// At most this many records (up to 5000; page on with --from-seq).
+        #[arg(long, default_value_t = 1_000)]
+        limit: u64,
+        /// Print JSON (one record per line).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check one spoke's chain from genesis or the retention checkpoint;
+    /// exit status 1 names the first broken sequence number.
+    Verify {
+        /// Where the hub keeps its state.
+        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        data_dir: PathBuf,
+        /// The spoke's node ID.
+        #[arg(long)]
+        spoke: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One spoke's counts: records, high-water mark, gaps, chain state.
+    Stats {
+        /// Where the hub keeps its state.
+        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        data_dir: PathBuf,
+        /// The spoke's node ID.
+        #[arg(long)]
+        spoke: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply retention now.
+    Prune {
+        /// Where the hub keeps its state.
+        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Delete records older than this.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        max_age: Option<Duration>,
+        /// Keep at most this many bytes per spoke.
+        #[arg(long)]
+        max_bytes: Option<u64>,
     },
 }
 
@@ -166,6 +271,29 @@ async fn call(data_dir: &std::path::Path, req: Value) -> anyhow::Result<Value> {
     Ok(admin::call(&admin::socket_path(data_dir), req).await?)
 }
 
+/// An evidence command through the running hub, or on `evidence.db`
+/// directly when no hub answers on the admin socket.
+async fn evidence_call(data_dir: &std::path::Path, req: Value) -> anyhow::Result<Value> {
+    match admin::call(&admin::socket_path(data_dir), req.clone()).await {
+        Err(admin::AdminError::Unreachable { .. }) => {
+            let path = data_dir.join(tidemesh_hub::EVIDENCE_DB);
+            if !path.exists() {
+                bail!(
+                    "no hub answers on {} and {} does not exist",
+                    admin::socket_path(data_dir).display(),
+                    path.display()
+                );
+            }
+            let store = tidemesh_hub::evidence::EvidenceStore::open(&path)
+                .with_context(|| format!("{}", path.display()))?;
+            tokio::task::spawn_blocking(move || tidemesh_hub::evidence_command(&store, &req))
+                .await?
+                .map_err(anyhow::Error::msg)
+        }
+        other => Ok(other?),
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tidemesh_net::cli::run_main(real_main(cli))
@@ -194,8 +322,18 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             max_offline,
             keep_alive,
             idle_timeout,
+            metrics,
+            evidence_window,
+            evidence_slots,
+            evidence_rate,
+            evidence_retention,
+            evidence_max_bytes,
+            evidence_prune_interval,
         } => {
             tidemesh_net::cli::init_tracing(&cli.log_format).map_err(anyhow::Error::msg)?;
+            if evidence_prune_interval < Duration::from_secs(1) {
+                bail!("--evidence-prune-interval {evidence_prune_interval:?}: must be at least 1s");
+            }
             if keep_alive >= idle_timeout {
                 bail!("--keep-alive {keep_alive:?} must be shorter than --idle-timeout {idle_timeout:?}");
             }
@@ -208,6 +346,18 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                     idle_timeout,
                     ..Default::default()
                 },
+                metrics,
+                ingest: tidemesh_hub::ingest::IngestSettings {
+                    window: evidence_window,
+                    max_concurrent: evidence_slots as usize,
+                    rate: evidence_rate,
+                    ..Default::default()
+                },
+                retention: tidemesh_hub::evidence::Retention {
+                    max_age: evidence_retention,
+                    max_bytes_per_spoke: evidence_max_bytes,
+                },
+                prune_interval: evidence_prune_interval,
                 ..Default::default()
             };
             let hub = Hub::open(&data_dir, cfg, Arc::new(SystemClock))?;
@@ -333,6 +483,147 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 r["version"],
                 r["summary"].as_str().unwrap_or("")
             );
+        }
+        Cmd::Evidence {
+            cmd:
+                EvidenceCmd::Query {
+                    data_dir,
+                    spoke,
+                    since,
+                    kind,
+                    from_seq,
+                    limit,
+                    json,
+                },
+        } => {
+            let r = evidence_call(
+                &data_dir,
+                json!({"cmd": "evidence_query", "spoke": spoke, "since": since, "kind": kind, "from_seq": from_seq, "limit": limit}),
+            )
+            .await?;
+            for rec in r.as_array().into_iter().flatten() {
+                if json {
+                    println!("{rec}");
+                } else {
+                    let kind = rec["body"]
+                        .as_object()
+                        .and_then(|o| o.keys().next().cloned())
+                        .unwrap_or_default();
+                    println!(
+                        "{:>10} {} {:<8} {}",
+                        rec["seq"],
+                        rec["timestamp"].as_str().unwrap_or(""),
+                        rec["class"].as_str().unwrap_or(""),
+                        kind
+                    );
+                }
+            }
+        }
+        Cmd::Evidence {
+            cmd:
+                EvidenceCmd::Verify {
+                    data_dir,
+                    spoke,
+                    json,
+                },
+        } => {
+            let r =
+                evidence_call(&data_dir, json!({"cmd": "evidence_verify", "spoke": spoke})).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            }
+            if r["ok"] != Value::Bool(true) {
+                let breaks: Vec<String> = r["breaks"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|b| {
+                        format!(
+                            "seq {}: {} {}",
+                            b["seq"],
+                            b["kind"].as_str().unwrap_or(""),
+                            b["detail"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect();
+                bail!("evidence chain of {spoke} broken: {}", breaks.join("; "));
+            }
+            if !json {
+                println!(
+                    "evidence chain of {spoke} ok: {} records checked, seq {}..{}",
+                    r["records_checked"], r["from_seq"], r["to_seq"]
+                );
+            }
+        }
+        Cmd::Evidence {
+            cmd:
+                EvidenceCmd::Stats {
+                    data_dir,
+                    spoke,
+                    json,
+                },
+        } => {
+            let r =
+                evidence_call(&data_dir, json!({"cmd": "evidence_stats", "spoke": spoke})).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else if let Some(o) = r.as_object() {
+                for (k, v) in o {
+                    println!("{k:<18} {v}");
+                }
+            }
+        }
+        Cmd::Evidence {
+            cmd:
+                EvidenceCmd::Prune {
+                    data_dir,
+                    max_age,
+                    max_bytes,
+                },
+        } => {
+            if max_age.is_none() && max_bytes.is_none() {
+                bail!("give --max-age and/or --max-bytes");
+            }
+            let r = evidence_call(
+                &data_dir,
+                json!({"cmd": "evidence_prune", "max_age_s": max_age.map(|d| d.as_secs()), "max_bytes": max_bytes}),
+            )
+            .await?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        }
+        Cmd::Stats { data_dir, json } => {
+            let r = evidence_call(&data_dir, json!({"cmd": "stats"})).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                let f = |k: &str| {
+                    r.get(k)
+                        .map(|v| v.to_string())
+                        .unwrap_or_else(|| "-".into())
+                };
+                println!("spokes enrolled:   {}", f("spokes_enrolled"));
+                println!("spokes connected:  {}", f("spokes_connected"));
+                println!(
+                    "evidence records:  {} ({} bytes)",
+                    f("evidence_records"),
+                    f("evidence_bytes")
+                );
+                println!("evidence gaps:     {}", f("evidence_gaps"));
+                println!("chains broken:     {}", f("chains_broken"));
+                for s in r["per_spoke"].as_array().into_iter().flatten() {
+                    println!(
+                        "  {} hwm {} records {} gaps {} chain_ok {}",
+                        s["spoke"].as_str().unwrap_or(""),
+                        s["high_water_mark"],
+                        s["records"],
+                        s["gaps"],
+                        s["chain_ok"]
+                    );
+                }
+                for a in r["aggregates"].as_array().into_iter().flatten() {
+                    println!("  {a}");
+                }
+            }
         }
         Cmd::Audit { data_dir, json } => {
             let r = call(&data_dir, json!({"cmd": "audit"})).await?;

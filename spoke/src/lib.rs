@@ -24,6 +24,7 @@
 pub mod buffer;
 pub mod config;
 pub mod creds;
+mod evsync;
 pub mod replica;
 
 use std::{
@@ -51,6 +52,7 @@ use tracing::{debug, info, warn};
 
 pub use config::{FileConfig, WorkloadConfig};
 pub use creds::{CredStore, CredsError, Svid};
+pub use evsync::{SyncSettings, SyncStats};
 
 /// The SNI name used towards the hub; the SPIFFE verifier ignores it.
 const SNI: &str = "hub.tidemesh.invalid";
@@ -77,6 +79,12 @@ pub struct SpokeConfig {
     pub seed: Option<u64>,
     /// How often local workloads' health paths are checked.
     pub health_interval: Duration,
+    /// The evidence buffer (`evidence.db`): capacity, group commit.
+    pub evidence: buffer::BufferConfig,
+    /// Evidence sync pacing.
+    pub sync: SyncSettings,
+    /// Serve Prometheus `/metrics` here.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Default for SpokeConfig {
@@ -91,6 +99,9 @@ impl Default for SpokeConfig {
             admin_socket: true,
             seed: None,
             health_interval: Duration::from_secs(2),
+            evidence: buffer::BufferConfig::default(),
+            sync: SyncSettings::default(),
+            metrics: None,
         }
     }
 }
@@ -291,6 +302,8 @@ pub enum State {
 #[derive(Debug)]
 struct Live {
     state: State,
+    /// The mode last recorded (see [`Spoke::record_mode`]).
+    mode: tidemesh_evidence::record::Mode,
     last_error: Option<String>,
     last_contact_ms: Option<u64>,
 }
@@ -298,6 +311,8 @@ struct Live {
 struct Inner {
     /// The durable evidence buffer (`evidence.db`), open while `run` is.
     evidence: std::sync::OnceLock<buffer::EvidenceBuffer>,
+    /// Evidence sync counters.
+    sync: Mutex<SyncStats>,
     /// The last-known-good config replica (`spoke.db`).
     replica: replica::Replica,
     /// The config in force: the last-known-good, decoded.
@@ -389,6 +404,10 @@ impl Spoke {
         Ok(Spoke {
             inner: Arc::new(Inner {
                 evidence: std::sync::OnceLock::new(),
+                sync: Mutex::new(SyncStats {
+                    sync_state: "disconnected",
+                    ..SyncStats::default()
+                }),
                 replica,
                 config: std::sync::RwLock::new(config),
                 config_checked_ms: Mutex::new(None),
@@ -407,6 +426,7 @@ impl Spoke {
                 clock,
                 live: Mutex::new(Live {
                     state: State::Connecting,
+                    mode: tidemesh_evidence::record::Mode::Target,
                     last_error: None,
                     last_contact_ms,
                 }),
@@ -422,15 +442,85 @@ impl Spoke {
     }
 
     fn set_state(&self, state: State, error: Option<String>) {
+        let mut transition = None;
         if let Ok(mut l) = self.inner.live.lock() {
             if l.state != state {
                 info!(spoke = %self.inner.ident.id, from = ?l.state, to = ?state, "spoke state");
             }
             l.state = state;
+            let mode = match state {
+                State::Connected => tidemesh_evidence::record::Mode::Target,
+                State::Connecting => l.mode,
+                State::Disconnected | State::Revoked | State::NeedsEnrollment => {
+                    tidemesh_evidence::record::Mode::Survival
+                }
+            };
+            if mode != l.mode {
+                transition = Some((l.mode, mode, error.clone().or_else(|| l.last_error.clone())));
+                l.mode = mode;
+            }
             if error.is_some() || state == State::Connected {
                 l.last_error = error;
             }
         }
+        if let Some((from, to, why)) = transition {
+            self.record_mode(from, to, why);
+        }
+    }
+
+    /// A mode transition record (audit class). Only the hub-connectivity
+    /// part of the seed's mode matrix exists so far: `target` while the hub
+    /// is reachable, `survival` while it is not.
+    fn record_mode(
+        &self,
+        from: tidemesh_evidence::record::Mode,
+        to: tidemesh_evidence::record::Mode,
+        why: Option<String>,
+    ) {
+        use tidemesh_evidence::record::{
+            Connectivity, ModeTransition, Reachability, TransitionEvidence, Trigger,
+        };
+        let up = to == tidemesh_evidence::record::Mode::Target;
+        let reach = if up {
+            Reachability::Available
+        } else {
+            Reachability::Unavailable
+        };
+        let actions: Vec<String> = if up {
+            vec![
+                "resume config sync".into(),
+                "resume evidence sync from the last acked record".into(),
+                "register local endpoints with the hub".into(),
+            ]
+        } else {
+            vec![
+                "serve with cached certificates".into(),
+                "serve the last-known-good config".into(),
+                "buffer evidence locally".into(),
+            ]
+        };
+        info!(target: "tidemesh::audit", ?from, ?to, reason = ?why, "mode transition");
+        self.record(tidemesh_evidence::RecordBody::ModeTransition(
+            ModeTransition {
+                from,
+                to,
+                trigger: if up {
+                    Trigger::ConnectivityRestored
+                } else {
+                    Trigger::NetworkPartitionDetected
+                },
+                evidence: TransitionEvidence {
+                    hub_reachable: Some(up),
+                    connectivity: Some(Connectivity {
+                        same_zone: Reachability::Available,
+                        same_region: reach,
+                        other_regions: reach,
+                    }),
+                    ..Default::default()
+                },
+                actions,
+            },
+        ));
     }
 
     fn state(&self) -> State {
@@ -884,6 +974,23 @@ impl Spoke {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), SpokeError> {
         let endpoint = client_endpoint(socket)?;
+        let metrics_task = match self.inner.cfg.metrics {
+            Some(addr) => {
+                let l = tidemesh_net::metrics::bind(addr)
+                    .await
+                    .map_err(|e| SpokeError::Invalid(format!("--metrics {addr}: {e}")))?;
+                info!(addr = %l.local_addr().unwrap_or(addr), "serving /metrics");
+                let me = self.clone();
+                Some(AbortOnDrop(tokio::spawn(tidemesh_net::metrics::serve(
+                    l,
+                    move || {
+                        let me = me.clone();
+                        async move { me.metrics_page() }
+                    },
+                ))))
+            }
+            None => None,
+        };
         let admin_task = if self.inner.cfg.admin_socket {
             let path = admin::socket_path(self.inner.store.dir());
             let listener = admin::bind(&path)
@@ -897,11 +1004,28 @@ impl Spoke {
             None
         };
         let path = self.inner.store.dir().join("evidence.db");
-        let buf = buffer::EvidenceBuffer::open(
+        let buf = match buffer::EvidenceBuffer::open(
             &path,
             &self.inner.ident.id,
-            buffer::BufferConfig::default(),
-        )
+            self.inner.cfg.evidence.clone(),
+        ) {
+            // Traffic matters more than a damaged record: keep running and
+            // appending after it, say so loudly, and let the hub flag the
+            // break when the record reaches it (it refuses the batch).
+            Err(buffer::OpenError::ChainBroken(e)) => {
+                warn!(target: "tidemesh::audit", error = %e, "evidence buffer chain is broken; running on, the hub will refuse and flag the damaged record; see `tidemesh-spoke evidence verify`");
+                self.sync_update(|s| s.sync_last_error = Some(format!("local evidence chain broken: {e}")));
+                buffer::EvidenceBuffer::open(
+                    &path,
+                    &self.inner.ident.id,
+                    buffer::BufferConfig {
+                        tail_check: 0,
+                        ..self.inner.cfg.evidence.clone()
+                    },
+                )
+            }
+            other => other,
+        }
         .map_err(|e| SpokeError::Invalid(format!("{}: {e}", path.display())))?;
         let _ = self.inner.evidence.set(buf);
         if let Some((a, _)) = self.inner.config.read().ok().and_then(|c| c.clone()) {
@@ -965,6 +1089,7 @@ impl Spoke {
             t.abort();
             let _ = std::fs::remove_file(admin::socket_path(self.inner.store.dir()));
         }
+        drop(metrics_task);
         Ok(())
     }
 
@@ -1004,7 +1129,23 @@ impl Spoke {
                     .get()
                     .ok_or("the evidence buffer is not open")?;
                 let now = tidemesh_evidence::UnixMillis(unix_ms(self.inner.clock.now()));
-                serde_json::to_value(b.stats(now)).map_err(|e| e.to_string())
+                let mut v = serde_json::to_value(b.stats(now)).map_err(|e| e.to_string())?;
+                let sync = serde_json::to_value(self.sync_stats()).map_err(|e| e.to_string())?;
+                if let (Some(o), Value::Object(s)) = (v.as_object_mut(), sync) {
+                    o.extend(s);
+                }
+                Ok(v)
+            }
+            Some("evidence_verify") => {
+                let b = self
+                    .inner
+                    .evidence
+                    .get()
+                    .ok_or("the evidence buffer is not open")?
+                    .clone();
+                tokio::task::spawn_blocking(move || verify_json(&b))
+                    .await
+                    .map_err(|e| e.to_string())
             }
             Some("evidence_tail") => {
                 let b = self
@@ -1116,6 +1257,9 @@ impl Spoke {
         let me = self.clone();
         let sync_conn = conn.clone();
         let _sync = AbortOnDrop(tokio::spawn(async move { me.sync_loop(sync_conn).await }));
+        let me = self.clone();
+        let ev_conn = conn.clone();
+        let _evidence = AbortOnDrop(tokio::spawn(async move { me.evidence_loop(ev_conn).await }));
         let me = self.clone();
         let reg_conn = conn.clone();
         let _register = AbortOnDrop(tokio::spawn(
@@ -1245,6 +1389,47 @@ impl Spoke {
 
 /// One HTTP/1.1 health probe: GET `path` on `addr`, healthy on a 2xx status
 /// line within one second.
+/// `evidence verify` as JSON: `ok`, `records`, `from_seq`, `to_seq`,
+/// `shed_records`, and on a break `broken_seq` and `error`.
+fn verify_json(b: &buffer::EvidenceBuffer) -> Value {
+    match b.verify() {
+        Ok(v) => json!({
+            "ok": true,
+            "records": v.records(),
+            "from_seq": v.start().next_seq.get(),
+            "to_seq": v.end().last_seq(),
+            "shed_records": v.shed_records(),
+            "dropped": v.dropped(),
+        }),
+        Err(buffer::BufferError::ChainBroken(e)) => json!({
+            "ok": false,
+            "broken_seq": e.seq.get(),
+            "error": e.to_string(),
+        }),
+        Err(e) => json!({"ok": false, "error": e.to_string()}),
+    }
+}
+
+/// Verifies `evidence.db` of a spoke that is not running (opening it
+/// without the tail check, so a damaged file is reported, not refused).
+pub fn verify_evidence_offline(data_dir: &Path) -> Result<Value, SpokeError> {
+    let ident = CredStore::new(data_dir).identity()?;
+    let path = data_dir.join("evidence.db");
+    if !path.exists() {
+        return Err(SpokeError::Invalid(format!(
+            "{} does not exist (has the spoke run?)",
+            path.display()
+        )));
+    }
+    let cfg = buffer::BufferConfig {
+        tail_check: 0,
+        ..Default::default()
+    };
+    let b = buffer::EvidenceBuffer::open(&path, &ident.id, cfg)
+        .map_err(|e| SpokeError::Invalid(format!("{}: {e}", path.display())))?;
+    Ok(verify_json(&b))
+}
+
 async fn http_health(addr: SocketAddr, path: &str) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let probe = async {

@@ -66,6 +66,19 @@ enum Cmd {
         /// QUIC idle timeout: the hub is declared unreachable after this much silence.
         #[arg(long, env = "TIDEMESH_IDLE_TIMEOUT", default_value = "4s", value_parser = humantime::parse_duration)]
         idle_timeout: Duration,
+        /// Serve Prometheus metrics on this TCP address (`GET /metrics`); off unless given.
+        #[arg(long, env = "TIDEMESH_METRICS")]
+        metrics: Option<SocketAddr>,
+        /// Byte bound of the evidence buffer (e.g. `2GiB`, `64MiB`); when full,
+        /// debug then request records are shed into shed records, audit records never.
+        #[arg(long, env = "TIDEMESH_EVIDENCE_CAPACITY", default_value = "2GiB", value_parser = parse_size)]
+        evidence_capacity: u64,
+        /// Most evidence records per second sent to the hub after a partition (0: no cap).
+        #[arg(long, env = "TIDEMESH_EVIDENCE_DRAIN_RATE", default_value_t = 20_000)]
+        evidence_drain_rate: u32,
+        /// Most records per evidence batch (batches are also capped at 1 MB).
+        #[arg(long, env = "TIDEMESH_EVIDENCE_BATCH", default_value_t = 2_048, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+        evidence_batch: u32,
     },
     /// Show the running spoke's status.
     Status {
@@ -107,7 +120,7 @@ enum EvidenceCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Buffer depth, sequence numbers, shed counts.
+    /// Buffer depth, sequence numbers, shed counts, sync progress.
     Stats {
         /// Where the spoke keeps its state.
         #[arg(long, env = "TIDEMESH_DATA_DIR")]
@@ -116,6 +129,44 @@ enum EvidenceCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Check the hash chain of every held record (through the running
+    /// spoke, or directly on evidence.db when it is stopped); exit status 1
+    /// names the first broken sequence number.
+    Verify {
+        /// Where the spoke keeps its state.
+        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Parses a byte size: a number with an optional unit (B, KiB, MiB, GiB,
+/// KB, MB, GB; case-insensitive).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number of bytes such as 64MiB"))?;
+    let mul: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        u => {
+            return Err(format!(
+                "{s:?}: unknown unit {u:?} (B, KiB, MiB, GiB, KB, MB, GB)"
+            ))
+        }
+    };
+    n.checked_mul(mul)
+        .ok_or_else(|| format!("{s:?}: too large"))
 }
 
 #[derive(Subcommand)]
@@ -207,6 +258,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             reconnect_max,
             keep_alive,
             idle_timeout,
+            metrics,
+            evidence_capacity,
+            evidence_drain_rate,
+            evidence_batch,
         } => {
             tidemesh_net::cli::init_tracing(&cli.log_format).map_err(anyhow::Error::msg)?;
             let file = match &config {
@@ -237,6 +292,15 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                     idle_timeout,
                     ..Default::default()
                 },
+                evidence: tidemesh_spoke::buffer::BufferConfig {
+                    capacity_bytes: evidence_capacity,
+                    ..Default::default()
+                },
+                sync: tidemesh_spoke::SyncSettings {
+                    drain_rate: evidence_drain_rate,
+                    batch_records: evidence_batch as usize,
+                },
+                metrics,
                 ..Default::default()
             };
             let spoke = Spoke::open(&data_dir, cfg, Arc::new(SystemClock))?;
@@ -317,6 +381,35 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 for (k, v) in o {
                     println!("{k:<24} {v}");
                 }
+            }
+        }
+        Cmd::Evidence {
+            cmd: EvidenceCmd::Verify { data_dir, json },
+        } => {
+            let sock = admin::socket_path(&data_dir);
+            let r = match admin::call(&sock, json!({"cmd": "evidence_verify"})).await {
+                Ok(r) => r,
+                Err(admin::AdminError::Unreachable { .. }) => {
+                    // Not running: open the file directly (no tail check,
+                    // so a damaged file still opens and gets reported).
+                    tidemesh_spoke::verify_evidence_offline(&data_dir)?
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            }
+            if r["ok"] != Value::Bool(true) {
+                bail!(
+                    "evidence chain broken: {}",
+                    r["error"].as_str().unwrap_or("unknown")
+                );
+            }
+            if !json {
+                println!(
+                    "evidence chain ok: {} records held, seq {}..{}",
+                    r["records"], r["from_seq"], r["to_seq"]
+                );
             }
         }
         Cmd::Drill {

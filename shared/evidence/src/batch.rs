@@ -264,6 +264,12 @@ impl VerifiedBatch {
         &self.batch.records
     }
 
+    /// The spoke's signature (ASN.1 DER ECDSA P-256 SHA-256 over
+    /// [`Batch::signed_bytes`]), e.g. to store as proof of origin.
+    pub fn signature(&self) -> &[u8] {
+        &self.batch.signature
+    }
+
     /// The batch, e.g. to store it as received.
     pub fn into_batch(self) -> Batch {
         self.batch

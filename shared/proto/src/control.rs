@@ -76,6 +76,32 @@ pub enum Request {
         /// Every local workload endpoint.
         endpoints: Vec<RegisteredEndpoint>,
     },
+    /// Opens an evidence sync session. Unlike the other requests this
+    /// stream stays open: the hub answers with an [`Response::EvidenceAck`]
+    /// naming where its copy of the spoke's chain ends, then the spoke sends
+    /// [`Request::EvidenceBatch`] (or [`Request::EvidenceGap`]) frames, at
+    /// most `window` unanswered, and the hub answers each, in order, with an
+    /// `EvidenceAck` sent only after its commit. A refused batch is answered
+    /// with [`Response::Error`] (code [`ErrorCode::EvidenceRejected`]) and the
+    /// hub ends the session.
+    EvidenceOpen,
+    /// A signed evidence batch (`tidemesh_evidence::Batch` encoding, at most
+    /// `tidemesh_evidence::MAX_BATCH_BYTES`), inside an evidence session.
+    EvidenceBatch {
+        /// The encoded batch.
+        batch: Vec<u8>,
+    },
+    /// Inside an evidence session: the spoke no longer holds the records the
+    /// hub asks for (it pruned them after an earlier ack the hub has since
+    /// lost); the hub records a gap and continues the chain at `resume`.
+    EvidenceGap {
+        /// The spoke's oldest held position: next sequence number.
+        resume_seq: u64,
+        /// The chain link before `resume_seq`.
+        resume_hash: [u8; 32],
+        /// Why the records are gone, for the operator.
+        reason: String,
+    },
 }
 
 /// A local workload endpoint a spoke registers with the hub.
@@ -137,6 +163,23 @@ pub enum Response {
     },
     /// Answer to `Register`.
     Registered,
+    /// Evidence session: the hub's position in the spoke's chain after its
+    /// last commit (everything before `next_seq` is durably stored and may be
+    /// deleted by the spoke), and how fast to go on.
+    EvidenceAck {
+        /// The next sequence number the hub expects.
+        next_seq: u64,
+        /// The chain link of the record before `next_seq` (genesis if 1).
+        hash: [u8; 32],
+        /// Records of the answered batch stored now.
+        stored: u32,
+        /// Records of the answered batch the hub already held.
+        duplicates: u32,
+        /// How many batches the spoke may have unanswered (credits).
+        window: u32,
+        /// Wait this long before sending the next batch (0: go on).
+        retry_after_ms: u32,
+    },
 }
 
 /// Why the hub refused a request.
@@ -162,6 +205,9 @@ pub enum ErrorCode {
     KeyMismatch,
     /// The hub failed internally; retry later.
     Internal,
+    /// An evidence batch was refused (bad signature, broken chain, a record
+    /// that differs from the one already stored); the hub flagged it.
+    EvidenceRejected,
 }
 
 impl std::fmt::Display for ErrorCode {
@@ -176,6 +222,7 @@ impl std::fmt::Display for ErrorCode {
             ErrorCode::NotEnrolled => "not enrolled",
             ErrorCode::KeyMismatch => "key mismatch",
             ErrorCode::Internal => "internal error",
+            ErrorCode::EvidenceRejected => "evidence rejected",
         };
         f.write_str(s)
     }

@@ -192,6 +192,42 @@ mod tests {
         assert_eq!(err, [0, 0, 0, 5, 1, 3, 1, 1, b'x']);
     }
 
+    /// Golden bytes of the evidence session messages (request variants 8 and
+    /// 9, response variant 7).
+    #[test]
+    fn golden_evidence_messages() {
+        let open = encode_frame(&Request::EvidenceOpen).expect("encodes");
+        assert_eq!(open, [0, 0, 0, 2, 1, 8]);
+        let batch = encode_frame(&Request::EvidenceBatch {
+            batch: vec![0xab, 0xcd],
+        })
+        .expect("encodes");
+        assert_eq!(batch, [0, 0, 0, 5, 1, 9, 2, 0xab, 0xcd]);
+        let ack = encode_frame(&Response::EvidenceAck {
+            next_seq: 300,
+            hash: [7; 32],
+            stored: 2,
+            duplicates: 1,
+            window: 4,
+            retry_after_ms: 0,
+        })
+        .expect("encodes");
+        let mut want = vec![0, 0, 0, 40, 1, 7, 0xac, 0x02];
+        want.extend_from_slice(&[7; 32]);
+        want.extend_from_slice(&[2, 1, 4, 0]);
+        assert_eq!(ack, want);
+    }
+
+    /// The largest evidence batch fits a frame with its message around it.
+    #[test]
+    fn largest_evidence_batch_fits_a_frame() {
+        let f = encode_frame(&Request::EvidenceBatch {
+            batch: vec![0xff; 1_000_000],
+        })
+        .expect("fits");
+        assert!(f.len() <= MAX_FRAME + LEN_PREFIX);
+    }
+
     #[test]
     fn oversized_prefix_rejected_before_decoding() {
         let mut f = vec![0xff, 0xff, 0xff, 0xff];

@@ -1,0 +1,375 @@
+//! Evidence sync, hub side: one evidence session per stream
+//! (`Request::EvidenceOpen`), batches checked against the spoke's
+//! certificate and committed through [`crate::evidence::EvidenceStore`]
+//! before they are acknowledged.
+//!
+//! Backpressure: every batch needs one of [`IngestSettings::max_concurrent`]
+//! ingest slots and draws its records from a hub-wide token bucket
+//! ([`IngestSettings::rate`]). A batch that waited for a slot, or that left
+//! the bucket in debt, is still committed and acknowledged, but the ack
+//! carries a window of one batch and a `retry_after_ms` (with jitter) that
+//! the spoke honours before sending more: a wave of reconnecting stores is
+//! spread out instead of flattening the hub.
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use rand::Rng;
+use rustls::pki_types::CertificateDer;
+use tidemesh_evidence::{Batch, ChainHash, ChainPosition, EvidenceSeq, UnixMillis};
+use tidemesh_identity::{svid, SpiffeId};
+use tidemesh_proto::{ErrorCode, Request, Response};
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+
+use crate::evidence::{IngestError, IngestOutcome};
+use crate::Hub;
+
+/// Evidence ingest settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IngestSettings {
+    /// Batches a spoke may send ahead of the hub's acks. Default 4.
+    pub window: u32,
+    /// Batches committed at once across all spokes. Default 2 (redb
+    /// serializes writers; a second slot overlaps decoding and signature
+    /// checks with the commit).
+    pub max_concurrent: usize,
+    /// Records per second across all spokes (0: no limit). Default 0.
+    pub rate: u32,
+    /// A batch that waited longer than this for a slot makes its spoke
+    /// back off. Default 200 ms.
+    pub busy_after: Duration,
+}
+
+impl Default for IngestSettings {
+    fn default() -> Self {
+        IngestSettings {
+            window: 4,
+            max_concurrent: 2,
+            rate: 0,
+            busy_after: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Ingest counters since start, for `/metrics` and `stats`.
+#[derive(Debug, Default)]
+pub struct IngestCounters {
+    /// Batches committed.
+    pub batches: AtomicU64,
+    /// Records newly stored.
+    pub records: AtomicU64,
+    /// Records received again and skipped.
+    pub duplicates: AtomicU64,
+    /// Batches refused (signature, chain, fork, malformed).
+    pub rejected: AtomicU64,
+    /// Acks that told a spoke to back off.
+    pub throttled: AtomicU64,
+    /// Batches that named a later sequence number than the hub holds.
+    pub ahead: AtomicU64,
+    /// Evidence sessions opened.
+    pub sessions: AtomicU64,
+}
+
+/// The shared limits: slots and the token bucket.
+pub(crate) struct Limits {
+    slots: Semaphore,
+    bucket: Mutex<(f64, Instant)>,
+    pub(crate) counters: IngestCounters,
+}
+
+impl Limits {
+    pub(crate) fn new(s: &IngestSettings) -> Limits {
+        Limits {
+            slots: Semaphore::new(s.max_concurrent.max(1)),
+            bucket: Mutex::new((f64::from(s.rate), Instant::now())),
+            counters: IngestCounters::default(),
+        }
+    }
+
+    /// Draws `n` records; returns how long the sender should wait.
+    fn draw(&self, rate: u32, n: u32) -> Duration {
+        if rate == 0 {
+            return Duration::ZERO;
+        }
+        let rate = f64::from(rate);
+        let Ok(mut b) = self.bucket.lock() else {
+            return Duration::ZERO;
+        };
+        let now = Instant::now();
+        let (tokens, at) = *b;
+        let tokens =
+            (tokens + now.duration_since(at).as_secs_f64() * rate).min(rate) - f64::from(n);
+        *b = (tokens, now);
+        if tokens < 0.0 {
+            Duration::from_secs_f64(-tokens / rate)
+        } else {
+            Duration::ZERO
+        }
+    }
+}
+
+fn ack(pos: &ChainPosition, out: Option<&IngestOutcome>, window: u32, retry: Duration) -> Response {
+    Response::EvidenceAck {
+        next_seq: pos.next_seq.get(),
+        hash: pos.hash.0,
+        stored: out.map_or(0, |o| o.stored),
+        duplicates: out.map_or(0, |o| o.duplicates),
+        window,
+        retry_after_ms: retry.as_millis().min(u128::from(u32::MAX)) as u32,
+    }
+}
+
+/// Why a batch was refused, for the spoke and the flag.
+enum Refusal {
+    /// Flag it (the store has not yet).
+    Flag(String),
+    /// Already flagged by the store (chain, fork).
+    Flagged(String),
+}
+
+impl Hub {
+    /// Serves one evidence session until the spoke ends the stream, the
+    /// connection closes or a batch is refused.
+    pub(crate) async fn evidence_session(
+        &self,
+        conn: &quinn::Connection,
+        id: &SpiffeId,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
+        let limits = &self.inner.ingest;
+        limits.counters.sessions.fetch_add(1, Ordering::Relaxed);
+        let settings = self.inner.cfg.ingest.clone();
+        // The key the batches must be signed with: the one in the
+        // certificate this connection was authenticated with.
+        let leaf = conn
+            .peer_identity()
+            .and_then(|a| a.downcast::<Vec<CertificateDer<'static>>>().ok())
+            .and_then(|c| c.first().map(|c| c.as_ref().to_vec()));
+        let Some(leaf) = leaf else {
+            let _ = self
+                .refuse(&mut send, "no client certificate on this connection")
+                .await;
+            return;
+        };
+        let (public_key, cert_sha256) = match svid::cert_public_key(&leaf) {
+            Ok(k) => (k, svid::sha256(&leaf)),
+            Err(e) => {
+                let _ = self
+                    .refuse(&mut send, &format!("client certificate: {e}"))
+                    .await;
+                return;
+            }
+        };
+        let store = self.inner.evidence.clone();
+        let spoke = id.clone();
+        let pos = match tokio::task::spawn_blocking(move || store.position(&spoke)).await {
+            Ok(Ok(p)) => p,
+            other => {
+                warn!(spoke = %id, error = ?other.err(), "evidence position unavailable");
+                let _ = self.refuse_internal(&mut send).await;
+                return;
+            }
+        };
+        debug!(spoke = %id, next_seq = pos.next_seq.get(), "evidence session");
+        if tidemesh_net::write_frame(&mut send, &ack(&pos, None, settings.window, Duration::ZERO))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        loop {
+            let req = match tidemesh_net::read_frame::<Request>(&mut recv).await {
+                Ok(r) => r,
+                Err(_) => break, // the spoke ended the session or the link went
+            };
+            let answer = match req {
+                Request::EvidenceBatch { batch } => {
+                    self.ingest_one(id, batch, public_key.clone(), cert_sha256, &settings)
+                        .await
+                }
+                Request::EvidenceGap {
+                    resume_seq,
+                    resume_hash,
+                    reason,
+                } => {
+                    self.declare_gap(id, resume_seq, resume_hash, reason, &settings)
+                        .await
+                }
+                other => Err(Refusal::Flag(format!(
+                    "unexpected request in an evidence session: {other:?}"
+                ))),
+            };
+            match answer {
+                Ok(resp) => {
+                    if tidemesh_net::write_frame(&mut send, &resp).await.is_err() {
+                        break;
+                    }
+                }
+                Err(r) => {
+                    let msg = match r {
+                        Refusal::Flag(m) => {
+                            let store = self.inner.evidence.clone();
+                            let spoke = id.clone();
+                            let now = UnixMillis(self.now_ms());
+                            let m2 = m.clone();
+                            let _ = tokio::task::spawn_blocking(move || {
+                                store.record_rejection(&spoke, &m2, now)
+                            })
+                            .await;
+                            m
+                        }
+                        Refusal::Flagged(m) => m,
+                    };
+                    limits.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                    warn!(target: "tidemesh::audit", spoke = %id, reason = %msg, "evidence batch refused");
+                    let _ = self.refuse(&mut send, &msg).await;
+                    return;
+                }
+            }
+        }
+        let _ = send.finish();
+    }
+
+    async fn refuse(&self, send: &mut quinn::SendStream, msg: &str) -> Result<(), ()> {
+        let r = Response::Error {
+            code: ErrorCode::EvidenceRejected,
+            message: msg.to_owned(),
+        };
+        tidemesh_net::write_frame(send, &r).await.map_err(|_| ())?;
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+        Ok(())
+    }
+
+    async fn refuse_internal(&self, send: &mut quinn::SendStream) -> Result<(), ()> {
+        let r = Response::Error {
+            code: ErrorCode::Internal,
+            message: "the hub cannot read its evidence store; retry later".into(),
+        };
+        tidemesh_net::write_frame(send, &r).await.map_err(|_| ())?;
+        let _ = send.finish();
+        Ok(())
+    }
+
+    /// Pacing for the next batch after one that waited `waited` for a slot
+    /// and drew `n` records.
+    fn pacing(&self, settings: &IngestSettings, waited: Duration, n: u32) -> (u32, Duration) {
+        let limits = &self.inner.ingest;
+        let debt = limits.draw(settings.rate, n);
+        let busy = waited > settings.busy_after;
+        if debt.is_zero() && !busy {
+            return (settings.window, Duration::ZERO);
+        }
+        limits.counters.throttled.fetch_add(1, Ordering::Relaxed);
+        let base = if busy { waited.max(debt) } else { debt };
+        // Jitter so spokes told to wait do not come back together.
+        let jitter = rand::rng().random_range(0.0..0.5);
+        (1, base.mul_f64(1.0 + jitter).min(Duration::from_secs(60)))
+    }
+
+    async fn ingest_one(
+        &self,
+        id: &SpiffeId,
+        bytes: Vec<u8>,
+        public_key: Vec<u8>,
+        cert_sha256: [u8; 32],
+        settings: &IngestSettings,
+    ) -> Result<Response, Refusal> {
+        let limits = &self.inner.ingest;
+        let t0 = Instant::now();
+        let _permit = limits
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| Refusal::Flag("the hub is shutting down".into()))?;
+        let waited = t0.elapsed();
+        let store = self.inner.evidence.clone();
+        let spoke = id.clone();
+        let now = UnixMillis(self.now_ms());
+        let res = tokio::task::spawn_blocking(move || {
+            let batch = Batch::decode(&bytes).map_err(|e| Refusal::Flag(format!("batch: {e}")))?;
+            if batch.spoke != spoke {
+                return Err(Refusal::Flag(format!(
+                    "batch names spoke {} but the connection is authenticated as {spoke}",
+                    batch.spoke
+                )));
+            }
+            let n = batch.records.len() as u32;
+            let first = batch.first_seq;
+            let verified = batch
+                .verify_signature(&public_key)
+                .map_err(|e| Refusal::Flag(format!("batch starting at seq {first}: {e}")))?;
+            match store.ingest(&verified, cert_sha256, now) {
+                Ok(out) => Ok((Some(out), None, n)),
+                Err(IngestError::Ahead { .. }) => {
+                    let pos = store
+                        .position(&spoke)
+                        .map_err(|e| Refusal::Flag(format!("evidence store: {e}")))?;
+                    Ok((None, Some(pos), n))
+                }
+                Err(e @ (IngestError::Chain { .. } | IngestError::Fork { .. })) => {
+                    Err(Refusal::Flagged(e.to_string()))
+                }
+                Err(e) => Err(Refusal::Flag(format!("evidence store: {e}"))),
+            }
+        })
+        .await
+        .map_err(|e| Refusal::Flag(format!("ingest task failed: {e}")))??;
+        let (window, retry) = self.pacing(settings, waited, res.2);
+        match res {
+            (Some(out), _, _) => {
+                let c = &limits.counters;
+                c.batches.fetch_add(1, Ordering::Relaxed);
+                c.records
+                    .fetch_add(u64::from(out.stored), Ordering::Relaxed);
+                c.duplicates
+                    .fetch_add(u64::from(out.duplicates), Ordering::Relaxed);
+                Ok(ack(&out.position, Some(&out), window, retry))
+            }
+            (None, Some(pos), _) => {
+                limits.counters.ahead.fetch_add(1, Ordering::Relaxed);
+                debug!(spoke = %id, hub_next = pos.next_seq.get(), "batch ahead of the hub's position; spoke will resend");
+                Ok(ack(&pos, None, window, retry))
+            }
+            _ => Err(Refusal::Flag("internal: no outcome".into())),
+        }
+    }
+
+    async fn declare_gap(
+        &self,
+        id: &SpiffeId,
+        resume_seq: u64,
+        resume_hash: [u8; 32],
+        reason: String,
+        settings: &IngestSettings,
+    ) -> Result<Response, Refusal> {
+        let Some(next_seq) = EvidenceSeq::new(resume_seq) else {
+            return Err(Refusal::Flag("gap resumes at sequence number 0".into()));
+        };
+        let resume = ChainPosition {
+            next_seq,
+            hash: ChainHash(resume_hash),
+        };
+        let store = self.inner.evidence.clone();
+        let spoke = id.clone();
+        let now = UnixMillis(self.now_ms());
+        let r = resume;
+        let res = tokio::task::spawn_blocking(move || store.declare_gap(&spoke, &r, &reason, now))
+            .await
+            .map_err(|e| Refusal::Flag(format!("gap task failed: {e}")))?;
+        match res {
+            Ok(g) => {
+                warn!(target: "tidemesh::audit", spoke = %id, gap = ?g, "evidence gap recorded");
+                Ok(ack(&resume, None, settings.window, Duration::ZERO))
+            }
+            Err(e) => Err(Refusal::Flag(format!("gap refused: {e}"))),
+        }
+    }
+}

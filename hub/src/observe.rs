@@ -1,0 +1,283 @@
+//! What operators read: the evidence admin commands (`tidemesh-hub evidence
+//! query|verify|stats|prune`, `tidemesh-hub stats`), the Prometheus page and
+//! the retention loop.
+//!
+//! [`evidence_command`] works on an [`EvidenceStore`] alone, so the CLI can
+//! answer from `evidence.db` directly when the hub is not running (after a
+//! crash, or to verify a copied file).
+
+use std::{sync::atomic::Ordering, time::Duration};
+
+use serde_json::{json, Value};
+use tidemesh_evidence::{RecordKind, UnixMillis};
+use tidemesh_identity::SpiffeId;
+use tracing::{info, warn};
+
+use crate::evidence::{EvidenceStore, Query};
+use crate::Hub;
+
+/// Most records one `evidence query` returns.
+pub const MAX_QUERY_LIMIT: u64 = 5_000;
+
+fn now_ms() -> u64 {
+    crate::unix_ms(std::time::SystemTime::now())
+}
+
+/// Runs an evidence admin command (`evidence_query`, `evidence_verify`,
+/// `evidence_stats`, `evidence_prune`, `stats`) against `store`. Blocking.
+pub fn evidence_command(store: &EvidenceStore, req: &Value) -> Result<Value, String> {
+    let cmd = req.get("cmd").and_then(Value::as_str).unwrap_or("");
+    let spoke = || -> Result<SpiffeId, String> {
+        let s = req
+            .get("spoke")
+            .and_then(Value::as_str)
+            .ok_or("missing --spoke")?;
+        SpiffeId::parse(s).map_err(|e| format!("--spoke {s}: {e}"))
+    };
+    match cmd {
+        "evidence_query" => {
+            let id = spoke()?;
+            let since = match req.get("since").and_then(Value::as_str) {
+                None => None,
+                Some(t) => Some(parse_since(t)?),
+            };
+            let kind = match req.get("kind").and_then(Value::as_str) {
+                None => None,
+                Some(k) => Some(RecordKind::parse(k).ok_or_else(|| {
+                    format!("--kind {k:?}: expected one of request, mode_transition, certificate, config_applied, shed")
+                })?),
+            };
+            let limit = req
+                .get("limit")
+                .and_then(Value::as_u64)
+                .unwrap_or(1_000)
+                .min(MAX_QUERY_LIMIT) as usize;
+            let from_seq = req.get("from_seq").and_then(Value::as_u64);
+            let recs = store
+                .query(
+                    &id,
+                    &Query {
+                        since,
+                        kind,
+                        from_seq,
+                        limit,
+                    },
+                )
+                .map_err(|e| e.to_string())?;
+            serde_json::to_value(recs).map_err(|e| e.to_string())
+        }
+        "evidence_verify" => {
+            let r = store.verify(&spoke()?).map_err(|e| e.to_string())?;
+            serde_json::to_value(r).map_err(|e| e.to_string())
+        }
+        "evidence_stats" => {
+            let r = store.stats(&spoke()?).map_err(|e| e.to_string())?;
+            serde_json::to_value(r).map_err(|e| e.to_string())
+        }
+        "evidence_prune" => {
+            let retention = crate::evidence::Retention {
+                max_age: req
+                    .get("max_age_s")
+                    .and_then(Value::as_u64)
+                    .map(Duration::from_secs),
+                max_bytes_per_spoke: req.get("max_bytes").and_then(Value::as_u64),
+            };
+            let r = store
+                .prune(&retention, UnixMillis(now_ms()))
+                .map_err(|e| e.to_string())?;
+            serde_json::to_value(r).map_err(|e| e.to_string())
+        }
+        "stats" => {
+            let spokes = store.spokes().map_err(|e| e.to_string())?;
+            let aggregates = store.aggregates(None).map_err(|e| e.to_string())?;
+            let records: u64 = spokes.iter().map(|s| s.records).sum();
+            let bytes: u64 = spokes.iter().map(|s| s.bytes).sum();
+            let gaps: u64 = spokes.iter().map(|s| s.gaps).sum();
+            Ok(json!({
+                "evidence_spokes": spokes.len(),
+                "evidence_records": records,
+                "evidence_bytes": bytes,
+                "evidence_gaps": gaps,
+                "chains_broken": spokes.iter().filter(|s| !s.chain_ok).count(),
+                "per_spoke": spokes,
+                "aggregates": aggregates,
+            }))
+        }
+        other => Err(format!("unknown evidence command {other:?}")),
+    }
+}
+
+/// `--since`: RFC 3339, or a duration back from now (`10m`, `2h`).
+fn parse_since(t: &str) -> Result<UnixMillis, String> {
+    if let Some(ms) = UnixMillis::parse_rfc3339(t) {
+        return Ok(ms);
+    }
+    match humantime::parse_duration(t) {
+        Ok(d) => Ok(UnixMillis(now_ms().saturating_sub(d.as_millis() as u64))),
+        Err(_) => Err(format!(
+            "--since {t:?}: expected an RFC 3339 time (2026-11-27T10:00:00Z) or a duration (10m)"
+        )),
+    }
+}
+
+/// Reads one figure of a spoke's evidence stats.
+type StatFn = fn(&crate::evidence::SpokeEvidenceStats) -> f64;
+
+impl Hub {
+    pub(crate) fn ingest_counters_json(&self) -> Value {
+        let c = &self.inner.ingest.counters;
+        json!({
+            "sessions": c.sessions.load(Ordering::Relaxed),
+            "batches": c.batches.load(Ordering::Relaxed),
+            "records": c.records.load(Ordering::Relaxed),
+            "duplicates": c.duplicates.load(Ordering::Relaxed),
+            "rejected_batches": c.rejected.load(Ordering::Relaxed),
+            "throttled_acks": c.throttled.load(Ordering::Relaxed),
+            "ahead_batches": c.ahead.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Applies retention every `prune_interval` (when any limit is set).
+    pub(crate) async fn prune_loop(&self) {
+        let r = self.inner.cfg.retention;
+        if r.max_age.is_none() && r.max_bytes_per_spoke.is_none() {
+            return;
+        }
+        let mut t = tokio::time::interval(self.inner.cfg.prune_interval);
+        loop {
+            t.tick().await;
+            let store = self.inner.evidence.clone();
+            let now = UnixMillis(self.now_ms());
+            match tokio::task::spawn_blocking(move || store.prune(&r, now)).await {
+                Ok(Ok(report)) => info!(report = ?report, "evidence retention applied"),
+                Ok(Err(e)) => warn!(error = %e, "evidence retention failed"),
+                Err(e) => warn!(error = %e, "evidence retention task failed"),
+            }
+        }
+    }
+
+    /// The Prometheus page (`serve --metrics ADDR`).
+    pub(crate) async fn metrics_page(&self) -> String {
+        use tidemesh_net::metrics::{Exposition, Kind::*};
+        let mut e = Exposition::new();
+        let spokes = self.spokes().unwrap_or_default();
+        e.single(
+            "tidemesh_hub_spokes_enrolled",
+            Gauge,
+            "Spokes enrolled (revoked ones included).",
+            spokes.len() as f64,
+        );
+        e.single(
+            "tidemesh_hub_spokes_connected",
+            Gauge,
+            "Spokes with a live control session.",
+            spokes.iter().filter(|s| s.connected).count() as f64,
+        );
+        let now = self.now_ms() as f64 / 1000.0;
+        let f = e.family(
+            "tidemesh_hub_spoke_connected",
+            Gauge,
+            "1 while the spoke has a live control session.",
+        );
+        for s in &spokes {
+            f.sample(&[("spoke", &s.id)], f64::from(u8::from(s.connected)));
+        }
+        let f = e.family(
+            "tidemesh_hub_spoke_cert_expiry_seconds",
+            Gauge,
+            "Seconds until the spoke's current node SVID expires (negative: expired).",
+        );
+        for s in &spokes {
+            if let Some(t) = UnixMillis::parse_rfc3339(&s.cert_not_after) {
+                f.sample(
+                    &[("spoke", &s.id)],
+                    (t.as_millis() as f64 / 1000.0 - now).floor(),
+                );
+            }
+        }
+        let c = &self.inner.ingest.counters;
+        let counters = [
+            (
+                "tidemesh_hub_evidence_batches_total",
+                "Evidence batches committed.",
+                &c.batches,
+            ),
+            (
+                "tidemesh_hub_evidence_records_total",
+                "Evidence records newly stored.",
+                &c.records,
+            ),
+            (
+                "tidemesh_hub_evidence_duplicates_total",
+                "Evidence records received again and skipped (exactly-once dedupe).",
+                &c.duplicates,
+            ),
+            (
+                "tidemesh_hub_evidence_rejected_batches_total",
+                "Evidence batches refused (signature, chain, fork).",
+                &c.rejected,
+            ),
+            (
+                "tidemesh_hub_evidence_throttled_acks_total",
+                "Acks that told a spoke to back off.",
+                &c.throttled,
+            ),
+            (
+                "tidemesh_hub_evidence_sessions_total",
+                "Evidence sync sessions opened.",
+                &c.sessions,
+            ),
+        ];
+        for (name, help, v) in counters {
+            e.single(name, Counter, help, v.load(Ordering::Relaxed) as f64);
+        }
+        let store = self.inner.evidence.clone();
+        let ev = tokio::task::spawn_blocking(move || store.spokes())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        let families: [(&str, &str, StatFn); 5] = [
+            (
+                "tidemesh_hub_evidence_high_water_mark",
+                "Last evidence sequence number stored for the spoke.",
+                |s| s.high_water_mark as f64,
+            ),
+            (
+                "tidemesh_hub_evidence_stored_records",
+                "Evidence records held for the spoke.",
+                |s| s.records as f64,
+            ),
+            (
+                "tidemesh_hub_evidence_stored_bytes",
+                "Evidence bytes held for the spoke.",
+                |s| s.bytes as f64,
+            ),
+            (
+                "tidemesh_hub_evidence_gaps",
+                "Gaps and breaks flagged in the spoke's chain.",
+                |s| s.gaps as f64,
+            ),
+            (
+                "tidemesh_hub_evidence_chain_ok",
+                "1 while no gap or break has been flagged for the spoke.",
+                |s| f64::from(u8::from(s.chain_ok)),
+            ),
+        ];
+        for (name, help, get) in families {
+            let f = e.family(name, Gauge, help);
+            for s in &ev {
+                f.sample(&[("spoke", &s.spoke)], get(s));
+            }
+        }
+        let f = e.family(
+            "tidemesh_hub_evidence_dropped_records",
+            Gauge,
+            "Records the spoke shed under its byte bound (reported by its shed records).",
+        );
+        for s in &ev {
+            f.sample(&[("spoke", &s.spoke)], s.dropped as f64);
+        }
+        e.finish()
+    }
+}
