@@ -511,6 +511,24 @@ fn hub_rate_and_spoke_cap_pace_the_drain() {
         "{hs}"
     );
     eprintln!("hub rate 2000/s: 10,000-record backlog drained in {took:?}; spoke {st}");
+
+    // retention by bytes: the oldest records go, the rest still verifies
+    // from the checkpoint
+    let before = hub_stats(&hub, &s.id);
+    let keep = before["bytes"].as_u64().expect("bytes") / 2;
+    let o = hub.cli(&["evidence", "prune", "--max-bytes", &keep.to_string()]);
+    assert!(o.status.success(), "prune: {}", text(&o));
+    let after = hub_stats(&hub, &s.id);
+    assert!(
+        after["bytes"].as_u64().unwrap_or(u64::MAX) <= keep,
+        "{after}"
+    );
+    let cp = after["checkpoint_seq"].as_u64().unwrap_or(0);
+    assert!(cp > 0, "{after}");
+    assert_eq!(after["high_water_mark"], before["high_water_mark"]);
+    let v = assert_verified(&hub, &s.id);
+    assert_eq!(v["from_seq"].as_u64(), Some(cp + 1), "{v}");
+    eprintln!("retention to {keep} bytes: checkpoint at seq {cp}; {v}");
 }
 
 /// Must-show 6: a record altered on disk at the spoke or at the hub:
@@ -702,4 +720,238 @@ fn scrape(port: u16) -> String {
     let (head, body) = out.split_once("\r\n\r\n").expect("http response");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     body.to_owned()
+}
+
+/// Replayed, duplicated, reordered and overlapping batches sent over a real
+/// QUIC mTLS session as the spoke (with its enrolled key), straight at the
+/// hub's evidence session: each record is stored once, a batch ahead of the
+/// hub is answered with the hub's position, a foreign signature and an
+/// altered record are refused and flagged.
+#[test]
+fn replayed_and_reordered_batches_over_quic_are_stored_once() {
+    use std::sync::Arc;
+    use tidemesh_evidence::{samples, Batch, Chain, NewRecord, SealedRecord, UnixMillis};
+    use tidemesh_identity::{clock::SystemClock, naming, svid, verify, TrustDomain};
+    use tidemesh_net::QuicSettings;
+    use tidemesh_proto::{ErrorCode, Request, Response, ALPN_CTL};
+
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let hub_dir = tmp.path().join("hub");
+        let td = TrustDomain::new(TD).expect("td");
+        tidemesh_hub::init(&hub_dir, &td, &SystemClock).expect("init");
+        let hub = tidemesh_hub::Hub::open(
+            &hub_dir,
+            tidemesh_hub::HubConfig::default(),
+            Arc::new(SystemClock),
+        )
+        .expect("open");
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let addr = sock.local_addr().expect("addr");
+        let h = hub.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(async move {
+            h.serve(
+                tidemesh_net::quic::wrap_socket(sock).expect("wrap"),
+                async {
+                    let _ = stopped.await;
+                },
+            )
+            .await
+        });
+        let spoke_dir = tmp.path().join("spoke");
+        let id = naming::node_id(&td, "sf01", "n1").expect("id");
+        let token = hub
+            .create_token(&id, Duration::from_secs(60))
+            .expect("token");
+        tidemesh_spoke::enroll(
+            &spoke_dir,
+            addr,
+            &token.to_string(),
+            false,
+            tidemesh_net::quic::wrap_socket(
+                std::net::UdpSocket::bind("127.0.0.1:0").expect("bind"),
+            )
+            .expect("wrap"),
+            Arc::new(SystemClock),
+            QuicSettings::default(),
+        )
+        .await
+        .expect("enroll");
+        let creds = tidemesh_spoke::CredStore::new(&spoke_dir);
+        let node = creds.node().expect("node");
+        let tls = verify::client_config(
+            creds.bundle(&td).expect("bundle"),
+            node.chain.clone(),
+            &node.key,
+            Arc::new(verify::ExactId(naming::hub_id(&td))),
+            Arc::new(SystemClock),
+            &[ALPN_CTL],
+        )
+        .expect("tls");
+        let ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+        let conn = ep
+            .connect_with(
+                QuicSettings::default().client_config(tls).expect("cfg"),
+                addr,
+                "hub.tidemesh.invalid",
+            )
+            .expect("connect")
+            .await
+            .expect("handshake");
+
+        // 300 records of this spoke's chain
+        let mut chain = Chain::genesis(&id);
+        let now = UnixMillis(tidemesh_hub::unix_ms(std::time::SystemTime::now()));
+        let recs: Vec<SealedRecord> = (0..300)
+            .map(|i| {
+                chain
+                    .append(NewRecord::new(
+                        now,
+                        samples::drill_request("replay", i, now),
+                    ))
+                    .expect("append")
+            })
+            .collect();
+        let batch = |from: usize, to: usize, key: &svid::KeyPair| -> Vec<u8> {
+            Batch::sign(id.clone(), recs[from..to].to_vec(), key)
+                .and_then(|b| b.encode())
+                .expect("batch")
+        };
+        // (next_seq, stored, duplicates) of an ack
+        async fn send(
+            s: &mut quinn::SendStream,
+            r: &mut quinn::RecvStream,
+            bytes: Vec<u8>,
+        ) -> Response {
+            tidemesh_net::write_frame(s, &Request::EvidenceBatch { batch: bytes })
+                .await
+                .expect("write");
+            tidemesh_net::read_frame::<Response>(r).await.expect("read")
+        }
+        fn ack(r: &Response) -> (u64, u32, u32) {
+            match r {
+                Response::EvidenceAck {
+                    next_seq,
+                    stored,
+                    duplicates,
+                    ..
+                } => (*next_seq, *stored, *duplicates),
+                other => panic!("expected an ack, got {other:?}"),
+            }
+        }
+        async fn open(conn: &quinn::Connection) -> (quinn::SendStream, quinn::RecvStream, u64) {
+            let (mut s, mut r) = conn.open_bi().await.expect("stream");
+            tidemesh_net::write_frame(&mut s, &Request::EvidenceOpen)
+                .await
+                .expect("open");
+            let first = tidemesh_net::read_frame::<Response>(&mut r)
+                .await
+                .expect("first ack");
+            let n = ack(&first).0;
+            (s, r, n)
+        }
+
+        let key = &node.key;
+        let (mut s, mut r, next) = open(&conn).await;
+        assert_eq!(next, 1, "a new spoke starts at genesis");
+        assert_eq!(
+            ack(&send(&mut s, &mut r, batch(0, 100, key)).await),
+            (101, 100, 0)
+        );
+        // reordered: the third batch before the second is answered with the hub's position
+        assert_eq!(
+            ack(&send(&mut s, &mut r, batch(200, 300, key)).await),
+            (101, 0, 0)
+        );
+        assert_eq!(
+            ack(&send(&mut s, &mut r, batch(100, 200, key)).await),
+            (201, 100, 0)
+        );
+        // replayed: stored once, counted as duplicates
+        assert_eq!(
+            ack(&send(&mut s, &mut r, batch(0, 100, key)).await),
+            (201, 0, 100)
+        );
+        assert_eq!(
+            ack(&send(&mut s, &mut r, batch(100, 200, key)).await),
+            (201, 0, 100)
+        );
+        drop((s, r));
+        // a new session (as after a reconnect) resumes at the hub's position;
+        // an overlapping batch stores only what is new
+        let (mut s, mut r, next) = open(&conn).await;
+        assert_eq!(next, 201);
+        assert_eq!(
+            ack(&send(&mut s, &mut r, batch(150, 300, key)).await),
+            (301, 100, 50)
+        );
+        // duplicated datagrams never matter at this level; a duplicated batch does not either
+        assert_eq!(
+            ack(&send(&mut s, &mut r, batch(150, 300, key)).await),
+            (301, 0, 150)
+        );
+
+        // signed with another key: refused and flagged
+        let other = svid::generate_key().expect("key");
+        let mut more = recs.clone();
+        let extra = chain
+            .append(NewRecord::new(
+                now,
+                samples::drill_request("replay", 300, now),
+            ))
+            .expect("append");
+        more.push(extra);
+        let foreign = Batch::sign(id.clone(), more[300..].to_vec(), &other)
+            .and_then(|b| b.encode())
+            .expect("batch");
+        match send(&mut s, &mut r, foreign).await {
+            Response::Error {
+                code: ErrorCode::EvidenceRejected,
+                message,
+            } => {
+                assert!(message.contains("signature"), "{message}")
+            }
+            other => panic!("foreign signature accepted: {other:?}"),
+        }
+        // an altered record, validly signed by the spoke (a bug or a tampered buffer): refused at its seq
+        let (mut s, mut r, _) = open(&conn).await;
+        let mut bad = more[300].clone();
+        bad.timestamp = UnixMillis(bad.timestamp.0 + 1);
+        let altered = Batch::sign(id.clone(), vec![bad], key)
+            .and_then(|b| b.encode())
+            .expect("batch");
+        match send(&mut s, &mut r, altered).await {
+            Response::Error {
+                code: ErrorCode::EvidenceRejected,
+                message,
+            } => {
+                assert!(message.contains("seq 301"), "{message}")
+            }
+            other => panic!("altered record accepted: {other:?}"),
+        }
+
+        let stats = tidemesh_net::admin::call(
+            &tidemesh_net::admin::socket_path(&hub_dir),
+            serde_json::json!({"cmd": "evidence_stats", "spoke": id.to_string()}),
+        )
+        .await
+        .expect("stats");
+        assert_eq!(stats["records"], 300, "{stats}");
+        assert_eq!(stats["high_water_mark"], 300, "{stats}");
+        assert_eq!(stats["duplicates"], 400, "{stats}");
+        assert_eq!(stats["rejected_batches"], 2, "{stats}");
+        let v = tidemesh_net::admin::call(
+            &tidemesh_net::admin::socket_path(&hub_dir),
+            serde_json::json!({"cmd": "evidence_verify", "spoke": id.to_string()}),
+        )
+        .await
+        .expect("verify");
+        assert_eq!(v["ok"], true, "the stored chain is intact: {v}");
+        assert_eq!(v["records_checked"], 300, "{v}");
+        conn.close(0u32.into(), b"done");
+        let _ = stop.send(());
+        let _ = served.await;
+    });
 }
