@@ -104,10 +104,21 @@ wait "$hub_pid" 2>/dev/null || true
 wait_state disconnected
 "$spoke" status --data-dir "$work/spoke"
 echo
-echo "== the hub comes back: the spoke reconnects by itself"
+echo "== evidence keeps accumulating on the spoke meanwhile (drill load: 500 records/s for 2 s)"
+"$spoke" drill load --data-dir "$work/spoke" --rate 500 --duration 2s
+"$spoke" evidence stats --data-dir "$work/spoke" | grep -E "last_committed_seq|last_acked_seq|pending_records"
+echo
+echo "== the hub comes back: the spoke reconnects by itself and syncs its evidence exactly once"
 start_hub
 wait_state connected
 "$spoke" status --data-dir "$work/spoke"
+for _ in $(seq 1 300); do
+  "$spoke" evidence stats --data-dir "$work/spoke" --json | grep -q '"pending_records": 0' && break
+  sleep 0.1
+done
+"$spoke" evidence stats --data-dir "$work/spoke" | grep -E "last_committed_seq|last_acked_seq|pending_records"
+"$hub" evidence stats --data-dir "$work/hub" --spoke "$id" | grep -E "records|high_water_mark|gaps|chain_ok"
+"$hub" evidence verify --data-dir "$work/hub" --spoke "$id"
 echo
 echo "== audit log"
 "$hub" audit --data-dir "$work/hub"
