@@ -21,7 +21,7 @@ use std::{
 
 use rand::Rng;
 use rustls::pki_types::CertificateDer;
-use tidemesh_evidence::{Batch, ChainHash, ChainPosition, EvidenceSeq, UnixMillis};
+use tidemesh_evidence::{Batch, ChainHash, ChainPosition, EvidenceSeq, UnixMillis, VerifiedBatch};
 use tidemesh_identity::{svid, SpiffeId};
 use tidemesh_proto::{ErrorCode, Request, Response};
 use tokio::sync::Semaphore;
@@ -125,6 +125,48 @@ fn ack(pos: &ChainPosition, out: Option<&IngestOutcome>, window: u32, retry: Dur
     }
 }
 
+/// One request of a session, in arrival order.
+enum Item {
+    Batch(tokio::task::JoinHandle<Result<(VerifiedBatch, u32), Refusal>>),
+    Gap {
+        resume_seq: u64,
+        resume_hash: [u8; 32],
+        reason: String,
+    },
+    Other(String),
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Decodes a batch (size checked first), checks that it names the
+/// authenticated spoke and that its signature verifies against the key of
+/// the connection's certificate. Blocking (CPU).
+fn decode_and_check(
+    bytes: Vec<u8>,
+    id: &SpiffeId,
+    public_key: &[u8],
+) -> Result<(VerifiedBatch, u32), Refusal> {
+    let batch = Batch::decode(&bytes).map_err(|e| Refusal::Flag(format!("batch: {e}")))?;
+    if batch.spoke != *id {
+        return Err(Refusal::Flag(format!(
+            "batch names spoke {} but the connection is authenticated as {id}",
+            batch.spoke
+        )));
+    }
+    let n = batch.records.len() as u32;
+    let first = batch.first_seq;
+    let verified = batch
+        .verify_signature(public_key)
+        .map_err(|e| Refusal::Flag(format!("batch starting at seq {first}: {e}")))?;
+    Ok((verified, n))
+}
+
 /// Why a batch was refused, for the spoke and the flag.
 enum Refusal {
     /// Flag it (the store has not yet).
@@ -184,17 +226,50 @@ impl Hub {
         {
             return;
         }
-        loop {
-            let req = match tidemesh_net::read_frame::<Request>(&mut recv).await {
-                Ok(r) => r,
-                Err(_) => break, // the spoke ended the session or the link went
-            };
-            let answer = match req {
-                Request::EvidenceBatch { batch } => {
-                    self.ingest_one(id, batch, public_key.clone(), cert_sha256, &settings)
-                        .await
+        // Two stages: a reader decodes and checks the signature of batch n+1
+        // (on the blocking pool) while batch n commits; the channel bound
+        // keeps at most two decoded batches in memory per session.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Item>(2);
+        let reader_id = id.clone();
+        let reader = tokio::spawn(async move {
+            loop {
+                let item = match tidemesh_net::read_frame::<Request>(&mut recv).await {
+                    // the spoke ended the session or the link went
+                    Err(_) => return,
+                    Ok(Request::EvidenceBatch { batch }) => {
+                        let id = reader_id.clone();
+                        let key = public_key.clone();
+                        Item::Batch(tokio::task::spawn_blocking(move || {
+                            decode_and_check(batch, &id, &key)
+                        }))
+                    }
+                    Ok(Request::EvidenceGap {
+                        resume_seq,
+                        resume_hash,
+                        reason,
+                    }) => Item::Gap {
+                        resume_seq,
+                        resume_hash,
+                        reason,
+                    },
+                    Ok(other) => Item::Other(format!(
+                        "unexpected request in an evidence session: {other:?}"
+                    )),
+                };
+                if tx.send(item).await.is_err() {
+                    return;
                 }
-                Request::EvidenceGap {
+            }
+        });
+        let _reader = AbortOnDrop(reader);
+        while let Some(item) = rx.recv().await {
+            let answer = match item {
+                Item::Batch(checked) => match checked.await {
+                    Ok(Ok(v)) => self.ingest_one(id, v, cert_sha256, &settings).await,
+                    Ok(Err(r)) => Err(r),
+                    Err(e) => Err(Refusal::Flag(format!("batch check failed: {e}"))),
+                },
+                Item::Gap {
                     resume_seq,
                     resume_hash,
                     reason,
@@ -202,9 +277,7 @@ impl Hub {
                     self.declare_gap(id, resume_seq, resume_hash, reason, &settings)
                         .await
                 }
-                other => Err(Refusal::Flag(format!(
-                    "unexpected request in an evidence session: {other:?}"
-                ))),
+                Item::Other(m) => Err(Refusal::Flag(m)),
             };
             match answer {
                 Ok(resp) => {
@@ -277,12 +350,12 @@ impl Hub {
     async fn ingest_one(
         &self,
         id: &SpiffeId,
-        bytes: Vec<u8>,
-        public_key: Vec<u8>,
+        verified: (VerifiedBatch, u32),
         cert_sha256: [u8; 32],
         settings: &IngestSettings,
     ) -> Result<Response, Refusal> {
         let limits = &self.inner.ingest;
+        let (verified, n) = verified;
         let t0 = Instant::now();
         let _permit = limits
             .slots
@@ -293,38 +366,25 @@ impl Hub {
         let store = self.inner.evidence.clone();
         let spoke = id.clone();
         let now = UnixMillis(self.now_ms());
-        let res = tokio::task::spawn_blocking(move || {
-            let batch = Batch::decode(&bytes).map_err(|e| Refusal::Flag(format!("batch: {e}")))?;
-            if batch.spoke != spoke {
-                return Err(Refusal::Flag(format!(
-                    "batch names spoke {} but the connection is authenticated as {spoke}",
-                    batch.spoke
-                )));
-            }
-            let n = batch.records.len() as u32;
-            let first = batch.first_seq;
-            let verified = batch
-                .verify_signature(&public_key)
-                .map_err(|e| Refusal::Flag(format!("batch starting at seq {first}: {e}")))?;
-            match store.ingest(&verified, cert_sha256, now) {
-                Ok(out) => Ok((Some(out), None, n)),
+        let res =
+            tokio::task::spawn_blocking(move || match store.ingest(&verified, cert_sha256, now) {
+                Ok(out) => Ok((Some(out), None)),
                 Err(IngestError::Ahead { .. }) => {
                     let pos = store
                         .position(&spoke)
                         .map_err(|e| Refusal::Flag(format!("evidence store: {e}")))?;
-                    Ok((None, Some(pos), n))
+                    Ok((None, Some(pos)))
                 }
                 Err(e @ (IngestError::Chain { .. } | IngestError::Fork { .. })) => {
                     Err(Refusal::Flagged(e.to_string()))
                 }
                 Err(e) => Err(Refusal::Flag(format!("evidence store: {e}"))),
-            }
-        })
-        .await
-        .map_err(|e| Refusal::Flag(format!("ingest task failed: {e}")))??;
-        let (window, retry) = self.pacing(settings, waited, res.2);
+            })
+            .await
+            .map_err(|e| Refusal::Flag(format!("ingest task failed: {e}")))??;
+        let (window, retry) = self.pacing(settings, waited, n);
         match res {
-            (Some(out), _, _) => {
+            (Some(out), _) => {
                 let c = &limits.counters;
                 c.batches.fetch_add(1, Ordering::Relaxed);
                 c.records
@@ -333,7 +393,7 @@ impl Hub {
                     .fetch_add(u64::from(out.duplicates), Ordering::Relaxed);
                 Ok(ack(&out.position, Some(&out), window, retry))
             }
-            (None, Some(pos), _) => {
+            (None, Some(pos)) => {
                 limits.counters.ahead.fetch_add(1, Ordering::Relaxed);
                 debug!(spoke = %id, hub_next = pos.next_seq.get(), "batch ahead of the hub's position; spoke will resend");
                 Ok(ack(&pos, None, window, retry))

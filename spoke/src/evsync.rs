@@ -25,10 +25,13 @@ use std::{
 use tidemesh_evidence::{Batch, ChainHash, ChainPosition, EvidenceSeq, MAX_BATCH_BYTES};
 use tidemesh_proto::{ErrorCode, Request, Response};
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::buffer::{BufferError, EvidenceBuffer};
 use crate::{unix_ms, Spoke, REQUEST_TIMEOUT};
+
+/// Room for a batch's header (spoke ID, sequence number, signature).
+const BATCH_HEADROOM: usize = 8 * 1024;
 
 /// Evidence sync settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -254,6 +257,22 @@ impl Spoke {
         });
         // The spoke may already hold fewer records than the hub lacks.
         self.ack_buffer(buf, &hub).await?;
+        // Later acks are applied in the background (the deletion commits
+        // with an fsync): the send loop goes on meanwhile. Acks are
+        // monotonic and idempotent, so only the newest matters.
+        let (ack_tx, mut ack_rx) = tokio::sync::watch::channel(0u64);
+        let ack_buf = buf.clone();
+        let _acker = crate::AbortOnDrop(tokio::spawn(async move {
+            while ack_rx.changed().await.is_ok() {
+                let up = *ack_rx.borrow_and_update();
+                if let Some(seq) = EvidenceSeq::new(up) {
+                    if let Err(e) = ack_buf.ack(seq).await {
+                        warn!(error = %e, "cannot delete acknowledged evidence");
+                        return;
+                    }
+                }
+            }
+        }));
         // Answers arrive on their own task so waiting for them can be
         // combined with waiting for new evidence.
         let (tx, mut rx) = mpsc::channel::<Result<Response, tidemesh_net::NetError>>(64);
@@ -280,11 +299,14 @@ impl Spoke {
                 let from = sent;
                 let b = buf.clone();
                 let max = settings.batch_records.max(1);
-                let got =
-                    tokio::task::spawn_blocking(move || b.pending(&from, max, MAX_BATCH_BYTES))
-                        .await
-                        .map_err(|e| SyncError::Other(e.to_string()))?;
-                let mut records = match got {
+                // Stored bytes are the records' encodings: leave room for
+                // each one's length prefix and the batch header, so the
+                // batch fits without encoding it once more to measure it.
+                let budget = MAX_BATCH_BYTES.saturating_sub(5 * max + BATCH_HEADROOM);
+                let got = tokio::task::spawn_blocking(move || b.pending(&from, max, budget))
+                    .await
+                    .map_err(|e| SyncError::Other(e.to_string()))?;
+                let records = match got {
                     Ok(r) => r,
                     Err(BufferError::Pruned { requested, oldest }) if inflight.is_empty() => {
                         let base = buf.base()?;
@@ -313,9 +335,6 @@ impl Spoke {
                 if records.is_empty() {
                     break;
                 }
-                let n = tidemesh_evidence::batch::fitting_records(&id, &records, MAX_BATCH_BYTES)
-                    .max(1);
-                records.truncate(n);
                 bucket.take(records.len()).await;
                 let last = records[records.len() - 1].clone();
                 let k = key.clone();
@@ -376,7 +395,16 @@ impl Spoke {
                             s.sync_state = "throttled";
                         });
                     }
-                    self.ack_buffer(buf, &hub).await?;
+                    self.check_ack(buf, &hub)?;
+                    if let Some(up) = hub.next_seq.prev() {
+                        ack_tx.send_if_modified(|v| {
+                            let newer = up.get() > *v;
+                            if newer {
+                                *v = up.get();
+                            }
+                            newer
+                        });
+                    }
                     self.sync_update(|s| {
                         s.sync_records_acked += u64::from(ack.stored);
                         s.sync_duplicates += u64::from(ack.duplicates);
@@ -398,15 +426,26 @@ impl Spoke {
         }
     }
 
-    /// Deletes what the hub holds.
+    /// Deletes what the hub holds, now.
     async fn ack_buffer(&self, buf: &EvidenceBuffer, hub: &ChainPosition) -> Result<(), SyncError> {
         let Some(up_to) = hub.next_seq.prev() else {
             return Ok(());
         };
-        let st = buf.stats(self.now_evidence());
-        if up_to.get() <= st.last_acked_seq {
+        if up_to.get() <= buf.stats(self.now_evidence()).last_acked_seq {
             return Ok(());
         }
+        self.check_ack(buf, hub)?;
+        buf.ack(up_to).await?;
+        Ok(())
+    }
+
+    /// An ack past the last committed record means the local buffer is not
+    /// the one the hub's chain came from.
+    fn check_ack(&self, buf: &EvidenceBuffer, hub: &ChainPosition) -> Result<(), SyncError> {
+        let Some(up_to) = hub.next_seq.prev() else {
+            return Ok(());
+        };
+        let st = buf.stats(self.now_evidence());
         if up_to.get() > st.last_committed_seq {
             return Err(SyncError::Other(format!(
                 "the hub holds this spoke's evidence up to {} but the local buffer ends at {}: \
@@ -414,10 +453,6 @@ impl Spoke {
                 up_to.get(),
                 st.last_committed_seq
             )));
-        }
-        buf.ack(up_to).await?;
-        if up_to.get() % 100_000 < 2_048 {
-            info!(acked = up_to.get(), "evidence acknowledged by the hub");
         }
         Ok(())
     }

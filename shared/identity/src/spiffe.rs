@@ -123,10 +123,7 @@ impl TrustDomain {
 
     /// The trust domain's own ID, `spiffe://<name>` (no path).
     pub fn id(&self) -> SpiffeId {
-        SpiffeId {
-            trust_domain: self.clone(),
-            path: String::new(),
-        }
+        SpiffeId::assemble(self.clone(), String::new())
     }
 }
 
@@ -161,15 +158,41 @@ impl From<TrustDomain> for String {
 ///
 /// Valid by construction (see the module docs for the rules). Displayed and
 /// serialized as the canonical URI string; deserialization validates.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(try_from = "String")]
 pub struct SpiffeId {
     trust_domain: TrustDomain,
     /// Empty, or `/seg(/seg)*`.
     path: String,
+    /// The whole URI, kept so display and serialization (every evidence
+    /// record carries IDs) neither allocate nor format.
+    uri: String,
+}
+
+impl Serialize for SpiffeId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.uri)
+    }
 }
 
 impl SpiffeId {
+    fn assemble(trust_domain: TrustDomain, path: String) -> SpiffeId {
+        let mut uri = String::with_capacity(PREFIX.len() + trust_domain.0.len() + path.len());
+        uri.push_str(PREFIX);
+        uri.push_str(&trust_domain.0);
+        uri.push_str(&path);
+        SpiffeId {
+            trust_domain,
+            path,
+            uri,
+        }
+    }
+
+    /// The canonical URI, `spiffe://<trust-domain><path>`.
+    pub fn as_str(&self) -> &str {
+        &self.uri
+    }
+
     /// Parses a SPIFFE ID exactly per the SPIFFE ID standard.
     pub fn parse(s: &str) -> Result<Self, SpiffeIdError> {
         if s.is_empty() {
@@ -201,10 +224,10 @@ impl SpiffeId {
         }
         validate_trust_domain(authority)?;
         validate_path(s, path)?;
-        Ok(Self {
-            trust_domain: TrustDomain(authority.to_owned()),
-            path: path.to_owned(),
-        })
+        Ok(Self::assemble(
+            TrustDomain(authority.to_owned()),
+            path.to_owned(),
+        ))
     }
 
     /// Builds `spiffe://<td>/<seg1>/<seg2>...`, validating every segment.
@@ -227,10 +250,7 @@ impl SpiffeId {
         if len > MAX_ID_LEN {
             return Err(SpiffeIdError::TooLong(len));
         }
-        Ok(Self {
-            trust_domain: td.clone(),
-            path,
-        })
+        Ok(Self::assemble(td.clone(), path))
     }
 
     /// Builds an ID from a compile-time constant path.
@@ -240,10 +260,7 @@ impl SpiffeId {
     /// check against [`SpiffeId::parse`].
     pub(crate) fn with_const_path(td: &TrustDomain, path: &'static str) -> Self {
         debug_assert!(validate_path(path, path).is_ok());
-        Self {
-            trust_domain: td.clone(),
-            path: path.to_owned(),
-        }
+        Self::assemble(td.clone(), path.to_owned())
     }
 
     /// The trust domain.
@@ -272,7 +289,7 @@ impl SpiffeId {
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{PREFIX}{}{}", self.trust_domain, self.path)
+        f.write_str(&self.uri)
     }
 }
 
@@ -292,7 +309,7 @@ impl TryFrom<String> for SpiffeId {
 
 impl From<SpiffeId> for String {
     fn from(id: SpiffeId) -> Self {
-        id.to_string()
+        id.uri
     }
 }
 

@@ -88,7 +88,9 @@ pub enum Request {
     /// A signed evidence batch (`tidemesh_evidence::Batch` encoding, at most
     /// `tidemesh_evidence::MAX_BATCH_BYTES`), inside an evidence session.
     EvidenceBatch {
-        /// The encoded batch.
+        /// The encoded batch (serde_bytes: same wire bytes as a `Vec<u8>`,
+        /// decoded in one copy instead of byte by byte).
+        #[serde(with = "serde_bytes")]
         batch: Vec<u8>,
     },
     /// Inside an evidence session: the spoke no longer holds the records the
@@ -154,6 +156,7 @@ pub enum Response {
         /// When it was applied at the hub (ms since the Unix epoch).
         applied_ms: u64,
         /// postcard encoding of `tidemesh_policy` 's spoke config slice.
+        #[serde(with = "serde_bytes")]
         snapshot: Vec<u8>,
     },
     /// No newer version than the one the spoke has.
