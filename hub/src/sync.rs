@@ -81,6 +81,16 @@ impl Registry {
         out.sort_by(|a, b| (&a.id.namespace, &a.id.name).cmp(&(&b.id.namespace, &b.id.name)));
         out
     }
+
+    /// Labels of every endpoint registered at `store`, healthy or not: the
+    /// authorization policies selecting them belong in the store's slice.
+    pub fn store_labels(&self, store: &str) -> Vec<tidemesh_policy::model::Labels> {
+        self.by_spoke
+            .values()
+            .filter(|(s, _)| s == store)
+            .flat_map(|(_, eps)| eps.iter().map(|e| e.labels.clone()))
+            .collect()
+    }
 }
 
 /// What changed between two configs, for the audit entry.
@@ -99,6 +109,17 @@ fn change_summary(from: &MeshConfig, to: &MeshConfig) -> String {
 
 /// The part of `config` that concerns the spoke at `store`.
 pub fn slice(config: &MeshConfig, store: &str) -> MeshConfig {
+    slice_with(config, store, &[])
+}
+
+/// [`slice`], also keeping the authorization policies that select any of
+/// `registered` (the labels of workloads spokes registered at `store`: they
+/// enforce those policies on their inbound path).
+pub fn slice_with(
+    config: &MeshConfig,
+    store: &str,
+    registered: &[tidemesh_policy::model::Labels],
+) -> MeshConfig {
     let workloads: Vec<_> = config
         .workloads
         .iter()
@@ -112,7 +133,9 @@ pub fn slice(config: &MeshConfig, store: &str) -> MeshConfig {
             None => true,
             Some(sel) => workloads
                 .iter()
-                .any(|w| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v))),
+                .map(|w| &w.labels)
+                .chain(registered)
+                .any(|labels| sel.iter().all(|(k, v)| labels.get(k) == Some(v))),
         })
         .cloned()
         .collect();
@@ -292,14 +315,15 @@ impl Hub {
             Ok(None) => return internal("no config".into()),
             Err(e) => return internal(e.to_string()),
         };
-        let (registry, site) = match self.inner.registry.lock() {
+        let (registry, site, labels) = match self.inner.registry.lock() {
             Ok(r) => (
                 r.generation(store),
                 r.site_workloads(store, &node.to_string()),
+                r.store_labels(store),
             ),
-            Err(_) => (0, Vec::new()),
+            Err(_) => (0, Vec::new(), Vec::new()),
         };
-        let mut part = slice(&v.config, store);
+        let mut part = slice_with(&v.config, store, &labels);
         part.workloads.extend(site);
         let snapshot = match postcard::to_allocvec(&part) {
             Ok(b) => b,

@@ -44,6 +44,31 @@ pub struct WorkloadConfig {
     pub outbound: Option<SocketAddr>,
     /// Optional HTTP health-check path.
     pub health: Option<String>,
+    /// Local rate limit on calls delivered to this workload (token bucket);
+    /// over it, callers get 429 with `retry-after`.
+    pub rate_limit: Option<RateLimitConfig>,
+}
+
+/// `rate_limit = { requests_per_second = 100, burst = 200 }`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Sustained rate: tokens added per second.
+    pub requests_per_second: u32,
+    /// Bucket size: requests admitted at once after a quiet spell; defaults
+    /// to `requests_per_second`.
+    pub burst: Option<u32>,
+}
+
+impl RateLimitConfig {
+    /// As the policy model's token bucket (Envoy's `local_ratelimit` shape).
+    pub fn to_policy(self) -> tidemesh_policy::model::RateLimit {
+        tidemesh_policy::model::RateLimit {
+            max_tokens: self.burst.unwrap_or(self.requests_per_second),
+            tokens_per_fill: self.requests_per_second,
+            fill_interval: std::time::Duration::from_secs(1),
+        }
+    }
 }
 
 fn default_namespace() -> String {
@@ -123,7 +148,19 @@ impl FileConfig {
         if let Some(h) = &self.hub {
             check_hub_addr(h).map_err(|reason| invalid("hub", h.clone(), reason))?;
         }
+        if let Some(a) = self.data_advertise {
+            if a.ip().is_unspecified() || a.port() == 0 {
+                return Err(invalid(
+                    "data_advertise",
+                    a.to_string(),
+                    "must be an address peers can dial: a concrete IP and a non-zero port",
+                ));
+            }
+        }
         let mut seen = std::collections::HashSet::new();
+        let mut outbound_seen = std::collections::HashSet::new();
+        let inbounds: std::collections::HashSet<SocketAddr> =
+            self.workloads.iter().filter_map(|w| w.inbound).collect();
         for (i, w) in self.workloads.iter().enumerate() {
             let key = |k: &str| format!("workload[{i}].{k}");
             let probe = format!("spiffe://x/sa/{}", w.service_account);
@@ -155,6 +192,63 @@ impl FileConfig {
             }
             if w.namespace.is_empty() {
                 return Err(invalid(key("namespace"), "", "must not be empty"));
+            }
+            if let Some(svc) = &w.service {
+                tidemesh_policy::units::canonical_host(svc, &w.namespace)
+                    .map_err(|reason| invalid(key("service"), svc.clone(), reason))?;
+            }
+            if let Some(a) = w.inbound {
+                if a.port() == 0 {
+                    return Err(invalid(key("inbound"), a.to_string(), "port must not be 0"));
+                }
+            }
+            if let Some(a) = w.outbound {
+                if a.port() == 0 {
+                    return Err(invalid(
+                        key("outbound"),
+                        a.to_string(),
+                        "port must not be 0: the app needs to know where to call",
+                    ));
+                }
+                if !outbound_seen.insert(a) {
+                    return Err(invalid(
+                        key("outbound"),
+                        a.to_string(),
+                        "used by another workload: each workload needs its own outbound listener",
+                    ));
+                }
+                if inbounds.contains(&a) {
+                    return Err(invalid(
+                        key("outbound"),
+                        a.to_string(),
+                        "is also a workload's inbound address",
+                    ));
+                }
+            }
+            if let Some(r) = w.rate_limit {
+                if !(1..=1_000_000).contains(&r.requests_per_second) {
+                    return Err(invalid(
+                        key("rate_limit.requests_per_second"),
+                        r.requests_per_second.to_string(),
+                        "must be from 1 to 1000000",
+                    ));
+                }
+                if let Some(b) = r.burst {
+                    if !(1..=10_000_000).contains(&b) {
+                        return Err(invalid(
+                            key("rate_limit.burst"),
+                            b.to_string(),
+                            "must be from 1 to 10000000",
+                        ));
+                    }
+                }
+                if w.inbound.is_none() {
+                    return Err(invalid(
+                        key("rate_limit"),
+                        format!("{r:?}"),
+                        "limits calls delivered to the workload: set inbound too",
+                    ));
+                }
             }
         }
         Ok(())
@@ -231,5 +325,35 @@ health = "/healthz"
         let e = FileConfig::parse("[[workload]]\nservice_account = \"a\"\ninbound = \"x\"\n")
             .expect_err("bad addr");
         assert!(e.to_string().contains("inbound"), "{e}");
+    }
+
+    #[test]
+    fn the_documented_example_is_valid() {
+        let c = FileConfig::parse(include_str!("../../deploy/examples/spoke.toml"))
+            .expect("deploy/examples/spoke.toml parses");
+        assert!(c.workloads[0].rate_limit.is_some());
+    }
+
+    #[test]
+    fn data_plane_keys_are_checked() {
+        let c = FileConfig::parse(
+            "[[workload]]\nservice_account = \"a\"\ninbound = \"127.0.0.1:8080\"\nrate_limit = { requests_per_second = 100, burst = 200 }\n",
+        )
+        .expect("valid");
+        let r = c.workloads[0].rate_limit.expect("set").to_policy();
+        assert_eq!((r.max_tokens, r.tokens_per_fill), (200, 100));
+        for (text, key) in [
+            ("data_listen = \"0.0.0.0:7444\"\ndata_advertise = \"0.0.0.0:7444\"\n", "data_advertise"),
+            ("[[workload]]\nservice_account = \"a\"\ninbound = \"127.0.0.1:1\"\nrate_limit = { requests_per_second = 0 }\n", "workload[0].rate_limit.requests_per_second"),
+            ("[[workload]]\nservice_account = \"a\"\ninbound = \"127.0.0.1:1\"\nrate_limit = { requests_per_second = 1, burst = 0 }\n", "workload[0].rate_limit.burst"),
+            ("[[workload]]\nservice_account = \"a\"\nrate_limit = { requests_per_second = 1 }\n", "workload[0].rate_limit"),
+            ("[[workload]]\nservice_account = \"a\"\nrate_limit = { rps = 1 }\n", "rps"),
+            ("[[workload]]\nservice_account = \"a\"\noutbound = \"127.0.0.1:0\"\n", "workload[0].outbound"),
+            ("[[workload]]\nservice_account = \"a\"\noutbound = \"127.0.0.1:9\"\n[[workload]]\nservice_account = \"b\"\noutbound = \"127.0.0.1:9\"\n", "workload[1].outbound"),
+            ("[[workload]]\nservice_account = \"a\"\nservice = \"Bad Name\"\n", "workload[0].service"),
+        ] {
+            let e = FileConfig::parse(text).expect_err(text);
+            assert!(e.to_string().contains(key), "{text}: {e}");
+        }
     }
 }

@@ -24,6 +24,7 @@
 pub mod buffer;
 pub mod config;
 pub mod creds;
+pub mod dataplane;
 mod evsync;
 pub mod replica;
 
@@ -85,6 +86,8 @@ pub struct SpokeConfig {
     pub sync: SyncSettings,
     /// Serve Prometheus `/metrics` here.
     pub metrics: Option<SocketAddr>,
+    /// Data plane limits and timeouts.
+    pub data: dataplane::DataSettings,
 }
 
 impl Default for SpokeConfig {
@@ -102,6 +105,7 @@ impl Default for SpokeConfig {
             evidence: buffer::BufferConfig::default(),
             sync: SyncSettings::default(),
             metrics: None,
+            data: dataplane::DataSettings::default(),
         }
     }
 }
@@ -138,6 +142,9 @@ pub enum SpokeError {
     /// Invalid input.
     #[error("{0}")]
     Invalid(String),
+    /// The data plane could not start (a port taken, credentials unusable).
+    #[error(transparent)]
+    DataPlane(#[from] dataplane::DataPlaneError),
 }
 
 fn tls_err(e: rustls::Error) -> NetError {
@@ -621,36 +628,50 @@ impl Spoke {
             .filter(|e| e.healthy)
             .map(|e| json!({"service": e.service, "service_account": e.service_account, "address": e.address, "origin": "local"}))
             .collect();
-        if let Some(cfg) = self.config() {
-            let store = match naming::classify(&self.inner.ident.id) {
-                Some(naming::MeshIdentity::Node { store, .. }) => store,
-                _ => String::new(),
-            };
-            let own: std::collections::HashSet<&str> = self
-                .inner
-                .cfg
-                .file
-                .workloads
+        out.extend(
+            self.site_workloads()
                 .iter()
-                .map(|w| w.service_account.as_str())
-                .collect();
-            let node = self
-                .inner
-                .ident
-                .id
-                .path()
-                .rsplit('/')
-                .next()
-                .unwrap_or("")
-                .to_owned();
-            out.extend(
-                cfg.workloads
-                    .iter()
-                    .filter(|w| w.store == store && !(own.contains(w.service_account.as_str()) && w.id.name.ends_with(&format!(".{node}"))))
-                    .map(|w| json!({"service": w.service, "service_account": w.service_account, "address": w.address, "origin": "site"})),
-            );
-        }
+                .map(|w| json!({"service": w.service, "service_account": w.service_account, "address": w.address, "origin": "site"})),
+        );
         out
+    }
+
+    /// The workloads of other spokes at this spoke's site, from the last
+    /// config slice (the hub sends only healthy ones).
+    pub fn site_workloads(&self) -> Vec<tidemesh_policy::model::Workload> {
+        let Some(cfg) = self.config() else {
+            return Vec::new();
+        };
+        let store = match naming::classify(&self.inner.ident.id) {
+            Some(naming::MeshIdentity::Node { store, .. }) => store,
+            _ => String::new(),
+        };
+        let own: std::collections::HashSet<&str> = self
+            .inner
+            .cfg
+            .file
+            .workloads
+            .iter()
+            .map(|w| w.service_account.as_str())
+            .collect();
+        let node = self
+            .inner
+            .ident
+            .id
+            .path()
+            .rsplit('/')
+            .next()
+            .unwrap_or("")
+            .to_owned();
+        cfg.workloads
+            .iter()
+            .filter(|w| {
+                w.store == store
+                    && !(own.contains(w.service_account.as_str())
+                        && w.id.name.ends_with(&format!(".{node}")))
+            })
+            .cloned()
+            .collect()
     }
 
     /// The config in force (the last-known-good replica), if any.
@@ -1036,6 +1057,14 @@ impl Spoke {
                 tidemesh_evidence::record::ConfigSource::Cache,
             );
         }
+        // The data plane binds now, so a taken port stops the spoke before
+        // the hub session starts; it serves without the hub from here on.
+        let _data = if dataplane::needed(&self.inner.cfg.file) {
+            let data = dataplane::DataPlane::bind(self, self.inner.cfg.data.clone()).await?;
+            Some(AbortOnDrop(tokio::spawn(data.serve())))
+        } else {
+            None
+        };
         let me = self.clone();
         let _health = AbortOnDrop(tokio::spawn(async move { me.health_loop().await }));
         info!(spoke = %self.inner.ident.id, hub = %self.inner.hub, "spoke running");

@@ -137,6 +137,7 @@ fn day_long_partition_expires_the_certificate_and_the_spoke_comes_back() {
                             inbound: None,
                             outbound: None,
                             health: None,
+                            rate_limit: None,
                         }],
                         ..Default::default()
                     },

@@ -19,6 +19,7 @@
 //! message type is a protocol change (see the golden tests in `tests`).
 
 pub mod control;
+pub mod data;
 pub mod sync;
 pub mod token;
 

@@ -1,0 +1,380 @@
+//! From a `Host` to an endpoint: the service's canonical host, the route
+//! rule's destination (service, subset), then an endpoint, local first.
+//!
+//! What it is: the glue between the spoke's registry (its own workloads and
+//! the same-site workloads of the last config slice) and the I/O-free
+//! routing of `tidemesh-policy` ([`tidemesh_policy::CompiledRoutes`] for the
+//! destination, [`Balancer`] for the endpoint). Who drives it: the outbound
+//! path, per request. What it must not do: I/O; it reads only memory.
+//!
+//! Locality: a healthy workload on this spoke wins; only when there is none
+//! does the request cross to another spoke of the same site. The cloud tier
+//! (through the hub gateway) comes with the gateway.
+
+use std::net::SocketAddr;
+
+use tidemesh_evidence::record::{
+    EndpointCandidate, LbAlgorithm as EvAlgorithm, Locality as EvLocality, RoutingEvidence,
+};
+use tidemesh_identity::{naming, SpiffeId};
+use tidemesh_policy::{
+    model::{labels_match, EndpointLocation, LbAlgorithm, LoadBalancer, Locality},
+    routing::{Balancer, Candidate, LocalityTier, PickReason},
+    units::canonical_host,
+    HeaderLookup, RouteRequest,
+};
+
+use super::Shared;
+
+/// One balancer per (destination host, subset, tier).
+pub(crate) type BalancerKey = (String, Option<String>, bool);
+
+/// Where the chosen endpoint is.
+#[derive(Debug, Clone)]
+pub(crate) enum Target {
+    /// A workload of this spoke (index into `Shared::workloads`).
+    Local(usize),
+    /// A workload on another spoke of the site, reached through the tunnel.
+    Site {
+        /// The peer spoke's data address.
+        addr: SocketAddr,
+        /// The peer spoke's node ID (what its certificate must say).
+        server: SpiffeId,
+        /// The workload's service account there.
+        account: String,
+    },
+}
+
+/// A resolved request.
+#[derive(Debug)]
+pub(crate) struct Resolved {
+    /// Canonical host of the destination service.
+    pub host: String,
+    pub target: Target,
+    pub evidence: RoutingEvidence,
+    /// The route's timeout, if it sets one.
+    pub timeout: Option<std::time::Duration>,
+}
+
+/// Why no endpoint was chosen (the proxy answers with the status).
+#[derive(Debug)]
+pub(crate) struct Unroutable {
+    pub status: hyper::StatusCode,
+    pub reason: String,
+    pub host: String,
+    pub evidence: Option<Box<RoutingEvidence>>,
+}
+
+struct Cand {
+    address: String,
+    healthy: bool,
+    weight: u32,
+    labels: tidemesh_policy::model::Labels,
+    target: Option<Target>,
+    local: bool,
+}
+
+/// Every endpoint of canonical `host`: this spoke's workloads (healthy or
+/// not, for the evidence) and the site's from the last slice.
+fn candidates(s: &Shared, host: &str) -> Vec<Cand> {
+    let mut out = Vec::new();
+    for (i, w) in s.workloads.iter().enumerate() {
+        if w.service == host {
+            if let Some(addr) = w.inbound {
+                out.push(Cand {
+                    address: addr.to_string(),
+                    healthy: s.healthy(&w.account),
+                    weight: 1,
+                    labels: w.labels.clone(),
+                    target: Some(Target::Local(i)),
+                    local: true,
+                });
+            }
+        }
+    }
+    for w in s.spoke.site_workloads() {
+        let canon = canonical_host(&w.service, &w.id.namespace).unwrap_or(w.service.clone());
+        if canon != host {
+            continue;
+        }
+        let node =
+            w.id.name
+                .strip_prefix(&format!("{}.", w.service_account))
+                .unwrap_or("")
+                .to_owned();
+        let target = match (
+            w.address.parse::<SocketAddr>(),
+            naming::node_id(&s.td, &s.store, &node),
+        ) {
+            (Ok(addr), Ok(server)) => Some(Target::Site {
+                addr,
+                server,
+                account: w.service_account.clone(),
+            }),
+            _ => None,
+        };
+        out.push(Cand {
+            address: w.address.clone(),
+            healthy: target.is_some(),
+            weight: w.weight.max(1),
+            labels: w.labels.clone(),
+            target,
+            local: false,
+        });
+    }
+    out
+}
+
+/// Every canonical service host this spoke could route to.
+fn known_hosts(s: &Shared, config: &tidemesh_policy::MeshConfig) -> Vec<String> {
+    let mut v: Vec<String> = s.workloads.iter().map(|w| w.service.clone()).collect();
+    v.extend(
+        s.spoke
+            .site_workloads()
+            .iter()
+            .map(|w| canonical_host(&w.service, &w.id.namespace).unwrap_or(w.service.clone())),
+    );
+    v.extend(config.services());
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// The canonical host a `Host` header names for a caller in `namespace`:
+/// `name` is `name.<caller's namespace>` as in Kubernetes, or, when no such
+/// service exists, the one service of that name in another namespace.
+pub(crate) fn canonical_target(
+    s: &Shared,
+    config: &tidemesh_policy::MeshConfig,
+    host: &str,
+    namespace: &str,
+) -> Result<String, String> {
+    let name = strip_port(host);
+    let canon = canonical_host(name, namespace)?;
+    let known = known_hosts(s, config);
+    if known.contains(&canon) || name.contains('.') {
+        return Ok(canon);
+    }
+    let prefix = format!("{name}.");
+    let matches: Vec<&String> = known.iter().filter(|h| h.starts_with(&prefix)).collect();
+    match matches.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => Ok(canon),
+        many => Err(format!(
+            "host {name:?} is ambiguous: {} (use name.namespace)",
+            many.iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host;
+    }
+    match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+fn ev_algorithm(a: LbAlgorithm) -> EvAlgorithm {
+    match a {
+        LbAlgorithm::RoundRobin => EvAlgorithm::RoundRobin,
+        LbAlgorithm::Weighted => EvAlgorithm::WeightedRoundRobin,
+        LbAlgorithm::LeastRequest => EvAlgorithm::LeastRequest,
+        LbAlgorithm::Random => EvAlgorithm::WeightedRandom,
+    }
+}
+
+fn pick_reason(r: PickReason) -> &'static str {
+    match r {
+        PickReason::NextInRotation => "next_in_rotation",
+        PickReason::WeightedRotation => "weighted_rotation",
+        PickReason::LeastRequest => "least_request",
+        PickReason::Random => "random",
+        PickReason::OnlyCandidate => "only_candidate",
+    }
+}
+
+/// Routes a request to `host` (as the caller wrote it) for the caller in
+/// `namespace`.
+pub(crate) fn resolve(
+    s: &Shared,
+    host: &str,
+    namespace: &str,
+    method: &str,
+    path: &str,
+    headers: &dyn HeaderLookup,
+) -> Result<Resolved, Unroutable> {
+    let compiled = s.compiled();
+    let unroutable = |status, reason: String, host: &str| Unroutable {
+        status,
+        reason,
+        host: host.to_owned(),
+        evidence: None,
+    };
+    let canon = canonical_target(s, &compiled.config, host, namespace)
+        .map_err(|e| unroutable(hyper::StatusCode::BAD_REQUEST, e, host))?;
+    let req = RouteRequest {
+        path,
+        method,
+        headers,
+    };
+    let (dest, subset, timeout, version) = match &compiled.routes {
+        Some(r) => match r.route(&canon, &req, rand::random()) {
+            Ok(d) => (
+                d.destination.host.to_string(),
+                d.destination.subset.as_deref().map(str::to_owned),
+                d.timeout,
+                d.destination.subset.as_deref().map(str::to_owned),
+            ),
+            Err(e) => {
+                return Err(unroutable(
+                    hyper::StatusCode::NOT_FOUND,
+                    e.to_string(),
+                    &canon,
+                ))
+            }
+        },
+        None => (canon.clone(), None, None, None),
+    };
+    let selector = match &subset {
+        Some(name) => match compiled
+            .config
+            .destination_policy(&dest)
+            .and_then(|p| p.subset(name))
+        {
+            Some(sub) => Some(sub.labels.clone()),
+            None => {
+                return Err(unroutable(
+                    hyper::StatusCode::SERVICE_UNAVAILABLE,
+                    format!("subset {name:?} of {dest} is not defined"),
+                    &dest,
+                ))
+            }
+        },
+        None => None,
+    };
+    let lb = compiled
+        .config
+        .destination_policy(&dest)
+        .and_then(|p| p.traffic.load_balancer)
+        .unwrap_or_default();
+    let all: Vec<Cand> = candidates(s, &dest)
+        .into_iter()
+        .filter(|c| selector.as_ref().is_none_or(|l| labels_match(l, &c.labels)))
+        .collect();
+    let mut evidence = RoutingEvidence {
+        load_balancing_algorithm: ev_algorithm(lb.algorithm),
+        available_endpoints: all
+            .iter()
+            .map(|c| EndpointCandidate {
+                address: c.address.clone(),
+                weight: c.weight,
+                healthy: c.healthy,
+                locality: Some(if c.local {
+                    EvLocality::Local
+                } else {
+                    EvLocality::SameZone
+                }),
+            })
+            .collect(),
+        selected_endpoint: None,
+        selection_reason: String::new(),
+        locality: None,
+        version,
+    };
+    let any_local = all.iter().any(|c| c.local && c.healthy);
+    for local in [true, false] {
+        if local && !any_local {
+            continue;
+        }
+        let tier: Vec<&Cand> = all
+            .iter()
+            .filter(|c| c.local == local && c.target.is_some())
+            .collect();
+        if let Some((i, reason)) = pick(s, &dest, &subset, local, lb, &tier) {
+            let c = tier[i];
+            evidence.selected_endpoint = Some(c.address.clone());
+            evidence.locality = Some(if local {
+                EvLocality::Local
+            } else {
+                EvLocality::SameZone
+            });
+            evidence.selection_reason = format!(
+                "{}_{}",
+                pick_reason(reason),
+                if local {
+                    "local_endpoint_preferred"
+                } else {
+                    "no_healthy_local_endpoint_same_site_peer"
+                }
+            );
+            let target = c.target.clone().ok_or_else(|| Unroutable {
+                status: hyper::StatusCode::SERVICE_UNAVAILABLE,
+                reason: "no usable endpoint".into(),
+                host: dest.clone(),
+                evidence: None,
+            })?;
+            return Ok(Resolved {
+                host: dest,
+                target,
+                evidence,
+                timeout,
+            });
+        }
+    }
+    evidence.selection_reason = if all.is_empty() {
+        "no_endpoints".into()
+    } else {
+        "no_healthy_endpoint".into()
+    };
+    Err(Unroutable {
+        status: hyper::StatusCode::SERVICE_UNAVAILABLE,
+        reason: if all.is_empty() {
+            format!("no endpoint of {dest} on this spoke or at its site")
+        } else {
+            format!("no healthy endpoint of {dest} on this spoke or at its site")
+        },
+        host: dest,
+        evidence: Some(Box::new(evidence)),
+    })
+}
+
+fn pick(
+    s: &Shared,
+    dest: &str,
+    subset: &Option<String>,
+    local: bool,
+    lb: LoadBalancer,
+    tier: &[&Cand],
+) -> Option<(usize, PickReason)> {
+    if tier.is_empty() {
+        return None;
+    }
+    // One tier at a time: every candidate is at the caller's site.
+    let here = Locality {
+        site: Some(s.store.clone()),
+        ..Locality::default()
+    };
+    let location = EndpointLocation::Store(s.store.clone());
+    let cands: Vec<Candidate> = tier
+        .iter()
+        .map(|c| Candidate {
+            address: &c.address,
+            location: &location,
+            locality: &here,
+            weight: c.weight,
+            healthy: c.healthy,
+        })
+        .collect();
+    let mut balancers = s.balancers.lock().ok()?;
+    let b = balancers
+        .entry((dest.to_owned(), subset.clone(), local))
+        .or_insert_with(|| Balancer::new(lb));
+    let p = b.pick(&here, &cands, LocalityTier::SameSite, rand::random())?;
+    Some((p.index, p.reason))
+}

@@ -1,0 +1,295 @@
+//! Trace context: W3C `traceparent` and B3 headers read, continued or
+//! created, and `x-request-id` created when absent.
+//!
+//! What it is: parsing and formatting, with randomness passed in as bytes.
+//! Who drives it: the outbound path (a span per proxied call, child of the
+//! app's) and the inbound path (a span per delivered call, child of the
+//! calling spoke's). What it must not do: draw its own randomness, or trust
+//! a malformed header (it is ignored and a new trace starts).
+
+/// The caller's position in a trace, as read from its headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parent {
+    /// 128-bit trace id (never all zero).
+    pub trace_id: [u8; 16],
+    /// The caller's span id (never all zero).
+    pub span_id: [u8; 8],
+    /// Sampled flag.
+    pub sampled: bool,
+}
+
+/// The span this proxy hop opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    /// Trace id: the caller's, or new.
+    pub trace_id: [u8; 16],
+    /// This hop's span id.
+    pub span_id: [u8; 8],
+    /// The caller's span, if the request came with one.
+    pub parent_span_id: Option<[u8; 8]>,
+    /// Sampled flag (new traces are sampled).
+    pub sampled: bool,
+}
+
+/// Header names written by [`Span::headers`] (lowercase).
+pub const TRACEPARENT: &str = "traceparent";
+/// B3 trace id.
+pub const B3_TRACE: &str = "x-b3-traceid";
+/// B3 span id.
+pub const B3_SPAN: &str = "x-b3-spanid";
+/// B3 parent span id.
+pub const B3_PARENT: &str = "x-b3-parentspanid";
+/// B3 sampled flag.
+pub const B3_SAMPLED: &str = "x-b3-sampled";
+/// Single-header B3, removed when the multi-header form is written.
+pub const B3_SINGLE: &str = "b3";
+/// Request id.
+pub const REQUEST_ID: &str = "x-request-id";
+
+fn hex_val(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn parse_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    let b = s.as_bytes();
+    if b.len() != 2 * N {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = hex_val(b[2 * i])? << 4 | hex_val(b[2 * i + 1])?;
+    }
+    Some(out)
+}
+
+/// Lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    const D: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(D[usize::from(b >> 4)] as char);
+        s.push(D[usize::from(b & 15)] as char);
+    }
+    s
+}
+
+/// Parses a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`; later
+/// versions are read by their first four fields, version `ff` is invalid).
+pub fn parse_traceparent(v: &str) -> Option<Parent> {
+    let v = v.trim();
+    let mut parts = v.split('-');
+    let version = parse_hex::<1>(parts.next()?)?[0];
+    let trace_id = parse_hex::<16>(parts.next()?)?;
+    let span_id = parse_hex::<8>(parts.next()?)?;
+    let flags = parse_hex::<1>(parts.next()?)?[0];
+    if version == 0xff || (version == 0 && parts.next().is_some()) {
+        return None;
+    }
+    if trace_id == [0; 16] || span_id == [0; 8] {
+        return None;
+    }
+    Some(Parent {
+        trace_id,
+        span_id,
+        sampled: flags & 1 == 1,
+    })
+}
+
+/// Reads B3 multi-header context (`x-b3-traceid` of 16 or 32 hex digits,
+/// 64-bit ids left-padded with zeros; `x-b3-spanid`; `x-b3-sampled`).
+pub fn parse_b3(get: &dyn Fn(&str) -> Option<String>) -> Option<Parent> {
+    let t = get(B3_TRACE)?;
+    let trace_id = match t.len() {
+        32 => parse_hex::<16>(&t)?,
+        16 => {
+            let short = parse_hex::<8>(&t)?;
+            let mut id = [0u8; 16];
+            id[8..].copy_from_slice(&short);
+            id
+        }
+        _ => return None,
+    };
+    let span_id = parse_hex::<8>(&get(B3_SPAN)?)?;
+    if trace_id == [0; 16] || span_id == [0; 8] {
+        return None;
+    }
+    let sampled = !matches!(get(B3_SAMPLED).as_deref(), Some("0") | Some("false"));
+    Some(Parent {
+        trace_id,
+        span_id,
+        sampled,
+    })
+}
+
+/// The caller's context: `traceparent` first, then B3.
+pub fn extract(get: &dyn Fn(&str) -> Option<String>) -> Option<Parent> {
+    get(TRACEPARENT)
+        .and_then(|v| parse_traceparent(&v))
+        .or_else(|| parse_b3(get))
+}
+
+impl Span {
+    /// Opens a span under `parent` (or a new sampled trace), with ids made
+    /// from `random` (24 random bytes: 16 for a new trace id, 8 for the span).
+    pub fn start(parent: Option<Parent>, random: [u8; 24]) -> Span {
+        let mut span_id = [0u8; 8];
+        span_id.copy_from_slice(&random[16..]);
+        if span_id == [0; 8] {
+            span_id[7] = 1;
+        }
+        match parent {
+            Some(p) => Span {
+                trace_id: p.trace_id,
+                span_id,
+                parent_span_id: Some(p.span_id),
+                sampled: p.sampled,
+            },
+            None => {
+                let mut trace_id = [0u8; 16];
+                trace_id.copy_from_slice(&random[..16]);
+                if trace_id == [0; 16] {
+                    trace_id[15] = 1;
+                }
+                Span {
+                    trace_id,
+                    span_id,
+                    parent_span_id: None,
+                    sampled: true,
+                }
+            }
+        }
+    }
+
+    /// This span as the parent of the next hop.
+    pub fn as_parent(&self) -> Parent {
+        Parent {
+            trace_id: self.trace_id,
+            span_id: self.span_id,
+            sampled: self.sampled,
+        }
+    }
+
+    /// The `traceparent` value naming this span.
+    pub fn traceparent(&self) -> String {
+        format!(
+            "00-{}-{}-{}",
+            hex(&self.trace_id),
+            hex(&self.span_id),
+            if self.sampled { "01" } else { "00" }
+        )
+    }
+
+    /// Headers to set on the request leaving this hop: `traceparent` and
+    /// the B3 multi-header set (the parent id only when there is one).
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut h = vec![
+            (TRACEPARENT, self.traceparent()),
+            (B3_TRACE, hex(&self.trace_id)),
+            (B3_SPAN, hex(&self.span_id)),
+            (B3_SAMPLED, if self.sampled { "1" } else { "0" }.to_owned()),
+        ];
+        if let Some(p) = self.parent_span_id {
+            h.push((B3_PARENT, hex(&p)));
+        }
+        h
+    }
+}
+
+/// A new `x-request-id`: a random (version 4) UUID from 16 random bytes.
+pub fn new_request_id(mut r: [u8; 16]) -> String {
+    r[6] = (r[6] & 0x0f) | 0x40;
+    r[8] = (r[8] & 0x3f) | 0x80;
+    let h = hex(&r);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
+mod tests {
+    use super::*;
+
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn headers<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |n| {
+            pairs
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(n))
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn traceparent_is_continued_with_a_new_span() {
+        let p = parse_traceparent(TP).unwrap();
+        assert_eq!(hex(&p.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert!(p.sampled);
+        let s = Span::start(Some(p), [7; 24]);
+        assert_eq!(s.trace_id, p.trace_id);
+        assert_eq!(s.parent_span_id, Some(p.span_id));
+        assert_eq!(
+            s.traceparent(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0707070707070707-01"
+        );
+        let h = s.headers();
+        assert!(h.contains(&(B3_PARENT, "00f067aa0ba902b7".into())));
+        assert!(h.contains(&(B3_TRACE, "4bf92f3577b34da6a3ce929d0e0e4736".into())));
+    }
+
+    #[test]
+    fn malformed_traceparents_start_a_new_trace() {
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e47zz-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "0é-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(parse_traceparent(bad), None, "{bad:?}");
+        }
+        // a future version may append fields
+        assert!(parse_traceparent(&format!("01{}-extra", &TP[2..])).is_some());
+        let s = Span::start(None, [9; 24]);
+        assert_eq!(s.trace_id, [9; 16]);
+        assert_eq!(s.parent_span_id, None);
+        assert!(s.sampled);
+    }
+
+    #[test]
+    fn b3_is_read_when_there_is_no_traceparent() {
+        let h = [
+            ("X-B3-TraceId", "a3ce929d0e0e4736"),
+            ("X-B3-SpanId", "00f067aa0ba902b7"),
+            ("X-B3-Sampled", "0"),
+        ];
+        let p = extract(&headers(&h)).unwrap();
+        assert_eq!(hex(&p.trace_id), "0000000000000000a3ce929d0e0e4736");
+        assert!(!p.sampled);
+        let both = [("traceparent", TP), ("x-b3-traceid", "a3ce929d0e0e4736")];
+        let p = extract(&headers(&both)).unwrap();
+        assert_eq!(hex(&p.span_id), "00f067aa0ba902b7");
+        assert!(extract(&headers(&[("x-b3-traceid", "zz")])).is_none());
+    }
+
+    #[test]
+    fn request_ids_are_v4_uuids() {
+        let id = new_request_id([0xff; 16]);
+        assert_eq!(id, "ffffffff-ffff-4fff-bfff-ffffffffffff");
+    }
+}

@@ -1,0 +1,561 @@
+//! The data tunnel between spokes of a site: QUIC, ALPN `tidemesh-data/1`,
+//! mutual TLS with SPIFFE identities.
+//!
+//! What it is: both ends of the tunnel. The calling end ([`call`]) keeps
+//! one connection per (calling workload, peer spoke), made with the calling
+//! workload's SVID and checking that the peer presents the node ID the
+//! registry names for that address; each request opens one bidirectional
+//! stream, writes a [`StreamHeader`] and then speaks HTTP/1.1 on it. The
+//! serving end ([`accept_loop`]) presents the node SVID, admits only
+//! workload SVIDs of its trust domain, reads the bounded header and hands
+//! the request to [`super::inbound`] with the peer's verified ID as the
+//! source principal. Who drives it: [`super::DataPlane`]. What it must not
+//! do: take the caller's identity from anything but the handshake, read an
+//! unbounded header, or keep a stream open past the header timeout.
+//!
+//! The negotiated cipher suite: quinn does not expose it, so the serving
+//! end fixes it. Its TLS config picks by its own preference order
+//! (`ignore_client_order`) and every tidemesh spoke offers the same provider's
+//! suites, so the suite is the first TLS 1.3 suite of that provider on both
+//! ends; the evidence records that name.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, SystemTime},
+};
+
+use hyper::{body::Incoming, service::service_fn, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tidemesh_evidence::{
+    record::{EnforcementPoint, IdentityEvidence, RequestEvidence, TlsVersion},
+    Sha256Digest,
+};
+use tidemesh_identity::{
+    naming,
+    verify::{self, Authorizer, ExactId},
+    SpiffeId,
+};
+use tidemesh_proto::{
+    close,
+    data::{header_len, StreamHeader},
+    ALPN_DATA, LEN_PREFIX,
+};
+use tokio::time::timeout;
+use tracing::{debug, info, warn};
+
+use super::{
+    finish_evidence, inbound, local_response, new_evidence, outbound, span_random, trace, Body,
+    DataPlaneError, DataSettings, Shared,
+};
+use crate::Spoke;
+
+/// SNI towards peers; the SPIFFE verifier ignores it.
+const SNI: &str = "data.tidemesh.invalid";
+
+/// Admits workload SVIDs only: a node or the hub has no business opening
+/// data streams.
+#[derive(Debug)]
+struct WorkloadPeers;
+
+impl Authorizer for WorkloadPeers {
+    fn authorize(&self, peer: &SpiffeId) -> Result<(), String> {
+        match naming::classify(peer) {
+            Some(naming::MeshIdentity::Workload { .. }) => Ok(()),
+            _ => Err("only workload SVIDs may open data streams".into()),
+        }
+    }
+}
+
+/// An open connection to a peer spoke for one calling workload.
+pub(crate) struct Tunnel {
+    conn: quinn::Connection,
+    server: SpiffeId,
+    fingerprint: Option<Sha256Digest>,
+}
+
+/// The calling end's connections, and the serving end's certificate state.
+#[derive(Default)]
+pub(crate) struct Pool {
+    conns: Mutex<HashMap<(usize, SocketAddr), Arc<Tunnel>>>,
+    server_cert: Mutex<Option<SystemTime>>,
+    serving: AtomicBool,
+}
+
+fn leaf_fingerprint(conn: &quinn::Connection) -> Option<Sha256Digest> {
+    let any = conn.peer_identity()?;
+    let certs = any
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    certs.first().map(|c| Sha256Digest::of(c))
+}
+
+fn first_tls13_suite(provider: &rustls::crypto::CryptoProvider) -> String {
+    provider
+        .cipher_suites
+        .iter()
+        .find(|s| s.version() == &rustls::version::TLS13)
+        .and_then(|s| s.suite().as_str())
+        .map(|n| n.replacen("TLS13_", "TLS_", 1))
+        .unwrap_or_default()
+}
+
+fn server_tls(spoke: &Spoke) -> Result<(rustls::ServerConfig, SystemTime), DataPlaneError> {
+    let node = spoke.inner.store.node()?;
+    let bundle = spoke
+        .inner
+        .store
+        .bundle(spoke.inner.ident.id.trust_domain())?;
+    let mut tls = verify::server_config(
+        bundle,
+        node.chain.clone(),
+        &node.key,
+        Arc::new(WorkloadPeers),
+        false,
+        spoke.inner.clock.clone(),
+        &[ALPN_DATA],
+    )
+    .map_err(|e| DataPlaneError::Tls(e.to_string()))?;
+    tls.ignore_client_order = true;
+    Ok((tls, node.not_after))
+}
+
+/// Binds the QUIC endpoint: serving on `data_listen` when set, else a
+/// client-only endpoint on an ephemeral port. Returns it, the cipher suite
+/// name and whether it serves.
+pub(crate) async fn bind_endpoint(
+    spoke: &Spoke,
+    settings: &DataSettings,
+) -> Result<(quinn::Endpoint, String, bool), DataPlaneError> {
+    let (tls, _) = server_tls(spoke)?;
+    let suite = first_tls13_suite(tls.crypto_provider());
+    let (addr, serving) = match spoke.inner.cfg.file.data_listen {
+        Some(a) => (a, true),
+        None => (SocketAddr::from(([0, 0, 0, 0], 0)), false),
+    };
+    let sock = std::net::UdpSocket::bind(addr).map_err(|source| DataPlaneError::Bind {
+        key: if serving {
+            "data_listen"
+        } else {
+            "(data client socket)"
+        }
+        .into(),
+        addr,
+        source,
+    })?;
+    let sock = tidemesh_net::quic::wrap_socket(sock).map_err(|e| DataPlaneError::Bind {
+        key: "data_listen".into(),
+        addr,
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let server = if serving {
+        Some(
+            settings
+                .quic
+                .server_config(tls)
+                .map_err(|e| DataPlaneError::Tls(e.to_string()))?,
+        )
+    } else {
+        None
+    };
+    let endpoint = tidemesh_net::quic::endpoint(sock, server)
+        .map_err(|e| DataPlaneError::Tls(e.to_string()))?;
+    Ok((endpoint, suite, serving))
+}
+
+/// Installs a renewed node SVID on the serving endpoint.
+pub(crate) async fn refresh_server_config(s: &Arc<Shared>) {
+    if !s.tunnels.serving.load(Ordering::Relaxed) {
+        return;
+    }
+    let spoke = s.spoke.clone();
+    let Ok(Ok((tls, not_after))) = tokio::task::spawn_blocking(move || server_tls(&spoke)).await
+    else {
+        return;
+    };
+    let changed = s
+        .tunnels
+        .server_cert
+        .lock()
+        .map(|mut c| c.replace(not_after) != Some(not_after))
+        .unwrap_or(false);
+    if changed {
+        match s.settings.quic.server_config(tls) {
+            Ok(cfg) => {
+                s.endpoint.set_server_config(Some(cfg));
+                debug!("data tunnel certificate refreshed");
+            }
+            Err(e) => warn!(error = %e, "cannot refresh the data tunnel certificate"),
+        }
+    }
+}
+
+async fn connect(
+    s: &Shared,
+    caller: usize,
+    addr: SocketAddr,
+    server: &SpiffeId,
+) -> Result<(Arc<Tunnel>, Option<u32>), String> {
+    let key = (caller, addr);
+    if let Some(t) = s
+        .tunnels
+        .conns
+        .lock()
+        .ok()
+        .and_then(|m| m.get(&key).cloned())
+    {
+        if t.conn.close_reason().is_none() && &t.server == server {
+            return Ok((t, None));
+        }
+    }
+    let store = s.spoke.inner.store.clone();
+    let account = s.workloads[caller].account.clone();
+    let td = s.td.clone();
+    let (svid, bundle) = tokio::task::spawn_blocking(move || {
+        Ok::<_, crate::CredsError>((store.workload(&account)?, store.bundle(&td)?))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    let svid = svid.ok_or_else(|| {
+        format!(
+            "no SVID issued for workload {} yet (has the spoke reached the hub since it was declared?)",
+            s.workloads[caller].account
+        )
+    })?;
+    let tls = verify::client_config(
+        bundle,
+        svid.chain.clone(),
+        &svid.key,
+        Arc::new(ExactId(server.clone())),
+        s.spoke.inner.clock.clone(),
+        &[ALPN_DATA],
+    )
+    .map_err(|e| e.to_string())?;
+    let cfg = s
+        .settings
+        .quic
+        .client_config(tls)
+        .map_err(|e| e.to_string())?;
+    let t0 = tokio::time::Instant::now();
+    let connecting = s
+        .endpoint
+        .connect_with(cfg, addr, SNI)
+        .map_err(|e| e.to_string())?;
+    let conn = match timeout(s.settings.connect_timeout, connecting).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => {
+            return Err(format!(
+                "no QUIC handshake within {:?} (is UDP to it allowed?)",
+                s.settings.connect_timeout
+            ))
+        }
+    };
+    let hs = t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+    info!(workload = %s.workloads[caller].account, peer = %server, %addr, "data tunnel connected");
+    let t = Arc::new(Tunnel {
+        fingerprint: leaf_fingerprint(&conn),
+        conn,
+        server: server.clone(),
+    });
+    if let Ok(mut m) = s.tunnels.conns.lock() {
+        if let Some(old) = m.insert(key, t.clone()) {
+            if old.conn.close_reason().is_none() {
+                // A concurrent request connected too; let the old one drain.
+                debug!(%addr, "replacing a data tunnel connection");
+            }
+        }
+    }
+    Ok((t, Some(hs)))
+}
+
+/// Sends one request to workload `header.workload` at the peer spoke
+/// `server` (`addr`) for local workload `caller`; fills `ev`'s identity.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site; a struct would only rename them"
+)]
+pub(crate) async fn call(
+    s: &Shared,
+    caller: usize,
+    addr: SocketAddr,
+    server: &SpiffeId,
+    header: StreamHeader,
+    req: Request<Incoming>,
+    limit: Duration,
+    ev: &mut RequestEvidence,
+) -> Response<Body> {
+    let bytes = match header.encode() {
+        Ok(b) => b,
+        Err(e) => {
+            return local_response(
+                StatusCode::BAD_REQUEST,
+                &format!("cannot frame the request: {e}"),
+                &[],
+            )
+        }
+    };
+    // A pooled connection may have died since its last use: one fresh try.
+    let mut opened = None;
+    let mut last_err = String::new();
+    for _ in 0..2 {
+        let (t, hs) = match connect(s, caller, addr, server).await {
+            Ok(x) => x,
+            Err(e) => {
+                last_err = e;
+                break;
+            }
+        };
+        match timeout(s.settings.connect_timeout, t.conn.open_bi()).await {
+            Ok(Ok(streams)) => {
+                opened = Some((t, hs, streams));
+                break;
+            }
+            Ok(Err(e)) => last_err = e.to_string(),
+            Err(_) => last_err = "no stream credit from the peer in time".into(),
+        }
+        if let Ok(mut m) = s.tunnels.conns.lock() {
+            m.remove(&(caller, addr));
+        }
+    }
+    let Some((t, hs, (mut send, recv))) = opened else {
+        return local_response(
+            StatusCode::BAD_GATEWAY,
+            &format!("cannot reach peer spoke {server} at {addr}: {last_err}"),
+            &[],
+        );
+    };
+    ev.identity = Some(IdentityEvidence {
+        client_identity: Some(s.workloads[caller].id.clone()),
+        server_identity: Some(t.server.clone()),
+        certificate_fingerprint: t.fingerprint,
+        tls_version: TlsVersion::Tls13,
+        cipher_suite: Some(s.cipher_suite.clone()),
+        trust_chain_verified: true,
+        handshake_duration_us: hs,
+    });
+    let exchange = async move {
+        send.write_all(&bytes).await.map_err(|e| e.to_string())?;
+        let io = TokioIo::new(tokio::io::join(recv, send));
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "tunnel stream ended");
+            }
+        });
+        sender.send_request(req).await.map_err(|e| e.to_string())
+    };
+    match timeout(limit, exchange).await {
+        Ok(Ok(mut resp)) => {
+            inbound::strip_hop_by_hop(resp.headers_mut());
+            resp.map(http_body_util::BodyExt::boxed)
+        }
+        Ok(Err(e)) => local_response(
+            StatusCode::BAD_GATEWAY,
+            &format!("peer spoke {server} at {addr}: {e}"),
+            &[],
+        ),
+        Err(_) => local_response(
+            StatusCode::GATEWAY_TIMEOUT,
+            &format!("peer spoke {server} at {addr}: no response within {limit:?}"),
+            &[],
+        ),
+    }
+}
+
+/// The serving end: accepts peer connections until the endpoint closes.
+pub(crate) async fn accept_loop(s: Arc<Shared>) {
+    s.tunnels.serving.store(true, Ordering::Relaxed);
+    refresh_server_config(&s).await;
+    while let Some(incoming) = s.endpoint.accept().await {
+        if s.endpoint.open_connections() > s.settings.max_connections {
+            incoming.refuse();
+            continue;
+        }
+        let s = s.clone();
+        tokio::spawn(async move {
+            let conn = match timeout(s.settings.header_timeout, incoming).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    debug!(error = %e, "data tunnel handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            serve_conn(s, conn).await;
+        });
+    }
+}
+
+struct Peer {
+    id: SpiffeId,
+    fingerprint: Option<Sha256Digest>,
+}
+
+async fn serve_conn(s: Arc<Shared>, conn: quinn::Connection) {
+    // The verifier made a client certificate mandatory; check anyway.
+    let Some(id) = tidemesh_net::peer_spiffe_id(&conn) else {
+        conn.close(quinn::VarInt::from_u32(close::FORBIDDEN), b"no client SVID");
+        return;
+    };
+    debug!(peer = %id, remote = %conn.remote_address(), "data tunnel peer connected");
+    let peer = Arc::new(Peer {
+        fingerprint: leaf_fingerprint(&conn),
+        id,
+    });
+    loop {
+        let (mut send, mut recv) = match conn.accept_bi().await {
+            Ok(x) => x,
+            Err(_) => return,
+        };
+        let Ok(permit) = s.conn_limit.clone().try_acquire_owned() else {
+            let _ = send.reset(quinn::VarInt::from_u32(close::FORBIDDEN));
+            let _ = recv.stop(quinn::VarInt::from_u32(close::FORBIDDEN));
+            continue;
+        };
+        let s = s.clone();
+        let peer = peer.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let header = match timeout(s.settings.header_timeout, read_header(&mut recv)).await {
+                Ok(Ok(h)) => h,
+                Ok(Err(e)) => {
+                    warn!(peer = %peer.id, error = %e, "bad data stream header; resetting the stream");
+                    let _ = send.reset(quinn::VarInt::from_u32(close::PROTOCOL_ERROR));
+                    let _ = recv.stop(quinn::VarInt::from_u32(close::PROTOCOL_ERROR));
+                    return;
+                }
+                Err(_) => {
+                    let _ = send.reset(quinn::VarInt::from_u32(close::PROTOCOL_ERROR));
+                    let _ = recv.stop(quinn::VarInt::from_u32(close::PROTOCOL_ERROR));
+                    return;
+                }
+            };
+            let io = TokioIo::new(tokio::io::join(recv, send));
+            let header = Arc::new(header);
+            let svc = {
+                let s = s.clone();
+                service_fn(move |req| {
+                    let s = s.clone();
+                    let peer = peer.clone();
+                    let header = header.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            serve_request(&s, &peer, &header, req).await,
+                        )
+                    }
+                })
+            };
+            if let Err(e) = outbound::http1_server(&s.settings)
+                .serve_connection(io, svc)
+                .await
+            {
+                debug!(error = %e, "data stream ended");
+            }
+        });
+    }
+}
+
+async fn read_header(recv: &mut quinn::RecvStream) -> Result<StreamHeader, String> {
+    let mut prefix = [0u8; LEN_PREFIX];
+    recv.read_exact(&mut prefix)
+        .await
+        .map_err(|e| e.to_string())?;
+    let len = header_len(prefix).map_err(|e| e.to_string())?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
+    StreamHeader::decode(&body).map_err(|e| e.to_string())
+}
+
+/// One request from a peer spoke: a span under the caller's, then delivery.
+async fn serve_request(
+    s: &Shared,
+    peer: &Peer,
+    header: &StreamHeader,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let started = tokio::time::Instant::now();
+    let parent = {
+        let h = req.headers();
+        trace::extract(&|n| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned))
+    }
+    .or_else(|| {
+        header.trace.map(|t| trace::Parent {
+            trace_id: t.trace_id,
+            span_id: t.span_id,
+            sampled: t.sampled,
+        })
+    })
+    .filter(|p| p.trace_id != [0; 16] && p.span_id != [0; 8]);
+    let span = trace::Span::start(parent, span_random());
+    let operation = format!("{} {}", req.method(), req.uri().path());
+    {
+        let h = req.headers_mut();
+        inbound::strip_hop_by_hop(h);
+        outbound::set_trace_headers(h, &span);
+        outbound::ensure_request_id(h, header.request_id.as_deref());
+    }
+    let mut ev = new_evidence(
+        &header.service,
+        EnforcementPoint::SidecarInbound,
+        s.mode(),
+        &span,
+        operation,
+    );
+    ev.identity = Some(IdentityEvidence {
+        client_identity: Some(peer.id.clone()),
+        server_identity: Some(s.node_id.clone()),
+        certificate_fingerprint: peer.fingerprint,
+        tls_version: TlsVersion::Tls13,
+        cipher_suite: Some(s.cipher_suite.clone()),
+        trust_chain_verified: true,
+        handshake_duration_us: None,
+    });
+    let idx = s
+        .workloads
+        .iter()
+        .position(|w| w.account == header.workload && w.service == header.service);
+    let resp = match idx {
+        None => local_response(
+            StatusCode::NOT_FOUND,
+            &format!(
+                "no workload {} serving {} on this spoke",
+                header.workload, header.service
+            ),
+            &[],
+        ),
+        Some(i) => {
+            match timeout(
+                s.settings.request_timeout,
+                inbound::deliver(s, i, Some(&peer.id), req, &mut ev),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => local_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    &format!("no response within {:?}", s.settings.request_timeout),
+                    &[],
+                ),
+            }
+        }
+    };
+    let reason = resp
+        .headers()
+        .get("x-tidemesh-reason")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    finish_evidence(&mut ev, started, resp.status(), &reason);
+    s.record(ev);
+    resp
+}

@@ -1,0 +1,625 @@
+//! The data plane end to end, with the real binaries and real HTTP servers
+//! on loopback: a hub and two spokes at store sf01; apps call their spoke's
+//! outbound listener with plain HTTP/1.1; the spokes route local first and
+//! cross over the QUIC mTLS tunnel, authorize per the seed's
+//! AuthorizationPolicy, rate-limit, propagate trace context and write one
+//! evidence record per request.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    time::Duration,
+};
+
+use serde_json::Value;
+use tidemesh_tests::{bin, run, text, wait_for, HubProc, SpokeProc};
+
+const TD: &str = "edge.example";
+
+/// The seed's AuthorizationPolicy with the principals spelled in tidemesh's
+/// SPIFFE scheme (the seed's `cluster.local/ns/…` IDs are Kubernetes ones),
+/// plus one letting `frontend` GET the store's inventory.
+fn mesh_yaml() -> String {
+    format!(
+        r#"apiVersion: tidemesh.io/v1alpha1
+kind: Store
+metadata: {{name: sf01}}
+spec: {{region: us-west-2, zone: us-west-2a}}
+---
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata:
+  name: payment-service-authz
+  namespace: payments
+spec:
+  selector:
+    matchLabels:
+      app: payment-service
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals:
+        - "{TD}/store/sf01/sa/frontend"
+        - "{TD}/store/sf01/sa/checkout-service"
+    to:
+    - operation:
+        methods: ["POST"]
+        paths: ["/api/charge", "/api/refund"]
+    when:
+    - key: request.headers[x-api-version]
+      values: ["v1", "v2"]
+---
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata:
+  name: inventory-readers
+  namespace: store
+spec:
+  selector:
+    matchLabels:
+      app: inventory
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["{TD}/store/sf01/sa/frontend"]
+    to:
+    - operation:
+        methods: ["GET"]
+"#
+    )
+}
+
+/// A free TCP port on loopback (bound and released: a tiny race, fine here).
+fn free_tcp() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free tcp port")
+}
+
+fn free_udp() -> SocketAddr {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("free udp port")
+}
+
+/// A workload: answers every request with 200 and a JSON body of what it
+/// received (method, path, headers with lowercase names).
+fn echo_server(name: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { continue };
+            std::thread::spawn(move || {
+                let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+                let Some((head, body)) = read_message(&mut c) else {
+                    return;
+                };
+                let mut lines = head.split("\r\n");
+                let start: Vec<&str> = lines.next().unwrap_or("").split(' ').collect();
+                let headers: BTreeMap<String, String> = lines
+                    .filter_map(|l| l.split_once(':'))
+                    .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+                    .collect();
+                let out = serde_json::json!({
+                    "server": name,
+                    "method": start.first(),
+                    "path": start.get(1),
+                    "headers": headers,
+                    "body_len": body.len(),
+                })
+                .to_string();
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{out}",
+                    out.len()
+                );
+                let _ = c.write_all(resp.as_bytes());
+            });
+        }
+    });
+    addr
+}
+
+/// Reads one HTTP/1.1 message (head and a Content-Length body).
+fn read_message(c: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        let n = c.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let len: usize = head
+        .split("\r\n")
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = buf[head_end + 4..].to_vec();
+    while body.len() < len {
+        let n = c.read(&mut chunk).ok()?;
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    Some((head, body))
+}
+
+/// An app's answer.
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    headers: BTreeMap<String, String>,
+    body: String,
+}
+
+impl Reply {
+    /// The echo server's JSON, when the request reached it.
+    fn echo(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+    fn upstream_header(&self, name: &str) -> Option<String> {
+        self.echo()["headers"][name].as_str().map(str::to_owned)
+    }
+}
+
+/// An app's call: one raw HTTP/1.1 request to its spoke's outbound listener.
+fn call(
+    outbound: SocketAddr,
+    method: &str,
+    host: &str,
+    path: &str,
+    extra: &[(&str, &str)],
+) -> Reply {
+    let mut c = TcpStream::connect(outbound).expect("connect to the outbound listener");
+    c.set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    for (k, v) in extra {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    let body = if method == "POST" {
+        "{\"amount\":12}"
+    } else {
+        ""
+    };
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    c.write_all(req.as_bytes()).expect("send");
+    let (head, body) = read_message(&mut c).expect("a response");
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).to_string(),
+    }
+}
+
+/// A spoke's request records: those it still holds (`evidence tail
+/// --json`) and those it already synced to the hub and pruned (`evidence
+/// query` at the hub), once each by sequence number.
+fn request_records(hub: &HubProc, s: &SpokeProc) -> Vec<Value> {
+    let mut by_seq: BTreeMap<u64, Value> = BTreeMap::new();
+    let o = run(std::process::Command::new(bin("tidemesh-spoke"))
+        .args(["evidence", "tail", "--json", "-n", "10000", "--data-dir"])
+        .arg(&s.dir));
+    assert!(o.status.success(), "evidence tail: {}", text(&o));
+    let q = hub.cli(&[
+        "evidence", "query", "--spoke", &s.id, "--kind", "request", "--limit", "5000", "--json",
+    ]);
+    assert!(q.status.success(), "evidence query: {}", text(&q));
+    // The spoke first: a record it held then is at the hub by the query if
+    // it was pruned in between (the hub stores before it acks).
+    for line in String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .chain(String::from_utf8_lossy(&q.stdout).lines())
+    {
+        if let Ok(r) = serde_json::from_str::<Value>(line) {
+            if let (Some(seq), Some(req)) = (r["seq"].as_u64(), r["body"].get("request")) {
+                by_seq.insert(seq, req.clone());
+            }
+        }
+    }
+    by_seq.into_values().collect()
+}
+
+/// Waits for a request record matching `f` on spoke `s`.
+fn find_record(hub: &HubProc, s: &SpokeProc, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+    wait_for(Duration::from_secs(10), || {
+        request_records(hub, s).into_iter().find(|r| f(r))
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no record of {what} on {}: {:#?}",
+            s.id,
+            request_records(hub, s)
+        )
+    })
+}
+
+/// Waits for the request record with this operation name, and checks that
+/// it is the only one.
+fn one_record(hub: &HubProc, s: &SpokeProc, operation: &str) -> Value {
+    let rec = find_record(hub, s, operation, |r| {
+        r["telemetry"]["operation_name"] == operation
+    });
+    // Appends are group-committed: give a second record the chance to appear.
+    std::thread::sleep(Duration::from_millis(500));
+    let n = request_records(hub, s)
+        .iter()
+        .filter(|r| r["telemetry"]["operation_name"] == operation)
+        .count();
+    assert_eq!(n, 1, "one record per request per spoke for {operation}");
+    rec
+}
+
+fn write_config(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(format!("{name}.toml"));
+    std::fs::write(&p, text).expect("write config");
+    p.to_str().expect("utf8").to_owned()
+}
+
+fn trace_id(traceparent: &str) -> &str {
+    traceparent.split('-').nth(1).unwrap_or("")
+}
+
+fn span_id(traceparent: &str) -> &str {
+    traceparent.split('-').nth(2).unwrap_or("")
+}
+
+#[test]
+fn local_and_cross_spoke_calls_with_authorization_rate_limit_trace_and_evidence() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut hub = HubProc::init(tmp.path(), TD);
+    let hub_addr = hub.start();
+    let f = tmp.path().join("mesh.yaml");
+    std::fs::write(&f, mesh_yaml()).expect("yaml");
+    let o = hub.cli(&["apply", "-f", f.to_str().expect("utf8")]);
+    assert!(o.status.success(), "apply: {}", text(&o));
+
+    // spoke A (n0): the callers frontend and kiosk, and inventory (rate limited)
+    let inventory = echo_server("inventory");
+    let payments = echo_server("payment-service");
+    let (o_front, o_kiosk) = (free_tcp(), free_tcp());
+    let (data_a, data_b) = (free_udp(), free_udp());
+    let cfg_a = write_config(
+        tmp.path(),
+        "a",
+        &format!(
+            r#"data_listen = "{data_a}"
+data_advertise = "{data_a}"
+
+[[workload]]
+service_account = "frontend"
+service = "frontend"
+labels = {{ app = "frontend" }}
+outbound = "{o_front}"
+
+[[workload]]
+service_account = "kiosk"
+outbound = "{o_kiosk}"
+
+[[workload]]
+service_account = "inventory"
+service = "inventory"
+namespace = "store"
+labels = {{ app = "inventory", version = "v1" }}
+inbound = "{inventory}"
+health = "/healthz"
+rate_limit = {{ requests_per_second = 1, burst = 4 }}
+"#
+        ),
+    );
+    let cfg_b = write_config(
+        tmp.path(),
+        "b",
+        &format!(
+            r#"data_listen = "{data_b}"
+data_advertise = "{data_b}"
+
+[[workload]]
+service_account = "payments"
+service = "payment-service"
+namespace = "payments"
+labels = {{ app = "payment-service", version = "v1" }}
+inbound = "{payments}"
+health = "/healthz"
+"#
+        ),
+    );
+    let mut spokes = Vec::new();
+    for (i, cfg) in [cfg_a, cfg_b].iter().enumerate() {
+        let id = format!("spiffe://{TD}/store/sf01/node/n{i}");
+        let mut s =
+            SpokeProc::new(tmp.path(), &format!("spoke{i}"), &id).with_args(&["--config", cfg]);
+        let o = s.enroll(hub_addr, &hub.token(&id, "10m"));
+        assert!(o.status.success(), "enroll: {}", text(&o));
+        s.start();
+        s.wait_state("connected", Duration::from_secs(10));
+        spokes.push(s);
+    }
+    let (a, b) = (&spokes[0], &spokes[1]);
+    // every workload holds its SVID; A sees B's payment-service at the site
+    for s in [a, b] {
+        wait_for(Duration::from_secs(10), || {
+            let st = s.try_status()?;
+            st["workloads"]
+                .as_array()?
+                .iter()
+                .all(|w| w["id"].is_string())
+                .then_some(())
+        })
+        .unwrap_or_else(|| panic!("workload SVIDs on {}: {:?}", s.id, s.try_status()));
+    }
+    wait_for(Duration::from_secs(10), || {
+        a.try_status()?["registry"]
+            .as_array()?
+            .iter()
+            .any(|e| e["service"] == "payment-service" && e["origin"] == "site")
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("A never saw payment-service: {:?}", a.try_status()));
+
+    let frontend_id = format!("spiffe://{TD}/store/sf01/sa/frontend");
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    // 2. cross-spoke over QUIC mTLS, allowed by the seed's policy (B may
+    // take a moment to receive the policy with its slice)
+    let charge = |outbound, path: &str, extra: &[(&str, &str)]| {
+        call(outbound, "POST", "payment-service.payments", path, extra)
+    };
+    let r = wait_for(Duration::from_secs(10), || {
+        let r = charge(
+            o_front,
+            "/api/charge",
+            &[("x-api-version", "v1"), ("traceparent", tp)],
+        );
+        (r.status == 200).then_some(r)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "cross-spoke call never allowed: {:?}",
+            charge(o_front, "/api/charge", &[("x-api-version", "v1")])
+        )
+    });
+    assert_eq!(r.echo()["server"], "payment-service");
+    assert_eq!(
+        r.upstream_header("x-forwarded-client-cert").as_deref(),
+        Some(format!("By=spiffe://{TD}/store/sf01/sa/payments;URI={frontend_id}").as_str()),
+        "{r:?}"
+    );
+    // 9. trace context arrives: the app's trace, a new span; a request id
+    let up = r
+        .upstream_header("traceparent")
+        .expect("traceparent upstream");
+    assert_eq!(trace_id(&up), trace_id(tp), "{up}");
+    assert_ne!(span_id(&up), span_id(tp), "{up}");
+    assert_eq!(
+        r.upstream_header("x-b3-traceid").as_deref(),
+        Some(trace_id(tp))
+    );
+    let rid = r
+        .upstream_header("x-request-id")
+        .expect("x-request-id created");
+    assert_eq!(rid.len(), 36, "{rid}");
+
+    // the serving spoke's record: the caller's workload ID from mTLS, the decision
+    let op = "POST /api/charge";
+    let rec = find_record(&hub, b, "the allowed charge", |r| {
+        r["telemetry"]["operation_name"] == op && r["telemetry"]["status_code"] == 200
+    });
+    assert_eq!(rec["service_name"], "payment-service.payments");
+    assert_eq!(rec["enforcement_point"], "sidecar_inbound");
+    let id = &rec["identity"];
+    assert_eq!(id["client_identity"], frontend_id.as_str());
+    assert_eq!(id["server_identity"], b.id.as_str());
+    assert_eq!(id["tls_version"], "1.3");
+    assert!(
+        id["cipher_suite"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("TLS_"),
+        "{id}"
+    );
+    assert!(id["certificate_fingerprint"]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("sha256:"));
+    let pol = &rec["policy_evaluation"];
+    assert_eq!(pol["final_decision"], "ALLOW", "{pol}");
+    assert_eq!(pol["policy_name"], "payments/payment-service-authz");
+    assert_eq!(pol["matched_rule"], "0");
+    assert_eq!(rec["telemetry"]["trace_id"], trace_id(tp));
+    assert_eq!(rec["telemetry"]["span_id"], span_id(&up));
+    // and the calling spoke's: routed to the site peer over the tunnel
+    let rec = find_record(&hub, a, "the allowed charge", |r| {
+        r["telemetry"]["operation_name"] == op && r["telemetry"]["status_code"] == 200
+    });
+    assert_eq!(rec["enforcement_point"], "sidecar_outbound");
+    let route = &rec["routing_decision"];
+    assert_eq!(
+        route["selected_endpoint"],
+        data_b.to_string().as_str(),
+        "{route}"
+    );
+    assert_eq!(route["locality"], "same_zone");
+    assert_eq!(route["load_balancing_algorithm"], "round_robin");
+    assert_eq!(rec["identity"]["client_identity"], frontend_id.as_str());
+    assert_eq!(rec["identity"]["server_identity"], b.id.as_str());
+    assert_eq!(rec["telemetry"]["parent_span_id"], span_id(tp));
+
+    // 2. denied per the policy: another workload, or another path -> 403 with a reason
+    let r = charge(o_kiosk, "/api/charge", &[("x-api-version", "v1")]);
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(r.body.contains("RBAC: access denied"), "{r:?}");
+    assert!(r.body.contains("sa/kiosk"), "{r:?}");
+    let r = charge(o_front, "/api/admin", &[("x-api-version", "v1")]);
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(r.body.contains("no_allow_policy_matched"), "{r:?}");
+    let rec = one_record(&hub, b, "POST /api/admin");
+    assert_eq!(rec["policy_evaluation"]["final_decision"], "DENY");
+    assert_eq!(rec["telemetry"]["status_code"], 403);
+
+    // 1. a local call: frontend -> inventory, both on A; one record
+    let r = call(o_front, "GET", "inventory.store", "/local-once", &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.echo()["server"], "inventory");
+    assert_eq!(
+        r.upstream_header("x-forwarded-client-cert").as_deref(),
+        Some(format!("By=spiffe://{TD}/store/sf01/sa/inventory;URI={frontend_id}").as_str())
+    );
+    // 9. no context from the app: a new trace, a new request id
+    let up = r
+        .upstream_header("traceparent")
+        .expect("traceparent created");
+    assert_eq!(up.len(), 55, "{up}");
+    assert!(r.upstream_header("x-request-id").is_some());
+    let rec = one_record(&hub, a, "GET /local-once");
+    assert_eq!(rec["service_name"], "inventory.store");
+    assert_eq!(rec["routing_decision"]["locality"], "local");
+    assert_eq!(
+        rec["routing_decision"]["selected_endpoint"],
+        inventory.to_string().as_str()
+    );
+    assert_eq!(rec["policy_evaluation"]["final_decision"], "ALLOW");
+    assert_eq!(
+        rec["policy_evaluation"]["policy_name"],
+        "store/inventory-readers"
+    );
+    assert_eq!(rec["rate_limit_check"]["decision"], "allowed");
+    assert_eq!(rec["telemetry"]["trace_id"], trace_id(&up));
+    assert_eq!(rec["telemetry"]["status_code"], 200);
+    assert!(r.upstream_header("x-b3-spanid").is_some());
+    // a short name resolves to the one service of that name
+    assert_eq!(call(o_front, "GET", "inventory", "/short", &[]).status, 200);
+
+    // 7. the rate limit answers 429 with retry-after (burst 4, 1 per second)
+    let replies: Vec<Reply> = (0..8)
+        .map(|i| {
+            call(
+                o_front,
+                "GET",
+                "inventory.store",
+                &format!("/burst/{i}"),
+                &[],
+            )
+        })
+        .collect();
+    let limited: Vec<&Reply> = replies.iter().filter(|r| r.status == 429).collect();
+    assert!(!limited.is_empty(), "{replies:?}");
+    assert!(
+        replies.iter().all(|r| r.status == 200 || r.status == 429),
+        "{replies:?}"
+    );
+    let after: u64 = limited[0].headers["retry-after"]
+        .parse()
+        .expect("retry-after seconds");
+    assert!((1..=2).contains(&after), "{after}");
+    assert!(limited[0].body.contains("rate limit"), "{:?}", limited[0]);
+    let rec = find_record(&hub, a, "a limited request", |r| {
+        r["telemetry"]["status_code"] == 429
+    });
+    assert_eq!(rec["rate_limit_check"]["decision"], "limited");
+    assert_eq!(rec["rate_limit_check"]["limit"], 1);
+
+    // an unknown service: 503 naming it, and a record
+    let r = call(o_front, "GET", "nowhere.store", "/", &[]);
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.body.contains("nowhere.store"), "{r:?}");
+
+    // indicative latency on loopback (debug build, a new app connection per
+    // call): straight to the workload, and through both spokes and the tunnel
+    let median = |f: &dyn Fn() -> u16| {
+        let mut v: Vec<Duration> = (0..30)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                assert_eq!(f(), 200);
+                t.elapsed()
+            })
+            .collect();
+        v.sort();
+        v[v.len() / 2]
+    };
+    let direct = median(&|| {
+        call(
+            payments,
+            "POST",
+            "payment-service.payments",
+            "/api/charge",
+            &[],
+        )
+        .status
+    });
+    let tunnel = median(&|| charge(o_front, "/api/charge", &[("x-api-version", "v1")]).status);
+    eprintln!("median latency: direct {direct:?}, app -> spoke A -> QUIC -> spoke B -> workload {tunnel:?}");
+
+    // one QUIC connection per (calling workload, peer spoke), reused: of
+    // frontend's many calls to B, exactly one paid for a handshake
+    let handshakes = request_records(&hub, a)
+        .iter()
+        .filter(|r| {
+            r["identity"]["client_identity"] == frontend_id.as_str()
+                && r["identity"]["server_identity"] == b.id.as_str()
+        })
+        .map(|r| r["identity"]["handshake_duration_us"].is_u64())
+        .fold((0, 0), |(new, all), h| (new + usize::from(h), all + 1));
+    assert_eq!(handshakes.0, 1, "(new connections, calls) = {handshakes:?}");
+    assert!(handshakes.1 > 30, "{handshakes:?}");
+
+    // without the hub, local and same-site calls keep working
+    hub.kill();
+    std::thread::sleep(Duration::from_millis(200));
+    let r = charge(o_front, "/api/refund", &[("x-api-version", "v2")]);
+    assert_eq!(r.status, 200, "cross-spoke without the hub: {r:?}");
+    std::thread::sleep(Duration::from_secs(5));
+    let r = call(o_front, "GET", "inventory.store", "/offline", &[]);
+    assert_eq!(r.status, 200, "local without the hub: {r:?}");
+    let r = charge(o_front, "/api/refund", &[("x-api-version", "v2")]);
+    assert_eq!(r.status, 200, "cross-spoke without the hub: {r:?}");
+}
+
+#[test]
+fn a_taken_outbound_port_stops_the_spoke_before_it_serves() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut hub = HubProc::init(tmp.path(), TD);
+    let hub_addr = hub.start();
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    let cfg = write_config(
+        tmp.path(),
+        "taken",
+        &format!("[[workload]]\nservice_account = \"pos\"\noutbound = \"{addr}\"\n"),
+    );
+    let id = format!("spiffe://{TD}/store/sf01/node/n9");
+    let s = SpokeProc::new(tmp.path(), "spoke9", &id);
+    assert!(s.enroll(hub_addr, &hub.token(&id, "10m")).status.success());
+    let o = run(std::process::Command::new(bin("tidemesh-spoke"))
+        .args(["run", "--config", &cfg, "--data-dir"])
+        .arg(&s.dir));
+    assert!(!o.status.success());
+    let msg = text(&o);
+    assert!(
+        msg.contains("workload[0].outbound") && msg.contains(&addr.to_string()),
+        "{msg}"
+    );
+    hub.stop();
+}
