@@ -22,6 +22,8 @@
 //! Run: `cargo bench -p tidemesh-hub --bench foundation`. Without `--bench`
 //! (for example under `cargo test --benches`) it does a quick smoke pass.
 
+mod common;
+use common::{loadavg, machine};
 use std::{
     net::SocketAddr,
     path::Path,
@@ -429,32 +431,6 @@ async fn start_hub() -> Result<Bench> {
 }
 
 // ---- report ----------------------------------------------------------------
-
-fn machine() -> serde_json::Value {
-    let nproc = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into());
-    json!({"nproc": nproc, "arch": std::env::consts::ARCH, "cpu": cpu, "kernel": kernel, "loadavg": loadavg()})
-}
-
-/// The 1/5/15-minute load averages: other work on the box skews every figure.
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
-}
 
 fn row(name: &str, s: &Series, unit: &str) {
     println!(

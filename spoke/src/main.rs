@@ -349,23 +349,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 json!({"cmd": "evidence_tail", "n": n}),
             )
             .await?;
-            for rec in r.as_array().into_iter().flatten() {
-                if json {
-                    println!("{rec}");
-                } else {
-                    let kind = rec["body"]
-                        .as_object()
-                        .and_then(|o| o.keys().next().cloned())
-                        .unwrap_or_default();
-                    println!(
-                        "{:>8} {} {:<8} {}",
-                        rec["seq"],
-                        rec["timestamp"].as_str().unwrap_or(""),
-                        rec["class"].as_str().unwrap_or(""),
-                        kind
-                    );
-                }
-            }
+            tidemesh_net::cli::print_records(&r, json);
         }
         Cmd::Evidence {
             cmd: EvidenceCmd::Stats { data_dir, json },

@@ -176,6 +176,27 @@ fn wait_drained(hub: &HubProc, s: &SpokeProc, timeout: Duration) -> Value {
     })
 }
 
+/// Waits for the drain, then checks the hub holds every record the spoke
+/// committed (contiguous seqs, each drill index of `run_id` once, all
+/// `committed` of them) and that the chain verifies; returns the spoke's
+/// stats.
+fn assert_exactly_once(hub: &HubProc, s: &SpokeProc, run_id: &str, committed: u64) -> Value {
+    let st = wait_drained(hub, s, Duration::from_secs(60));
+    let records = hub_records(hub, &s.id);
+    assert_eq!(
+        Some(assert_contiguous(&records)),
+        st["last_committed_seq"].as_u64()
+    );
+    let idx = drill_indices(&records, run_id);
+    assert_eq!(
+        idx.len() as u64,
+        committed,
+        "every drill record exactly once"
+    );
+    assert_verified(hub, &s.id);
+    st
+}
+
 /// The hub's chain for the spoke verifies; returns the report.
 fn assert_verified(hub: &HubProc, spoke: &str) -> Value {
     let o = hub_verify(hub, spoke);
@@ -304,19 +325,7 @@ fn hub_sigkilled_mid_ingest_stores_exactly_once() {
     hub.kill();
     hub.start();
     let t = Instant::now();
-    let st = wait_drained(&hub, &s, Duration::from_secs(60));
-    let records = hub_records(&hub, &s.id);
-    assert_eq!(
-        Some(assert_contiguous(&records)),
-        st["last_committed_seq"].as_u64()
-    );
-    let idx = drill_indices(&records, &run_id);
-    assert_eq!(
-        idx.len() as u64,
-        committed,
-        "every drill record exactly once"
-    );
-    assert_verified(&hub, &s.id);
+    assert_exactly_once(&hub, &s, &run_id, committed);
     eprintln!(
         "hub SIGKILLed at hwm {mid} of {total}; after restart drained in {:?}; exactly once",
         t.elapsed()
@@ -377,19 +386,7 @@ fn lost_acks_duplication_and_reordering_store_each_record_once() {
         "5ms",
     ]);
     s.wait_state("connected", Duration::from_secs(15));
-    let st = wait_drained(&hub, &s, Duration::from_secs(60));
-    let records = hub_records(&hub, &s.id);
-    assert_eq!(
-        Some(assert_contiguous(&records)),
-        st["last_committed_seq"].as_u64()
-    );
-    let idx = drill_indices(&records, &run_id);
-    assert_eq!(
-        idx.len() as u64,
-        committed,
-        "every drill record exactly once"
-    );
-    assert_verified(&hub, &s.id);
+    let st = assert_exactly_once(&hub, &s, &run_id, committed);
     let rs = relay.stats();
     eprintln!(
         "acks cut with hub at {hwm_during} and spoke acked at {acked_during}; relay {rs}; \

@@ -40,6 +40,29 @@ pub fn init_tracing(format: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Prints evidence records as the `evidence tail` / `evidence query`
+/// commands do: one JSON object per line with `json`, else one line each
+/// (seq, time, class, kind).
+pub fn print_records(records: &serde_json::Value, json: bool) {
+    for rec in records.as_array().into_iter().flatten() {
+        if json {
+            println!("{rec}");
+        } else {
+            let kind = rec["body"]
+                .as_object()
+                .and_then(|o| o.keys().next().cloned())
+                .unwrap_or_default();
+            println!(
+                "{:>10} {} {:<8} {}",
+                rec["seq"],
+                rec["timestamp"].as_str().unwrap_or(""),
+                rec["class"].as_str().unwrap_or(""),
+                kind
+            );
+        }
+    }
+}
+
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
