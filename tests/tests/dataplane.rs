@@ -623,3 +623,298 @@ fn a_taken_outbound_port_stops_the_spoke_before_it_serves() {
     );
     hub.stop();
 }
+
+/// The seed's canary VirtualService and DestinationRule
+/// (canary_virtualservice_destinationrule.yaml) with `payment-service` in
+/// `payments` renamed to `reviews` in `bookinfo`, and a policy letting
+/// `productpage` GET reviews (the mesh denies by default).
+fn canary_yaml() -> String {
+    let seed = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/policy/testdata/seed/canary_virtualservice_destinationrule.yaml"),
+    )
+    .expect("the seed's canary yaml");
+    assert!(
+        seed.contains("x-canary") && seed.contains("weight: 90"),
+        "{seed}"
+    );
+    format!(
+        r#"apiVersion: tidemesh.io/v1alpha1
+kind: Store
+metadata: {{name: sf01}}
+spec: {{region: us-west-2, zone: us-west-2a}}
+---
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {{name: reviews-readers, namespace: bookinfo}}
+spec:
+  selector:
+    matchLabels: {{app: reviews}}
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["{TD}/store/sf01/sa/productpage"]
+    to:
+    - operation:
+        methods: ["GET"]
+---
+{}"#,
+        seed.replace("payment-service", "reviews")
+            .replace("namespace: payments", "namespace: bookinfo")
+    )
+}
+
+/// An app's HTTP/1.1 connection to its outbound listener, kept alive
+/// across requests (reconnecting if the spoke closes it).
+struct KeepAlive {
+    addr: SocketAddr,
+    conn: Option<TcpStream>,
+    connects: usize,
+}
+
+impl KeepAlive {
+    fn new(addr: SocketAddr) -> KeepAlive {
+        KeepAlive {
+            addr,
+            conn: None,
+            connects: 0,
+        }
+    }
+
+    /// GET `path` of `host`; the status and the body.
+    fn get(&mut self, host: &str, path: &str, extra: &[(&str, &str)]) -> (u16, String) {
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n");
+        for (k, v) in extra {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("Content-Length: 0\r\n\r\n");
+        for _ in 0..2 {
+            if self.conn.is_none() {
+                let c = TcpStream::connect(self.addr).expect("connect to the outbound listener");
+                c.set_read_timeout(Some(Duration::from_secs(15)))
+                    .expect("timeout");
+                let _ = c.set_nodelay(true);
+                self.conn = Some(c);
+                self.connects += 1;
+            }
+            let c = self.conn.as_mut().expect("connected");
+            if c.write_all(req.as_bytes()).is_err() {
+                self.conn = None;
+                continue;
+            }
+            let Some((head, body)) = read_message(c) else {
+                self.conn = None;
+                continue;
+            };
+            let head = head.to_ascii_lowercase();
+            assert!(
+                head.contains("content-length:"),
+                "a keep-alive answer needs a length: {head}"
+            );
+            if head.contains("connection: close") {
+                self.conn = None;
+            }
+            let status = head
+                .split(' ')
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            return (status, String::from_utf8_lossy(&body).to_string());
+        }
+        panic!("the outbound listener closed the connection twice in a row");
+    }
+}
+
+/// Must-show 4: the seed's canary (90/10 by weight; `x-canary: true` all to
+/// v2) over `reviews` v1 and v2, both workloads of one spoke, called by
+/// `productpage` on the same spoke through its outbound listener.
+#[test]
+fn canary_splits_90_10_and_x_canary_sends_all_to_v2() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut hub = HubProc::init(tmp.path(), TD);
+    let hub_addr = hub.start();
+    let f = tmp.path().join("canary.yaml");
+    std::fs::write(&f, canary_yaml()).expect("yaml");
+    let o = hub.cli(&["apply", "-f", f.to_str().expect("utf8")]);
+    assert!(o.status.success(), "apply: {}", text(&o));
+
+    let (v1, v2) = (echo_server("reviews-v1"), echo_server("reviews-v2"));
+    let outbound = free_tcp();
+    let data = free_udp();
+    let cfg = write_config(
+        tmp.path(),
+        "canary",
+        &format!(
+            r#"data_listen = "{data}"
+data_advertise = "{data}"
+
+[[workload]]
+service_account = "productpage"
+namespace = "bookinfo"
+outbound = "{outbound}"
+
+[[workload]]
+service_account = "reviews-v1"
+service = "reviews"
+namespace = "bookinfo"
+labels = {{ app = "reviews", version = "v1" }}
+inbound = "{v1}"
+
+[[workload]]
+service_account = "reviews-v2"
+service = "reviews"
+namespace = "bookinfo"
+labels = {{ app = "reviews", version = "v2" }}
+inbound = "{v2}"
+"#
+        ),
+    );
+    let id = format!("spiffe://{TD}/store/sf01/node/n0");
+    let mut s = SpokeProc::new(tmp.path(), "spoke0", &id).with_args(&["--config", &cfg]);
+    let o = s.enroll(hub_addr, &hub.token(&id, "10m"));
+    assert!(o.status.success(), "enroll: {}", text(&o));
+    s.start();
+    s.wait_state("connected", Duration::from_secs(10));
+    // the route rules have arrived with the config, and every SVID is there
+    wait_for(Duration::from_secs(10), || {
+        let st = s.try_status()?;
+        (st["config_version"].is_u64()
+            && st["workloads"]
+                .as_array()?
+                .iter()
+                .all(|w| w["id"].is_string()))
+        .then_some(())
+    })
+    .unwrap_or_else(|| panic!("no config or SVIDs on the spoke: {:?}", s.try_status()));
+
+    let server = |body: &str| -> String {
+        serde_json::from_str::<Value>(body).unwrap_or(Value::Null)["server"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    };
+    let mut app = KeepAlive::new(outbound);
+    let started = std::time::Instant::now();
+    let n = 2000;
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..n {
+        let (status, body) = app.get("reviews", &format!("/reviews/{i}"), &[]);
+        assert_eq!(status, 200, "request {i}: {body}");
+        *counts.entry(server(&body)).or_default() += 1;
+    }
+    let split_took = started.elapsed();
+    let to_v2 = counts.get("reviews-v2").copied().unwrap_or(0);
+    let to_v1 = counts.get("reviews-v1").copied().unwrap_or(0);
+    eprintln!(
+        "canary: {to_v2}/{n} to v2, {to_v1}/{n} to v1 in {split_took:?} over {} app connection(s)",
+        app.connects
+    );
+    assert_eq!(to_v1 + to_v2, n, "{counts:?}");
+    // Binomial(2000, 0.1): sigma = sqrt(2000 * 0.1 * 0.9) = 13.4 requests,
+    // so 10% +- 2.5 points (+- 50 requests) is more than 3.7 sigma even for
+    // a random split; the smooth weighted rotation gives exactly 200.
+    assert!(
+        (150..=250).contains(&to_v2),
+        "v2 share {to_v2}/{n} outside 10% +- 2.5 points: {counts:?}"
+    );
+    assert!(
+        app.connects <= 2,
+        "the outbound listener kept the connection alive ({} connects)",
+        app.connects
+    );
+
+    // x-canary: true -> all to v2 (the seed's header match, route 0)
+    for i in 0..200 {
+        let (status, body) = app.get(
+            "reviews.bookinfo",
+            &format!("/canary/{i}"),
+            &[("x-canary", "true")],
+        );
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(server(&body), "reviews-v2", "x-canary request {i}: {body}");
+    }
+    // any other value is not the match: the split again
+    let (status, _) = app.get("reviews", "/canary/false", &[("x-canary", "false")]);
+    assert_eq!(status, 200);
+
+    // the evidence: the split and the header match, with the version
+    let recs = wait_for(Duration::from_secs(20), || {
+        let recs = request_records(&hub, &s);
+        let count = |prefix: &str| {
+            recs.iter()
+                .filter(|r| {
+                    r["telemetry"]["operation_name"]
+                        .as_str()
+                        .is_some_and(|o| o.starts_with(prefix))
+                })
+                .count()
+        };
+        (count("GET /reviews/") >= n && count("GET /canary/") >= 201).then_some(recs)
+    })
+    .unwrap_or_else(|| panic!("not every request has a record"));
+    eprintln!("canary: every record in after {:?}", started.elapsed());
+    let of = |prefix: &str| -> Vec<&Value> {
+        recs.iter()
+            .filter(|r| {
+                r["telemetry"]["operation_name"]
+                    .as_str()
+                    .is_some_and(|o| o.starts_with(prefix))
+            })
+            .collect()
+    };
+    let split = of("GET /reviews/");
+    assert_eq!(split.len(), n, "one record per request");
+    let v2_records = split
+        .iter()
+        .filter(|r| r["routing_decision"]["version"] == "v2")
+        .count();
+    assert_eq!(v2_records, to_v2, "records agree with the upstreams");
+    for r in &split {
+        let route = &r["routing_decision"];
+        assert_eq!(
+            route["load_balancing_algorithm"], "weighted_round_robin",
+            "{route}"
+        );
+        let reason = route["selection_reason"].as_str().unwrap_or("");
+        let want = if route["version"] == "v2" {
+            ("route_1_canary_weighted_round_robin_10_percent", v2)
+        } else {
+            ("route_1_canary_weighted_round_robin_90_percent", v1)
+        };
+        assert!(reason.starts_with(want.0), "{route}");
+        assert_eq!(
+            route["selected_endpoint"],
+            want.1.to_string().as_str(),
+            "{route}"
+        );
+        assert_eq!(route["locality"], "local", "{route}");
+        assert_eq!(r["service_name"], "reviews.bookinfo");
+        assert_eq!(r["telemetry"]["status_code"], 200);
+    }
+    let canary = of("GET /canary/");
+    assert_eq!(canary.len(), 201, "one record per request");
+    for r in canary
+        .iter()
+        .filter(|r| r["telemetry"]["operation_name"] != "GET /canary/false")
+    {
+        let route = &r["routing_decision"];
+        assert_eq!(route["version"], "v2", "{route}");
+        assert_eq!(
+            route["selected_endpoint"],
+            v2.to_string().as_str(),
+            "{route}"
+        );
+        assert!(
+            route["selection_reason"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("route_0_matched;"),
+            "{route}"
+        );
+        assert_eq!(route["load_balancing_algorithm"], "round_robin", "{route}");
+    }
+    eprintln!("canary test took {:?}", started.elapsed());
+    s.kill();
+    hub.stop();
+}

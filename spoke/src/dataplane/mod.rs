@@ -163,6 +163,8 @@ pub(crate) struct Shared {
     pub settings: DataSettings,
     compiled: RwLock<Option<Arc<Compiled>>>,
     pub balancers: Mutex<HashMap<resolve::BalancerKey, tidemesh_policy::routing::Balancer>>,
+    /// The weighted-split rotation of each route ("ns/virtual service", route index).
+    pub splits: Mutex<HashMap<(String, usize), resolve::SplitRotation>>,
     pub svids: RwLock<Vec<Option<SvidInfo>>>,
     pub tunnels: tunnel::Pool,
     pub endpoint: quinn::Endpoint,
@@ -413,6 +415,7 @@ impl DataPlane {
             workloads,
             compiled: RwLock::new(None),
             balancers: Mutex::new(HashMap::new()),
+            splits: Mutex::new(HashMap::new()),
             tunnels: tunnel::Pool::default(),
             endpoint,
             cipher_suite,

@@ -223,13 +223,14 @@ pub(crate) fn resolve(
         method,
         headers,
     };
-    let (dest, subset, timeout, version) = match &compiled.routes {
-        Some(r) => match r.route(&canon, &req, rand::random()) {
-            Ok(d) => (
+    let (dest, subset, timeout, version, split) = match &compiled.routes {
+        Some(r) => match route(s, r, &canon, &req) {
+            Ok((d, split)) => (
                 d.destination.host.to_string(),
                 d.destination.subset.as_deref().map(str::to_owned),
                 d.timeout,
                 d.destination.subset.as_deref().map(str::to_owned),
+                split,
             ),
             Err(e) => {
                 return Err(unroutable(
@@ -239,7 +240,7 @@ pub(crate) fn resolve(
                 ))
             }
         },
-        None => (canon.clone(), None, None, None),
+        None => (canon.clone(), None, None, None, None),
     };
     let selector = match &subset {
         Some(name) => match compiled
@@ -268,7 +269,12 @@ pub(crate) fn resolve(
         .filter(|c| selector.as_ref().is_none_or(|l| labels_match(l, &c.labels)))
         .collect();
     let mut evidence = RoutingEvidence {
-        load_balancing_algorithm: ev_algorithm(lb.algorithm),
+        // A weighted split between subsets is the decision that matters
+        // for a canary; the endpoint pick within the subset follows it.
+        load_balancing_algorithm: match &split {
+            Some(Split::Weighted { .. }) => EvAlgorithm::WeightedRoundRobin,
+            _ => ev_algorithm(lb.algorithm),
+        },
         available_endpoints: all
             .iter()
             .map(|c| EndpointCandidate {
@@ -305,7 +311,8 @@ pub(crate) fn resolve(
                 EvLocality::SameZone
             });
             evidence.selection_reason = format!(
-                "{}_{}",
+                "{}{}_{}",
+                split.as_ref().map(|x| format!("{x};")).unwrap_or_default(),
                 pick_reason(reason),
                 if local {
                     "local_endpoint_preferred"
@@ -344,6 +351,134 @@ pub(crate) fn resolve(
     })
 }
 
+/// How the route rule chose the destination subset, for the evidence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Split {
+    /// A route with match conditions (e.g. `x-canary: true`) took the
+    /// request; its one destination has all of the route's weight.
+    Matched { rule: usize },
+    /// A weighted split (canary): the destination came from the route's
+    /// smooth weighted round robin.
+    Weighted { rule: usize, percent: u64 },
+}
+
+impl std::fmt::Display for Split {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Split::Matched { rule } => write!(f, "route_{rule}_matched"),
+            Split::Weighted { rule, percent } => {
+                write!(
+                    f,
+                    "route_{rule}_canary_weighted_round_robin_{percent}_percent"
+                )
+            }
+        }
+    }
+}
+
+/// The rotation state of one weighted route (smooth weighted round robin,
+/// as nginx: every pick adds each weight to its counter and takes the
+/// largest, which then gives back the total). Deterministic: in each cycle
+/// of `total` picks from a (re)start, each destination gets exactly its
+/// weight, spread out rather than bunched.
+#[derive(Debug, Default)]
+pub(crate) struct SplitRotation {
+    weights: Vec<u32>,
+    current: Vec<i64>,
+}
+
+impl SplitRotation {
+    /// The index of the next destination; never one of weight 0 unless
+    /// every weight is 0 (then the first).
+    fn pick(&mut self, weights: &[u32]) -> usize {
+        if self.weights != weights {
+            // New or changed route: the rotation restarts.
+            self.weights = weights.to_vec();
+            self.current = vec![0; weights.len()];
+        }
+        let mut total = 0i64;
+        let mut best: Option<usize> = None;
+        for (i, &w) in weights.iter().enumerate() {
+            if w == 0 {
+                continue;
+            }
+            self.current[i] += i64::from(w);
+            total += i64::from(w);
+            if best.is_none_or(|b| self.current[i] > self.current[b]) {
+                best = Some(i);
+            }
+        }
+        match best {
+            Some(b) => {
+                self.current[b] -= total;
+                b
+            }
+            None => 0,
+        }
+    }
+}
+
+/// The route rule's decision for a request to canonical `host`. A weighted
+/// split is taken by the route's [`SplitRotation`] instead of a random draw,
+/// so a 90/10 canary sends exactly 1 in 10 to the canary.
+fn route(
+    s: &Shared,
+    routes: &tidemesh_policy::CompiledRoutes,
+    host: &str,
+    req: &RouteRequest,
+) -> Result<
+    (tidemesh_policy::routing::RouteDecision, Option<Split>),
+    tidemesh_policy::routing::RouteError,
+> {
+    use tidemesh_policy::routing::RouteReason;
+    let d = routes.route(host, req, 0)?;
+    let Some(rule) = d.rule_index else {
+        return Ok((d, None));
+    };
+    if d.weight >= d.total_weight {
+        let split = (d.reason == RouteReason::Matched).then_some(Split::Matched { rule });
+        return Ok((d, split));
+    }
+    let (Some(vs), Some(ns)) = (d.virtual_service.as_deref(), d.namespace.as_deref()) else {
+        return Ok((d, None));
+    };
+    // The compiled route's weights, from its source (same order).
+    let weights: Option<Vec<u32>> = routes
+        .rules()
+        .iter()
+        .find(|r| r.id.name == vs && r.id.namespace == ns)
+        .and_then(|r| r.http.get(rule))
+        .map(|h| h.route.iter().map(|w| w.weight).collect());
+    let total = d.total_weight;
+    let Some(weights) = weights.filter(|w| w.iter().sum::<u32>() == total && total > 0) else {
+        // Not the route we compiled (cannot happen for a validated
+        // config): a random draw by weight.
+        let d = routes.route(host, req, rand::random())?;
+        let percent = u64::from(d.weight) * 100 / u64::from(total.max(1));
+        return Ok((d, Some(Split::Weighted { rule, percent })));
+    };
+    let j = match s.splits.lock() {
+        Ok(mut m) => m
+            .entry((format!("{ns}/{vs}"), rule))
+            .or_default()
+            .pick(&weights),
+        Err(_) => 0,
+    };
+    // The draw that lands in destination j's bucket: the route scales
+    // `rng` onto 0..total by multiply-shift, so ceil(prefix * 2^64 / total)
+    // maps to exactly `prefix`, the first value of j's bucket.
+    let prefix: u64 = weights[..j].iter().map(|&w| u64::from(w)).sum();
+    let d = routes.route(host, req, bucket_draw(prefix, u64::from(total)))?;
+    let percent = u64::from(d.weight) * 100 / u64::from(total);
+    Ok((d, Some(Split::Weighted { rule, percent })))
+}
+
+/// The `rng` that the route's multiply-shift `(rng * total) >> 64` maps to
+/// exactly `prefix` (for `prefix < total`).
+fn bucket_draw(prefix: u64, total: u64) -> u64 {
+    ((u128::from(prefix) << 64).div_ceil(u128::from(total.max(1)))) as u64
+}
+
 fn pick(
     s: &Shared,
     dest: &str,
@@ -377,4 +512,39 @@ fn pick(
         .or_insert_with(|| Balancer::new(lb));
     let p = b.pick(&here, &cands, LocalityTier::SameSite, rand::random())?;
     Some((p.index, p.reason))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_gives_each_destination_exactly_its_weight_per_cycle() {
+        let mut r = SplitRotation::default();
+        let picks: Vec<usize> = (0..1000).map(|_| r.pick(&[90, 10])).collect();
+        assert_eq!(picks.iter().filter(|&&i| i == 1).count(), 100);
+        for cycle in picks.chunks(100) {
+            assert_eq!(cycle.iter().filter(|&&i| i == 1).count(), 10);
+        }
+        // spread out, not bunched: never two canary picks in a row
+        assert!(picks.windows(2).all(|w| w != [1, 1]));
+        // a weight of 0 is never picked; new weights restart the rotation
+        let picks: Vec<usize> = (0..50).map(|_| r.pick(&[0, 3, 2])).collect();
+        assert!(!picks.contains(&0));
+        assert_eq!(picks.iter().filter(|&&i| i == 2).count(), 20);
+    }
+
+    #[test]
+    fn bucket_draw_lands_on_the_bucket_start() {
+        for total in [1u64, 3, 7, 100, 101, 1000, u64::from(u32::MAX)] {
+            for prefix in [0, 1, total / 2, total - 1] {
+                if prefix >= total {
+                    continue;
+                }
+                let rng = bucket_draw(prefix, total);
+                let r = ((u128::from(rng) * u128::from(total)) >> 64) as u64;
+                assert_eq!(r, prefix, "total {total} prefix {prefix}");
+            }
+        }
+    }
 }
