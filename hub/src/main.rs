@@ -549,13 +549,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         } => {
             let r =
                 evidence_call(&data_dir, json!({"cmd": "evidence_stats", "spoke": spoke})).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else if let Some(o) = r.as_object() {
-                for (k, v) in o {
-                    println!("{k:<18} {v}");
-                }
-            }
+            tidemesh_net::cli::print_object(&r, json);
         }
         Cmd::Evidence {
             cmd:

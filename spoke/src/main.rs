@@ -359,13 +359,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 json!({"cmd": "evidence_stats"}),
             )
             .await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else if let Some(o) = r.as_object() {
-                for (k, v) in o {
-                    println!("{k:<24} {v}");
-                }
-            }
+            tidemesh_net::cli::print_object(&r, json);
         }
         Cmd::Evidence {
             cmd: EvidenceCmd::Verify { data_dir, json },

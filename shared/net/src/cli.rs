@@ -63,6 +63,18 @@ pub fn print_records(records: &serde_json::Value, json: bool) {
     }
 }
 
+/// Prints a stats object: pretty JSON with `json`, else one `key value`
+/// line per field.
+pub fn print_object(v: &serde_json::Value, json: bool) {
+    if json {
+        println!("{v:#}");
+    } else if let Some(o) = v.as_object() {
+        for (k, v) in o {
+            println!("{k:<24} {v}");
+        }
+    }
+}
+
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

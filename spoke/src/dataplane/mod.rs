@@ -294,6 +294,21 @@ pub(crate) fn finish_evidence(
     };
 }
 
+/// Completes a record from the response: its status, and the reason the
+/// proxy gave in `x-tidemesh-reason` (empty for the upstream's answers).
+pub(crate) fn finish_from_response<B>(
+    ev: &mut RequestEvidence,
+    started: tokio::time::Instant,
+    resp: &hyper::Response<B>,
+) {
+    let reason = resp
+        .headers()
+        .get("x-tidemesh-reason")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    finish_evidence(ev, started, resp.status(), reason);
+}
+
 /// A response made by the proxy itself, with a reason in the body and in
 /// `x-tidemesh-reason`.
 pub(crate) fn local_response(

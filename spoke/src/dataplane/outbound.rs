@@ -25,7 +25,7 @@ use tidemesh_proto::data::{StreamHeader, StreamProtocol, TraceContext};
 use tracing::{debug, warn};
 
 use super::{
-    finish_evidence, inbound, local_response, new_evidence,
+    finish_evidence, finish_from_response, inbound, local_response, new_evidence,
     resolve::{self, Target},
     span_random, trace, Body, DataSettings, Shared,
 };
@@ -233,13 +233,7 @@ async fn handle(s: &Shared, caller: usize, mut req: Request<Incoming>) -> Respon
             super::tunnel::call(s, caller, addr, &server, header, req, limit, &mut ev).await
         }
     };
-    let reason = resp
-        .headers()
-        .get("x-tidemesh-reason")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    finish_evidence(&mut ev, started, resp.status(), &reason);
+    finish_from_response(&mut ev, started, &resp);
     s.record(ev);
     resp
 }

@@ -49,8 +49,8 @@ use tokio::time::timeout;
 use tracing::{debug, info, warn};
 
 use super::{
-    finish_evidence, inbound, local_response, new_evidence, outbound, span_random, trace, Body,
-    DataPlaneError, DataSettings, Shared,
+    finish_from_response, inbound, local_response, new_evidence, outbound, span_random, trace,
+    Body, DataPlaneError, DataSettings, Shared,
 };
 use crate::Spoke;
 
@@ -549,13 +549,7 @@ async fn serve_request(
             }
         }
     };
-    let reason = resp
-        .headers()
-        .get("x-tidemesh-reason")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    finish_evidence(&mut ev, started, resp.status(), &reason);
+    finish_from_response(&mut ev, started, &resp);
     s.record(ev);
     resp
 }
