@@ -19,6 +19,7 @@
 pub mod authority;
 pub mod config;
 pub mod evidence;
+pub mod gateway;
 pub mod ingest;
 mod observe;
 pub mod store;
@@ -45,7 +46,7 @@ use tidemesh_identity::{
     SpiffeId, TrustDomain,
 };
 use tidemesh_net::{admin, QuicSettings};
-use tidemesh_proto::{close, JoinToken, Request, Response, ALPN_CTL};
+use tidemesh_proto::{close, JoinToken, Request, Response, ALPN_CTL, ALPN_DATA};
 use tracing::{info, warn};
 
 pub use observe::evidence_command;
@@ -76,6 +77,8 @@ pub struct HubConfig {
     pub prune_interval: Duration,
     /// Serve Prometheus `/metrics` here.
     pub metrics: Option<SocketAddr>,
+    /// The gateway to cloud services (`ServiceEntry`).
+    pub gateway: gateway::GatewaySettings,
 }
 
 impl Default for HubConfig {
@@ -91,6 +94,7 @@ impl Default for HubConfig {
             retention: evidence::Retention::default(),
             prune_interval: Duration::from_secs(600),
             metrics: None,
+            gateway: gateway::GatewaySettings::default(),
         }
     }
 }
@@ -241,6 +245,8 @@ pub(crate) struct Inner {
     pub(crate) evidence: Arc<evidence::EvidenceStore>,
     /// Evidence ingest slots, rate and counters.
     pub(crate) ingest: ingest::Limits,
+    /// The gateway to cloud services.
+    pub(crate) gateway: gateway::Gateway,
 }
 
 /// A loaded hub. Cheap to clone.
@@ -320,6 +326,7 @@ impl Hub {
                 registry_tx: tokio::sync::watch::channel(0).0,
                 evidence,
                 ingest,
+                gateway: gateway::Gateway::new(cfg.gateway.clone()),
                 data_dir: data_dir.to_owned(),
                 store,
                 ca,
@@ -486,7 +493,7 @@ impl Hub {
             authorizer,
             true,
             self.inner.clock.clone(),
-            &[ALPN_CTL],
+            &[ALPN_CTL, ALPN_DATA],
         )
         .map_err(|e| HubError::Invalid(format!("tls config: {e}")))
     }
@@ -657,6 +664,16 @@ impl Hub {
                         json!(spokes.iter().filter(|s| s.connected).count()),
                     );
                     o.insert("ingest".into(), self.ingest_counters_json());
+                    o.insert(
+                        "gateway".into(),
+                        self.inner
+                            .gateway
+                            .counters()
+                            .into_iter()
+                            .map(|(k, v)| (k.to_owned(), json!(v)))
+                            .collect::<serde_json::Map<_, _>>()
+                            .into(),
+                    );
                 }
                 Ok(v)
             }
@@ -679,6 +696,13 @@ impl Hub {
                 return;
             }
         };
+        let alpn = conn
+            .handshake_data()
+            .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|h| h.protocol);
+        if alpn.as_deref() == Some(ALPN_DATA) {
+            return self.serve_gateway(conn).await;
+        }
         let peer = tidemesh_net::peer_spiffe_id(&conn);
         let node = match &peer {
             Some(id) => match naming::classify(id) {

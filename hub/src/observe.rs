@@ -231,6 +231,14 @@ impl Hub {
         for (name, help, v) in counters {
             e.single(name, Counter, help, v.load(Ordering::Relaxed) as f64);
         }
+        let f = e.family(
+            "tidemesh_hub_gateway_requests_total",
+            Counter,
+            "Requests to cloud services through the gateway, by result.",
+        );
+        for (result, n) in self.inner.gateway.counters() {
+            f.sample(&[("result", result)], n as f64);
+        }
         let store = self.inner.evidence.clone();
         let ev = tokio::task::spawn_blocking(move || store.spokes())
             .await

@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod cli;
 pub mod clock;
+pub mod http;
 pub mod metrics;
 pub mod quic;
 

@@ -1,0 +1,452 @@
+//! The hub's gateway: how a spoke's workloads reach cloud services.
+//!
+//! What it is: the serving end of the data tunnel (ALPN `tidemesh-data/1`)
+//! on the hub's QUIC endpoint. A spoke opens one connection per calling
+//! workload, presenting that workload's SVID, and one stream per request
+//! (a [`StreamHeader`] naming the service, then HTTP/1.1). The gateway
+//! serves only hosts a `ServiceEntry` of the current config declares:
+//! * it picks an endpoint of the entry (round robin; DNS names resolved per
+//!   request; on a connect failure the next endpoint is tried, which is safe
+//!   because nothing was sent);
+//! * it authorizes the call (Istio semantics, `tidemesh-policy`) with the
+//!   workload's verified SPIFFE ID as the principal; the destination
+//!   "workload" is the entry's namespace and the chosen endpoint's labels,
+//!   so an `AuthorizationPolicy` in the entry's namespace selecting those
+//!   labels (or none) applies; denied calls get 403 with the reason;
+//! * it forwards with `x-forwarded-client-cert: By=<hub>;URI=<caller>` and
+//!   answers with `x-tidemesh-upstream` naming the endpoint, which the
+//!   calling spoke writes into its evidence record.
+//!
+//! Who drives it: [`crate::Hub::serve`] hands it connections that
+//! negotiated the data ALPN. What it must not do: forward to anything a
+//! `ServiceEntry` does not declare (it is not an open proxy), take the
+//! caller's identity from anything but the handshake, or read unbounded
+//! headers.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use http_body_util::BodyExt;
+use hyper::{body::Incoming, header::HeaderValue, service::service_fn, Request, Response};
+use hyper::{StatusCode, Uri};
+use hyper_util::{
+    client::legacy::{connect::HttpConnector, Client},
+    rt::{TokioExecutor, TokioIo},
+};
+use tidemesh_identity::{naming, SpiffeId};
+use tidemesh_net::http::{
+    full, local_response, path_and_query, read_stream_header, strip_hop_by_hop, Body, UPSTREAM,
+    XFCC,
+};
+use tidemesh_policy::{
+    model::{EndpointLocation, Labels, Resolution},
+    AuthzRequest, CompiledPolicies, HeaderLookup, MeshConfig, WorkloadRef,
+};
+use tidemesh_proto::{close, data::StreamHeader};
+use tokio::{sync::Semaphore, time::timeout};
+use tracing::{debug, warn};
+
+use crate::Hub;
+
+/// Limits and timeouts of the gateway.
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    /// Connecting to a cloud endpoint.
+    pub connect_timeout: Duration,
+    /// From forwarding a request to its response head.
+    pub request_timeout: Duration,
+    /// Reading a stream header or a request head.
+    pub header_timeout: Duration,
+    /// Most bytes of a request head.
+    pub max_header_bytes: usize,
+    /// Most streams served at once (all spokes).
+    pub max_streams: usize,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        GatewaySettings {
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(30),
+            header_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            max_streams: 4096,
+        }
+    }
+}
+
+/// The gateway's state: counters, round-robin positions, the compiled
+/// policies of the config in force, pooled connections to cloud endpoints.
+pub(crate) struct Gateway {
+    settings: GatewaySettings,
+    permits: Arc<Semaphore>,
+    client: Client<HttpConnector, Body>,
+    rotation: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+    policies: Mutex<Option<(u64, Arc<CompiledPolicies>)>>,
+    /// Requests answered by a cloud endpoint.
+    pub forwarded: AtomicU64,
+    /// Requests denied by authorization.
+    pub denied: AtomicU64,
+    /// Requests for hosts no `ServiceEntry` declares.
+    pub unknown: AtomicU64,
+    /// Requests no endpoint answered (connect failure, timeout).
+    pub failed: AtomicU64,
+}
+
+impl Gateway {
+    pub(crate) fn new(settings: GatewaySettings) -> Gateway {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(settings.connect_timeout));
+        http.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(64)
+            .build(http);
+        Gateway {
+            permits: Arc::new(Semaphore::new(settings.max_streams)),
+            settings,
+            client,
+            rotation: Mutex::new(HashMap::new()),
+            policies: Mutex::new(None),
+            forwarded: AtomicU64::new(0),
+            denied: AtomicU64::new(0),
+            unknown: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        }
+    }
+
+    /// The counters, for `stats` and `/metrics`.
+    pub(crate) fn counters(&self) -> [(&'static str, u64); 4] {
+        [
+            ("forwarded", self.forwarded.load(Ordering::Relaxed)),
+            ("denied", self.denied.load(Ordering::Relaxed)),
+            ("unknown_service", self.unknown.load(Ordering::Relaxed)),
+            ("failed", self.failed.load(Ordering::Relaxed)),
+        ]
+    }
+}
+
+struct HeaderMapLookup<'a>(&'a hyper::HeaderMap);
+
+impl HeaderLookup for HeaderMapLookup<'_> {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.0.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// One cloud endpoint of a service entry, as the gateway dials it.
+#[derive(Debug, Clone)]
+struct CloudEndpoint {
+    /// `host:port` (host may be a DNS name).
+    address: String,
+    labels: Labels,
+}
+
+/// The entry declaring `host`: its namespace and endpoints.
+fn entry_endpoints(config: &MeshConfig, host: &str) -> Option<(String, Vec<CloudEndpoint>)> {
+    let entry = config
+        .service_entries
+        .iter()
+        .find(|e| e.hosts.iter().any(|h| h == host))?;
+    let mut eps: Vec<CloudEndpoint> = config
+        .endpoints_for(host, None)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e.location == EndpointLocation::Cloud)
+        .map(|e| CloudEndpoint {
+            address: e.address,
+            labels: e.labels,
+        })
+        .collect();
+    if eps.is_empty() && matches!(entry.resolution, Resolution::None | Resolution::Dns) {
+        // No endpoints listed: the host itself, on the entry's port.
+        let port = entry
+            .ports
+            .first()
+            .map(|p| p.target_port.unwrap_or(p.number))
+            .unwrap_or(80);
+        eps.push(CloudEndpoint {
+            address: format!("{host}:{port}"),
+            labels: Labels::new(),
+        });
+    }
+    Some((entry.id.namespace.clone(), eps))
+}
+
+impl Hub {
+    fn gateway_policies(&self, version: u64, config: &MeshConfig) -> Arc<CompiledPolicies> {
+        let g = &self.inner.gateway;
+        if let Ok(slot) = g.policies.lock() {
+            if let Some((v, p)) = slot.as_ref() {
+                if *v == version {
+                    return p.clone();
+                }
+            }
+        }
+        let p = Arc::new(CompiledPolicies::from_config(config));
+        if let Ok(mut slot) = g.policies.lock() {
+            *slot = Some((version, p.clone()));
+        }
+        p
+    }
+
+    /// Serves one spoke connection that negotiated the data ALPN.
+    pub(crate) async fn serve_gateway(&self, conn: quinn::Connection) {
+        let Some(peer) = tidemesh_net::peer_spiffe_id(&conn) else {
+            conn.close(quinn::VarInt::from_u32(close::FORBIDDEN), b"no client SVID");
+            return;
+        };
+        if !matches!(
+            naming::classify(&peer),
+            Some(naming::MeshIdentity::Workload { .. })
+        ) {
+            conn.close(
+                quinn::VarInt::from_u32(close::FORBIDDEN),
+                b"only workload SVIDs may use the gateway",
+            );
+            return;
+        }
+        debug!(%peer, remote = %conn.remote_address(), "gateway peer connected");
+        let peer = Arc::new(peer);
+        loop {
+            let (mut send, mut recv) = match conn.accept_bi().await {
+                Ok(x) => x,
+                Err(_) => return,
+            };
+            let Ok(permit) = self.inner.gateway.permits.clone().try_acquire_owned() else {
+                let _ = send.reset(quinn::VarInt::from_u32(close::FORBIDDEN));
+                let _ = recv.stop(quinn::VarInt::from_u32(close::FORBIDDEN));
+                continue;
+            };
+            let hub = self.clone();
+            let peer = peer.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let settings = &hub.inner.gateway.settings;
+                let header = match timeout(settings.header_timeout, read_stream_header(&mut recv))
+                    .await
+                {
+                    Ok(Ok(h)) => h,
+                    Ok(Err(e)) => {
+                        warn!(%peer, error = %e, "bad gateway stream header; resetting the stream");
+                        let _ = send.reset(quinn::VarInt::from_u32(close::PROTOCOL_ERROR));
+                        return;
+                    }
+                    Err(_) => {
+                        let _ = send.reset(quinn::VarInt::from_u32(close::PROTOCOL_ERROR));
+                        return;
+                    }
+                };
+                let header = Arc::new(header);
+                let io = TokioIo::new(tokio::io::join(recv, send));
+                let svc = {
+                    let hub = hub.clone();
+                    service_fn(move |req| {
+                        let hub = hub.clone();
+                        let peer = peer.clone();
+                        let header = header.clone();
+                        async move {
+                            Ok::<_, Infallible>(hub.gateway_request(&peer, &header, req).await)
+                        }
+                    })
+                };
+                if let Err(e) = tidemesh_net::http::http1_server(
+                    settings.header_timeout,
+                    settings.max_header_bytes,
+                )
+                .serve_connection(io, svc)
+                .await
+                {
+                    debug!(error = %e, "gateway stream ended");
+                }
+            });
+        }
+    }
+
+    async fn gateway_request(
+        &self,
+        peer: &SpiffeId,
+        header: &StreamHeader,
+        mut req: Request<Incoming>,
+    ) -> Response<Body> {
+        let g = &self.inner.gateway;
+        let latest = match self.latest_config() {
+            Ok(Some(v)) => v,
+            _ => {
+                g.unknown.fetch_add(1, Ordering::Relaxed);
+                return local_response(
+                    StatusCode::NOT_FOUND,
+                    "the hub has no config: no ServiceEntry declares any cloud service",
+                    &[],
+                );
+            }
+        };
+        let Some((namespace, endpoints)) = entry_endpoints(&latest.config, &header.service) else {
+            g.unknown.fetch_add(1, Ordering::Relaxed);
+            return local_response(
+                StatusCode::NOT_FOUND,
+                &format!(
+                    "no ServiceEntry declares {} at the hub gateway",
+                    header.service
+                ),
+                &[],
+            );
+        };
+        if endpoints.is_empty() {
+            g.failed.fetch_add(1, Ordering::Relaxed);
+            return local_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("the ServiceEntry of {} lists no endpoint", header.service),
+                &[],
+            );
+        }
+        let start = {
+            let counter = g
+                .rotation
+                .lock()
+                .map(|mut m| m.entry(header.service.clone()).or_default().clone())
+                .unwrap_or_default();
+            counter.fetch_add(1, Ordering::Relaxed)
+        };
+        // Authorization against the first endpoint in rotation (endpoints of
+        // one entry normally share labels).
+        let first = &endpoints[start % endpoints.len()];
+        let policies = self.gateway_policies(latest.meta.version, &latest.config);
+        let principal = peer.to_string();
+        let principal = principal.strip_prefix("spiffe://").unwrap_or(&principal);
+        let path = path_and_query(req.uri());
+        let verdict = policies.decide(&AuthzRequest {
+            workload: WorkloadRef {
+                namespace: &namespace,
+                labels: &first.labels,
+            },
+            source_principal: Some(principal),
+            source_namespace: None,
+            method: req.method().as_str(),
+            path: &path,
+            port: first
+                .address
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse().ok())
+                .unwrap_or(0),
+            headers: &HeaderMapLookup(req.headers()),
+        });
+        if !verdict.allowed {
+            g.denied.fetch_add(1, Ordering::Relaxed);
+            let policy = verdict
+                .policy
+                .and_then(|i| policies.policies().get(i))
+                .map(|p| format!("{}/{}", p.id.namespace, p.id.name))
+                .unwrap_or_else(|| "mesh-default".into());
+            return local_response(
+                StatusCode::FORBIDDEN,
+                &format!(
+                    "RBAC: access denied at the hub gateway: {} ({policy}) for {peer} calling {} {} on {}",
+                    verdict.reason.as_str(),
+                    req.method(),
+                    req.uri().path(),
+                    header.service
+                ),
+                &[],
+            );
+        }
+        let h = req.headers_mut();
+        strip_hop_by_hop(h);
+        h.remove(XFCC);
+        if let Ok(v) = HeaderValue::from_str(&format!(
+            "By={};URI={peer}",
+            naming::hub_id(peer.trust_domain())
+        )) {
+            h.insert(XFCC, v);
+        }
+        let (parts, body) = req.into_parts();
+        // The body can be sent once; a connect failure (nothing sent yet)
+        // moves on to the next endpoint with the body still unread.
+        let mut body = Some(body.boxed());
+        let mut last_err = String::new();
+        for k in 0..endpoints.len() {
+            let ep = &endpoints[(start + k) % endpoints.len()];
+            let addr = match resolve(&ep.address).await {
+                Ok(a) => a,
+                Err(e) => {
+                    last_err = e;
+                    continue;
+                }
+            };
+            let Ok(uri) = Uri::try_from(format!("http://{addr}{path}")) else {
+                last_err = format!("{path:?} is not a valid request target");
+                break;
+            };
+            let Some(b) = body.take() else { break };
+            let mut out = Request::from_parts(parts.clone(), b);
+            *out.uri_mut() = uri;
+            match timeout(g.settings.request_timeout, g.client.request(out)).await {
+                Ok(Ok(mut resp)) => {
+                    g.forwarded.fetch_add(1, Ordering::Relaxed);
+                    strip_hop_by_hop(resp.headers_mut());
+                    if let Ok(v) = HeaderValue::from_str(&ep.address) {
+                        resp.headers_mut().insert(UPSTREAM, v);
+                    }
+                    return resp.map(|b| b.boxed());
+                }
+                Ok(Err(e)) if e.is_connect() => {
+                    last_err = format!("{}: {e}", ep.address);
+                    // hyper took the body; only an empty one can go again.
+                    if parts.headers.get(hyper::header::CONTENT_LENGTH).is_none()
+                        && !parts.headers.contains_key(hyper::header::TRANSFER_ENCODING)
+                    {
+                        body = Some(full(Vec::new()));
+                    }
+                }
+                Ok(Err(e)) => {
+                    g.failed.fetch_add(1, Ordering::Relaxed);
+                    return local_response(
+                        StatusCode::BAD_GATEWAY,
+                        &format!("cloud endpoint {}: {e}", ep.address),
+                        &[(UPSTREAM, ep.address.clone())],
+                    );
+                }
+                Err(_) => {
+                    g.failed.fetch_add(1, Ordering::Relaxed);
+                    return local_response(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        &format!(
+                            "cloud endpoint {}: no response within {:?}",
+                            ep.address, g.settings.request_timeout
+                        ),
+                        &[(UPSTREAM, ep.address.clone())],
+                    );
+                }
+            }
+        }
+        g.failed.fetch_add(1, Ordering::Relaxed);
+        local_response(
+            StatusCode::BAD_GATEWAY,
+            &format!(
+                "no endpoint of {} could be reached from the hub: {last_err}",
+                header.service
+            ),
+            &[],
+        )
+    }
+}
+
+/// `host:port` to a socket address (DNS for names).
+async fn resolve(address: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = address.parse() {
+        return Ok(a);
+    }
+    tokio::net::lookup_host(address)
+        .await
+        .map_err(|e| format!("cannot resolve {address}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{address} resolves to no address"))
+}
