@@ -27,6 +27,15 @@
 //! or `*` (present). A request without a principal (no mTLS) matches no
 //! principal pattern, not even `*`. Paths are matched after
 //! [`normalize_path`].
+//!
+//! Raw TCP ([`CompiledPolicies::decide_l4`]) has no method, path or
+//! headers, so the HTTP-only fields (`to.operation.methods`, `paths`, and
+//! `when` on `request.headers[...]`) cannot be checked. As Istio does: in an
+//! ALLOW policy a rule that uses any of them never matches TCP (allowing on
+//! a condition that cannot be checked would allow too much); in a DENY
+//! policy they are ignored and the rest of the rule decides (denying
+//! more, never less). Sources, ports and the other `when` keys apply as
+//! for HTTP.
 
 use std::collections::HashMap;
 
@@ -313,6 +322,17 @@ struct CRule {
     from: Vec<CSource>,
     to: Vec<COperation>,
     when: Vec<CCondition>,
+    /// Uses a field only HTTP has (methods, paths, request headers).
+    http_only: bool,
+}
+
+/// What a connection carries, as far as the rules can see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layer {
+    /// HTTP: every field applies.
+    Http,
+    /// Raw TCP: the HTTP-only fields cannot be checked.
+    Tcp,
 }
 
 #[derive(Debug)]
@@ -340,7 +360,13 @@ impl COperation {
     fn matches(&self, q: &Req) -> bool {
         (self.methods.is_empty() || any_matches(&self.methods, Some(q.r.method)))
             && (self.paths.is_empty() || any_matches(&self.paths, Some(q.path)))
-            && (self.ports.is_empty() || self.ports.contains(&q.r.port))
+            && self.matches_port(q)
+    }
+
+    /// The operation with its HTTP-only fields ignored.
+    #[inline]
+    fn matches_port(&self, q: &Req) -> bool {
+        self.ports.is_empty() || self.ports.contains(&q.r.port)
     }
 }
 
@@ -385,6 +411,31 @@ impl CRule {
             && (self.to.is_empty() || self.to.iter().any(|o| o.matches(q)))
             && self.when.iter().all(|c| c.matches(q))
     }
+
+    /// Whether the rule matches a raw TCP connection in a policy of
+    /// `action` (see the module docs): an ALLOW rule with HTTP-only fields
+    /// never does; a DENY rule is checked without them.
+    #[inline]
+    fn matches_tcp(&self, q: &Req, action: Action) -> bool {
+        if action == Action::Allow && self.http_only {
+            return false;
+        }
+        (self.from.is_empty() || self.from.iter().any(|s| s.matches(q)))
+            && (self.to.is_empty() || self.to.iter().any(|o| o.matches_port(q)))
+            && self
+                .when
+                .iter()
+                .filter(|c| !matches!(c.key, CKey::Header(_)))
+                .all(|c| c.matches(q))
+    }
+
+    #[inline]
+    fn matches_on(&self, q: &Req, layer: Layer, action: Action) -> bool {
+        match layer {
+            Layer::Http => self.matches(q),
+            Layer::Tcp => self.matches_tcp(q, action),
+        }
+    }
 }
 
 impl CPolicy {
@@ -396,8 +447,10 @@ impl CPolicy {
     }
 
     #[inline]
-    fn first_match(&self, q: &Req) -> Option<usize> {
-        self.rules.iter().position(|r| r.matches(q))
+    fn first_match(&self, q: &Req, layer: Layer, action: Action) -> Option<usize> {
+        self.rules
+            .iter()
+            .position(|r| r.matches_on(q, layer, action))
     }
 }
 
@@ -476,7 +529,22 @@ impl CompiledPolicies {
     /// The decision, without evidence and without allocating (unless the
     /// path needs normalizing).
     pub fn decide(&self, request: &AuthzRequest) -> AuthzVerdict {
-        let path = normalize_path(request.path);
+        self.decide_on(request, Layer::Http)
+    }
+
+    /// The decision for a raw TCP connection: `method`, `path` and
+    /// `headers` of `request` are not read, and rules that need them are
+    /// treated as Istio treats them for TCP (see the module docs: an ALLOW
+    /// rule using them never matches, a DENY rule is checked without them).
+    pub fn decide_l4(&self, request: &AuthzRequest) -> AuthzVerdict {
+        self.decide_on(request, Layer::Tcp)
+    }
+
+    fn decide_on(&self, request: &AuthzRequest, layer: Layer) -> AuthzVerdict {
+        let path = match layer {
+            Layer::Http => normalize_path(request.path),
+            Layer::Tcp => std::borrow::Cow::Borrowed(""),
+        };
         let q = Req {
             r: request,
             path: &path,
@@ -487,7 +555,7 @@ impl CompiledPolicies {
             for &i in &b.deny {
                 let p = &self.compiled[i as usize];
                 if p.selects(labels) {
-                    if let Some(r) = p.first_match(&q) {
+                    if let Some(r) = p.first_match(&q, layer, Action::Deny) {
                         return AuthzVerdict {
                             allowed: false,
                             policy: Some(i as usize),
@@ -504,7 +572,7 @@ impl CompiledPolicies {
                 let p = &self.compiled[i as usize];
                 if p.selects(labels) {
                     any_allow = true;
-                    if let Some(r) = p.first_match(&q) {
+                    if let Some(r) = p.first_match(&q, layer, Action::Allow) {
                         return AuthzVerdict {
                             allowed: true,
                             policy: Some(i as usize),
@@ -670,6 +738,13 @@ fn compile_policy(p: &AuthzPolicy) -> CPolicy {
             .rules
             .iter()
             .map(|r| CRule {
+                http_only: r
+                    .to
+                    .iter()
+                    .any(|o| !o.methods.is_empty() || !o.paths.is_empty())
+                    || r.when
+                        .iter()
+                        .any(|c| matches!(c.key, ConditionKey::RequestHeader(_))),
                 from: r
                     .from
                     .iter()
@@ -924,7 +999,7 @@ fn rules_json(rules: &[RuleEvaluation]) -> Json {
 #[allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
 mod tests {
     use super::*;
-    use crate::model::{AuthzRule, ObjectName, Operation, Source};
+    use crate::model::{AuthzRule, Condition, ObjectName, Operation, Source};
 
     fn labels(kv: &[(&str, &str)]) -> Labels {
         kv.iter()
@@ -1123,6 +1198,148 @@ mod tests {
                 .allowed
         );
         assert!(!c.decide(&req("shop", &l, None, "GET", "/")).allowed);
+    }
+
+    /// Istio's rules for raw TCP (its authz-tcp task): an ALLOW rule with an
+    /// HTTP-only field never matches; a DENY rule ignores those fields.
+    #[test]
+    fn raw_tcp_ignores_http_only_allow_rules_and_widens_deny_rules() {
+        let l = labels(&[("app", "db")]);
+        let op = |methods: &[&str], paths: &[&str], ports: &[u16]| Operation {
+            methods: methods.iter().map(|s| s.to_string()).collect(),
+            paths: paths.iter().map(|s| s.to_string()).collect(),
+            ports: ports.to_vec(),
+        };
+        let rule = |principals: &[&str], to: Vec<Operation>, when: Vec<Condition>| AuthzRule {
+            from: if principals.is_empty() {
+                vec![]
+            } else {
+                vec![Source {
+                    principals: principals.iter().map(|s| s.to_string()).collect(),
+                    namespaces: vec![],
+                }]
+            },
+            to,
+            when,
+        };
+        let header = |v: &str| Condition {
+            key: ConditionKey::RequestHeader("x-v".into()),
+            values: vec![v.into()],
+        };
+        let tcp = |c: &CompiledPolicies, principal: Option<&str>, port: u16| {
+            let mut r = req("shop", &l, principal, "", "");
+            r.port = port;
+            c.decide_l4(&r)
+        };
+        let deny_default = MeshSettings::default();
+        let allow_default = MeshSettings {
+            default_action: Action::Allow,
+            ..MeshSettings::default()
+        };
+
+        // ALLOW on principals and ports only: an L4 rule, checked as for HTTP
+        let ps = vec![policy(
+            "shop",
+            "db-clients",
+            Action::Allow,
+            None,
+            vec![rule(&["td/sa/app"], vec![op(&[], &[], &[5432])], vec![])],
+        )];
+        let c = CompiledPolicies::new(&ps, &deny_default);
+        let v = tcp(&c, Some("td/sa/app"), 5432);
+        assert_eq!((v.allowed, v.rule_index), (true, Some(0)));
+        assert!(!tcp(&c, Some("td/sa/other"), 5432).allowed);
+        assert!(!tcp(&c, Some("td/sa/app"), 5433).allowed);
+        assert!(!tcp(&c, None, 5432).allowed);
+
+        // ALLOW rules with methods, paths or a header condition never match
+        // TCP, even with `*` (which would match an empty method); the L4
+        // rule after them still does
+        for http in [
+            rule(&["td/sa/app"], vec![op(&["*"], &[], &[5432])], vec![]),
+            rule(&["td/sa/app"], vec![op(&[], &["*"], &[])], vec![]),
+            rule(&["td/sa/app"], vec![], vec![header("*")]),
+        ] {
+            let ps = vec![policy("shop", "http", Action::Allow, None, vec![http])];
+            let c = CompiledPolicies::new(&ps, &allow_default);
+            let v = tcp(&c, Some("td/sa/app"), 5432);
+            assert_eq!(
+                (v.allowed, v.reason),
+                (false, AuthzReason::NoAllowPolicyMatched),
+                "{ps:?}"
+            );
+            // HTTP is unchanged: `*` matches any method, path, header
+            let mut r = req("shop", &l, Some("td/sa/app"), "GET", "/x");
+            r.port = 5432;
+            r.headers = &[("x-v", "1")];
+            assert!(c.decide(&r).allowed, "{ps:?}");
+        }
+        let ps = vec![policy(
+            "shop",
+            "mixed",
+            Action::Allow,
+            None,
+            vec![
+                rule(&["td/sa/app"], vec![op(&["GET"], &[], &[])], vec![]),
+                rule(&["td/sa/app"], vec![], vec![]),
+            ],
+        )];
+        let c = CompiledPolicies::new(&ps, &deny_default);
+        assert_eq!(tcp(&c, Some("td/sa/app"), 1).rule_index, Some(1));
+
+        // DENY ignores the HTTP-only fields: methods alone deny every port,
+        // methods with a port deny that port, a header condition is dropped
+        let ps = vec![policy(
+            "shop",
+            "no-get",
+            Action::Deny,
+            None,
+            vec![rule(&[], vec![op(&["GET"], &["/admin"], &[])], vec![])],
+        )];
+        let c = CompiledPolicies::new(&ps, &allow_default);
+        let v = tcp(&c, Some("td/sa/app"), 9000);
+        assert_eq!(
+            (v.allowed, v.reason),
+            (false, AuthzReason::DenyPolicyMatched)
+        );
+        assert!(
+            c.decide(&req("shop", &l, Some("td/sa/app"), "POST", "/"))
+                .allowed
+        );
+        let ps = vec![policy(
+            "shop",
+            "no-get-9000",
+            Action::Deny,
+            None,
+            vec![rule(
+                &["td/sa/bad"],
+                vec![op(&["GET"], &[], &[9000])],
+                vec![header("v1")],
+            )],
+        )];
+        let c = CompiledPolicies::new(&ps, &allow_default);
+        assert!(!tcp(&c, Some("td/sa/bad"), 9000).allowed);
+        assert!(tcp(&c, Some("td/sa/bad"), 9001).allowed);
+        assert!(tcp(&c, Some("td/sa/good"), 9000).allowed);
+
+        // the other `when` keys still apply to TCP
+        let ps = vec![policy(
+            "shop",
+            "port-cond",
+            Action::Allow,
+            None,
+            vec![rule(
+                &[],
+                vec![],
+                vec![Condition {
+                    key: ConditionKey::DestinationPort,
+                    values: vec!["5432".into()],
+                }],
+            )],
+        )];
+        let c = CompiledPolicies::new(&ps, &deny_default);
+        assert!(tcp(&c, None, 5432).allowed);
+        assert!(!tcp(&c, None, 80).allowed);
     }
 
     #[test]

@@ -496,3 +496,31 @@ fn hostile_yaml_is_rejected_quickly() {
     let big = " ".repeat(tidemesh_policy::istio::MAX_INPUT_BYTES + 1);
     assert!(parse_documents(&big).is_err());
 }
+
+#[test]
+fn the_deploy_example_mesh_is_valid() {
+    let yaml = include_str!("../../../deploy/examples/mesh.yaml");
+    let c = MeshConfig::from_yaml(yaml).expect("deploy/examples/mesh.yaml is valid");
+    assert_eq!(c.service_entries.len(), 2);
+    let p = c
+        .destination_policy("inventory.store")
+        .expect("the inventory policy");
+    let cb = p.traffic.circuit_breaker.as_ref().expect("a breaker");
+    assert_eq!(cb.consecutive_errors, Some(5));
+    assert_eq!(cb.half_open_probes, 2);
+    assert_eq!(p.traffic.retries.as_ref().map(|r| r.attempts), Some(3));
+    // the cloud twin of a store service, and a cloud-only service
+    let cloud: Vec<String> = c
+        .endpoints()
+        .into_iter()
+        .filter(|e| e.location == EndpointLocation::Cloud)
+        .map(|e| format!("{} {}", e.service, e.address))
+        .collect();
+    assert_eq!(
+        cloud,
+        [
+            "catalog.cloud catalog.example.com:8080",
+            "inventory.store inventory.cloud.internal:8080"
+        ]
+    );
+}

@@ -1,5 +1,5 @@
 //! Properties: the compiled authorization evaluator agrees with the naive
-//! one; weighted routing gives each destination exactly its share of the
+//! one, for HTTP and for raw TCP; weighted routing gives each destination exactly its share of the
 //! random range; the parser never panics on hostile input.
 
 #![allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
@@ -159,6 +159,71 @@ proptest! {
             prop_assert!(rules[ri].matched);
             prop_assert!(rules[..ri].iter().all(|r| !r.matched));
         }
+    }
+
+    /// Raw TCP decisions agree with Istio's translation of the policies for
+    /// a TCP filter chain, evaluated naively: ALLOW rules using HTTP-only
+    /// fields (methods, paths, request headers) dropped, DENY rules with
+    /// those fields removed.
+    #[test]
+    fn raw_tcp_decisions_agree_with_istios_tcp_translation(
+        ps in policies(),
+        default_allow in any::<bool>(),
+        ns in 0..NAMESPACES.len(),
+        app in prop::sample::select(vec!["pos", "ledger", "other"]),
+        principal in prop::option::of(0..PRINCIPALS.len()),
+        src_ns in prop::option::of(0..NAMESPACES.len()),
+        port in prop::sample::select(vec![80u16, 8080, 9090]),
+    ) {
+        let settings = MeshSettings {
+            default_action: if default_allow { Action::Allow } else { Action::Deny },
+            ..MeshSettings::default()
+        };
+        let labels: Labels = [("app".to_string(), app.to_string())].into();
+        let req = AuthzRequest {
+            workload: WorkloadRef { namespace: NAMESPACES[ns], labels: &labels },
+            source_principal: principal.map(|i| PRINCIPALS[i]),
+            source_namespace: src_ns.map(|i| NAMESPACES[i]),
+            method: "",
+            path: "",
+            port,
+            headers: &NoHeaders,
+        };
+        let is_header = |c: &Condition| matches!(c.key, ConditionKey::RequestHeader(_));
+        let tcp: Vec<AuthzPolicy> = ps
+            .iter()
+            .map(|p| {
+                let mut p = p.clone();
+                p.rules = match p.action {
+                    Action::Allow => p
+                        .rules
+                        .into_iter()
+                        .filter(|r| {
+                            r.to.iter().all(|o| o.methods.is_empty() && o.paths.is_empty())
+                                && !r.when.iter().any(is_header)
+                        })
+                        .collect(),
+                    Action::Deny => p
+                        .rules
+                        .into_iter()
+                        .map(|mut r| {
+                            for o in &mut r.to {
+                                o.methods.clear();
+                                o.paths.clear();
+                            }
+                            r.when.retain(|c| !is_header(c));
+                            r
+                        })
+                        .collect(),
+                };
+                p
+            })
+            .collect();
+        let compiled = CompiledPolicies::new(&ps, &settings);
+        prop_assert_eq!(
+            compiled.decide_l4(&req).allowed,
+            evaluate_uncompiled(&tcp, &req, &settings)
+        );
     }
 
     #[test]
