@@ -47,6 +47,38 @@ pub struct WorkloadConfig {
     /// Local rate limit on calls delivered to this workload (token bucket);
     /// over it, callers get 429 with `retry-after`.
     pub rate_limit: Option<RateLimitConfig>,
+    /// What its `inbound` listener speaks: `"http"` (HTTP/1.1, the default)
+    /// or `"tcp"` (raw TCP: the spoke delivers the caller's bytes as they
+    /// are, after an L4 authorization of the caller's identity).
+    #[serde(default)]
+    pub protocol: WorkloadProtocol,
+    /// Raw TCP listeners where it calls mesh services, one per service:
+    /// `tcp_outbound = [{ listen = "127.0.0.1:15002", service = "db" }]`.
+    #[serde(default)]
+    pub tcp_outbound: Vec<TcpOutboundConfig>,
+}
+
+/// `protocol = "http" | "tcp"` of a `[[workload]]`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkloadProtocol {
+    /// HTTP/1.1: requests are authorized, routed and recorded one by one.
+    #[default]
+    Http,
+    /// Raw TCP: each connection is authorized (L4) and recorded as a whole.
+    Tcp,
+}
+
+/// One `tcp_outbound` entry: a TCP listener where the workload reaches one
+/// mesh service as raw TCP.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TcpOutboundConfig {
+    /// Where the workload connects, e.g. `127.0.0.1:15002`.
+    pub listen: SocketAddr,
+    /// The service every connection goes to: `name` (in the workload's
+    /// namespace, as an HTTP `Host`) or `name.namespace`.
+    pub service: String,
 }
 
 /// `rate_limit = { requests_per_second = 100, burst = 200 }`.
@@ -161,6 +193,16 @@ impl FileConfig {
         let mut outbound_seen = std::collections::HashSet::new();
         let inbounds: std::collections::HashSet<SocketAddr> =
             self.workloads.iter().filter_map(|w| w.inbound).collect();
+        // Every listener the spoke binds for apps, with the key naming it.
+        let mut listeners: std::collections::HashMap<SocketAddr, String> =
+            std::collections::HashMap::new();
+        for (i, w) in self.workloads.iter().enumerate() {
+            if let Some(a) = w.outbound {
+                listeners
+                    .entry(a)
+                    .or_insert(format!("workload[{i}].outbound"));
+            }
+        }
         for (i, w) in self.workloads.iter().enumerate() {
             let key = |k: &str| format!("workload[{i}].{k}");
             let probe = format!("spiffe://x/sa/{}", w.service_account);
@@ -224,6 +266,48 @@ impl FileConfig {
                         "is also a workload's inbound address",
                     ));
                 }
+            }
+            if w.protocol == WorkloadProtocol::Tcp {
+                if let Some(h) = &w.health {
+                    return Err(invalid(
+                        key("health"),
+                        h.clone(),
+                        "is an HTTP check: a protocol = \"tcp\" workload has none",
+                    ));
+                }
+                if let Some(r) = w.rate_limit {
+                    return Err(invalid(
+                        key("rate_limit"),
+                        format!("{r:?}"),
+                        "limits HTTP requests: a protocol = \"tcp\" workload has none",
+                    ));
+                }
+            }
+            for (j, t) in w.tcp_outbound.iter().enumerate() {
+                let tkey = |k: &str| key(&format!("tcp_outbound[{j}].{k}"));
+                if t.listen.port() == 0 {
+                    return Err(invalid(
+                        tkey("listen"),
+                        t.listen.to_string(),
+                        "port must not be 0: the app needs to know where to connect",
+                    ));
+                }
+                if inbounds.contains(&t.listen) {
+                    return Err(invalid(
+                        tkey("listen"),
+                        t.listen.to_string(),
+                        "is also a workload's inbound address",
+                    ));
+                }
+                if let Some(other) = listeners.insert(t.listen, tkey("listen")) {
+                    return Err(invalid(
+                        tkey("listen"),
+                        t.listen.to_string(),
+                        format!("is also {other}: each listener needs its own address"),
+                    ));
+                }
+                tidemesh_policy::units::canonical_host(&t.service, &w.namespace)
+                    .map_err(|reason| invalid(tkey("service"), t.service.clone(), reason))?;
             }
             if let Some(r) = w.rate_limit {
                 if !(1..=1_000_000).contains(&r.requests_per_second) {
@@ -335,6 +419,39 @@ health = "/healthz"
     }
 
     #[test]
+    fn raw_tcp_keys_parse() {
+        let c = FileConfig::parse(
+            r#"
+[[workload]]
+service_account = "db"
+service = "postgres"
+inbound = "127.0.0.1:5432"
+protocol = "tcp"
+
+[[workload]]
+service_account = "app"
+tcp_outbound = [
+  { listen = "127.0.0.1:15002", service = "postgres" },
+  { listen = "127.0.0.1:15003", service = "cache.store" },
+]
+
+[[workload]]
+service_account = "batch"
+[[workload.tcp_outbound]]
+listen = "127.0.0.1:15004"
+service = "ledger"
+"#,
+        )
+        .expect("valid");
+        assert_eq!(c.workloads[0].protocol, WorkloadProtocol::Tcp);
+        assert_eq!(c.workloads[1].protocol, WorkloadProtocol::Http);
+        let t = &c.workloads[1].tcp_outbound;
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[1].service, "cache.store");
+        assert_eq!(c.workloads[2].tcp_outbound[0].listen.port(), 15004);
+    }
+
+    #[test]
     fn data_plane_keys_are_checked() {
         let c = FileConfig::parse(
             "[[workload]]\nservice_account = \"a\"\ninbound = \"127.0.0.1:8080\"\nrate_limit = { requests_per_second = 100, burst = 200 }\n",
@@ -351,6 +468,16 @@ health = "/healthz"
             ("[[workload]]\nservice_account = \"a\"\noutbound = \"127.0.0.1:0\"\n", "workload[0].outbound"),
             ("[[workload]]\nservice_account = \"a\"\noutbound = \"127.0.0.1:9\"\n[[workload]]\nservice_account = \"b\"\noutbound = \"127.0.0.1:9\"\n", "workload[1].outbound"),
             ("[[workload]]\nservice_account = \"a\"\nservice = \"Bad Name\"\n", "workload[0].service"),
+            ("[[workload]]\nservice_account = \"a\"\nprotocol = \"udp\"\n", "protocol"),
+            ("[[workload]]\nservice_account = \"a\"\ninbound = \"127.0.0.1:1\"\nprotocol = \"tcp\"\nhealth = \"/healthz\"\n", "workload[0].health"),
+            ("[[workload]]\nservice_account = \"a\"\ninbound = \"127.0.0.1:1\"\nprotocol = \"tcp\"\nrate_limit = { requests_per_second = 1 }\n", "workload[0].rate_limit"),
+            ("[[workload]]\nservice_account = \"a\"\ntcp_outbound = [{ listen = \"127.0.0.1:0\", service = \"db\" }]\n", "workload[0].tcp_outbound[0].listen"),
+            ("[[workload]]\nservice_account = \"a\"\ntcp_outbound = [{ listen = \"127.0.0.1:7\", service = \"db\" }, { listen = \"127.0.0.1:8\", service = \"no good\" }]\n", "workload[0].tcp_outbound[1].service"),
+            ("[[workload]]\nservice_account = \"a\"\ntcp_outbound = [{ listen = \"127.0.0.1:7\", service = \"db:5432\" }]\n", "workload[0].tcp_outbound[0].service"),
+            ("[[workload]]\nservice_account = \"a\"\ntcp_outbound = [{ listen = \"127.0.0.1:7\", service = \"db\", port = 1 }]\n", "port"),
+            ("[[workload]]\nservice_account = \"a\"\ntcp_outbound = [{ listen = \"127.0.0.1:7\", service = \"db\" }, { listen = \"127.0.0.1:7\", service = \"cache\" }]\n", "workload[0].tcp_outbound[1].listen"),
+            ("[[workload]]\nservice_account = \"a\"\noutbound = \"127.0.0.1:9\"\n[[workload]]\nservice_account = \"b\"\ntcp_outbound = [{ listen = \"127.0.0.1:9\", service = \"db\" }]\n", "workload[1].tcp_outbound[0].listen"),
+            ("[[workload]]\nservice_account = \"a\"\ninbound = \"127.0.0.1:9\"\n[[workload]]\nservice_account = \"b\"\ntcp_outbound = [{ listen = \"127.0.0.1:9\", service = \"db\" }]\n", "workload[1].tcp_outbound[0].listen"),
         ] {
             let e = FileConfig::parse(text).expect_err(text);
             assert!(e.to_string().contains(key), "{text}: {e}");

@@ -608,6 +608,45 @@ impl Spoke {
         for (name, help, v) in counters {
             e.single(name, Counter, help, v);
         }
+        let c = &self.inner.data_counters;
+        let load =
+            |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed) as f64;
+        let fam = e.family(
+            "tidemesh_dataplane_requests_total",
+            Counter,
+            "Requests answered to local apps, by status class.",
+        );
+        for (i, class) in ["none", "1xx", "2xx", "3xx", "4xx", "5xx"]
+            .iter()
+            .enumerate()
+        {
+            fam.sample(&[("class", class)], load(&c.requests[i]));
+        }
+        let counters: [(&str, &str, f64); 4] = [
+            (
+                "tidemesh_dataplane_retries_total",
+                "Retries made (under the retry budget).",
+                load(&c.retries),
+            ),
+            (
+                "tidemesh_dataplane_breaker_opened_total",
+                "Circuit breakers that opened (endpoints ejected).",
+                load(&c.breaker_opened),
+            ),
+            (
+                "tidemesh_dataplane_breaker_closed_total",
+                "Circuit breakers that closed again after half-open probes.",
+                load(&c.breaker_closed),
+            ),
+            (
+                "tidemesh_dataplane_hub_unreachable_total",
+                "Cloud calls answered 503 at once because the hub was unreachable.",
+                load(&c.hub_unreachable),
+            ),
+        ];
+        for (name, help, v) in counters {
+            e.single(name, Counter, help, v);
+        }
         e.finish()
     }
 }

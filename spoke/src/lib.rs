@@ -320,6 +320,8 @@ struct Inner {
     evidence: std::sync::OnceLock<buffer::EvidenceBuffer>,
     /// Evidence sync counters.
     sync: Mutex<SyncStats>,
+    /// What the data plane did (for `/metrics`).
+    data_counters: dataplane::Counters,
     /// The last-known-good config replica (`spoke.db`).
     replica: replica::Replica,
     /// The config in force: the last-known-good, decoded.
@@ -411,6 +413,7 @@ impl Spoke {
         Ok(Spoke {
             inner: Arc::new(Inner {
                 evidence: std::sync::OnceLock::new(),
+                data_counters: dataplane::Counters::default(),
                 sync: Mutex::new(SyncStats {
                     sync_state: "disconnected",
                     ..SyncStats::default()
@@ -956,6 +959,20 @@ impl Spoke {
             .map(|mut r| r.random_range(0.5..=1.0))
             .unwrap_or(0.75);
         d.mul_f64(f)
+    }
+
+    /// Whether a control session with the hub is up now.
+    pub(crate) fn hub_connected(&self) -> bool {
+        self.inner
+            .live
+            .lock()
+            .map(|l| l.state == State::Connected)
+            .unwrap_or(false)
+    }
+
+    /// The hub's address (its gateway is on the same QUIC endpoint).
+    pub(crate) async fn hub_address(&self) -> Result<SocketAddr, String> {
+        self.hub_addr().await.map_err(|e| e.to_string())
     }
 
     async fn hub_addr(&self) -> Result<SocketAddr, SpokeError> {

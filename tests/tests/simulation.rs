@@ -138,6 +138,8 @@ fn day_long_partition_expires_the_certificate_and_the_spoke_comes_back() {
                             outbound: None,
                             health: None,
                             rate_limit: None,
+                            protocol: Default::default(),
+                            tcp_outbound: Vec::new(),
                         }],
                         ..Default::default()
                     },

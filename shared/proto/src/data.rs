@@ -9,14 +9,16 @@
 //!
 //! # Stream layout
 //! ```text
-//! caller -> server: frame(StreamHeader) ++ the proxied bytes (HTTP/1.1 for Http1)
-//! server -> caller: the proxied bytes (the HTTP/1.1 response)
+//! caller -> server: frame(StreamHeader) ++ the proxied bytes (HTTP/1.1 for Http1,
+//!                   the app's bytes for Tcp)
+//! server -> caller: the proxied bytes (the HTTP/1.1 response, the workload's bytes)
 //! ```
 //! The header is one frame of the crate's codec (length prefix, protocol
 //! version, postcard body), but bounded by [`MAX_HEADER`] rather than
 //! [`crate::MAX_FRAME`], and its strings by [`MAX_NAME`]; [`header_len`]
 //! checks the prefix before a byte of the body is read. One stream carries
-//! one request (HTTP) or one connection (raw TCP, later).
+//! one request (HTTP) or one connection (raw TCP; a refused connection's
+//! stream is reset).
 
 use serde::{Deserialize, Serialize};
 
@@ -34,7 +36,7 @@ pub const MAX_REQUEST_ID: usize = 128;
 pub enum StreamProtocol {
     /// One HTTP/1.1 request and its response.
     Http1,
-    /// A raw TCP connection's bytes (not served yet).
+    /// A raw TCP connection's bytes, both ways, until each side finishes.
     Tcp,
 }
 

@@ -12,17 +12,17 @@
 use std::time::Instant;
 
 use http_body_util::BodyExt;
-use hyper::{body::Incoming, header::HeaderValue, Request, Response, StatusCode};
+use hyper::{header::HeaderValue, Request, Response, StatusCode};
 use tidemesh_evidence::record::{AuthorizationEvidence, Decision, RequestEvidence};
 use tidemesh_identity::SpiffeId;
-use tidemesh_policy::{AuthzRequest, HeaderLookup, WorkloadRef};
+use tidemesh_policy::{AuthzRequest, HeaderLookup, NoHeaders, WorkloadRef};
 use tokio::time::timeout;
 use tracing::debug;
 
-use super::{local_response, Body, Shared};
+use super::{local_response, resilience::Outcome, Body, Shared};
+use crate::config::WorkloadProtocol;
 
-/// `x-forwarded-client-cert`.
-pub const XFCC: &str = "x-forwarded-client-cert";
+pub(crate) use tidemesh_net::http::{strip_hop_by_hop, XFCC};
 
 /// hyper's header map as the policy evaluators read headers.
 pub(crate) struct Headers<'a>(pub &'a hyper::HeaderMap);
@@ -33,82 +33,59 @@ impl HeaderLookup for Headers<'_> {
     }
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) and those the `Connection` header
-/// names: never forwarded.
-pub(crate) fn strip_hop_by_hop(h: &mut hyper::HeaderMap) {
-    let named: Vec<String> = h
-        .get_all(hyper::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_ascii_lowercase())
-        .filter(|s| !s.is_empty())
-        .collect();
-    for n in named {
-        h.remove(n.as_str());
-    }
-    for n in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    ] {
-        h.remove(n);
-    }
+/// The HTTP facts an L7 decision reads.
+pub(crate) struct L7<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub headers: &'a dyn HeaderLookup,
 }
 
-/// Authorizes, rate-limits and forwards `req` to local workload `idx`,
-/// filling `ev`'s policy and rate-limit evidence. `principal` is the
-/// verified caller (`None`: unauthenticated, which no principal rule matches).
-pub(crate) async fn deliver(
+/// The authorization decision (Istio semantics; the mesh default decides
+/// when no ALLOW policy selects the workload) for `principal` calling local
+/// workload `idx` on `port`: L7 with the request's facts, or L4 (raw TCP,
+/// [`tidemesh_policy::CompiledPolicies::decide_l4`]) without. Fills `ev`'s
+/// policy evidence; `Err` starts the denial's reason ("RBAC: access
+/// denied: ... for <caller>").
+pub(crate) fn authorize(
     s: &Shared,
     idx: usize,
     principal: Option<&SpiffeId>,
-    mut req: Request<Incoming>,
+    port: u16,
+    l7: Option<L7<'_>>,
     ev: &mut RequestEvidence,
-) -> Response<Body> {
+) -> Result<(), String> {
     let w = &s.workloads[idx];
-    let Some(inbound) = w.inbound else {
-        return local_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!("workload {} has no inbound address", w.account),
-            &[],
-        );
-    };
-    // Authorization (Istio semantics; the mesh default decides when no ALLOW
-    // policy selects the workload).
     let compiled = s.compiled();
     let principal_str = principal.map(|p| {
         let s = p.to_string();
         s.strip_prefix("spiffe://").unwrap_or(&s).to_owned()
     });
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "/".into());
     let t0 = Instant::now();
-    let verdict = compiled.policies.decide(&AuthzRequest {
+    let mut req = AuthzRequest {
         workload: WorkloadRef {
             namespace: &w.namespace,
             labels: &w.labels,
         },
         source_principal: principal_str.as_deref(),
         source_namespace: None,
-        method: req.method().as_str(),
-        path: &path,
-        port: inbound.port(),
-        headers: &Headers(req.headers()),
-    });
+        method: "",
+        path: "",
+        port,
+        headers: &NoHeaders,
+    };
+    let verdict = match l7 {
+        Some(h) => {
+            req.method = h.method;
+            req.path = h.path;
+            req.headers = h.headers;
+            compiled.policies.decide(&req)
+        }
+        None => compiled.policies.decide_l4(&req),
+    };
     let eval_us = t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
-    let policy = verdict
+    let policy_name = verdict
         .policy
-        .and_then(|i| compiled.policies.policies().get(i));
-    let policy_name = policy
+        .and_then(|i| compiled.policies.policies().get(i))
         .map(|p| format!("{}/{}", p.id.namespace, p.id.name))
         .unwrap_or_else(|| "mesh-default".into());
     ev.policy_evaluation = Some(AuthorizationEvidence {
@@ -127,15 +104,57 @@ pub(crate) async fn deliver(
         evaluation_time_us: eval_us,
         cached: false,
     });
-    if !verdict.allowed {
-        let who = principal
-            .map(|p| p.to_string())
-            .unwrap_or_else(|| "an unauthenticated caller".into());
+    if verdict.allowed {
+        return Ok(());
+    }
+    let who = principal
+        .map(|p| p.to_string())
+        .unwrap_or_else(|| "an unauthenticated caller".into());
+    Err(format!(
+        "RBAC: access denied: {} ({policy_name}) for {who}",
+        verdict.reason.as_str()
+    ))
+}
+
+/// Authorizes, rate-limits and forwards `req` to local workload `idx`,
+/// filling `ev`'s policy and rate-limit evidence. `principal` is the
+/// verified caller (`None`: unauthenticated, which no principal rule matches).
+pub(crate) async fn deliver(
+    s: &Shared,
+    idx: usize,
+    principal: Option<&SpiffeId>,
+    mut req: Request<Body>,
+    ev: &mut RequestEvidence,
+) -> Response<Body> {
+    let w = &s.workloads[idx];
+    let Some(inbound) = w.inbound else {
+        return local_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("workload {} has no inbound address", w.account),
+            &[],
+        );
+    };
+    if w.protocol == WorkloadProtocol::Tcp {
+        return local_response(
+            StatusCode::BAD_GATEWAY,
+            &format!(
+                "workload {} speaks raw TCP (protocol = \"tcp\"): call it through a tcp_outbound listener",
+                w.account
+            ),
+            &[],
+        );
+    }
+    let path = tidemesh_net::http::path_and_query(req.uri());
+    let l7 = L7 {
+        method: req.method().as_str(),
+        path: &path,
+        headers: &Headers(req.headers()),
+    };
+    if let Err(why) = authorize(s, idx, principal, inbound.port(), Some(l7), ev) {
         return local_response(
             StatusCode::FORBIDDEN,
             &format!(
-                "RBAC: access denied: {} ({policy_name}) for {who} calling {} {} on {}",
-                verdict.reason.as_str(),
+                "{why} calling {} {} on {}",
                 req.method(),
                 req.uri().path(),
                 w.id
@@ -178,64 +197,56 @@ pub(crate) async fn deliver(
     forward(s, inbound, req, s.settings.request_timeout).await
 }
 
-/// Sends `req` to a workload's HTTP listener and returns its response
-/// (502 when it cannot be reached, 504 when it does not answer in time).
+/// Sends `req` to a workload's HTTP listener over the pooled client and
+/// returns its response (502 when it cannot be reached, 504 when it does
+/// not answer in time); proxy-made failures carry their [`Outcome`].
 pub(crate) async fn forward(
     s: &Shared,
     addr: std::net::SocketAddr,
-    req: Request<Incoming>,
+    mut req: Request<Body>,
     limit: std::time::Duration,
 ) -> Response<Body> {
-    let stream = match timeout(
-        s.settings.connect_timeout,
-        tokio::net::TcpStream::connect(addr),
-    )
-    .await
-    {
-        Ok(Ok(st)) => st,
-        Ok(Err(e)) => {
+    let target = format!(
+        "http://{addr}{}",
+        tidemesh_net::http::path_and_query(req.uri())
+    );
+    match hyper::Uri::try_from(target) {
+        Ok(u) => *req.uri_mut() = u,
+        Err(e) => {
             return local_response(
-                StatusCode::BAD_GATEWAY,
-                &format!("workload at {addr} refused the connection: {e}"),
+                StatusCode::BAD_REQUEST,
+                &format!("bad request target: {e}"),
                 &[],
             )
         }
-        Err(_) => {
-            return local_response(
-                StatusCode::GATEWAY_TIMEOUT,
-                &format!(
-                    "workload at {addr}: no connection within {:?}",
-                    s.settings.connect_timeout
-                ),
-                &[],
-            )
-        }
+    }
+    let failed = |status, outcome: Outcome, reason: String| {
+        let mut r = local_response(status, &reason, &[]);
+        r.extensions_mut().insert(outcome);
+        r
     };
-    let _ = stream.set_nodelay(true);
-    let exchange = async {
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(error = %e, "upstream connection ended");
-            }
-        });
-        sender.send_request(req).await
-    };
-    match timeout(limit, exchange).await {
+    match timeout(limit, s.client.request(req)).await {
         Ok(Ok(mut resp)) => {
             strip_hop_by_hop(resp.headers_mut());
             resp.map(|b| b.boxed())
         }
-        Ok(Err(e)) => local_response(
+        Ok(Err(e)) if e.is_connect() => failed(
             StatusCode::BAD_GATEWAY,
-            &format!("workload at {addr}: {e}"),
-            &[],
+            Outcome::ConnectFailure,
+            format!("workload at {addr} refused the connection: {e}"),
         ),
-        Err(_) => local_response(
+        Ok(Err(e)) => {
+            debug!(error = %e, %addr, "upstream request failed");
+            failed(
+                StatusCode::BAD_GATEWAY,
+                Outcome::Reset,
+                format!("workload at {addr}: {e}"),
+            )
+        }
+        Err(_) => failed(
             StatusCode::GATEWAY_TIMEOUT,
-            &format!("workload at {addr}: no response within {limit:?}"),
-            &[],
+            Outcome::Timeout,
+            format!("workload at {addr}: no response within {limit:?}"),
         ),
     }
 }

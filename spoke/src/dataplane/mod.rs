@@ -16,9 +16,15 @@
 //!   workload's rate limit, `x-forwarded-client-cert`, then the workload's
 //!   own listener. Same-spoke calls take this path too, with the calling
 //!   workload's ID as principal.
+//! * **Raw TCP** ([`tcp`]): each `tcp_outbound` listener sends every
+//!   connection to one service, resolved as an HTTP `Host` is; the serving
+//!   end (this spoke, or a peer through a tunnel stream with
+//!   [`tidemesh_proto::data::StreamProtocol::Tcp`]) authorizes the caller
+//!   at L4 and copies bytes to a `protocol = "tcp"` workload.
 //!
-//! Every request yields one evidence record per spoke it crosses, appended
-//! to the evidence buffer without waiting for the commit.
+//! Every request (or raw TCP connection) yields one evidence record per
+//! spoke it crosses, appended to the evidence buffer without waiting for
+//! the commit.
 //!
 //! Who drives it: [`crate::Spoke::run`] binds it ([`DataPlane::bind`], so a
 //! taken port is an error before the hub session starts) and spawns
@@ -33,7 +39,9 @@
 pub(crate) mod inbound;
 pub(crate) mod outbound;
 pub mod ratelimit;
+pub(crate) mod resilience;
 pub(crate) mod resolve;
+pub(crate) mod tcp;
 pub mod trace;
 pub(crate) mod tunnel;
 
@@ -44,8 +52,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
-use hyper::body::Bytes;
+use hyper_util::{
+    client::legacy::{connect::HttpConnector, Client},
+    rt::TokioExecutor,
+};
 use tidemesh_evidence::record::{
     EnforcementPoint, RequestEvidence, Status, StatusCode as SpanStatus, TelemetryEvidence,
 };
@@ -59,7 +69,7 @@ use tracing::{info, warn};
 use crate::{unix_ms, Spoke};
 
 /// The body type both directions use.
-pub(crate) type Body = BoxBody<Bytes, hyper::Error>;
+pub(crate) use tidemesh_net::http::Body;
 
 /// Limits and timeouts of the data plane.
 #[derive(Debug, Clone)]
@@ -80,6 +90,9 @@ pub struct DataSettings {
     pub quic: QuicSettings,
     /// How often cached SVIDs are re-read (they renew on disk).
     pub creds_refresh: Duration,
+    /// A raw TCP connection with no byte in either direction for this long
+    /// is closed (both ends).
+    pub tcp_idle_timeout: Duration,
 }
 
 impl Default for DataSettings {
@@ -96,7 +109,36 @@ impl Default for DataSettings {
                 max_streams: 256,
             },
             creds_refresh: Duration::from_secs(2),
+            tcp_idle_timeout: Duration::from_secs(300),
         }
+    }
+}
+
+/// What the data plane did, for `/metrics` (counters since start).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Requests answered to apps, by status class (1xx..5xx as 1..=5; 0:
+    /// no status, e.g. a raw TCP connection).
+    pub requests: [std::sync::atomic::AtomicU64; 6],
+    /// Retries made.
+    pub retries: std::sync::atomic::AtomicU64,
+    /// Circuit breakers that opened (closed or half-open → open).
+    pub breaker_opened: std::sync::atomic::AtomicU64,
+    /// Circuit breakers that closed again (half-open → closed).
+    pub breaker_closed: std::sync::atomic::AtomicU64,
+    /// Cloud calls refused at once because the hub was unreachable.
+    pub hub_unreachable: std::sync::atomic::AtomicU64,
+}
+
+impl Counters {
+    fn add(c: &std::sync::atomic::AtomicU64) {
+        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// One request answered with `status`.
+    pub fn answered(&self, status: u16) {
+        let class = usize::from(status / 100).min(5);
+        Self::add(&self.requests[class]);
     }
 }
 
@@ -136,6 +178,8 @@ pub(crate) struct LocalWorkload {
     pub labels: Labels,
     pub inbound: Option<SocketAddr>,
     pub outbound: Option<SocketAddr>,
+    /// What its inbound listener speaks.
+    pub protocol: crate::config::WorkloadProtocol,
     pub limiter: Option<Mutex<ratelimit::TokenBucket>>,
 }
 
@@ -171,6 +215,14 @@ pub(crate) struct Shared {
     /// The negotiated TLS 1.3 suite (see [`tunnel`] for why it is known).
     pub cipher_suite: String,
     pub conn_limit: Arc<Semaphore>,
+    /// Pooled keep-alive connections to this spoke's workloads.
+    pub client: Client<HttpConnector, Body>,
+    /// Circuit breaker (outlier detection) of each endpoint, by key.
+    breakers: Mutex<HashMap<String, resilience::Breaker>>,
+    /// Retry budget of each destination host.
+    budgets: Mutex<HashMap<String, resilience::RetryBudget>>,
+    /// Requests in flight to each destination host (its request limit).
+    in_flight: Mutex<HashMap<String, Arc<resilience::InFlight>>>,
 }
 
 impl Shared {
@@ -234,8 +286,171 @@ impl Shared {
         self.svids.read().ok()?.get(i).cloned().flatten()
     }
 
+    /// Whether endpoint `key` may be picked now (its breaker is closed, or
+    /// half-open with a probe slot free).
+    pub fn endpoint_available(&self, key: &str, now: std::time::Instant) -> bool {
+        self.breakers
+            .lock()
+            .map(|m| m.get(key).is_none_or(|b| b.available(now)))
+            .unwrap_or(true)
+    }
+
+    /// The breaker settings of destination `host` (its destination policy's,
+    /// or the defaults).
+    fn breaker_settings(&self, host: &str) -> resilience::BreakerSettings {
+        let c = self.compiled();
+        resilience::BreakerSettings::from_policy(
+            c.config
+                .destination_policy(host)
+                .and_then(|p| p.traffic.circuit_breaker.as_ref()),
+        )
+    }
+
+    /// Asks endpoint `key`'s breaker to admit a request.
+    pub fn breaker_admit(
+        &self,
+        host: &str,
+        key: &str,
+        now: std::time::Instant,
+    ) -> Result<resilience::Admit, Duration> {
+        let mut m = match self.breakers.lock() {
+            Ok(m) => m,
+            Err(_) => return Ok(resilience::Admit::Normal),
+        };
+        if !m.contains_key(key) {
+            let settings = self.breaker_settings(host);
+            m.insert(key.to_owned(), resilience::Breaker::new(settings));
+        }
+        match m.get_mut(key) {
+            Some(b) => b.admit(now),
+            None => Ok(resilience::Admit::Normal),
+        }
+    }
+
+    /// Gives back an admission whose request never reached the endpoint.
+    pub fn breaker_release(&self, key: &str, admit: resilience::Admit) {
+        if let Ok(mut m) = self.breakers.lock() {
+            if let Some(b) = m.get_mut(key) {
+                b.on_cancel(admit);
+            }
+        }
+    }
+
+    /// Reports an attempt's result to endpoint `key`'s breaker.
+    pub fn breaker_report(
+        &self,
+        key: &str,
+        admit: resilience::Admit,
+        success: bool,
+        now: std::time::Instant,
+    ) {
+        let change = self.breakers.lock().ok().and_then(|mut m| {
+            m.get_mut(key)
+                .and_then(|b| b.on_result(now, admit, success))
+        });
+        if let Some((from, to)) = change {
+            use tidemesh_evidence::record::BreakerState;
+            let c = &self.spoke.inner.data_counters;
+            match to {
+                BreakerState::Open => Counters::add(&c.breaker_opened),
+                BreakerState::Closed => Counters::add(&c.breaker_closed),
+                BreakerState::HalfOpen => {}
+            }
+            info!(endpoint = %key, ?from, ?to, "circuit breaker changed state");
+        }
+    }
+
+    /// Endpoint `key`'s breaker, for evidence.
+    pub fn breaker_evidence(
+        &self,
+        key: &str,
+        now: std::time::Instant,
+    ) -> tidemesh_evidence::record::BreakerEvidence {
+        self.breakers
+            .lock()
+            .ok()
+            .and_then(|m| m.get(key).map(|b| b.evidence(now)))
+            .unwrap_or_else(|| {
+                resilience::Breaker::new(resilience::BreakerSettings::from_policy(None))
+                    .evidence(now)
+            })
+    }
+
+    /// An original request to `host`: a deposit in its retry budget.
+    pub fn retry_deposit(&self, host: &str) {
+        if let Ok(mut m) = self.budgets.lock() {
+            if !m.contains_key(host) {
+                m.insert(host.to_owned(), resilience::RetryBudget::default());
+            }
+            if let Some(b) = m.get_mut(host) {
+                b.on_request(std::time::Instant::now());
+            }
+        }
+    }
+
+    /// Whether `host`'s retry budget allows one more retry (and takes it).
+    pub fn retry_withdraw(&self, host: &str) -> bool {
+        self.budgets
+            .lock()
+            .ok()
+            .and_then(|mut m| {
+                m.get_mut(host)
+                    .map(|b| b.try_withdraw(std::time::Instant::now()))
+            })
+            .unwrap_or(false)
+    }
+
+    /// A slot under `host`'s request limit, if one is free.
+    pub fn in_flight(&self, host: &str) -> Option<resilience::InFlightGuard> {
+        let limit = {
+            let c = self.compiled();
+            resilience::max_requests(
+                c.config
+                    .destination_policy(host)
+                    .and_then(|p| p.traffic.limits.as_ref()),
+            )
+        };
+        let counter = {
+            let mut m = self.in_flight.lock().ok()?;
+            let e = m
+                .entry(host.to_owned())
+                .or_insert_with(|| Arc::new(resilience::InFlight::new(limit)));
+            if e.max() != limit {
+                *e = Arc::new(resilience::InFlight::new(limit));
+            }
+            e.clone()
+        };
+        counter.try_acquire()
+    }
+
+    /// A request to a balancer slot started (least request counts them).
+    pub fn lb_started(&self, slot: &(resolve::BalancerKey, usize)) {
+        if let Ok(mut m) = self.balancers.lock() {
+            if let Some(b) = m.get_mut(&slot.0) {
+                b.handle_request_started(slot.1);
+            }
+        }
+    }
+
+    /// A request to a balancer slot finished.
+    pub fn lb_finished(&self, slot: &(resolve::BalancerKey, usize)) {
+        if let Ok(mut m) = self.balancers.lock() {
+            if let Some(b) = m.get_mut(&slot.0) {
+                b.handle_request_finished(slot.1);
+            }
+        }
+    }
+
+    /// The data plane's counters.
+    pub fn counters(&self) -> &Counters {
+        &self.spoke.inner.data_counters
+    }
+
     /// Appends a request record; never waits for the commit.
     pub fn record(&self, ev: RequestEvidence) {
+        if let Some(code) = ev.telemetry.status_code {
+            self.counters().answered(code);
+        }
         self.spoke
             .record(tidemesh_evidence::RecordBody::Request(Box::new(ev)));
     }
@@ -303,52 +518,13 @@ pub(crate) fn finish_from_response<B>(
 ) {
     let reason = resp
         .headers()
-        .get("x-tidemesh-reason")
+        .get(tidemesh_net::http::REASON)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     finish_evidence(ev, started, resp.status(), reason);
 }
 
-/// A response made by the proxy itself, with a reason in the body and in
-/// `x-tidemesh-reason`.
-pub(crate) fn local_response(
-    status: hyper::StatusCode,
-    reason: &str,
-    extra: &[(&'static str, String)],
-) -> hyper::Response<Body> {
-    let body = Full::new(Bytes::from(format!("{reason}\n")))
-        .map_err(|never| match never {})
-        .boxed();
-    let mut r = hyper::Response::new(body);
-    *r.status_mut() = status;
-    let h = r.headers_mut();
-    h.insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    if let Ok(v) = hyper::header::HeaderValue::from_str(&sanitize(reason)) {
-        h.insert("x-tidemesh-reason", v);
-    }
-    for (k, v) in extra {
-        if let Ok(v) = hyper::header::HeaderValue::from_str(v) {
-            h.insert(*k, v);
-        }
-    }
-    r
-}
-
-fn sanitize(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_graphic() || c == ' ' {
-                c
-            } else {
-                '?'
-            }
-        })
-        .take(200)
-        .collect()
-}
+pub(crate) use tidemesh_net::http::local_response;
 
 /// 24 random bytes for a span (and a trace, when it starts here).
 pub(crate) fn span_random() -> [u8; 24] {
@@ -361,19 +537,25 @@ pub fn needed(file: &crate::FileConfig) -> bool {
     if let (Some(a), None) = (file.data_advertise, file.data_listen) {
         warn!(data_advertise = %a, "data_advertise is set without data_listen: peers dialing it will fail");
     }
-    file.data_listen.is_some() || file.workloads.iter().any(|w| w.outbound.is_some())
+    file.data_listen.is_some()
+        || file
+            .workloads
+            .iter()
+            .any(|w| w.outbound.is_some() || !w.tcp_outbound.is_empty())
 }
 
 /// The bound, not yet serving, data plane.
 pub(crate) struct DataPlane {
     shared: Arc<Shared>,
     outbound: Vec<(usize, tokio::net::TcpListener)>,
+    tcp_outbound: Vec<tcp::Listener>,
     serving: bool,
 }
 
 impl DataPlane {
-    /// Binds every listener of the config (outbound TCP per workload, the
-    /// QUIC data endpoint) and loads what the request path needs.
+    /// Binds every listener of the config (outbound and raw TCP outbound
+    /// per workload, the QUIC data endpoint) and loads what the request
+    /// path needs.
     pub async fn bind(spoke: &Spoke, settings: DataSettings) -> Result<DataPlane, DataPlaneError> {
         let ident = &spoke.inner.ident.id;
         let store = match naming::classify(ident) {
@@ -398,6 +580,7 @@ impl DataPlane {
                 labels: w.labels.clone(),
                 inbound: w.inbound,
                 outbound: w.outbound,
+                protocol: w.protocol,
                 limiter: w
                     .rate_limit
                     .map(|r| Mutex::new(ratelimit::TokenBucket::new(r.to_policy()))),
@@ -419,6 +602,7 @@ impl DataPlane {
                 outbound.push((i, l));
             }
         }
+        let tcp_outbound = tcp::bind(file).await?;
         let (endpoint, cipher_suite, serving) = tunnel::bind_endpoint(spoke, &settings).await?;
         let node_id = ident.clone();
         let shared = Arc::new(Shared {
@@ -435,12 +619,17 @@ impl DataPlane {
             endpoint,
             cipher_suite,
             conn_limit: Arc::new(Semaphore::new(settings.max_connections)),
+            client: workload_client(&settings),
+            breakers: Mutex::new(HashMap::new()),
+            budgets: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
             settings,
         });
         refresh_svids(&shared).await;
         Ok(DataPlane {
             shared,
             outbound,
+            tcp_outbound,
             serving,
         })
     }
@@ -451,6 +640,9 @@ impl DataPlane {
         for (i, l) in std::mem::take(&mut self.outbound) {
             info!(workload = %self.shared.workloads[i].account, addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "outbound listener up");
             tasks.spawn(outbound::serve(self.shared.clone(), i, l));
+        }
+        for l in std::mem::take(&mut self.tcp_outbound) {
+            tasks.spawn(tcp::serve(self.shared.clone(), l));
         }
         if self.serving {
             info!(addr = %self.shared.endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), "data tunnel listener up");
@@ -476,6 +668,17 @@ impl Drop for DataPlane {
             b"data plane stopped",
         );
     }
+}
+
+/// The pooled HTTP/1.1 client to this spoke's workloads.
+fn workload_client(settings: &DataSettings) -> Client<HttpConnector, Body> {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(settings.connect_timeout));
+    http.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(64)
+        .build(http)
 }
 
 /// Re-reads the workloads' SVID facts (fingerprint, expiry) off the request path.

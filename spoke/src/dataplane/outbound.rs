@@ -13,31 +13,36 @@
 //! `x-forwarded-client-cert` it sends is dropped), or wait for the evidence
 //! commit.
 
-use std::{convert::Infallible, sync::Arc};
+use std::{
+    convert::Infallible,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
+use http_body_util::BodyExt;
 use hyper::{
     body::Incoming, header::HeaderValue, server::conn::http1, service::service_fn, Request,
     Response, StatusCode,
 };
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tidemesh_evidence::record::{EnforcementPoint, IdentityEvidence, TlsVersion};
+use hyper_util::rt::TokioIo;
+use tidemesh_evidence::record::{
+    EnforcementPoint, IdentityEvidence, ReliabilityEvidence, RequestEvidence, TlsVersion,
+};
+use tidemesh_identity::naming;
+use tidemesh_net::http::{full, HUB_STATUS, UPSTREAM};
 use tidemesh_proto::data::{StreamHeader, StreamProtocol, TraceContext};
 use tracing::{debug, warn};
 
 use super::{
     finish_evidence, finish_from_response, inbound, local_response, new_evidence,
+    resilience::{backoff_delay, retry_evidence, Outcome, RetrySettings},
     resolve::{self, Target},
     span_random, trace, Body, DataSettings, Shared,
 };
 
 /// The HTTP/1.1 server settings every listener of the data plane uses.
 pub(crate) fn http1_server(settings: &DataSettings) -> http1::Builder {
-    let mut b = http1::Builder::new();
-    b.timer(TokioTimer::new())
-        .header_read_timeout(settings.header_timeout)
-        .max_buf_size(settings.max_header_bytes.max(8192))
-        .max_headers(100);
-    b
+    tidemesh_net::http::http1_server(settings.header_timeout, settings.max_header_bytes)
 }
 
 /// Accepts app connections on workload `caller`'s outbound listener.
@@ -69,9 +74,13 @@ pub(crate) async fn serve(s: Arc<Shared>, caller: usize, listener: tokio::net::T
                     async move { Ok::<_, Infallible>(handle(&s, caller, req).await) }
                 })
             };
-            if let Err(e) = http1_server(&s.settings)
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
+            if let Err(e) = tidemesh_net::http::app_server(
+                s.settings.header_timeout,
+                s.settings.max_header_bytes,
+                s.settings.quic.max_streams,
+            )
+            .serve_connection(TokioIo::new(stream), svc)
+            .await
             {
                 debug!(error = %e, "app connection ended");
             }
@@ -107,6 +116,41 @@ pub(crate) fn set_trace_headers(h: &mut hyper::HeaderMap, span: &trace::Span) {
     }
 }
 
+/// Most bytes of a request body kept in memory so the request can be
+/// retried; a larger (or streamed) body is sent once.
+const MAX_RETRY_BODY: u64 = 64 * 1024;
+
+/// A proxy-made failure that says nothing about the endpoint's health:
+/// neither retried nor counted by its circuit breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Neutral {
+    /// The hub (and so its gateway) is unreachable.
+    HubUnreachable,
+    /// A local limit (requests in flight) refused it.
+    Overflow,
+}
+
+/// What an attempt's response says about the endpoint.
+pub(crate) fn outcome_of<B>(resp: &Response<B>) -> Outcome {
+    if resp.extensions().get::<Neutral>().is_some() {
+        return Outcome::Overflow;
+    }
+    if let Some(o) = resp.extensions().get::<Outcome>() {
+        return o.clone();
+    }
+    Outcome::Status(resp.status().as_u16())
+}
+
+/// The request again, for another attempt.
+fn rebuild(parts: &hyper::http::request::Parts, body: Body) -> Request<Body> {
+    let mut r = Request::new(body);
+    *r.method_mut() = parts.method.clone();
+    *r.uri_mut() = parts.uri.clone();
+    *r.version_mut() = parts.version;
+    *r.headers_mut() = parts.headers.clone();
+    r
+}
+
 async fn handle(s: &Shared, caller: usize, mut req: Request<Incoming>) -> Response<Body> {
     let started = tokio::time::Instant::now();
     let w = &s.workloads[caller];
@@ -122,6 +166,9 @@ async fn handle(s: &Shared, caller: usize, mut req: Request<Incoming>) -> Respon
         .map(str::to_owned)
         .or_else(|| req.uri().authority().map(|a| a.to_string()));
     let operation = format!("{} {}", req.method(), req.uri().path());
+    // HTTP/2 from the app goes on as HTTP/1.1 (to the workload, over the
+    // tunnel); the Host is the authority it named.
+    tidemesh_net::http::to_http1(&mut req);
     let headers = req.headers_mut();
     inbound::strip_hop_by_hop(headers);
     // Identity is the spoke's to assert, never the app's.
@@ -151,15 +198,18 @@ async fn handle(s: &Shared, caller: usize, mut req: Request<Incoming>) -> Respon
         .path_and_query()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "/".into());
-    let resolved = resolve::resolve(
+    let method = req.method().as_str().to_owned();
+    let first = resolve::resolve(
         s,
         &host,
         &w.namespace,
-        req.method().as_str(),
+        &method,
         &path,
         &inbound::Headers(req.headers()),
+        &[],
+        Instant::now(),
     );
-    let resolved = match resolved {
+    let mut resolved = match first {
         Ok(r) => r,
         Err(u) => {
             let mut ev = new_evidence(
@@ -183,10 +233,180 @@ async fn handle(s: &Shared, caller: usize, mut req: Request<Incoming>) -> Respon
         &span,
         operation,
     );
-    ev.routing_decision = Some(resolved.evidence);
-    let resp = match resolved.target {
+    let compiled = s.compiled();
+    let policy = compiled.config.destination_policy(&resolved.host);
+    let retry = RetrySettings::from_policy(
+        resolved.retries.as_deref(),
+        policy.and_then(|p| p.traffic.retries.as_ref()),
+    );
+    let dest = resolved.host.clone();
+    // The route's timeout bounds the whole call, retries included (as
+    // Istio's); each try has its own when the retry policy sets one.
+    let deadline = started + resolved.timeout.unwrap_or(s.settings.request_timeout);
+
+    // A request that may be retried keeps its (small) body in memory.
+    let (parts, body) = req.into_parts();
+    let size = hyper::body::Body::size_hint(&body).upper();
+    let bufferable = retry.attempts > 0 && size.is_some_and(|n| n <= MAX_RETRY_BODY);
+    let mut once = None;
+    let kept = if bufferable {
+        match http_body_util::Limited::new(body, MAX_RETRY_BODY as usize)
+            .collect()
+            .await
+        {
+            Ok(c) => Some(c.to_bytes()),
+            Err(e) => {
+                let r = local_response(
+                    StatusCode::BAD_REQUEST,
+                    &format!("cannot read the request body: {e}"),
+                    &[],
+                );
+                ev.routing_decision = Some(resolved.evidence);
+                finish_from_response(&mut ev, started, &r);
+                s.record(ev);
+                return r;
+            }
+        }
+    } else {
+        once = Some(body.boxed());
+        None
+    };
+    let max_attempts = if kept.is_some() {
+        retry.attempts + 1
+    } else {
+        1
+    };
+    s.retry_deposit(&dest);
+
+    let mut tried: Vec<String> = Vec::new();
+    let mut attempt = 0u32;
+    let mut backoff_total = Duration::ZERO;
+    let resp = loop {
+        attempt += 1;
+        let body = match (&kept, once.take()) {
+            (Some(b), _) => full(b.clone()),
+            (None, Some(b)) => b,
+            (None, None) => full(Vec::new()),
+        };
+        let req = rebuild(&parts, body);
+        let now = tokio::time::Instant::now();
+        let try_limit = retry
+            .per_try_timeout
+            .unwrap_or(Duration::MAX)
+            .min(deadline.saturating_duration_since(now));
+        let key = resolved.key.clone();
+        let resp = one_attempt(
+            s,
+            caller,
+            &resolved,
+            req,
+            try_limit,
+            &span,
+            request_id.clone(),
+            &mut ev,
+        )
+        .await;
+        let outcome = outcome_of(&resp);
+        // Retried when the conditions hold and the method is idempotent or
+        // the request never reached the endpoint.
+        let retry_reason =
+            (attempt < max_attempts && retry.may_retry(&outcome, &method)).then(|| outcome.clone());
+        ev.routing_decision = Some(resolved.evidence.clone());
+        ev.reliability = Some(ReliabilityEvidence {
+            circuit_breaker: s.breaker_evidence(&key, Instant::now()),
+            retry_state: retry_evidence(
+                &retry,
+                attempt,
+                attempt - 1,
+                backoff_total.as_millis().min(u128::from(u32::MAX)) as u32,
+            ),
+        });
+        if retry_reason.is_none() {
+            break resp;
+        }
+        let delay = backoff_delay(&retry.backoff, attempt, rand::random());
+        if tokio::time::Instant::now() + delay >= deadline || !s.retry_withdraw(&dest) {
+            break resp;
+        }
+        debug!(service = %dest, endpoint = %key, attempt, ?outcome, ?delay, "retrying");
+        s.counters()
+            .retries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tokio::time::sleep(delay).await;
+        backoff_total += delay;
+        tried.push(key);
+        resolved = match resolve::resolve(
+            s,
+            &host,
+            &w.namespace,
+            &method,
+            &path,
+            &inbound::Headers(&parts.headers),
+            &tried,
+            Instant::now(),
+        ) {
+            Ok(r) => r,
+            // Nothing left to try: the last answer stands.
+            Err(_) => break resp,
+        };
+    };
+    finish_from_response(&mut ev, started, &resp);
+    s.record(ev);
+    resp
+}
+
+/// One try of a request against `resolved`'s endpoint: its circuit
+/// breaker admits it (or not), the destination's request limit holds, the
+/// request goes local, over the tunnel or to the hub gateway, and the
+/// result is reported to the breaker.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site; a struct would only rename them"
+)]
+async fn one_attempt(
+    s: &Shared,
+    caller: usize,
+    resolved: &resolve::Resolved,
+    req: Request<Body>,
+    limit: Duration,
+    span: &trace::Span,
+    request_id: Option<String>,
+    ev: &mut RequestEvidence,
+) -> Response<Body> {
+    let w = &s.workloads[caller];
+    let now = Instant::now();
+    let admit = match s.breaker_admit(&resolved.host, &resolved.key, now) {
+        Ok(a) => a,
+        Err(wait) => {
+            let mut r = local_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "circuit breaker of {} is open for another {wait:?}",
+                    resolved.key
+                ),
+                &[],
+            );
+            r.extensions_mut().insert(Neutral::Overflow);
+            return r;
+        }
+    };
+    let Some(_guard) = s.in_flight(&resolved.host) else {
+        let mut r = local_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "request limit to {} reached (max_requests of its destination policy)",
+                resolved.host
+            ),
+            &[],
+        );
+        r.extensions_mut().insert(Neutral::Overflow);
+        s.breaker_release(&resolved.key, admit);
+        return r;
+    };
+    s.lb_started(&resolved.slot);
+    let resp = match &resolved.target {
         Target::Local(i) => {
-            let target = &s.workloads[i];
+            let target = &s.workloads[*i];
             ev.identity = Some(IdentityEvidence {
                 client_identity: Some(w.id.clone()),
                 server_identity: Some(target.id.clone()),
@@ -197,16 +417,17 @@ async fn handle(s: &Shared, caller: usize, mut req: Request<Incoming>) -> Respon
                 trust_chain_verified: false,
                 handshake_duration_us: None,
             });
-            let limit = resolved.timeout.unwrap_or(s.settings.request_timeout);
-            match tokio::time::timeout(limit, inbound::deliver(s, i, Some(&w.id), req, &mut ev))
-                .await
-            {
+            match tokio::time::timeout(limit, inbound::deliver(s, *i, Some(&w.id), req, ev)).await {
                 Ok(r) => r,
-                Err(_) => local_response(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    &format!("no response within the route timeout of {limit:?}"),
-                    &[],
-                ),
+                Err(_) => {
+                    let mut r = local_response(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        &format!("no response within {limit:?}"),
+                        &[],
+                    );
+                    r.extensions_mut().insert(Outcome::Timeout);
+                    r
+                }
             }
         }
         Target::Site {
@@ -214,26 +435,98 @@ async fn handle(s: &Shared, caller: usize, mut req: Request<Incoming>) -> Respon
             server,
             account,
         } => {
-            let header = StreamHeader {
-                service: resolved.host.clone(),
-                workload: account,
-                protocol: StreamProtocol::Http1,
-                trace: Some(TraceContext {
-                    trace_id: span.trace_id,
-                    span_id: span.span_id,
-                    sampled: span.sampled,
-                }),
-                request_id: request_id.filter(|r| {
-                    r.len() <= tidemesh_proto::data::MAX_REQUEST_ID
-                        && !r.is_empty()
-                        && r.bytes().all(|b| b.is_ascii_graphic())
-                }),
-            };
-            let limit = resolved.timeout.unwrap_or(s.settings.request_timeout);
-            super::tunnel::call(s, caller, addr, &server, header, req, limit, &mut ev).await
+            let header = stream_header(&resolved.host, account.clone(), span, request_id);
+            super::tunnel::call(s, caller, *addr, server, header, req, limit, ev).await
         }
+        Target::Cloud => cloud(s, caller, resolved, req, limit, span, request_id, ev).await,
     };
-    finish_from_response(&mut ev, started, &resp);
-    s.record(ev);
+    s.lb_finished(&resolved.slot);
+    let outcome = outcome_of(&resp);
+    if outcome == Outcome::Overflow {
+        s.breaker_release(&resolved.key, admit);
+    } else {
+        s.breaker_report(&resolved.key, admit, !outcome.is_failure(), Instant::now());
+    }
+    resp
+}
+
+fn stream_header(
+    service: &str,
+    workload: String,
+    span: &trace::Span,
+    request_id: Option<String>,
+) -> StreamHeader {
+    StreamHeader {
+        service: service.to_owned(),
+        workload,
+        protocol: StreamProtocol::Http1,
+        trace: Some(TraceContext {
+            trace_id: span.trace_id,
+            span_id: span.span_id,
+            sampled: span.sampled,
+        }),
+        request_id: request_id.filter(|r| {
+            r.len() <= tidemesh_proto::data::MAX_REQUEST_ID
+                && !r.is_empty()
+                && r.bytes().all(|b| b.is_ascii_graphic())
+        }),
+    }
+}
+
+/// A call to a cloud service through the hub's gateway; without the hub it
+/// fails at once with 503 and `x-tidemesh-hub: unreachable` rather than
+/// waiting on a link that is down.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site; a struct would only rename them"
+)]
+async fn cloud(
+    s: &Shared,
+    caller: usize,
+    resolved: &resolve::Resolved,
+    req: Request<Body>,
+    limit: Duration,
+    span: &trace::Span,
+    request_id: Option<String>,
+    ev: &mut RequestEvidence,
+) -> Response<Body> {
+    let unreachable = |why: String| {
+        let mut r = local_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "hub unreachable: {} is a cloud service behind the hub gateway ({why})",
+                resolved.host
+            ),
+            &[(HUB_STATUS, "unreachable".into())],
+        );
+        r.extensions_mut().insert(Neutral::HubUnreachable);
+        r
+    };
+    if !s.spoke.hub_connected() {
+        s.counters()
+            .hub_unreachable
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return unreachable("the spoke is disconnected".into());
+    }
+    let addr = match s.spoke.hub_address().await {
+        Ok(a) => a,
+        Err(e) => return unreachable(e),
+    };
+    let server = naming::hub_id(&s.td);
+    // The gateway chooses the endpoint; the header names no workload.
+    let header = stream_header(&resolved.host, "cloud".into(), span, request_id);
+    let mut resp = super::tunnel::call(s, caller, addr, &server, header, req, limit, ev).await;
+    if resp.status() == StatusCode::BAD_GATEWAY && resp.headers().get(UPSTREAM).is_none() {
+        // The gateway itself could not be reached (the hub answers with
+        // x-tidemesh-upstream whenever it chose an endpoint).
+        if !s.spoke.hub_connected() {
+            return unreachable("the link to the hub went down".into());
+        }
+    }
+    if let Some(up) = resp.headers_mut().remove(UPSTREAM) {
+        if let (Ok(up), Some(r)) = (up.to_str(), ev.routing_decision.as_mut()) {
+            r.selected_endpoint = Some(up.to_owned());
+        }
+    }
     resp
 }

@@ -8,17 +8,21 @@
 //! path, per request. What it must not do: I/O; it reads only memory.
 //!
 //! Locality: a healthy workload on this spoke wins; only when there is none
-//! does the request cross to another spoke of the same site. The cloud tier
-//! (through the hub gateway) comes with the gateway.
+//! does the request cross to another spoke of the same site, and only when
+//! no site endpoint is usable does it go to the cloud, through the hub's
+//! gateway, for hosts a `ServiceEntry` declares. Endpoints whose circuit
+//! breaker is open (passive outlier detection, [`super::resilience`]) and
+//! endpoints a retry of the same request already tried are skipped while
+//! any other endpoint remains.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use tidemesh_evidence::record::{
     EndpointCandidate, LbAlgorithm as EvAlgorithm, Locality as EvLocality, RoutingEvidence,
 };
 use tidemesh_identity::{naming, SpiffeId};
 use tidemesh_policy::{
-    model::{labels_match, EndpointLocation, LbAlgorithm, LoadBalancer, Locality},
+    model::{labels_match, EndpointLocation, LbAlgorithm, LoadBalancer, Locality, RouteRetries},
     routing::{Balancer, Candidate, LocalityTier, PickReason},
     units::canonical_host,
     HeaderLookup, RouteRequest,
@@ -26,8 +30,29 @@ use tidemesh_policy::{
 
 use super::Shared;
 
+/// Where an endpoint is, nearest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum Tier {
+    /// A workload of this spoke.
+    Local,
+    /// A workload on another spoke of the site.
+    Site,
+    /// A cloud service behind the hub gateway.
+    Cloud,
+}
+
+impl Tier {
+    fn reason(self) -> &'static str {
+        match self {
+            Tier::Local => "local_endpoint_preferred",
+            Tier::Site => "no_healthy_local_endpoint_same_site_peer",
+            Tier::Cloud => "no_healthy_site_endpoint_cloud_via_hub_gateway",
+        }
+    }
+}
+
 /// One balancer per (destination host, subset, tier).
-pub(crate) type BalancerKey = (String, Option<String>, bool);
+pub(crate) type BalancerKey = (String, Option<String>, Tier);
 
 /// Where the chosen endpoint is.
 #[derive(Debug, Clone)]
@@ -43,6 +68,8 @@ pub(crate) enum Target {
         /// The workload's service account there.
         account: String,
     },
+    /// A cloud service: the hub's gateway forwards to one of its endpoints.
+    Cloud,
 }
 
 /// A resolved request.
@@ -51,9 +78,15 @@ pub(crate) struct Resolved {
     /// Canonical host of the destination service.
     pub host: String,
     pub target: Target,
+    /// The endpoint's key (its circuit breaker's name).
+    pub key: String,
     pub evidence: RoutingEvidence,
     /// The route's timeout, if it sets one.
     pub timeout: Option<std::time::Duration>,
+    /// The route's retries, if it sets them.
+    pub retries: Option<Arc<RouteRetries>>,
+    /// The balancer slot picked (least request counts requests in flight).
+    pub slot: (BalancerKey, usize),
 }
 
 /// Why no endpoint was chosen (the proxy answers with the status).
@@ -67,27 +100,33 @@ pub(crate) struct Unroutable {
 
 struct Cand {
     address: String,
+    /// Breaker key: unique per endpoint.
+    key: String,
     healthy: bool,
     weight: u32,
     labels: tidemesh_policy::model::Labels,
     target: Option<Target>,
-    local: bool,
+    tier: Tier,
+    locality: EvLocality,
 }
 
 /// Every endpoint of canonical `host`: this spoke's workloads (healthy or
-/// not, for the evidence) and the site's from the last slice.
-fn candidates(s: &Shared, host: &str) -> Vec<Cand> {
+/// not, for the evidence), the site's from the last slice, and the cloud
+/// endpoints a `ServiceEntry` declares.
+fn candidates(s: &Shared, config: &tidemesh_policy::MeshConfig, host: &str) -> Vec<Cand> {
     let mut out = Vec::new();
     for (i, w) in s.workloads.iter().enumerate() {
         if w.service == host {
             if let Some(addr) = w.inbound {
                 out.push(Cand {
                     address: addr.to_string(),
+                    key: format!("local/{}", w.account),
                     healthy: s.healthy(&w.account),
                     weight: 1,
                     labels: w.labels.clone(),
                     target: Some(Target::Local(i)),
-                    local: true,
+                    tier: Tier::Local,
+                    locality: EvLocality::Local,
                 });
             }
         }
@@ -114,13 +153,59 @@ fn candidates(s: &Shared, host: &str) -> Vec<Cand> {
             _ => None,
         };
         out.push(Cand {
+            key: format!("site/{}/{}", w.address, w.service_account),
             address: w.address.clone(),
             healthy: target.is_some(),
             weight: w.weight.max(1),
             labels: w.labels.clone(),
             target,
-            local: false,
+            tier: Tier::Site,
+            locality: EvLocality::SameZone,
         });
+    }
+    if config
+        .service_entries
+        .iter()
+        .any(|e| e.hosts.iter().any(|h| h == host))
+    {
+        let here = config.store(&s.store).map(|st| st.locality());
+        for e in config.endpoints_for(host, None).unwrap_or_default() {
+            if e.location != EndpointLocation::Cloud {
+                continue;
+            }
+            let same_region = here
+                .as_ref()
+                .is_some_and(|h| !h.region.is_empty() && h.region == e.locality.region);
+            out.push(Cand {
+                // The hub gateway picks among them; one breaker for the
+                // gateway path of this host.
+                key: format!("cloud/{host}"),
+                address: e.address,
+                healthy: true,
+                weight: e.weight.max(1),
+                labels: e.labels,
+                target: Some(Target::Cloud),
+                tier: Tier::Cloud,
+                locality: if same_region {
+                    EvLocality::SameRegion
+                } else {
+                    EvLocality::OtherRegion
+                },
+            });
+        }
+        if !out.iter().any(|c| c.tier == Tier::Cloud) {
+            // An entry without endpoints: the gateway resolves the host.
+            out.push(Cand {
+                key: format!("cloud/{host}"),
+                address: host.to_owned(),
+                healthy: true,
+                weight: 1,
+                labels: Default::default(),
+                target: Some(Target::Cloud),
+                tier: Tier::Cloud,
+                locality: EvLocality::OtherRegion,
+            });
+        }
     }
     out
 }
@@ -200,7 +285,12 @@ fn pick_reason(r: PickReason) -> &'static str {
 }
 
 /// Routes a request to `host` (as the caller wrote it) for the caller in
-/// `namespace`.
+/// `namespace`, skipping endpoints whose breaker is open and those in
+/// `exclude` (already tried by this request) while others remain.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the request's parts; a struct would only rename them"
+)]
 pub(crate) fn resolve(
     s: &Shared,
     host: &str,
@@ -208,6 +298,8 @@ pub(crate) fn resolve(
     method: &str,
     path: &str,
     headers: &dyn HeaderLookup,
+    exclude: &[String],
+    now: Instant,
 ) -> Result<Resolved, Unroutable> {
     let compiled = s.compiled();
     let unroutable = |status, reason: String, host: &str| Unroutable {
@@ -223,13 +315,13 @@ pub(crate) fn resolve(
         method,
         headers,
     };
-    let (dest, subset, timeout, version, split) = match &compiled.routes {
+    let (dest, subset, timeout, retries, split) = match &compiled.routes {
         Some(r) => match route(s, r, &canon, &req) {
             Ok((d, split)) => (
                 d.destination.host.to_string(),
                 d.destination.subset.as_deref().map(str::to_owned),
                 d.timeout,
-                d.destination.subset.as_deref().map(str::to_owned),
+                d.retries.clone(),
                 split,
             ),
             Err(e) => {
@@ -264,9 +356,17 @@ pub(crate) fn resolve(
         .destination_policy(&dest)
         .and_then(|p| p.traffic.load_balancer)
         .unwrap_or_default();
-    let all: Vec<Cand> = candidates(s, &dest)
+    let all: Vec<Cand> = candidates(s, &compiled.config, &dest)
         .into_iter()
-        .filter(|c| selector.as_ref().is_none_or(|l| labels_match(l, &c.labels)))
+        .filter(|c| {
+            // Cloud endpoints carry the entry's labels, not the subset's:
+            // a subset selects among workloads.
+            c.tier == Tier::Cloud || selector.as_ref().is_none_or(|l| labels_match(l, &c.labels))
+        })
+        .collect();
+    let available: Vec<bool> = all
+        .iter()
+        .map(|c| c.healthy && c.target.is_some() && s.endpoint_available(&c.key, now))
         .collect();
     let mut evidence = RoutingEvidence {
         // A weighted split between subsets is the decision that matters
@@ -277,78 +377,108 @@ pub(crate) fn resolve(
         },
         available_endpoints: all
             .iter()
-            .map(|c| EndpointCandidate {
+            .zip(&available)
+            .map(|(c, ok)| EndpointCandidate {
                 address: c.address.clone(),
                 weight: c.weight,
-                healthy: c.healthy,
-                locality: Some(if c.local {
-                    EvLocality::Local
-                } else {
-                    EvLocality::SameZone
-                }),
+                healthy: *ok,
+                locality: Some(c.locality),
             })
             .collect(),
         selected_endpoint: None,
         selection_reason: String::new(),
         locality: None,
-        version,
+        version: subset.clone(),
     };
-    let any_local = all.iter().any(|c| c.local && c.healthy);
-    for local in [true, false] {
-        if local && !any_local {
+    // Nearest tier with a usable endpoint; within it, endpoints this request
+    // has not tried yet when there are any.
+    for tier in [Tier::Local, Tier::Site, Tier::Cloud] {
+        let usable: Vec<usize> = (0..all.len())
+            .filter(|&i| all[i].tier == tier && available[i])
+            .collect();
+        if usable.is_empty() {
             continue;
         }
-        let tier: Vec<&Cand> = all
+        let fresh: Vec<usize> = usable
             .iter()
-            .filter(|c| c.local == local && c.target.is_some())
+            .copied()
+            .filter(|&i| !exclude.contains(&all[i].key))
             .collect();
-        if let Some((i, reason)) = pick(s, &dest, &subset, local, lb, &tier) {
-            let c = tier[i];
-            evidence.selected_endpoint = Some(c.address.clone());
-            evidence.locality = Some(if local {
-                EvLocality::Local
-            } else {
-                EvLocality::SameZone
-            });
-            evidence.selection_reason = format!(
-                "{}{}_{}",
-                split.as_ref().map(|x| format!("{x};")).unwrap_or_default(),
-                pick_reason(reason),
-                if local {
-                    "local_endpoint_preferred"
-                } else {
-                    "no_healthy_local_endpoint_same_site_peer"
-                }
-            );
-            let target = c.target.clone().ok_or_else(|| Unroutable {
-                status: hyper::StatusCode::SERVICE_UNAVAILABLE,
-                reason: "no usable endpoint".into(),
-                host: dest.clone(),
-                evidence: None,
-            })?;
-            return Ok(Resolved {
-                host: dest,
-                target,
-                evidence,
-                timeout,
-            });
+        if fresh.is_empty()
+            && tier != Tier::Cloud
+            && has_later_tier(&all, &available, tier, exclude)
+        {
+            // Every endpoint here failed this request already; a farther
+            // tier has one it has not tried.
+            continue;
         }
+        let pool: Vec<&Cand> = if fresh.is_empty() { &usable } else { &fresh }
+            .iter()
+            .map(|&i| &all[i])
+            .collect();
+        let Some((i, reason)) = pick(s, &dest, &subset, tier, lb, &pool) else {
+            continue;
+        };
+        let c = pool[i];
+        evidence.selected_endpoint = Some(c.address.clone());
+        evidence.locality = Some(c.locality);
+        evidence.selection_reason = format!(
+            "{}{}_{}{}",
+            split.as_ref().map(|x| format!("{x};")).unwrap_or_default(),
+            pick_reason(reason),
+            tier.reason(),
+            if exclude.is_empty() {
+                ""
+            } else {
+                "_after_retry"
+            }
+        );
+        let target = c.target.clone().ok_or_else(|| Unroutable {
+            status: hyper::StatusCode::SERVICE_UNAVAILABLE,
+            reason: "no usable endpoint".into(),
+            host: dest.clone(),
+            evidence: None,
+        })?;
+        return Ok(Resolved {
+            slot: ((dest.clone(), subset.clone(), tier), i),
+            host: dest,
+            key: c.key.clone(),
+            target,
+            evidence,
+            timeout,
+            retries,
+        });
     }
+    let open = all
+        .iter()
+        .zip(&available)
+        .any(|(c, ok)| !ok && c.healthy && c.target.is_some());
     evidence.selection_reason = if all.is_empty() {
         "no_endpoints".into()
+    } else if open {
+        "circuit_open_on_every_endpoint".into()
     } else {
         "no_healthy_endpoint".into()
     };
     Err(Unroutable {
         status: hyper::StatusCode::SERVICE_UNAVAILABLE,
         reason: if all.is_empty() {
-            format!("no endpoint of {dest} on this spoke or at its site")
+            format!("no endpoint of {dest} on this spoke, at its site or in the cloud")
+        } else if open {
+            format!("every endpoint of {dest} is ejected (circuit breaker open)")
         } else {
-            format!("no healthy endpoint of {dest} on this spoke or at its site")
+            format!("no healthy endpoint of {dest} on this spoke, at its site or in the cloud")
         },
         host: dest,
         evidence: Some(Box::new(evidence)),
     })
+}
+
+/// Whether a tier after `tier` has a usable endpoint not in `exclude`.
+fn has_later_tier(all: &[Cand], available: &[bool], tier: Tier, exclude: &[String]) -> bool {
+    all.iter()
+        .zip(available)
+        .any(|(c, ok)| *ok && c.tier > tier && !exclude.contains(&c.key))
 }
 
 /// How the route rule chose the destination subset, for the evidence.
@@ -483,7 +613,7 @@ fn pick(
     s: &Shared,
     dest: &str,
     subset: &Option<String>,
-    local: bool,
+    tier_of: Tier,
     lb: LoadBalancer,
     tier: &[&Cand],
 ) -> Option<(usize, PickReason)> {
@@ -508,7 +638,7 @@ fn pick(
         .collect();
     let mut balancers = s.balancers.lock().ok()?;
     let b = balancers
-        .entry((dest.to_owned(), subset.clone(), local))
+        .entry((dest.to_owned(), subset.clone(), tier_of))
         .or_insert_with(|| Balancer::new(lb));
     let p = b.pick(&here, &cands, LocalityTier::SameSite, rand::random())?;
     Some((p.index, p.reason))

@@ -42,15 +42,15 @@ use tidemesh_identity::{
 };
 use tidemesh_proto::{
     close,
-    data::{header_len, StreamHeader},
+    data::{header_len, StreamHeader, StreamProtocol},
     ALPN_DATA, LEN_PREFIX,
 };
 use tokio::time::timeout;
 use tracing::{debug, info, warn};
 
 use super::{
-    finish_from_response, inbound, local_response, new_evidence, outbound, span_random, trace,
-    Body, DataPlaneError, DataSettings, Shared,
+    finish_from_response, inbound, local_response, new_evidence, outbound, resilience::Outcome,
+    span_random, trace, Body, DataPlaneError, DataSettings, Shared,
 };
 use crate::Spoke;
 
@@ -274,6 +274,60 @@ async fn connect(
     Ok((t, Some(hs)))
 }
 
+impl Tunnel {
+    /// The identity evidence of a stream on this connection for local
+    /// workload `caller`; `handshake_us` when the stream paid for one.
+    pub(crate) fn identity_evidence(
+        &self,
+        s: &Shared,
+        caller: usize,
+        handshake_us: Option<u32>,
+    ) -> IdentityEvidence {
+        IdentityEvidence {
+            client_identity: Some(s.workloads[caller].id.clone()),
+            server_identity: Some(self.server.clone()),
+            certificate_fingerprint: self.fingerprint,
+            tls_version: TlsVersion::Tls13,
+            cipher_suite: Some(s.cipher_suite.clone()),
+            trust_chain_verified: true,
+            handshake_duration_us: handshake_us,
+        }
+    }
+}
+
+/// Opens one bidirectional stream to the peer spoke `server` (`addr`) for
+/// local workload `caller`, on the pooled connection or a new one; returns
+/// the connection, the handshake time when this call made the connection,
+/// and the stream. A pooled connection may have died since its last use:
+/// one fresh try.
+pub(crate) async fn open_stream(
+    s: &Shared,
+    caller: usize,
+    addr: SocketAddr,
+    server: &SpiffeId,
+) -> Result<
+    (
+        Arc<Tunnel>,
+        Option<u32>,
+        (quinn::SendStream, quinn::RecvStream),
+    ),
+    String,
+> {
+    let mut last_err = String::new();
+    for _ in 0..2 {
+        let (t, hs) = connect(s, caller, addr, server).await?;
+        match timeout(s.settings.connect_timeout, t.conn.open_bi()).await {
+            Ok(Ok(streams)) => return Ok((t, hs, streams)),
+            Ok(Err(e)) => last_err = e.to_string(),
+            Err(_) => last_err = "no stream credit from the peer in time".into(),
+        }
+        if let Ok(mut m) = s.tunnels.conns.lock() {
+            m.remove(&(caller, addr));
+        }
+    }
+    Err(last_err)
+}
+
 /// Sends one request to workload `header.workload` at the peer spoke
 /// `server` (`addr`) for local workload `caller`; fills `ev`'s identity.
 #[allow(
@@ -286,10 +340,15 @@ pub(crate) async fn call(
     addr: SocketAddr,
     server: &SpiffeId,
     header: StreamHeader,
-    req: Request<Incoming>,
+    req: Request<Body>,
     limit: Duration,
     ev: &mut RequestEvidence,
 ) -> Response<Body> {
+    let failed = |status, outcome: Outcome, reason: String| {
+        let mut r = local_response(status, &reason, &[]);
+        r.extensions_mut().insert(outcome);
+        r
+    };
     let bytes = match header.encode() {
         Ok(b) => b,
         Err(e) => {
@@ -300,45 +359,17 @@ pub(crate) async fn call(
             )
         }
     };
-    // A pooled connection may have died since its last use: one fresh try.
-    let mut opened = None;
-    let mut last_err = String::new();
-    for _ in 0..2 {
-        let (t, hs) = match connect(s, caller, addr, server).await {
-            Ok(x) => x,
-            Err(e) => {
-                last_err = e;
-                break;
-            }
-        };
-        match timeout(s.settings.connect_timeout, t.conn.open_bi()).await {
-            Ok(Ok(streams)) => {
-                opened = Some((t, hs, streams));
-                break;
-            }
-            Ok(Err(e)) => last_err = e.to_string(),
-            Err(_) => last_err = "no stream credit from the peer in time".into(),
+    let (t, hs, (mut send, recv)) = match open_stream(s, caller, addr, server).await {
+        Ok(x) => x,
+        Err(e) => {
+            return failed(
+                StatusCode::BAD_GATEWAY,
+                Outcome::ConnectFailure,
+                format!("cannot reach {server} at {addr}: {e}"),
+            )
         }
-        if let Ok(mut m) = s.tunnels.conns.lock() {
-            m.remove(&(caller, addr));
-        }
-    }
-    let Some((t, hs, (mut send, recv))) = opened else {
-        return local_response(
-            StatusCode::BAD_GATEWAY,
-            &format!("cannot reach peer spoke {server} at {addr}: {last_err}"),
-            &[],
-        );
     };
-    ev.identity = Some(IdentityEvidence {
-        client_identity: Some(s.workloads[caller].id.clone()),
-        server_identity: Some(t.server.clone()),
-        certificate_fingerprint: t.fingerprint,
-        tls_version: TlsVersion::Tls13,
-        cipher_suite: Some(s.cipher_suite.clone()),
-        trust_chain_verified: true,
-        handshake_duration_us: hs,
-    });
+    ev.identity = Some(t.identity_evidence(s, caller, hs));
     let exchange = async move {
         send.write_all(&bytes).await.map_err(|e| e.to_string())?;
         let io = TokioIo::new(tokio::io::join(recv, send));
@@ -357,15 +388,15 @@ pub(crate) async fn call(
             inbound::strip_hop_by_hop(resp.headers_mut());
             resp.map(http_body_util::BodyExt::boxed)
         }
-        Ok(Err(e)) => local_response(
+        Ok(Err(e)) => failed(
             StatusCode::BAD_GATEWAY,
-            &format!("peer spoke {server} at {addr}: {e}"),
-            &[],
+            Outcome::Reset,
+            format!("{server} at {addr}: {e}"),
         ),
-        Err(_) => local_response(
+        Err(_) => failed(
             StatusCode::GATEWAY_TIMEOUT,
-            &format!("peer spoke {server} at {addr}: no response within {limit:?}"),
-            &[],
+            Outcome::Timeout,
+            format!("{server} at {addr}: no response within {limit:?}"),
         ),
     }
 }
@@ -438,6 +469,11 @@ async fn serve_conn(s: Arc<Shared>, conn: quinn::Connection) {
                     return;
                 }
             };
+            if header.protocol == StreamProtocol::Tcp {
+                let fingerprint = peer.fingerprint;
+                super::tcp::serve_stream(&s, &peer.id, fingerprint, header, send, recv).await;
+                return;
+            }
             let io = TokioIo::new(tokio::io::join(recv, send));
             let header = Arc::new(header);
             let svc = {
@@ -536,7 +572,13 @@ async fn serve_request(
         Some(i) => {
             match timeout(
                 s.settings.request_timeout,
-                inbound::deliver(s, i, Some(&peer.id), req, &mut ev),
+                inbound::deliver(
+                    s,
+                    i,
+                    Some(&peer.id),
+                    req.map(http_body_util::BodyExt::boxed),
+                    &mut ev,
+                ),
             )
             .await
             {

@@ -1,0 +1,739 @@
+//! Raw TCP through the mesh: `tcp_outbound` listeners, L4 authorization
+//! and byte copying, one evidence record per connection and spoke.
+//!
+//! What it is: both ends of a proxied TCP connection. The calling end
+//! ([`serve`]) accepts an app's connection on a `tcp_outbound` listener,
+//! resolves the listener's service as an HTTP `Host` would be (local
+//! first), and either delivers it to a workload of this spoke ([`admit`]:
+//! L4 authorization with the calling workload's ID as principal, then the
+//! workload's inbound address) or opens a tunnel stream to the peer spoke
+//! with a [`StreamHeader`] of protocol [`StreamProtocol::Tcp`]. The serving
+//! end ([`serve_stream`], called by the tunnel after the header) admits the
+//! stream the same way with the peer's verified SPIFFE ID; a refusal resets
+//! the QUIC stream, so the app sees its TCP connection closed without data.
+//! Either way the bytes are then copied both ways ([`pipe`]) until both
+//! sides have closed, one fails, or nothing moved for
+//! [`super::DataSettings::tcp_idle_timeout`].
+//!
+//! Authorization is Istio's for TCP
+//! ([`tidemesh_policy::CompiledPolicies::decide_l4`]): sources, ports and
+//! the non-HTTP `when` keys apply; an ALLOW rule that needs a method, path
+//! or header never matches; a DENY rule is checked without those fields.
+//! Only a `protocol = "tcp"` workload receives raw TCP.
+//!
+//! Who drives it: [`super::DataPlane::serve`] (listeners) and
+//! [`super::tunnel`] (streams). What it must not do: deliver a byte before
+//! the decision, take the principal from anything but the handshake (or the
+//! calling workload's own listener), or keep a connection past its idle
+//! timeout; it holds a connection-limit permit for every connection.
+//!
+//! Stream resets by the serving end: [`close::FORBIDDEN`] when
+//! authorization refuses, [`close::PROTOCOL_ERROR`] when no raw TCP
+//! workload of that service and account is here, [`close::NORMAL`] when the
+//! workload cannot be reached or the connection failed midway.
+
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::atomic::{AtomicU64, Ordering},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use tidemesh_evidence::{
+    record::{
+        EnforcementPoint, IdentityEvidence, RequestEvidence, Status, StatusCode as SpanStatus,
+        TlsVersion,
+    },
+    Sha256Digest,
+};
+use tidemesh_identity::SpiffeId;
+use tidemesh_policy::NoHeaders;
+use tidemesh_proto::{
+    close,
+    data::{StreamHeader, StreamProtocol, TraceContext},
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    time::{timeout, Instant},
+};
+use tracing::{debug, info, warn};
+
+use super::{
+    new_evidence,
+    resolve::{self, Target},
+    span_random, trace, DataPlaneError, Shared,
+};
+use crate::config::WorkloadProtocol;
+
+/// A bound `tcp_outbound` listener, not yet serving.
+pub(crate) struct Listener {
+    /// The workload calling through it (index into `Shared::workloads`).
+    caller: usize,
+    /// The service as configured (`name` or `name.namespace`).
+    service: String,
+    listener: tokio::net::TcpListener,
+}
+
+/// Binds every `tcp_outbound` listener of the config; a taken address is
+/// an error naming its key.
+pub(crate) async fn bind(file: &crate::FileConfig) -> Result<Vec<Listener>, DataPlaneError> {
+    let mut out = Vec::new();
+    for (i, w) in file.workloads.iter().enumerate() {
+        for (j, t) in w.tcp_outbound.iter().enumerate() {
+            if !t.listen.ip().is_loopback() {
+                warn!(workload = %w.service_account, addr = %t.listen, "tcp_outbound listener is not on loopback: anyone who reaches it connects with this workload's identity");
+            }
+            let listener = tokio::net::TcpListener::bind(t.listen)
+                .await
+                .map_err(|source| DataPlaneError::Bind {
+                    key: format!("workload[{i}].tcp_outbound[{j}].listen"),
+                    addr: t.listen,
+                    source,
+                })?;
+            out.push(Listener {
+                caller: i,
+                service: t.service.clone(),
+                listener,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Accepts app connections on one `tcp_outbound` listener.
+pub(crate) async fn serve(s: std::sync::Arc<Shared>, l: Listener) {
+    info!(
+        workload = %s.workloads[l.caller].account,
+        service = %l.service,
+        addr = %l.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        "tcp outbound listener up"
+    );
+    let service: std::sync::Arc<str> = l.service.into();
+    loop {
+        let (stream, _) = match l.listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(error = %e, "tcp outbound accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = s.conn_limit.clone().try_acquire_owned() else {
+            warn!(
+                limit = s.settings.max_connections,
+                "connection limit reached; refusing an app connection"
+            );
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let s = s.clone();
+        let service = service.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            outbound_conn(&s, l.caller, &service, stream).await;
+        });
+    }
+}
+
+/// How a proxied connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum End {
+    /// Both sides closed their half.
+    Closed,
+    /// No byte moved either way for the idle timeout.
+    Idle(Duration),
+    /// A side failed (reset, refused, I/O error).
+    Failed(String),
+}
+
+/// The outcome of [`pipe`].
+#[derive(Debug)]
+pub(crate) struct Piped {
+    /// Bytes from the first side to the second (caller to workload).
+    pub up: u64,
+    /// Bytes from the second side to the first.
+    pub down: u64,
+    pub end: End,
+}
+
+/// What a connection did, for its record.
+struct Outcome {
+    up: u64,
+    down: u64,
+    /// `Err`: the connection was refused or failed; the reason.
+    result: Result<String, String>,
+}
+
+impl Outcome {
+    fn refused(reason: String) -> Outcome {
+        Outcome {
+            up: 0,
+            down: 0,
+            result: Err(reason),
+        }
+    }
+
+    fn of(p: Piped) -> Outcome {
+        let result = match p.end {
+            End::Closed => Ok("closed".to_owned()),
+            End::Idle(d) => Ok(format!("closed after {}s idle", d.as_secs())),
+            End::Failed(e) => Err(e),
+        };
+        Outcome {
+            up: p.up,
+            down: p.down,
+            result,
+        }
+    }
+}
+
+/// Completes a connection's record: its lifetime, OK or ERROR, and the
+/// bytes each way in the status message (records have no byte counts).
+fn finish(ev: &mut RequestEvidence, started: Instant, o: &Outcome) {
+    ev.telemetry.duration_us = started.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
+    ev.telemetry.status_code = None;
+    let (code, what) = match &o.result {
+        Ok(m) => (SpanStatus::Ok, m.as_str()),
+        Err(m) => (SpanStatus::Error, m.as_str()),
+    };
+    ev.telemetry.status = Status {
+        code,
+        message: format!("{what}; {} bytes up, {} bytes down", o.up, o.down),
+    };
+}
+
+/// One app connection on a `tcp_outbound` listener of workload `caller`.
+async fn outbound_conn(s: &Shared, caller: usize, service: &str, mut app: TcpStream) {
+    let started = Instant::now();
+    let w = &s.workloads[caller];
+    let span = trace::Span::start(None, span_random());
+    // A connection is routed as a request without method, path or headers.
+    let resolved = match resolve::resolve(
+        s,
+        service,
+        &w.namespace,
+        "",
+        "",
+        &NoHeaders,
+        &[],
+        std::time::Instant::now(),
+    ) {
+        Ok(r) => r,
+        Err(u) => {
+            let mut ev = new_evidence(
+                &u.host,
+                EnforcementPoint::SidecarOutbound,
+                s.mode(),
+                &span,
+                format!("TCP {}", u.host),
+            );
+            ev.routing_decision = u.evidence.map(|e| *e);
+            debug!(workload = %w.account, %service, reason = %u.reason, "tcp connection unroutable; closing it");
+            finish(&mut ev, started, &Outcome::refused(u.reason));
+            s.record(ev);
+            return;
+        }
+    };
+    let mut ev = new_evidence(
+        &resolved.host,
+        EnforcementPoint::SidecarOutbound,
+        s.mode(),
+        &span,
+        format!("TCP {}", resolved.host),
+    );
+    ev.routing_decision = Some(resolved.evidence);
+    let outcome = match resolved.target {
+        Target::Local(i) => {
+            let target = &s.workloads[i];
+            ev.identity = Some(IdentityEvidence {
+                client_identity: Some(w.id.clone()),
+                server_identity: Some(target.id.clone()),
+                // The SVID the spoke vouches with for the caller.
+                certificate_fingerprint: s.svid(caller).map(|i| i.fingerprint),
+                tls_version: TlsVersion::None,
+                cipher_suite: None,
+                trust_chain_verified: false,
+                handshake_duration_us: None,
+            });
+            match admit(s, i, Some(&w.id), &mut ev).await {
+                Ok(mut upstream) => {
+                    Outcome::of(pipe(&mut app, &mut upstream, s.settings.tcp_idle_timeout).await)
+                }
+                Err(r) => Outcome::refused(r.reason),
+            }
+        }
+        Target::Site {
+            addr,
+            server,
+            account,
+        } => {
+            let header = StreamHeader {
+                service: resolved.host.clone(),
+                workload: account,
+                protocol: StreamProtocol::Tcp,
+                trace: Some(TraceContext {
+                    trace_id: span.trace_id,
+                    span_id: span.span_id,
+                    sampled: span.sampled,
+                }),
+                request_id: None,
+            };
+            through_tunnel(s, caller, addr, &server, header, &mut app, &mut ev).await
+        }
+        // Beyond the site (the hub's gateway): not carried as raw TCP yet.
+        other => {
+            warn!(workload = %w.account, service = %resolved.host, target = ?other, "raw TCP to this target is not supported; closing the connection");
+            Outcome::refused(format!("raw TCP to {other:?} is not supported"))
+        }
+    };
+    if let Err(e) = &outcome.result {
+        debug!(workload = %w.account, service = %resolved.host, error = %e, "tcp connection refused or failed");
+    }
+    finish(&mut ev, started, &outcome);
+    s.record(ev);
+}
+
+/// Carries `app`'s connection to the peer spoke `server` (`addr`).
+async fn through_tunnel(
+    s: &Shared,
+    caller: usize,
+    addr: SocketAddr,
+    server: &SpiffeId,
+    header: StreamHeader,
+    app: &mut TcpStream,
+    ev: &mut RequestEvidence,
+) -> Outcome {
+    let bytes = match header.encode() {
+        Ok(b) => b,
+        Err(e) => return Outcome::refused(format!("cannot frame the stream header: {e}")),
+    };
+    let (t, hs, (mut send, recv)) = match super::tunnel::open_stream(s, caller, addr, server).await
+    {
+        Ok(x) => x,
+        Err(e) => {
+            return Outcome::refused(format!("cannot reach peer spoke {server} at {addr}: {e}"))
+        }
+    };
+    ev.identity = Some(t.identity_evidence(s, caller, hs));
+    if let Err(e) = send.write_all(&bytes).await {
+        return Outcome::refused(format!("peer spoke {server} at {addr}: {e}"));
+    }
+    let mut stream = tokio::io::join(recv, send);
+    let piped = pipe(app, &mut stream, s.settings.tcp_idle_timeout).await;
+    if matches!(piped.end, End::Failed(_)) {
+        let (mut recv, mut send) = stream.into_inner();
+        let _ = send.reset(quinn::VarInt::from_u32(close::NORMAL));
+        let _ = recv.stop(quinn::VarInt::from_u32(close::NORMAL));
+    }
+    Outcome::of(piped)
+}
+
+/// Why a connection was not delivered.
+struct Refusal {
+    /// The stream reset code for a tunnel caller.
+    code: u32,
+    reason: String,
+}
+
+/// Checks that local workload `idx` takes raw TCP, authorizes `principal`
+/// at L4 (filling `ev`'s policy evidence) and connects to its inbound
+/// address.
+async fn admit(
+    s: &Shared,
+    idx: usize,
+    principal: Option<&SpiffeId>,
+    ev: &mut RequestEvidence,
+) -> Result<TcpStream, Refusal> {
+    let w = &s.workloads[idx];
+    if w.protocol != WorkloadProtocol::Tcp {
+        return Err(Refusal {
+            code: close::PROTOCOL_ERROR,
+            reason: format!(
+                "workload {} speaks HTTP: raw TCP is delivered only to protocol = \"tcp\" workloads",
+                w.account
+            ),
+        });
+    }
+    let Some(inbound) = w.inbound else {
+        return Err(Refusal {
+            code: close::PROTOCOL_ERROR,
+            reason: format!("workload {} has no inbound address", w.account),
+        });
+    };
+    let verdict = authorize(s, idx, inbound.port(), principal, ev);
+    if let Err(reason) = verdict {
+        return Err(Refusal {
+            code: close::FORBIDDEN,
+            reason,
+        });
+    }
+    match timeout(s.settings.connect_timeout, TcpStream::connect(inbound)).await {
+        Ok(Ok(st)) => {
+            let _ = st.set_nodelay(true);
+            Ok(st)
+        }
+        Ok(Err(e)) => Err(Refusal {
+            code: close::NORMAL,
+            reason: format!("workload at {inbound} refused the connection: {e}"),
+        }),
+        Err(_) => Err(Refusal {
+            code: close::NORMAL,
+            reason: format!(
+                "workload at {inbound}: no connection within {:?}",
+                s.settings.connect_timeout
+            ),
+        }),
+    }
+}
+
+/// The L4 decision for a connection to local workload `idx` on `port`;
+/// fills `ev`'s policy evidence. `Err` carries the denial's reason.
+fn authorize(
+    s: &Shared,
+    idx: usize,
+    port: u16,
+    principal: Option<&SpiffeId>,
+    ev: &mut RequestEvidence,
+) -> Result<(), String> {
+    super::inbound::authorize(s, idx, principal, port, None, ev).map_err(|why| {
+        format!(
+            "{why} connecting to {} (tcp port {port})",
+            s.workloads[idx].id
+        )
+    })
+}
+
+/// The serving end of a raw TCP tunnel stream (its header already read):
+/// admits the peer `peer` to the workload the header names and copies bytes
+/// both ways; a refusal resets the stream. One record.
+pub(crate) async fn serve_stream(
+    s: &Shared,
+    peer: &SpiffeId,
+    fingerprint: Option<Sha256Digest>,
+    header: StreamHeader,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let started = Instant::now();
+    let parent = header
+        .trace
+        .map(|t| trace::Parent {
+            trace_id: t.trace_id,
+            span_id: t.span_id,
+            sampled: t.sampled,
+        })
+        .filter(|p| p.trace_id != [0; 16] && p.span_id != [0; 8]);
+    let span = trace::Span::start(parent, span_random());
+    let mut ev = new_evidence(
+        &header.service,
+        EnforcementPoint::SidecarInbound,
+        s.mode(),
+        &span,
+        format!("TCP {}", header.service),
+    );
+    ev.identity = Some(IdentityEvidence {
+        client_identity: Some(peer.clone()),
+        server_identity: Some(s.node_id.clone()),
+        certificate_fingerprint: fingerprint,
+        tls_version: TlsVersion::Tls13,
+        cipher_suite: Some(s.cipher_suite.clone()),
+        trust_chain_verified: true,
+        handshake_duration_us: None,
+    });
+    let idx = s
+        .workloads
+        .iter()
+        .position(|w| w.account == header.workload && w.service == header.service);
+    let admitted = match idx {
+        None => Err(Refusal {
+            code: close::PROTOCOL_ERROR,
+            reason: format!(
+                "no workload {} serving {} on this spoke",
+                header.workload, header.service
+            ),
+        }),
+        Some(i) => admit(s, i, Some(peer), &mut ev).await,
+    };
+    let outcome = match admitted {
+        Err(r) => {
+            debug!(%peer, service = %header.service, reason = %r.reason, "tcp stream refused; resetting it");
+            let _ = send.reset(quinn::VarInt::from_u32(r.code));
+            let _ = recv.stop(quinn::VarInt::from_u32(r.code));
+            Outcome::refused(r.reason)
+        }
+        Ok(mut upstream) => {
+            let mut stream = tokio::io::join(recv, send);
+            let piped = pipe(&mut stream, &mut upstream, s.settings.tcp_idle_timeout).await;
+            if matches!(piped.end, End::Failed(_)) {
+                let (mut recv, mut send) = stream.into_inner();
+                let _ = send.reset(quinn::VarInt::from_u32(close::NORMAL));
+                let _ = recv.stop(quinn::VarInt::from_u32(close::NORMAL));
+            }
+            Outcome::of(piped)
+        }
+    };
+    finish(&mut ev, started, &outcome);
+    s.record(ev);
+}
+
+/// When bytes last moved, and how many each way.
+struct Meter {
+    start: Instant,
+    /// Milliseconds from `start` to the last read that returned bytes.
+    last_ms: AtomicU64,
+    bytes: [AtomicU64; 2],
+}
+
+impl Meter {
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// One side of a [`pipe`]: counts what is read from it.
+struct Metered<'a, T> {
+    io: &'a mut T,
+    meter: &'a Meter,
+    side: usize,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Metered<'_, T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let r = Pin::new(&mut *this.io).poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before) as u64;
+        if n > 0 {
+            this.meter.bytes[this.side].fetch_add(n, Ordering::Relaxed);
+            let ms = this.meter.start.elapsed().as_millis();
+            this.meter
+                .last_ms
+                .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<'_, T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.io).poll_shutdown(cx)
+    }
+}
+
+/// Copies bytes both ways between `a` (the caller's side) and `b` until
+/// both have closed (a side's end of stream is passed on as a shutdown of
+/// the other's write half), one fails, or nothing moved for `idle`.
+pub(crate) async fn pipe<A, B>(a: &mut A, b: &mut B, idle: Duration) -> Piped
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let meter = Meter {
+        start: Instant::now(),
+        last_ms: AtomicU64::new(0),
+        bytes: [AtomicU64::new(0), AtomicU64::new(0)],
+    };
+    let end = {
+        let mut ma = Metered {
+            io: a,
+            meter: &meter,
+            side: 0,
+        };
+        let mut mb = Metered {
+            io: b,
+            meter: &meter,
+            side: 1,
+        };
+        let copy = tokio::io::copy_bidirectional(&mut ma, &mut mb);
+        tokio::pin!(copy);
+        loop {
+            let deadline = meter.last() + idle;
+            tokio::select! {
+                r = &mut copy => break match r {
+                    Ok(_) => End::Closed,
+                    Err(e) => End::Failed(e.to_string()),
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    if meter.last() + idle <= Instant::now() {
+                        break End::Idle(idle);
+                    }
+                }
+            }
+        }
+    };
+    Piped {
+        up: meter.bytes[0].load(Ordering::Relaxed),
+        down: meter.bytes[1].load(Ordering::Relaxed),
+        end,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
+mod tests {
+    use super::*;
+    use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt};
+
+    /// An echo "workload" on one end of an in-memory pipe.
+    fn echo(mut io: tokio::io::DuplexStream) {
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            loop {
+                match io.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if io.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            let _ = io.shutdown().await;
+        });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn copies_both_ways_counts_bytes_and_passes_on_the_close() {
+        let (mut app, mut proxy_app) = duplex(64);
+        let (mut proxy_up, workload) = duplex(64);
+        echo(workload);
+        let proxy = tokio::spawn(async move {
+            pipe(&mut proxy_app, &mut proxy_up, Duration::from_secs(300)).await
+        });
+        // more than the in-memory buffers hold, so both directions stream
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let (mut rd, mut wr) = tokio::io::split(&mut app);
+        let sent = data.clone();
+        let (_, got) = tokio::join!(
+            async move {
+                wr.write_all(&sent).await.unwrap();
+                wr.shutdown().await.unwrap();
+            },
+            async move {
+                let mut got = Vec::new();
+                rd.read_to_end(&mut got).await.unwrap();
+                got
+            }
+        );
+        assert_eq!(got, data);
+        let p = proxy.await.unwrap();
+        assert_eq!(p.end, End::Closed);
+        assert_eq!((p.up, p.down), (10_000, 10_000));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_closed_a_slow_one_is_not() {
+        let idle = Duration::from_secs(300);
+        let (mut app, mut proxy_app) = duplex(64);
+        let (mut proxy_up, workload) = duplex(64);
+        echo(workload);
+        let started = Instant::now();
+        let proxy = tokio::spawn(async move { pipe(&mut proxy_app, &mut proxy_up, idle).await });
+        // a byte every 200 s keeps it open past the timeout
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(200)).await;
+            app.write_all(b"x").await.unwrap();
+            let mut b = [0u8; 1];
+            app.read_exact(&mut b).await.unwrap();
+        }
+        assert!(!proxy.is_finished());
+        // then silence: closed one idle timeout after the last byte
+        let p = proxy.await.unwrap();
+        assert_eq!(p.end, End::Idle(idle));
+        assert_eq!((p.up, p.down), (3, 3));
+        let lived = started.elapsed();
+        assert!(
+            lived >= Duration::from_secs(900) && lived < Duration::from_secs(901),
+            "{lived:?}"
+        );
+        // the app sees its connection end
+        let mut rest = Vec::new();
+        assert_eq!(app.read_to_end(&mut rest).await.unwrap(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_side_ends_the_pipe_as_failed() {
+        struct Broken;
+        impl AsyncRead for Broken {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+                _: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                Poll::Ready(Err(io::Error::from(io::ErrorKind::ConnectionReset)))
+            }
+        }
+        impl AsyncWrite for Broken {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+                _: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                Poll::Ready(Err(io::Error::from(io::ErrorKind::ConnectionReset)))
+            }
+            fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+            fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+        }
+        let (_app, mut proxy_app) = duplex(64);
+        let p = pipe(&mut proxy_app, &mut Broken, Duration::from_secs(300)).await;
+        assert!(matches!(p.end, End::Failed(_)), "{p:?}");
+    }
+
+    #[test]
+    fn the_record_names_the_outcome_and_the_bytes() {
+        let span = trace::Span::start(None, [7; 24]);
+        let mut ev = new_evidence(
+            "db.default",
+            EnforcementPoint::SidecarOutbound,
+            tidemesh_evidence::record::Mode::Target,
+            &span,
+            "TCP db.default".into(),
+        );
+        let o = Outcome::of(Piped {
+            up: 5,
+            down: 7,
+            end: End::Idle(Duration::from_secs(300)),
+        });
+        finish(&mut ev, Instant::now(), &o);
+        assert_eq!(ev.telemetry.status.code, SpanStatus::Ok);
+        assert_eq!(
+            ev.telemetry.status.message,
+            "closed after 300s idle; 5 bytes up, 7 bytes down"
+        );
+        assert_eq!(ev.telemetry.status_code, None);
+        finish(
+            &mut ev,
+            Instant::now(),
+            &Outcome::refused("RBAC: access denied".into()),
+        );
+        assert_eq!(ev.telemetry.status.code, SpanStatus::Error);
+        assert!(ev
+            .telemetry
+            .status
+            .message
+            .starts_with("RBAC: access denied;"));
+    }
+}
