@@ -286,6 +286,54 @@ fn span_id(traceparent: &str) -> &str {
     traceparent.split('-').nth(2).unwrap_or("")
 }
 
+/// Enrolls spoke `name` as node `n{i}` of store sf01 through `via` (the
+/// hub or a relay to it), starts it with `cfg` and waits until it is
+/// connected, has a config and holds every workload's SVID.
+fn start_spoke(
+    tmp: &Path,
+    hub: &HubProc,
+    name: &str,
+    i: usize,
+    cfg: &str,
+    via: SocketAddr,
+) -> SpokeProc {
+    let id = format!("spiffe://{TD}/store/sf01/node/n{i}");
+    let mut s = SpokeProc::new(tmp, name, &id).with_args(&["--config", cfg]);
+    let o = s.enroll(via, &hub.token(&id, "10m"));
+    assert!(o.status.success(), "enroll: {}", text(&o));
+    s.start();
+    s.wait_state("connected", Duration::from_secs(10));
+    wait_for(Duration::from_secs(10), || {
+        let st = s.try_status()?;
+        (st["config_version"].is_u64()
+            && st["workloads"]
+                .as_array()?
+                .iter()
+                .all(|w| w["id"].is_string()))
+        .then_some(())
+    })
+    .unwrap_or_else(|| panic!("config or SVIDs missing on {}: {:?}", s.id, s.try_status()));
+    s
+}
+
+/// Waits until spoke `s` sees `service` registered by a peer of its site.
+fn wait_site_service(s: &SpokeProc, service: &str) {
+    wait_for(Duration::from_secs(10), || {
+        s.try_status()?["registry"]
+            .as_array()?
+            .iter()
+            .any(|e| e["service"] == service && e["origin"] == "site")
+            .then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{} never saw {service} at the site: {:?}",
+            s.id,
+            s.try_status()
+        )
+    });
+}
+
 #[test]
 fn local_and_cross_spoke_calls_with_authorization_rate_limit_trace_and_evidence() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -350,43 +398,19 @@ health = "/healthz"
     // each spoke reaches the hub through its own relay, for the blackout
     let mut relays = Vec::new();
     for (i, cfg) in [cfg_a, cfg_b].iter().enumerate() {
-        let id = format!("spiffe://{TD}/store/sf01/node/n{i}");
         let relay = RelayProc::start(
             &tmp.path().join("relays"),
             &format!("r{i}"),
             hub_addr,
             51 + i as u64,
         );
-        let mut s =
-            SpokeProc::new(tmp.path(), &format!("spoke{i}"), &id).with_args(&["--config", cfg]);
-        let o = s.enroll(relay.addr, &hub.token(&id, "10m"));
+        let name = format!("spoke{i}");
+        spokes.push(start_spoke(tmp.path(), &hub, &name, i, cfg, relay.addr));
         relays.push(relay);
-        assert!(o.status.success(), "enroll: {}", text(&o));
-        s.start();
-        s.wait_state("connected", Duration::from_secs(10));
-        spokes.push(s);
     }
     let (a, b) = (&spokes[0], &spokes[1]);
-    // every workload holds its SVID; A sees B's payment-service at the site
-    for s in [a, b] {
-        wait_for(Duration::from_secs(10), || {
-            let st = s.try_status()?;
-            st["workloads"]
-                .as_array()?
-                .iter()
-                .all(|w| w["id"].is_string())
-                .then_some(())
-        })
-        .unwrap_or_else(|| panic!("workload SVIDs on {}: {:?}", s.id, s.try_status()));
-    }
-    wait_for(Duration::from_secs(10), || {
-        a.try_status()?["registry"]
-            .as_array()?
-            .iter()
-            .any(|e| e["service"] == "payment-service" && e["origin"] == "site")
-            .then_some(())
-    })
-    .unwrap_or_else(|| panic!("A never saw payment-service: {:?}", a.try_status()));
+    // A sees B's payment-service at the site
+    wait_site_service(a, "payment-service");
 
     let frontend_id = format!("spiffe://{TD}/store/sf01/sa/frontend");
     let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -818,23 +842,8 @@ inbound = "{v2}"
 "#
         ),
     );
-    let id = format!("spiffe://{TD}/store/sf01/node/n0");
-    let mut s = SpokeProc::new(tmp.path(), "spoke0", &id).with_args(&["--config", &cfg]);
-    let o = s.enroll(hub_addr, &hub.token(&id, "10m"));
-    assert!(o.status.success(), "enroll: {}", text(&o));
-    s.start();
-    s.wait_state("connected", Duration::from_secs(10));
     // the route rules have arrived with the config, and every SVID is there
-    wait_for(Duration::from_secs(10), || {
-        let st = s.try_status()?;
-        (st["config_version"].is_u64()
-            && st["workloads"]
-                .as_array()?
-                .iter()
-                .all(|w| w["id"].is_string()))
-        .then_some(())
-    })
-    .unwrap_or_else(|| panic!("no config or SVIDs on the spoke: {:?}", s.try_status()));
+    let mut s = start_spoke(tmp.path(), &hub, "spoke0", 0, &cfg, hub_addr);
 
     let server = |body: &str| -> String {
         serde_json::from_str::<Value>(body).unwrap_or(Value::Null)["server"]
@@ -1286,39 +1295,12 @@ health = "/healthz"
     );
     // A reaches the hub (control and gateway) through a relay, for the blackout
     let relay = RelayProc::start(&tmp.path().join("relays"), "ra", hub_addr, 77);
-    let mut spokes = Vec::new();
-    for (i, (cfg, via)) in [(&cfg_a, relay.addr), (&cfg_b, hub_addr)]
-        .into_iter()
-        .enumerate()
-    {
-        let id = format!("spiffe://{TD}/store/sf01/node/n{i}");
-        let mut s =
-            SpokeProc::new(tmp.path(), &format!("spoke{i}"), &id).with_args(&["--config", cfg]);
-        assert!(s.enroll(via, &hub.token(&id, "10m")).status.success());
-        s.start();
-        s.wait_state("connected", Duration::from_secs(10));
-        spokes.push(s);
-    }
-    let (a, b) = (&spokes[0], &spokes[1]);
-    for s in [a, b] {
-        wait_for(Duration::from_secs(10), || {
-            let st = s.try_status()?;
-            st["workloads"]
-                .as_array()?
-                .iter()
-                .all(|w| w["id"].is_string())
-                .then_some(())
-        })
-        .unwrap_or_else(|| panic!("workload SVIDs on {}: {:?}", s.id, s.try_status()));
-    }
-    wait_for(Duration::from_secs(10), || {
-        a.try_status()?["registry"]
-            .as_array()?
-            .iter()
-            .any(|e| e["service"] == "inventory" && e["origin"] == "site")
-            .then_some(())
-    })
-    .unwrap_or_else(|| panic!("A never saw B's inventory: {:?}", a.try_status()));
+    let spokes = [
+        start_spoke(tmp.path(), &hub, "spoke0", 0, &cfg_a, relay.addr),
+        start_spoke(tmp.path(), &hub, "spoke1", 1, &cfg_b, hub_addr),
+    ];
+    let a = &spokes[0];
+    wait_site_service(a, "inventory");
     eprintln!("{:?}: hub and spokes up", started.elapsed());
     let frontend_id = format!("spiffe://{TD}/store/sf01/sa/frontend");
     let served_by = |r: &Reply| r.echo()["server"].as_str().unwrap_or("").to_owned();
@@ -1712,38 +1694,12 @@ protocol = "tcp"
 "#
         ),
     );
-    let mut spokes = Vec::new();
-    for (i, cfg) in [&cfg_a, &cfg_b].iter().enumerate() {
-        let id = format!("spiffe://{TD}/store/sf01/node/n{i}");
-        let mut s =
-            SpokeProc::new(tmp.path(), &format!("tcp{i}"), &id).with_args(&["--config", cfg]);
-        let o = s.enroll(hub_addr, &hub.token(&id, "10m"));
-        assert!(o.status.success(), "enroll: {}", text(&o));
-        s.start();
-        s.wait_state("connected", Duration::from_secs(10));
-        spokes.push(s);
-    }
+    let mut spokes = [
+        start_spoke(tmp.path(), &hub, "tcp0", 0, &cfg_a, hub_addr),
+        start_spoke(tmp.path(), &hub, "tcp1", 1, &cfg_b, hub_addr),
+    ];
     let (a, b) = (&spokes[0], &spokes[1]);
-    for s in [a, b] {
-        wait_for(Duration::from_secs(10), || {
-            let st = s.try_status()?;
-            (st["config_version"].is_u64()
-                && st["workloads"]
-                    .as_array()?
-                    .iter()
-                    .all(|w| w["id"].is_string()))
-            .then_some(())
-        })
-        .unwrap_or_else(|| panic!("config or SVIDs missing on {}: {:?}", s.id, s.try_status()));
-    }
-    wait_for(Duration::from_secs(10), || {
-        a.try_status()?["registry"]
-            .as_array()?
-            .iter()
-            .any(|e| e["service"] == "db" && e["origin"] == "site")
-            .then_some(())
-    })
-    .unwrap_or_else(|| panic!("A never saw db at the site: {:?}", a.try_status()));
+    wait_site_service(a, "db");
     let frontend = format!("spiffe://{TD}/store/sf01/sa/frontend");
     let kiosk = format!("spiffe://{TD}/store/sf01/sa/kiosk");
 

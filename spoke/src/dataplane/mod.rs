@@ -441,6 +441,30 @@ impl Shared {
         }
     }
 
+    /// The identity evidence of a stream this spoke serves for `peer`.
+    pub fn served_identity(
+        &self,
+        peer: &SpiffeId,
+        fingerprint: Option<Sha256Digest>,
+    ) -> tidemesh_evidence::record::IdentityEvidence {
+        tidemesh_evidence::record::IdentityEvidence {
+            client_identity: Some(peer.clone()),
+            server_identity: Some(self.node_id.clone()),
+            certificate_fingerprint: fingerprint,
+            tls_version: tidemesh_evidence::record::TlsVersion::Tls13,
+            cipher_suite: Some(self.cipher_suite.clone()),
+            trust_chain_verified: true,
+            handshake_duration_us: None,
+        }
+    }
+
+    /// The local workload a stream header names (account and service).
+    pub fn workload_for(&self, header: &tidemesh_proto::data::StreamHeader) -> Option<usize> {
+        self.workloads
+            .iter()
+            .position(|w| w.account == header.workload && w.service == header.service)
+    }
+
     /// The data plane's counters.
     pub fn counters(&self) -> &Counters {
         &self.spoke.inner.data_counters
@@ -667,6 +691,44 @@ impl Drop for DataPlane {
             quinn::VarInt::from_u32(tidemesh_proto::close::SHUTDOWN),
             b"data plane stopped",
         );
+    }
+}
+
+/// Accepts apps' connections on `listener` for as long as it lives, each
+/// under a connection-limit permit (refused over the limit), and hands
+/// each to `serve` on its own task.
+pub(crate) async fn accept_apps<F, Fut>(
+    s: Arc<Shared>,
+    listener: tokio::net::TcpListener,
+    what: &'static str,
+    serve: F,
+) where
+    F: Fn(Arc<Shared>, tokio::net::TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(error = %e, listener = what, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = s.conn_limit.clone().try_acquire_owned() else {
+            warn!(
+                limit = s.settings.max_connections,
+                listener = what,
+                "connection limit reached; refusing an app connection"
+            );
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let fut = serve(s.clone(), stream);
+        tokio::spawn(async move {
+            let _permit = permit;
+            fut.await;
+        });
     }
 }
 

@@ -31,7 +31,7 @@ use tidemesh_evidence::record::{
 use tidemesh_identity::naming;
 use tidemesh_net::http::{full, HUB_STATUS, UPSTREAM};
 use tidemesh_proto::data::{StreamHeader, StreamProtocol, TraceContext};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::{
     finish_evidence, finish_from_response, inbound, local_response, new_evidence,
@@ -47,45 +47,26 @@ pub(crate) fn http1_server(settings: &DataSettings) -> http1::Builder {
 
 /// Accepts app connections on workload `caller`'s outbound listener.
 pub(crate) async fn serve(s: Arc<Shared>, caller: usize, listener: tokio::net::TcpListener) {
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                warn!(error = %e, "outbound accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = s.conn_limit.clone().try_acquire_owned() else {
-            warn!(
-                limit = s.settings.max_connections,
-                "connection limit reached; refusing an app connection"
-            );
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let s = s.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let svc = {
+    super::accept_apps(s, listener, "outbound", move |s, stream| async move {
+        let svc = {
+            let s = s.clone();
+            service_fn(move |req| {
                 let s = s.clone();
-                service_fn(move |req| {
-                    let s = s.clone();
-                    async move { Ok::<_, Infallible>(handle(&s, caller, req).await) }
-                })
-            };
-            if let Err(e) = tidemesh_net::http::app_server(
-                s.settings.header_timeout,
-                s.settings.max_header_bytes,
-                s.settings.quic.max_streams,
-            )
-            .serve_connection(TokioIo::new(stream), svc)
-            .await
-            {
-                debug!(error = %e, "app connection ended");
-            }
-        });
-    }
+                async move { Ok::<_, Infallible>(handle(&s, caller, req).await) }
+            })
+        };
+        if let Err(e) = tidemesh_net::http::app_server(
+            s.settings.header_timeout,
+            s.settings.max_header_bytes,
+            s.settings.quic.max_streams,
+        )
+        .serve_connection(TokioIo::new(stream), svc)
+        .await
+        {
+            debug!(error = %e, "app connection ended");
+        }
+    })
+    .await
 }
 
 fn header_string(h: &hyper::HeaderMap, name: &str) -> Option<String> {
@@ -278,6 +259,11 @@ async fn handle(s: &Shared, caller: usize, mut req: Request<Incoming>) -> Respon
     };
     s.retry_deposit(&dest);
 
+    let who = Caller {
+        idx: caller,
+        span: &span,
+        request_id,
+    };
     let mut tried: Vec<String> = Vec::new();
     let mut attempt = 0u32;
     let mut backoff_total = Duration::ZERO;
@@ -295,17 +281,7 @@ async fn handle(s: &Shared, caller: usize, mut req: Request<Incoming>) -> Respon
             .unwrap_or(Duration::MAX)
             .min(deadline.saturating_duration_since(now));
         let key = resolved.key.clone();
-        let resp = one_attempt(
-            s,
-            caller,
-            &resolved,
-            req,
-            try_limit,
-            &span,
-            request_id.clone(),
-            &mut ev,
-        )
-        .await;
+        let resp = one_attempt(s, &who, &resolved, req, try_limit, &mut ev).await;
         let outcome = outcome_of(&resp);
         // Retried when the conditions hold and the method is idempotent or
         // the request never reached the endpoint.
@@ -355,24 +331,47 @@ async fn handle(s: &Shared, caller: usize, mut req: Request<Incoming>) -> Respon
     resp
 }
 
+/// Who is calling: the local workload, this hop's span and the request id.
+struct Caller<'a> {
+    idx: usize,
+    span: &'a trace::Span,
+    request_id: Option<String>,
+}
+
+impl Caller<'_> {
+    /// The data stream header for `service` (workload `workload` there).
+    fn stream_header(&self, service: &str, workload: String) -> StreamHeader {
+        StreamHeader {
+            service: service.to_owned(),
+            workload,
+            protocol: StreamProtocol::Http1,
+            trace: Some(TraceContext {
+                trace_id: self.span.trace_id,
+                span_id: self.span.span_id,
+                sampled: self.span.sampled,
+            }),
+            request_id: self.request_id.clone().filter(|r| {
+                r.len() <= tidemesh_proto::data::MAX_REQUEST_ID
+                    && !r.is_empty()
+                    && r.bytes().all(|b| b.is_ascii_graphic())
+            }),
+        }
+    }
+}
+
 /// One try of a request against `resolved`'s endpoint: its circuit
 /// breaker admits it (or not), the destination's request limit holds, the
 /// request goes local, over the tunnel or to the hub gateway, and the
 /// result is reported to the breaker.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "one call site; a struct would only rename them"
-)]
 async fn one_attempt(
     s: &Shared,
-    caller: usize,
+    who: &Caller<'_>,
     resolved: &resolve::Resolved,
     req: Request<Body>,
     limit: Duration,
-    span: &trace::Span,
-    request_id: Option<String>,
     ev: &mut RequestEvidence,
 ) -> Response<Body> {
+    let caller = who.idx;
     let w = &s.workloads[caller];
     let now = Instant::now();
     let admit = match s.breaker_admit(&resolved.host, &resolved.key, now) {
@@ -435,10 +434,10 @@ async fn one_attempt(
             server,
             account,
         } => {
-            let header = stream_header(&resolved.host, account.clone(), span, request_id);
+            let header = who.stream_header(&resolved.host, account.clone());
             super::tunnel::call(s, caller, *addr, server, header, req, limit, ev).await
         }
-        Target::Cloud => cloud(s, caller, resolved, req, limit, span, request_id, ev).await,
+        Target::Cloud => cloud(s, who, resolved, req, limit, ev).await,
     };
     s.lb_finished(&resolved.slot);
     let outcome = outcome_of(&resp);
@@ -450,44 +449,15 @@ async fn one_attempt(
     resp
 }
 
-fn stream_header(
-    service: &str,
-    workload: String,
-    span: &trace::Span,
-    request_id: Option<String>,
-) -> StreamHeader {
-    StreamHeader {
-        service: service.to_owned(),
-        workload,
-        protocol: StreamProtocol::Http1,
-        trace: Some(TraceContext {
-            trace_id: span.trace_id,
-            span_id: span.span_id,
-            sampled: span.sampled,
-        }),
-        request_id: request_id.filter(|r| {
-            r.len() <= tidemesh_proto::data::MAX_REQUEST_ID
-                && !r.is_empty()
-                && r.bytes().all(|b| b.is_ascii_graphic())
-        }),
-    }
-}
-
 /// A call to a cloud service through the hub's gateway; without the hub it
 /// fails at once with 503 and `x-tidemesh-hub: unreachable` rather than
 /// waiting on a link that is down.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "one call site; a struct would only rename them"
-)]
 async fn cloud(
     s: &Shared,
-    caller: usize,
+    who: &Caller<'_>,
     resolved: &resolve::Resolved,
     req: Request<Body>,
     limit: Duration,
-    span: &trace::Span,
-    request_id: Option<String>,
     ev: &mut RequestEvidence,
 ) -> Response<Body> {
     let unreachable = |why: String| {
@@ -514,8 +484,8 @@ async fn cloud(
     };
     let server = naming::hub_id(&s.td);
     // The gateway chooses the endpoint; the header names no workload.
-    let header = stream_header(&resolved.host, "cloud".into(), span, request_id);
-    let mut resp = super::tunnel::call(s, caller, addr, &server, header, req, limit, ev).await;
+    let header = who.stream_header(&resolved.host, "cloud".into());
+    let mut resp = super::tunnel::call(s, who.idx, addr, &server, header, req, limit, ev).await;
     if resp.status() == StatusCode::BAD_GATEWAY && resp.headers().get(UPSTREAM).is_none() {
         // The gateway itself could not be reached (the hub answers with
         // x-tidemesh-upstream whenever it chose an endpoint).

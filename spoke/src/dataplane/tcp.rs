@@ -112,30 +112,12 @@ pub(crate) async fn serve(s: std::sync::Arc<Shared>, l: Listener) {
         "tcp outbound listener up"
     );
     let service: std::sync::Arc<str> = l.service.into();
-    loop {
-        let (stream, _) = match l.listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                warn!(error = %e, "tcp outbound accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = s.conn_limit.clone().try_acquire_owned() else {
-            warn!(
-                limit = s.settings.max_connections,
-                "connection limit reached; refusing an app connection"
-            );
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let s = s.clone();
+    let caller = l.caller;
+    super::accept_apps(s, l.listener, "tcp_outbound", move |s, stream| {
         let service = service.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            outbound_conn(&s, l.caller, &service, stream).await;
-        });
-    }
+        async move { outbound_conn(&s, caller, &service, stream).await }
+    })
+    .await
 }
 
 /// How a proxied connection ended.
@@ -434,19 +416,8 @@ pub(crate) async fn serve_stream(
         &span,
         format!("TCP {}", header.service),
     );
-    ev.identity = Some(IdentityEvidence {
-        client_identity: Some(peer.clone()),
-        server_identity: Some(s.node_id.clone()),
-        certificate_fingerprint: fingerprint,
-        tls_version: TlsVersion::Tls13,
-        cipher_suite: Some(s.cipher_suite.clone()),
-        trust_chain_verified: true,
-        handshake_duration_us: None,
-    });
-    let idx = s
-        .workloads
-        .iter()
-        .position(|w| w.account == header.workload && w.service == header.service);
+    ev.identity = Some(s.served_identity(peer, fingerprint));
+    let idx = s.workload_for(&header);
     let admitted = match idx {
         None => Err(Refusal {
             code: close::PROTOCOL_ERROR,

@@ -42,8 +42,8 @@ use tidemesh_identity::{
 };
 use tidemesh_proto::{
     close,
-    data::{header_len, StreamHeader, StreamProtocol},
-    ALPN_DATA, LEN_PREFIX,
+    data::{StreamHeader, StreamProtocol},
+    ALPN_DATA,
 };
 use tokio::time::timeout;
 use tracing::{debug, info, warn};
@@ -455,7 +455,12 @@ async fn serve_conn(s: Arc<Shared>, conn: quinn::Connection) {
         let peer = peer.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let header = match timeout(s.settings.header_timeout, read_header(&mut recv)).await {
+            let header = match timeout(
+                s.settings.header_timeout,
+                tidemesh_net::http::read_stream_header(&mut recv),
+            )
+            .await
+            {
                 Ok(Ok(h)) => h,
                 Ok(Err(e)) => {
                     warn!(peer = %peer.id, error = %e, "bad data stream header; resetting the stream");
@@ -499,19 +504,6 @@ async fn serve_conn(s: Arc<Shared>, conn: quinn::Connection) {
     }
 }
 
-async fn read_header(recv: &mut quinn::RecvStream) -> Result<StreamHeader, String> {
-    let mut prefix = [0u8; LEN_PREFIX];
-    recv.read_exact(&mut prefix)
-        .await
-        .map_err(|e| e.to_string())?;
-    let len = header_len(prefix).map_err(|e| e.to_string())?;
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body)
-        .await
-        .map_err(|e| e.to_string())?;
-    StreamHeader::decode(&body).map_err(|e| e.to_string())
-}
-
 /// One request from a peer spoke: a span under the caller's, then delivery.
 async fn serve_request(
     s: &Shared,
@@ -547,19 +539,8 @@ async fn serve_request(
         &span,
         operation,
     );
-    ev.identity = Some(IdentityEvidence {
-        client_identity: Some(peer.id.clone()),
-        server_identity: Some(s.node_id.clone()),
-        certificate_fingerprint: peer.fingerprint,
-        tls_version: TlsVersion::Tls13,
-        cipher_suite: Some(s.cipher_suite.clone()),
-        trust_chain_verified: true,
-        handshake_duration_us: None,
-    });
-    let idx = s
-        .workloads
-        .iter()
-        .position(|w| w.account == header.workload && w.service == header.service);
+    ev.identity = Some(s.served_identity(&peer.id, peer.fingerprint));
+    let idx = s.workload_for(header);
     let resp = match idx {
         None => local_response(
             StatusCode::NOT_FOUND,
