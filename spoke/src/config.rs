@@ -47,9 +47,10 @@ pub struct WorkloadConfig {
     /// Local rate limit on calls delivered to this workload (token bucket);
     /// over it, callers get 429 with `retry-after`.
     pub rate_limit: Option<RateLimitConfig>,
-    /// What its `inbound` listener speaks: `"http"` (HTTP/1.1, the default)
-    /// or `"tcp"` (raw TCP: the spoke delivers the caller's bytes as they
-    /// are, after an L4 authorization of the caller's identity).
+    /// What its `inbound` listener speaks: `"http"` (HTTP/1.1, the default),
+    /// `"http2"` (HTTP/2 with prior knowledge) or `"tcp"` (raw
+    /// TCP: the spoke delivers the caller's bytes as they are, after an L4
+    /// authorization of the caller's identity).
     #[serde(default)]
     pub protocol: WorkloadProtocol,
     /// Raw TCP listeners where it calls mesh services, one per service:
@@ -58,7 +59,7 @@ pub struct WorkloadConfig {
     pub tcp_outbound: Vec<TcpOutboundConfig>,
 }
 
-/// `protocol = "http" | "tcp"` of a `[[workload]]`.
+/// `protocol = "http" | "http2" | "tcp"` of a `[[workload]]`.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum WorkloadProtocol {
@@ -67,6 +68,10 @@ pub enum WorkloadProtocol {
     Http,
     /// Raw TCP: each connection is authorized (L4) and recorded as a whole.
     Tcp,
+    /// HTTP/2 with prior knowledge (h2c), an HTTP/2-only server: requests are
+    /// handled as for `http` and delivered over HTTP/2 (one pooled
+    /// connection, many streams); its health check speaks HTTP/2 too.
+    Http2,
 }
 
 /// One `tcp_outbound` entry: a TCP listener where the workload reaches one

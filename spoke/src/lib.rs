@@ -901,20 +901,31 @@ impl Spoke {
     /// Checks every local workload that declares a health path: an HTTP GET
     /// on its inbound address, healthy on a 2xx answer within a second.
     async fn health_loop(&self) {
-        let checked: Vec<(String, SocketAddr, String)> = self
+        let checked: Vec<(String, SocketAddr, String, bool)> = self
             .inner
             .cfg
             .file
             .workloads
             .iter()
-            .filter_map(|w| Some((w.service_account.clone(), w.inbound?, w.health.clone()?)))
+            .filter_map(|w| {
+                Some((
+                    w.service_account.clone(),
+                    w.inbound?,
+                    w.health.clone()?,
+                    w.protocol == config::WorkloadProtocol::Http2,
+                ))
+            })
             .collect();
         if checked.is_empty() {
             return;
         }
         loop {
-            for (account, addr, path) in &checked {
-                let ok = http_health(*addr, path).await;
+            for (account, addr, path, h2) in &checked {
+                let ok = if *h2 {
+                    http2_health(*addr, path).await
+                } else {
+                    http_health(*addr, path).await
+                };
                 let changed = self
                     .inner
                     .local_health
@@ -1474,6 +1485,31 @@ pub fn verify_evidence_offline(data_dir: &Path) -> Result<Value, SpokeError> {
     let b = buffer::EvidenceBuffer::open(&path, &ident.id, cfg)
         .map_err(|e| SpokeError::Invalid(format!("{}: {e}", path.display())))?;
     Ok(verify_json(&b))
+}
+
+/// [`http_health`] for an HTTP/2 (prior knowledge) workload.
+async fn http2_health(addr: SocketAddr, path: &str) -> bool {
+    let probe = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .ok()?;
+        let driver = tokio::spawn(conn);
+        let req = hyper::Request::get(format!("http://{addr}{path}"))
+            .header(hyper::header::USER_AGENT, "tidemesh-health")
+            .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+            .ok()?;
+        let ok = send.send_request(req).await.ok()?.status().is_success();
+        driver.abort();
+        Some(ok)
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), probe).await,
+        Ok(Some(true))
+    )
 }
 
 async fn http_health(addr: SocketAddr, path: &str) -> bool {

@@ -1006,6 +1006,52 @@ fn h2_get(outbound: SocketAddr, authority: &str, path: &str) -> (u16, String) {
     })
 }
 
+/// An HTTP/2-only (prior knowledge) workload, as a gRPC server is: answers
+/// every request with 200 and a JSON body naming the protocol version, the
+/// path and the identity header it got.
+fn h2_server(name: &'static str) -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    l.set_nonblocking(true).expect("nonblocking");
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(l).expect("listener");
+            loop {
+                let Ok((tcp, _)) = l.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| async move {
+                            let out = serde_json::json!({
+                                "server": name,
+                                "version": format!("{:?}", req.version()),
+                                "path": req.uri().path(),
+                                "xfcc": req.headers().get("x-forwarded-client-cert")
+                                    .and_then(|v| v.to_str().ok()).unwrap_or(""),
+                            })
+                            .to_string();
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Full::new(hyper::body::Bytes::from(out)),
+                            ))
+                        },
+                    );
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+                });
+            }
+        });
+    });
+    addr
+}
+
 /// What a [`Workload`] answers (health checks on `/healthz` always pass
 /// while it listens).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1204,6 +1250,18 @@ spec:
     - source:
         principals: ["{TD}/store/sf01/sa/frontend"]
 ---
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {{name: quotes-callers, namespace: store}}
+spec:
+  selector:
+    matchLabels: {{app: quotes}}
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["{TD}/store/sf01/sa/frontend"]
+---
 apiVersion: tidemesh.io/v1alpha1
 kind: DestinationPolicy
 metadata: {{name: flaky, namespace: store}}
@@ -1240,6 +1298,7 @@ fn cloud_gateway_failover_circuit_breaker_and_retries() {
     let mut inv_a = Workload::start("inventory-a");
     let mut inv_b = Workload::start("inventory-b");
     let flaky = Workload::start("flaky");
+    let quotes = h2_server("quotes");
     let (o_front, o_kiosk) = (free_tcp(), free_tcp());
     let (data_a, data_b) = (free_udp(), free_udp());
     let cfg_a = write_config(
@@ -1289,6 +1348,15 @@ namespace = "store"
 labels = {{ app = "inventory" }}
 inbound = "{}"
 health = "/healthz"
+
+[[workload]]
+service_account = "quotes"
+service = "quotes"
+namespace = "store"
+labels = {{ app = "quotes" }}
+inbound = "{quotes}"
+protocol = "http2"
+health = "/healthz"
 "#,
             inv_b.addr
         ),
@@ -1301,6 +1369,8 @@ health = "/healthz"
     ];
     let a = &spokes[0];
     wait_site_service(a, "inventory");
+    // B's HTTP/2 workload passed its (HTTP/2) health check and registered
+    wait_site_service(a, "quotes");
     eprintln!("{:?}: hub and spokes up", started.elapsed());
     let frontend_id = format!("spiffe://{TD}/store/sf01/sa/frontend");
     let served_by = |r: &Reply| r.echo()["server"].as_str().unwrap_or("").to_owned();
@@ -1359,6 +1429,23 @@ health = "/healthz"
     let (status, body) = h2_get(o_front, "inventory.store", "/h2");
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"inventory-a\""), "{body}");
+    // an HTTP/2-only workload (as a gRPC server) on B, called with HTTP/1.1
+    // and with HTTP/2 from the app: it gets HTTP/2 and the caller's identity
+    for (status, body) in [
+        {
+            let r = call(o_front, "GET", "quotes.store", "/q1", &[]);
+            (r.status, r.body)
+        },
+        h2_get(o_front, "quotes.store", "/q2"),
+    ] {
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        assert_eq!(v["version"], "HTTP/2.0", "{body}");
+        assert_eq!(
+            v["xfcc"],
+            format!("By=spiffe://{TD}/store/sf01/sa/quotes;URI={frontend_id}").as_str()
+        );
+    }
     eprintln!("{:?}: cloud call checked", started.elapsed());
     let inv = || call(o_front, "GET", "inventory.store", "/stock", &[]);
     let r = inv();

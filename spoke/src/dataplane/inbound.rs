@@ -194,15 +194,18 @@ pub(crate) async fn deliver(
             h.insert(XFCC, v);
         }
     }
-    forward(s, inbound, req, s.settings.request_timeout).await
+    let h2 = w.protocol == WorkloadProtocol::Http2;
+    forward(s, inbound, h2, req, s.settings.request_timeout).await
 }
 
-/// Sends `req` to a workload's HTTP listener over the pooled client and
+/// Sends `req` to a workload's HTTP listener (HTTP/2 when `h2`) over the
+/// pooled client and
 /// returns its response (502 when it cannot be reached, 504 when it does
 /// not answer in time); proxy-made failures carry their [`Outcome`].
 pub(crate) async fn forward(
     s: &Shared,
     addr: std::net::SocketAddr,
+    h2: bool,
     mut req: Request<Body>,
     limit: std::time::Duration,
 ) -> Response<Body> {
@@ -225,7 +228,16 @@ pub(crate) async fn forward(
         r.extensions_mut().insert(outcome);
         r
     };
-    match timeout(limit, s.client.request(req)).await {
+    let client = if h2 {
+        *req.version_mut() = hyper::Version::HTTP_2;
+        // HTTP/2 names the authority in the URI; Host would be a
+        // connection-specific duplicate.
+        req.headers_mut().remove(hyper::header::HOST);
+        &s.client_h2
+    } else {
+        &s.client
+    };
+    match timeout(limit, client.request(req)).await {
         Ok(Ok(mut resp)) => {
             strip_hop_by_hop(resp.headers_mut());
             resp.map(|b| b.boxed())

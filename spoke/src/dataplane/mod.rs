@@ -217,6 +217,8 @@ pub(crate) struct Shared {
     pub conn_limit: Arc<Semaphore>,
     /// Pooled keep-alive connections to this spoke's workloads.
     pub client: Client<HttpConnector, Body>,
+    /// The same for `protocol = "http2"` workloads (h2c, multiplexed).
+    pub client_h2: Client<HttpConnector, Body>,
     /// Circuit breaker (outlier detection) of each endpoint, by key.
     breakers: Mutex<HashMap<String, resilience::Breaker>>,
     /// Retry budget of each destination host.
@@ -643,7 +645,8 @@ impl DataPlane {
             endpoint,
             cipher_suite,
             conn_limit: Arc::new(Semaphore::new(settings.max_connections)),
-            client: workload_client(&settings),
+            client: workload_client(&settings, false),
+            client_h2: workload_client(&settings, true),
             breakers: Mutex::new(HashMap::new()),
             budgets: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
@@ -732,14 +735,17 @@ pub(crate) async fn accept_apps<F, Fut>(
     }
 }
 
-/// The pooled HTTP/1.1 client to this spoke's workloads.
-fn workload_client(settings: &DataSettings) -> Client<HttpConnector, Body> {
+/// The pooled client to this spoke's workloads: HTTP/1.1, or HTTP/2 with
+/// prior knowledge.
+fn workload_client(settings: &DataSettings, h2: bool) -> Client<HttpConnector, Body> {
     let mut http = HttpConnector::new();
     http.set_connect_timeout(Some(settings.connect_timeout));
     http.set_nodelay(true);
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(64)
+        .http2_only(h2)
+        .timer(hyper_util::rt::TokioTimer::new())
         .build(http)
 }
 
