@@ -1557,6 +1557,19 @@ health = "/healthz"
     // 8. a hub blackout: local and same-site traffic flows; cloud calls
     // fail fast with 503 and x-tidemesh-hub: unreachable
     relay.blackout(None);
+    // a call already on its way when the link goes ends when the spoke
+    // finds the hub gone (about 4 s), not at the 30 s request timeout
+    let t = Instant::now();
+    let r = call(o_front, "GET", "catalog.cloud", "/in-flight", &[]);
+    let in_flight = t.elapsed();
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(
+        r.headers.get("x-tidemesh-hub").map(String::as_str),
+        Some("unreachable"),
+        "{r:?}"
+    );
+    assert!(in_flight < Duration::from_secs(15), "{in_flight:?}");
+    eprintln!("a cloud call in flight at the cut: 503 after {in_flight:?}");
     a.wait_state("disconnected", Duration::from_secs(15));
     let mut took = Vec::new();
     for i in 0..10 {

@@ -485,7 +485,23 @@ async fn cloud(
     let server = naming::hub_id(&s.td);
     // The gateway chooses the endpoint; the header names no workload.
     let header = who.stream_header(&resolved.host, "cloud".into());
-    let mut resp = super::tunnel::call(s, who.idx, addr, &server, header, req, limit, ev).await;
+    let call = super::tunnel::call(s, who.idx, addr, &server, header, req, limit, ev);
+    // A call in flight when the spoke finds the hub gone (the control
+    // session's idle timeout) ends then, not at its own timeout.
+    let link_lost = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if !s.spoke.hub_connected() {
+                break;
+            }
+        }
+    };
+    let mut resp = tokio::select! {
+        r = call => r,
+        () = link_lost => {
+            return unreachable("the link to the hub went down during the call".into());
+        }
+    };
     if resp.status() == StatusCode::BAD_GATEWAY && resp.headers().get(UPSTREAM).is_none() {
         // The gateway itself could not be reached (the hub answers with
         // x-tidemesh-upstream whenever it chose an endpoint).
