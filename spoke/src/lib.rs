@@ -642,9 +642,17 @@ impl Spoke {
     /// The workloads of other spokes at this spoke's site, from the last
     /// config slice (the hub sends only healthy ones).
     pub fn site_workloads(&self) -> Vec<tidemesh_policy::model::Workload> {
-        let Some(cfg) = self.config() else {
-            return Vec::new();
-        };
+        match self.config() {
+            Some(cfg) => self.site_workloads_of(&cfg),
+            None => Vec::new(),
+        }
+    }
+
+    /// [`Spoke::site_workloads`] of a given config.
+    pub(crate) fn site_workloads_of(
+        &self,
+        cfg: &MeshConfig,
+    ) -> Vec<tidemesh_policy::model::Workload> {
         let store = match naming::classify(&self.inner.ident.id) {
             Some(naming::MeshIdentity::Node { store, .. }) => store,
             _ => String::new(),

@@ -183,12 +183,17 @@ pub(crate) struct LocalWorkload {
     pub limiter: Option<Mutex<ratelimit::TokenBucket>>,
 }
 
-/// The config in force, compiled once per version.
+/// The config in force, compiled once per config (a new slice, even of
+/// the same version, is a new config: the registry may have moved).
 pub(crate) struct Compiled {
     pub version: Option<u64>,
     pub config: Arc<MeshConfig>,
     pub policies: CompiledPolicies,
     pub routes: Option<CompiledRoutes>,
+    /// Endpoints on other spokes of the site.
+    pub site: Vec<resolve::SiteEndpoint>,
+    /// Every canonical service host this spoke could route to.
+    pub hosts: std::collections::HashSet<String>,
 }
 
 /// What the data plane knows of a cached SVID without touching disk.
@@ -239,7 +244,7 @@ impl Shared {
         };
         if let Ok(c) = self.compiled.read() {
             if let Some(c) = c.as_ref() {
-                if c.version == version {
+                if Arc::ptr_eq(&c.config, &config) {
                     return c.clone();
                 }
             }
@@ -251,10 +256,14 @@ impl Shared {
                 None
             }
         };
+        let site = resolve::site_endpoints(self, &config);
+        let hosts = resolve::known_hosts(self, &config, &site);
         let c = Arc::new(Compiled {
             version,
             policies: CompiledPolicies::from_config(&config),
             routes,
+            site,
+            hosts,
             config,
         });
         if let Ok(mut slot) = self.compiled.write() {

@@ -113,7 +113,12 @@ struct Cand {
 /// Every endpoint of canonical `host`: this spoke's workloads (healthy or
 /// not, for the evidence), the site's from the last slice, and the cloud
 /// endpoints a `ServiceEntry` declares.
-fn candidates(s: &Shared, config: &tidemesh_policy::MeshConfig, host: &str) -> Vec<Cand> {
+fn candidates(
+    s: &Shared,
+    config: &tidemesh_policy::MeshConfig,
+    site: &[SiteEndpoint],
+    host: &str,
+) -> Vec<Cand> {
     let mut out = Vec::new();
     for (i, w) in s.workloads.iter().enumerate() {
         if w.service == host {
@@ -131,34 +136,17 @@ fn candidates(s: &Shared, config: &tidemesh_policy::MeshConfig, host: &str) -> V
             }
         }
     }
-    for w in s.spoke.site_workloads() {
-        let canon = canonical_host(&w.service, &w.id.namespace).unwrap_or(w.service.clone());
-        if canon != host {
+    for e in site {
+        if e.host != host {
             continue;
         }
-        let node =
-            w.id.name
-                .strip_prefix(&format!("{}.", w.service_account))
-                .unwrap_or("")
-                .to_owned();
-        let target = match (
-            w.address.parse::<SocketAddr>(),
-            naming::node_id(&s.td, &s.store, &node),
-        ) {
-            (Ok(addr), Ok(server)) => Some(Target::Site {
-                addr,
-                server,
-                account: w.service_account.clone(),
-            }),
-            _ => None,
-        };
         out.push(Cand {
-            key: format!("site/{}/{}", w.address, w.service_account),
-            address: w.address.clone(),
-            healthy: target.is_some(),
-            weight: w.weight.max(1),
-            labels: w.labels.clone(),
-            target,
+            key: e.key.clone(),
+            address: e.address.clone(),
+            healthy: e.target.is_some(),
+            weight: e.weight,
+            labels: e.labels.clone(),
+            target: e.target.clone(),
             tier: Tier::Site,
             locality: EvLocality::SameZone,
         });
@@ -210,38 +198,89 @@ fn candidates(s: &Shared, config: &tidemesh_policy::MeshConfig, host: &str) -> V
     out
 }
 
-/// Every canonical service host this spoke could route to.
-fn known_hosts(s: &Shared, config: &tidemesh_policy::MeshConfig) -> Vec<String> {
-    let mut v: Vec<String> = s.workloads.iter().map(|w| w.service.clone()).collect();
-    v.extend(
-        s.spoke
-            .site_workloads()
-            .iter()
-            .map(|w| canonical_host(&w.service, &w.id.namespace).unwrap_or(w.service.clone())),
-    );
-    v.extend(config.services());
-    v.sort();
-    v.dedup();
-    v
+/// An endpoint on another spoke of the site, as the last slice lists it.
+#[derive(Debug, Clone)]
+pub(crate) struct SiteEndpoint {
+    /// Canonical host of its service.
+    pub host: String,
+    /// The peer spoke's data address (as registered).
+    pub address: String,
+    /// Breaker key.
+    pub key: String,
+    pub weight: u32,
+    pub labels: tidemesh_policy::model::Labels,
+    /// `None` when the address or node name is unusable.
+    pub target: Option<Target>,
+}
+
+/// The site's endpoints of `config` (computed once per config).
+pub(crate) fn site_endpoints(
+    s: &Shared,
+    config: &tidemesh_policy::MeshConfig,
+) -> Vec<SiteEndpoint> {
+    s.spoke
+        .site_workloads_of(config)
+        .into_iter()
+        .map(|w| {
+            let host = canonical_host(&w.service, &w.id.namespace).unwrap_or(w.service.clone());
+            let node =
+                w.id.name
+                    .strip_prefix(&format!("{}.", w.service_account))
+                    .unwrap_or("");
+            let target = match (
+                w.address.parse::<SocketAddr>(),
+                naming::node_id(&s.td, &s.store, node),
+            ) {
+                (Ok(addr), Ok(server)) => Some(Target::Site {
+                    addr,
+                    server,
+                    account: w.service_account.clone(),
+                }),
+                _ => None,
+            };
+            SiteEndpoint {
+                host,
+                key: format!("site/{}/{}", w.address, w.service_account),
+                address: w.address,
+                weight: w.weight.max(1),
+                labels: w.labels,
+                target,
+            }
+        })
+        .collect()
+}
+
+/// Every canonical service host this spoke could route to (computed once
+/// per config).
+pub(crate) fn known_hosts(
+    s: &Shared,
+    config: &tidemesh_policy::MeshConfig,
+    site: &[SiteEndpoint],
+) -> std::collections::HashSet<String> {
+    s.workloads
+        .iter()
+        .map(|w| w.service.clone())
+        .chain(site.iter().map(|e| e.host.clone()))
+        .chain(config.services())
+        .collect()
 }
 
 /// The canonical host a `Host` header names for a caller in `namespace`:
 /// `name` is `name.<caller's namespace>` as in Kubernetes, or, when no such
 /// service exists, the one service of that name in another namespace.
 pub(crate) fn canonical_target(
-    s: &Shared,
-    config: &tidemesh_policy::MeshConfig,
+    known: &std::collections::HashSet<String>,
     host: &str,
     namespace: &str,
 ) -> Result<String, String> {
     let name = strip_port(host);
     let canon = canonical_host(name, namespace)?;
-    let known = known_hosts(s, config);
     if known.contains(&canon) || name.contains('.') {
         return Ok(canon);
     }
     let prefix = format!("{name}.");
-    let matches: Vec<&String> = known.iter().filter(|h| h.starts_with(&prefix)).collect();
+    let mut matches: Vec<&String> = known.iter().filter(|h| h.starts_with(&prefix)).collect();
+    matches.sort();
     match matches.as_slice() {
         [one] => Ok((*one).clone()),
         [] => Ok(canon),
@@ -308,7 +347,7 @@ pub(crate) fn resolve(
         host: host.to_owned(),
         evidence: None,
     };
-    let canon = canonical_target(s, &compiled.config, host, namespace)
+    let canon = canonical_target(&compiled.hosts, host, namespace)
         .map_err(|e| unroutable(hyper::StatusCode::BAD_REQUEST, e, host))?;
     let req = RouteRequest {
         path,
@@ -356,7 +395,7 @@ pub(crate) fn resolve(
         .destination_policy(&dest)
         .and_then(|p| p.traffic.load_balancer)
         .unwrap_or_default();
-    let all: Vec<Cand> = candidates(s, &compiled.config, &dest)
+    let all: Vec<Cand> = candidates(s, &compiled.config, &compiled.site, &dest)
         .into_iter()
         .filter(|c| {
             // Cloud endpoints carry the entry's labels, not the subset's:
