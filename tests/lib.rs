@@ -8,10 +8,13 @@
 
 use std::{
     io::{BufRead, BufReader},
-    net::SocketAddr,
+    net::{SocketAddr, TcpListener, UdpSocket},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
-    sync::OnceLock,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        OnceLock,
+    },
     time::{Duration, Instant},
 };
 
@@ -19,24 +22,39 @@ use serde_json::Value;
 
 pub mod turmoil_quic;
 
+/// Whether [`bin`] builds and returns release binaries (see [`use_release_bins`]).
+static RELEASE_BINS: AtomicBool = AtomicBool::new(false);
+
+/// Makes [`bin`] build the binaries with `--release` and return those from
+/// `target/release`: for benches, whose figures mean nothing on debug
+/// builds. Call it before the first [`bin`]; tests do not call it.
+pub fn use_release_bins() {
+    RELEASE_BINS.store(true, Ordering::SeqCst);
+}
+
 /// Path of a workspace binary, building the binaries on first use.
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
         // target/debug/deps/<test-exe> -> target/debug
         let exe = std::env::current_exe().expect("test executable path");
-        let dir = exe
+        let mut dir = exe
             .parent()
             .and_then(Path::parent)
             .expect("target dir")
             .to_path_buf();
+        let mut args = vec!["build", "--workspace", "--bins", "--quiet"];
+        if RELEASE_BINS.load(Ordering::SeqCst) {
+            args.push("--release");
+            dir = dir.parent().expect("target dir").join("release");
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "--workspace", "--bins", "--quiet"])
+            .args(&args)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("run cargo build");
-        assert!(status.success(), "cargo build --workspace --bins failed");
+        assert!(status.success(), "cargo {} failed", args.join(" "));
         dir
     });
     dir.join(name)
@@ -68,6 +86,27 @@ pub fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
+}
+
+/// A free TCP port on loopback (bound and released: a tiny race, fine here).
+pub fn free_tcp() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free tcp port")
+}
+
+/// A free UDP port on loopback (bound and released, as [`free_tcp`]).
+pub fn free_udp() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("free udp port")
+}
+
+/// Writes a spoke config file `dir/<name>.toml`; its path, for `--config`.
+pub fn write_config(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(format!("{name}.toml"));
+    std::fs::write(&p, text).expect("write config");
+    p.to_str().expect("utf8").to_owned()
 }
 
 /// Starts a child whose stdout's first line is `listening=ADDR`; returns the
@@ -200,6 +239,11 @@ impl HubProc {
         })
         .expect("hub admin socket");
         addr
+    }
+
+    /// The running hub's process ID.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// SIGKILLs the hub.
@@ -344,6 +388,11 @@ impl SpokeProc {
             .expect("spoke admin socket answers");
     }
 
+    /// The running spoke's process ID (of the wrapper, when wrapped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILLs the spoke.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -379,6 +428,32 @@ impl SpokeProc {
                 self.try_status(),
                 std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()
             )
+        })
+    }
+
+    /// Waits until the spoke has a config and every workload holds its SVID
+    /// (an `id` in `status --json`); `None` if `timeout` passes first.
+    pub fn wait_configured(&self, timeout: Duration) -> Option<()> {
+        wait_for(timeout, || {
+            let st = self.try_status()?;
+            (st["config_version"].is_u64()
+                && st["workloads"]
+                    .as_array()?
+                    .iter()
+                    .all(|w| w["id"].is_string()))
+            .then_some(())
+        })
+    }
+
+    /// Waits until the spoke sees `service` registered by a peer of its
+    /// site; `None` if `timeout` passes first.
+    pub fn wait_site_service(&self, service: &str, timeout: Duration) -> Option<()> {
+        wait_for(timeout, || {
+            self.try_status()?["registry"]
+                .as_array()?
+                .iter()
+                .any(|e| e["service"] == service && e["origin"] == "site")
+                .then_some(())
         })
     }
 }

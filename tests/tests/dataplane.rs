@@ -14,7 +14,9 @@ use std::{
 };
 
 use serde_json::Value;
-use tidemesh_tests::{bin, run, text, wait_for, HubProc, RelayProc, SpokeProc};
+use tidemesh_tests::{
+    bin, free_tcp, free_udp, run, text, wait_for, write_config, HubProc, RelayProc, SpokeProc,
+};
 
 const TD: &str = "edge.example";
 
@@ -71,19 +73,6 @@ spec:
         methods: ["GET"]
 "#
     )
-}
-
-/// A free TCP port on loopback (bound and released: a tiny race, fine here).
-fn free_tcp() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free tcp port")
-}
-
-fn free_udp() -> SocketAddr {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("free udp port")
 }
 
 /// A workload: answers every request with 200 and a JSON body of what it
@@ -272,12 +261,6 @@ fn one_record(hub: &HubProc, s: &SpokeProc, operation: &str) -> Value {
     rec
 }
 
-fn write_config(dir: &Path, name: &str, text: &str) -> String {
-    let p = dir.join(format!("{name}.toml"));
-    std::fs::write(&p, text).expect("write config");
-    p.to_str().expect("utf8").to_owned()
-}
-
 fn trace_id(traceparent: &str) -> &str {
     traceparent.split('-').nth(1).unwrap_or("")
 }
@@ -303,35 +286,21 @@ fn start_spoke(
     assert!(o.status.success(), "enroll: {}", text(&o));
     s.start();
     s.wait_state("connected", Duration::from_secs(10));
-    wait_for(Duration::from_secs(10), || {
-        let st = s.try_status()?;
-        (st["config_version"].is_u64()
-            && st["workloads"]
-                .as_array()?
-                .iter()
-                .all(|w| w["id"].is_string()))
-        .then_some(())
-    })
-    .unwrap_or_else(|| panic!("config or SVIDs missing on {}: {:?}", s.id, s.try_status()));
+    s.wait_configured(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("config or SVIDs missing on {}: {:?}", s.id, s.try_status()));
     s
 }
 
 /// Waits until spoke `s` sees `service` registered by a peer of its site.
 fn wait_site_service(s: &SpokeProc, service: &str) {
-    wait_for(Duration::from_secs(10), || {
-        s.try_status()?["registry"]
-            .as_array()?
-            .iter()
-            .any(|e| e["service"] == service && e["origin"] == "site")
-            .then_some(())
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "{} never saw {service} at the site: {:?}",
-            s.id,
-            s.try_status()
-        )
-    });
+    s.wait_site_service(service, Duration::from_secs(10))
+        .unwrap_or_else(|| {
+            panic!(
+                "{} never saw {service} at the site: {:?}",
+                s.id,
+                s.try_status()
+            )
+        });
 }
 
 #[test]
