@@ -469,6 +469,24 @@ impl Shared {
         }
     }
 
+    /// The identity evidence of a call between two workloads of this spoke
+    /// (no TLS: the spoke vouches for the caller with its SVID).
+    pub fn local_identity(
+        &self,
+        caller: usize,
+        target: usize,
+    ) -> tidemesh_evidence::record::IdentityEvidence {
+        tidemesh_evidence::record::IdentityEvidence {
+            client_identity: Some(self.workloads[caller].id.clone()),
+            server_identity: Some(self.workloads[target].id.clone()),
+            certificate_fingerprint: self.svid(caller).map(|i| i.fingerprint),
+            tls_version: tidemesh_evidence::record::TlsVersion::None,
+            cipher_suite: None,
+            trust_chain_verified: false,
+            handshake_duration_us: None,
+        }
+    }
+
     /// The local workload a stream header names (account and service).
     pub fn workload_for(&self, header: &tidemesh_proto::data::StreamHeader) -> Option<usize> {
         self.workloads

@@ -25,9 +25,7 @@ use hyper::{
     Response, StatusCode,
 };
 use hyper_util::rt::TokioIo;
-use tidemesh_evidence::record::{
-    EnforcementPoint, IdentityEvidence, ReliabilityEvidence, RequestEvidence, TlsVersion,
-};
+use tidemesh_evidence::record::{EnforcementPoint, ReliabilityEvidence, RequestEvidence};
 use tidemesh_identity::naming;
 use tidemesh_net::http::{full, HUB_STATUS, UPSTREAM};
 use tidemesh_proto::data::{StreamHeader, StreamProtocol, TraceContext};
@@ -405,17 +403,7 @@ async fn one_attempt(
     s.lb_started(&resolved.slot);
     let resp = match &resolved.target {
         Target::Local(i) => {
-            let target = &s.workloads[*i];
-            ev.identity = Some(IdentityEvidence {
-                client_identity: Some(w.id.clone()),
-                server_identity: Some(target.id.clone()),
-                // The SVID the spoke vouches with for the caller.
-                certificate_fingerprint: s.svid(caller).map(|i| i.fingerprint),
-                tls_version: TlsVersion::None,
-                cipher_suite: None,
-                trust_chain_verified: false,
-                handshake_duration_us: None,
-            });
+            ev.identity = Some(s.local_identity(caller, *i));
             match tokio::time::timeout(limit, inbound::deliver(s, *i, Some(&w.id), req, ev)).await {
                 Ok(r) => r,
                 Err(_) => {

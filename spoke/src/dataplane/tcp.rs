@@ -42,10 +42,7 @@ use std::{
 };
 
 use tidemesh_evidence::{
-    record::{
-        EnforcementPoint, IdentityEvidence, RequestEvidence, Status, StatusCode as SpanStatus,
-        TlsVersion,
-    },
+    record::{EnforcementPoint, RequestEvidence, Status, StatusCode as SpanStatus},
     Sha256Digest,
 };
 use tidemesh_identity::SpiffeId;
@@ -229,17 +226,7 @@ async fn outbound_conn(s: &Shared, caller: usize, service: &str, mut app: TcpStr
     ev.routing_decision = Some(resolved.evidence);
     let outcome = match resolved.target {
         Target::Local(i) => {
-            let target = &s.workloads[i];
-            ev.identity = Some(IdentityEvidence {
-                client_identity: Some(w.id.clone()),
-                server_identity: Some(target.id.clone()),
-                // The SVID the spoke vouches with for the caller.
-                certificate_fingerprint: s.svid(caller).map(|i| i.fingerprint),
-                tls_version: TlsVersion::None,
-                cipher_suite: None,
-                trust_chain_verified: false,
-                handshake_duration_us: None,
-            });
+            ev.identity = Some(s.local_identity(caller, i));
             match admit(s, i, Some(&w.id), &mut ev).await {
                 Ok(mut upstream) => {
                     Outcome::of(pipe(&mut app, &mut upstream, s.settings.tcp_idle_timeout).await)
