@@ -15,7 +15,9 @@
 //!   labels (or none) applies; denied calls get 403 with the reason;
 //! * it forwards with `x-forwarded-client-cert: By=<hub>;URI=<caller>` and
 //!   answers with `x-tidemesh-upstream` naming the endpoint, which the
-//!   calling spoke writes into its evidence record.
+//!   calling spoke writes into its evidence record;
+//! * a stream whose header says raw TCP is authorized at L4 (Istio's TCP
+//!   semantics) and piped to an endpoint; a refusal resets the stream.
 //!
 //! Who drives it: [`crate::Hub::serve`] hands it connections that
 //! negotiated the data ALPN. What it must not do: forward to anything a
@@ -50,7 +52,10 @@ use tidemesh_policy::{
     model::{EndpointLocation, Labels, Resolution},
     AuthzRequest, CompiledPolicies, HeaderLookup, MeshConfig, WorkloadRef,
 };
-use tidemesh_proto::{close, data::StreamHeader};
+use tidemesh_proto::{
+    close,
+    data::{StreamHeader, StreamProtocol},
+};
 use tokio::{sync::Semaphore, time::timeout};
 use tracing::{debug, warn};
 
@@ -245,6 +250,10 @@ impl Hub {
                         return;
                     }
                 };
+                if header.protocol == StreamProtocol::Tcp {
+                    hub.gateway_tcp(&peer, &header, send, recv).await;
+                    return;
+                }
                 let header = Arc::new(header);
                 let io = TokioIo::new(tokio::io::join(recv, send));
                 let svc = {
@@ -269,6 +278,95 @@ impl Hub {
                 }
             });
         }
+    }
+
+    /// A raw TCP connection to a cloud service: L4 authorization (Istio's
+    /// TCP semantics), an endpoint in rotation (the next on a connect
+    /// failure), then bytes both ways until both sides finish. A refusal
+    /// resets the stream, so the app sees its connection closed.
+    async fn gateway_tcp(
+        &self,
+        peer: &SpiffeId,
+        header: &StreamHeader,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
+        let g = &self.inner.gateway;
+        let refuse = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, code| {
+            let _ = send.reset(quinn::VarInt::from_u32(code));
+            let _ = recv.stop(quinn::VarInt::from_u32(code));
+        };
+        let latest = self.latest_config().ok().flatten();
+        let Some((latest, (namespace, endpoints))) = latest.and_then(|l| {
+            let e = entry_endpoints(&l.config, &header.service)?;
+            Some((l, e))
+        }) else {
+            g.unknown.fetch_add(1, Ordering::Relaxed);
+            warn!(%peer, service = %header.service, "raw TCP for a host no ServiceEntry declares; refused");
+            return refuse(&mut send, &mut recv, close::PROTOCOL_ERROR);
+        };
+        if endpoints.is_empty() {
+            g.failed.fetch_add(1, Ordering::Relaxed);
+            return refuse(&mut send, &mut recv, close::NORMAL);
+        }
+        let start = self.gateway_rotation(&header.service);
+        let first = &endpoints[start % endpoints.len()];
+        let policies = self.gateway_policies(latest.meta.version, &latest.config);
+        let principal = peer.to_string();
+        let principal = principal.strip_prefix("spiffe://").unwrap_or(&principal);
+        let verdict = policies.decide_l4(&AuthzRequest {
+            workload: WorkloadRef {
+                namespace: &namespace,
+                labels: &first.labels,
+            },
+            source_principal: Some(principal),
+            source_namespace: None,
+            method: "",
+            path: "",
+            port: port_of(&first.address),
+            headers: &tidemesh_policy::NoHeaders,
+        });
+        if !verdict.allowed {
+            g.denied.fetch_add(1, Ordering::Relaxed);
+            debug!(%peer, service = %header.service, reason = verdict.reason.as_str(), "raw TCP denied at the gateway");
+            return refuse(&mut send, &mut recv, close::FORBIDDEN);
+        }
+        for k in 0..endpoints.len() {
+            let ep = &endpoints[(start + k) % endpoints.len()];
+            let Ok(addr) = resolve(&ep.address).await else {
+                continue;
+            };
+            let connected = timeout(
+                g.settings.connect_timeout,
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await;
+            let Ok(Ok(mut upstream)) = connected else {
+                continue;
+            };
+            let _ = upstream.set_nodelay(true);
+            g.forwarded.fetch_add(1, Ordering::Relaxed);
+            let mut stream = tokio::io::join(recv, send);
+            if let Err(e) = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await {
+                debug!(%peer, endpoint = %ep.address, error = %e, "raw TCP through the gateway ended");
+            }
+            let (_, mut send) = stream.into_inner();
+            let _ = send.finish();
+            return;
+        }
+        g.failed.fetch_add(1, Ordering::Relaxed);
+        refuse(&mut send, &mut recv, close::NORMAL);
+    }
+
+    /// The next position in `service`'s endpoint rotation.
+    fn gateway_rotation(&self, service: &str) -> usize {
+        self.inner
+            .gateway
+            .rotation
+            .lock()
+            .map(|mut m| m.entry(service.to_owned()).or_default().clone())
+            .unwrap_or_default()
+            .fetch_add(1, Ordering::Relaxed)
     }
 
     async fn gateway_request(
@@ -308,14 +406,7 @@ impl Hub {
                 &[],
             );
         }
-        let start = {
-            let counter = g
-                .rotation
-                .lock()
-                .map(|mut m| m.entry(header.service.clone()).or_default().clone())
-                .unwrap_or_default();
-            counter.fetch_add(1, Ordering::Relaxed)
-        };
+        let start = self.gateway_rotation(&header.service);
         // Authorization against the first endpoint in rotation (endpoints of
         // one entry normally share labels).
         let first = &endpoints[start % endpoints.len()];
@@ -332,11 +423,7 @@ impl Hub {
             source_namespace: None,
             method: req.method().as_str(),
             path: &path,
-            port: first
-                .address
-                .rsplit_once(':')
-                .and_then(|(_, p)| p.parse().ok())
-                .unwrap_or(0),
+            port: port_of(&first.address),
             headers: &HeaderMapLookup(req.headers()),
         });
         if !verdict.allowed {
@@ -437,6 +524,14 @@ impl Hub {
             &[],
         )
     }
+}
+
+/// The port of `host:port` (0 when absent).
+fn port_of(address: &str) -> u16 {
+    address
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap_or(0)
 }
 
 /// `host:port` to a socket address (DNS for names).

@@ -1678,6 +1678,8 @@ fn raw_tcp_local_and_cross_spoke_with_l4_authorization() {
     let mut hub = HubProc::init(tmp.path(), TD);
     let hub_addr = hub.start();
     let started = Instant::now();
+    // a raw TCP service in the cloud, behind the hub gateway
+    let echo_cloud = tcp_echo();
     let yaml = format!(
         r#"apiVersion: tidemesh.io/v1alpha1
 kind: Store
@@ -1704,7 +1706,21 @@ spec:
     to:
     - operation:
         methods: ["*"]
-"#
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: ledger, namespace: store}}
+spec:
+  hosts: [ledger.cloud]
+  location: MESH_INTERNAL
+  ports:
+  - {{number: {cloud_port}, name: tcp, protocol: TCP}}
+  resolution: STATIC
+  endpoints:
+  - address: 127.0.0.1
+    labels: {{app: tcp-echo}}
+"#,
+        cloud_port = echo_cloud.port()
     );
     let f = tmp.path().join("tcp.yaml");
     std::fs::write(&f, yaml).expect("yaml");
@@ -1716,6 +1732,7 @@ spec:
     let (echo_a, echo_b, http_a) = (tcp_echo(), tcp_echo(), tcp_echo());
     let (f_cache, f_db, f_http, f_none) = (free_tcp(), free_tcp(), free_tcp(), free_tcp());
     let (k_cache, k_db) = (free_tcp(), free_tcp());
+    let (f_cloud, k_cloud) = (free_tcp(), free_tcp());
     let (data_a, data_b) = (free_udp(), free_udp());
     let cfg_a = write_config(
         tmp.path(),
@@ -1731,6 +1748,7 @@ tcp_outbound = [
   {{ listen = "{f_db}", service = "db.store" }},
   {{ listen = "{f_http}", service = "inventory.store" }},
   {{ listen = "{f_none}", service = "nowhere.store" }},
+  {{ listen = "{f_cloud}", service = "ledger.cloud" }},
 ]
 
 [[workload]]
@@ -1738,6 +1756,7 @@ service_account = "kiosk"
 tcp_outbound = [
   {{ listen = "{k_cache}", service = "cache.store" }},
   {{ listen = "{k_db}", service = "db.store" }},
+  {{ listen = "{k_cloud}", service = "ledger.cloud" }},
 ]
 
 [[workload]]
@@ -1831,6 +1850,12 @@ protocol = "tcp"
         let got = exchange(addr, b"let me in").unwrap_or_else(|e| panic!("{what}: {e}"));
         assert!(got.is_empty(), "{what}: kiosk got {got:?}");
     }
+    // raw TCP to a cloud service through the hub gateway, authorized there
+    // with the same L4 semantics: frontend echoes, kiosk is cut off
+    let got = exchange(f_cloud, b"hello cloud").expect("raw TCP through the hub gateway");
+    assert_eq!(got, b"hello cloud");
+    let got = exchange(k_cloud, b"let me in").expect("kiosk to the cloud");
+    assert!(got.is_empty(), "kiosk got {got:?} from the cloud");
     // an HTTP workload takes no raw TCP; an unknown service is unroutable
     for (addr, what) in [(f_http, "HTTP workload"), (f_none, "unknown service")] {
         let got =

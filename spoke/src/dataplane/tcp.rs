@@ -7,7 +7,8 @@
 //! first), and either delivers it to a workload of this spoke ([`admit`]:
 //! L4 authorization with the calling workload's ID as principal, then the
 //! workload's inbound address) or opens a tunnel stream to the peer spoke
-//! with a [`StreamHeader`] of protocol [`StreamProtocol::Tcp`]. The serving
+//! (or, for a cloud service, to the hub's gateway) with a [`StreamHeader`]
+//! of protocol [`StreamProtocol::Tcp`]. The serving
 //! end ([`serve_stream`], called by the tunnel after the header) admits the
 //! stream the same way with the peer's verified SPIFFE ID; a refusal resets
 //! the QUIC stream, so the app sees its TCP connection closed without data.
@@ -252,10 +253,37 @@ async fn outbound_conn(s: &Shared, caller: usize, service: &str, mut app: TcpStr
             };
             through_tunnel(s, caller, addr, &server, header, &mut app, &mut ev).await
         }
-        // Beyond the site (the hub's gateway): not carried as raw TCP yet.
-        other => {
-            warn!(workload = %w.account, service = %resolved.host, target = ?other, "raw TCP to this target is not supported; closing the connection");
-            Outcome::refused(format!("raw TCP to {other:?} is not supported"))
+        // A cloud service: through the hub's gateway, which picks the
+        // endpoint; without the hub the connection is closed at once.
+        Target::Cloud => {
+            if !s.spoke.hub_connected() {
+                s.counters()
+                    .hub_unreachable
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Outcome::refused(format!(
+                    "hub unreachable: {} is a cloud service behind the hub gateway",
+                    resolved.host
+                ))
+            } else {
+                match s.spoke.hub_address().await {
+                    Ok(addr) => {
+                        let header = StreamHeader {
+                            service: resolved.host.clone(),
+                            workload: "cloud".into(),
+                            protocol: StreamProtocol::Tcp,
+                            trace: Some(TraceContext {
+                                trace_id: span.trace_id,
+                                span_id: span.span_id,
+                                sampled: span.sampled,
+                            }),
+                            request_id: None,
+                        };
+                        let hub = tidemesh_identity::naming::hub_id(&s.td);
+                        through_tunnel(s, caller, addr, &hub, header, &mut app, &mut ev).await
+                    }
+                    Err(e) => Outcome::refused(format!("hub unreachable: {e}")),
+                }
+            }
         }
     };
     if let Err(e) = &outcome.result {
@@ -282,13 +310,11 @@ async fn through_tunnel(
     let (t, hs, (mut send, recv)) = match super::tunnel::open_stream(s, caller, addr, server).await
     {
         Ok(x) => x,
-        Err(e) => {
-            return Outcome::refused(format!("cannot reach peer spoke {server} at {addr}: {e}"))
-        }
+        Err(e) => return Outcome::refused(format!("cannot reach {server} at {addr}: {e}")),
     };
     ev.identity = Some(t.identity_evidence(s, caller, hs));
     if let Err(e) = send.write_all(&bytes).await {
-        return Outcome::refused(format!("peer spoke {server} at {addr}: {e}"));
+        return Outcome::refused(format!("{server} at {addr}: {e}"));
     }
     let mut stream = tokio::io::join(recv, send);
     let piped = pipe(app, &mut stream, s.settings.tcp_idle_timeout).await;
