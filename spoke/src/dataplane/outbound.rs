@@ -279,13 +279,14 @@ async fn handle(s: &Shared, caller: usize, mut req: Request<Incoming>) -> Respon
             .unwrap_or(Duration::MAX)
             .min(deadline.saturating_duration_since(now));
         let key = resolved.key.clone();
+        // This try's routing (the hub gateway names its endpoint into it).
+        ev.routing_decision = Some(resolved.evidence.clone());
         let resp = one_attempt(s, &who, &resolved, req, try_limit, &mut ev).await;
         let outcome = outcome_of(&resp);
         // Retried when the conditions hold and the method is idempotent or
         // the request never reached the endpoint.
         let retry_reason =
             (attempt < max_attempts && retry.may_retry(&outcome, &method)).then(|| outcome.clone());
-        ev.routing_decision = Some(resolved.evidence.clone());
         ev.reliability = Some(ReliabilityEvidence {
             circuit_breaker: s.breaker_evidence(&key, Instant::now()),
             retry_state: retry_evidence(
