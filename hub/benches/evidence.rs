@@ -790,21 +790,11 @@ fn main() -> Result<()> {
 
     let m = machine();
     println!();
-    println!(
-        "tidemesh evidence bench{}",
-        if quick {
-            " (QUICK smoke pass: TIDEMESH_BENCH_QUICK set or no --bench; not figures)"
-        } else {
-            ""
-        }
-    );
-    println!("  command: {COMMAND}");
-    println!(
-        "  machine: nproc={} arch={} cpu=\"{}\" kernel={}",
-        m["nproc"],
-        m["arch"],
-        m["cpu"].as_str().unwrap_or(""),
-        m["kernel"].as_str().unwrap_or("")
+    common::print_header(
+        "tidemesh evidence bench",
+        quick.then_some("QUICK smoke pass: TIDEMESH_BENCH_QUICK set or no --bench; not figures"),
+        COMMAND,
+        &m,
     );
     println!(
         "  plan: append {} rounds x {} records; ingest {} rounds x {} batches; backlog {} records; scan x{}, quinn x{}",

@@ -650,21 +650,11 @@ fn main() -> Result<()> {
     let r_hs_mtls = ratio(&hs_ctl, &hs_mtls);
     let r_mtls_raw = ratio(&hs_mtls, &hs_raw);
     println!();
-    println!(
-        "tidemesh foundation bench{}",
-        if full {
-            ""
-        } else {
-            " (SMOKE pass: run with --bench for figures)"
-        }
-    );
-    println!("  command: {COMMAND}");
-    println!(
-        "  machine: nproc={} arch={} cpu=\"{}\" kernel={}",
-        m["nproc"],
-        m["arch"],
-        m["cpu"].as_str().unwrap_or(""),
-        m["kernel"].as_str().unwrap_or("")
+    common::print_header(
+        "tidemesh foundation bench",
+        (!full).then_some("SMOKE pass: run with --bench for figures"),
+        COMMAND,
+        &m,
     );
     println!(
         "  plan: {} interleaved rounds; per round: sign {:?}, redb {:?}, issuance {:?} sequential + {:?} with {} in flight, {} handshakes of each kind; warm-up {} each",

@@ -1390,21 +1390,11 @@ fn main() -> Result<()> {
 
     let m = machine();
     println!();
-    println!(
-        "tidemesh data plane bench{}",
-        if quick {
-            " (QUICK smoke pass: TIDEMESH_BENCH_QUICK set or no --bench; not figures)"
-        } else {
-            ""
-        }
-    );
-    println!("  command: {COMMAND}");
-    println!(
-        "  machine: nproc={} arch={} cpu=\"{}\" kernel={}",
-        m["nproc"],
-        m["arch"],
-        m["cpu"].as_str().unwrap_or(""),
-        m["kernel"].as_str().unwrap_or("")
+    common::print_header(
+        "tidemesh data plane bench",
+        quick.then_some("QUICK smoke pass: TIDEMESH_BENCH_QUICK set or no --bench; not figures"),
+        COMMAND,
+        &m,
     );
     println!(
         "  load average at start: {load_start}, at end: {}",

@@ -28,3 +28,20 @@ pub fn loadavg() -> String {
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "unknown".into())
 }
+
+/// The report's first lines: the title (with `note` when it is a smoke
+/// pass, not figures), the command and the machine.
+pub fn print_header(title: &str, note: Option<&str>, command: &str, m: &serde_json::Value) {
+    println!(
+        "{title}{}",
+        note.map(|n| format!(" ({n})")).unwrap_or_default()
+    );
+    println!("  command: {command}");
+    println!(
+        "  machine: nproc={} arch={} cpu=\"{}\" kernel={}",
+        m["nproc"],
+        m["arch"],
+        m["cpu"].as_str().unwrap_or(""),
+        m["kernel"].as_str().unwrap_or("")
+    );
+}

@@ -579,6 +579,33 @@ pub(crate) fn finish_from_response<B>(
 
 pub(crate) use tidemesh_net::http::local_response;
 
+/// The header of a data stream (tunnel or hub gateway) for `service`,
+/// workload `workload` there, carrying this hop's span; a request id that
+/// does not fit the header's rules is left out.
+pub(crate) fn stream_header(
+    service: &str,
+    workload: String,
+    protocol: tidemesh_proto::data::StreamProtocol,
+    span: &trace::Span,
+    request_id: Option<String>,
+) -> tidemesh_proto::data::StreamHeader {
+    tidemesh_proto::data::StreamHeader {
+        service: service.to_owned(),
+        workload,
+        protocol,
+        trace: Some(tidemesh_proto::data::TraceContext {
+            trace_id: span.trace_id,
+            span_id: span.span_id,
+            sampled: span.sampled,
+        }),
+        request_id: request_id.filter(|r| {
+            r.len() <= tidemesh_proto::data::MAX_REQUEST_ID
+                && !r.is_empty()
+                && r.bytes().all(|b| b.is_ascii_graphic())
+        }),
+    }
+}
+
 /// 24 random bytes for a span (and a trace, when it starts here).
 pub(crate) fn span_random() -> [u8; 24] {
     rand::random()

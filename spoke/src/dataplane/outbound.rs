@@ -28,7 +28,7 @@ use hyper_util::rt::TokioIo;
 use tidemesh_evidence::record::{EnforcementPoint, ReliabilityEvidence, RequestEvidence};
 use tidemesh_identity::naming;
 use tidemesh_net::http::{full, HUB_STATUS, UPSTREAM};
-use tidemesh_proto::data::{StreamHeader, StreamProtocol, TraceContext};
+use tidemesh_proto::data::{StreamHeader, StreamProtocol};
 use tracing::debug;
 
 use super::{
@@ -340,21 +340,13 @@ struct Caller<'a> {
 impl Caller<'_> {
     /// The data stream header for `service` (workload `workload` there).
     fn stream_header(&self, service: &str, workload: String) -> StreamHeader {
-        StreamHeader {
-            service: service.to_owned(),
+        super::stream_header(
+            service,
             workload,
-            protocol: StreamProtocol::Http1,
-            trace: Some(TraceContext {
-                trace_id: self.span.trace_id,
-                span_id: self.span.span_id,
-                sampled: self.span.sampled,
-            }),
-            request_id: self.request_id.clone().filter(|r| {
-                r.len() <= tidemesh_proto::data::MAX_REQUEST_ID
-                    && !r.is_empty()
-                    && r.bytes().all(|b| b.is_ascii_graphic())
-            }),
-        }
+            StreamProtocol::Http1,
+            self.span,
+            self.request_id.clone(),
+        )
     }
 }
 

@@ -50,7 +50,7 @@ use tidemesh_identity::SpiffeId;
 use tidemesh_policy::NoHeaders;
 use tidemesh_proto::{
     close,
-    data::{StreamHeader, StreamProtocol, TraceContext},
+    data::{StreamHeader, StreamProtocol},
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
@@ -240,17 +240,8 @@ async fn outbound_conn(s: &Shared, caller: usize, service: &str, mut app: TcpStr
             server,
             account,
         } => {
-            let header = StreamHeader {
-                service: resolved.host.clone(),
-                workload: account,
-                protocol: StreamProtocol::Tcp,
-                trace: Some(TraceContext {
-                    trace_id: span.trace_id,
-                    span_id: span.span_id,
-                    sampled: span.sampled,
-                }),
-                request_id: None,
-            };
+            let header =
+                super::stream_header(&resolved.host, account, StreamProtocol::Tcp, &span, None);
             through_tunnel(s, caller, addr, &server, header, &mut app, &mut ev).await
         }
         // A cloud service: through the hub's gateway, which picks the
@@ -267,17 +258,13 @@ async fn outbound_conn(s: &Shared, caller: usize, service: &str, mut app: TcpStr
             } else {
                 match s.spoke.hub_address().await {
                     Ok(addr) => {
-                        let header = StreamHeader {
-                            service: resolved.host.clone(),
-                            workload: "cloud".into(),
-                            protocol: StreamProtocol::Tcp,
-                            trace: Some(TraceContext {
-                                trace_id: span.trace_id,
-                                span_id: span.span_id,
-                                sampled: span.sampled,
-                            }),
-                            request_id: None,
-                        };
+                        let header = super::stream_header(
+                            &resolved.host,
+                            "cloud".into(),
+                            StreamProtocol::Tcp,
+                            &span,
+                            None,
+                        );
                         let hub = tidemesh_identity::naming::hub_id(&s.td);
                         through_tunnel(s, caller, addr, &hub, header, &mut app, &mut ev).await
                     }
