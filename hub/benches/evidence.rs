@@ -568,6 +568,7 @@ async fn bench_drain(plan: &Plan, dir: &Path) -> Result<DrainResult> {
             sync: SyncSettings {
                 drain_rate: 0,
                 batch_records: BATCH_RECORDS,
+                ..SyncSettings::default()
             },
             ..SpokeConfig::default()
         },

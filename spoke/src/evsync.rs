@@ -44,6 +44,13 @@ pub struct SyncSettings {
     /// Most records per batch. Default 2,048 (batches are also capped at
     /// `tidemesh_evidence::MAX_BATCH_BYTES`).
     pub batch_records: usize,
+    /// How long a partial batch waits for more records once the spoke is
+    /// caught up. Default 200 ms: a spoke answering 1,000 requests/s sends
+    /// about 5 batches a second instead of one per group commit (each
+    /// batch costs a signature here, and a verification and an fsync at
+    /// the hub). Zero sends every commit at once. A backlog of a full
+    /// batch or more never waits.
+    pub linger: Duration,
 }
 
 impl Default for SyncSettings {
@@ -51,6 +58,7 @@ impl Default for SyncSettings {
         SyncSettings {
             drain_rate: 20_000,
             batch_records: 2_048,
+            linger: Duration::from_millis(200),
         }
     }
 }
@@ -293,9 +301,23 @@ impl Spoke {
         // sending until the pipeline is empty, then restart from the hub.
         let mut resync = false;
         let mut seen = buf.stats(self.now_evidence()).last_committed_seq;
+        // Since when committed records have been waiting to be sent while
+        // less than a full batch was ready (the linger's start).
+        let mut waiting_since: Option<Instant> = None;
         loop {
             let now = Instant::now();
-            while !resync && inflight.len() < window && now >= resume_at {
+            seen = seen.max(buf.stats(self.now_evidence()).last_committed_seq);
+            let unsent = (seen + 1).saturating_sub(sent.next_seq.get());
+            let linger_until = if unsent == 0 {
+                waiting_since = None;
+                None
+            } else if unsent >= settings.batch_records.max(1) as u64 {
+                None
+            } else {
+                let since = *waiting_since.get_or_insert(now);
+                Some(since + settings.linger).filter(|t| *t > now)
+            };
+            while !resync && inflight.len() < window && now >= resume_at && linger_until.is_none() {
                 let from = sent;
                 let b = buf.clone();
                 let max = settings.batch_records.max(1);
@@ -347,11 +369,21 @@ impl Spoke {
                 tidemesh_net::write_frame(&mut send, &Request::EvidenceBatch { batch: bytes })
                     .await?;
                 sent = ChainPosition::after(&last);
+                waiting_since = None;
                 inflight.push_back(last.last_seq().get());
                 self.sync_update(|s| {
                     s.sync_batches_sent += 1;
                     s.sync_state = "syncing";
                 });
+                // Caught up: what was committed meanwhile waits for the
+                // linger instead of leaving as another small batch.
+                let committed = buf.stats(self.now_evidence()).last_committed_seq;
+                if !settings.linger.is_zero()
+                    && (committed + 1).saturating_sub(sent.next_seq.get())
+                        < settings.batch_records.max(1) as u64
+                {
+                    break;
+                }
             }
             if inflight.is_empty() {
                 if resync {
@@ -412,9 +444,10 @@ impl Spoke {
                         s.sync_last_ack = Some(crate::rfc3339(self.inner.clock.now()));
                     });
                 }
-                c = buf.committed_after(seen), if inflight.is_empty() && pause.is_zero() => {
+                c = buf.committed_after(seen), if inflight.is_empty() && pause.is_zero() && linger_until.is_none() => {
                     seen = c?;
                 }
+                _ = tokio::time::sleep_until(linger_until.unwrap_or(now).into()), if linger_until.is_some() => {}
                 _ = tokio::time::sleep(pause), if !pause.is_zero() => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)), if inflight.is_empty() && pause.is_zero() => {}
             }

@@ -73,12 +73,20 @@ enum Cmd {
         /// debug then request records are shed into shed records, audit records never.
         #[arg(long, env = "TIDEMESH_EVIDENCE_CAPACITY", default_value = "2GiB", value_parser = parse_size)]
         evidence_capacity: u64,
+        /// How long the evidence writer gathers records before one durable
+        /// commit (1ms..1s): the most a power cut or SIGKILL can lose.
+        #[arg(long, env = "TIDEMESH_EVIDENCE_COMMIT_INTERVAL", default_value = "20ms", value_parser = parse_commit_interval)]
+        evidence_commit_interval: Duration,
         /// Most evidence records per second sent to the hub after a partition (0: no cap).
         #[arg(long, env = "TIDEMESH_EVIDENCE_DRAIN_RATE", default_value_t = 20_000)]
         evidence_drain_rate: u32,
         /// Most records per evidence batch (batches are also capped at 1 MB).
         #[arg(long, env = "TIDEMESH_EVIDENCE_BATCH", default_value_t = 2_048, value_parser = clap::value_parser!(u32).range(1..=65_536))]
         evidence_batch: u32,
+        /// How long a partial evidence batch waits for more records once the
+        /// spoke is caught up (0s: send each commit at once; at most 10s).
+        #[arg(long, env = "TIDEMESH_EVIDENCE_LINGER", default_value = "200ms", value_parser = parse_linger)]
+        evidence_linger: Duration,
     },
     /// Show the running spoke's status.
     Status {
@@ -216,6 +224,22 @@ fn client_socket(hub: SocketAddr) -> anyhow::Result<Arc<dyn quinn::AsyncUdpSocke
     Ok(tidemesh_net::quic::wrap_socket(sock)?)
 }
 
+fn parse_commit_interval(v: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(v).map_err(|e| e.to_string())?;
+    if d < Duration::from_millis(1) || d > Duration::from_secs(1) {
+        return Err(format!("{v}: must be between 1ms and 1s"));
+    }
+    Ok(d)
+}
+
+fn parse_linger(v: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(v).map_err(|e| e.to_string())?;
+    if d > Duration::from_secs(10) {
+        return Err(format!("{v}: at most 10s"));
+    }
+    Ok(d)
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tidemesh_net::cli::run_main(real_main(cli))
@@ -260,8 +284,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             idle_timeout,
             metrics,
             evidence_capacity,
+            evidence_commit_interval,
             evidence_drain_rate,
             evidence_batch,
+            evidence_linger,
         } => {
             tidemesh_net::cli::init_tracing(&cli.log_format).map_err(anyhow::Error::msg)?;
             let file = match &config {
@@ -294,11 +320,13 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 },
                 evidence: tidemesh_spoke::buffer::BufferConfig {
                     capacity_bytes: evidence_capacity,
+                    commit_interval: evidence_commit_interval,
                     ..Default::default()
                 },
                 sync: tidemesh_spoke::SyncSettings {
                     drain_rate: evidence_drain_rate,
                     batch_records: evidence_batch as usize,
+                    linger: evidence_linger,
                 },
                 metrics,
                 ..Default::default()

@@ -528,6 +528,71 @@ fn hub_rate_and_spoke_cap_pace_the_drain() {
     eprintln!("retention to {keep} bytes: checkpoint at seq {cp}; {v}");
 }
 
+/// A caught-up spoke under steady load: group commits are gathered for the
+/// commit interval and evidence batches linger, so a busy spoke commits
+/// and signs a few times a second rather than per request; records still
+/// reach the hub promptly. The same load with `--evidence-linger 0s`
+/// sends a batch per commit, showing the linger is what makes the
+/// difference.
+#[test]
+fn steady_load_syncs_in_few_batches_and_arrives_promptly() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (hub, _relay, s) = setup(tmp.path(), &[], None, &[]);
+    let id = node("sf01", "n2");
+    let mut eager = SpokeProc::new(tmp.path(), "eager", &id).with_args(&[
+        "--evidence-linger",
+        "0s",
+        "--evidence-commit-interval",
+        "5ms",
+    ]);
+    let o = eager.enroll(hub.addr.expect("hub address"), &hub.token(&id, "10m"));
+    assert!(o.status.success(), "enroll: {}", text(&o));
+    eager.start();
+    eager.wait_state("connected", Duration::from_secs(10));
+    let base = |p: &SpokeProc| {
+        let st = spoke_stats(p).expect("stats");
+        (
+            st["sync_batches_sent"].as_u64().expect("batches"),
+            st["commits"].as_u64().expect("commits"),
+        )
+    };
+    let (b0, c0) = base(&s);
+    let (eb0, ec0) = base(&eager);
+    let loads = [drill(&s, 500, "4s"), drill(&eager, 500, "4s")];
+    let mut runs = Vec::new();
+    for l in loads {
+        runs.push(drill_result(l));
+    }
+    let done = Instant::now();
+    let st = wait_drained(&hub, &s, Duration::from_secs(30));
+    let arrived = done.elapsed();
+    let est = wait_drained(&hub, &eager, Duration::from_secs(30));
+    let batches = st["sync_batches_sent"].as_u64().expect("batches") - b0;
+    let commits = st["commits"].as_u64().expect("commits") - c0;
+    let eager_batches = est["sync_batches_sent"].as_u64().expect("batches") - eb0;
+    let eager_commits = est["commits"].as_u64().expect("commits") - ec0;
+    eprintln!(
+        "2,000 drill records at 500/s: default {commits} commits, {batches} batches, on the \
+         hub {arrived:?} after the last commit; eager (5 ms, no linger) {eager_commits} \
+         commits, {eager_batches} batches"
+    );
+    // 4 s of load: 20 ms commits are at most ~200 (plus acks' deletions),
+    // 200 ms lingers at most ~20 batches. Without the linger every commit
+    // with new records is a batch.
+    assert!(batches >= 4, "{batches} batches");
+    assert!(batches <= 30, "{batches} batches for 2,000 records");
+    assert!(commits <= 400, "{commits} commits for 2,000 records");
+    assert!(
+        eager_batches >= 3 * batches,
+        "no linger: {eager_batches} batches vs {batches}"
+    );
+    assert!(arrived < Duration::from_secs(10), "{arrived:?}");
+    for ((run_id, committed), p) in runs.into_iter().zip([&s, &eager]) {
+        assert_eq!(committed, 2_000);
+        assert_exactly_once(&hub, p, &run_id, committed);
+    }
+}
+
 /// Must-show 6: a record altered on disk at the spoke or at the hub:
 /// `verify` detects it and names the sequence number.
 #[test]

@@ -114,9 +114,25 @@ pub fn endpoint(
     )?)
 }
 
-/// Wraps a bound std UDP socket for quinn's tokio runtime.
+/// Receive and send buffer asked of the kernel for every QUIC socket. The
+/// Linux default (about 208 KiB) overflows when a 1 MB evidence batch or a
+/// burst of data streams lands while the process is busy; the kernel caps
+/// the value at `net.core.rmem_max` / `wmem_max`.
+pub const UDP_BUFFER_BYTES: usize = 4 << 20;
+
+/// Wraps a bound std UDP socket for quinn's tokio runtime, with larger
+/// kernel buffers ([`UDP_BUFFER_BYTES`], best effort).
 pub fn wrap_socket(sock: std::net::UdpSocket) -> Result<Arc<dyn quinn::AsyncUdpSocket>, NetError> {
     use quinn::Runtime;
+    let s = socket2::SockRef::from(&sock);
+    for (what, r) in [
+        ("receive", s.set_recv_buffer_size(UDP_BUFFER_BYTES)),
+        ("send", s.set_send_buffer_size(UDP_BUFFER_BYTES)),
+    ] {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "cannot enlarge the UDP {what} buffer");
+        }
+    }
     Ok(quinn::TokioRuntime.wrap_udp_socket(sock)?)
 }
 
