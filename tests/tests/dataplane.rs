@@ -576,13 +576,22 @@ health = "/healthz"
 
     // one QUIC connection per (calling workload, peer spoke), reused: of
     // frontend's many calls to B, exactly one paid for a handshake
-    let to_b: Vec<Value> = request_records(&hub, a)
-        .into_iter()
-        .filter(|r| {
-            r["identity"]["client_identity"] == frontend_id.as_str()
-                && r["identity"]["server_identity"] == b.id.as_str()
-        })
-        .collect();
+    // (the last calls' records are committed within the group-commit
+    // interval: wait for them)
+    let calls_to_b = || -> Vec<Value> {
+        request_records(&hub, a)
+            .into_iter()
+            .filter(|r| {
+                r["identity"]["client_identity"] == frontend_id.as_str()
+                    && r["identity"]["server_identity"] == b.id.as_str()
+            })
+            .collect()
+    };
+    let to_b = wait_for(Duration::from_secs(10), || {
+        let v = calls_to_b();
+        (v.len() > 30).then_some(v)
+    })
+    .unwrap_or_else(calls_to_b);
     let paid: Vec<&Value> = to_b
         .iter()
         .filter(|r| r["identity"]["handshake_duration_us"].is_u64())
