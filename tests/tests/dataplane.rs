@@ -995,6 +995,86 @@ fn h2_get(outbound: SocketAddr, authority: &str, path: &str) -> (u16, String) {
     })
 }
 
+/// A gRPC message frame: uncompressed, length-prefixed.
+fn grpc_frame(msg: &[u8]) -> hyper::body::Bytes {
+    let mut b = vec![0u8];
+    b.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    b.extend_from_slice(msg);
+    b.into()
+}
+
+/// A response body of fixed frames (data, then trailers), as a gRPC
+/// server's.
+struct GrpcBody(std::collections::VecDeque<hyper::body::Frame<hyper::body::Bytes>>);
+
+impl hyper::body::Body for GrpcBody {
+    type Data = hyper::body::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(Ok))
+    }
+}
+
+/// What a unary gRPC call through the mesh returned.
+#[derive(Debug)]
+struct GrpcReply {
+    status: u16,
+    /// The `grpc-status` trailer (`None`: no trailers arrived).
+    grpc_status: Option<String>,
+    grpc_message: Option<String>,
+    /// The reply message (the frame's payload).
+    message: String,
+}
+
+/// One unary gRPC call (HTTP/2 with prior knowledge, `te: trailers`,
+/// `application/grpc`) to an outbound listener.
+fn grpc_call(outbound: SocketAddr, authority: &str, path: &str) -> GrpcReply {
+    use http_body_util::BodyExt;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(outbound)
+            .await
+            .expect("connect");
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .expect("h2 handshake");
+        tokio::spawn(conn);
+        let req = hyper::Request::post(format!("http://{authority}{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(http_body_util::Full::new(grpc_frame(b"{}")))
+            .expect("request");
+        let resp = send.send_request(req).await.expect("h2 response");
+        let status = resp.status().as_u16();
+        let got = resp.into_body().collect().await.expect("body");
+        let trailer = |n: &str| {
+            got.trailers()
+                .and_then(|t| t.get(n))
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let (grpc_status, grpc_message) = (trailer("grpc-status"), trailer("grpc-message"));
+        let bytes = got.to_bytes();
+        let message = String::from_utf8_lossy(bytes.get(5..).unwrap_or_default()).to_string();
+        GrpcReply {
+            status,
+            grpc_status,
+            grpc_message,
+            message,
+        }
+    })
+}
+
 /// An HTTP/2-only (prior knowledge) workload, as a gRPC server is: answers
 /// every request with 200 and a JSON body naming the protocol version, the
 /// path and the identity header it got.
@@ -1016,6 +1096,7 @@ fn h2_server(name: &'static str) -> SocketAddr {
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(
                         move |req: hyper::Request<hyper::body::Incoming>| async move {
+                            use http_body_util::BodyExt;
                             let out = serde_json::json!({
                                 "server": name,
                                 "version": format!("{:?}", req.version()),
@@ -1024,9 +1105,49 @@ fn h2_server(name: &'static str) -> SocketAddr {
                                     .and_then(|v| v.to_str().ok()).unwrap_or(""),
                             })
                             .to_string();
-                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                                http_body_util::Full::new(hyper::body::Bytes::from(out)),
-                            ))
+                            let grpc = req
+                                .headers()
+                                .get("content-type")
+                                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                            if !grpc {
+                                return Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                    http_body_util::Full::new(hyper::body::Bytes::from(out))
+                                        .boxed(),
+                                ));
+                            }
+                            // as gRPC servers do: `te: trailers` or no call
+                            if req.headers().get("te").map(|v| v.as_bytes()) != Some(b"trailers") {
+                                let mut r = hyper::Response::new(
+                                    http_body_util::Full::new(hyper::body::Bytes::from(
+                                        "te: trailers required",
+                                    ))
+                                    .boxed(),
+                                );
+                                *r.status_mut() = hyper::StatusCode::BAD_REQUEST;
+                                return Ok(r);
+                            }
+                            let mut trailers = hyper::HeaderMap::new();
+                            trailers.insert(
+                                "grpc-status",
+                                hyper::header::HeaderValue::from_static("0"),
+                            );
+                            trailers.insert(
+                                "grpc-message",
+                                hyper::header::HeaderValue::from_static(name),
+                            );
+                            let body = GrpcBody(
+                                [
+                                    hyper::body::Frame::data(grpc_frame(out.as_bytes())),
+                                    hyper::body::Frame::trailers(trailers),
+                                ]
+                                .into(),
+                            );
+                            let mut r = hyper::Response::new(body.boxed());
+                            r.headers_mut().insert(
+                                "content-type",
+                                hyper::header::HeaderValue::from_static("application/grpc"),
+                            );
+                            Ok(r)
                         },
                     );
                     let _ = hyper::server::conn::http2::Builder::new(
@@ -1251,6 +1372,18 @@ spec:
     - source:
         principals: ["{TD}/store/sf01/sa/frontend"]
 ---
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {{name: ledger-callers, namespace: store}}
+spec:
+  selector:
+    matchLabels: {{app: ledger}}
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["{TD}/store/sf01/sa/frontend"]
+---
 apiVersion: tidemesh.io/v1alpha1
 kind: DestinationPolicy
 metadata: {{name: flaky, namespace: store}}
@@ -1288,6 +1421,7 @@ fn cloud_gateway_failover_circuit_breaker_and_retries() {
     let mut inv_b = Workload::start("inventory-b");
     let flaky = Workload::start("flaky");
     let quotes = h2_server("quotes");
+    let ledger = h2_server("ledger");
     let (o_front, o_kiosk) = (free_tcp(), free_tcp());
     let (data_a, data_b) = (free_udp(), free_udp());
     let cfg_a = write_config(
@@ -1319,6 +1453,15 @@ service = "flaky"
 namespace = "store"
 labels = {{ app = "flaky" }}
 inbound = "{}"
+
+[[workload]]
+service_account = "ledger"
+service = "ledger"
+namespace = "store"
+labels = {{ app = "ledger" }}
+inbound = "{ledger}"
+protocol = "http2"
+health = "/healthz"
 "#,
             inv_a.addr, flaky.addr
         ),
@@ -1433,6 +1576,26 @@ health = "/healthz"
         assert_eq!(
             v["xfcc"],
             format!("By=spiffe://{TD}/store/sf01/sa/quotes;URI={frontend_id}").as_str()
+        );
+    }
+    // gRPC: a unary call to a workload of A (HTTP/2 end to end) and to one
+    // of B (across the HTTP/1.1 tunnel hop, trailers carried in chunked
+    // encoding): the server gets `te: trailers` and the caller gets the
+    // grpc-status trailer
+    for (host, server) in [("ledger.store", "ledger"), ("quotes.store", "quotes")] {
+        let g = grpc_call(o_front, host, "/tidemesh.test.Echo/Call");
+        assert_eq!(g.status, 200, "{host}: {g:?}");
+        assert_eq!(g.grpc_status.as_deref(), Some("0"), "{host}: {g:?}");
+        assert_eq!(g.grpc_message.as_deref(), Some(server), "{host}: {g:?}");
+        let v: Value = serde_json::from_str(&g.message).unwrap_or(Value::Null);
+        assert_eq!(v["server"], server, "{g:?}");
+        assert_eq!(v["version"], "HTTP/2.0", "{g:?}");
+        assert_eq!(v["path"], "/tidemesh.test.Echo/Call", "{g:?}");
+        assert!(
+            v["xfcc"]
+                .as_str()
+                .is_some_and(|x| x.ends_with(&format!("URI={frontend_id}"))),
+            "{g:?}"
         );
     }
     eprintln!("{:?}: cloud call checked", started.elapsed());

@@ -81,15 +81,29 @@ pub fn sanitize(s: &str) -> String {
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and those the `Connection` header
-/// names: never forwarded.
+/// names: never forwarded. Two exceptions keep gRPC working through every
+/// hop: a `te` offering trailers is forwarded as `te: trailers` (the only
+/// `te` HTTP/2 allows, and what gRPC servers require), and `trailer`, which
+/// names the trailer fields a message ends with (end to end in RFC 9110; an
+/// HTTP/1.1 hop sends only the trailers it names), is kept.
 pub fn strip_hop_by_hop(h: &mut hyper::HeaderMap) {
+    let trailers = h
+        .get_all(hyper::header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
     let named: Vec<String> = h
         .get_all(hyper::header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(|s| s.trim().to_ascii_lowercase())
-        .filter(|s| !s.is_empty())
+        .filter(|s| !s.is_empty() && s != "trailer")
         .collect();
     for n in named {
         h.remove(n.as_str());
@@ -100,11 +114,36 @@ pub fn strip_hop_by_hop(h: &mut hyper::HeaderMap) {
         "proxy-connection",
         "proxy-authorization",
         "te",
-        "trailer",
         "transfer-encoding",
         "upgrade",
     ] {
         h.remove(n);
+    }
+    if trailers {
+        h.insert(hyper::header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// The trailer fields a gRPC answer ends with.
+pub const GRPC_TRAILERS: &str = "grpc-status, grpc-message, grpc-status-details-bin";
+
+/// Names gRPC's trailer fields in a gRPC response that does not say which
+/// trailers follow (HTTP/2 servers need not): an HTTP/1.1 hop on the way
+/// back (the spoke-to-spoke tunnel) sends only the trailers a `trailer`
+/// header names, and without `grpc-status` the caller sees a failed call.
+pub fn announce_grpc_trailers(h: &mut hyper::HeaderMap) {
+    let grpc = h
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"));
+    if grpc
+        && !h.contains_key(hyper::header::TRAILER)
+        && !h.contains_key(hyper::header::CONTENT_LENGTH)
+    {
+        h.insert(
+            hyper::header::TRAILER,
+            HeaderValue::from_static(GRPC_TRAILERS),
+        );
     }
 }
 
@@ -198,6 +237,47 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn te_trailers_and_the_trailer_header_survive_for_grpc() {
+        let mut h = hyper::HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("TE, close"));
+        h.insert("te", HeaderValue::from_static("gzip;q=0.5, Trailers"));
+        h.insert("trailer", HeaderValue::from_static("grpc-status"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
+        assert!(h.contains_key("trailer"));
+        assert!(!h.contains_key("connection"));
+        // a te without trailers goes, as any hop-by-hop header
+        let mut h = hyper::HeaderMap::new();
+        h.insert("te", HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn grpc_answers_name_their_trailers_once() {
+        let mut h = hyper::HeaderMap::new();
+        h.insert(
+            "content-type",
+            HeaderValue::from_static("application/grpc+proto"),
+        );
+        announce_grpc_trailers(&mut h);
+        assert_eq!(
+            h.get("trailer").and_then(|v| v.to_str().ok()),
+            Some(GRPC_TRAILERS)
+        );
+        // one the server named is left alone; other answers get none
+        let mut named = hyper::HeaderMap::new();
+        named.insert("content-type", HeaderValue::from_static("application/grpc"));
+        named.insert("trailer", HeaderValue::from_static("grpc-status"));
+        announce_grpc_trailers(&mut named);
+        assert_eq!(named.get_all("trailer").iter().count(), 1);
+        let mut json = hyper::HeaderMap::new();
+        json.insert("content-type", HeaderValue::from_static("application/json"));
+        announce_grpc_trailers(&mut json);
+        assert!(!json.contains_key("trailer"));
     }
 
     #[test]

@@ -240,6 +240,7 @@ pub(crate) async fn forward(
     match timeout(limit, client.request(req)).await {
         Ok(Ok(mut resp)) => {
             strip_hop_by_hop(resp.headers_mut());
+            tidemesh_net::http::announce_grpc_trailers(resp.headers_mut());
             resp.map(|b| b.boxed())
         }
         Ok(Err(e)) if e.is_connect() => failed(
