@@ -1879,6 +1879,21 @@ spec:
     - operation:
         methods: ["*"]
 ---
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata:
+  name: standby-clients
+  namespace: store
+spec:
+  selector:
+    matchLabels:
+      app: db-standby
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["{TD}/store/sf01/sa/frontend", "{TD}/store/sf01/sa/kiosk"]
+---
 apiVersion: networking.istio.io/v1beta1
 kind: ServiceEntry
 metadata: {{name: ledger, namespace: store}}
@@ -1900,8 +1915,11 @@ spec:
     assert!(o.status.success(), "apply: {}", text(&o));
 
     // A: frontend and kiosk call through tcp_outbound listeners; cache is a
-    // raw TCP workload, inventory an HTTP one. B: db, a raw TCP workload.
+    // raw TCP workload, inventory an HTTP one, db-standby a second db whose
+    // port refuses connections (no health check: only connecting tells).
+    // B: db, a raw TCP workload.
     let (echo_a, echo_b, http_a) = (tcp_echo(), tcp_echo(), tcp_echo());
+    let dead = free_tcp();
     let (f_cache, f_db, f_http, f_none) = (free_tcp(), free_tcp(), free_tcp(), free_tcp());
     let (k_cache, k_db) = (free_tcp(), free_tcp());
     let (f_cloud, k_cloud) = (free_tcp(), free_tcp());
@@ -1945,6 +1963,14 @@ service = "inventory"
 namespace = "store"
 labels = {{ app = "tcp-echo" }}
 inbound = "{http_a}"
+
+[[workload]]
+service_account = "db-standby"
+service = "db"
+namespace = "store"
+labels = {{ app = "db-standby" }}
+inbound = "{dead}"
+protocol = "tcp"
 "#
         ),
     );
@@ -1992,6 +2018,25 @@ protocol = "tcp"
             allowed_to_db += 1;
         }
     }
+    // db is local first, but A's db-standby refuses connections: the first
+    // connection went on to B (nothing was sent yet), its record says
+    // attempt 2, and the standby's breaker counted the failure
+    let moved = find_record(&hub, a, "a connection moved past the dead standby", |r| {
+        r["telemetry"]["operation_name"] == "TCP db.store"
+            && r["enforcement_point"] == "sidecar_outbound"
+            && r["reliability"]["retry_state"]["attempt"] == 2
+    });
+    assert_eq!(moved["telemetry"]["status"]["code"], "OK", "{moved}");
+    assert_eq!(
+        moved["routing_decision"]["selected_endpoint"],
+        data_b.to_string().as_str(),
+        "{moved}"
+    );
+    assert_eq!(
+        moved["identity"]["server_identity"],
+        b.id.as_str(),
+        "{moved}"
+    );
     // a connection held open: its record's duration is its lifetime
     {
         let mut c = TcpStream::connect(f_db).expect("connect");

@@ -43,11 +43,16 @@ use std::{
 };
 
 use tidemesh_evidence::{
-    record::{EnforcementPoint, RequestEvidence, Status, StatusCode as SpanStatus},
+    record::{
+        EnforcementPoint, ReliabilityEvidence, RequestEvidence, Status, StatusCode as SpanStatus,
+    },
     Sha256Digest,
 };
 use tidemesh_identity::SpiffeId;
-use tidemesh_policy::NoHeaders;
+use tidemesh_policy::{
+    model::{Backoff, BackoffKind},
+    NoHeaders,
+};
 use tidemesh_proto::{
     close,
     data::{StreamHeader, StreamProtocol},
@@ -61,6 +66,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     new_evidence,
+    resilience::{retry_evidence, RetrySettings},
     resolve::{self, Target},
     span_random, trace, DataPlaneError, Shared,
 };
@@ -185,22 +191,42 @@ fn finish(ev: &mut RequestEvidence, started: Instant, o: &Outcome) {
     };
 }
 
+/// Most endpoints one app connection is offered to: the first pick plus
+/// as many others after a connect failure.
+const MAX_CONNECT_TRIES: u32 = 3;
+
+/// How one try of a connection ended.
+enum Try {
+    /// The connection was made and piped (or refused for a reason that
+    /// says nothing about the endpoint's health).
+    Done(Outcome),
+    /// The endpoint could not be reached: no byte was sent, so the next
+    /// endpoint may be tried.
+    Unreachable(String),
+}
+
 /// One app connection on a `tcp_outbound` listener of workload `caller`.
+/// An endpoint that cannot be reached counts against its circuit breaker
+/// and the connection moves on to the next one (local, then site, then
+/// cloud), as an HTTP request's retry does: nothing was sent yet.
 async fn outbound_conn(s: &Shared, caller: usize, service: &str, mut app: TcpStream) {
     let started = Instant::now();
     let w = &s.workloads[caller];
     let span = trace::Span::start(None, span_random());
-    // A connection is routed as a request without method, path or headers.
-    let resolved = match resolve::resolve(
-        s,
-        service,
-        &w.namespace,
-        "",
-        "",
-        &NoHeaders,
-        &[],
-        std::time::Instant::now(),
-    ) {
+    let route = |exclude: &[String]| {
+        // A connection is routed as a request without method, path or headers.
+        resolve::resolve(
+            s,
+            service,
+            &w.namespace,
+            "",
+            "",
+            &NoHeaders,
+            exclude,
+            std::time::Instant::now(),
+        )
+    };
+    let mut resolved = match route(&[]) {
         Ok(r) => r,
         Err(u) => {
             let mut ev = new_evidence(
@@ -224,53 +250,64 @@ async fn outbound_conn(s: &Shared, caller: usize, service: &str, mut app: TcpStr
         &span,
         format!("TCP {}", resolved.host),
     );
-    ev.routing_decision = Some(resolved.evidence);
-    let outcome = match resolved.target {
-        Target::Local(i) => {
-            ev.identity = Some(s.local_identity(caller, i));
-            match admit(s, i, Some(&w.id), &mut ev).await {
-                Ok(mut upstream) => {
-                    Outcome::of(pipe(&mut app, &mut upstream, s.settings.tcp_idle_timeout).await)
-                }
-                Err(r) => Outcome::refused(r.reason),
-            }
-        }
-        Target::Site {
-            addr,
-            server,
-            account,
-        } => {
-            let header =
-                super::stream_header(&resolved.host, account, StreamProtocol::Tcp, &span, None);
-            through_tunnel(s, caller, addr, &server, header, &mut app, &mut ev).await
-        }
-        // A cloud service: through the hub's gateway, which picks the
-        // endpoint; without the hub the connection is closed at once.
-        Target::Cloud => {
-            if !s.spoke.hub_connected() {
-                s.counters()
-                    .hub_unreachable
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Outcome::refused(format!(
-                    "hub unreachable: {} is a cloud service behind the hub gateway",
-                    resolved.host
-                ))
-            } else {
-                match s.spoke.hub_address().await {
-                    Ok(addr) => {
-                        let header = super::stream_header(
-                            &resolved.host,
-                            "cloud".into(),
-                            StreamProtocol::Tcp,
-                            &span,
-                            None,
-                        );
-                        let hub = tidemesh_identity::naming::hub_id(&s.td);
-                        through_tunnel(s, caller, addr, &hub, header, &mut app, &mut ev).await
+    // Connect failures are what a connection is retried on (once per
+    // endpoint, no backoff: the next endpoint is a different one).
+    let defaults = RetrySettings::from_policy(None, None);
+    let retry = RetrySettings {
+        attempts: MAX_CONNECT_TRIES - 1,
+        backoff: Backoff {
+            kind: BackoffKind::None,
+            ..defaults.backoff
+        },
+        ..defaults
+    };
+    let mut tried: Vec<String> = Vec::new();
+    let mut attempt = 0u32;
+    let outcome = loop {
+        attempt += 1;
+        ev.routing_decision = Some(resolved.evidence.clone());
+        let key = resolved.key.clone();
+        let result = match s.breaker_admit(&resolved.host, &key, std::time::Instant::now()) {
+            Err(wait) => Try::Done(Outcome::refused(format!(
+                "circuit breaker of {key} is open for another {wait:?}"
+            ))),
+            Ok(admit) => {
+                let r = one_try(s, caller, &resolved, &span, &mut app, &mut ev).await;
+                match &r {
+                    Try::Unreachable(_) => {
+                        s.breaker_report(&key, admit, false, std::time::Instant::now())
                     }
-                    Err(e) => Outcome::refused(format!("hub unreachable: {e}")),
+                    Try::Done(o) if o.up > 0 || o.down > 0 || o.result.is_ok() => {
+                        s.breaker_report(&key, admit, true, std::time::Instant::now())
+                    }
+                    // refused before any byte (authorization, protocol, hub
+                    // unreachable): says nothing about the endpoint
+                    Try::Done(_) => s.breaker_release(&key, admit),
                 }
+                r
             }
+        };
+        ev.reliability = Some(ReliabilityEvidence {
+            circuit_breaker: s.breaker_evidence(&key, std::time::Instant::now()),
+            retry_state: retry_evidence(&retry, attempt, attempt - 1, 0),
+        });
+        let why = match result {
+            Try::Done(o) => break o,
+            Try::Unreachable(why) => why,
+        };
+        tried.push(key);
+        if attempt >= MAX_CONNECT_TRIES {
+            break Outcome::refused(why);
+        }
+        match route(&tried) {
+            Ok(next) if !tried.contains(&next.key) => {
+                debug!(workload = %w.account, service = %resolved.host, error = %why, next = %next.key, "tcp endpoint unreachable; trying the next");
+                s.counters()
+                    .retries
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                resolved = next;
+            }
+            _ => break Outcome::refused(why),
         }
     };
     if let Err(e) = &outcome.result {
@@ -280,7 +317,73 @@ async fn outbound_conn(s: &Shared, caller: usize, service: &str, mut app: TcpStr
     s.record(ev);
 }
 
-/// Carries `app`'s connection to the peer spoke `server` (`addr`).
+/// One try of an app connection against `resolved`'s endpoint.
+async fn one_try(
+    s: &Shared,
+    caller: usize,
+    resolved: &resolve::Resolved,
+    span: &trace::Span,
+    app: &mut TcpStream,
+    ev: &mut RequestEvidence,
+) -> Try {
+    let w = &s.workloads[caller];
+    match &resolved.target {
+        Target::Local(i) => {
+            ev.identity = Some(s.local_identity(caller, *i));
+            match admit(s, *i, Some(&w.id), ev).await {
+                Ok(mut upstream) => Try::Done(Outcome::of(
+                    pipe(app, &mut upstream, s.settings.tcp_idle_timeout).await,
+                )),
+                Err(r) if r.unreachable => Try::Unreachable(r.reason),
+                Err(r) => Try::Done(Outcome::refused(r.reason)),
+            }
+        }
+        Target::Site {
+            addr,
+            server,
+            account,
+        } => {
+            let header = super::stream_header(
+                &resolved.host,
+                account.clone(),
+                StreamProtocol::Tcp,
+                span,
+                None,
+            );
+            through_tunnel(s, caller, *addr, server, header, app, ev).await
+        }
+        // A cloud service: through the hub's gateway, which picks the
+        // endpoint; without the hub the connection is closed at once.
+        Target::Cloud => {
+            if !s.spoke.hub_connected() {
+                s.counters()
+                    .hub_unreachable
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Try::Done(Outcome::refused(format!(
+                    "hub unreachable: {} is a cloud service behind the hub gateway",
+                    resolved.host
+                )));
+            }
+            match s.spoke.hub_address().await {
+                Ok(addr) => {
+                    let header = super::stream_header(
+                        &resolved.host,
+                        "cloud".into(),
+                        StreamProtocol::Tcp,
+                        span,
+                        None,
+                    );
+                    let hub = tidemesh_identity::naming::hub_id(&s.td);
+                    through_tunnel(s, caller, addr, &hub, header, app, ev).await
+                }
+                Err(e) => Try::Done(Outcome::refused(format!("hub unreachable: {e}"))),
+            }
+        }
+    }
+}
+
+/// Carries `app`'s connection to the peer spoke `server` (`addr`); a peer
+/// that cannot be reached is [`Try::Unreachable`].
 async fn through_tunnel(
     s: &Shared,
     caller: usize,
@@ -289,19 +392,23 @@ async fn through_tunnel(
     header: StreamHeader,
     app: &mut TcpStream,
     ev: &mut RequestEvidence,
-) -> Outcome {
+) -> Try {
     let bytes = match header.encode() {
         Ok(b) => b,
-        Err(e) => return Outcome::refused(format!("cannot frame the stream header: {e}")),
+        Err(e) => {
+            return Try::Done(Outcome::refused(format!(
+                "cannot frame the stream header: {e}"
+            )))
+        }
     };
     let (t, hs, (mut send, recv)) = match super::tunnel::open_stream(s, caller, addr, server).await
     {
         Ok(x) => x,
-        Err(e) => return Outcome::refused(format!("cannot reach {server} at {addr}: {e}")),
+        Err(e) => return Try::Unreachable(format!("cannot reach {server} at {addr}: {e}")),
     };
     ev.identity = Some(t.identity_evidence(s, caller, hs));
     if let Err(e) = send.write_all(&bytes).await {
-        return Outcome::refused(format!("{server} at {addr}: {e}"));
+        return Try::Unreachable(format!("{server} at {addr}: {e}"));
     }
     let mut stream = tokio::io::join(recv, send);
     let piped = pipe(app, &mut stream, s.settings.tcp_idle_timeout).await;
@@ -310,7 +417,7 @@ async fn through_tunnel(
         let _ = send.reset(quinn::VarInt::from_u32(close::NORMAL));
         let _ = recv.stop(quinn::VarInt::from_u32(close::NORMAL));
     }
-    Outcome::of(piped)
+    Try::Done(Outcome::of(piped))
 }
 
 /// Why a connection was not delivered.
@@ -318,6 +425,8 @@ struct Refusal {
     /// The stream reset code for a tunnel caller.
     code: u32,
     reason: String,
+    /// The workload could not be reached (nothing was sent to it).
+    unreachable: bool,
 }
 
 /// Checks that local workload `idx` takes raw TCP, authorizes `principal`
@@ -337,12 +446,14 @@ async fn admit(
                 "workload {} speaks HTTP: raw TCP is delivered only to protocol = \"tcp\" workloads",
                 w.account
             ),
+            unreachable: false,
         });
     }
     let Some(inbound) = w.inbound else {
         return Err(Refusal {
             code: close::PROTOCOL_ERROR,
             reason: format!("workload {} has no inbound address", w.account),
+            unreachable: false,
         });
     };
     let verdict = authorize(s, idx, inbound.port(), principal, ev);
@@ -350,6 +461,7 @@ async fn admit(
         return Err(Refusal {
             code: close::FORBIDDEN,
             reason,
+            unreachable: false,
         });
     }
     match timeout(s.settings.connect_timeout, TcpStream::connect(inbound)).await {
@@ -360,6 +472,7 @@ async fn admit(
         Ok(Err(e)) => Err(Refusal {
             code: close::NORMAL,
             reason: format!("workload at {inbound} refused the connection: {e}"),
+            unreachable: true,
         }),
         Err(_) => Err(Refusal {
             code: close::NORMAL,
@@ -367,6 +480,7 @@ async fn admit(
                 "workload at {inbound}: no connection within {:?}",
                 s.settings.connect_timeout
             ),
+            unreachable: true,
         }),
     }
 }
@@ -425,6 +539,7 @@ pub(crate) async fn serve_stream(
                 "no workload {} serving {} on this spoke",
                 header.workload, header.service
             ),
+            unreachable: false,
         }),
         Some(i) => admit(s, i, Some(peer), &mut ev).await,
     };
