@@ -94,6 +94,8 @@ pub(crate) struct Gateway {
     settings: GatewaySettings,
     permits: Arc<Semaphore>,
     client: Client<HttpConnector, Body>,
+    /// The same for entries whose port protocol is `HTTP2` or `GRPC`.
+    client_h2: Client<HttpConnector, Body>,
     rotation: Mutex<HashMap<String, Arc<AtomicUsize>>>,
     policies: Mutex<Option<(u64, Arc<CompiledPolicies>)>>,
     /// Requests answered by a cloud endpoint.
@@ -114,11 +116,16 @@ impl Gateway {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(64)
+            .build(http.clone());
+        let client_h2 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .http2_only(true)
             .build(http);
         Gateway {
             permits: Arc::new(Semaphore::new(settings.max_streams)),
             settings,
             client,
+            client_h2,
             rotation: Mutex::new(HashMap::new()),
             policies: Mutex::new(None),
             forwarded: AtomicU64::new(0),
@@ -156,6 +163,19 @@ struct CloudEndpoint {
 }
 
 /// The entry declaring `host`: its namespace and endpoints.
+/// Whether a `ServiceEntry` serves HTTP/2 (its first port's protocol is
+/// `HTTP2` or `GRPC`): the gateway then speaks HTTP/2 with prior knowledge
+/// to its endpoints, as gRPC servers need.
+fn entry_speaks_h2(config: &MeshConfig, host: &str) -> bool {
+    config
+        .service_entries
+        .iter()
+        .find(|e| e.hosts.iter().any(|h| h == host))
+        .and_then(|e| e.ports.first())
+        .and_then(|p| p.protocol.as_deref())
+        .is_some_and(|p| p.eq_ignore_ascii_case("HTTP2") || p.eq_ignore_ascii_case("GRPC"))
+}
+
 fn entry_endpoints(config: &MeshConfig, host: &str) -> Option<(String, Vec<CloudEndpoint>)> {
     let entry = config
         .service_entries
@@ -454,7 +474,19 @@ impl Hub {
         )) {
             h.insert(XFCC, v);
         }
-        let (parts, body) = req.into_parts();
+        let h2 = entry_speaks_h2(&latest.config, &header.service);
+        let client = if h2 {
+            // HTTP/2 names the authority in the URI; Host would be a
+            // connection-specific duplicate.
+            h.remove(hyper::header::HOST);
+            &g.client_h2
+        } else {
+            &g.client
+        };
+        let (mut parts, body) = req.into_parts();
+        if h2 {
+            parts.version = hyper::Version::HTTP_2;
+        }
         // The body can be sent once; a connect failure (nothing sent yet)
         // moves on to the next endpoint with the body still unread.
         let mut body = Some(body.boxed());
@@ -475,10 +507,12 @@ impl Hub {
             let Some(b) = body.take() else { break };
             let mut out = Request::from_parts(parts.clone(), b);
             *out.uri_mut() = uri;
-            match timeout(g.settings.request_timeout, g.client.request(out)).await {
+            match timeout(g.settings.request_timeout, client.request(out)).await {
                 Ok(Ok(mut resp)) => {
                     g.forwarded.fetch_add(1, Ordering::Relaxed);
                     strip_hop_by_hop(resp.headers_mut());
+                    // the stream back to the spoke is HTTP/1.1
+                    tidemesh_net::http::announce_grpc_trailers(resp.headers_mut());
                     if let Ok(v) = HeaderValue::from_str(&ep.address) {
                         resp.headers_mut().insert(UPSTREAM, v);
                     }

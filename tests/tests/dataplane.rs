@@ -1287,7 +1287,11 @@ impl Drop for Workload {
 /// has a workload on each spoke and a cloud twin declared by a
 /// ServiceEntry; `catalog.cloud` exists only in the cloud; `flaky.store`
 /// has a retry policy and a circuit breaker.
-fn resilience_yaml(inventory_cloud: SocketAddr, catalog: SocketAddr) -> String {
+fn resilience_yaml(
+    inventory_cloud: SocketAddr,
+    catalog: SocketAddr,
+    pricing: SocketAddr,
+) -> String {
     format!(
         r#"apiVersion: tidemesh.io/v1alpha1
 kind: Store
@@ -1320,6 +1324,31 @@ spec:
   endpoints:
   - address: 127.0.0.1
     labels: {{app: catalog}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: pricing, namespace: cloud}}
+spec:
+  hosts: [pricing.cloud]
+  location: MESH_EXTERNAL
+  ports:
+  - {{number: {pp}, name: grpc, protocol: GRPC}}
+  resolution: STATIC
+  endpoints:
+  - address: 127.0.0.1
+    labels: {{app: pricing}}
+---
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {{name: pricing-callers, namespace: cloud}}
+spec:
+  selector:
+    matchLabels: {{app: pricing}}
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["{TD}/store/sf01/sa/frontend"]
 ---
 apiVersion: security.istio.io/v1beta1
 kind: AuthorizationPolicy
@@ -1401,6 +1430,7 @@ spec:
 "#,
         ip = inventory_cloud.port(),
         cp = catalog.port(),
+        pp = pricing.port(),
     )
 }
 
@@ -1413,7 +1443,12 @@ fn cloud_gateway_failover_circuit_breaker_and_retries() {
     let inventory_cloud = Workload::start("inventory-cloud");
     let catalog = Workload::start("catalog");
     let f = tmp.path().join("mesh.yaml");
-    std::fs::write(&f, resilience_yaml(inventory_cloud.addr, catalog.addr)).expect("yaml");
+    let pricing = h2_server("pricing");
+    std::fs::write(
+        &f,
+        resilience_yaml(inventory_cloud.addr, catalog.addr, pricing),
+    )
+    .expect("yaml");
     let o = hub.cli(&["apply", "-f", f.to_str().expect("utf8")]);
     assert!(o.status.success(), "apply: {}", text(&o));
 
@@ -1578,11 +1613,16 @@ health = "/healthz"
             format!("By=spiffe://{TD}/store/sf01/sa/quotes;URI={frontend_id}").as_str()
         );
     }
-    // gRPC: a unary call to a workload of A (HTTP/2 end to end) and to one
-    // of B (across the HTTP/1.1 tunnel hop, trailers carried in chunked
-    // encoding): the server gets `te: trailers` and the caller gets the
-    // grpc-status trailer
-    for (host, server) in [("ledger.store", "ledger"), ("quotes.store", "quotes")] {
+    // gRPC: a unary call to a workload of A (HTTP/2 end to end), to one of
+    // B (across the HTTP/1.1 tunnel hop, trailers carried in chunked
+    // encoding) and to a cloud service whose ServiceEntry port is GRPC
+    // (through the hub gateway, which speaks HTTP/2 to it): the server gets
+    // `te: trailers` and the caller gets the grpc-status trailer
+    for (host, server) in [
+        ("ledger.store", "ledger"),
+        ("quotes.store", "quotes"),
+        ("pricing.cloud", "pricing"),
+    ] {
         let g = grpc_call(o_front, host, "/tidemesh.test.Echo/Call");
         assert_eq!(g.status, 200, "{host}: {g:?}");
         assert_eq!(g.grpc_status.as_deref(), Some("0"), "{host}: {g:?}");
