@@ -966,8 +966,14 @@ inbound = "{v2}"
 }
 
 /// One HTTP/2 request with prior knowledge (h2c) to an outbound listener:
-/// the status and the body.
-fn h2_get(outbound: SocketAddr, authority: &str, path: &str) -> (u16, String) {
+/// the response head and the whole body (with its trailers).
+fn h2_call(
+    outbound: SocketAddr,
+    req: hyper::Request<http_body_util::Full<hyper::body::Bytes>>,
+) -> (
+    hyper::http::response::Parts,
+    http_body_util::Collected<hyper::body::Bytes>,
+) {
     use http_body_util::BodyExt;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -984,15 +990,24 @@ fn h2_get(outbound: SocketAddr, authority: &str, path: &str) -> (u16, String) {
         .await
         .expect("h2 handshake");
         tokio::spawn(conn);
-        let req = hyper::Request::get(format!("http://{authority}{path}"))
-            .body(http_body_util::Empty::<hyper::body::Bytes>::new())
-            .expect("request");
         let resp = send.send_request(req).await.expect("h2 response");
         assert_eq!(resp.version(), hyper::Version::HTTP_2);
-        let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await.expect("body").to_bytes();
-        (status, String::from_utf8_lossy(&body).to_string())
+        let (head, body) = resp.into_parts();
+        (head, body.collect().await.expect("body"))
     })
+}
+
+/// An HTTP/2 GET (h2c) to an outbound listener: the status and the body.
+fn h2_get(outbound: SocketAddr, authority: &str, path: &str) -> (u16, String) {
+    let req = hyper::Request::get(format!("http://{authority}{path}"))
+        .body(http_body_util::Full::default())
+        .expect("request");
+    let (head, body) = h2_call(outbound, req);
+    let body = body.to_bytes();
+    (
+        head.status.as_u16(),
+        String::from_utf8_lossy(&body).to_string(),
+    )
 }
 
 /// A gRPC message frame: uncompressed, length-prefixed.
@@ -1033,46 +1048,26 @@ struct GrpcReply {
 /// One unary gRPC call (HTTP/2 with prior knowledge, `te: trailers`,
 /// `application/grpc`) to an outbound listener.
 fn grpc_call(outbound: SocketAddr, authority: &str, path: &str) -> GrpcReply {
-    use http_body_util::BodyExt;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(outbound)
-            .await
-            .expect("connect");
-        let (mut send, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tcp),
-        )
-        .await
-        .expect("h2 handshake");
-        tokio::spawn(conn);
-        let req = hyper::Request::post(format!("http://{authority}{path}"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(http_body_util::Full::new(grpc_frame(b"{}")))
-            .expect("request");
-        let resp = send.send_request(req).await.expect("h2 response");
-        let status = resp.status().as_u16();
-        let got = resp.into_body().collect().await.expect("body");
-        let trailer = |n: &str| {
-            got.trailers()
-                .and_then(|t| t.get(n))
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
-        let (grpc_status, grpc_message) = (trailer("grpc-status"), trailer("grpc-message"));
-        let bytes = got.to_bytes();
-        let message = String::from_utf8_lossy(bytes.get(5..).unwrap_or_default()).to_string();
-        GrpcReply {
-            status,
-            grpc_status,
-            grpc_message,
-            message,
-        }
-    })
+    let req = hyper::Request::post(format!("http://{authority}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(grpc_frame(b"{}")))
+        .expect("request");
+    let (head, got) = h2_call(outbound, req);
+    let trailer = |n: &str| {
+        got.trailers()
+            .and_then(|t| t.get(n))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let (grpc_status, grpc_message) = (trailer("grpc-status"), trailer("grpc-message"));
+    let bytes = got.to_bytes();
+    GrpcReply {
+        status: head.status.as_u16(),
+        grpc_status,
+        grpc_message,
+        message: String::from_utf8_lossy(bytes.get(5..).unwrap_or_default()).to_string(),
+    }
 }
 
 /// An HTTP/2-only (prior knowledge) workload, as a gRPC server is: answers
@@ -1283,6 +1278,49 @@ impl Drop for Workload {
     }
 }
 
+/// An ALLOW policy: only frontend may call the workloads labelled `app`.
+fn frontend_only(name: &str, namespace: &str, app: &str) -> String {
+    format!(
+        r#"---
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:
+  selector:
+    matchLabels: {{app: {app}}}
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["{TD}/store/sf01/sa/frontend"]
+"#
+    )
+}
+
+/// A `ServiceEntry` for `NAME.cloud` in namespace cloud: one endpoint at
+/// `addr`, labelled `app: NAME`, its port of `protocol`.
+fn cloud_entry(name: &str, addr: SocketAddr, protocol: &str) -> String {
+    format!(
+        r#"---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: cloud}}
+spec:
+  hosts: [{name}.cloud]
+  location: MESH_EXTERNAL
+  ports:
+  - {{number: {port}, name: {lower}, protocol: {protocol}}}
+  resolution: STATIC
+  endpoints:
+  - address: {ip}
+    labels: {{app: {name}}}
+"#,
+        port = addr.port(),
+        ip = addr.ip(),
+        lower = protocol.to_ascii_lowercase(),
+    )
+}
+
 /// The mesh for the gateway, failover and breaker test: `inventory.store`
 /// has a workload on each spoke and a cloud twin declared by a
 /// ServiceEntry; `catalog.cloud` exists only in the cloud; `flaky.store`
@@ -1311,45 +1349,7 @@ spec:
   - address: 127.0.0.1
     labels: {{app: inventory}}
     locality: us-west-2/us-west-2b
----
-apiVersion: networking.istio.io/v1beta1
-kind: ServiceEntry
-metadata: {{name: catalog, namespace: cloud}}
-spec:
-  hosts: [catalog.cloud]
-  location: MESH_EXTERNAL
-  ports:
-  - {{number: {cp}, name: http, protocol: HTTP}}
-  resolution: STATIC
-  endpoints:
-  - address: 127.0.0.1
-    labels: {{app: catalog}}
----
-apiVersion: networking.istio.io/v1beta1
-kind: ServiceEntry
-metadata: {{name: pricing, namespace: cloud}}
-spec:
-  hosts: [pricing.cloud]
-  location: MESH_EXTERNAL
-  ports:
-  - {{number: {pp}, name: grpc, protocol: GRPC}}
-  resolution: STATIC
-  endpoints:
-  - address: 127.0.0.1
-    labels: {{app: pricing}}
----
-apiVersion: security.istio.io/v1beta1
-kind: AuthorizationPolicy
-metadata: {{name: pricing-callers, namespace: cloud}}
-spec:
-  selector:
-    matchLabels: {{app: pricing}}
-  action: ALLOW
-  rules:
-  - from:
-    - source:
-        principals: ["{TD}/store/sf01/sa/frontend"]
----
+{catalog_entry}{pricing_entry}{pricing_callers}---
 apiVersion: security.istio.io/v1beta1
 kind: AuthorizationPolicy
 metadata: {{name: inventory-readers, namespace: store}}
@@ -1364,55 +1364,7 @@ spec:
     to:
     - operation:
         methods: ["GET"]
----
-apiVersion: security.istio.io/v1beta1
-kind: AuthorizationPolicy
-metadata: {{name: catalog-readers, namespace: cloud}}
-spec:
-  selector:
-    matchLabels: {{app: catalog}}
-  action: ALLOW
-  rules:
-  - from:
-    - source:
-        principals: ["{TD}/store/sf01/sa/frontend"]
----
-apiVersion: security.istio.io/v1beta1
-kind: AuthorizationPolicy
-metadata: {{name: flaky-callers, namespace: store}}
-spec:
-  selector:
-    matchLabels: {{app: flaky}}
-  action: ALLOW
-  rules:
-  - from:
-    - source:
-        principals: ["{TD}/store/sf01/sa/frontend"]
----
-apiVersion: security.istio.io/v1beta1
-kind: AuthorizationPolicy
-metadata: {{name: quotes-callers, namespace: store}}
-spec:
-  selector:
-    matchLabels: {{app: quotes}}
-  action: ALLOW
-  rules:
-  - from:
-    - source:
-        principals: ["{TD}/store/sf01/sa/frontend"]
----
-apiVersion: security.istio.io/v1beta1
-kind: AuthorizationPolicy
-metadata: {{name: ledger-callers, namespace: store}}
-spec:
-  selector:
-    matchLabels: {{app: ledger}}
-  action: ALLOW
-  rules:
-  - from:
-    - source:
-        principals: ["{TD}/store/sf01/sa/frontend"]
----
+{catalog_callers}{flaky_callers}{quotes_callers}{ledger_callers}---
 apiVersion: tidemesh.io/v1alpha1
 kind: DestinationPolicy
 metadata: {{name: flaky, namespace: store}}
@@ -1429,8 +1381,13 @@ spec:
     halfOpenProbes: 2
 "#,
         ip = inventory_cloud.port(),
-        cp = catalog.port(),
-        pp = pricing.port(),
+        catalog_entry = cloud_entry("catalog", catalog, "HTTP"),
+        pricing_entry = cloud_entry("pricing", pricing, "GRPC"),
+        pricing_callers = frontend_only("pricing-callers", "cloud", "pricing"),
+        catalog_callers = frontend_only("catalog-readers", "cloud", "catalog"),
+        flaky_callers = frontend_only("flaky-callers", "store", "flaky"),
+        quotes_callers = frontend_only("quotes-callers", "store", "quotes"),
+        ledger_callers = frontend_only("ledger-callers", "store", "ledger"),
     )
 }
 
