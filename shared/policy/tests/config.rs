@@ -501,7 +501,7 @@ fn hostile_yaml_is_rejected_quickly() {
 fn the_deploy_example_mesh_is_valid() {
     let yaml = include_str!("../../../deploy/examples/mesh.yaml");
     let c = MeshConfig::from_yaml(yaml).expect("deploy/examples/mesh.yaml is valid");
-    assert_eq!(c.service_entries.len(), 2);
+    assert_eq!(c.service_entries.len(), 3);
     let p = c
         .destination_policy("inventory.store")
         .expect("the inventory policy");
@@ -520,7 +520,8 @@ fn the_deploy_example_mesh_is_valid() {
         cloud,
         [
             "catalog.cloud catalog.example.com:8080",
-            "inventory.store inventory.cloud.internal:8080"
+            "inventory.store inventory.cloud.internal:8080",
+            "pricing.cloud pricing.example.com:50051"
         ]
     );
 }
