@@ -193,6 +193,9 @@ pub enum OpenError {
     /// `open` was called outside a tokio runtime (the writer is a task).
     #[error("the evidence buffer must be opened inside a tokio runtime")]
     NoRuntime,
+    /// The evidence thread could not be started.
+    #[error("cannot start the evidence thread: {0}")]
+    Thread(String),
     /// redb failed (I/O, a lock held by another process, a damaged file).
     #[error("evidence database: {0}")]
     Db(#[from] redb::Error),
@@ -399,6 +402,63 @@ struct Inner {
     queued_records: Arc<AtomicU64>,
     audit_refused: AtomicU64,
     writer: Mutex<Option<JoinHandle<()>>>,
+    disk: DiskThread,
+}
+
+/// Niceness of the evidence thread: below the request path, so a commit or
+/// a batch being read and signed yields the CPU to requests on a small box.
+pub const EVIDENCE_NICE: i32 = 10;
+
+/// The thread that does the buffer's disk and signing work (group commits,
+/// the sync's reads and batch signatures), one job at a time, at a lower
+/// CPU priority ([`EVIDENCE_NICE`], best effort) than the request path.
+#[derive(Clone)]
+struct DiskThread {
+    tx: std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>,
+}
+
+impl DiskThread {
+    fn spawn() -> std::io::Result<DiskThread> {
+        let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        std::thread::Builder::new()
+            .name("tidemesh-evidence".into())
+            .spawn(move || {
+                lower_priority();
+                // Ends when every sender (the buffer's clones and its writer
+                // task) is gone.
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            })?;
+        Ok(DiskThread { tx })
+    }
+
+    /// Runs `f` on the thread; `Err` if the thread is gone (a job panicked).
+    async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<R, String> {
+        let (done, result) = oneshot::channel();
+        self.tx
+            .send(Box::new(move || {
+                let _ = done.send(f());
+            }))
+            .map_err(|_| "the evidence thread ended".to_owned())?;
+        result
+            .await
+            .map_err(|_| "the evidence thread ended during a job".to_owned())
+    }
+}
+
+/// Lowers the calling thread's CPU priority to [`EVIDENCE_NICE`] (Linux:
+/// niceness is per thread). Best effort: a failure leaves it as it was.
+fn lower_priority() {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(e) =
+        rustix::process::setpriority_process(Some(rustix::thread::gettid()), EVIDENCE_NICE)
+    {
+        tracing::debug!(error = %e, "cannot lower the evidence thread's priority");
+    }
 }
 
 /// The spoke's evidence buffer. Cheap to clone; all clones share one
@@ -593,12 +653,13 @@ impl EvidenceBuffer {
             shed_chunk: cfg.shed_chunk(),
             quick_repair: cfg.quick_repair,
         };
+        let disk = DiskThread::spawn().map_err(|e| OpenError::Thread(e.to_string()))?;
         let task = runtime.spawn(run_writer(
             rx,
             writer,
+            disk.clone(),
             pub_tx,
-            cfg.commit_interval,
-            cfg.max_group,
+            (cfg.commit_interval, cfg.max_group),
             queued_audit_bytes.clone(),
             queued_records.clone(),
         ));
@@ -616,6 +677,7 @@ impl EvidenceBuffer {
                 queued_records,
                 audit_refused: AtomicU64::new(0),
                 writer: Mutex::new(Some(task)),
+                disk,
             }),
         })
     }
@@ -702,6 +764,16 @@ impl EvidenceBuffer {
             seq,
             published: inner.published.clone(),
         })
+    }
+
+    /// Runs `f` on the buffer's evidence thread (below the request path's
+    /// CPU priority, one job at a time with the group commits): for the
+    /// sync's reads and batch signatures. `Err` if that thread is gone.
+    pub async fn background<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<R, BufferError> {
+        self.inner.disk.run(f).await.map_err(BufferError::Stopped)
     }
 
     /// Committed records from `from` (the hub's position: next sequence
@@ -1062,7 +1134,7 @@ impl RunAcc {
     }
 }
 
-/// The writer task's state; moved into `spawn_blocking` for each commit.
+/// The writer task's state; moved to the evidence thread for each commit.
 struct Writer {
     db: Arc<Database>,
     chain: Chain,
@@ -1387,14 +1459,15 @@ fn take(cmd: Cmd, group: &mut Vec<Cmd>, appends: &mut usize) -> Option<oneshot::
     }
 }
 
-/// The writer task: gathers commands into groups and commits each group in
-/// one transaction on the blocking pool.
+/// The writer task: gathers commands into groups (for `interval`, at most
+/// `max_group` appends) and commits each group in one transaction on the
+/// evidence thread.
 async fn run_writer(
     mut rx: mpsc::UnboundedReceiver<Cmd>,
     writer: Writer,
+    disk: DiskThread,
     published: watch::Sender<Published>,
-    interval: Duration,
-    max_group: usize,
+    (interval, max_group): (Duration, usize),
     queued_audit_bytes: Arc<AtomicU64>,
     queued_records: Arc<AtomicU64>,
 ) {
@@ -1440,11 +1513,12 @@ async fn run_writer(
         let Some(mut writer) = slot.take() else {
             break;
         };
-        let joined = tokio::task::spawn_blocking(move || {
-            let res = writer.commit(group);
-            (writer, res)
-        })
-        .await;
+        let joined = disk
+            .run(move || {
+                let res = writer.commit(group);
+                (writer, res)
+            })
+            .await;
         let failure = match joined {
             Ok((w, Ok(replies))) => {
                 // Before publishing, so stats never show a committed record

@@ -325,9 +325,9 @@ impl Spoke {
                 // each one's length prefix and the batch header, so the
                 // batch fits without encoding it once more to measure it.
                 let budget = MAX_BATCH_BYTES.saturating_sub(5 * max + BATCH_HEADROOM);
-                let got = tokio::task::spawn_blocking(move || b.pending(&from, max, budget))
-                    .await
-                    .map_err(|e| SyncError::Other(e.to_string()))?;
+                let got = buf
+                    .background(move || b.pending(&from, max, budget))
+                    .await?;
                 let records = match got {
                     Ok(r) => r,
                     Err(BufferError::Pruned { requested, oldest }) if inflight.is_empty() => {
@@ -361,11 +361,9 @@ impl Spoke {
                 let last = records[records.len() - 1].clone();
                 let k = key.clone();
                 let spoke = id.clone();
-                let bytes = tokio::task::spawn_blocking(move || {
-                    Batch::sign(spoke, records, &k).and_then(|b| b.encode())
-                })
-                .await
-                .map_err(|e| SyncError::Other(e.to_string()))??;
+                let bytes = buf
+                    .background(move || Batch::sign(spoke, records, &k).and_then(|b| b.encode()))
+                    .await??;
                 tidemesh_net::write_frame(&mut send, &Request::EvidenceBatch { batch: bytes })
                     .await?;
                 sent = ChainPosition::after(&last);
