@@ -162,7 +162,6 @@ struct CloudEndpoint {
     labels: Labels,
 }
 
-/// The entry declaring `host`: its namespace and endpoints.
 /// Whether a `ServiceEntry` serves HTTP/2 (its first port's protocol is
 /// `HTTP2` or `GRPC`): the gateway then speaks HTTP/2 with prior knowledge
 /// to its endpoints, as gRPC servers need.
@@ -176,6 +175,7 @@ fn entry_speaks_h2(config: &MeshConfig, host: &str) -> bool {
         .is_some_and(|p| p.eq_ignore_ascii_case("HTTP2") || p.eq_ignore_ascii_case("GRPC"))
 }
 
+/// The entry declaring `host`: its namespace and endpoints.
 fn entry_endpoints(config: &MeshConfig, host: &str) -> Option<(String, Vec<CloudEndpoint>)> {
     let entry = config
         .service_entries
