@@ -272,7 +272,10 @@ async fn outbound_conn(s: &Shared, caller: usize, service: &str, mut app: TcpStr
                 "circuit breaker of {key} is open for another {wait:?}"
             ))),
             Ok(admit) => {
+                // least request counts open connections as requests
+                s.lb_started(&resolved.slot);
                 let r = one_try(s, caller, &resolved, &span, &mut app, &mut ev).await;
+                s.lb_finished(&resolved.slot);
                 match &r {
                     Try::Unreachable(_) => {
                         s.breaker_report(&key, admit, false, std::time::Instant::now())
