@@ -79,6 +79,13 @@ pub fn run(cmd: &mut Command) -> Output {
     cmd.stdin(Stdio::null()).output().expect("spawn command")
 }
 
+/// The Store document of store sf01 (region us-west-2, zone us-west-2a),
+/// which the data-plane tests and bench apply first.
+pub const STORE_SF01: &str = "apiVersion: tidemesh.io/v1alpha1
+kind: Store
+metadata: {name: sf01}
+spec: {region: us-west-2, zone: us-west-2a}";
+
 /// Output as text (stdout then stderr), for assertion messages.
 pub fn text(o: &Output) -> String {
     format!(

@@ -77,6 +77,7 @@ use rcgen::{
 use serde_json::{json, Value};
 use tidemesh_tests::{
     bin, free_tcp, free_udp, text, use_release_bins, wait_for, write_config, HubProc, SpokeProc,
+    STORE_SF01,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -837,10 +838,7 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 /// bench services (the mesh denies by default).
 fn mesh_yaml() -> String {
     format!(
-        r#"apiVersion: tidemesh.io/v1alpha1
-kind: Store
-metadata: {{name: sf01}}
-spec: {{region: us-west-2, zone: us-west-2a}}
+        r#"{STORE_SF01}
 ---
 apiVersion: security.istio.io/v1beta1
 kind: AuthorizationPolicy

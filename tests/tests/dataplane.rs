@@ -16,6 +16,7 @@ use std::{
 use serde_json::Value;
 use tidemesh_tests::{
     bin, free_tcp, free_udp, run, text, wait_for, write_config, HubProc, RelayProc, SpokeProc,
+    STORE_SF01,
 };
 
 const TD: &str = "edge.example";
@@ -25,10 +26,7 @@ const TD: &str = "edge.example";
 /// plus one letting `frontend` GET the store's inventory.
 fn mesh_yaml() -> String {
     format!(
-        r#"apiVersion: tidemesh.io/v1alpha1
-kind: Store
-metadata: {{name: sf01}}
-spec: {{region: us-west-2, zone: us-west-2a}}
+        r#"{STORE_SF01}
 ---
 apiVersion: security.istio.io/v1beta1
 kind: AuthorizationPolicy
@@ -700,10 +698,7 @@ fn canary_yaml() -> String {
         "{seed}"
     );
     format!(
-        r#"apiVersion: tidemesh.io/v1alpha1
-kind: Store
-metadata: {{name: sf01}}
-spec: {{region: us-west-2, zone: us-west-2a}}
+        r#"{STORE_SF01}
 ---
 apiVersion: security.istio.io/v1beta1
 kind: AuthorizationPolicy
@@ -1331,10 +1326,7 @@ fn resilience_yaml(
     pricing: SocketAddr,
 ) -> String {
     format!(
-        r#"apiVersion: tidemesh.io/v1alpha1
-kind: Store
-metadata: {{name: sf01}}
-spec: {{region: us-west-2, zone: us-west-2a}}
+        r#"{STORE_SF01}
 ---
 apiVersion: networking.istio.io/v1beta1
 kind: ServiceEntry
@@ -1850,10 +1842,7 @@ fn raw_tcp_local_and_cross_spoke_with_l4_authorization() {
     // a raw TCP service in the cloud, behind the hub gateway
     let echo_cloud = tcp_echo();
     let yaml = format!(
-        r#"apiVersion: tidemesh.io/v1alpha1
-kind: Store
-metadata: {{name: sf01}}
-spec: {{region: us-west-2, zone: us-west-2a}}
+        r#"{STORE_SF01}
 ---
 apiVersion: security.istio.io/v1beta1
 kind: AuthorizationPolicy
