@@ -57,8 +57,8 @@ pub(crate) fn authorize(
     let w = &s.workloads[idx];
     let compiled = s.compiled();
     let principal_str = principal.map(|p| {
-        let s = p.to_string();
-        s.strip_prefix("spiffe://").unwrap_or(&s).to_owned()
+        let s = p.as_str();
+        s.strip_prefix("spiffe://").unwrap_or(s)
     });
     let t0 = Instant::now();
     let mut req = AuthzRequest {
@@ -66,7 +66,7 @@ pub(crate) fn authorize(
             namespace: &w.namespace,
             labels: &w.labels,
         },
-        source_principal: principal_str.as_deref(),
+        source_principal: principal_str,
         source_namespace: None,
         method: "",
         path: "",
@@ -88,8 +88,9 @@ pub(crate) fn authorize(
         .and_then(|i| compiled.policies.policies().get(i))
         .map(|p| format!("{}/{}", p.id.namespace, p.id.name))
         .unwrap_or_else(|| "mesh-default".into());
+    let denial = (!verdict.allowed).then(|| policy_name.clone());
     ev.policy_evaluation = Some(AuthorizationEvidence {
-        policy_name: policy_name.clone(),
+        policy_name,
         policy_version: compiled
             .version
             .map(|v| v.to_string())
@@ -104,9 +105,9 @@ pub(crate) fn authorize(
         evaluation_time_us: eval_us,
         cached: false,
     });
-    if verdict.allowed {
+    let Some(policy_name) = denial else {
         return Ok(());
-    }
+    };
     let who = principal
         .map(|p| p.to_string())
         .unwrap_or_else(|| "an unauthenticated caller".into());
@@ -127,7 +128,7 @@ pub(crate) async fn deliver(
     ev: &mut RequestEvidence,
 ) -> Response<Body> {
     let w = &s.workloads[idx];
-    let Some(inbound) = w.inbound else {
+    let (Some(inbound), Some(authority)) = (w.inbound, &w.inbound_authority) else {
         return local_response(
             StatusCode::SERVICE_UNAVAILABLE,
             &format!("workload {} has no inbound address", w.account),
@@ -195,7 +196,7 @@ pub(crate) async fn deliver(
         }
     }
     let h2 = w.protocol == WorkloadProtocol::Http2;
-    forward(s, inbound, h2, req, s.settings.request_timeout).await
+    forward(s, inbound, authority, h2, req, s.settings.request_timeout).await
 }
 
 /// Sends `req` to a workload's HTTP listener (HTTP/2 when `h2`) over the
@@ -205,15 +206,19 @@ pub(crate) async fn deliver(
 pub(crate) async fn forward(
     s: &Shared,
     addr: std::net::SocketAddr,
+    authority: &hyper::http::uri::Authority,
     h2: bool,
     mut req: Request<Body>,
     limit: std::time::Duration,
 ) -> Response<Body> {
-    let target = format!(
-        "http://{addr}{}",
-        tidemesh_net::http::path_and_query(req.uri())
-    );
-    match hyper::Uri::try_from(target) {
+    // http://ADDR/path?query, from the request's own path (no re-parse)
+    let mut target = std::mem::take(req.uri_mut()).into_parts();
+    target.scheme = Some(hyper::http::uri::Scheme::HTTP);
+    target.authority = Some(authority.clone());
+    if target.path_and_query.is_none() {
+        target.path_and_query = Some(hyper::http::uri::PathAndQuery::from_static("/"));
+    }
+    match hyper::Uri::from_parts(target) {
         Ok(u) => *req.uri_mut() = u,
         Err(e) => {
             return local_response(

@@ -177,6 +177,8 @@ pub(crate) struct LocalWorkload {
     pub namespace: String,
     pub labels: Labels,
     pub inbound: Option<SocketAddr>,
+    /// `inbound` as a URI authority, made once (every delivery names it).
+    pub inbound_authority: Option<hyper::http::uri::Authority>,
     pub outbound: Option<SocketAddr>,
     /// What its inbound listener speaks.
     pub protocol: crate::config::WorkloadProtocol,
@@ -194,6 +196,8 @@ pub(crate) struct Compiled {
     pub site: Vec<resolve::SiteEndpoint>,
     /// Every canonical service host this spoke could route to.
     pub hosts: std::collections::HashSet<String>,
+    /// Each host's endpoints, as routing considers them.
+    pub candidates: HashMap<String, Vec<resolve::Cand>>,
 }
 
 /// What the data plane knows of a cached SVID without touching disk.
@@ -258,7 +262,9 @@ impl Shared {
         };
         let site = resolve::site_endpoints(self, &config);
         let hosts = resolve::known_hosts(self, &config, &site);
+        let candidates = resolve::candidates_by_host(self, &config, &site, &hosts);
         let c = Arc::new(Compiled {
+            candidates,
             version,
             policies: CompiledPolicies::from_config(&config),
             routes,
@@ -659,6 +665,9 @@ impl DataPlane {
                 namespace: w.namespace.clone(),
                 labels: w.labels.clone(),
                 inbound: w.inbound,
+                inbound_authority: w
+                    .inbound
+                    .and_then(|a| hyper::http::uri::Authority::try_from(a.to_string()).ok()),
                 outbound: w.outbound,
                 protocol: w.protocol,
                 limiter: w

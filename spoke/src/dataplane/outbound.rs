@@ -73,25 +73,28 @@ fn header_string(h: &hyper::HeaderMap, name: &str) -> Option<String> {
 
 /// Sets `x-request-id` when absent; returns it.
 pub(crate) fn ensure_request_id(h: &mut hyper::HeaderMap, given: Option<&str>) -> Option<String> {
-    if let Some(v) = header_string(h, trace::REQUEST_ID) {
-        return Some(v);
+    if let Some(v) = h.get(&trace::H_REQUEST_ID) {
+        return v.to_str().ok().map(str::to_owned);
     }
-    let id = given
-        .map(str::to_owned)
-        .unwrap_or_else(|| trace::new_request_id(rand::random()));
-    let v = HeaderValue::from_str(&id).ok()?;
-    h.insert(trace::REQUEST_ID, v);
-    Some(id)
+    let v = match given {
+        Some(g) => HeaderValue::from_str(g).ok()?,
+        None => HeaderValue::from_bytes(&trace::request_id_bytes(rand::random())).ok()?,
+    };
+    let id = v.to_str().ok().map(str::to_owned);
+    h.insert(trace::H_REQUEST_ID, v);
+    id
 }
 
 /// Writes this hop's span into the request headers (replacing the caller's).
 pub(crate) fn set_trace_headers(h: &mut hyper::HeaderMap, span: &trace::Span) {
-    h.remove(trace::B3_SINGLE);
-    h.remove(trace::B3_PARENT);
-    for (k, v) in span.headers() {
-        if let Ok(v) = HeaderValue::from_str(&v) {
-            h.insert(k, v);
-        }
+    h.remove(&trace::H_B3_SINGLE);
+    let mut parent = false;
+    for (k, v) in span.header_values().into_iter().flatten() {
+        parent |= k == trace::B3_PARENT;
+        h.insert(k, v);
+    }
+    if !parent {
+        h.remove(trace::B3_PARENT);
     }
 }
 
@@ -225,6 +228,7 @@ async fn handle(s: &Shared, caller: usize, mut req: Request<Incoming>) -> Respon
 
     // A request that may be retried keeps its (small) body in memory.
     let (parts, body) = req.into_parts();
+    let mut parts = Some(parts);
     let size = hyper::body::Body::size_hint(&body).upper();
     let bufferable = retry.attempts > 0 && size.is_some_and(|n| n <= MAX_RETRY_BODY);
     let mut once = None;
@@ -272,7 +276,27 @@ async fn handle(s: &Shared, caller: usize, mut req: Request<Incoming>) -> Respon
             (None, Some(b)) => b,
             (None, None) => full(Vec::new()),
         };
-        let req = rebuild(&parts, body);
+        // The last possible attempt takes the parts; earlier ones copy them.
+        let req = if attempt >= max_attempts {
+            let Some(mut p) = parts.take() else {
+                break local_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "request parts already used",
+                    &[],
+                );
+            };
+            p.extensions.clear();
+            Request::from_parts(p, body)
+        } else {
+            let Some(p) = parts.as_ref() else {
+                break local_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "request parts already used",
+                    &[],
+                );
+            };
+            rebuild(p, body)
+        };
         let now = tokio::time::Instant::now();
         let try_limit = retry
             .per_try_timeout
@@ -310,13 +334,16 @@ async fn handle(s: &Shared, caller: usize, mut req: Request<Incoming>) -> Respon
         tokio::time::sleep(delay).await;
         backoff_total += delay;
         tried.push(key);
+        let Some(p) = parts.as_ref() else {
+            break resp;
+        };
         resolved = match resolve::resolve(
             s,
             &host,
             &w.namespace,
             &method,
             &path,
-            &inbound::Headers(&parts.headers),
+            &inbound::Headers(&p.headers),
             &tried,
             Instant::now(),
         ) {
@@ -496,4 +523,61 @@ async fn cloud(
         }
     }
     resp
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_headers_replace_the_callers_and_drop_a_stale_parent() {
+        let mut h = hyper::HeaderMap::new();
+        h.insert(
+            "b3",
+            HeaderValue::from_static("80f198ee56343ba8-e457b5a2e4d86bd1-1"),
+        );
+        h.insert(
+            trace::B3_PARENT,
+            HeaderValue::from_static("05e3ac9a4f6e3b90"),
+        );
+        h.insert(trace::B3_SPAN, HeaderValue::from_static("e457b5a2e4d86bd1"));
+        let root = trace::Span::start(None, [3; 24]);
+        set_trace_headers(&mut h, &root);
+        assert!(h.get("b3").is_none());
+        assert!(
+            h.get(trace::B3_PARENT).is_none(),
+            "a new trace has no parent"
+        );
+        assert_eq!(h.get(trace::B3_SPAN).unwrap(), "0303030303030303");
+        assert_eq!(
+            h.get(trace::TRACEPARENT).unwrap().to_str().unwrap(),
+            root.traceparent()
+        );
+        let child = trace::Span::start(Some(root.as_parent()), [4; 24]);
+        set_trace_headers(&mut h, &child);
+        assert_eq!(h.get(trace::B3_PARENT).unwrap(), "0303030303030303");
+        assert_eq!(h.get_all(trace::B3_SPAN).iter().count(), 1);
+    }
+
+    #[test]
+    fn a_request_id_is_kept_given_or_made() {
+        let mut h = hyper::HeaderMap::new();
+        h.insert(trace::REQUEST_ID, HeaderValue::from_static("abc"));
+        assert_eq!(
+            ensure_request_id(&mut h, Some("zzz")).as_deref(),
+            Some("abc")
+        );
+        let mut h = hyper::HeaderMap::new();
+        assert_eq!(
+            ensure_request_id(&mut h, Some("given-1")).as_deref(),
+            Some("given-1")
+        );
+        assert_eq!(h.get(trace::REQUEST_ID).unwrap(), "given-1");
+        let mut h = hyper::HeaderMap::new();
+        let made = ensure_request_id(&mut h, None).unwrap();
+        assert_eq!(made.len(), 36);
+        assert_eq!(&made[14..15], "4");
+        assert_eq!(h.get(trace::REQUEST_ID).unwrap().to_str().unwrap(), made);
+    }
 }

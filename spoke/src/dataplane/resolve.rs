@@ -98,16 +98,48 @@ pub(crate) struct Unroutable {
     pub evidence: Option<Box<RoutingEvidence>>,
 }
 
-struct Cand {
+pub(crate) struct Cand {
     address: String,
     /// Breaker key: unique per endpoint.
     key: String,
-    healthy: bool,
+    health: Health,
     weight: u32,
     labels: tidemesh_policy::model::Labels,
     target: Option<Target>,
     tier: Tier,
     locality: EvLocality,
+}
+
+/// Where a candidate's health comes from.
+#[derive(Debug, Clone, Copy)]
+enum Health {
+    /// Local workload `i`: its active health check, read per request.
+    Local(usize),
+    /// Known when the config was compiled.
+    Fixed(bool),
+}
+
+impl Cand {
+    fn healthy(&self, s: &Shared) -> bool {
+        match self.health {
+            Health::Local(i) => s.workloads.get(i).is_some_and(|w| s.healthy(&w.account)),
+            Health::Fixed(h) => h,
+        }
+    }
+}
+
+/// The candidates of every host in `hosts` (computed once per config; only
+/// their health and breakers change between requests).
+pub(crate) fn candidates_by_host(
+    s: &Shared,
+    config: &tidemesh_policy::MeshConfig,
+    site: &[SiteEndpoint],
+    hosts: &std::collections::HashSet<String>,
+) -> std::collections::HashMap<String, Vec<Cand>> {
+    hosts
+        .iter()
+        .map(|h| (h.clone(), candidates(s, config, site, h)))
+        .collect()
 }
 
 /// Every endpoint of canonical `host`: this spoke's workloads (healthy or
@@ -126,7 +158,7 @@ fn candidates(
                 out.push(Cand {
                     address: addr.to_string(),
                     key: format!("local/{}", w.account),
-                    healthy: s.healthy(&w.account),
+                    health: Health::Local(i),
                     weight: 1,
                     labels: w.labels.clone(),
                     target: Some(Target::Local(i)),
@@ -143,7 +175,7 @@ fn candidates(
         out.push(Cand {
             key: e.key.clone(),
             address: e.address.clone(),
-            healthy: e.target.is_some(),
+            health: Health::Fixed(e.target.is_some()),
             weight: e.weight,
             labels: e.labels.clone(),
             target: e.target.clone(),
@@ -169,7 +201,7 @@ fn candidates(
                 // gateway path of this host.
                 key: format!("cloud/{host}"),
                 address: e.address,
-                healthy: true,
+                health: Health::Fixed(true),
                 weight: e.weight.max(1),
                 labels: e.labels,
                 target: Some(Target::Cloud),
@@ -186,7 +218,7 @@ fn candidates(
             out.push(Cand {
                 key: format!("cloud/{host}"),
                 address: host.to_owned(),
-                healthy: true,
+                health: Health::Fixed(true),
                 weight: 1,
                 labels: Default::default(),
                 target: Some(Target::Cloud),
@@ -395,8 +427,16 @@ pub(crate) fn resolve(
         .destination_policy(&dest)
         .and_then(|p| p.traffic.load_balancer)
         .unwrap_or_default();
-    let all: Vec<Cand> = candidates(s, &compiled.config, &compiled.site, &dest)
-        .into_iter()
+    let made;
+    let known = match compiled.candidates.get(&dest) {
+        Some(c) => c,
+        None => {
+            made = candidates(s, &compiled.config, &compiled.site, &dest);
+            &made
+        }
+    };
+    let all: Vec<&Cand> = known
+        .iter()
         .filter(|c| {
             // Cloud endpoints carry the entry's labels, not the subset's:
             // a subset selects among workloads.
@@ -405,7 +445,7 @@ pub(crate) fn resolve(
         .collect();
     let available: Vec<bool> = all
         .iter()
-        .map(|c| c.healthy && c.target.is_some() && s.endpoint_available(&c.key, now))
+        .map(|c| c.healthy(s) && c.target.is_some() && s.endpoint_available(&c.key, now))
         .collect();
     let mut evidence = RoutingEvidence {
         // A weighted split between subsets is the decision that matters
@@ -453,7 +493,7 @@ pub(crate) fn resolve(
         }
         let pool: Vec<&Cand> = if fresh.is_empty() { &usable } else { &fresh }
             .iter()
-            .map(|&i| &all[i])
+            .map(|&i| all[i])
             .collect();
         let Some((i, reason)) = pick(s, &dest, &subset, tier, lb, &pool) else {
             continue;
@@ -491,7 +531,7 @@ pub(crate) fn resolve(
     let open = all
         .iter()
         .zip(&available)
-        .any(|(c, ok)| !ok && c.healthy && c.target.is_some());
+        .any(|(c, ok)| !ok && c.healthy(s) && c.target.is_some());
     evidence.selection_reason = if all.is_empty() {
         "no_endpoints".into()
     } else if open {
@@ -514,7 +554,7 @@ pub(crate) fn resolve(
 }
 
 /// Whether a tier after `tier` has a usable endpoint not in `exclude`.
-fn has_later_tier(all: &[Cand], available: &[bool], tier: Tier, exclude: &[String]) -> bool {
+fn has_later_tier(all: &[&Cand], available: &[bool], tier: Tier, exclude: &[String]) -> bool {
     all.iter()
         .zip(available)
         .any(|(c, ok)| *ok && c.tier > tier && !exclude.contains(&c.key))
@@ -672,7 +712,7 @@ fn pick(
             location: &location,
             locality: &here,
             weight: c.weight,
-            healthy: c.healthy,
+            healthy: c.healthy(s),
         })
         .collect();
     let mut balancers = s.balancers.lock().ok()?;

@@ -69,13 +69,30 @@ fn parse_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
 
 /// Lowercase hex.
 pub fn hex(bytes: &[u8]) -> String {
-    const D: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        s.push(D[usize::from(b >> 4)] as char);
-        s.push(D[usize::from(b & 15)] as char);
+        s.push(HEX[usize::from(b >> 4)] as char);
+        s.push(HEX[usize::from(b & 15)] as char);
     }
     s
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Writes `bytes` as lowercase hex into `out` (twice as long), without
+/// allocating: the request path writes several ids per call.
+fn hex_into(bytes: &[u8], out: &mut [u8]) {
+    for (b, o) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        o[0] = HEX[usize::from(b >> 4)];
+        o[1] = HEX[usize::from(b & 15)];
+    }
+}
+
+/// `bytes` as lowercase hex in a fixed buffer (`N` = twice the length).
+fn hex_array<const N: usize>(bytes: &[u8]) -> [u8; N] {
+    let mut out = [0u8; N];
+    hex_into(bytes, &mut out);
+    out
 }
 
 /// Parses a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`; later
@@ -176,43 +193,81 @@ impl Span {
 
     /// The `traceparent` value naming this span.
     pub fn traceparent(&self) -> String {
-        format!(
-            "00-{}-{}-{}",
-            hex(&self.trace_id),
-            hex(&self.span_id),
-            if self.sampled { "01" } else { "00" }
-        )
+        String::from_utf8_lossy(&self.traceparent_bytes()).into_owned()
+    }
+
+    /// `traceparent` as bytes: `00-<32 hex>-<16 hex>-<01|00>`.
+    fn traceparent_bytes(&self) -> [u8; 55] {
+        let mut b = [b'-'; 55];
+        b[..2].copy_from_slice(b"00");
+        hex_into(&self.trace_id, &mut b[3..35]);
+        hex_into(&self.span_id, &mut b[36..52]);
+        b[53..].copy_from_slice(if self.sampled { b"01" } else { b"00" });
+        b
     }
 
     /// Headers to set on the request leaving this hop: `traceparent` and
     /// the B3 multi-header set (the parent id only when there is one).
     pub fn headers(&self) -> Vec<(&'static str, String)> {
-        let mut h = vec![
-            (TRACEPARENT, self.traceparent()),
-            (B3_TRACE, hex(&self.trace_id)),
-            (B3_SPAN, hex(&self.span_id)),
-            (B3_SAMPLED, if self.sampled { "1" } else { "0" }.to_owned()),
-        ];
-        if let Some(p) = self.parent_span_id {
-            h.push((B3_PARENT, hex(&p)));
-        }
-        h
+        // the names in header_values' order
+        [TRACEPARENT, B3_TRACE, B3_SPAN, B3_SAMPLED, B3_PARENT]
+            .into_iter()
+            .zip(self.header_values())
+            .filter_map(|(n, hv)| {
+                hv.map(|(_, v)| (n, String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            })
+            .collect()
+    }
+
+    /// [`Span::headers`] as ready header names and values, without
+    /// formatting or name parsing (the request path's form).
+    pub fn header_values(&self) -> [Option<(HeaderName, HeaderValue)>; 5] {
+        let value = |b: &[u8]| HeaderValue::from_bytes(b).ok();
+        let tp = value(&self.traceparent_bytes());
+        let trace = value(&hex_array::<32>(&self.trace_id));
+        let span = value(&hex_array::<16>(&self.span_id));
+        let sampled = HeaderValue::from_static(if self.sampled { "1" } else { "0" });
+        let parent = self
+            .parent_span_id
+            .and_then(|p| value(&hex_array::<16>(&p)));
+        [
+            tp.map(|v| (H_TRACEPARENT, v)),
+            trace.map(|v| (H_B3_TRACE, v)),
+            span.map(|v| (H_B3_SPAN, v)),
+            Some((H_B3_SAMPLED, sampled)),
+            parent.map(|v| (H_B3_PARENT, v)),
+        ]
     }
 }
 
+use hyper::header::{HeaderName, HeaderValue};
+
+const H_TRACEPARENT: HeaderName = HeaderName::from_static(TRACEPARENT);
+const H_B3_TRACE: HeaderName = HeaderName::from_static(B3_TRACE);
+const H_B3_SPAN: HeaderName = HeaderName::from_static(B3_SPAN);
+const H_B3_SAMPLED: HeaderName = HeaderName::from_static(B3_SAMPLED);
+const H_B3_PARENT: HeaderName = HeaderName::from_static(B3_PARENT);
+/// `x-request-id`, ready to insert.
+pub const H_REQUEST_ID: HeaderName = HeaderName::from_static(REQUEST_ID);
+/// `b3` (single header), ready to remove.
+pub const H_B3_SINGLE: HeaderName = HeaderName::from_static(B3_SINGLE);
+
 /// A new `x-request-id`: a random (version 4) UUID from 16 random bytes.
-pub fn new_request_id(mut r: [u8; 16]) -> String {
+pub fn new_request_id(r: [u8; 16]) -> String {
+    String::from_utf8_lossy(&request_id_bytes(r)).into_owned()
+}
+
+/// [`new_request_id`] in a fixed buffer (8-4-4-4-12 hex digits).
+pub fn request_id_bytes(mut r: [u8; 16]) -> [u8; 36] {
     r[6] = (r[6] & 0x0f) | 0x40;
     r[8] = (r[8] & 0x3f) | 0x80;
-    let h = hex(&r);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
+    let mut b = [b'-'; 36];
+    hex_into(&r[..4], &mut b[..8]);
+    hex_into(&r[4..6], &mut b[9..13]);
+    hex_into(&r[6..8], &mut b[14..18]);
+    hex_into(&r[8..10], &mut b[19..23]);
+    hex_into(&r[10..], &mut b[24..]);
+    b
 }
 
 #[cfg(test)]
@@ -291,5 +346,50 @@ mod tests {
     fn request_ids_are_v4_uuids() {
         let id = new_request_id([0xff; 16]);
         assert_eq!(id, "ffffffff-ffff-4fff-bfff-ffffffffffff");
+    }
+
+    #[test]
+    fn request_id_digits_follow_the_random_bytes() {
+        let r: [u8; 16] = core::array::from_fn(|i| i as u8 * 17);
+        let id = new_request_id(r);
+        // version 4, variant 10xx
+        let mut v = r;
+        v[6] = 0x40 | (r[6] & 0x0f);
+        v[8] = 0x80 | (r[8] & 0x3f);
+        let expect = hex(&v);
+        let dashed = format!(
+            "{}-{}-{}-{}-{}",
+            &expect[..8],
+            &expect[8..12],
+            &expect[12..16],
+            &expect[16..20],
+            &expect[20..]
+        );
+        assert_eq!(id, dashed);
+    }
+
+    #[test]
+    fn header_values_match_the_formatted_headers() {
+        for parent in [None, Some(parse_traceparent(TP).unwrap())] {
+            for seed in [[0u8; 24], [0xab; 24]] {
+                let s = Span::start(parent, seed);
+                let values: Vec<(String, String)> = s
+                    .header_values()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap().to_owned()))
+                    .collect();
+                let formatted: Vec<(String, String)> = s
+                    .headers()
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v))
+                    .collect();
+                assert_eq!(values, formatted);
+                assert_eq!(values.len(), if parent.is_some() { 5 } else { 4 });
+                assert_eq!(values[0].1, s.traceparent());
+                assert_eq!(values[0].1.len(), 55);
+                assert!(parse_traceparent(&values[0].1).is_some());
+            }
+        }
     }
 }
