@@ -18,6 +18,15 @@
 //!    with a client certificate) -> haproxy B (TLS in, verifies the client
 //!    certificate) -> upstream.
 //!
+//! 6. **hyper only, pooled**: client -> `tidemesh-bench-hyper-floor`
+//!    (tests/bin/hyper_floor.rs: hyper's server, hyper-util's pooled
+//!    client, tokio's multi-threaded runtime, nothing else) -> upstream.
+//! 7. **hyper only, affine**: the same proxy with one upstream connection
+//!    per client connection on a current-thread runtime.
+//!
+//! 6 and 7 are references, not goals: what the HTTP stack the spoke is
+//! built on adds by itself, so the spoke's own share can be told apart.
+//!
 //! haproxy runs with `nbthread 1`, keep-alive on both sides and `http-reuse
 //! always`; it is skipped (with a message) when not installed. The spokes
 //! run as shipped (tokio's default: one worker per core; every request
@@ -50,7 +59,8 @@
 //! Run: `cargo bench -p tidemesh-tests --bench dataplane` (builds the
 //! release binaries first). Quick smoke pass: set `TIDEMESH_BENCH_QUICK=1`;
 //! without `--bench` (for example under `cargo test --benches`) it is quick
-//! too.
+//! too. `TIDEMESH_BENCH_ONLY=spoke_one_hop,haproxy_one_hop` runs only the
+//! scenarios named (and direct).
 
 #[path = "../../hub/benches/common/mod.rs"]
 mod common;
@@ -88,6 +98,11 @@ const COMMAND: &str = "cargo bench -p tidemesh-tests --bench dataplane";
 const QUICK_ENV: &str = "TIDEMESH_BENCH_QUICK";
 /// Set to keep the temp dir (spoke and haproxy logs and configs).
 const KEEP_ENV: &str = "TIDEMESH_BENCH_KEEP";
+/// Set to a comma-separated list of scenario keys to run only those
+/// (direct always runs): for quick comparisons while working on one path.
+const ONLY_ENV: &str = "TIDEMESH_BENCH_ONLY";
+/// The hyper-only reference proxy (tests/bin/hyper_floor.rs).
+const FLOOR_BIN: &str = "tidemesh-bench-hyper-floor";
 const TD: &str = "edge.example";
 /// Request and response body size.
 const BODY: usize = 1024;
@@ -936,6 +951,35 @@ inbound = "{upstream}"
     })
 }
 
+// ---- the hyper-only reference -----------------------------------------------------
+
+/// Starts the hyper-only proxy (`pooled` or `affine`) in front of `upstream`;
+/// the returned process is killed on drop.
+fn start_floor(exe: &Path, upstream: SocketAddr, mode: &str) -> Result<Haproxy> {
+    let addr = free_tcp();
+    let child = Command::new(exe)
+        .arg(addr.to_string())
+        .arg(upstream.to_string())
+        .arg(mode)
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("spawn {}", exe.display()))?;
+    let mut h = Haproxy { child, addr };
+    let up = wait_for(Duration::from_secs(10), || {
+        if let Ok(Some(st)) = h.child.try_wait() {
+            return Some(Err(format!("exited with {st}")));
+        }
+        std::net::TcpStream::connect(addr).ok().map(|_| Ok(()))
+    });
+    match up {
+        Some(Ok(())) => Ok(h),
+        other => {
+            let _ = h.child.kill();
+            bail!("{FLOOR_BIN} {mode} did not come up ({other:?})")
+        }
+    }
+}
+
 // ---- haproxy -----------------------------------------------------------------------
 
 /// `haproxy` on PATH (or in /usr/sbin, which a non-root PATH may lack).
@@ -947,6 +991,7 @@ fn find_haproxy() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// A reference proxy process (haproxy, or the hyper-only one), killed on drop.
 struct Haproxy {
     child: Child,
     addr: SocketAddr,
@@ -1318,6 +1363,35 @@ fn main() -> Result<()> {
         });
     }
 
+    // The HTTP stack alone: hyper proxies with nothing of the spoke's work.
+    let floor_exe = bin(FLOOR_BIN);
+    let mut floors = Vec::new();
+    for (key, name, mode) in [
+        (
+            "hyper_floor_pooled",
+            "hyper only (pooled client, multi-thread)",
+            "pooled",
+        ),
+        (
+            "hyper_floor_affine",
+            "hyper only (conn per conn, current-thread)",
+            "affine",
+        ),
+    ] {
+        let f = start_floor(&floor_exe, upstream, mode)?;
+        scenarios.push(Scenario {
+            key,
+            name,
+            addr: f.addr,
+            req: request("upstream.bench"),
+            pids: vec![f.child.id()],
+            hops: 1,
+        });
+        floors.push(f);
+    }
+    if let Ok(only) = std::env::var(ONLY_ENV) {
+        scenarios.retain(|s| s.key == "direct" || only.split(',').any(|k| k == s.key));
+    }
     // The load generator: one thread for every connection.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -1533,17 +1607,34 @@ fn main() -> Result<()> {
             "one hop: spoke / haproxy",
             "spoke_one_hop",
             "haproxy_one_hop",
+            true,
         ),
         (
             "tls_hop",
             "per hop over mTLS: two spokes / haproxy pair",
             "spoke_two_hops",
             "haproxy_tls_pair",
+            true,
+        ),
+        // References, not goals: what hyper alone adds, on the same scale.
+        (
+            "hyper_floor_pooled",
+            "one hop: hyper only, pooled / haproxy",
+            "hyper_floor_pooled",
+            "haproxy_one_hop",
+            false,
+        ),
+        (
+            "hyper_floor_affine",
+            "one hop: hyper only, affine / haproxy",
+            "hyper_floor_affine",
+            "haproxy_one_hop",
+            false,
         ),
     ];
-    for (key, label, ours, theirs) in pairs {
+    for (key, label, ours, theirs, is_goal) in pairs {
         let (Some(o), Some(t)) = (idx(ours), idx(theirs)) else {
-            println!("  {label}: skipped (no haproxy)");
+            println!("  {label}: skipped (scenario not run)");
             continue;
         };
         let round_ratio = |f: fn(&Pct) -> f64| -> (Option<f64>, f64, f64) {
@@ -1571,7 +1662,11 @@ fn main() -> Result<()> {
                 fmt_opt(med, 2),
                 fmt_opt(Some(lo), 2),
                 fmt_opt(Some(hi), 2),
-                if goal { "  [goal <= 1.0]" } else { "" }
+                if goal && is_goal {
+                    "  [goal <= 1.0]"
+                } else {
+                    ""
+                }
             );
             obj.insert(
                 format!("added_{}_per_hop", pname.replace('.', "_")),
