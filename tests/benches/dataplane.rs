@@ -1367,16 +1367,8 @@ fn main() -> Result<()> {
     let floor_exe = bin(FLOOR_BIN);
     let mut floors = Vec::new();
     for (key, name, mode) in [
-        (
-            "hyper_floor_pooled",
-            "hyper only (pooled client, multi-thread)",
-            "pooled",
-        ),
-        (
-            "hyper_floor_affine",
-            "hyper only (conn per conn, current-thread)",
-            "affine",
-        ),
+        ("hyper_floor_pooled", "hyper only, pooled client", "pooled"),
+        ("hyper_floor_affine", "hyper only, conn per conn", "affine"),
     ] {
         let f = start_floor(&floor_exe, upstream, mode)?;
         scenarios.push(Scenario {
