@@ -1892,6 +1892,19 @@ spec:
   endpoints:
   - address: 127.0.0.1
     labels: {{app: tcp-echo}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: archive, namespace: store}}
+spec:
+  hosts: [archive.cloud]
+  location: MESH_INTERNAL
+  ports:
+  - {{number: {cloud_port}, name: tcp, protocol: TCP}}
+  resolution: STATIC
+  endpoints:
+  - address: 127.0.0.1
+    labels: {{app: tcp-echo}}
 "#,
         cloud_port = echo_cloud.port()
     );
@@ -1903,9 +1916,10 @@ spec:
     // A: frontend and kiosk call through tcp_outbound listeners; cache is a
     // raw TCP workload, inventory an HTTP one, db-standby a second db whose
     // port refuses connections (no health check: only connecting tells).
-    // B: db, a raw TCP workload.
+    // B: db, a raw TCP workload, and a site replica of archive.cloud whose
+    // port refuses (so archive goes on to the cloud, through the gateway).
     let (echo_a, echo_b, http_a) = (tcp_echo(), tcp_echo(), tcp_echo());
-    let dead = free_tcp();
+    let (dead, dead_b, f_archive) = (free_tcp(), free_tcp(), free_tcp());
     let (f_cache, f_db, f_http, f_none) = (free_tcp(), free_tcp(), free_tcp(), free_tcp());
     let (k_cache, k_db) = (free_tcp(), free_tcp());
     let (f_cloud, k_cloud) = (free_tcp(), free_tcp());
@@ -1925,6 +1939,7 @@ tcp_outbound = [
   {{ listen = "{f_http}", service = "inventory.store" }},
   {{ listen = "{f_none}", service = "nowhere.store" }},
   {{ listen = "{f_cloud}", service = "ledger.cloud" }},
+  {{ listen = "{f_archive}", service = "archive.cloud" }},
 ]
 
 [[workload]]
@@ -1974,6 +1989,14 @@ namespace = "store"
 labels = {{ app = "tcp-echo" }}
 inbound = "{echo_b}"
 protocol = "tcp"
+
+[[workload]]
+service_account = "archive"
+service = "archive.cloud"
+namespace = "store"
+labels = {{ app = "tcp-echo" }}
+inbound = "{dead_b}"
+protocol = "tcp"
 "#
         ),
     );
@@ -2022,6 +2045,35 @@ protocol = "tcp"
         moved["identity"]["server_identity"],
         b.id.as_str(),
         "{moved}"
+    );
+    // archive.cloud: B's replica is the nearer endpoint, but B cannot reach
+    // its workload; B resets the stream as unreachable before answering, so
+    // A replays what the app sent to the next endpoint, the cloud one
+    wait_site_service(a, "archive.cloud");
+    let msg = b"hello archive, first try at B".to_vec();
+    let got = exchange(f_archive, &msg).expect("archive through the gateway");
+    assert_eq!(got, msg, "archive.cloud after B's unreachable replica");
+    let moved = find_record(&hub, a, "archive moved past B's dead replica", |r| {
+        r["telemetry"]["operation_name"] == "TCP archive.cloud"
+            && r["reliability"]["retry_state"]["attempt"] == 2
+    });
+    assert_eq!(moved["telemetry"]["status"]["code"], "OK", "{moved}");
+    assert_eq!(
+        moved["routing_decision"]["locality"], "other_region",
+        "the second try went to the cloud endpoint: {moved}"
+    );
+    let dead_replica = find_record(&hub, b, "B's refusal of archive", |r| {
+        r["telemetry"]["operation_name"] == "TCP archive.cloud"
+    });
+    assert_eq!(
+        dead_replica["telemetry"]["status"]["code"], "ERROR",
+        "{dead_replica}"
+    );
+    assert!(
+        dead_replica["telemetry"]["status"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("refused the connection")),
+        "{dead_replica}"
     );
     // a connection held open: its record's duration is its lifetime
     {

@@ -53,6 +53,10 @@ pub mod close {
     pub const FORBIDDEN: u32 = 4;
     /// The process is shutting down.
     pub const SHUTDOWN: u32 = 5;
+    /// A raw TCP stream's workload could not be reached (refused or timed
+    /// out connecting): nothing of the stream was delivered, so the caller
+    /// may offer it to another endpoint.
+    pub const UNREACHABLE: u32 = 6;
 }
 
 /// Why a frame was refused.

@@ -30,8 +30,17 @@
 //!
 //! Stream resets by the serving end: [`close::FORBIDDEN`] when
 //! authorization refuses, [`close::PROTOCOL_ERROR`] when no raw TCP
-//! workload of that service and account is here, [`close::NORMAL`] when the
-//! workload cannot be reached or the connection failed midway.
+//! workload of that service and account is here, [`close::UNREACHABLE`]
+//! when the workload cannot be reached (nothing was delivered), and
+//! [`close::NORMAL`] when the connection failed midway.
+//!
+//! Failover: an endpoint that cannot be reached (a local workload that
+//! refuses, a peer spoke that cannot be dialed, or a peer whose workload
+//! refuses: its [`close::UNREACHABLE`] reset) counts against its circuit
+//! breaker and the connection goes on to the next endpoint. Until the
+//! serving end answers, the calling end keeps what the app sent (at most
+//! [`MAX_HELD`] bytes) and replays it to the next endpoint; an app that
+//! sent more than that before any answer is not moved.
 
 use std::{
     io,
@@ -162,6 +171,12 @@ impl Outcome {
         }
     }
 
+    /// Adds `n` bytes the app sent before this try's pipe started.
+    fn with_up(mut self, n: u64) -> Outcome {
+        self.up += n;
+        self
+    }
+
     fn of(p: Piped) -> Outcome {
         let result = match p.end {
             End::Closed => Ok("closed".to_owned()),
@@ -203,6 +218,36 @@ enum Try {
     /// The endpoint could not be reached: no byte was sent, so the next
     /// endpoint may be tried.
     Unreachable(String),
+}
+
+/// Most bytes an app may send before the serving end answers and still be
+/// moved to another endpoint if that one turns out unreachable.
+pub(crate) const MAX_HELD: usize = 64 * 1024;
+
+/// What the app sent before any endpoint answered: replayed to the next
+/// endpoint when this one turns out unreachable.
+#[derive(Default)]
+struct Held {
+    bytes: Vec<u8>,
+    /// More than [`MAX_HELD`] was sent: no longer replayable.
+    overflowed: bool,
+    /// Bytes taken from the app before an answer (for the record).
+    taken: u64,
+}
+
+impl Held {
+    fn keep(&mut self, b: &[u8]) {
+        self.taken += b.len() as u64;
+        if self.overflowed {
+            return;
+        }
+        if self.bytes.len() + b.len() > MAX_HELD {
+            self.overflowed = true;
+            self.bytes = Vec::new();
+        } else {
+            self.bytes.extend_from_slice(b);
+        }
+    }
 }
 
 /// One app connection on a `tcp_outbound` listener of workload `caller`.
@@ -263,6 +308,7 @@ async fn outbound_conn(s: &Shared, caller: usize, service: &str, mut app: TcpStr
     };
     let mut tried: Vec<String> = Vec::new();
     let mut attempt = 0u32;
+    let mut held = Held::default();
     let outcome = loop {
         attempt += 1;
         ev.routing_decision = Some(resolved.evidence.clone());
@@ -274,7 +320,7 @@ async fn outbound_conn(s: &Shared, caller: usize, service: &str, mut app: TcpStr
             Ok(admit) => {
                 // least request counts open connections as requests
                 s.lb_started(&resolved.slot);
-                let r = one_try(s, caller, &resolved, &span, &mut app, &mut ev).await;
+                let r = one_try(s, caller, &resolved, &span, &mut app, &mut held, &mut ev).await;
                 s.lb_finished(&resolved.slot);
                 match &r {
                     Try::Unreachable(_) => {
@@ -300,7 +346,13 @@ async fn outbound_conn(s: &Shared, caller: usize, service: &str, mut app: TcpStr
         };
         tried.push(key);
         if attempt >= MAX_CONNECT_TRIES {
-            break Outcome::refused(why);
+            break Outcome::refused(why).with_up(held.taken);
+        }
+        if held.overflowed {
+            break Outcome::refused(format!(
+                "{why}; the app sent more than {MAX_HELD} bytes before any answer, so the connection was not moved to another endpoint"
+            ))
+            .with_up(held.taken);
         }
         match route(&tried) {
             Ok(next) if !tried.contains(&next.key) => {
@@ -310,7 +362,7 @@ async fn outbound_conn(s: &Shared, caller: usize, service: &str, mut app: TcpStr
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 resolved = next;
             }
-            _ => break Outcome::refused(why),
+            _ => break Outcome::refused(why).with_up(held.taken),
         }
     };
     if let Err(e) = &outcome.result {
@@ -321,12 +373,17 @@ async fn outbound_conn(s: &Shared, caller: usize, service: &str, mut app: TcpStr
 }
 
 /// One try of an app connection against `resolved`'s endpoint.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the connection's parts; a struct would only rename them"
+)]
 async fn one_try(
     s: &Shared,
     caller: usize,
     resolved: &resolve::Resolved,
     span: &trace::Span,
     app: &mut TcpStream,
+    held: &mut Held,
     ev: &mut RequestEvidence,
 ) -> Try {
     let w = &s.workloads[caller];
@@ -334,9 +391,21 @@ async fn one_try(
         Target::Local(i) => {
             ev.identity = Some(s.local_identity(caller, *i));
             match admit(s, *i, Some(&w.id), ev).await {
-                Ok(mut upstream) => Try::Done(Outcome::of(
-                    pipe(app, &mut upstream, s.settings.tcp_idle_timeout).await,
-                )),
+                Ok(mut upstream) => {
+                    // connected: what an unreachable endpoint left over goes first
+                    let replay = std::mem::take(&mut held.bytes);
+                    if let Err(e) =
+                        tokio::io::AsyncWriteExt::write_all(&mut upstream, &replay).await
+                    {
+                        return Try::Done(
+                            Outcome::refused(format!("workload: {e}")).with_up(held.taken),
+                        );
+                    }
+                    Try::Done(
+                        Outcome::of(pipe(app, &mut upstream, s.settings.tcp_idle_timeout).await)
+                            .with_up(held.taken),
+                    )
+                }
                 Err(r) if r.unreachable => Try::Unreachable(r.reason),
                 Err(r) => Try::Done(Outcome::refused(r.reason)),
             }
@@ -353,7 +422,7 @@ async fn one_try(
                 span,
                 None,
             );
-            through_tunnel(s, caller, *addr, server, header, app, ev).await
+            through_tunnel(s, caller, *addr, server, header, app, held, ev).await
         }
         // A cloud service: through the hub's gateway, which picks the
         // endpoint; without the hub the connection is closed at once.
@@ -377,7 +446,7 @@ async fn one_try(
                         None,
                     );
                     let hub = tidemesh_identity::naming::hub_id(&s.td);
-                    through_tunnel(s, caller, addr, &hub, header, app, ev).await
+                    through_tunnel(s, caller, addr, &hub, header, app, held, ev).await
                 }
                 Err(e) => Try::Done(Outcome::refused(format!("hub unreachable: {e}"))),
             }
@@ -386,7 +455,12 @@ async fn one_try(
 }
 
 /// Carries `app`'s connection to the peer spoke `server` (`addr`); a peer
-/// that cannot be reached is [`Try::Unreachable`].
+/// that cannot be reached, or that resets the stream with
+/// [`close::UNREACHABLE`] before answering, is [`Try::Unreachable`].
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the connection's parts; a struct would only rename them"
+)]
 async fn through_tunnel(
     s: &Shared,
     caller: usize,
@@ -394,33 +468,161 @@ async fn through_tunnel(
     server: &SpiffeId,
     header: StreamHeader,
     app: &mut TcpStream,
+    held: &mut Held,
     ev: &mut RequestEvidence,
 ) -> Try {
     let bytes = match header.encode() {
         Ok(b) => b,
         Err(e) => {
-            return Try::Done(Outcome::refused(format!(
-                "cannot frame the stream header: {e}"
-            )))
+            return Try::Done(
+                Outcome::refused(format!("cannot frame the stream header: {e}"))
+                    .with_up(held.taken),
+            )
         }
     };
-    let (t, hs, (mut send, recv)) = match super::tunnel::open_stream(s, caller, addr, server).await
-    {
-        Ok(x) => x,
-        Err(e) => return Try::Unreachable(format!("cannot reach {server} at {addr}: {e}")),
-    };
+    let (t, hs, (mut send, mut recv)) =
+        match super::tunnel::open_stream(s, caller, addr, server).await {
+            Ok(x) => x,
+            Err(e) => return Try::Unreachable(format!("cannot reach {server} at {addr}: {e}")),
+        };
     ev.identity = Some(t.identity_evidence(s, caller, hs));
     if let Err(e) = send.write_all(&bytes).await {
         return Try::Unreachable(format!("{server} at {addr}: {e}"));
     }
-    let mut stream = tokio::io::join(recv, send);
-    let piped = pipe(app, &mut stream, s.settings.tcp_idle_timeout).await;
-    if matches!(piped.end, End::Failed(_)) {
-        let (mut recv, mut send) = stream.into_inner();
+    if let Err(e) = send.write_all(&held.bytes).await {
+        return Try::Unreachable(format!("{server} at {addr}: {e}"));
+    }
+    let idle = s.settings.tcp_idle_timeout;
+    let reset = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream| {
         let _ = send.reset(quinn::VarInt::from_u32(close::NORMAL));
         let _ = recv.stop(quinn::VarInt::from_u32(close::NORMAL));
+    };
+    let (head, ended) = match await_answer(app, &mut send, &mut recv, held, idle).await {
+        Answer::Go { head, ended } => (head, ended),
+        Answer::Unreachable(why) => {
+            reset(&mut send, &mut recv);
+            return Try::Unreachable(format!("{server} at {addr}: {why}"));
+        }
+        Answer::Failed(e) => {
+            reset(&mut send, &mut recv);
+            return Try::Done(Outcome::refused(e).with_up(held.taken));
+        }
+        Answer::Idle => {
+            reset(&mut send, &mut recv);
+            return Try::Done(
+                Outcome::of(Piped {
+                    up: 0,
+                    down: 0,
+                    end: End::Idle(idle),
+                })
+                .with_up(held.taken),
+            );
+        }
+    };
+    // answered: nothing is replayed from here on
+    held.bytes = Vec::new();
+    let peer_side = Prefixed {
+        head,
+        at: 0,
+        ended,
+        inner: recv,
+    };
+    let mut stream = tokio::io::join(peer_side, send);
+    let piped = pipe(app, &mut stream, idle).await;
+    if matches!(piped.end, End::Failed(_)) {
+        let (mut peer_side, mut send) = stream.into_inner();
+        reset(&mut send, &mut peer_side.inner);
     }
-    Try::Done(Outcome::of(piped))
+    Try::Done(Outcome::of(piped).with_up(held.taken))
+}
+
+/// What the serving end of a tunnel stream did first.
+enum Answer {
+    /// It answered: `head` is what it sent first (`ended`: and then
+    /// finished its side), or the app closed its side before any answer.
+    Go { head: Vec<u8>, ended: bool },
+    /// It could not reach its workload ([`close::UNREACHABLE`]).
+    Unreachable(String),
+    /// The stream or the app failed.
+    Failed(String),
+    /// Nothing moved either way for the idle timeout.
+    Idle,
+}
+
+/// Forwards what the app sends (keeping it in `held`) until the serving end
+/// answers, resets the stream, or the app closes its side.
+async fn await_answer(
+    app: &mut TcpStream,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    held: &mut Held,
+    idle: Duration,
+) -> Answer {
+    use tokio::io::AsyncReadExt;
+    let unreachable = quinn::VarInt::from_u32(close::UNREACHABLE);
+    let mut from_app = vec![0u8; 16 * 1024];
+    let mut from_peer = vec![0u8; 16 * 1024];
+    loop {
+        // both reads are cancel safe: a read that lost the race took nothing
+        tokio::select! {
+            r = recv.read(&mut from_peer) => return match r {
+                Ok(Some(n)) => {
+                    from_peer.truncate(n);
+                    Answer::Go { head: from_peer, ended: false }
+                }
+                Ok(None) => Answer::Go { head: Vec::new(), ended: true },
+                Err(quinn::ReadError::Reset(code)) if code == unreachable => {
+                    Answer::Unreachable("its workload could not be reached".into())
+                }
+                Err(e) => Answer::Failed(format!("tunnel stream: {e}")),
+            },
+            r = app.read(&mut from_app) => match r {
+                // the app closed its side first: the pipe passes that on
+                Ok(0) => return Answer::Go { head: Vec::new(), ended: false },
+                Ok(n) => {
+                    held.keep(&from_app[..n]);
+                    match send.write_all(&from_app[..n]).await {
+                        Ok(()) => {}
+                        Err(quinn::WriteError::Stopped(code)) if code == unreachable => {
+                            return Answer::Unreachable("its workload could not be reached".into())
+                        }
+                        Err(e) => return Answer::Failed(format!("tunnel stream: {e}")),
+                    }
+                }
+                Err(e) => return Answer::Failed(format!("app connection: {e}")),
+            },
+            () = tokio::time::sleep(idle) => return Answer::Idle,
+        }
+    }
+}
+
+/// The serving end's side of a tunnel stream once it answered: the bytes
+/// [`await_answer`] took first, then the stream (or its end, if it ended).
+struct Prefixed<R> {
+    head: Vec<u8>,
+    at: usize,
+    ended: bool,
+    inner: R,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Prefixed<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.at < this.head.len() {
+            let n = buf.remaining().min(this.head.len() - this.at);
+            buf.put_slice(&this.head[this.at..this.at + n]);
+            this.at += n;
+            return Poll::Ready(Ok(()));
+        }
+        if this.ended {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
 }
 
 /// Why a connection was not delivered.
@@ -473,12 +675,12 @@ async fn admit(
             Ok(st)
         }
         Ok(Err(e)) => Err(Refusal {
-            code: close::NORMAL,
+            code: close::UNREACHABLE,
             reason: format!("workload at {inbound} refused the connection: {e}"),
             unreachable: true,
         }),
         Err(_) => Err(Refusal {
-            code: close::NORMAL,
+            code: close::UNREACHABLE,
             reason: format!(
                 "workload at {inbound}: no connection within {:?}",
                 s.settings.connect_timeout
@@ -824,5 +1026,47 @@ mod tests {
             .status
             .message
             .starts_with("RBAC: access denied;"));
+    }
+
+    #[test]
+    fn held_bytes_stop_being_replayable_past_the_limit() {
+        let mut h = Held::default();
+        h.keep(&[1; 1000]);
+        h.keep(&[2; 24]);
+        assert!(!h.overflowed);
+        assert_eq!(h.bytes.len(), 1024);
+        h.keep(&vec![3; MAX_HELD]);
+        assert!(h.overflowed);
+        assert!(h.bytes.is_empty(), "an overflowed buffer is dropped");
+        h.keep(&[4; 10]);
+        assert_eq!(h.taken, 1024 + MAX_HELD as u64 + 10);
+    }
+
+    #[tokio::test]
+    async fn prefixed_yields_its_head_then_the_stream_or_its_end() {
+        let (mut far, near) = duplex(64);
+        far.write_all(b" world").await.unwrap();
+        drop(far);
+        let mut p = Prefixed {
+            head: b"hello".to_vec(),
+            at: 0,
+            ended: false,
+            inner: near,
+        };
+        let mut got = Vec::new();
+        p.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"hello world");
+
+        let (mut far, near) = duplex(64);
+        far.write_all(b"not read").await.unwrap();
+        let mut p = Prefixed {
+            head: b"x".repeat(3),
+            at: 0,
+            ended: true,
+            inner: near,
+        };
+        let mut got = Vec::new();
+        p.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"xxx", "an ended stream is not read further");
     }
 }
