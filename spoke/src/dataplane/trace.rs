@@ -392,4 +392,57 @@ mod tests {
             }
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// Whatever an app or a peer sends as trace context, reading it
+            /// never panics, and what a span writes reads back as itself.
+            #[test]
+            fn trace_headers_read_anything_and_round_trip(
+                raw in ".{0,80}",
+                hexish in "[0-9a-fA-F-]{0,70}",
+                seed in proptest::array::uniform24(any::<u8>()),
+                continue_it in any::<bool>(),
+            ) {
+                let _ = parse_traceparent(&raw);
+                let _ = parse_traceparent(&hexish);
+                let _ = extract(&|n: &str| (n == B3_TRACE || n == B3_SPAN).then(|| hexish.clone()));
+                let parent = if continue_it { parse_traceparent(&hexish) } else { None };
+                let span = Span::start(parent, seed);
+                let written = span.header_values();
+                let tp = written[0].as_ref().map(|(_, v)| v.to_str().unwrap().to_owned());
+                let back = parse_traceparent(&tp.unwrap()).unwrap();
+                prop_assert_eq!(back.trace_id, span.trace_id);
+                prop_assert_eq!(back.span_id, span.span_id);
+                prop_assert_eq!(back.sampled, span.sampled);
+                let b3 = extract(&|n: &str| {
+                    written.iter().flatten().find(|(k, _)| *k == n && n != TRACEPARENT)
+                        .map(|(_, v)| v.to_str().unwrap().to_owned())
+                }).unwrap();
+                prop_assert_eq!(b3.trace_id, span.trace_id);
+                prop_assert_eq!(b3.span_id, span.span_id);
+            }
+
+            /// Request ids are always well-formed version 4 UUIDs.
+            #[test]
+            fn request_ids_are_always_uuids(r in proptest::array::uniform16(any::<u8>())) {
+                let id = new_request_id(r);
+                prop_assert_eq!(id.len(), 36);
+                for (i, c) in id.char_indices() {
+                    if [8, 13, 18, 23].contains(&i) {
+                        prop_assert_eq!(c, '-');
+                    } else {
+                        prop_assert!(c.is_ascii_hexdigit() && !c.is_ascii_uppercase());
+                    }
+                }
+                prop_assert_eq!(&id[14..15], "4");
+                prop_assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"));
+            }
+        }
+    }
 }
