@@ -965,18 +965,9 @@ fn start_floor(exe: &Path, upstream: SocketAddr, mode: &str) -> Result<Haproxy> 
         .spawn()
         .with_context(|| format!("spawn {}", exe.display()))?;
     let mut h = Haproxy { child, addr };
-    let up = wait_for(Duration::from_secs(10), || {
-        if let Ok(Some(st)) = h.child.try_wait() {
-            return Some(Err(format!("exited with {st}")));
-        }
-        std::net::TcpStream::connect(addr).ok().map(|_| Ok(()))
-    });
-    match up {
-        Some(Ok(())) => Ok(h),
-        other => {
-            let _ = h.child.kill();
-            bail!("{FLOOR_BIN} {mode} did not come up ({other:?})")
-        }
+    match h.wait_listening() {
+        Ok(()) => Ok(h),
+        Err(e) => bail!("{FLOOR_BIN} {mode} did not come up ({e})"),
     }
 }
 
@@ -995,6 +986,25 @@ fn find_haproxy() -> Option<PathBuf> {
 struct Haproxy {
     child: Child,
     addr: SocketAddr,
+}
+
+impl Haproxy {
+    /// Waits (10 s at most) until the process accepts connections; on
+    /// failure it is killed and the error says why.
+    fn wait_listening(&mut self) -> Result<(), String> {
+        let addr = self.addr;
+        let up = wait_for(Duration::from_secs(10), || {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(Err(format!("exited with {st}")));
+            }
+            std::net::TcpStream::connect(addr).ok().map(|_| Ok(()))
+        });
+        let r = up.unwrap_or_else(|| Err(format!("no listener on {addr} within 10 s")));
+        if r.is_err() {
+            let _ = self.child.kill();
+        }
+        r
+    }
 }
 
 impl Drop for Haproxy {
@@ -1050,18 +1060,11 @@ backend be
         .spawn()
         .with_context(|| format!("spawn {}", exe.display()))?;
     let mut h = Haproxy { child, addr };
-    let up = wait_for(Duration::from_secs(10), || {
-        if let Ok(Some(st)) = h.child.try_wait() {
-            return Some(Err(format!("exited with {st}")));
-        }
-        std::net::TcpStream::connect(addr).ok().map(|_| Ok(()))
-    });
-    match up {
-        Some(Ok(())) => Ok(h),
-        other => {
+    match h.wait_listening() {
+        Ok(()) => Ok(h),
+        Err(e) => {
             let log = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
-            let _ = h.child.kill();
-            bail!("haproxy {name} did not come up ({other:?}); log:\n{log}")
+            bail!("haproxy {name} did not come up ({e}); log:\n{log}")
         }
     }
 }

@@ -1841,6 +1841,26 @@ fn raw_tcp_local_and_cross_spoke_with_l4_authorization() {
     let started = Instant::now();
     // a raw TCP service in the cloud, behind the hub gateway
     let echo_cloud = tcp_echo();
+    // NAME.cloud: a raw TCP ServiceEntry whose endpoint is the cloud echo
+    let tcp_entry = |name: &str| {
+        format!(
+            r#"---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: store}}
+spec:
+  hosts: [{name}.cloud]
+  location: MESH_INTERNAL
+  ports:
+  - {{number: {port}, name: tcp, protocol: TCP}}
+  resolution: STATIC
+  endpoints:
+  - address: 127.0.0.1
+    labels: {{app: tcp-echo}}
+"#,
+            port = echo_cloud.port()
+        )
+    };
     let yaml = format!(
         r#"{STORE_SF01}
 ---
@@ -1879,34 +1899,9 @@ spec:
   - from:
     - source:
         principals: ["{TD}/store/sf01/sa/frontend", "{TD}/store/sf01/sa/kiosk"]
----
-apiVersion: networking.istio.io/v1beta1
-kind: ServiceEntry
-metadata: {{name: ledger, namespace: store}}
-spec:
-  hosts: [ledger.cloud]
-  location: MESH_INTERNAL
-  ports:
-  - {{number: {cloud_port}, name: tcp, protocol: TCP}}
-  resolution: STATIC
-  endpoints:
-  - address: 127.0.0.1
-    labels: {{app: tcp-echo}}
----
-apiVersion: networking.istio.io/v1beta1
-kind: ServiceEntry
-metadata: {{name: archive, namespace: store}}
-spec:
-  hosts: [archive.cloud]
-  location: MESH_INTERNAL
-  ports:
-  - {{number: {cloud_port}, name: tcp, protocol: TCP}}
-  resolution: STATIC
-  endpoints:
-  - address: 127.0.0.1
-    labels: {{app: tcp-echo}}
-"#,
-        cloud_port = echo_cloud.port()
+{ledger}{archive}"#,
+        ledger = tcp_entry("ledger"),
+        archive = tcp_entry("archive"),
     );
     let f = tmp.path().join("tcp.yaml");
     std::fs::write(&f, yaml).expect("yaml");

@@ -233,6 +233,8 @@ struct Held {
     overflowed: bool,
     /// Bytes taken from the app before an answer (for the record).
     taken: u64,
+    /// The app closed its side before an answer (passed on after a replay).
+    eof: bool,
 }
 
 impl Held {
@@ -492,9 +494,16 @@ async fn through_tunnel(
     if let Err(e) = send.write_all(&held.bytes).await {
         return Try::Unreachable(format!("{server} at {addr}: {e}"));
     }
+    let mut send = SendHalf {
+        send,
+        finished: false,
+    };
+    if held.eof && send.finish_now().is_err() {
+        return Try::Unreachable(format!("{server} at {addr}: the stream closed"));
+    }
     let idle = s.settings.tcp_idle_timeout;
-    let reset = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream| {
-        let _ = send.reset(quinn::VarInt::from_u32(close::NORMAL));
+    let reset = |send: &mut SendHalf, recv: &mut quinn::RecvStream| {
+        let _ = send.send.reset(quinn::VarInt::from_u32(close::NORMAL));
         let _ = recv.stop(quinn::VarInt::from_u32(close::NORMAL));
     };
     let (head, ended) = match await_answer(app, &mut send, &mut recv, held, idle).await {
@@ -539,7 +548,7 @@ async fn through_tunnel(
 /// What the serving end of a tunnel stream did first.
 enum Answer {
     /// It answered: `head` is what it sent first (`ended`: and then
-    /// finished its side), or the app closed its side before any answer.
+    /// finished its side).
     Go { head: Vec<u8>, ended: bool },
     /// It could not reach its workload ([`close::UNREACHABLE`]).
     Unreachable(String),
@@ -549,11 +558,11 @@ enum Answer {
     Idle,
 }
 
-/// Forwards what the app sends (keeping it in `held`) until the serving end
-/// answers, resets the stream, or the app closes its side.
+/// Forwards what the app sends (keeping it in `held`, and passing on its
+/// close) until the serving end answers or resets the stream.
 async fn await_answer(
     app: &mut TcpStream,
-    send: &mut quinn::SendStream,
+    send: &mut SendHalf,
     recv: &mut quinn::RecvStream,
     held: &mut Held,
     idle: Duration,
@@ -576,12 +585,18 @@ async fn await_answer(
                 }
                 Err(e) => Answer::Failed(format!("tunnel stream: {e}")),
             },
-            r = app.read(&mut from_app) => match r {
-                // the app closed its side first: the pipe passes that on
-                Ok(0) => return Answer::Go { head: Vec::new(), ended: false },
+            r = app.read(&mut from_app), if !held.eof => match r {
+                // the app closed its side: so does the stream; the answer
+                // (or the reset) is still to come
+                Ok(0) => {
+                    held.eof = true;
+                    if let Err(e) = send.finish_now() {
+                        return Answer::Failed(format!("tunnel stream: {e}"));
+                    }
+                }
                 Ok(n) => {
                     held.keep(&from_app[..n]);
-                    match send.write_all(&from_app[..n]).await {
+                    match send.send.write_all(&from_app[..n]).await {
                         Ok(()) => {}
                         Err(quinn::WriteError::Stopped(code)) if code == unreachable => {
                             return Answer::Unreachable("its workload could not be reached".into())
@@ -593,6 +608,49 @@ async fn await_answer(
             },
             () = tokio::time::sleep(idle) => return Answer::Idle,
         }
+    }
+}
+
+/// The calling end's write half of a tunnel stream: a close the app made
+/// before the answer is passed on once, and the pipe's own close after it
+/// is then a no-op.
+struct SendHalf {
+    send: quinn::SendStream,
+    finished: bool,
+}
+
+impl SendHalf {
+    fn finish_now(&mut self) -> Result<(), quinn::ClosedStream> {
+        if !self.finished {
+            self.send.finish()?;
+            self.finished = true;
+        }
+        Ok(())
+    }
+}
+
+impl AsyncWrite for SendHalf {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        AsyncWrite::poll_write(Pin::new(&mut self.send), cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        AsyncWrite::poll_flush(Pin::new(&mut self.send), cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.finished {
+            return Poll::Ready(Ok(()));
+        }
+        let r = AsyncWrite::poll_shutdown(Pin::new(&mut self.send), cx);
+        if matches!(r, Poll::Ready(Ok(()))) {
+            self.finished = true;
+        }
+        r
     }
 }
 
