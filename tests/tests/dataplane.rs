@@ -1033,7 +1033,11 @@ impl hyper::body::Body for GrpcBody {
 #[derive(Debug)]
 struct GrpcReply {
     status: u16,
-    /// The `grpc-status` trailer (`None`: no trailers arrived).
+    /// The status came in the headers, with no body and no trailers (a
+    /// gRPC "trailers-only" answer, as errors are sent).
+    trailers_only: bool,
+    /// The `grpc-status` trailer, or header in a trailers-only answer
+    /// (`None`: neither arrived).
     grpc_status: Option<String>,
     grpc_message: Option<String>,
     /// The reply message (the frame's payload).
@@ -1055,12 +1059,20 @@ fn grpc_call(outbound: SocketAddr, authority: &str, path: &str) -> GrpcReply {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     };
+    let header = |n: &str| {
+        head.headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
     let (grpc_status, grpc_message) = (trailer("grpc-status"), trailer("grpc-message"));
+    let trailers_only = grpc_status.is_none() && header("grpc-status").is_some();
     let bytes = got.to_bytes();
     GrpcReply {
         status: head.status.as_u16(),
-        grpc_status,
-        grpc_message,
+        trailers_only,
+        grpc_status: grpc_status.or_else(|| header("grpc-status")),
+        grpc_message: grpc_message.or_else(|| header("grpc-message")),
         message: String::from_utf8_lossy(bytes.get(5..).unwrap_or_default()).to_string(),
     }
 }
@@ -1114,6 +1126,26 @@ fn h2_server(name: &'static str) -> SocketAddr {
                                     .boxed(),
                                 );
                                 *r.status_mut() = hyper::StatusCode::BAD_REQUEST;
+                                return Ok(r);
+                            }
+                            if req.uri().path().ends_with("/Missing") {
+                                // an error as gRPC servers send one: trailers
+                                // only (status in the headers, no body)
+                                let mut r =
+                                    hyper::Response::new(http_body_util::Empty::new().boxed());
+                                let h = r.headers_mut();
+                                h.insert(
+                                    "content-type",
+                                    hyper::header::HeaderValue::from_static("application/grpc"),
+                                );
+                                h.insert(
+                                    "grpc-status",
+                                    hyper::header::HeaderValue::from_static("5"),
+                                );
+                                h.insert(
+                                    "grpc-message",
+                                    hyper::header::HeaderValue::from_static(name),
+                                );
                                 return Ok(r);
                             }
                             let mut trailers = hyper::HeaderMap::new();
@@ -1574,6 +1606,7 @@ health = "/healthz"
     ] {
         let g = grpc_call(o_front, host, "/tidemesh.test.Echo/Call");
         assert_eq!(g.status, 200, "{host}: {g:?}");
+        assert!(!g.trailers_only, "{host}: {g:?}");
         assert_eq!(g.grpc_status.as_deref(), Some("0"), "{host}: {g:?}");
         assert_eq!(g.grpc_message.as_deref(), Some(server), "{host}: {g:?}");
         let v: Value = serde_json::from_str(&g.message).unwrap_or(Value::Null);
@@ -1586,6 +1619,19 @@ health = "/healthz"
                 .is_some_and(|x| x.ends_with(&format!("URI={frontend_id}"))),
             "{g:?}"
         );
+    }
+    // a gRPC error (trailers-only: status in the headers, no body) arrives
+    // as one on every path, the HTTP/1.1 tunnel hop included
+    for (host, server) in [
+        ("ledger.store", "ledger"),
+        ("quotes.store", "quotes"),
+        ("pricing.cloud", "pricing"),
+    ] {
+        let g = grpc_call(o_front, host, "/tidemesh.test.Echo/Missing");
+        assert_eq!(g.status, 200, "{host}: {g:?}");
+        assert_eq!(g.grpc_status.as_deref(), Some("5"), "{host}: {g:?}");
+        assert_eq!(g.grpc_message.as_deref(), Some(server), "{host}: {g:?}");
+        assert!(g.message.is_empty(), "{host}: {g:?}");
     }
     eprintln!("{:?}: cloud call checked", started.elapsed());
     let inv = || call(o_front, "GET", "inventory.store", "/stock", &[]);
