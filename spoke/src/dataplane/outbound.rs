@@ -123,14 +123,15 @@ pub(crate) fn outcome_of<B>(resp: &Response<B>) -> Outcome {
     Outcome::Status(resp.status().as_u16())
 }
 
-/// The request again, for another attempt.
-fn rebuild(parts: &hyper::http::request::Parts, body: Body) -> Request<Body> {
-    let mut r = Request::new(body);
+/// A copy of the request's head, for another attempt (extensions are
+/// the hop's own and are not copied).
+fn copy_parts(parts: &hyper::http::request::Parts) -> hyper::http::request::Parts {
+    let mut r = Request::new(());
     *r.method_mut() = parts.method.clone();
     *r.uri_mut() = parts.uri.clone();
     *r.version_mut() = parts.version;
     *r.headers_mut() = parts.headers.clone();
-    r
+    r.into_parts().0
 }
 
 async fn handle(s: &Shared, caller: usize, mut req: Request<Incoming>) -> Response<Body> {
@@ -227,8 +228,8 @@ async fn handle(s: &Shared, caller: usize, mut req: Request<Incoming>) -> Respon
     let deadline = started + resolved.timeout.unwrap_or(s.settings.request_timeout);
 
     // A request that may be retried keeps its (small) body in memory.
-    let (parts, body) = req.into_parts();
-    let mut parts = Some(parts);
+    let (mut parts, body) = req.into_parts();
+    parts.extensions.clear();
     let size = hyper::body::Body::size_hint(&body).upper();
     let bufferable = retry.attempts > 0 && size.is_some_and(|n| n <= MAX_RETRY_BODY);
     let mut once = None;
@@ -276,27 +277,10 @@ async fn handle(s: &Shared, caller: usize, mut req: Request<Incoming>) -> Respon
             (None, Some(b)) => b,
             (None, None) => full(Vec::new()),
         };
-        // The last possible attempt takes the parts; earlier ones copy them.
-        let req = if attempt >= max_attempts {
-            let Some(mut p) = parts.take() else {
-                break local_response(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "request parts already used",
-                    &[],
-                );
-            };
-            p.extensions.clear();
-            Request::from_parts(p, body)
-        } else {
-            let Some(p) = parts.as_ref() else {
-                break local_response(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "request parts already used",
-                    &[],
-                );
-            };
-            rebuild(p, body)
-        };
+        // A later attempt needs the head again: every attempt but the last
+        // keeps a copy, and the last takes the original.
+        let spare = (attempt < max_attempts).then(|| copy_parts(&parts));
+        let req = Request::from_parts(parts, body);
         let now = tokio::time::Instant::now();
         let try_limit = retry
             .per_try_timeout
@@ -334,16 +318,18 @@ async fn handle(s: &Shared, caller: usize, mut req: Request<Incoming>) -> Respon
         tokio::time::sleep(delay).await;
         backoff_total += delay;
         tried.push(key);
-        let Some(p) = parts.as_ref() else {
+        // (a retry is only chosen below max_attempts, where a copy was kept)
+        let Some(p) = spare else {
             break resp;
         };
+        parts = p;
         resolved = match resolve::resolve(
             s,
             &host,
             &w.namespace,
             &method,
             &path,
-            &inbound::Headers(&p.headers),
+            &inbound::Headers(&parts.headers),
             &tried,
             Instant::now(),
         ) {
