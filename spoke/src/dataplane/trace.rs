@@ -7,6 +7,8 @@
 //! calling spoke's). What it must not do: draw its own randomness, or trust
 //! a malformed header (it is ignored and a new trace starts).
 
+use hyper::header::{HeaderName, HeaderValue};
+
 /// The caller's position in a trace, as read from its headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Parent {
@@ -65,16 +67,6 @@ fn parse_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
         *o = hex_val(b[2 * i])? << 4 | hex_val(b[2 * i + 1])?;
     }
     Some(out)
-}
-
-/// Lowercase hex.
-pub fn hex(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(HEX[usize::from(b >> 4)] as char);
-        s.push(HEX[usize::from(b & 15)] as char);
-    }
-    s
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -192,6 +184,7 @@ impl Span {
     }
 
     /// The `traceparent` value naming this span.
+    #[cfg(test)]
     pub fn traceparent(&self) -> String {
         String::from_utf8_lossy(&self.traceparent_bytes()).into_owned()
     }
@@ -207,20 +200,8 @@ impl Span {
     }
 
     /// Headers to set on the request leaving this hop: `traceparent` and
-    /// the B3 multi-header set (the parent id only when there is one).
-    pub fn headers(&self) -> Vec<(&'static str, String)> {
-        // the names in header_values' order
-        [TRACEPARENT, B3_TRACE, B3_SPAN, B3_SAMPLED, B3_PARENT]
-            .into_iter()
-            .zip(self.header_values())
-            .filter_map(|(n, hv)| {
-                hv.map(|(_, v)| (n, String::from_utf8_lossy(v.as_bytes()).into_owned()))
-            })
-            .collect()
-    }
-
-    /// [`Span::headers`] as ready header names and values, without
-    /// formatting or name parsing (the request path's form).
+    /// the B3 multi-header set (the parent id only when there is one), as
+    /// ready names and values, without formatting or name parsing.
     pub fn header_values(&self) -> [Option<(HeaderName, HeaderValue)>; 5] {
         let value = |b: &[u8]| HeaderValue::from_bytes(b).ok();
         let tp = value(&self.traceparent_bytes());
@@ -240,8 +221,6 @@ impl Span {
     }
 }
 
-use hyper::header::{HeaderName, HeaderValue};
-
 const H_TRACEPARENT: HeaderName = HeaderName::from_static(TRACEPARENT);
 const H_B3_TRACE: HeaderName = HeaderName::from_static(B3_TRACE);
 const H_B3_SPAN: HeaderName = HeaderName::from_static(B3_SPAN);
@@ -252,12 +231,8 @@ pub const H_REQUEST_ID: HeaderName = HeaderName::from_static(REQUEST_ID);
 /// `b3` (single header), ready to remove.
 pub const H_B3_SINGLE: HeaderName = HeaderName::from_static(B3_SINGLE);
 
-/// A new `x-request-id`: a random (version 4) UUID from 16 random bytes.
-pub fn new_request_id(r: [u8; 16]) -> String {
-    String::from_utf8_lossy(&request_id_bytes(r)).into_owned()
-}
-
-/// [`new_request_id`] in a fixed buffer (8-4-4-4-12 hex digits).
+/// A new `x-request-id`: a random (version 4) UUID from 16 random bytes,
+/// 8-4-4-4-12 hex digits.
 pub fn request_id_bytes(mut r: [u8; 16]) -> [u8; 36] {
     r[6] = (r[6] & 0x0f) | 0x40;
     r[8] = (r[8] & 0x3f) | 0x80;
@@ -274,6 +249,25 @@ pub fn request_id_bytes(mut r: [u8; 16]) -> [u8; 36] {
 #[allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
 mod tests {
     use super::*;
+
+    fn hex(bytes: &[u8]) -> String {
+        let mut out = vec![0u8; bytes.len() * 2];
+        hex_into(bytes, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    fn new_request_id(r: [u8; 16]) -> String {
+        String::from_utf8(request_id_bytes(r).to_vec()).unwrap()
+    }
+
+    /// The span's headers as (name, value) strings, in writing order.
+    fn written(s: &Span) -> Vec<(String, String)> {
+        s.header_values()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap().to_owned()))
+            .collect()
+    }
 
     const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
@@ -298,9 +292,9 @@ mod tests {
             s.traceparent(),
             "00-4bf92f3577b34da6a3ce929d0e0e4736-0707070707070707-01"
         );
-        let h = s.headers();
-        assert!(h.contains(&(B3_PARENT, "00f067aa0ba902b7".into())));
-        assert!(h.contains(&(B3_TRACE, "4bf92f3577b34da6a3ce929d0e0e4736".into())));
+        let h = written(&s);
+        assert!(h.contains(&(B3_PARENT.into(), "00f067aa0ba902b7".into())));
+        assert!(h.contains(&(B3_TRACE.into(), "4bf92f3577b34da6a3ce929d0e0e4736".into())));
     }
 
     #[test]
@@ -369,26 +363,22 @@ mod tests {
     }
 
     #[test]
-    fn header_values_match_the_formatted_headers() {
+    fn header_values_are_the_formatted_ids() {
         for parent in [None, Some(parse_traceparent(TP).unwrap())] {
             for seed in [[0u8; 24], [0xab; 24]] {
                 let s = Span::start(parent, seed);
-                let values: Vec<(String, String)> = s
-                    .header_values()
-                    .into_iter()
-                    .flatten()
-                    .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap().to_owned()))
-                    .collect();
-                let formatted: Vec<(String, String)> = s
-                    .headers()
-                    .into_iter()
-                    .map(|(k, v)| (k.to_owned(), v))
-                    .collect();
-                assert_eq!(values, formatted);
-                assert_eq!(values.len(), if parent.is_some() { 5 } else { 4 });
-                assert_eq!(values[0].1, s.traceparent());
-                assert_eq!(values[0].1.len(), 55);
-                assert!(parse_traceparent(&values[0].1).is_some());
+                let (t, sp) = (hex(&s.trace_id), hex(&s.span_id));
+                let mut expect = vec![
+                    (TRACEPARENT.to_owned(), format!("00-{t}-{sp}-01")),
+                    (B3_TRACE.to_owned(), t),
+                    (B3_SPAN.to_owned(), sp),
+                    (B3_SAMPLED.to_owned(), "1".to_owned()),
+                ];
+                if let Some(p) = s.parent_span_id {
+                    expect.push((B3_PARENT.to_owned(), hex(&p)));
+                }
+                assert_eq!(written(&s), expect);
+                assert_eq!(expect.len(), if parent.is_some() { 5 } else { 4 });
             }
         }
     }
