@@ -1327,11 +1327,24 @@ spec:
 /// A `ServiceEntry` for `NAME.cloud` in namespace cloud: one endpoint at
 /// `addr`, labelled `app: NAME`, its port of `protocol`.
 fn cloud_entry(name: &str, addr: SocketAddr, protocol: &str) -> String {
+    service_entry(name, "cloud", name, addr, protocol)
+}
+
+/// A `ServiceEntry` for `NAME.cloud` in `namespace`: one endpoint at
+/// `addr`, labelled `app: APP` (what authorization policies select), its
+/// port of `protocol`.
+fn service_entry(
+    name: &str,
+    namespace: &str,
+    app: &str,
+    addr: SocketAddr,
+    protocol: &str,
+) -> String {
     format!(
         r#"---
 apiVersion: networking.istio.io/v1beta1
 kind: ServiceEntry
-metadata: {{name: {name}, namespace: cloud}}
+metadata: {{name: {name}, namespace: {namespace}}}
 spec:
   hosts: [{name}.cloud]
   location: MESH_EXTERNAL
@@ -1340,7 +1353,7 @@ spec:
   resolution: STATIC
   endpoints:
   - address: {ip}
-    labels: {{app: {name}}}
+    labels: {{app: {app}}}
 "#,
         port = addr.port(),
         ip = addr.ip(),
@@ -1887,26 +1900,9 @@ fn raw_tcp_local_and_cross_spoke_with_l4_authorization() {
     let started = Instant::now();
     // a raw TCP service in the cloud, behind the hub gateway
     let echo_cloud = tcp_echo();
-    // NAME.cloud: a raw TCP ServiceEntry whose endpoint is the cloud echo
-    let tcp_entry = |name: &str| {
-        format!(
-            r#"---
-apiVersion: networking.istio.io/v1beta1
-kind: ServiceEntry
-metadata: {{name: {name}, namespace: store}}
-spec:
-  hosts: [{name}.cloud]
-  location: MESH_INTERNAL
-  ports:
-  - {{number: {port}, name: tcp, protocol: TCP}}
-  resolution: STATIC
-  endpoints:
-  - address: 127.0.0.1
-    labels: {{app: tcp-echo}}
-"#,
-            port = echo_cloud.port()
-        )
-    };
+    // NAME.cloud: a raw TCP service whose endpoint is the cloud echo, under
+    // the tcp-echo policy of namespace store
+    let tcp_entry = |name: &str| service_entry(name, "store", "tcp-echo", echo_cloud, "TCP");
     let yaml = format!(
         r#"{STORE_SF01}
 ---
