@@ -1029,6 +1029,17 @@ impl hyper::body::Body for GrpcBody {
     }
 }
 
+/// `grpc-status` and `grpc-message`, as a gRPC server ends a call with.
+fn grpc_status(code: &'static str, message: &'static str) -> hyper::HeaderMap {
+    let mut h = hyper::HeaderMap::new();
+    h.insert("grpc-status", hyper::header::HeaderValue::from_static(code));
+    h.insert(
+        "grpc-message",
+        hyper::header::HeaderValue::from_static(message),
+    );
+    h
+}
+
 /// What a unary gRPC call through the mesh returned.
 #[derive(Debug)]
 struct GrpcReply {
@@ -1138,25 +1149,10 @@ fn h2_server(name: &'static str) -> SocketAddr {
                                     "content-type",
                                     hyper::header::HeaderValue::from_static("application/grpc"),
                                 );
-                                h.insert(
-                                    "grpc-status",
-                                    hyper::header::HeaderValue::from_static("5"),
-                                );
-                                h.insert(
-                                    "grpc-message",
-                                    hyper::header::HeaderValue::from_static(name),
-                                );
+                                h.extend(grpc_status("5", name));
                                 return Ok(r);
                             }
-                            let mut trailers = hyper::HeaderMap::new();
-                            trailers.insert(
-                                "grpc-status",
-                                hyper::header::HeaderValue::from_static("0"),
-                            );
-                            trailers.insert(
-                                "grpc-message",
-                                hyper::header::HeaderValue::from_static(name),
-                            );
+                            let trailers = grpc_status("0", name);
                             let body = GrpcBody(
                                 [
                                     hyper::body::Frame::data(grpc_frame(out.as_bytes())),
