@@ -12,16 +12,20 @@
 
 pub mod clock;
 pub mod naming;
+pub mod revocation;
 pub mod spiffe;
 pub mod svid;
+pub mod trusted_time;
 pub mod verify;
 
 pub use clock::{Clock, ClockTimeProvider, FixedClock, SystemClock};
 pub use naming::{classify, hub_id, node_id, workload_id, MeshIdentity};
 pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
-pub use svid::{Ca, IssueError, KeyPair};
+pub use revocation::{RevocationList, Revocations, SignedRevocationList};
+pub use svid::{Ca, IssueError, KeyPair, NodeCa};
 pub use verify::{
     anonymous_client_config, client_config, client_config_no_cert, peer_id, server_config,
     svid_error, verify_svid, AnyInTrustDomain, Authorizer, ExactId, ServerTrust,
-    SpiffeClientVerifier, SpiffeServerVerifier, SvidError, TrustBundle, Usage, VerifiedSvid,
+    NodeCaIssuer, SpiffeClientVerifier, SpiffeServerVerifier, SvidError, TrustBundle, Usage,
+    VerifiedSvid, WorkloadsViaNodeCa,
 };

@@ -127,6 +127,23 @@ pub enum IssueError {
     /// A proof-of-possession signature does not verify.
     #[error("signature does not verify against the public key")]
     BadSignature,
+    /// A node CA was asked for an ID that is not a spoke node ID.
+    #[error("{0} is not a spoke node id (spiffe://td/store/STORE/node/NODE)")]
+    NotANodeId(SpiffeId),
+    /// A certificate offered as a node CA is not one.
+    #[error("certificate is not a node ca: {0}")]
+    NotANodeCa(String),
+    /// A node CA was asked to issue an ID outside its store.
+    #[error("node ca of {ca} may only issue workload ids of its own store, not {id}")]
+    OutOfScope {
+        /// The node the CA belongs to.
+        ca: SpiffeId,
+        /// The ID that was requested.
+        id: SpiffeId,
+    },
+    /// The node CA has expired: it can issue nothing more.
+    #[error("the node ca of {0} has expired: reconnect to the hub to renew it")]
+    IssuerExpired(SpiffeId),
 }
 
 /// The hub's root CA: self-signed certificate plus its private key.
@@ -263,23 +280,246 @@ impl Ca {
             return Err(IssueError::LeafWithoutPath(id.clone()));
         }
         let public_key = P256PublicKey(csr_public_key(csr_der)?);
+        issue_leaf(&self.issuer, &public_key, id, not_before, not_after)
+    }
 
+    /// Issues a spoke its **node CA**: an intermediate CA certificate for the
+    /// key in `csr_der` (generated on the spoke, which proves possession by
+    /// the CSR's self-signature), named by the node's ID, that may sign
+    /// workload SVIDs and nothing else.
+    ///
+    /// The certificate carries exactly: URI SAN `node` (a
+    /// `spiffe://TD/store/STORE/node/NODE` ID: verifiers read the store the
+    /// CA may vouch for from it), `cA=true` with `pathLenConstraint=0`
+    /// (critical: it cannot sign another CA), key usage
+    /// `keyCertSign`+`cRLSign` (critical), no extended key usage, subject
+    /// `O=tidemesh, CN=tidemesh node CA STORE/NODE`, the given dates, a
+    /// random serial, AKI and SKI. `not_after` is clamped to this CA's own
+    /// expiry. Name constraints are not used: webpki refuses URI name
+    /// constraints, so the store scope is enforced by `verify` instead.
+    pub fn issue_node_ca(
+        &self,
+        csr_der: &[u8],
+        node: &SpiffeId,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<CertificateDer<'static>, IssueError> {
+        if node.trust_domain() != &self.trust_domain {
+            return Err(IssueError::WrongTrustDomain {
+                expected: self.trust_domain.clone(),
+                id: node.clone(),
+            });
+        }
+        let Some(crate::naming::MeshIdentity::Node { store, node: name }) =
+            crate::naming::classify(node)
+        else {
+            return Err(IssueError::NotANodeId(node.clone()));
+        };
+        let public_key = P256PublicKey(csr_public_key(csr_der)?);
+        let own_not_after = cert_validity(&self.cert_der)?.1;
         let mut params = CertificateParams::default();
-        set_validity(&mut params, not_before, not_after)?;
+        set_validity(&mut params, not_before, not_after.min(own_not_after))?;
         params.serial_number = Some(random_serial()?);
-        params.distinguished_name = subject(None);
-        params.subject_alt_names = vec![uri_san(id)?];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.distinguished_name = subject(Some(&format!("tidemesh node CA {store}/{name}")));
+        params.subject_alt_names = vec![uri_san(node)?];
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         params.use_authority_key_identifier_extension = true;
         let cert = params
             .signed_by(&public_key, &self.issuer)
             .map_err(|e| IssueError::Signing(e.to_string()))?;
         Ok(cert.der().clone())
+    }
+
+    /// Signs `msg` with the CA key under a domain-separation `context`
+    /// (see [`signed_message`]): how the hub vouches for data that is not a
+    /// certificate (revocation lists, time anchors). Verify with
+    /// [`verify_signed_message`] and the CA certificate's public key.
+    pub fn sign_message(&self, context: &str, msg: &[u8]) -> Result<Vec<u8>, IssueError> {
+        self.issuer
+            .key()
+            .sign(&signed_message(context, msg))
+            .map_err(|e| IssueError::Signing(e.to_string()))
+    }
+}
+
+/// The bytes a [`Ca::sign_message`] signature covers: `tidemesh:`, the
+/// context, a NUL, then the message. A signature for one context never
+/// verifies for another.
+pub fn signed_message(context: &str, msg: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(10 + context.len() + msg.len());
+    out.extend_from_slice(b"tidemesh:");
+    out.extend_from_slice(context.as_bytes());
+    out.push(0);
+    out.extend_from_slice(msg);
+    out
+}
+
+/// Verifies a [`Ca::sign_message`] signature against `ca_cert_der`'s key.
+pub fn verify_signed_message(
+    ca_cert_der: &[u8],
+    context: &str,
+    msg: &[u8],
+    sig: &[u8],
+) -> Result<(), IssueError> {
+    verify_signature(&cert_public_key(ca_cert_der)?, &signed_message(context, msg), sig)
+}
+
+/// Builds and signs a leaf X.509-SVID (the fixed shape [`Ca::sign_csr`]
+/// documents) for `public_key`, issued by `issuer`.
+fn issue_leaf(
+    issuer: &Issuer<'static, KeyPair>,
+    public_key: &impl PublicKeyData,
+    id: &SpiffeId,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> Result<CertificateDer<'static>, IssueError> {
+    let mut params = CertificateParams::default();
+    set_validity(&mut params, not_before, not_after)?;
+    params.serial_number = Some(random_serial()?);
+    params.distinguished_name = subject(None);
+    params.subject_alt_names = vec![uri_san(id)?];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let cert = params
+        .signed_by(public_key, issuer)
+        .map_err(|e| IssueError::Signing(e.to_string()))?;
+    Ok(cert.der().clone())
+}
+
+/// A spoke's node CA: the intermediate certificate the hub issued it
+/// ([`Ca::issue_node_ca`]) and its private key, which never leaves the box.
+/// It issues the spoke's workload SVIDs, online and offline alike.
+pub struct NodeCa {
+    node: SpiffeId,
+    store: String,
+    cert_der: CertificateDer<'static>,
+    not_before: SystemTime,
+    not_after: SystemTime,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for NodeCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeCa")
+            .field("node", &self.node.to_string())
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeCa {
+    /// Loads a node CA from its certificate and key, checking that the key
+    /// belongs to the certificate, that it is a CA limited to
+    /// `pathLenConstraint=0` with `keyCertSign`, and that it names a node.
+    pub fn new(cert_der: CertificateDer<'static>, key: KeyPair) -> Result<NodeCa, IssueError> {
+        require_p256(&key)?;
+        let cert = parse_cert(&cert_der)?;
+        let bc = cert
+            .basic_constraints()
+            .map_err(|e| IssueError::CertMalformed(e.to_string()))?
+            .map(|bc| (bc.value.ca, bc.value.path_len_constraint));
+        let can_sign = cert
+            .key_usage()
+            .map_err(|e| IssueError::CertMalformed(e.to_string()))?
+            .is_some_and(|ku| ku.value.key_cert_sign());
+        if bc != Some((true, Some(0))) || !can_sign {
+            return Err(IssueError::NotANodeCa(
+                "needs cA=true, pathLenConstraint=0 and keyUsage keyCertSign".into(),
+            ));
+        }
+        if p256_point(cert.public_key())? != key.public_key_raw() {
+            return Err(IssueError::CaKeyMismatch);
+        }
+        let node = single_spiffe_id(&cert).map_err(|e| IssueError::NotANodeCa(e.to_string()))?;
+        let Some(crate::naming::MeshIdentity::Node { store, .. }) = crate::naming::classify(&node)
+        else {
+            return Err(IssueError::NotANodeId(node));
+        };
+        let v = cert.validity();
+        let not_before = system_time(v.not_before.timestamp())?;
+        let not_after = system_time(v.not_after.timestamp())?;
+        if cert.subject().iter().any(|rdn| rdn.iter().next().is_none()) {
+            return Err(IssueError::CertMalformed(
+                "node ca subject has an empty relative distinguished name".into(),
+            ));
+        }
+        drop(cert);
+        let issuer = Issuer::from_ca_cert_der(&cert_der, key)
+            .map_err(|e| IssueError::CertMalformed(e.to_string()))?;
+        Ok(NodeCa {
+            node,
+            store,
+            cert_der,
+            not_before,
+            not_after,
+            issuer,
+        })
+    }
+
+    /// The node ID the CA is named by.
+    pub fn node(&self) -> &SpiffeId {
+        &self.node
+    }
+
+    /// The store whose workload IDs it may issue.
+    pub fn store(&self) -> &str {
+        &self.store
+    }
+
+    /// The CA certificate (DER).
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    /// The CA's validity.
+    pub fn validity(&self) -> (SystemTime, SystemTime) {
+        (self.not_before, self.not_after)
+    }
+
+    /// SHA-256 of the CA's public key (what revocation lists name).
+    pub fn key_fingerprint(&self) -> [u8; 32] {
+        sha256(&self.issuer.key().public_key_raw())
+    }
+
+    /// Issues a workload X.509-SVID for `key`'s public key: the leaf shape
+    /// [`Ca::sign_csr`] documents, chain `[leaf, node CA]`. Refuses IDs that
+    /// are not `spiffe://TD/store/<this store>/sa/ACCOUNT`; `not_after` is
+    /// clamped to the CA's own expiry (a leaf never outlives its CA), and
+    /// issuing at or after that expiry is refused.
+    pub fn issue_workload(
+        &self,
+        key: &KeyPair,
+        id: &SpiffeId,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<Vec<CertificateDer<'static>>, IssueError> {
+        require_p256(key)?;
+        let in_scope = id.trust_domain() == self.node.trust_domain()
+            && matches!(crate::naming::classify(id),
+                Some(crate::naming::MeshIdentity::Workload { ref store, .. }) if *store == self.store);
+        if !in_scope {
+            return Err(IssueError::OutOfScope {
+                ca: self.node.clone(),
+                id: id.clone(),
+            });
+        }
+        if not_before >= self.not_after {
+            return Err(IssueError::IssuerExpired(self.node.clone()));
+        }
+        let leaf = issue_leaf(
+            &self.issuer,
+            key,
+            id,
+            not_before.max(self.not_before),
+            not_after.min(self.not_after),
+        )?;
+        Ok(vec![leaf, self.cert_der.clone()])
     }
 }
 
@@ -322,6 +562,17 @@ pub fn csr_public_key(csr_der: &[u8]) -> Result<Vec<u8>, IssueError> {
 /// The public key (uncompressed P-256 point) of a certificate.
 pub fn cert_public_key(cert_der: &[u8]) -> Result<Vec<u8>, IssueError> {
     p256_point(parse_cert(cert_der)?.public_key())
+}
+
+/// SHA-256 of a certificate's public key (the uncompressed P-256 point):
+/// how revocation lists name node keys and node CA keys.
+pub fn cert_key_fingerprint(cert_der: &[u8]) -> Result<[u8; 32], IssueError> {
+    Ok(sha256(&cert_public_key(cert_der)?))
+}
+
+/// SHA-256 of a key pair's public key, as [`cert_key_fingerprint`].
+pub fn key_fingerprint(key: &KeyPair) -> [u8; 32] {
+    sha256(&key.public_key_raw())
 }
 
 /// A certificate's `(not_before, not_after)`.

@@ -14,10 +14,21 @@
 //!    validity dates and the EKU for the usage; no name check of any kind;
 //! 2. SPIFFE leaf rules: not a CA, no signing key usage, exactly one URI SAN,
 //!    a valid SPIFFE ID with a path, in the bundle's trust domain;
-//! 3. (verifiers only) the caller's [`Authorizer`].
+//! 3. node CA rules on the path webpki built (webpki cannot enforce URI name
+//!    constraints, so this is ours): at most one intermediate; an
+//!    intermediate must be a **node CA** — `pathLenConstraint=0`, one URI
+//!    SAN naming a spoke node `spiffe://TD/store/STORE/node/NODE` of the
+//!    bundle's trust domain — and the leaf it signed must be a workload of
+//!    that same store (`spiffe://TD/store/STORE/sa/ACCOUNT`) that does not
+//!    outlive it;
+//! 4. revocation, when the bundle carries a [`Revocations`] handle: the
+//!    leaf's ID (a node), the leaf's key, the node CA's node ID and the node
+//!    CA's key must not be listed;
+//! 5. (verifiers only) the caller's [`Authorizer`], given the whole
+//!    [`VerifiedSvid`] (ID, issuer, fingerprints).
 //!
 //! Only this module can construct a [`VerifiedSvid`], so holding one proves
-//! steps 0 to 2 ran. Who drives it: rustls during handshakes; hub and spoke
+//! steps 0 to 4 ran. Who drives it: rustls during handshakes; hub and spoke
 //! through the config builders and [`peer_id`]. What it must not do: look at
 //! DNS names or SNI, read the system clock (time comes from the caller or the
 //! injected [`Clock`]), or decide authorization policy itself (that is the
@@ -38,17 +49,19 @@ use rustls::{
 use x509_parser::extensions::GeneralName;
 
 use crate::clock::{from_unix_time, Clock, ClockTimeProvider};
+use crate::naming::{self, MeshIdentity};
+use crate::revocation::Revocations;
 use crate::spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
 use crate::svid::{self, sha256, KeyPair, UriSanError};
 
 /// Decides whether an authenticated peer may talk to us.
 ///
-/// Called after the chain and the SPIFFE rules have passed, with the peer's
-/// verified ID. Return `Err(reason)` to refuse; the reason ends up in
-/// [`SvidError::Unauthorized`].
+/// Called after the chain, the SPIFFE rules, the node CA rules and
+/// revocation have passed, with the peer's verified SVID. Return
+/// `Err(reason)` to refuse; the reason ends up in [`SvidError::Unauthorized`].
 pub trait Authorizer: Send + Sync + fmt::Debug {
     /// `Ok(())` if `peer` is allowed.
-    fn authorize(&self, peer: &SpiffeId) -> Result<(), String>;
+    fn authorize(&self, peer: &VerifiedSvid) -> Result<(), String>;
 }
 
 /// Accepts every ID (the verifier already checked the trust domain).
@@ -56,7 +69,7 @@ pub trait Authorizer: Send + Sync + fmt::Debug {
 pub struct AnyInTrustDomain;
 
 impl Authorizer for AnyInTrustDomain {
-    fn authorize(&self, _peer: &SpiffeId) -> Result<(), String> {
+    fn authorize(&self, _peer: &VerifiedSvid) -> Result<(), String> {
         Ok(())
     }
 }
@@ -66,8 +79,8 @@ impl Authorizer for AnyInTrustDomain {
 pub struct ExactId(pub SpiffeId);
 
 impl Authorizer for ExactId {
-    fn authorize(&self, peer: &SpiffeId) -> Result<(), String> {
-        if peer == &self.0 {
+    fn authorize(&self, peer: &VerifiedSvid) -> Result<(), String> {
+        if peer.id() == &self.0 {
             Ok(())
         } else {
             Err(format!("expected {}", self.0))
@@ -75,11 +88,32 @@ impl Authorizer for ExactId {
     }
 }
 
-/// The roots we trust for one trust domain.
+/// Accepts workload SVIDs issued through a node CA, and nothing else: the
+/// data plane's peers (spoke tunnels, the hub gateway). A workload leaf
+/// signed straight by the root would escape per-spoke revocation, and a
+/// node or the hub has no business opening data streams.
+#[derive(Debug)]
+pub struct WorkloadsViaNodeCa;
+
+impl Authorizer for WorkloadsViaNodeCa {
+    fn authorize(&self, peer: &VerifiedSvid) -> Result<(), String> {
+        match (naming::classify(peer.id()), peer.issuer()) {
+            (Some(MeshIdentity::Workload { .. }), Some(_)) => Ok(()),
+            (Some(MeshIdentity::Workload { .. }), None) => {
+                Err("workload SVIDs must be issued by their spoke's node CA".into())
+            }
+            _ => Err("only workload SVIDs may open data streams".into()),
+        }
+    }
+}
+
+/// The roots we trust for one trust domain, and optionally the revocation
+/// list every verification consults.
 #[derive(Clone, Debug)]
 pub struct TrustBundle {
     trust_domain: TrustDomain,
     roots: Vec<CertificateDer<'static>>,
+    revocations: Option<Revocations>,
 }
 
 impl TrustBundle {
@@ -88,7 +122,20 @@ impl TrustBundle {
         Self {
             trust_domain: td,
             roots,
+            revocations: None,
         }
+    }
+
+    /// This bundle, also refusing what `revocations` names (read at every
+    /// verification, so a newer list takes effect on the next handshake).
+    pub fn with_revocations(mut self, revocations: Revocations) -> Self {
+        self.revocations = Some(revocations);
+        self
+    }
+
+    /// The revocation handle, if any.
+    pub fn revocations(&self) -> Option<&Revocations> {
+        self.revocations.as_ref()
     }
 
     /// The trust domain every verified peer must belong to.
@@ -120,12 +167,37 @@ impl fmt::Display for Usage {
     }
 }
 
+/// The node CA a verified leaf was issued by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeCaIssuer {
+    node: SpiffeId,
+    key_fingerprint: [u8; 32],
+    not_after: SystemTime,
+}
+
+impl NodeCaIssuer {
+    /// The spoke node the CA belongs to.
+    pub fn node(&self) -> &SpiffeId {
+        &self.node
+    }
+    /// SHA-256 of the CA's public key.
+    pub fn key_fingerprint(&self) -> [u8; 32] {
+        self.key_fingerprint
+    }
+    /// When the CA expires.
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+}
+
 /// A leaf SVID that passed [`verify_svid`]. Only this module constructs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VerifiedSvid {
     id: SpiffeId,
     leaf_fingerprint: [u8; 32],
+    key_fingerprint: [u8; 32],
     not_after: SystemTime,
+    issuer: Option<NodeCaIssuer>,
 }
 
 impl VerifiedSvid {
@@ -137,10 +209,48 @@ impl VerifiedSvid {
     pub fn leaf_fingerprint(&self) -> [u8; 32] {
         self.leaf_fingerprint
     }
+    /// SHA-256 of the leaf's public key.
+    pub fn key_fingerprint(&self) -> [u8; 32] {
+        self.key_fingerprint
+    }
     /// When the leaf expires.
     pub fn not_after(&self) -> SystemTime {
         self.not_after
     }
+    /// The node CA that issued the leaf (`None`: issued by the root).
+    pub fn issuer(&self) -> Option<&NodeCaIssuer> {
+        self.issuer.as_ref()
+    }
+    /// Whether `revocations` names this leaf or its node CA now.
+    pub fn revoked_by(&self, list: &crate::revocation::RevocationList) -> bool {
+        revoked_reason(list, &self.id, &self.key_fingerprint, self.issuer.as_ref()).is_some()
+    }
+}
+
+/// Why `list` refuses a chain with this leaf and issuer, if it does.
+fn revoked_reason(
+    list: &crate::revocation::RevocationList,
+    id: &SpiffeId,
+    key: &[u8; 32],
+    issuer: Option<&NodeCaIssuer>,
+) -> Option<String> {
+    if list.node_revoked(id) {
+        return Some(format!("{id} is revoked"));
+    }
+    if list.key_revoked(key) {
+        return Some(format!("the key of {id} is revoked"));
+    }
+    let ca = issuer?;
+    if list.node_revoked(&ca.node) {
+        return Some(format!("its issuer, the node ca of {}, is revoked", ca.node));
+    }
+    if list.key_revoked(&ca.key_fingerprint) {
+        return Some(format!(
+            "the key of its issuer, the node ca of {}, is revoked",
+            ca.node
+        ));
+    }
+    None
 }
 
 /// Why a presented certificate chain is not an acceptable SVID.
@@ -209,6 +319,33 @@ pub enum SvidError {
     /// Pinned mode: no certificate in the presented chain has the pinned fingerprint.
     #[error("no ca certificate in the presented chain matches the pinned fingerprint: wrong hub, or wrong join token")]
     PinMismatch,
+    /// The path has more than one intermediate: only root → node CA → leaf
+    /// is allowed.
+    #[error("certificate path has {0} intermediates; tidemesh allows one (the spoke's node ca)")]
+    IntermediateDepth(usize),
+    /// An intermediate is not a node CA limited to `pathLenConstraint=0`.
+    #[error("intermediate ca of {0} does not carry pathLenConstraint=0: not a node ca")]
+    NodeCaPathLen(String),
+    /// An intermediate does not name a spoke node of this trust domain.
+    #[error("intermediate ca is not a node ca of this trust domain: {0}")]
+    NodeCaIdentity(String),
+    /// A node CA signed an ID outside its own store.
+    #[error("node ca of {ca} vouches for {id}, which is outside its store (a node ca may only issue spiffe://td/store/<its store>/sa/...)")]
+    NodeCaScope {
+        /// The node the CA belongs to.
+        ca: SpiffeId,
+        /// The leaf's ID.
+        id: SpiffeId,
+    },
+    /// The leaf outlives the node CA that issued it.
+    #[error("leaf {id} expires after the node ca that issued it: refused")]
+    OutlivesIssuer {
+        /// The leaf's ID.
+        id: SpiffeId,
+    },
+    /// The revocation list names the leaf, its key, or its node CA.
+    #[error("revoked: {0}")]
+    Revoked(String),
     /// The SVID is valid but the [`Authorizer`] refused the peer.
     #[error("peer {id} is not authorized: {reason}")]
     Unauthorized {
@@ -279,7 +416,7 @@ pub fn verify_svid(
         Usage::Server => webpki::KeyUsage::server_auth(),
         Usage::Client => webpki::KeyUsage::client_auth(),
     };
-    end_entity
+    let path = end_entity
         .verify_for_usage(
             algorithms().all,
             &anchors,
@@ -290,6 +427,10 @@ pub fn verify_svid(
             None,
         )
         .map_err(|e| from_webpki(e, usage))?;
+    let path_cas: Vec<CertificateDer<'_>> = path
+        .intermediate_certificates()
+        .map(|c| c.der())
+        .collect();
 
     // Step 2: SPIFFE rules on the leaf.
     let leaf = svid::parse_cert(leaf_der).map_err(|e| SvidError::Malformed(e.to_string()))?;
@@ -319,9 +460,79 @@ pub fn verify_svid(
     }
     let not_after = svid::system_time(leaf.validity().not_after.timestamp())
         .map_err(|e| SvidError::Malformed(e.to_string()))?;
+    let key_fingerprint = sha256(leaf.public_key().subject_public_key.data.as_ref());
+
+    // Step 3: node CA rules on the path webpki built.
+    let issuer = match path_cas.as_slice() {
+        [] => None,
+        [ca] => Some(node_ca_rules(ca, &id, not_after, bundle.trust_domain())?),
+        more => return Err(SvidError::IntermediateDepth(more.len())),
+    };
+
+    // Step 4: revocation.
+    if let Some(handle) = &bundle.revocations {
+        let list = handle
+            .current()
+            .ok_or_else(|| SvidError::Revoked("revocation list unavailable (poisoned lock)".into()))?;
+        if let Some(why) = revoked_reason(&list, &id, &key_fingerprint, issuer.as_ref()) {
+            return Err(SvidError::Revoked(why));
+        }
+    }
     Ok(VerifiedSvid {
         id,
         leaf_fingerprint: sha256(leaf_der),
+        key_fingerprint,
+        not_after,
+        issuer,
+    })
+}
+
+/// Step 3 for the one intermediate of a path: it must be a node CA of this
+/// trust domain limited to `pathLenConstraint=0`, and `leaf` must be a
+/// workload of the CA's store expiring no later than the CA.
+fn node_ca_rules(
+    ca_der: &CertificateDer<'_>,
+    leaf: &SpiffeId,
+    leaf_not_after: SystemTime,
+    td: &TrustDomain,
+) -> Result<NodeCaIssuer, SvidError> {
+    let ca = svid::parse_cert(ca_der).map_err(|e| SvidError::Malformed(format!("node ca: {e}")))?;
+    let node = svid::single_spiffe_id(&ca)
+        .map_err(|e| SvidError::NodeCaIdentity(e.to_string()))?;
+    let path_len = ca
+        .basic_constraints()
+        .map_err(|e| SvidError::Malformed(format!("node ca basic constraints: {e}")))?
+        .and_then(|bc| bc.value.path_len_constraint);
+    if path_len != Some(0) {
+        return Err(SvidError::NodeCaPathLen(node.to_string()));
+    }
+    if node.trust_domain() != td {
+        return Err(SvidError::NodeCaIdentity(format!(
+            "{node} is in trust domain {}, expected {td}",
+            node.trust_domain()
+        )));
+    }
+    let Some(MeshIdentity::Node { store, .. }) = naming::classify(&node) else {
+        return Err(SvidError::NodeCaIdentity(format!(
+            "{node} is not a spoke node id (spiffe://td/store/STORE/node/NODE)"
+        )));
+    };
+    let in_store = matches!(naming::classify(leaf),
+        Some(MeshIdentity::Workload { store: ref s, .. }) if *s == store);
+    if !in_store {
+        return Err(SvidError::NodeCaScope {
+            ca: node,
+            id: leaf.clone(),
+        });
+    }
+    let not_after = svid::system_time(ca.validity().not_after.timestamp())
+        .map_err(|e| SvidError::Malformed(e.to_string()))?;
+    if leaf_not_after > not_after {
+        return Err(SvidError::OutlivesIssuer { id: leaf.clone() });
+    }
+    Ok(NodeCaIssuer {
+        key_fingerprint: sha256(ca.public_key().subject_public_key.data.as_ref()),
+        node,
         not_after,
     })
 }
@@ -488,7 +699,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let chain = full_chain(end_entity, intermediates);
         let svid = self.trust.verify(&chain, now).map_err(to_rustls)?;
-        authorize(self.authorizer.as_ref(), svid.id()).map_err(to_rustls)?;
+        authorize(self.authorizer.as_ref(), &svid).map_err(to_rustls)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -561,7 +772,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         let chain = full_chain(end_entity, intermediates);
         let svid = verify_svid(&chain, &self.bundle, now, Usage::Client).map_err(to_rustls)?;
-        authorize(self.authorizer.as_ref(), svid.id()).map_err(to_rustls)?;
+        authorize(self.authorizer.as_ref(), &svid).map_err(to_rustls)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -598,11 +809,11 @@ fn full_chain<'a>(
     chain
 }
 
-fn authorize(authorizer: &dyn Authorizer, id: &SpiffeId) -> Result<(), SvidError> {
+fn authorize(authorizer: &dyn Authorizer, svid: &VerifiedSvid) -> Result<(), SvidError> {
     authorizer
-        .authorize(id)
+        .authorize(svid)
         .map_err(|reason| SvidError::Unauthorized {
-            id: id.clone(),
+            id: svid.id.clone(),
             reason,
         })
 }

@@ -177,19 +177,297 @@ fn good_chain_passes_for_both_usages() {
 }
 
 #[test]
-fn chain_through_an_intermediate_passes() {
+fn a_generic_intermediate_is_not_a_node_ca() {
+    // An unconstrained intermediate of our own root: webpki would build the
+    // path, but tidemesh only allows node CAs (pathLenConstraint 0).
     let pki = Pki::new();
     let inter_key = svid::generate_key().unwrap();
     let inter_params = ca_params("tidemesh store CA sf01");
     let inter = inter_params.signed_by(&inter_key, &pki.issuer()).unwrap();
     let inter_issuer = Issuer::new(inter_params, inter_key);
     let leaf = sign_leaf(&leaf_params(vec![uri(&node().to_string())]), &inter_issuer);
-    assert_eq!(
+    assert!(matches!(
         verify(&[leaf.clone(), inter.der().clone()], &pki.bundle()),
-        Ok(node())
-    );
+        Err(SvidError::NodeCaPathLen(_))
+    ));
     // Without the intermediate the path cannot be built.
     assert_eq!(rejected(&pki, &[leaf]), SvidError::UnknownIssuer);
+}
+
+// ------------------------------------------------------------ node CAs
+
+fn workload(store: &str, account: &str) -> SpiffeId {
+    naming::workload_id(&td(), store, account).unwrap()
+}
+
+/// A node CA of `node` issued through the public path, valid NB-DAY..NB+30d.
+fn node_ca(pki: &Pki, node: &SpiffeId) -> svid::NodeCa {
+    let key = svid::generate_key().unwrap();
+    let csr = svid::make_csr(&key, node).unwrap();
+    let der = pki
+        .ca
+        .issue_node_ca(&csr, node, t(NB - DAY), t(NB + 30 * DAY))
+        .unwrap();
+    svid::NodeCa::new(der, key).unwrap()
+}
+
+/// An rcgen issuer holding a node CA's name and key, to craft what
+/// `NodeCa::issue_workload` refuses to make.
+fn raw_issuer(ca: &svid::NodeCa, key: KeyPair) -> Issuer<'static, KeyPair> {
+    Issuer::from_ca_cert_der(ca.cert_der(), key).unwrap()
+}
+
+#[test]
+fn a_node_ca_issues_workloads_of_its_store() {
+    let pki = Pki::new();
+    let ca = node_ca(&pki, &node());
+    let key = svid::generate_key().unwrap();
+    let id = workload("sf01", "pos");
+    let chain = ca.issue_workload(&key, &id, t(NB), t(NB + HOUR)).unwrap();
+    assert_eq!(chain.len(), 2);
+    for usage in [Usage::Server, Usage::Client] {
+        let v = verify_svid(&chain, &pki.bundle(), now(), usage).unwrap();
+        assert_eq!(v.id(), &id);
+        let issuer = v.issuer().expect("issued by the node ca");
+        assert_eq!(issuer.node(), &node());
+        assert_eq!(issuer.key_fingerprint(), ca.key_fingerprint());
+        assert_eq!(v.key_fingerprint(), svid::key_fingerprint(&key));
+    }
+    // The node CA refuses other stores and non-workload IDs itself.
+    for other in [workload("sf02", "pos"), node()] {
+        assert!(matches!(
+            ca.issue_workload(&key, &other, t(NB), t(NB + HOUR)),
+            Err(svid::IssueError::OutOfScope { .. })
+        ));
+    }
+    // A leaf asked to outlive the CA is clamped to the CA's expiry.
+    let long = ca
+        .issue_workload(&key, &id, t(NB), t(NB + 365 * DAY))
+        .unwrap();
+    assert_eq!(svid::cert_validity(&long[0]).unwrap().1, ca.validity().1);
+}
+
+#[test]
+fn a_node_ca_of_store_a_signing_a_store_b_id_is_refused() {
+    let pki = Pki::new();
+    let key = svid::generate_key().unwrap();
+    let csr = svid::make_csr(&key, &node()).unwrap();
+    let der = pki
+        .ca
+        .issue_node_ca(&csr, &node(), t(NB - DAY), t(NB + 30 * DAY))
+        .unwrap();
+    let ca = svid::NodeCa::new(der.clone(), svid::key_from_pem(&key.serialize_pem()).unwrap())
+        .unwrap();
+    let issuer = raw_issuer(&ca, key);
+    for stolen in [
+        workload("sf02", "payments").to_string(),
+        naming::node_id(&td(), "sf01", "n2").unwrap().to_string(),
+        naming::hub_id(&td()).to_string(),
+    ] {
+        let leaf = sign_leaf(&leaf_params(vec![uri(&stolen)]), &issuer);
+        let err = verify(&[leaf, der.clone()], &pki.bundle()).unwrap_err();
+        assert!(
+            matches!(err, SvidError::NodeCaScope { ref ca, .. } if ca == &node()),
+            "{stolen}: {err:?}"
+        );
+    }
+}
+
+#[test]
+fn a_leaf_outliving_its_node_ca_is_refused() {
+    let pki = Pki::new();
+    let key = svid::generate_key().unwrap();
+    let csr = svid::make_csr(&key, &node()).unwrap();
+    let der = pki
+        .ca
+        .issue_node_ca(&csr, &node(), t(NB - DAY), t(NB + HOUR))
+        .unwrap();
+    let ca = svid::NodeCa::new(der.clone(), svid::key_from_pem(&key.serialize_pem()).unwrap())
+        .unwrap();
+    let issuer = raw_issuer(&ca, key);
+    let mut params = leaf_params(vec![uri(&workload("sf01", "pos").to_string())]);
+    params.not_after = time::OffsetDateTime::from_unix_timestamp((NB + 2 * HOUR) as i64).unwrap();
+    let leaf = sign_leaf(&params, &issuer);
+    assert_eq!(
+        verify(&[leaf, der], &pki.bundle()),
+        Err(SvidError::OutlivesIssuer {
+            id: workload("sf01", "pos")
+        })
+    );
+}
+
+#[test]
+fn a_node_ca_without_path_len_zero_is_refused() {
+    let pki = Pki::new();
+    for constraint in [BasicConstraints::Unconstrained, BasicConstraints::Constrained(1)] {
+        let ca_key = svid::generate_key().unwrap();
+        let mut params = ca_params("tidemesh node CA sf01/n1");
+        params.is_ca = IsCa::Ca(constraint);
+        params.subject_alt_names = vec![uri(&node().to_string())];
+        let ca = params.signed_by(&ca_key, &pki.issuer()).unwrap();
+        let issuer = Issuer::new(params, ca_key);
+        let leaf = sign_leaf(
+            &leaf_params(vec![uri(&workload("sf01", "pos").to_string())]),
+            &issuer,
+        );
+        assert_eq!(
+            verify(&[leaf, ca.der().clone()], &pki.bundle()),
+            Err(SvidError::NodeCaPathLen(node().to_string()))
+        );
+    }
+    // NodeCa::new refuses such a certificate too.
+    let ca_key = svid::generate_key().unwrap();
+    let mut params = ca_params("x");
+    params.subject_alt_names = vec![uri(&node().to_string())];
+    let ca = params.signed_by(&ca_key, &pki.issuer()).unwrap();
+    assert!(matches!(
+        svid::NodeCa::new(ca.der().clone(), ca_key),
+        Err(svid::IssueError::NotANodeCa(_))
+    ));
+}
+
+#[test]
+fn a_second_level_intermediate_is_refused() {
+    let pki = Pki::new();
+    // root -> CA1 (pathLen 1, node-named) -> CA2 (pathLen 0, node-named) -> leaf:
+    // webpki builds this path; tidemesh allows one intermediate only.
+    let k1 = svid::generate_key().unwrap();
+    let mut p1 = ca_params("ca1");
+    p1.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+    p1.subject_alt_names = vec![uri(&node().to_string())];
+    let c1 = p1.signed_by(&k1, &pki.issuer()).unwrap();
+    let i1 = Issuer::new(p1, k1);
+    let k2 = svid::generate_key().unwrap();
+    let mut p2 = ca_params("ca2");
+    p2.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p2.subject_alt_names = vec![uri(&node().to_string())];
+    let c2 = p2.signed_by(&k2, &i1).unwrap();
+    let i2 = Issuer::new(p2, k2);
+    let leaf = sign_leaf(
+        &leaf_params(vec![uri(&workload("sf01", "pos").to_string())]),
+        &i2,
+    );
+    assert_eq!(
+        verify(
+            &[leaf, c2.der().clone(), c1.der().clone()],
+            &pki.bundle()
+        ),
+        Err(SvidError::IntermediateDepth(2))
+    );
+    // And a real node CA (pathLen 0) cannot sign a CA at all: webpki
+    // refuses the path by its path length constraint.
+    let key = svid::generate_key().unwrap();
+    let csr = svid::make_csr(&key, &node()).unwrap();
+    let der = pki
+        .ca
+        .issue_node_ca(&csr, &node(), t(NB - DAY), t(NB + 30 * DAY))
+        .unwrap();
+    let nca = svid::NodeCa::new(der.clone(), svid::key_from_pem(&key.serialize_pem()).unwrap())
+        .unwrap();
+    let ni = raw_issuer(&nca, key);
+    let k3 = svid::generate_key().unwrap();
+    let mut p3 = ca_params("ca3");
+    p3.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p3.subject_alt_names = vec![uri(&node().to_string())];
+    let c3 = p3.signed_by(&k3, &ni).unwrap();
+    let i3 = Issuer::new(p3, k3);
+    let leaf = sign_leaf(
+        &leaf_params(vec![uri(&workload("sf01", "pos").to_string())]),
+        &i3,
+    );
+    assert!(verify(&[leaf, c3.der().clone(), der], &pki.bundle()).is_err());
+}
+
+#[test]
+fn an_intermediate_not_named_by_a_node_id_is_refused() {
+    let pki = Pki::new();
+    for name in [
+        "spiffe://corp.example".to_string(),
+        workload("sf01", "pos").to_string(),
+        "spiffe://rogue.example/store/sf01/node/n1".to_string(),
+    ] {
+        let k = svid::generate_key().unwrap();
+        let mut p = ca_params("odd");
+        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        p.subject_alt_names = vec![uri(&name)];
+        let c = p.signed_by(&k, &pki.issuer()).unwrap();
+        let i = Issuer::new(p, k);
+        let leaf = sign_leaf(
+            &leaf_params(vec![uri(&workload("sf01", "pos").to_string())]),
+            &i,
+        );
+        assert!(
+            matches!(
+                verify(&[leaf, c.der().clone()], &pki.bundle()),
+                Err(SvidError::NodeCaIdentity(_))
+            ),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn revocation_refuses_the_node_its_keys_and_its_node_ca() {
+    use tidemesh_identity::revocation::{RevocationList, RevokedKey, Revocations};
+    let pki = Pki::new();
+    let ca = node_ca(&pki, &node());
+    let wkey = svid::generate_key().unwrap();
+    let wchain = ca
+        .issue_workload(&wkey, &workload("sf01", "pos"), t(NB), t(NB + HOUR))
+        .unwrap();
+    let (nchain, nkey) = pki.issue(&node(), NB, NB + HOUR);
+    let handle = Revocations::default();
+    let bundle = pki.bundle().with_revocations(handle.clone());
+    assert!(verify(&wchain, &bundle).is_ok());
+    assert!(verify(&nchain, &bundle).is_ok());
+    let revoked = |v: u64, nodes: Vec<SpiffeId>, keys: Vec<[u8; 32]>| RevocationList {
+        version: v,
+        issued_ms: 0,
+        nodes: nodes.into_iter().collect(),
+        keys: keys
+            .into_iter()
+            .map(|fingerprint| RevokedKey {
+                fingerprint,
+                until_ms: u64::MAX,
+            })
+            .collect(),
+    };
+    // the node ID: its node SVID and everything its node CA issued
+    assert!(handle.install(revoked(1, vec![node()], vec![])));
+    assert!(matches!(verify(&wchain, &bundle), Err(SvidError::Revoked(_))));
+    assert!(matches!(verify(&nchain, &bundle), Err(SvidError::Revoked(_))));
+    // only the node CA's key (the node ID enrolled again with a new key)
+    assert!(handle.install(revoked(2, vec![], vec![ca.key_fingerprint()])));
+    assert!(matches!(verify(&wchain, &bundle), Err(SvidError::Revoked(_))));
+    assert!(verify(&nchain, &bundle).is_ok());
+    // only the old node key
+    assert!(handle.install(revoked(3, vec![], vec![svid::key_fingerprint(&nkey)])));
+    assert!(verify(&wchain, &bundle).is_ok());
+    assert!(matches!(verify(&nchain, &bundle), Err(SvidError::Revoked(_))));
+    // a bundle without the handle knows nothing of it
+    assert!(verify(&nchain, &pki.bundle()).is_ok());
+}
+
+#[test]
+fn data_peers_must_be_workloads_issued_by_a_node_ca() {
+    use tidemesh_identity::verify::WorkloadsViaNodeCa;
+    let pki = Pki::new();
+    let ca = node_ca(&pki, &node());
+    let key = svid::generate_key().unwrap();
+    let via_ca = ca
+        .issue_workload(&key, &workload("sf01", "pos"), t(NB), t(NB + HOUR))
+        .unwrap();
+    let (direct, _) = pki.issue(&workload("sf01", "pos"), NB, NB + HOUR);
+    let (node_leaf, _) = pki.issue(&node(), NB, NB + HOUR);
+    let check = |chain: &[CertificateDer<'_>]| {
+        let v = verify_svid(chain, &pki.bundle(), now(), Usage::Client).unwrap();
+        WorkloadsViaNodeCa.authorize(&v)
+    };
+    assert_eq!(check(&via_ca), Ok(()));
+    assert!(check(&direct).unwrap_err().contains("node CA"));
+    assert!(check(&node_leaf)
+        .unwrap_err()
+        .contains("only workload SVIDs"));
 }
 
 // --------------------------------------------------- the negative matrix
