@@ -8,20 +8,35 @@
 //! |----------------|----------------------|------|
 //! | Enroll         | no client cert       | valid single-use token bound to the CSR's spoke ID |
 //! | Reestablish    | no client cert       | enrolled, not revoked, within the max-offline window, CSR key = pinned key, signature over the channel-bound challenge by that key |
-//! | Hello/Ping     | node SVID            | not revoked |
-//! | Renew          | node SVID            | not revoked, CSR key = pinned key |
-//! | IssueWorkload  | node SVID            | not revoked, ID is `spiffe://TD/store/<own store>/sa/ACCOUNT` |
+//! | EnrollNode     | no client cert       | as Enroll; neither key on the revocation list; the node CA key differs from the node key |
+//! | any below      | node SVID            | not revoked; the connection's key = pinned key |
+//! | Hello/Ping     | node SVID            | |
+//! | Renew          | node SVID            | CSR key = pinned key |
+//! | IssueNodeCa    | node SVID            | CA key not on the revocation list |
+//! | IssueWorkload  | node SVID            | refused: workload SVIDs come from the spoke's node CA |
+//! | TimeAnchor     | node SVID            | |
+//! | Report         | node SVID            | |
+//!
+//! Node CAs live for the max-offline window (`serve --max-offline`) from
+//! issue, never past the hub CA's own expiry; the spoke renews its node CA
+//! at half life while connected.
 
 use std::time::{Duration, UNIX_EPOCH};
 
 use tidemesh_identity::{
     naming::{self, MeshIdentity},
-    svid, SpiffeId,
+    svid,
+    trusted_time::{SignedTimeAnchor, TimeAnchor},
+    SpiffeId,
 };
-use tidemesh_proto::{ErrorCode, JoinToken, Request, Response};
+use tidemesh_proto::{ErrorCode, IssuePolicy, JoinToken, Request, Response};
 use tracing::{info, warn};
 
-use crate::{rfc3339_ms, store::TokenUse, AuditEntry, Hub, SpokeRecord};
+use crate::{
+    rfc3339_ms,
+    store::{NodeCaRecord, TokenUse},
+    AuditEntry, Hub, SpokeRecord,
+};
 
 fn err(code: ErrorCode, message: impl Into<String>) -> Response {
     Response::Error {
@@ -70,6 +85,111 @@ impl Hub {
             .unwrap_or(0);
         Ok((vec![leaf.to_vec()], na))
     }
+
+    /// What spokes are told about the certificates they issue themselves.
+    fn issue_policy(&self) -> IssuePolicy {
+        IssuePolicy {
+            workload_ttl_ms: self.inner.cfg.workload_ttl.as_millis() as u64,
+            max_offline_ms: self.inner.cfg.max_offline.as_millis() as u64,
+        }
+    }
+
+    /// A node CA for `node` with the key in `csr`, valid for the
+    /// max-offline window from now (backdated 60 s), recorded with its
+    /// audit entry. Returns the certificate DER.
+    fn issue_node_ca(
+        &self,
+        csr: &[u8],
+        node: &SpiffeId,
+        event: &str,
+    ) -> Result<Vec<u8>, Box<Response>> {
+        let sid = node.to_string();
+        let now = self.inner.clock.now();
+        let cert = self
+            .inner
+            .ca
+            .issue_node_ca(
+                csr,
+                node,
+                now - Duration::from_secs(60),
+                now + self.inner.cfg.max_offline,
+            )
+            .map_err(|e| {
+                err(
+                    ErrorCode::BadRequest,
+                    format!("cannot sign the node CA CSR: {e}"),
+                )
+            })?;
+        let fingerprint = svid::cert_key_fingerprint(&cert)
+            .map_err(|e| Box::new(err(ErrorCode::Internal, e.to_string())))?;
+        let not_after_ms = svid::cert_validity(&cert)
+            .map(|(_, na)| crate::unix_ms(na))
+            .map_err(|e| Box::new(err(ErrorCode::Internal, e.to_string())))?;
+        let now_ms = self.now_ms();
+        let audit = AuditEntry {
+            at_ms: now_ms,
+            event: event.into(),
+            subject: Some(sid.clone()),
+            detail: format!(
+                "node CA key {} until {}",
+                &svid::hex(&fingerprint)[..16],
+                rfc3339_ms(not_after_ms)
+            ),
+        };
+        let record = NodeCaRecord {
+            key_fingerprint: fingerprint,
+            issued_ms: now_ms,
+            not_after_ms,
+        };
+        match self.inner.store.add_node_ca(&sid, record, now_ms, &audit) {
+            Ok(true) => {
+                info!(target: "tidemesh::audit", spoke = %sid, until = %rfc3339_ms(not_after_ms), "node CA issued");
+                Ok(cert.to_vec())
+            }
+            Ok(false) => Err(Box::new(err(
+                ErrorCode::Revoked,
+                format!("{sid} is revoked or not enrolled"),
+            ))),
+            Err(e) => Err(Box::new(err(
+                ErrorCode::Internal,
+                format!("hub storage failed: {e}"),
+            ))),
+        }
+    }
+
+    /// A time anchor for `node`, signed with the CA key.
+    fn time_anchor(&self, node: &SpiffeId) -> Result<SignedTimeAnchor, Box<Response>> {
+        TimeAnchor {
+            node: node.clone(),
+            hub_ms: self.now_ms(),
+        }
+        .sign(&self.inner.ca)
+        .map_err(|e| {
+            Box::new(err(
+                ErrorCode::Internal,
+                format!("cannot sign a time anchor: {e}"),
+            ))
+        })
+    }
+
+    /// Whether the key in `csr` is on the revocation list.
+    fn key_revoked(&self, csr: &[u8]) -> bool {
+        match (svid::csr_public_key(csr), self.inner.revocations.current()) {
+            (Ok(k), Some(list)) => list.key_revoked(&svid::sha256(&k)),
+            (Ok(_), None) => true,
+            (Err(_), _) => false,
+        }
+    }
+}
+
+/// The public key (uncompressed point) of the certificate the peer
+/// presented on `conn`.
+fn peer_key(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    svid::cert_public_key(certs.first()?).ok()
 }
 
 /// Answers one control request.
@@ -80,7 +200,16 @@ pub fn handle(
     req: Request,
 ) -> Response {
     match (node, req) {
-        (None, Request::Enroll { token, spoke, csr }) => enroll(hub, &token, &spoke, &csr),
+        (None, Request::Enroll { token, spoke, csr }) => enroll(hub, &token, &spoke, &csr, None),
+        (
+            None,
+            Request::EnrollNode {
+                token,
+                spoke,
+                csr,
+                ca_csr,
+            },
+        ) => enroll(hub, &token, &spoke, &csr, Some(&ca_csr)),
         (None, Request::Reestablish { spoke, csr, proof }) => {
             reestablish(hub, conn, &spoke, &csr, &proof)
         }
@@ -94,6 +223,24 @@ pub fn handle(
                 hub.audit_refusal(&sid, "request from a revoked spoke");
                 return err(ErrorCode::Revoked, format!("{sid} is revoked"));
             }
+            let rec = match hub.inner.store.spoke(&sid) {
+                Ok(Some(r)) => r,
+                Ok(None) => return err(ErrorCode::NotEnrolled, format!("{sid} is not enrolled")),
+                Err(e) => return err(ErrorCode::Internal, e.to_string()),
+            };
+            // The handshake proved the peer holds the key of its certificate;
+            // that key must be the one pinned at enrollment (a certificate of
+            // an earlier enrollment of the same ID does not count).
+            if peer_key(conn).as_deref() != Some(rec.pinned_key.as_slice()) {
+                hub.audit_refusal(
+                    &sid,
+                    "control request on a connection whose key is not the pinned key",
+                );
+                return err(
+                    ErrorCode::KeyMismatch,
+                    "this connection's certificate key is not the key pinned at enrollment",
+                );
+            }
             match req {
                 Request::Hello { .. } => {
                     let now = hub.now_ms();
@@ -101,8 +248,43 @@ pub fn handle(
                     Response::Welcome { hub_time_unix_ms: now }
                 }
                 Request::Ping => Response::Pong,
-                Request::Renew { csr } => renew(hub, id, &csr),
-                Request::IssueWorkload { id: wid, csr } => issue_workload(hub, id, &wid, &csr),
+                Request::Renew { csr } => renew(hub, id, &rec, &csr),
+                Request::IssueNodeCa { csr } => {
+                    if hub.key_revoked(&csr) {
+                        hub.audit_refusal(&sid, "node CA request with a revoked key");
+                        return err(ErrorCode::KeyRevoked, "this key is on the revocation list: generate a new one");
+                    }
+                    match hub.issue_node_ca(&csr, id, "node_ca_issued") {
+                        Ok(cert) => Response::NodeCa {
+                            cert,
+                            policy: hub.issue_policy(),
+                        },
+                        Err(resp) => *resp,
+                    }
+                }
+                Request::IssueWorkload { id: wid, .. } => {
+                    hub.audit_refusal(&wid.to_string(), &format!("hub-issued workload SVID requested by {id}"));
+                    err(
+                        ErrorCode::BadRequest,
+                        "workload SVIDs are issued by the spoke's own node CA (IssueNodeCa); upgrade this spoke",
+                    )
+                }
+                Request::TimeAnchor => match hub.time_anchor(id) {
+                    Ok(anchor) => Response::TimeAnchor { anchor },
+                    Err(resp) => *resp,
+                },
+                Request::Report { report } => {
+                    if let Ok(mut m) = hub.inner.reports.lock() {
+                        m.insert(
+                            sid,
+                            crate::Reported {
+                                at_ms: hub.now_ms(),
+                                report,
+                            },
+                        );
+                    }
+                    Response::Reported
+                }
                 Request::SyncConfig { .. } | Request::Register { .. } | Request::EvidenceOpen => {
                     err(ErrorCode::BadRequest, "served by the session handler")
                 }
@@ -110,7 +292,7 @@ pub fn handle(
                     ErrorCode::BadRequest,
                     "evidence batches belong on an evidence session stream (EvidenceOpen first)",
                 ),
-                Request::Enroll { .. } | Request::Reestablish { .. } => err(
+                Request::Enroll { .. } | Request::EnrollNode { .. } | Request::Reestablish { .. } => err(
                     ErrorCode::BadRequest,
                     "already authenticated: enrollment and re-establishment use an anonymous connection",
                 ),
@@ -119,7 +301,7 @@ pub fn handle(
     }
 }
 
-fn enroll(hub: &Hub, token: &str, spoke: &SpiffeId, csr: &[u8]) -> Response {
+fn enroll(hub: &Hub, token: &str, spoke: &SpiffeId, csr: &[u8], ca_csr: Option<&[u8]>) -> Response {
     // Only the secret matters to the hub; the rest of the token string is the
     // spoke's business. Accept either the whole token or its secret.
     let secret = JoinToken::parse(token)
@@ -145,6 +327,27 @@ fn enroll(hub: &Hub, token: &str, spoke: &SpiffeId, csr: &[u8]) -> Response {
         Ok(k) => k,
         Err(e) => return err(ErrorCode::BadRequest, format!("invalid CSR: {e}")),
     };
+    if let Some(ca_csr) = ca_csr {
+        match svid::csr_public_key(ca_csr) {
+            Ok(k) if k == key => {
+                return err(
+                    ErrorCode::BadRequest,
+                    "the node CA key must differ from the node key",
+                )
+            }
+            Ok(_) => {}
+            Err(e) => return err(ErrorCode::BadRequest, format!("invalid node CA CSR: {e}")),
+        }
+    }
+    // A key of a revoked spoke or node CA never comes back: checked before
+    // the token is consumed, so the operator can retry with new keys.
+    if hub.key_revoked(csr) || ca_csr.is_some_and(|c| hub.key_revoked(c)) {
+        hub.audit_refusal(&sid, "enrollment with a revoked key");
+        return err(
+            ErrorCode::KeyRevoked,
+            "this key belonged to a revoked spoke: enroll with new keys (tidemesh-spoke enroll --force generates them)",
+        );
+    }
     let (chain, not_after) = match hub.sign(csr, spoke, hub.inner.cfg.node_ttl) {
         Ok(x) => x,
         Err(e) => return err(ErrorCode::BadRequest, format!("cannot sign CSR: {e}")),
@@ -170,11 +373,31 @@ fn enroll(hub: &Hub, token: &str, spoke: &SpiffeId, csr: &[u8]) -> Response {
         .consume_token(&hash, &sid, now, &record, &audit)
     {
         Ok(TokenUse::Enrolled) => {
-            if let Ok(mut r) = hub.inner.revoked.write() {
-                r.remove(&sid);
+            // Enrolling a revoked ID again made a new list without its
+            // node ID (its old keys stay listed).
+            match hub.inner.store.revocation_list() {
+                Ok(list) => hub.install_revocations(list),
+                Err(e) => warn!(error = %e, "cannot read the revocation list"),
             }
             info!(target: "tidemesh::audit", spoke = %sid, "spoke enrolled");
-            hub.certificate(chain)
+            let Some(ca_csr) = ca_csr else {
+                return hub.certificate(chain);
+            };
+            let node_ca = match hub.issue_node_ca(ca_csr, spoke, "node_ca_issued") {
+                Ok(c) => c,
+                Err(resp) => return *resp,
+            };
+            let anchor = match hub.time_anchor(spoke) {
+                Ok(a) => a,
+                Err(resp) => return *resp,
+            };
+            Response::Enrolled {
+                chain,
+                node_ca,
+                bundle: vec![hub.inner.ca.cert_der().to_vec()],
+                policy: hub.issue_policy(),
+                anchor,
+            }
         }
         Ok(TokenUse::Invalid) | Ok(TokenUse::Expired) => {
             hub.audit_refusal(&sid, "enrollment with an unknown, used or expired token");
@@ -194,27 +417,25 @@ fn enroll(hub: &Hub, token: &str, spoke: &SpiffeId, csr: &[u8]) -> Response {
     }
 }
 
-fn check_pinned(rec: &SpokeRecord, csr: &[u8]) -> Result<(), Response> {
+fn check_pinned(rec: &SpokeRecord, csr: &[u8]) -> Result<(), Box<Response>> {
     match svid::csr_public_key(csr) {
-        Err(e) => Err(err(ErrorCode::BadRequest, format!("invalid CSR: {e}"))),
-        Ok(k) if k != rec.pinned_key => Err(err(
+        Err(e) => Err(Box::new(err(
+            ErrorCode::BadRequest,
+            format!("invalid CSR: {e}"),
+        ))),
+        Ok(k) if k != rec.pinned_key => Err(Box::new(err(
             ErrorCode::KeyMismatch,
             "the CSR's key is not the key pinned at enrollment",
-        )),
+        ))),
         Ok(_) => Ok(()),
     }
 }
 
-fn renew(hub: &Hub, id: &SpiffeId, csr: &[u8]) -> Response {
+fn renew(hub: &Hub, id: &SpiffeId, rec: &SpokeRecord, csr: &[u8]) -> Response {
     let sid = id.to_string();
-    let rec = match hub.inner.store.spoke(&sid) {
-        Ok(Some(r)) => r,
-        Ok(None) => return err(ErrorCode::NotEnrolled, format!("{sid} is not enrolled")),
-        Err(e) => return err(ErrorCode::Internal, e.to_string()),
-    };
-    if let Err(resp) = check_pinned(&rec, csr) {
+    if let Err(resp) = check_pinned(rec, csr) {
         hub.audit_refusal(&sid, "renewal with a key other than the pinned one");
-        return resp;
+        return *resp;
     }
     issue_node(hub, id, csr, "renewed")
 }
@@ -243,41 +464,6 @@ fn issue_node(hub: &Hub, id: &SpiffeId, csr: &[u8], event: &str) -> Response {
         Ok(None) => err(ErrorCode::NotEnrolled, format!("{sid} is not enrolled")),
         Err(e) => err(ErrorCode::Internal, e.to_string()),
     }
-}
-
-fn issue_workload(hub: &Hub, node: &SpiffeId, wid: &SpiffeId, csr: &[u8]) -> Response {
-    let Some(MeshIdentity::Node { store: own, .. }) = naming::classify(node) else {
-        return err(
-            ErrorCode::Forbidden,
-            "only spoke nodes request workload SVIDs",
-        );
-    };
-    let ok = wid.trust_domain() == hub.trust_domain()
-        && matches!(naming::classify(wid), Some(MeshIdentity::Workload { ref store, .. }) if *store == own);
-    if !ok {
-        hub.audit_refusal(
-            &wid.to_string(),
-            &format!("workload SVID requested by {node} outside its store {own}"),
-        );
-        return err(
-            ErrorCode::Forbidden,
-            format!("{wid} is outside this spoke's store: only spiffe://{}/store/{own}/sa/ACCOUNT may be issued", hub.trust_domain()),
-        );
-    }
-    let (chain, not_after) = match hub.sign(csr, wid, hub.inner.cfg.workload_ttl) {
-        Ok(x) => x,
-        Err(e) => return err(ErrorCode::BadRequest, format!("cannot sign CSR: {e}")),
-    };
-    // No certificate leaves the hub without its durable audit record.
-    if let Err(e) = hub.inner.store.audit(&AuditEntry {
-        at_ms: hub.now_ms(),
-        event: "workload_issued".into(),
-        subject: Some(wid.to_string()),
-        detail: format!("for {node}, until {}", rfc3339_ms(not_after)),
-    }) {
-        return err(ErrorCode::Internal, format!("hub storage failed: {e}"));
-    }
-    hub.certificate(chain)
 }
 
 fn reestablish(
@@ -321,7 +507,7 @@ fn reestablish(
             &sid,
             "re-establishment with a key other than the pinned one",
         );
-        return resp;
+        return *resp;
     }
     let challenge = match tidemesh_net::reestablish_challenge(conn, spoke) {
         Ok(c) => c,

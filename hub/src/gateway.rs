@@ -106,6 +106,10 @@ pub(crate) struct Gateway {
     pub unknown: AtomicU64,
     /// Requests no endpoint answered (connect failure, timeout).
     pub failed: AtomicU64,
+    /// Open gateway connections (by quinn stable id) and the verified SVID
+    /// each was made with, so a new revocation list closes the ones it
+    /// names.
+    conns: Mutex<HashMap<usize, (tidemesh_identity::VerifiedSvid, quinn::Connection)>>,
 }
 
 impl Gateway {
@@ -132,7 +136,32 @@ impl Gateway {
             denied: AtomicU64::new(0),
             unknown: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            conns: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Closes every open gateway connection whose SVID `list` refuses (its
+    /// leaf, its node CA, or their keys); returns how many.
+    pub(crate) fn close_revoked(&self, list: &tidemesh_identity::RevocationList) -> usize {
+        let doomed: Vec<(String, quinn::Connection)> = match self.conns.lock() {
+            Ok(mut m) => {
+                let ids: Vec<usize> = m
+                    .iter()
+                    .filter(|(_, (svid, _))| svid.revoked_by(list))
+                    .map(|(k, _)| *k)
+                    .collect();
+                ids.into_iter()
+                    .filter_map(|k| m.remove(&k))
+                    .map(|(svid, c)| (svid.id().to_string(), c))
+                    .collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        for (id, c) in &doomed {
+            warn!(target: "tidemesh::audit", peer = %id, "closing a gateway connection: its SVID is revoked");
+            c.close(quinn::VarInt::from_u32(close::REVOKED), b"revoked");
+        }
+        doomed.len()
     }
 
     /// The counters, for `stats` and `/metrics`.
@@ -225,22 +254,47 @@ impl Hub {
 
     /// Serves one spoke connection that negotiated the data ALPN.
     pub(crate) async fn serve_gateway(&self, conn: quinn::Connection) {
-        let Some(peer) = tidemesh_net::peer_spiffe_id(&conn) else {
-            conn.close(quinn::VarInt::from_u32(close::FORBIDDEN), b"no client SVID");
-            return;
+        // The handshake verified the chain; verify it again to hold its
+        // facts (issuer node CA, key fingerprints) for later revocations.
+        let svid = match tidemesh_net::peer_svid(&conn, &self.bundle(), self.inner.clock.now()) {
+            Ok(s) => s,
+            Err(e) => {
+                conn.close(quinn::VarInt::from_u32(close::FORBIDDEN), e.as_bytes());
+                return;
+            }
         };
         if !matches!(
-            naming::classify(&peer),
+            naming::classify(svid.id()),
             Some(naming::MeshIdentity::Workload { .. })
-        ) {
+        ) || svid.issuer().is_none()
+        {
             conn.close(
                 quinn::VarInt::from_u32(close::FORBIDDEN),
-                b"only workload SVIDs may use the gateway",
+                b"only workload SVIDs issued by a node CA may use the gateway",
             );
             return;
         }
+        let peer = svid.id().clone();
         debug!(%peer, remote = %conn.remote_address(), "gateway peer connected");
-        let peer = Arc::new(peer);
+        let stable = conn.stable_id();
+        let gw = &self.inner.gateway;
+        if let Ok(mut m) = gw.conns.lock() {
+            m.insert(stable, (svid.clone(), conn.clone()));
+        }
+        // A list installed between the handshake and the insert above.
+        if let Some(list) = self.inner.revocations.current() {
+            if svid.revoked_by(&list) {
+                gw.close_revoked(&list);
+            }
+        }
+        self.serve_gateway_streams(conn.clone(), Arc::new(peer))
+            .await;
+        if let Ok(mut m) = gw.conns.lock() {
+            m.remove(&stable);
+        }
+    }
+
+    async fn serve_gateway_streams(&self, conn: quinn::Connection, peer: Arc<SpiffeId>) {
         loop {
             let (mut send, mut recv) = match conn.accept_bi().await {
                 Ok(x) => x,

@@ -33,7 +33,7 @@ use std::{
     net::SocketAddr,
     os::unix::fs::{DirBuilderExt, OpenOptionsExt},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -42,11 +42,11 @@ use tidemesh_identity::{
     clock::Clock,
     naming::{self, MeshIdentity},
     svid::{self, Ca},
-    verify::{self, Authorizer, TrustBundle},
-    SpiffeId, TrustDomain,
+    verify::{self, Authorizer, TrustBundle, VerifiedSvid},
+    RevocationList, Revocations, SignedRevocationList, SpiffeId, TrustDomain,
 };
 use tidemesh_net::{admin, QuicSettings};
-use tidemesh_proto::{close, JoinToken, Request, Response, ALPN_CTL, ALPN_DATA};
+use tidemesh_proto::{close, JoinToken, Push, Request, Response, SpokeReport, ALPN_CTL, ALPN_DATA};
 use tracing::{info, warn};
 
 pub use observe::evidence_command;
@@ -194,28 +194,35 @@ pub fn init(data_dir: &Path, td: &TrustDomain, clock: &dyn Clock) -> Result<[u8;
     Ok(ca.fingerprint())
 }
 
-/// Rejects revoked spokes at the TLS handshake.
+/// Admits, at the TLS handshake, spoke nodes (their node SVID, issued by
+/// the root) and workloads issued through a node CA (for the gateway);
+/// revoked ones are already refused by the bundle's revocation list.
 #[derive(Debug)]
-struct HubAuthorizer {
-    revoked: Arc<RwLock<HashSet<String>>>,
-}
+struct HubAuthorizer;
 
 impl Authorizer for HubAuthorizer {
-    fn authorize(&self, peer: &SpiffeId) -> Result<(), String> {
-        let revoked = self
-            .revoked
-            .read()
-            .map_err(|_| "revocation list poisoned".to_owned())?;
-        if revoked.contains(&peer.to_string()) {
-            return Err(format!("{peer} is revoked"));
+    fn authorize(&self, peer: &VerifiedSvid) -> Result<(), String> {
+        match (naming::classify(peer.id()), peer.issuer()) {
+            (Some(MeshIdentity::Node { .. }), None) => Ok(()),
+            (Some(MeshIdentity::Workload { .. }), Some(_)) => Ok(()),
+            (Some(MeshIdentity::Workload { .. }), None) => {
+                Err("workload SVIDs must be issued by their spoke's node CA".into())
+            }
+            _ => Err("only spoke nodes and their workloads may connect".into()),
         }
-        Ok(())
     }
 }
 
 struct Live {
     conn: quinn::Connection,
     stable_id: usize,
+}
+
+/// A spoke's last report, and when it arrived.
+#[derive(Debug, Clone)]
+pub(crate) struct Reported {
+    pub(crate) at_ms: u64,
+    pub(crate) report: SpokeReport,
 }
 
 pub(crate) struct Inner {
@@ -225,8 +232,13 @@ pub(crate) struct Inner {
     pub(crate) td: TrustDomain,
     pub(crate) cfg: HubConfig,
     pub(crate) clock: Arc<dyn Clock>,
-    revoked: Arc<RwLock<HashSet<String>>>,
+    /// The revocation list in force; every handshake's verifier reads it.
+    pub(crate) revocations: Revocations,
+    /// The list in force, signed (made once per version).
+    signed_revocations: Mutex<Option<(u64, Arc<SignedRevocationList>)>>,
     live: Mutex<HashMap<String, Live>>,
+    /// Each spoke's last report (survival horizon, revocation version).
+    pub(crate) reports: Mutex<HashMap<String, Reported>>,
     /// The newest config version number; spokes' long polls wait on it.
     pub(crate) config_tx: tokio::sync::watch::Sender<u64>,
     /// Cache of the newest config version.
@@ -280,6 +292,17 @@ pub struct SpokeInfo {
     pub revoked: bool,
     /// The config version it last reported as applied.
     pub config_version: Option<u64>,
+    /// Seconds it could last without the hub, as it last reported
+    /// (`None`: unbounded or never reported).
+    pub survival_horizon_s: Option<u64>,
+    /// The budget that limits its horizon, as it last reported.
+    pub survival_limit: Option<String>,
+    /// When it last reported (RFC 3339).
+    pub reported_at: Option<String>,
+    /// The revocation list version it enforces, as it last reported.
+    pub revocation_version: Option<u64>,
+    /// Whether its time is trusted, as it last reported.
+    pub time_trusted: Option<bool>,
 }
 
 impl Hub {
@@ -301,12 +324,7 @@ impl Hub {
             .meta("trust_domain")?
             .ok_or_else(|| HubError::NotInitialized(data_dir.to_owned()))?;
         let td = TrustDomain::new(&td_s).map_err(|e| HubError::Invalid(e.to_string()))?;
-        let revoked = store
-            .spokes()?
-            .into_iter()
-            .filter(|(_, r)| r.revoked_ms.is_some())
-            .map(|(id, _)| id)
-            .collect();
+        let revocations = Revocations::new(store.reconcile_revocations(unix_ms(clock.now()))?);
         let latest = store.config().latest()?.map(Arc::new);
         let ev_path = data_dir.join(EVIDENCE_DB);
         let evidence = Arc::new(
@@ -333,8 +351,10 @@ impl Hub {
                 td,
                 cfg,
                 clock,
-                revoked: Arc::new(RwLock::new(revoked)),
+                revocations,
+                signed_revocations: Mutex::new(None),
                 live: Mutex::new(HashMap::new()),
+                reports: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -403,6 +423,12 @@ impl Hub {
     /// Every enrolled spoke.
     pub fn spokes(&self) -> Result<Vec<SpokeInfo>, HubError> {
         let live = self.live_ids();
+        let reports = self
+            .inner
+            .reports
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default();
         Ok(self
             .inner
             .store
@@ -410,7 +436,13 @@ impl Hub {
             .into_iter()
             .map(|(id, r)| {
                 let connected = live.contains(&id);
+                let rep = reports.get(&id);
                 SpokeInfo {
+                    survival_horizon_s: rep.and_then(|r| r.report.survival_horizon_s),
+                    survival_limit: rep.map(|r| r.report.survival_limit.clone()),
+                    reported_at: rep.map(|r| rfc3339_ms(r.at_ms)),
+                    revocation_version: rep.map(|r| r.report.revocation_version),
+                    time_trusted: rep.map(|r| r.report.time_trusted),
                     connected,
                     last_seen: rfc3339_ms(if connected {
                         self.now_ms()
@@ -434,8 +466,12 @@ impl Hub {
         }
     }
 
-    /// Revokes a spoke: persisted, its live connection closed at once, and
-    /// its handshakes, renewals and streams refused from then on.
+    /// Revokes a spoke: persisted with a new revocation list version (its
+    /// node ID, its node key and every node CA key issued to it), its live
+    /// control connection closed at once, the new list pushed to every
+    /// connected spoke (which close their tunnels from it), and the hub's
+    /// own gateway connections from its workloads closed. Its handshakes,
+    /// renewals, streams and re-establishment are refused from then on.
     pub fn revoke(&self, spoke: &SpiffeId) -> Result<(), HubError> {
         let id = spoke.to_string();
         let now = self.now_ms();
@@ -445,30 +481,84 @@ impl Hub {
             subject: Some(id.clone()),
             detail: "revoked by operator".into(),
         };
-        let updated = self.inner.store.update_spoke(&id, Some(&audit), |r| {
-            r.revoked_ms.get_or_insert(now);
-        })?;
-        if updated.is_none() {
+        let Some((_, list)) = self.inner.store.revoke_spoke(spoke, now, &audit)? else {
             return Err(HubError::Invalid(format!("no enrolled spoke {id}")));
-        }
-        if let Ok(mut r) = self.inner.revoked.write() {
-            r.insert(id.clone());
-        }
+        };
+        let version = list.version;
+        self.install_revocations(list);
         let live = self.inner.live.lock().ok().and_then(|mut l| l.remove(&id));
         if let Some(l) = live {
             l.conn
                 .close(quinn::VarInt::from_u32(close::REVOKED), b"revoked");
         }
-        info!(target: "tidemesh::audit", spoke = %id, "spoke revoked");
+        info!(target: "tidemesh::audit", spoke = %id, revocation_version = version, "spoke revoked");
         Ok(())
     }
 
+    /// Makes `list` the one in force (if newer), closes gateway connections
+    /// it refuses, and pushes it to every connected spoke.
+    pub(crate) fn install_revocations(&self, list: RevocationList) {
+        if !self.inner.revocations.install(list) {
+            return;
+        }
+        if let Some(cur) = self.inner.revocations.current() {
+            self.inner.gateway.close_revoked(&cur);
+        }
+        let Some(signed) = self.signed_revocations() else {
+            return;
+        };
+        let conns: Vec<quinn::Connection> = self
+            .inner
+            .live
+            .lock()
+            .map(|l| l.values().map(|x| x.conn.clone()).collect())
+            .unwrap_or_default();
+        for conn in conns {
+            let signed = signed.clone();
+            tokio::spawn(async move { push(&conn, &Push::Revocations((*signed).clone())).await });
+        }
+    }
+
+    /// The revocation list in force, signed with the CA key (cached per
+    /// version).
+    pub(crate) fn signed_revocations(&self) -> Option<Arc<SignedRevocationList>> {
+        let list = self.inner.revocations.current()?;
+        let mut cache = self.inner.signed_revocations.lock().ok()?;
+        if let Some((v, s)) = cache.as_ref() {
+            if *v == list.version {
+                return Some(s.clone());
+            }
+        }
+        match list.sign(&self.inner.ca) {
+            Ok(signed) => {
+                let signed = Arc::new(signed);
+                *cache = Some((list.version, signed.clone()));
+                Some(signed)
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot sign the revocation list");
+                None
+            }
+        }
+    }
+
+    /// Whether the node ID `id` is revoked now (fails closed).
     pub(crate) fn is_revoked(&self, id: &str) -> bool {
-        self.inner
-            .revoked
-            .read()
-            .map(|r| r.contains(id))
-            .unwrap_or(true)
+        match (self.inner.revocations.current(), SpiffeId::parse(id)) {
+            (Some(list), Ok(id)) => list.node_revoked(&id),
+            _ => true,
+        }
+    }
+
+    /// The revocation list version in force.
+    pub fn revocation_version(&self) -> u64 {
+        self.inner.revocations.version()
+    }
+
+    /// The trust bundle with the revocation list in force.
+    pub(crate) fn bundle(&self) -> TrustBundle {
+        TrustBundle::new(self.inner.td.clone(), vec![self.inner.ca.cert_der()])
+            .with_revocations(self.inner.revocations.clone())
     }
 
     fn server_tls(&self) -> Result<rustls::ServerConfig, HubError> {
@@ -482,10 +572,8 @@ impl Hub {
             now + self.inner.cfg.hub_cert_ttl,
         )?;
         let chain = vec![leaf, self.inner.ca.cert_der()];
-        let bundle = TrustBundle::new(self.inner.td.clone(), vec![self.inner.ca.cert_der()]);
-        let authorizer = Arc::new(HubAuthorizer {
-            revoked: self.inner.revoked.clone(),
-        });
+        let bundle = self.bundle();
+        let authorizer = Arc::new(HubAuthorizer);
         verify::server_config(
             bundle,
             chain,
@@ -816,6 +904,12 @@ impl Hub {
                 }
             }
             info!(spoke = %id, remote = %conn.remote_address(), "spoke connected");
+            if let Some(signed) = self.signed_revocations() {
+                let conn = conn.clone();
+                tokio::spawn(
+                    async move { push(&conn, &Push::Revocations((*signed).clone())).await },
+                );
+            }
         }
         if let (Some(id), Request::EvidenceOpen) = (&node, &req) {
             if !self.is_revoked(&id.to_string()) {
@@ -858,5 +952,23 @@ impl Hub {
             let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
             conn.close(quinn::VarInt::from_u32(close::REVOKED), b"revoked");
         }
+    }
+}
+
+/// Sends one [`Push`] to a spoke on a new unidirectional stream of its
+/// control connection; a spoke that is gone just misses it (it gets the
+/// same state at its next session start).
+pub(crate) async fn push(conn: &quinn::Connection, msg: &Push) {
+    let sent = async {
+        let mut s = conn.open_uni().await.map_err(|e| e.to_string())?;
+        tidemesh_net::write_frame(&mut s, msg)
+            .await
+            .map_err(|e| e.to_string())?;
+        s.finish().map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(Duration::from_secs(5), sent).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "push not delivered"),
+        Err(_) => tracing::debug!("push timed out"),
     }
 }

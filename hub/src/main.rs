@@ -393,8 +393,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 println!(
-                    "{:<50} {:<10} {:<22} {:<22}",
-                    "ID", "STATE", "LAST SEEN", "CERT NOT AFTER"
+                    "{:<50} {:<10} {:<22} {:<22} {:<24} {:<5}",
+                    "ID", "STATE", "LAST SEEN", "CERT NOT AFTER", "HORIZON (LIMIT)", "REVOC"
                 );
                 for s in r.as_array().into_iter().flatten() {
                     let state = if s["revoked"].as_bool() == Some(true) {
@@ -404,12 +404,28 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                     } else {
                         "offline"
                     };
+                    let horizon = match (
+                        s["survival_horizon_s"].as_u64(),
+                        s["survival_limit"].as_str(),
+                    ) {
+                        (Some(h), Some(l)) => format!(
+                            "{} ({l})",
+                            humantime::format_duration(Duration::from_secs(h / 60 * 60))
+                        ),
+                        (None, Some(l)) => format!("unbounded ({l})"),
+                        _ => "-".into(),
+                    };
                     println!(
-                        "{:<50} {:<10} {:<22} {:<22}",
+                        "{:<50} {:<10} {:<22} {:<22} {:<24} {:<5}",
                         s["id"].as_str().unwrap_or(""),
                         state,
                         s["last_seen"].as_str().unwrap_or(""),
-                        s["cert_not_after"].as_str().unwrap_or("")
+                        s["cert_not_after"].as_str().unwrap_or(""),
+                        horizon,
+                        s["revocation_version"]
+                            .as_u64()
+                            .map(|v| v.to_string())
+                            .unwrap_or_else(|| "-".into())
                     );
                 }
             }

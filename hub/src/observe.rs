@@ -195,6 +195,78 @@ impl Hub {
                 );
             }
         }
+        let f = e.family(
+            "tidemesh_hub_spoke_survival_horizon_seconds",
+            Gauge,
+            "Seconds the spoke said it could last without the hub, at its last report (its limit in the label).",
+        );
+        for s in &spokes {
+            if let (Some(h), Some(limit)) = (s.survival_horizon_s, s.survival_limit.as_deref()) {
+                let store = match tidemesh_identity::SpiffeId::parse(&s.id)
+                    .ok()
+                    .and_then(|id| tidemesh_identity::naming::classify(&id))
+                {
+                    Some(tidemesh_identity::MeshIdentity::Node { store, .. }) => store,
+                    _ => String::new(),
+                };
+                f.sample(
+                    &[("spoke", &s.id), ("store", &store), ("limit", limit)],
+                    h as f64,
+                );
+            }
+        }
+        let f = e.family(
+            "tidemesh_hub_spoke_revocation_version",
+            Gauge,
+            "The revocation list version the spoke said it enforces, at its last report.",
+        );
+        for s in &spokes {
+            if let Some(v) = s.revocation_version {
+                f.sample(&[("spoke", &s.id)], v as f64);
+            }
+        }
+        e.single(
+            "tidemesh_hub_revocation_list_version",
+            Gauge,
+            "The revocation list version in force at the hub.",
+            self.revocation_version() as f64,
+        );
+        let f = e.family(
+            "tidemesh_hub_spoke_survival_horizon_seconds",
+            Gauge,
+            "Seconds the spoke said it could last without the hub, at its last report (its limit in the label).",
+        );
+        for s in &spokes {
+            if let (Some(h), Some(limit)) = (s.survival_horizon_s, s.survival_limit.as_deref()) {
+                let store = match tidemesh_identity::SpiffeId::parse(&s.id)
+                    .ok()
+                    .and_then(|id| tidemesh_identity::naming::classify(&id))
+                {
+                    Some(tidemesh_identity::MeshIdentity::Node { store, .. }) => store,
+                    _ => String::new(),
+                };
+                f.sample(
+                    &[("spoke", &s.id), ("store", &store), ("limit", limit)],
+                    h as f64,
+                );
+            }
+        }
+        let f = e.family(
+            "tidemesh_hub_spoke_revocation_version",
+            Gauge,
+            "The revocation list version the spoke said it enforces, at its last report.",
+        );
+        for s in &spokes {
+            if let Some(v) = s.revocation_version {
+                f.sample(&[("spoke", &s.id)], v as f64);
+            }
+        }
+        e.single(
+            "tidemesh_hub_revocation_list_version",
+            Gauge,
+            "The revocation list version in force at the hub.",
+            self.revocation_version() as f64,
+        );
         let c = &self.inner.ingest.counters;
         let counters = [
             (

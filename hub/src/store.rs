@@ -12,6 +12,8 @@
 //! | `tokens` | `&[u8]` SHA-256 of the secret| postcard [`TokenRecord`] |
 //! | `spokes` | `&str` node SPIFFE ID        | postcard [`SpokeRecord`] |
 //! | `audit`  | `u64` sequence (from 1)      | JSON [`AuditEntry`] |
+//! | `node_cas` | `&str` node SPIFFE ID      | postcard `Vec<`[`NodeCaRecord`]`>`: node CAs issued to it and not yet expired |
+//! | `revocations` | `&str` `"list"`         | postcard `tidemesh_identity::RevocationList` (unsigned; signed when sent) |
 //!
 //! Times are milliseconds since the Unix epoch (u64). postcard field order is
 //! the format: append fields only with a schema bump.
@@ -25,6 +27,9 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tokens");
 const SPOKES: TableDefinition<&str, &[u8]> = TableDefinition::new("spokes");
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+const NODE_CAS: TableDefinition<&str, &[u8]> = TableDefinition::new("node_cas");
+const REVOCATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("revocations");
+const LIST_KEY: &str = "list";
 
 /// Current schema version of `hub.db`.
 pub const SCHEMA: &str = "1";
@@ -53,6 +58,17 @@ pub struct SpokeRecord {
     pub last_seen_ms: u64,
     /// Set when an operator revoked it.
     pub revoked_ms: Option<u64>,
+}
+
+/// A node CA the hub issued to a spoke.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeCaRecord {
+    /// SHA-256 of the CA's public key.
+    pub key_fingerprint: [u8; 32],
+    /// When it was issued.
+    pub issued_ms: u64,
+    /// When it expires.
+    pub not_after_ms: u64,
 }
 
 /// One audit log entry: every issuance, renewal, refusal and revocation.
@@ -147,9 +163,20 @@ impl Store {
             tx.open_table(TOKENS)?;
             tx.open_table(SPOKES)?;
             tx.open_table(AUDIT)?;
+            tx.open_table(NODE_CAS)?;
+            tx.open_table(REVOCATIONS)?;
         }
         tx.commit()?;
         Ok(Store { db })
+    }
+
+    /// Creates the tables later versions added (idempotent).
+    fn ensure_tables(&self) -> Result<(), StoreError> {
+        let tx = self.write()?;
+        tx.open_table(NODE_CAS)?;
+        tx.open_table(REVOCATIONS)?;
+        tx.commit()?;
+        Ok(())
     }
 
     /// Opens an existing database.
@@ -157,6 +184,7 @@ impl Store {
         let db = Database::open(path)?;
         let store = Store { db };
         store.config().ensure()?;
+        store.ensure_tables()?;
         let schema = store.meta("schema")?;
         if schema.as_deref() != Some(SCHEMA) {
             return Err(StoreError::Corrupt {
@@ -239,6 +267,10 @@ impl Store {
     /// Consumes a token and, if it is valid for `spoke`, enrolls the spoke
     /// with `record`, all in one write transaction: of two racers exactly one
     /// wins. Expired and mismatched tokens are burned too.
+    ///
+    /// A spoke enrolled again after a revocation leaves the revocation
+    /// list's node IDs in the same transaction (a new version); the keys the
+    /// list names stay, so the old node key and node CAs are never revived.
     pub fn consume_token(
         &self,
         hash: &[u8; 32],
@@ -264,6 +296,14 @@ impl Store {
                 let mut s = tx.open_table(SPOKES)?;
                 s.insert(spoke, encode(record).as_slice())?;
                 drop(s);
+                tx.open_table(NODE_CAS)?.remove(spoke)?;
+                let mut list = Self::read_list(&tx)?;
+                if list.nodes.iter().any(|n| n.to_string() == spoke) {
+                    list.nodes.retain(|n| n.to_string() != spoke);
+                    list.version += 1;
+                    list.issued_ms = now_ms;
+                    Self::write_list(&tx, &list)?;
+                }
                 Self::append_audit(&tx, audit_ok)?;
                 TokenUse::Enrolled
             }
@@ -327,5 +367,195 @@ impl Store {
         }
         tx.commit()?;
         Ok(updated)
+    }
+
+    fn read_list(
+        tx: &redb::WriteTransaction,
+    ) -> Result<tidemesh_identity::RevocationList, StoreError> {
+        let t = tx.open_table(REVOCATIONS)?;
+        let v = t.get(LIST_KEY)?;
+        match v {
+            None => Ok(Default::default()),
+            Some(v) => decode("revocations", v.value()),
+        }
+    }
+
+    fn write_list(
+        tx: &redb::WriteTransaction,
+        list: &tidemesh_identity::RevocationList,
+    ) -> Result<(), StoreError> {
+        tx.open_table(REVOCATIONS)?
+            .insert(LIST_KEY, encode(list).as_slice())?;
+        Ok(())
+    }
+
+    /// The revocation list in force (version 0 and empty before the first
+    /// revocation).
+    pub fn revocation_list(&self) -> Result<tidemesh_identity::RevocationList, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(REVOCATIONS)?;
+        let v = t.get(LIST_KEY)?;
+        match v {
+            None => Ok(Default::default()),
+            Some(v) => decode("revocations", v.value()),
+        }
+    }
+
+    /// Revokes a spoke in one transaction: marks its record, and makes a new
+    /// revocation list version naming its node ID, its pinned node key
+    /// (until `key_until_ms`: the last node SVID's expiry) and the key of
+    /// every node CA issued to it (until each CA's expiry); entries whose
+    /// time has passed are dropped. Returns the record and the new list, or
+    /// `None` if the spoke is unknown.
+    pub fn revoke_spoke(
+        &self,
+        id: &tidemesh_identity::SpiffeId,
+        now_ms: u64,
+        audit: &AuditEntry,
+    ) -> Result<Option<(SpokeRecord, tidemesh_identity::RevocationList)>, StoreError> {
+        use tidemesh_identity::revocation::RevokedKey;
+        let sid = id.to_string();
+        let tx = self.write()?;
+        let rec = {
+            let mut t = tx.open_table(SPOKES)?;
+            let cur = match t.get(sid.as_str())? {
+                None => None,
+                Some(v) => Some(decode::<SpokeRecord>("spokes", v.value())?),
+            };
+            match cur {
+                None => None,
+                Some(mut r) => {
+                    r.revoked_ms.get_or_insert(now_ms);
+                    t.insert(sid.as_str(), encode(&r).as_slice())?;
+                    Some(r)
+                }
+            }
+        };
+        let Some(rec) = rec else {
+            tx.abort()?;
+            return Ok(None);
+        };
+        let cas: Vec<NodeCaRecord> = {
+            let t = tx.open_table(NODE_CAS)?;
+            let v = t.get(sid.as_str())?;
+            match v {
+                None => Vec::new(),
+                Some(v) => decode("node_cas", v.value())?,
+            }
+        };
+        let mut list = Self::read_list(&tx)?;
+        list.keys.retain(|k| k.until_ms > now_ms);
+        list.nodes.insert(id.clone());
+        list.keys.insert(RevokedKey {
+            fingerprint: tidemesh_identity::svid::sha256(&rec.pinned_key),
+            until_ms: rec.cert_not_after_ms.max(now_ms),
+        });
+        for ca in cas {
+            if ca.not_after_ms > now_ms {
+                list.keys.insert(RevokedKey {
+                    fingerprint: ca.key_fingerprint,
+                    until_ms: ca.not_after_ms,
+                });
+            }
+        }
+        list.version += 1;
+        list.issued_ms = now_ms;
+        Self::write_list(&tx, &list)?;
+        Self::append_audit(&tx, audit)?;
+        tx.commit()?;
+        Ok(Some((rec, list)))
+    }
+
+    /// Records a node CA issued to `id` (dropping expired ones) with its
+    /// audit entry, in one transaction. Refuses (returns `false`) if the
+    /// spoke is unknown or revoked meanwhile.
+    pub fn add_node_ca(
+        &self,
+        id: &str,
+        ca: NodeCaRecord,
+        now_ms: u64,
+        audit: &AuditEntry,
+    ) -> Result<bool, StoreError> {
+        let tx = self.write()?;
+        let live = {
+            let t = tx.open_table(SPOKES)?;
+            let v = t.get(id)?;
+            match v {
+                None => false,
+                Some(v) => decode::<SpokeRecord>("spokes", v.value())?
+                    .revoked_ms
+                    .is_none(),
+            }
+        };
+        if !live {
+            tx.abort()?;
+            return Ok(false);
+        }
+        {
+            let mut t = tx.open_table(NODE_CAS)?;
+            let mut cas: Vec<NodeCaRecord> = match t.get(id)? {
+                None => Vec::new(),
+                Some(v) => decode("node_cas", v.value())?,
+            };
+            cas.retain(|c| c.not_after_ms > now_ms);
+            cas.push(ca);
+            t.insert(id, encode(&cas).as_slice())?;
+        }
+        Self::append_audit(&tx, audit)?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    /// The node CAs issued to `id` that have not expired by `now_ms`.
+    pub fn node_cas(&self, id: &str, now_ms: u64) -> Result<Vec<NodeCaRecord>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(NODE_CAS)?;
+        let v = t.get(id)?;
+        let mut cas: Vec<NodeCaRecord> = match v {
+            None => Vec::new(),
+            Some(v) => decode("node_cas", v.value())?,
+        };
+        cas.retain(|c| c.not_after_ms > now_ms);
+        Ok(cas)
+    }
+
+    /// Makes the revocation list name every spoke whose record is marked
+    /// revoked (a data directory from before revocation lists): returns the
+    /// list, bumped if anything was added.
+    pub fn reconcile_revocations(
+        &self,
+        now_ms: u64,
+    ) -> Result<tidemesh_identity::RevocationList, StoreError> {
+        let tx = self.write()?;
+        let mut list = Self::read_list(&tx)?;
+        let mut changed = false;
+        {
+            let t = tx.open_table(SPOKES)?;
+            for row in t.iter()? {
+                let (k, v) = row?;
+                let rec: SpokeRecord = decode("spokes", v.value())?;
+                if rec.revoked_ms.is_none() {
+                    continue;
+                }
+                if let Ok(id) = tidemesh_identity::SpiffeId::parse(k.value()) {
+                    if list.nodes.insert(id) {
+                        list.keys.insert(tidemesh_identity::revocation::RevokedKey {
+                            fingerprint: tidemesh_identity::svid::sha256(&rec.pinned_key),
+                            until_ms: rec.cert_not_after_ms.max(now_ms),
+                        });
+                        changed = true;
+                    }
+                }
+            }
+        }
+        if changed {
+            list.version += 1;
+            list.issued_ms = now_ms;
+            Self::write_list(&tx, &list)?;
+            tx.commit()?;
+        } else {
+            tx.abort()?;
+        }
+        Ok(list)
     }
 }

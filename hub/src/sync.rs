@@ -26,28 +26,234 @@ use tidemesh_proto::{
 
 use crate::{config::ConfigVersion, Hub, HubError};
 
+/// Most endpoints one spoke may register (a box runs a handful of workloads).
+pub const MAX_ENDPOINTS: usize = 64;
+/// Most bytes (postcard) of one spoke's registration.
+pub const MAX_REGISTRATION_BYTES: usize = 16 * 1024;
+/// Most bytes of all registrations at one store: what a store's slice
+/// carries for its site, kept far below the frame limit so one store's
+/// registrations can never stop its config sync.
+pub const MAX_STORE_REGISTRATION_BYTES: usize = 256 * 1024;
+/// Most labels on one endpoint.
+pub const MAX_LABELS: usize = 32;
+
 /// Endpoints spokes registered, per spoke, and a generation per store.
 #[derive(Debug, Default)]
 pub struct Registry {
     by_spoke: HashMap<String, (String, Vec<RegisteredEndpoint>)>,
     generation: HashMap<String, u64>,
+    /// Encoded bytes of each spoke's registration.
+    bytes: HashMap<String, usize>,
+}
+
+/// Why a registration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistrationError {
+    /// Too many endpoints, fields too long, or over the spoke's or the
+    /// store's byte budget.
+    #[error("{0}")]
+    TooLarge(String),
+    /// A field is malformed.
+    #[error("endpoint {index}: {reason}")]
+    Invalid {
+        /// Position in the registration.
+        index: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The spoke claims a service its workloads may not serve.
+    #[error("endpoint {index}: {reason}")]
+    Forbidden {
+        /// Position in the registration.
+        index: usize,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+fn label_ok(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'))
+}
+
+/// Checks one spoke's registration (pure; the hub calls it before storing):
+///
+/// * sizes: at most [`MAX_ENDPOINTS`] endpoints and [`MAX_REGISTRATION_BYTES`]
+///   encoded, [`MAX_LABELS`] labels each (keys ≤ 317, values ≤ 63 bytes),
+///   and the store's registrations together (`others_bytes` is what the
+///   store's other spokes hold) within [`MAX_STORE_REGISTRATION_BYTES`];
+/// * fields: the service account is one SPIFFE path segment (so it names
+///   `spiffe://TD/store/STORE/sa/ACCOUNT`, an ID only this spoke's node CA
+///   can issue), the service a DNS host, the namespace a DNS label, the
+///   address empty or `ip:port`, no (namespace, service, account) twice;
+/// * claims, against the config in force: where `Workload` objects of this
+///   store declare who serves a service, only their service accounts may
+///   register it; a service account a `Workload` of this store binds to a
+///   service may register only that service; and a host a `MESH_EXTERNAL`
+///   `ServiceEntry` declares (a cloud service outside the mesh) may only be
+///   registered by an account a `Workload` of this store declares for it —
+///   same-site endpoints outrank cloud ones, so this is what keeps one box
+///   from intercepting its store's calls to a cloud service.
+pub fn check_registration(
+    config: &MeshConfig,
+    td: &tidemesh_identity::TrustDomain,
+    store: &str,
+    endpoints: &[RegisteredEndpoint],
+    others_bytes: usize,
+) -> Result<usize, RegistrationError> {
+    use tidemesh_policy::model::MeshLocation;
+    if endpoints.len() > MAX_ENDPOINTS {
+        return Err(RegistrationError::TooLarge(format!(
+            "{} endpoints: at most {MAX_ENDPOINTS} per spoke",
+            endpoints.len()
+        )));
+    }
+    let bytes = postcard::to_allocvec(endpoints)
+        .map(|b| b.len())
+        .unwrap_or(usize::MAX);
+    if bytes > MAX_REGISTRATION_BYTES {
+        return Err(RegistrationError::TooLarge(format!(
+            "registration of {bytes} bytes: at most {MAX_REGISTRATION_BYTES} per spoke"
+        )));
+    }
+    if others_bytes.saturating_add(bytes) > MAX_STORE_REGISTRATION_BYTES {
+        return Err(RegistrationError::TooLarge(format!(
+            "store {store} would hold {} bytes of registrations: at most {MAX_STORE_REGISTRATION_BYTES}",
+            others_bytes.saturating_add(bytes)
+        )));
+    }
+    let declared: Vec<&Workload> = config
+        .workloads
+        .iter()
+        .filter(|w| w.store == store)
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    for (index, e) in endpoints.iter().enumerate() {
+        let invalid = |reason: String| RegistrationError::Invalid { index, reason };
+        if e.service_account.len() > 128
+            || naming::workload_id(td, store, &e.service_account).is_err()
+        {
+            return Err(invalid(format!(
+                "service account {:?} is not one SPIFFE path segment of at most 128 bytes",
+                e.service_account
+            )));
+        }
+        if e.namespace.is_empty()
+            || e.namespace.len() > 63
+            || !e
+                .namespace
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(invalid(format!(
+                "namespace {:?} is not a DNS label",
+                e.namespace
+            )));
+        }
+        let host = tidemesh_policy::units::canonical_host(&e.service, &e.namespace)
+            .map_err(|r| invalid(format!("service: {r}")))?;
+        if !e.address.is_empty() && e.address.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(format!("address {:?} is not ip:port", e.address)));
+        }
+        if e.labels.len() > MAX_LABELS {
+            return Err(RegistrationError::TooLarge(format!(
+                "endpoint {index}: {} labels, at most {MAX_LABELS}",
+                e.labels.len()
+            )));
+        }
+        if let Some((k, v)) = e
+            .labels
+            .iter()
+            .find(|(k, v)| !label_ok(k, 317) || !(v.is_empty() || label_ok(v, 63)))
+        {
+            return Err(invalid(format!(
+                "label {k:?}={v:?} is not a Kubernetes-style label"
+            )));
+        }
+        if !seen.insert((
+            e.namespace.as_str(),
+            host.clone(),
+            e.service_account.as_str(),
+        )) {
+            return Err(invalid(format!(
+                "{} is registered twice for {}",
+                host, e.service_account
+            )));
+        }
+        let forbidden = |reason: String| RegistrationError::Forbidden { index, reason };
+        let serving: Vec<&&Workload> = declared.iter().filter(|w| w.service == host).collect();
+        if !serving.is_empty()
+            && !serving
+                .iter()
+                .any(|w| w.service_account == e.service_account)
+        {
+            return Err(forbidden(format!(
+                "{host} at store {store} is served by service account(s) {} (Workload objects); {} may not register it",
+                serving
+                    .iter()
+                    .map(|w| w.service_account.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                e.service_account
+            )));
+        }
+        let bound: Vec<&&Workload> = declared
+            .iter()
+            .filter(|w| w.service_account == e.service_account)
+            .collect();
+        if !bound.is_empty() && !bound.iter().any(|w| w.service == host) {
+            return Err(forbidden(format!(
+                "service account {} at store {store} serves {} (Workload objects), not {host}",
+                e.service_account,
+                bound
+                    .iter()
+                    .map(|w| w.service.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let external = config
+            .service_entries
+            .iter()
+            .any(|se| se.location == MeshLocation::MeshExternal && se.hosts.contains(&host));
+        if external && serving.is_empty() {
+            return Err(forbidden(format!(
+                "{host} is a cloud service outside the mesh (a MESH_EXTERNAL ServiceEntry): a spoke may only serve it locally where a Workload object of store {store} declares it"
+            )));
+        }
+    }
+    Ok(bytes)
 }
 
 impl Registry {
-    /// Replaces a spoke's endpoints; returns whether anything changed.
+    /// Replaces a spoke's endpoints (already checked, `bytes` encoded);
+    /// returns whether anything changed.
     pub fn register(
         &mut self,
         spoke: &str,
         store: &str,
         endpoints: Vec<RegisteredEndpoint>,
+        bytes: usize,
     ) -> bool {
         let new = (store.to_owned(), endpoints);
         if self.by_spoke.get(spoke) == Some(&new) {
             return false;
         }
         self.by_spoke.insert(spoke.to_owned(), new);
+        self.bytes.insert(spoke.to_owned(), bytes);
         *self.generation.entry(store.to_owned()).or_insert(0) += 1;
         true
+    }
+
+    /// Encoded bytes the spokes of `store` other than `except` registered.
+    pub fn store_bytes(&self, store: &str, except: &str) -> usize {
+        self.by_spoke
+            .iter()
+            .filter(|(id, (s, _))| s == store && id.as_str() != except)
+            .map(|(id, _)| self.bytes.get(id).copied().unwrap_or(0))
+            .sum()
     }
 
     /// The store's registry generation (0: nothing registered).
@@ -242,18 +448,40 @@ impl Hub {
                 message: "registration needs a node SVID".into(),
             };
         };
-        if endpoints.len() > 1024 {
+        let config = match self.latest_config() {
+            Ok(c) => c.map(|v| v.config.clone()).unwrap_or_default(),
+            Err(e) => {
+                return Response::Error {
+                    code: ErrorCode::Internal,
+                    message: e.to_string(),
+                }
+            }
+        };
+        let sid = node.to_string();
+        let Ok(mut registry) = self.inner.registry.lock() else {
             return Response::Error {
-                code: ErrorCode::BadRequest,
-                message: "at most 1024 endpoints per spoke".into(),
+                code: ErrorCode::Internal,
+                message: "registry lock poisoned".into(),
             };
-        }
-        let changed = self
-            .inner
-            .registry
-            .lock()
-            .map(|mut r| r.register(&node.to_string(), &store, endpoints))
-            .unwrap_or(false);
+        };
+        let others = registry.store_bytes(&store, &sid);
+        let bytes = match check_registration(&config, &self.inner.td, &store, &endpoints, others) {
+            Ok(b) => b,
+            Err(e) => {
+                drop(registry);
+                let code = match e {
+                    RegistrationError::Forbidden { .. } => ErrorCode::Forbidden,
+                    _ => ErrorCode::BadRequest,
+                };
+                tracing::warn!(target: "tidemesh::audit", spoke = %sid, error = %e, "registration refused");
+                return Response::Error {
+                    code,
+                    message: format!("registration refused: {e}"),
+                };
+            }
+        };
+        let changed = registry.register(&sid, &store, endpoints, bytes);
+        drop(registry);
         if changed {
             self.inner.registry_tx.send_modify(|g| *g += 1);
             tracing::info!(spoke = %node, "endpoints registered");
@@ -329,17 +557,25 @@ impl Hub {
             Ok(b) => b,
             Err(e) => return internal(format!("cannot encode the config slice: {e}")),
         };
-        if snapshot.len() > MAX_FRAME - 64 {
+        let Some(revocations) = self.signed_revocations() else {
+            return internal("cannot sign the revocation list".into());
+        };
+        // Numbers and length prefixes around the two byte strings take well
+        // under 128 bytes.
+        let size = snapshot.len() + revocations.body.len() + revocations.signature.len() + 128;
+        if size > MAX_FRAME {
             return internal(format!(
-                "config slice of {} bytes exceeds the frame limit",
-                snapshot.len()
+                "the config slice for store {store} ({} bytes) and the revocation list ({} bytes) exceed the {MAX_FRAME}-byte frame limit",
+                snapshot.len(),
+                revocations.body.len()
             ));
         }
-        Response::Config {
+        Response::ConfigSlice {
             version: v.meta.version,
             registry,
             applied_ms: v.meta.at_ms,
             snapshot,
+            revocations: (*revocations).clone(),
         }
     }
 }
@@ -347,6 +583,127 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ep(account: &str, service: &str) -> RegisteredEndpoint {
+        RegisteredEndpoint {
+            service_account: account.into(),
+            service: service.into(),
+            namespace: "store".into(),
+            labels: [("app".to_string(), account.to_string())].into(),
+            address: "10.0.0.7:7500".into(),
+            healthy: true,
+        }
+    }
+
+    fn td() -> tidemesh_identity::TrustDomain {
+        tidemesh_identity::TrustDomain::new("edge.example").expect("td")
+    }
+
+    const CLAIMS: &str = "apiVersion: tidemesh.io/v1alpha1
+kind: Store
+metadata: {name: sf01}
+spec: {region: r1, zone: z1}
+---
+apiVersion: tidemesh.io/v1alpha1
+kind: Workload
+metadata: {name: inventory, namespace: store}
+spec: {service: inventory, store: sf01, serviceAccount: inventory, address: '10.0.0.9:8080'}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: payments, namespace: cloud}
+spec:
+  hosts: [payments.cloud]
+  location: MESH_EXTERNAL
+  ports: [{number: 443, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 10.9.0.1}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: ledger, namespace: store}
+spec:
+  hosts: [ledger.cloud]
+  location: MESH_INTERNAL
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 10.9.0.2}]
+";
+
+    #[test]
+    fn registrations_are_bounded_and_claims_checked() {
+        let cfg = MeshConfig::from_yaml(CLAIMS).expect("config");
+        let check = |eps: &[RegisteredEndpoint], others| {
+            check_registration(&cfg, &td(), "sf01", eps, others)
+        };
+        // ordinary workloads, a declared one, an in-mesh service also in the cloud
+        assert!(check(
+            &[
+                ep("pos", "pos"),
+                ep("inventory", "inventory"),
+                ep("ledger", "ledger.cloud")
+            ],
+            0
+        )
+        .is_ok());
+        // 1,024 oversized endpoints
+        let mut big = ep("pos", "pos");
+        big.labels = (0..40).map(|i| (format!("k{i}"), "v".repeat(63))).collect();
+        let many: Vec<RegisteredEndpoint> = (0..1024).map(|_| big.clone()).collect();
+        assert!(matches!(
+            check(&many, 0),
+            Err(RegistrationError::TooLarge(_))
+        ));
+        assert!(matches!(
+            check(&[big], 0),
+            Err(RegistrationError::TooLarge(_))
+        ));
+        // the store's budget
+        assert!(matches!(
+            check(&[ep("pos", "pos")], MAX_STORE_REGISTRATION_BYTES),
+            Err(RegistrationError::TooLarge(_))
+        ));
+        // malformed fields
+        for bad in [
+            ep("a/b", "pos"),
+            ep("pos", "Pos Service"),
+            RegisteredEndpoint {
+                namespace: "Store".into(),
+                ..ep("pos", "pos")
+            },
+            RegisteredEndpoint {
+                address: "nowhere".into(),
+                ..ep("pos", "pos")
+            },
+        ] {
+            assert!(
+                matches!(
+                    check(std::slice::from_ref(&bad), 0),
+                    Err(RegistrationError::Invalid { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(
+            check(&[ep("pos", "pos"), ep("pos", "pos")], 0),
+            Err(RegistrationError::Invalid { .. })
+        ));
+        // claims: another account for a declared service, the declared
+        // account for another service, a cloud service outside the mesh
+        for bad in [
+            ep("evil", "inventory"),
+            ep("inventory", "pos"),
+            ep("pos", "payments.cloud"),
+        ] {
+            let e = check(std::slice::from_ref(&bad), 0).expect_err("refused");
+            assert!(
+                matches!(e, RegistrationError::Forbidden { .. }),
+                "{bad:?}: {e}"
+            );
+        }
+        // another store's declarations do not bind this one
+        assert!(check_registration(&cfg, &td(), "sf02", &[ep("evil", "inventory")], 0).is_ok());
+    }
 
     /// A realistic 1,000-service config: 50 stores, a workload per service
     /// (20 per store), a DestinationRule with two subsets and a 90/10

@@ -7,9 +7,15 @@
 //! | `spoke.json`                  | ID, hub address, trust domain, enrollment time |
 //! | `node_key.pem`                | node private key, PKCS#8, mode 0600; generated here, never sent |
 //! | `node.pem`                    | node SVID chain, leaf first |
+//! | `node_ca_key.pem`             | node CA private key, PKCS#8, mode 0600; generated here, never sent |
+//! | `node_ca.pem`                 | node CA certificate (issued by the hub, pathLen 0) |
+//! | `issue_policy.json`           | workload SVID lifetime and max-offline window, as the hub set them |
 //! | `bundle.pem`                  | trust bundle (the hub CA) |
+//! | `revocations.bin`             | the newest signed revocation list received (postcard) |
+//! | `time.json`                   | trusted-time floor and last hub time anchor |
+//! | `serving.pem`                 | data-tunnel serving SVID (the node ID, node key, issued here by the node CA) |
 //! | `workloads/ACCOUNT/key.pem`   | workload key, mode 0600 |
-//! | `workloads/ACCOUNT/svid.pem`  | workload SVID chain |
+//! | `workloads/ACCOUNT/svid.pem`  | workload SVID chain (leaf, node CA), issued here by the node CA |
 //! | `state.json`                  | last successful contact with the hub |
 //! | `admin.sock`                  | the admin socket while `run` is up, mode 0600 |
 //!
@@ -28,10 +34,12 @@ use std::{
 use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use tidemesh_identity::{
-    svid::{self, KeyPair},
+    svid::{self, KeyPair, NodeCa},
+    trusted_time::TimeFloor,
     verify::TrustBundle,
-    SpiffeId, TrustDomain,
+    SignedRevocationList, SpiffeId, TrustDomain,
 };
+use tidemesh_proto::IssuePolicy;
 
 /// Errors reading or writing the cache.
 #[derive(Debug, thiserror::Error)]
@@ -242,6 +250,9 @@ impl CredStore {
         )?;
         let _ = fs::remove_dir_all(self.p("workloads"));
         let _ = fs::remove_file(self.p("state.json"));
+        let _ = fs::remove_file(self.p("node_ca.pem"));
+        let _ = fs::remove_file(self.p("node_ca_key.pem"));
+        let _ = fs::remove_file(self.p("serving.pem"));
         let json =
             serde_json::to_vec_pretty(ident).map_err(|e| corrupt(&self.p("spoke.json"), e))?;
         write_atomic(&self.p("spoke.json"), &json, 0o644)
@@ -277,6 +288,24 @@ impl CredStore {
     pub fn save_node_chain(&self, chain: &[CertificateDer<'_>]) -> Result<(), CredsError> {
         write_atomic(
             &self.p("node.pem"),
+            svid::certs_to_pem(chain).as_bytes(),
+            0o644,
+        )
+    }
+
+    /// The data-tunnel serving SVID the node CA issued (node key), if any.
+    pub fn serving(&self) -> Result<Option<Svid>, CredsError> {
+        if !self.p("serving.pem").exists() {
+            return Ok(None);
+        }
+        self.load_svid(&self.p("node_key.pem"), &self.p("serving.pem"))
+            .map(Some)
+    }
+
+    /// Stores the serving SVID's chain.
+    pub fn save_serving_chain(&self, chain: &[CertificateDer<'_>]) -> Result<(), CredsError> {
+        write_atomic(
+            &self.p("serving.pem"),
             svid::certs_to_pem(chain).as_bytes(),
             0o644,
         )
@@ -337,6 +366,85 @@ impl CredStore {
             svid::certs_to_pem(chain).as_bytes(),
             0o644,
         )
+    }
+
+    /// The node CA, if the hub issued one.
+    pub fn node_ca(&self) -> Result<Option<NodeCa>, CredsError> {
+        let (cert, key) = (self.p("node_ca.pem"), self.p("node_ca_key.pem"));
+        if !cert.exists() || !key.exists() {
+            return Ok(None);
+        }
+        let k = svid::key_from_pem(&self.read_pem(&key)?).map_err(|e| corrupt(&key, e))?;
+        let mut certs = svid::pem_certs(&self.read_pem(&cert)?).map_err(|e| corrupt(&cert, e))?;
+        if certs.len() != 1 {
+            return Err(corrupt(&cert, "expected exactly one certificate"));
+        }
+        let der = certs.remove(0);
+        NodeCa::new(der, k).map(Some).map_err(|e| corrupt(&cert, e))
+    }
+
+    /// Stores a node CA: key first, then the certificate (a crash between
+    /// the two leaves a key without a matching certificate, which
+    /// [`CredStore::node_ca`] refuses, and the spoke asks for a new one).
+    pub fn save_node_ca(&self, cert: &CertificateDer<'_>, key: &KeyPair) -> Result<(), CredsError> {
+        write_atomic(
+            &self.p("node_ca_key.pem"),
+            key.serialize_pem().as_bytes(),
+            0o600,
+        )?;
+        write_atomic(
+            &self.p("node_ca.pem"),
+            svid::certs_to_pem(std::slice::from_ref(cert)).as_bytes(),
+            0o644,
+        )
+    }
+
+    /// The issuance policy the hub set (`None` before the first node CA).
+    pub fn policy(&self) -> Option<IssuePolicy> {
+        let b = fs::read(self.p("issue_policy.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&b).ok()?;
+        Some(IssuePolicy {
+            workload_ttl_ms: v.get("workload_ttl_ms")?.as_u64()?,
+            max_offline_ms: v.get("max_offline_ms")?.as_u64()?,
+        })
+    }
+
+    /// Stores the issuance policy.
+    pub fn save_policy(&self, p: &IssuePolicy) -> Result<(), CredsError> {
+        let json = serde_json::json!({
+            "workload_ttl_ms": p.workload_ttl_ms,
+            "max_offline_ms": p.max_offline_ms,
+        });
+        write_atomic(
+            &self.p("issue_policy.json"),
+            json.to_string().as_bytes(),
+            0o644,
+        )
+    }
+
+    /// The stored signed revocation list, if any (not verified here).
+    pub fn revocations(&self) -> Option<SignedRevocationList> {
+        let b = fs::read(self.p("revocations.bin")).ok()?;
+        SignedRevocationList::decode(&b).ok()
+    }
+
+    /// Stores a signed revocation list.
+    pub fn save_revocations(&self, list: &SignedRevocationList) -> Result<(), CredsError> {
+        write_atomic(&self.p("revocations.bin"), &list.encode(), 0o644)
+    }
+
+    /// The trusted-time floor (zero before the first save).
+    pub fn time_floor(&self) -> TimeFloor {
+        fs::read(self.p("time.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Stores the trusted-time floor.
+    pub fn save_time_floor(&self, f: &TimeFloor) -> Result<(), CredsError> {
+        let json = serde_json::to_vec(f).map_err(|e| corrupt(&self.p("time.json"), e))?;
+        write_atomic(&self.p("time.json"), &json, 0o644)
     }
 
     /// `state.json`.

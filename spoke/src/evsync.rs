@@ -19,7 +19,7 @@
 use std::{
     collections::VecDeque,
     sync::Arc,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use tidemesh_evidence::{Batch, ChainHash, ChainPosition, EvidenceSeq, MAX_BATCH_BYTES};
@@ -525,18 +525,67 @@ impl Spoke {
                 .unwrap_or(false);
             fam.sample(&[("state", s)], f64::from(u8::from(cur)));
         }
-        if let Ok(node) = self.inner.store.node() {
-            let left = match node.not_after.duration_since(now) {
-                Ok(d) => d.as_secs_f64(),
-                Err(e) => -e.duration().as_secs_f64(),
-            };
+        let cur = self.inner.creds.current();
+        let left = |t: SystemTime| match t.duration_since(now) {
+            Ok(d) => d.as_secs_f64(),
+            Err(e) => -e.duration().as_secs_f64(),
+        };
+        e.single(
+            "tidemesh_spoke_cert_expiry_seconds",
+            Gauge,
+            "Seconds until the node SVID expires (negative: expired).",
+            left(cur.node.not_after).floor(),
+        );
+        if let Some(f) = cur.node_ca {
             e.single(
-                "tidemesh_spoke_cert_expiry_seconds",
+                "tidemesh_spoke_node_ca_expiry_seconds",
                 Gauge,
-                "Seconds until the node SVID expires (negative: expired).",
-                left.floor(),
+                "Seconds until the node CA expires (negative: expired); it issues the workload SVIDs, offline too.",
+                left(f.not_after).floor(),
             );
         }
+        let h = self.horizon();
+        if let Some(v) = h.survival_horizon_s {
+            e.single(
+                "tidemesh_spoke_survival_horizon_seconds",
+                Gauge,
+                "Seconds this spoke can keep serving its store as now without the hub (the smallest survival budget).",
+                v as f64,
+            );
+        }
+        let fam = e.family(
+            "tidemesh_spoke_survival_budget_seconds",
+            Gauge,
+            "Seconds until each survival budget runs out (absent: not bounded at the current rate).",
+        );
+        for (name, v) in &h.survival_budgets {
+            if let Some(v) = v {
+                fam.sample(&[("budget", name)], *v as f64);
+            }
+        }
+        let fam = e.family(
+            "tidemesh_spoke_survival_limit",
+            Gauge,
+            "1 for the budget that limits the survival horizon.",
+        );
+        for name in h.survival_budgets.keys() {
+            fam.sample(
+                &[("budget", name)],
+                f64::from(u8::from(*name == h.survival_limit)),
+            );
+        }
+        e.single(
+            "tidemesh_spoke_time_trusted",
+            Gauge,
+            "1 while the spoke's time is trusted (hub-anchored, or a wall clock that passed the floor check); 0 when degraded.",
+            f64::from(u8::from(self.inner.tclock.trusted())),
+        );
+        e.single(
+            "tidemesh_spoke_revocation_list_version",
+            Gauge,
+            "Version of the revocation list this spoke enforces.",
+            self.inner.creds.revocations().version() as f64,
+        );
         if let Some(v) = self.config_version() {
             e.single(
                 "tidemesh_spoke_config_version",

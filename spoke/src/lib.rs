@@ -22,11 +22,14 @@
 //! by revocation, which is checked first.
 
 pub mod buffer;
+pub mod clock;
 pub mod config;
+pub mod credentials;
 pub mod creds;
 pub mod dataplane;
 mod evsync;
 pub mod replica;
+pub mod survival;
 
 use std::{
     future::Future,
@@ -41,17 +44,19 @@ use rustls::pki_types::CertificateDer;
 use serde_json::{json, Value};
 use tidemesh_identity::{
     clock::Clock,
-    naming,
-    svid::{self, KeyPair},
+    naming, svid,
+    trusted_time::{TimeFloor, TimeSettings},
     verify::{self, ExactId, ServerTrust, TrustBundle},
     SpiffeId,
 };
 use tidemesh_net::{admin, NetError, QuicSettings};
 use tidemesh_policy::MeshConfig;
-use tidemesh_proto::{close, ErrorCode, JoinToken, Request, Response, ALPN_CTL};
+use tidemesh_proto::{close, ErrorCode, JoinToken, Push, Request, Response, ALPN_CTL};
 use tracing::{debug, info, warn};
 
+pub use clock::TrustedClock;
 pub use config::{FileConfig, WorkloadConfig};
+pub use credentials::{Credentials, Svids};
 pub use creds::{CredStore, CredsError, Svid};
 pub use evsync::{SyncSettings, SyncStats};
 
@@ -88,6 +93,14 @@ pub struct SpokeConfig {
     pub metrics: Option<SocketAddr>,
     /// Data plane limits and timeouts.
     pub data: dataplane::DataSettings,
+    /// The data tunnel's UDP socket, already bound (`data_listen` is then
+    /// only what is advertised): lets simulations run the data plane on a
+    /// virtual network. `None`: bind `data_listen` (or an ephemeral port).
+    pub data_socket: Option<Arc<dyn quinn::AsyncUdpSocket>>,
+    /// How often the spoke reports its survival horizon to the hub.
+    pub report_interval: Duration,
+    /// How often a connected spoke asks the hub for a fresh time anchor.
+    pub anchor_interval: Duration,
 }
 
 impl Default for SpokeConfig {
@@ -106,6 +119,9 @@ impl Default for SpokeConfig {
             sync: SyncSettings::default(),
             metrics: None,
             data: dataplane::DataSettings::default(),
+            data_socket: None,
+            report_interval: Duration::from_secs(30),
+            anchor_interval: Duration::from_secs(600),
         }
     }
 }
@@ -206,9 +222,11 @@ pub struct Enrolled {
     pub not_after: SystemTime,
 }
 
-/// Enrolls a spoke: generates the node key here, sends a CSR with the join
-/// token to the hub (verified by the token's pinned CA fingerprint) and
-/// stores chain, bundle and key (0600) in `data_dir`.
+/// Enrolls a spoke: generates the node key and the node CA key here, sends
+/// their CSRs with the join token to the hub (verified by the token's
+/// pinned CA fingerprint) and stores the node SVID, the node CA, the
+/// bundle and both keys (0600) in `data_dir`, with the hub's first time
+/// anchor as the trusted-time floor.
 pub async fn enroll(
     data_dir: &Path,
     hub: SocketAddr,
@@ -226,6 +244,8 @@ pub async fn enroll(
     let td = token.spoke.trust_domain().clone();
     let key = svid::generate_key()?;
     let csr = svid::make_csr(&key, &token.spoke)?;
+    let ca_key = svid::generate_key()?;
+    let ca_csr = svid::make_csr(&ca_key, &token.spoke)?;
     let tls = verify::anonymous_client_config(
         ServerTrust::Pinned {
             trust_domain: td.clone(),
@@ -238,19 +258,35 @@ pub async fn enroll(
     .map_err(tls_err)?;
     let endpoint = client_endpoint(socket)?;
     let conn = connect(&endpoint, &quic, tls, hub).await?;
+    let sent = tokio::time::Instant::now();
     let resp = tidemesh_net::request(
         &conn,
-        &Request::Enroll {
+        &Request::EnrollNode {
             token: token.secret.clone(),
             spoke: token.spoke.clone(),
             csr,
+            ca_csr,
         },
         REQUEST_TIMEOUT,
     )
     .await;
+    let rtt = sent.elapsed();
     conn.close(quinn::VarInt::from_u32(close::NORMAL), b"enrolled");
     endpoint.wait_idle().await;
-    let (chain, bundle) = expect_cert(resp?)?;
+    let (chain, node_ca, bundle, policy, anchor) = match resp? {
+        Response::Enrolled {
+            chain,
+            node_ca,
+            bundle,
+            policy,
+            anchor,
+        } => (chain, node_ca, bundle, policy, anchor),
+        Response::Error { code, message } => return Err(SpokeError::Refused { code, message }),
+        other => return Err(SpokeError::Unexpected(format!("{other:?}"))),
+    };
+    let chain: Vec<CertificateDer<'static>> = chain.into_iter().map(CertificateDer::from).collect();
+    let bundle: Vec<CertificateDer<'static>> =
+        bundle.into_iter().map(CertificateDer::from).collect();
     if !bundle
         .iter()
         .any(|c| svid::sha256(c) == token.ca_fingerprint)
@@ -266,12 +302,34 @@ pub async fn enroll(
             node.id, token.spoke
         )));
     }
+    let ca_cert = CertificateDer::from(node_ca);
+    let ca = svid::NodeCa::new(
+        ca_cert.clone(),
+        svid::key_from_pem(&ca_key.serialize_pem())?,
+    )?;
+    if ca.node() != &token.spoke {
+        return Err(SpokeError::Unexpected(format!(
+            "node CA issued for {} instead of {}",
+            ca.node(),
+            token.spoke
+        )));
+    }
+    let anchor = anchor
+        .verify(&bundle, &token.spoke)
+        .map_err(|e| SpokeError::Unexpected(e.to_string()))?;
     let ident = creds::Identity {
         id: token.spoke.clone(),
         hub: hub.to_string(),
         enrolled_at: rfc3339(clock.now()),
     };
     store.save_enrollment(&ident, &node.key, &node.chain, &bundle)?;
+    store.save_node_ca(&ca_cert, &ca_key)?;
+    store.save_policy(&policy)?;
+    let anchor_ms = anchor.hub_ms + (rtt.as_millis() as u64) / 2;
+    store.save_time_floor(&TimeFloor {
+        floor_ms: anchor_ms,
+        anchor_ms: Some(anchor.hub_ms),
+    })?;
     store.save_contact(&creds::ContactState {
         last_contact_ms: Some(unix_ms(clock.now())),
     })?;
@@ -336,12 +394,25 @@ struct Inner {
     local_health: Mutex<std::collections::BTreeMap<String, bool>>,
     /// Bumped when a local workload's health changes.
     health_tx: tokio::sync::watch::Sender<u64>,
+    /// Wakes the issuing loop (a node CA was installed).
+    issue_wake: tokio::sync::Notify,
+    /// Why the hub refused this spoke's last registration, if it did.
+    registration_error: Mutex<Option<String>>,
     /// `host:port` of the hub, resolved at each connection attempt.
     hub: String,
     store: CredStore,
     ident: creds::Identity,
     cfg: SpokeConfig,
+    /// Trusted time (the same object as `tclock`), for TLS and evidence.
     clock: Arc<dyn Clock>,
+    tclock: Arc<TrustedClock>,
+    /// The credentials in force (node SVID, node CA, workload SVIDs,
+    /// revocation list).
+    creds: Arc<Credentials>,
+    /// The evidence buffer's append rate (survival horizon).
+    evidence_rate: Mutex<survival::RateMeter>,
+    /// The running data plane, for probes.
+    data: std::sync::OnceLock<std::sync::Weak<dataplane::Shared>>,
     live: Mutex<Live>,
     rng: Mutex<StdRng>,
 }
@@ -369,16 +440,46 @@ enum SessionEnd {
 
 impl Spoke {
     /// Loads an enrolled spoke from its data directory; needs no network.
+    ///
+    /// `wall` is the wall clock; the spoke runs on trusted time built from
+    /// it, the persisted floor and monotonic time (see [`clock`]).
     pub fn open(
         data_dir: &Path,
         cfg: SpokeConfig,
-        clock: Arc<dyn Clock>,
+        wall: Arc<dyn Clock>,
     ) -> Result<Spoke, SpokeError> {
         let store = CredStore::new(data_dir);
         let ident = store.identity()?;
         // Fail now, not at the first connection, if the cache is unusable.
         store.node()?;
         store.bundle(ident.id.trust_domain())?;
+        let max_offline = store
+            .policy()
+            .map(|p| Duration::from_millis(p.max_offline_ms))
+            .unwrap_or(Duration::from_secs(30 * 24 * 3600));
+        let tclock = Arc::new(TrustedClock::boot(
+            wall,
+            store.time_floor(),
+            TimeSettings {
+                max_ahead: max_offline,
+                ..TimeSettings::default()
+            },
+        ));
+        if let Some(st) = tclock.status().filter(|s| s.state != "trusted") {
+            warn!(target: "tidemesh::audit", reason = ?st.reason, "time is not trusted");
+        }
+        let clock: Arc<dyn Clock> = tclock.clone();
+        let creds = Arc::new(Credentials::open(
+            store.clone(),
+            ident.id.clone(),
+            cfg.file
+                .workloads
+                .iter()
+                .map(|w| w.service_account.clone())
+                .collect(),
+            clock.clone(),
+            cfg.renew_fraction,
+        )?);
         let hub = match (cfg.hub, &cfg.file.hub) {
             (Some(a), _) => a.to_string(),
             (None, Some(h)) => h.clone(),
@@ -430,10 +531,16 @@ impl Spoke {
                         .collect(),
                 ),
                 health_tx: tokio::sync::watch::channel(0).0,
+                issue_wake: tokio::sync::Notify::new(),
+                registration_error: Mutex::new(None),
                 store,
                 ident,
                 cfg,
                 clock,
+                tclock,
+                creds,
+                evidence_rate: Mutex::new(survival::RateMeter::default()),
+                data: std::sync::OnceLock::new(),
                 live: Mutex::new(Live {
                     state: State::Connecting,
                     mode: tidemesh_evidence::record::Mode::Target,
@@ -557,6 +664,45 @@ impl Spoke {
         }
     }
 
+    /// The survival horizon now (see [`survival`]).
+    pub fn horizon(&self) -> survival::Horizon {
+        let now = self.inner.clock.now();
+        let cur = self.inner.creds.current();
+        let connected = self.state() == State::Connected;
+        let last_contact = if connected {
+            Some(now)
+        } else {
+            self.inner
+                .live
+                .lock()
+                .ok()
+                .and_then(|l| l.last_contact_ms)
+                .map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
+        };
+        let evidence = self.inner.evidence.get().map(|b| {
+            let st = b.stats(tidemesh_evidence::UnixMillis(unix_ms(now)));
+            let rate = self
+                .inner
+                .evidence_rate
+                .lock()
+                .map(|r| r.bytes_per_s())
+                .unwrap_or(0.0);
+            (st.capacity_bytes, st.pending_bytes, rate)
+        });
+        survival::horizon(&survival::Inputs {
+            now: Some(now),
+            node_ca_not_after: cur.node_ca.map(|f| f.not_after),
+            last_contact,
+            max_offline: self
+                .inner
+                .creds
+                .policy()
+                .map(|p| Duration::from_millis(p.max_offline_ms)),
+            evidence,
+            drift_budget: Some(self.inner.tclock.drift_budget()),
+        })
+    }
+
     /// The status document (`tidemesh-spoke status --json`).
     pub fn status(&self) -> Value {
         let now = self.inner.clock.now();
@@ -578,34 +724,52 @@ impl Spoke {
         } else {
             last_contact_ms.map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
         };
-        let node = self.inner.store.node().ok();
+        let cur = self.inner.creds.current();
+        let node = &cur.node;
         let workloads: Vec<Value> = self
             .inner
             .cfg
             .file
             .workloads
             .iter()
-            .map(|w| {
-                let s = self.inner.store.workload(&w.service_account).ok().flatten();
+            .enumerate()
+            .map(|(i, w)| {
+                let s = cur.workloads.get(i).cloned().flatten();
                 json!({
                     "service_account": w.service_account,
                     "id": s.as_ref().map(|s| s.id.to_string()),
                     "cert_not_after": s.as_ref().map(|s| rfc3339(s.not_after)),
+                    "issued_by": s.as_ref().and_then(|s| s.chain.get(1)).and_then(|c| svid::cert_spiffe_id(c).ok()).map(|id| format!("node CA {id}")),
                 })
             })
             .collect();
+        let horizon = self.horizon();
+        let revocations = self.inner.creds.revocations().current();
+        let ca_error = self.inner.creds.last_error();
         json!({
             "id": self.inner.ident.id.to_string(),
             "connected": connected,
             "state": state,
             "hub": hub,
-            "cert_not_after": node.as_ref().map(|n| rfc3339(n.not_after)),
-            "cert_time_left_s": node.as_ref().map(|n| n.not_after.duration_since(now).map(|d| d.as_secs() as i64).unwrap_or_else(|e| -(e.duration().as_secs() as i64))),
-            "cert_expired": node.as_ref().map(|n| n.expired(now)),
+            "cert_not_after": rfc3339(node.not_after),
+            "cert_time_left_s": node.not_after.duration_since(now).map(|d| d.as_secs() as i64).unwrap_or_else(|e| -(e.duration().as_secs() as i64)),
+            "cert_expired": node.expired(now),
+            "node_ca_not_after": cur.node_ca.map(|f| rfc3339(f.not_after)),
+            "node_ca_expired": cur.node_ca.map(|f| now >= f.not_after),
+            "issue_error": ca_error,
             "last_contact": last_contact.map(rfc3339),
             "last_contact_age_s": last_contact.map(|t| now.duration_since(t).map(|d| d.as_secs()).unwrap_or(0)),
             "last_error": last_error,
             "workloads": workloads,
+            "survival_horizon_s": horizon.survival_horizon_s,
+            "survival_limit": horizon.survival_limit,
+            "survival_budgets": horizon.survival_budgets,
+            "time_trust": self.inner.tclock.status(),
+            "revocation_version": revocations.as_ref().map_or(0, |l| l.version),
+            "revocation_issued_at": revocations.as_ref().filter(|l| l.version > 0).map(|l| rfc3339(UNIX_EPOCH + Duration::from_millis(l.issued_ms))),
+            // While connected the hub pushes every new list at once; offline,
+            // a revocation made since the last contact is not known here.
+            "revocation_stale_s": if connected { Some(0) } else { last_contact.map(|t| now.duration_since(t).map(|d| d.as_secs()).unwrap_or(0)) },
             "config_version": cfg.as_ref().map(|a| a.version),
             "config_age_s": cfg.as_ref().map(|a| now.duration_since(UNIX_EPOCH + Duration::from_millis(a.hub_applied_ms)).map(|d| d.as_secs()).unwrap_or(0)),
             "config_applied_at": cfg.as_ref().map(|a| rfc3339(UNIX_EPOCH + Duration::from_millis(a.applied_ms))),
@@ -617,6 +781,7 @@ impl Spoke {
                 "healthy": e.healthy,
             })).collect::<Vec<_>>(),
             "registry": self.local_registry(),
+            "registration_error": self.inner.registration_error.lock().ok().and_then(|e| e.clone()),
         })
     }
 
@@ -755,6 +920,22 @@ impl Spoke {
                 wait_ms: 20_000,
             };
             match tidemesh_net::request::<_, Response>(&conn, &req, Duration::from_secs(35)).await {
+                Ok(Response::ConfigSlice {
+                    version,
+                    registry,
+                    applied_ms,
+                    snapshot,
+                    revocations,
+                }) => {
+                    self.install_revocations(&revocations);
+                    if !sync.handle_config(version, registry) {
+                        continue;
+                    }
+                    if let Err(e) = self.apply_config(version, registry, applied_ms, snapshot) {
+                        warn!(version, error = %e, "config rejected; keeping the last-known-good");
+                        tokio::time::sleep(self.jitter(Duration::from_secs(5))).await;
+                    }
+                }
                 Ok(Response::Config {
                     version,
                     registry,
@@ -862,6 +1043,13 @@ impl Spoke {
 
     fn record_cert(&self, s: &Svid, event: tidemesh_evidence::record::CertEventKind) {
         let Some(leaf) = s.chain.first() else { return };
+        // Workload SVIDs name their node CA as issuer; node SVIDs the root.
+        let issuer = s
+            .chain
+            .get(1)
+            .and_then(|c| svid::cert_spiffe_id(c).ok())
+            .map(|id| format!("node CA {id}"))
+            .unwrap_or_else(|| s.id.trust_domain().id().to_string());
         self.record(tidemesh_evidence::RecordBody::Certificate(
             tidemesh_evidence::record::CertificateEvent {
                 event,
@@ -870,7 +1058,7 @@ impl Spoke {
                 serial_number: String::new(),
                 issued_at: tidemesh_evidence::UnixMillis(unix_ms(s.not_before)),
                 expires_at: tidemesh_evidence::UnixMillis(unix_ms(s.not_after)),
-                issuer: s.id.trust_domain().id().to_string(),
+                issuer,
             },
         ));
     }
@@ -958,10 +1146,18 @@ impl Spoke {
             let req = Request::Register {
                 endpoints: self.local_endpoints(),
             };
-            match tidemesh_net::request::<_, Response>(&conn, &req, REQUEST_TIMEOUT).await {
-                Ok(Response::Registered) => {}
-                Ok(other) => warn!(answer = ?other, "registration refused"),
-                Err(_) => return,
+            let outcome =
+                match tidemesh_net::request::<_, Response>(&conn, &req, REQUEST_TIMEOUT).await {
+                    Ok(Response::Registered) => None,
+                    Ok(Response::Error { code, message }) => {
+                        warn!(%code, %message, "registration refused");
+                        Some(format!("{code}: {message}"))
+                    }
+                    Ok(other) => Some(format!("unexpected answer {other:?}")),
+                    Err(_) => return,
+                };
+            if let Ok(mut e) = self.inner.registration_error.lock() {
+                *e = outcome;
             }
             if rx.changed().await.is_err() {
                 return;
@@ -1013,10 +1209,7 @@ impl Spoke {
     }
 
     fn bundle(&self) -> Result<TrustBundle, SpokeError> {
-        Ok(self
-            .inner
-            .store
-            .bundle(self.inner.ident.id.trust_domain())?)
+        Ok(self.inner.creds.current().bundle.clone())
     }
 
     fn hub_authorizer(&self) -> Arc<ExactId> {
@@ -1093,6 +1286,20 @@ impl Spoke {
                 tidemesh_evidence::record::ConfigSource::Cache,
             );
         }
+        // Workload SVIDs due now are issued before the data plane binds,
+        // with or without the hub; the loop keeps them fresh from then on.
+        {
+            let creds = self.inner.creds.clone();
+            if let Ok((issued, _)) = tokio::task::spawn_blocking(move || creds.issue_due()).await {
+                for s in &issued {
+                    self.record_cert(s, tidemesh_evidence::record::CertEventKind::Issued);
+                }
+            }
+        }
+        let me = self.clone();
+        let _issue = AbortOnDrop(tokio::spawn(async move { me.issue_loop().await }));
+        let me = self.clone();
+        let _clock = AbortOnDrop(tokio::spawn(async move { me.clock_loop().await }));
         // The data plane binds now, so a taken port stops the spoke before
         // the hub session starts; it serves without the hub from here on.
         let _data = if dataplane::needed(&self.inner.cfg.file) {
@@ -1150,6 +1357,7 @@ impl Spoke {
             b"spoke shutting down",
         );
         let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        self.save_time_floor();
         if let Some(t) = admin_task {
             t.abort();
             let _ = std::fs::remove_file(admin::socket_path(self.inner.store.dir()));
@@ -1235,7 +1443,7 @@ impl Spoke {
         &self,
         endpoint: &quinn::Endpoint,
         node: &Svid,
-    ) -> Result<Svid, SpokeError> {
+    ) -> Result<Arc<Svid>, SpokeError> {
         info!(spoke = %self.inner.ident.id, expired = %rfc3339(node.not_after), "node SVID expired; re-establishing with the pinned key");
         let tls = verify::client_config_no_cert(
             self.bundle()?,
@@ -1260,37 +1468,202 @@ impl Spoke {
         .await;
         conn.close(quinn::VarInt::from_u32(close::NORMAL), b"reestablished");
         let (chain, bundle) = expect_cert(resp?)?;
-        let s = self.install_node(chain, bundle)?;
+        let s = self.inner.creds.install_node(chain, bundle)?;
+        info!(target: "tidemesh::audit", spoke = %s.id, not_after = %rfc3339(s.not_after), "node SVID installed");
         self.record_cert(&s, tidemesh_evidence::record::CertEventKind::Reestablished);
         Ok(s)
     }
 
-    fn install_node(
-        &self,
-        chain: Vec<CertificateDer<'static>>,
-        bundle: Vec<CertificateDer<'static>>,
-    ) -> Result<Svid, SpokeError> {
-        let key = self.inner.store.node()?.key;
-        let s = Svid::new(key, chain)?;
-        if s.id != self.inner.ident.id {
-            return Err(SpokeError::Unexpected(format!(
-                "hub issued {} instead of {}",
-                s.id, self.inner.ident.id
-            )));
+    /// Installs a signed revocation list (from a push or a config slice)
+    /// if it verifies and is newer; a bad one is logged and ignored.
+    fn install_revocations(&self, signed: &tidemesh_identity::SignedRevocationList) {
+        if let Err(e) = self.inner.creds.install_revocations(signed) {
+            warn!(target: "tidemesh::audit", error = %e, "revocation list refused");
         }
-        if !bundle.is_empty() {
-            self.inner.store.save_bundle(&bundle)?;
+    }
+
+    /// Reads the hub's pushes (unidirectional streams on the control
+    /// connection) for as long as the session lasts.
+    async fn push_loop(&self, conn: quinn::Connection) {
+        loop {
+            let mut recv = match conn.accept_uni().await {
+                Ok(r) => r,
+                Err(_) => return,
+            };
+            match tokio::time::timeout(REQUEST_TIMEOUT, tidemesh_net::read_frame::<Push>(&mut recv))
+                .await
+            {
+                Ok(Ok(Push::Revocations(signed))) => self.install_revocations(&signed),
+                Ok(Err(e)) => warn!(error = %e, "bad push from the hub"),
+                Err(_) => warn!("push from the hub timed out"),
+            }
         }
-        self.inner.store.save_node_chain(&s.chain)?;
-        info!(target: "tidemesh::audit", spoke = %s.id, not_after = %rfc3339(s.not_after), "node SVID installed");
-        Ok(s)
+    }
+
+    /// Asks the hub for a time anchor and feeds it to the trusted clock.
+    async fn refresh_time(&self, conn: &quinn::Connection) -> Result<(), SpokeError> {
+        let sent = tokio::time::Instant::now();
+        let resp = tidemesh_net::request(conn, &Request::TimeAnchor, REQUEST_TIMEOUT).await?;
+        let rtt = sent.elapsed();
+        let anchor = match resp {
+            Response::TimeAnchor { anchor } => anchor,
+            Response::Error { code, message } => return Err(SpokeError::Refused { code, message }),
+            other => return Err(SpokeError::Unexpected(format!("{other:?}"))),
+        };
+        let roots = self.inner.creds.current().bundle.roots().to_vec();
+        let a = anchor
+            .verify(&roots, &self.inner.ident.id)
+            .map_err(|e| SpokeError::Unexpected(e.to_string()))?;
+        let was = self.inner.tclock.trusted();
+        self.inner.tclock.anchor(a.hub_ms, rtt);
+        if !was {
+            info!(target: "tidemesh::audit", "time trusted again: anchored to the hub");
+        }
+        self.save_time_floor();
+        Ok(())
+    }
+
+    /// Persists the trusted-time floor (blocking write; small).
+    fn save_time_floor(&self) {
+        if let Err(e) = self.inner.store.save_time_floor(&self.inner.tclock.floor()) {
+            warn!(error = %e, "cannot persist the trusted-time floor");
+        }
+    }
+
+    /// Requests a node CA (a new key each time) if none is in force or the
+    /// one in force is past half its life.
+    async fn ensure_node_ca(&self, conn: &quinn::Connection) -> Result<(), SpokeError> {
+        if !self.inner.creds.node_ca_due() {
+            return Ok(());
+        }
+        let key = svid::generate_key()?;
+        let csr = svid::make_csr(&key, &self.inner.ident.id)?;
+        let resp =
+            tidemesh_net::request(conn, &Request::IssueNodeCa { csr }, REQUEST_TIMEOUT).await?;
+        let (cert, policy) = match resp {
+            Response::NodeCa { cert, policy } => (cert, policy),
+            Response::Error { code, message } => return Err(SpokeError::Refused { code, message }),
+            other => return Err(SpokeError::Unexpected(format!("{other:?}"))),
+        };
+        let creds = self.inner.creds.clone();
+        let f = tokio::task::spawn_blocking(move || {
+            creds.install_node_ca(CertificateDer::from(cert), key, policy)
+        })
+        .await
+        .map_err(|e| SpokeError::Invalid(e.to_string()))??;
+        self.record(tidemesh_evidence::RecordBody::Certificate(
+            tidemesh_evidence::record::CertificateEvent {
+                event: tidemesh_evidence::record::CertEventKind::Issued,
+                spiffe_id: self.inner.ident.id.clone(),
+                certificate_fingerprint: tidemesh_evidence::Sha256Digest(f.key_fingerprint),
+                serial_number: "node-ca".into(),
+                issued_at: tidemesh_evidence::UnixMillis(unix_ms(f.not_before)),
+                expires_at: tidemesh_evidence::UnixMillis(unix_ms(f.not_after)),
+                issuer: self.inner.ident.id.trust_domain().id().to_string(),
+            },
+        ));
+        self.inner.issue_wake.notify_one();
+        Ok(())
+    }
+
+    /// Tells the hub this spoke's survival horizon and what it enforces.
+    async fn report_loop(&self, conn: quinn::Connection) {
+        loop {
+            let h = self.horizon();
+            let report = tidemesh_proto::SpokeReport {
+                survival_horizon_s: h.survival_horizon_s,
+                survival_limit: h.survival_limit.to_owned(),
+                revocation_version: self.inner.creds.revocations().version(),
+                time_trusted: self.inner.tclock.trusted(),
+                node_ca_not_after_ms: self
+                    .inner
+                    .creds
+                    .current()
+                    .node_ca
+                    .map(|f| unix_ms(f.not_after)),
+            };
+            match tidemesh_net::request::<_, Response>(
+                &conn,
+                &Request::Report { report },
+                REQUEST_TIMEOUT,
+            )
+            .await
+            {
+                Ok(Response::Reported) => {}
+                Ok(other) => debug!(answer = ?other, "report refused"),
+                Err(_) => return,
+            }
+            let mut changed = self.inner.creds.revocations_changed();
+            tokio::select! {
+                _ = tokio::time::sleep(self.inner.cfg.report_interval) => {}
+                _ = changed.changed() => {}
+            }
+        }
+    }
+
+    /// Persists the trusted-time floor every minute (so a reboot with a bad
+    /// wall clock starts from at most a minute ago) and samples the evidence
+    /// buffer's append rate every 10 s (the survival horizon's budget).
+    async fn clock_loop(&self) {
+        let mut tick = 0u64;
+        loop {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            tick += 1;
+            if let Some(b) = self.inner.evidence.get() {
+                let st = b.stats(tidemesh_evidence::UnixMillis(unix_ms(
+                    self.inner.clock.now(),
+                )));
+                if let Ok(mut r) = self.inner.evidence_rate.lock() {
+                    r.sample(
+                        tokio::time::Instant::now(),
+                        st.last_committed_seq,
+                        st.pending_records,
+                        st.pending_bytes,
+                    );
+                }
+            }
+            if tick.is_multiple_of(6) {
+                let me = self.clone();
+                let _ = tokio::task::spawn_blocking(move || me.save_time_floor()).await;
+            }
+        }
+    }
+
+    /// Issues workload SVIDs from the node CA whenever one falls due, with
+    /// or without the hub, for as long as the spoke runs.
+    async fn issue_loop(&self) {
+        loop {
+            let creds = self.inner.creds.clone();
+            let (issued, next) = match tokio::task::spawn_blocking(move || creds.issue_due()).await
+            {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "issuing task failed");
+                    (Vec::new(), None)
+                }
+            };
+            for s in &issued {
+                self.record_cert(s, tidemesh_evidence::record::CertEventKind::Issued);
+            }
+            let now = self.inner.clock.now();
+            // Nothing can be issued (no node CA, or it expired): look again
+            // when the session installs a new node CA, or in a minute.
+            let wait = next
+                .map(|t| t.duration_since(now).unwrap_or(Duration::ZERO))
+                .unwrap_or(Duration::from_secs(60))
+                .max(Duration::from_millis(100));
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.inner.issue_wake.notified() => {}
+            }
+        }
     }
 
     /// One control session: connect (re-establishing first if the node SVID
-    /// expired), say hello, fetch missing workload SVIDs, then renew on time
-    /// until the connection ends.
+    /// expired), say hello, anchor the time, get a node CA if due, then
+    /// renew on time until the connection ends.
     async fn session(&self, endpoint: &quinn::Endpoint) -> Result<SessionEnd, SpokeError> {
-        let mut node = self.inner.store.node()?;
+        let mut node = self.inner.creds.current().node.clone();
         if node.expired(self.inner.clock.now()) {
             node = self.reestablish(endpoint, &node).await?;
         }
@@ -1304,6 +1677,9 @@ impl Spoke {
         )
         .map_err(tls_err)?;
         let conn = connect(endpoint, &self.inner.cfg.quic, tls, self.hub_addr().await?).await?;
+        let me = self.clone();
+        let push_conn = conn.clone();
+        let _push = AbortOnDrop(tokio::spawn(async move { me.push_loop(push_conn).await }));
         let resp: Response = tidemesh_net::request(
             &conn,
             &Request::Hello {
@@ -1316,6 +1692,12 @@ impl Spoke {
             Response::Welcome { .. } => {}
             Response::Error { code, message } => return Err(SpokeError::Refused { code, message }),
             other => return Err(SpokeError::Unexpected(format!("{other:?}"))),
+        }
+        if let Err(e) = self.refresh_time(&conn).await {
+            warn!(error = %e, "no time anchor from the hub");
+        }
+        if let Err(e) = self.ensure_node_ca(&conn).await {
+            warn!(error = %e, "node CA request failed; retrying with the next maintenance");
         }
         self.set_state(State::Connected, None);
         self.touch_contact();
@@ -1330,8 +1712,12 @@ impl Spoke {
         let _register = AbortOnDrop(tokio::spawn(
             async move { me.register_loop(reg_conn).await },
         ));
+        let me = self.clone();
+        let rep_conn = conn.clone();
+        let _report = AbortOnDrop(tokio::spawn(async move { me.report_loop(rep_conn).await }));
+        let mut next_anchor = tokio::time::Instant::now() + self.inner.cfg.anchor_interval;
         loop {
-            let next = self.maintain(&conn, &mut node).await;
+            let next = self.maintain(&conn).await;
             let now = self.inner.clock.now();
             let wait = next.duration_since(now).unwrap_or(Duration::ZERO);
             debug!(wait = ?wait, "next certificate maintenance");
@@ -1354,19 +1740,28 @@ impl Spoke {
                     }));
                 }
                 _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep_until(next_anchor) => {
+                    next_anchor = tokio::time::Instant::now() + self.inner.cfg.anchor_interval;
+                    if let Err(e) = self.refresh_time(&conn).await {
+                        warn!(error = %e, "no time anchor from the hub");
+                    }
+                    self.touch_contact();
+                }
             }
         }
     }
 
-    /// Renews what is due; returns when to look again.
-    async fn maintain(&self, conn: &quinn::Connection, node: &mut Svid) -> SystemTime {
+    /// Renews the node SVID and the node CA when due; returns when to look
+    /// again.
+    async fn maintain(&self, conn: &quinn::Connection) -> SystemTime {
         let now = self.inner.clock.now();
         let frac = self.inner.cfg.renew_fraction;
         let retry = now + self.jitter(Duration::from_secs(5));
         let mut next = now + Duration::from_secs(3600);
+        let node = self.inner.creds.current().node.clone();
         if node.renew_at(frac) <= now {
-            match self.renew_node(conn, node).await {
-                Ok(s) => *node = s,
+            match self.renew_node(conn, &node).await {
+                Ok(_) => {}
                 Err(e) => {
                     warn!(error = %e, "node SVID renewal failed; retrying");
                     if let SpokeError::Refused {
@@ -1380,74 +1775,34 @@ impl Spoke {
                 }
             }
         }
+        let node = self.inner.creds.current().node.clone();
         next = next.min(node.renew_at(frac).max(now + Duration::from_millis(100)));
-        let td = self.inner.ident.id.trust_domain().clone();
-        let store_name = match naming::classify(&self.inner.ident.id) {
-            Some(naming::MeshIdentity::Node { store, .. }) => store,
-            _ => return next,
-        };
-        for w in &self.inner.cfg.file.workloads {
-            let cur = self.inner.store.workload(&w.service_account).ok().flatten();
-            let due = cur.as_ref().map(|s| s.renew_at(frac)).unwrap_or(now);
-            if due > now {
-                next = next.min(due);
-                continue;
+        if self.inner.creds.node_ca_due() {
+            if let Err(e) = self.ensure_node_ca(conn).await {
+                warn!(error = %e, "node CA renewal failed; retrying");
+                next = next.min(retry);
             }
-            match self
-                .issue_workload(conn, &td, &store_name, &w.service_account)
-                .await
-            {
-                Ok(s) => next = next.min(s.renew_at(frac)),
-                Err(e) => {
-                    warn!(account = %w.service_account, error = %e, "workload SVID issuance failed; retrying");
-                    next = next.min(retry);
-                }
-            }
+        }
+        if let Some(f) = self.inner.creds.current().node_ca {
+            let half =
+                f.not_before + f.not_after.duration_since(f.not_before).unwrap_or_default() / 2;
+            next = next.min(half.max(now + Duration::from_millis(100)));
         }
         next
     }
 
-    async fn renew_node(&self, conn: &quinn::Connection, node: &Svid) -> Result<Svid, SpokeError> {
+    async fn renew_node(
+        &self,
+        conn: &quinn::Connection,
+        node: &Svid,
+    ) -> Result<Arc<Svid>, SpokeError> {
         let csr = svid::make_csr(&node.key, &self.inner.ident.id)?;
         let resp = tidemesh_net::request(conn, &Request::Renew { csr }, REQUEST_TIMEOUT).await?;
         let (chain, bundle) = expect_cert(resp)?;
-        let s = self.install_node(chain, bundle)?;
+        let s = self.inner.creds.install_node(chain, bundle)?;
+        info!(target: "tidemesh::audit", spoke = %s.id, not_after = %rfc3339(s.not_after), "node SVID installed");
         self.record_cert(&s, tidemesh_evidence::record::CertEventKind::Renewed);
         self.touch_contact();
-        Ok(s)
-    }
-
-    async fn issue_workload(
-        &self,
-        conn: &quinn::Connection,
-        td: &tidemesh_identity::TrustDomain,
-        store: &str,
-        account: &str,
-    ) -> Result<Svid, SpokeError> {
-        let id = naming::workload_id(td, store, account)
-            .map_err(|e| SpokeError::Invalid(e.to_string()))?;
-        let key: KeyPair = self.inner.store.workload_key(account)?;
-        let csr = svid::make_csr(&key, &id)?;
-        let resp = tidemesh_net::request(
-            conn,
-            &Request::IssueWorkload {
-                id: id.clone(),
-                csr,
-            },
-            REQUEST_TIMEOUT,
-        )
-        .await?;
-        let (chain, _) = expect_cert(resp)?;
-        let s = Svid::new(key, chain)?;
-        if s.id != id {
-            return Err(SpokeError::Unexpected(format!(
-                "hub issued {} instead of {id}",
-                s.id
-            )));
-        }
-        self.inner.store.save_workload_chain(account, &s.chain)?;
-        self.record_cert(&s, tidemesh_evidence::record::CertEventKind::Issued);
-        info!(target: "tidemesh::audit", workload = %id, not_after = %rfc3339(s.not_after), "workload SVID installed");
         Ok(s)
     }
 }

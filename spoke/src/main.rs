@@ -66,6 +66,14 @@ enum Cmd {
         /// QUIC idle timeout: the hub is declared unreachable after this much silence.
         #[arg(long, env = "TIDEMESH_IDLE_TIMEOUT", default_value = "4s", value_parser = humantime::parse_duration)]
         idle_timeout: Duration,
+        /// QUIC keep-alive of data tunnel connections (to peer spokes and the
+        /// hub gateway).
+        #[arg(long, env = "TIDEMESH_DATA_KEEP_ALIVE", default_value = "5s", value_parser = humantime::parse_duration)]
+        data_keep_alive: Duration,
+        /// A data tunnel connection silent this long is dropped; the next
+        /// call makes a new handshake.
+        #[arg(long, env = "TIDEMESH_DATA_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+        data_idle_timeout: Duration,
         /// Serve Prometheus metrics on this TCP address (`GET /metrics`); off unless given.
         #[arg(long, env = "TIDEMESH_METRICS")]
         metrics: Option<SocketAddr>,
@@ -282,6 +290,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             reconnect_max,
             keep_alive,
             idle_timeout,
+            data_keep_alive,
+            data_idle_timeout,
             metrics,
             evidence_capacity,
             evidence_commit_interval,
@@ -299,6 +309,9 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             if keep_alive >= idle_timeout {
                 bail!("--keep-alive {keep_alive:?} must be shorter than --idle-timeout {idle_timeout:?}");
+            }
+            if data_keep_alive >= data_idle_timeout {
+                bail!("--data-keep-alive {data_keep_alive:?} must be shorter than --data-idle-timeout {data_idle_timeout:?}");
             }
             if let Some(h) = &hub {
                 tidemesh_spoke::config::check_hub_addr(h)
@@ -329,6 +342,17 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                     linger: evidence_linger,
                 },
                 metrics,
+                data: {
+                    let d = tidemesh_spoke::dataplane::DataSettings::default();
+                    tidemesh_spoke::dataplane::DataSettings {
+                        quic: QuicSettings {
+                            keep_alive: data_keep_alive,
+                            idle_timeout: data_idle_timeout,
+                            ..d.quic
+                        },
+                        ..d
+                    }
+                },
                 ..Default::default()
             };
             let spoke = Spoke::open(&data_dir, cfg, Arc::new(SystemClock))?;
@@ -355,9 +379,35 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                     f("cert_not_after"),
                     f("cert_time_left_s")
                 );
+                println!("node CA until:   {}", f("node_ca_not_after"));
                 println!("last contact:    {}", f("last_contact"));
+                match s["survival_horizon_s"].as_u64() {
+                    Some(h) => println!(
+                        "survival:        {} (limit: {})",
+                        humantime::format_duration(Duration::from_secs(h)),
+                        f("survival_limit")
+                    ),
+                    None => println!("survival:        unbounded"),
+                }
+                let t = &s["time_trust"];
+                println!(
+                    "time:            {} ({}){}",
+                    t["state"].as_str().unwrap_or("-"),
+                    t["source"].as_str().unwrap_or("-"),
+                    t["reason"]
+                        .as_str()
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default()
+                );
+                println!("revocations:     version {}", f("revocation_version"));
                 if s["last_error"].is_string() {
                     println!("last error:      {}", f("last_error"));
+                }
+                if s["issue_error"].is_string() {
+                    println!("issue error:     {}", f("issue_error"));
+                }
+                if s["registration_error"].is_string() {
+                    println!("registration:    {}", f("registration_error"));
                 }
                 for w in s["workloads"].as_array().into_iter().flatten() {
                     println!(

@@ -190,6 +190,31 @@ pub fn peer_spiffe_id(conn: &quinn::Connection) -> Option<SpiffeId> {
     peer_id(&certs).ok()
 }
 
+/// The certificate chain the peer presented (leaf first), if any.
+pub fn peer_chain(
+    conn: &quinn::Connection,
+) -> Option<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    let any = conn.peer_identity()?;
+    any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()
+        .map(|b| *b)
+}
+
+/// The peer's chain verified again against `bundle` at `now` as a TLS
+/// client's (what the handshake checked, as a value: the ID, the node CA
+/// it came through, the key fingerprints), so connections can be matched
+/// against later revocation lists.
+pub fn peer_svid(
+    conn: &quinn::Connection,
+    bundle: &tidemesh_identity::TrustBundle,
+    now: std::time::SystemTime,
+) -> Result<tidemesh_identity::VerifiedSvid, String> {
+    let chain = peer_chain(conn).ok_or("the peer presented no certificate")?;
+    let now = tidemesh_identity::clock::to_unix_time(now).ok_or("time before 1970")?;
+    tidemesh_identity::verify_svid(&chain, bundle, now, tidemesh_identity::Usage::Client)
+        .map_err(|e| e.to_string())
+}
+
 /// The message a re-establishing spoke signs with its pinned key: bound to
 /// this very TLS session (RFC 5705 exporter) and to the spoke's ID, so it can
 /// be neither replayed on another connection nor reused for another spoke.

@@ -1,12 +1,13 @@
-//! Control messages (ALPN `tidemesh-ctl/1`): enrollment, renewal, workload
-//! issuance, re-establishment after expiry, session hello.
+//! Control messages (ALPN `tidemesh-ctl/1`): enrollment, renewal, node CA
+//! issuance, re-establishment after expiry, session hello, time anchors,
+//! reports, and the hub's pushes.
 //!
 //! Every request travels on its own QUIC bidirectional stream: the spoke
 //! writes one [`Request`] frame and finishes the stream, the hub answers with
 //! one [`Response`] frame. The variants' order is the wire format.
 
 use serde::{Deserialize, Serialize};
-use tidemesh_identity::SpiffeId;
+use tidemesh_identity::{trusted_time::SignedTimeAnchor, SignedRevocationList, SpiffeId};
 
 /// A DER-encoded certificate chain, leaf first.
 pub type DerChain = Vec<Vec<u8>>;
@@ -104,6 +105,68 @@ pub enum Request {
         /// Why the records are gone, for the operator.
         reason: String,
     },
+    /// First contact with a node CA: like [`Request::Enroll`], plus a CSR
+    /// for the spoke's node CA made with a second key generated on the
+    /// spoke. Answered with [`Response::Enrolled`].
+    EnrollNode {
+        /// The single-use join token's secret part.
+        token: String,
+        /// The spoke ID the spoke believes the token is bound to.
+        spoke: SpiffeId,
+        /// PKCS#10 CSR (DER) for the node SVID.
+        csr: Vec<u8>,
+        /// PKCS#10 CSR (DER) for the node CA, with its own key.
+        ca_csr: Vec<u8>,
+    },
+    /// A new node CA (renewal at half life, or a spoke without one) on an
+    /// authenticated session. Answered with [`Response::NodeCa`].
+    IssueNodeCa {
+        /// PKCS#10 CSR (DER) made with a key generated on the spoke.
+        csr: Vec<u8>,
+    },
+    /// Asks for a hub-signed time anchor ([`Response::TimeAnchor`]).
+    TimeAnchor,
+    /// What the spoke reports about itself (survival horizon, the
+    /// revocation list it enforces, its time trust), for the hub's
+    /// `spokes` view and metrics. Answered with [`Response::Reported`].
+    Report {
+        /// The report.
+        report: SpokeReport,
+    },
+}
+
+/// A spoke's report of how long it can last without the hub.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpokeReport {
+    /// Seconds until the spoke can no longer serve its store as now, were
+    /// the hub to vanish (`None`: no budget is bounded).
+    pub survival_horizon_s: Option<u64>,
+    /// Which budget runs out first (`node_ca`, `max_offline`,
+    /// `evidence_buffer`, `time_drift`, ...).
+    pub survival_limit: String,
+    /// Version of the revocation list it enforces.
+    pub revocation_version: u64,
+    /// Whether its time is trusted (not degraded).
+    pub time_trusted: bool,
+    /// Expiry of its node CA, ms since the Unix epoch.
+    pub node_ca_not_after_ms: Option<u64>,
+}
+
+/// What the hub decides about the certificates a spoke issues itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuePolicy {
+    /// Lifetime of the workload SVIDs the spoke issues from its node CA.
+    pub workload_ttl_ms: u64,
+    /// The max-offline window (the node CA's lifetime).
+    pub max_offline_ms: u64,
+}
+
+/// Hub to spoke, unprompted: one frame on a unidirectional stream the hub
+/// opens on the control connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Push {
+    /// A new revocation list version (also sent at session start).
+    Revocations(SignedRevocationList),
 }
 
 /// A local workload endpoint a spoke registers with the hub.
@@ -183,6 +246,49 @@ pub enum Response {
         /// Wait this long before sending the next batch (0: go on).
         retry_after_ms: u32,
     },
+    /// Answer to [`Request::EnrollNode`]: the node SVID, the node CA, the
+    /// trust bundle, the issuance policy and a first time anchor.
+    Enrolled {
+        /// The node SVID chain, leaf first (DER).
+        chain: DerChain,
+        /// The node CA certificate (DER).
+        node_ca: Vec<u8>,
+        /// The trust bundle's roots (DER).
+        bundle: Vec<Vec<u8>>,
+        /// Workload lifetime and max-offline window.
+        policy: IssuePolicy,
+        /// The hub's time, signed.
+        anchor: SignedTimeAnchor,
+    },
+    /// Answer to [`Request::IssueNodeCa`].
+    NodeCa {
+        /// The node CA certificate (DER).
+        cert: Vec<u8>,
+        /// Workload lifetime and max-offline window.
+        policy: IssuePolicy,
+    },
+    /// Answer to [`Request::TimeAnchor`].
+    TimeAnchor {
+        /// The hub's time, signed for this spoke.
+        anchor: SignedTimeAnchor,
+    },
+    /// The spoke's slice of a config version, with the revocation list in
+    /// force (what [`Response::Config`] carries, plus the list).
+    ConfigSlice {
+        /// The hub's config version.
+        version: u64,
+        /// The registry generation included (same-site endpoints).
+        registry: u64,
+        /// When it was applied at the hub (ms since the Unix epoch).
+        applied_ms: u64,
+        /// postcard encoding of `tidemesh_policy` 's spoke config slice.
+        #[serde(with = "serde_bytes")]
+        snapshot: Vec<u8>,
+        /// The revocation list in force, signed.
+        revocations: SignedRevocationList,
+    },
+    /// Answer to [`Request::Report`].
+    Reported,
 }
 
 /// Why the hub refused a request.
@@ -211,6 +317,9 @@ pub enum ErrorCode {
     /// An evidence batch was refused (bad signature, broken chain, a record
     /// that differs from the one already stored); the hub flagged it.
     EvidenceRejected,
+    /// A key offered for enrollment belongs to a revoked spoke or node CA:
+    /// generate new keys.
+    KeyRevoked,
 }
 
 impl std::fmt::Display for ErrorCode {
@@ -226,6 +335,7 @@ impl std::fmt::Display for ErrorCode {
             ErrorCode::KeyMismatch => "key mismatch",
             ErrorCode::Internal => "internal error",
             ErrorCode::EvidenceRejected => "evidence rejected",
+            ErrorCode::KeyRevoked => "key revoked",
         };
         f.write_str(s)
     }

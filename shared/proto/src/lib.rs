@@ -25,7 +25,9 @@ pub mod token;
 
 use serde::{de::DeserializeOwned, Serialize};
 
-pub use control::{ErrorCode, RegisteredEndpoint, Request, Response};
+pub use control::{
+    ErrorCode, IssuePolicy, Push, RegisteredEndpoint, Request, Response, SpokeReport,
+};
 pub use token::{JoinToken, TokenError};
 
 /// The protocol version this build speaks.

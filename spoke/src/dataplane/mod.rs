@@ -88,8 +88,6 @@ pub struct DataSettings {
     pub max_connections: usize,
     /// QUIC transport of the tunnel (streams per connection, idle timeout).
     pub quic: QuicSettings,
-    /// How often cached SVIDs are re-read (they renew on disk).
-    pub creds_refresh: Duration,
     /// A raw TCP connection with no byte in either direction for this long
     /// is closed (both ends).
     pub tcp_idle_timeout: Duration,
@@ -108,7 +106,6 @@ impl Default for DataSettings {
                 idle_timeout: Duration::from_secs(30),
                 max_streams: 256,
             },
-            creds_refresh: Duration::from_secs(2),
             tcp_idle_timeout: Duration::from_secs(300),
         }
     }
@@ -209,6 +206,8 @@ pub(crate) struct SvidInfo {
 /// State shared by every listener and request.
 pub(crate) struct Shared {
     pub spoke: Spoke,
+    /// The credentials in force (SVIDs, bundle, revocation list).
+    pub creds: Arc<crate::Credentials>,
     pub td: TrustDomain,
     pub store: String,
     pub node_id: SpiffeId,
@@ -505,6 +504,20 @@ impl Shared {
         &self.spoke.inner.data_counters
     }
 
+    /// Starts a request record in the spoke's current mode, timestamped
+    /// with trusted time.
+    pub fn new_evidence(
+        &self,
+        service: &str,
+        point: EnforcementPoint,
+        span: &trace::Span,
+        operation: String,
+    ) -> RequestEvidence {
+        let mut ev = new_evidence(service, point, self.mode(), span, operation);
+        ev.telemetry.start_time = UnixMillis(unix_ms(self.spoke.inner.clock.now()));
+        ev
+    }
+
     /// Appends a request record; never waits for the commit.
     pub fn record(&self, ev: RequestEvidence) {
         if let Some(code) = ev.telemetry.status_code {
@@ -696,6 +709,7 @@ impl DataPlane {
         let node_id = ident.clone();
         let shared = Arc::new(Shared {
             spoke: spoke.clone(),
+            creds: spoke.inner.creds.clone(),
             td,
             store,
             node_id,
@@ -715,7 +729,8 @@ impl DataPlane {
             in_flight: Mutex::new(HashMap::new()),
             settings,
         });
-        refresh_svids(&shared).await;
+        refresh_svids(&shared);
+        let _ = spoke.inner.data.set(Arc::downgrade(&shared));
         Ok(DataPlane {
             shared,
             outbound,
@@ -738,12 +753,34 @@ impl DataPlane {
             info!(addr = %self.shared.endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), "data tunnel listener up");
             tasks.spawn(tunnel::accept_loop(self.shared.clone()));
         }
+        // New SVIDs (issued by the node CA, or a renewed node SVID): the
+        // request path's facts and the serving certificate follow them.
         let s = self.shared.clone();
         tasks.spawn(async move {
-            loop {
-                tokio::time::sleep(s.settings.creds_refresh).await;
-                refresh_svids(&s).await;
+            let mut rx = s.creds.subscribe();
+            while rx.changed().await.is_ok() {
+                refresh_svids(&s);
                 tunnel::refresh_server_config(&s).await;
+            }
+        });
+        // A new revocation list closes the connections it names at once.
+        let s = self.shared.clone();
+        tasks.spawn(async move {
+            let mut rx = s.creds.revocations_changed();
+            loop {
+                if let Some(list) = s.creds.revocations().current() {
+                    let n = s.tunnels.close_revoked(&list);
+                    if n > 0 {
+                        info!(
+                            closed = n,
+                            version = list.version,
+                            "closed data connections the revocation list names"
+                        );
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
             }
         });
         while tasks.join_next().await.is_some() {}
@@ -812,24 +849,19 @@ fn workload_client(settings: &DataSettings, h2: bool) -> Client<HttpConnector, B
         .build(http)
 }
 
-/// Re-reads the workloads' SVID facts (fingerprint, expiry) off the request path.
-async fn refresh_svids(s: &Arc<Shared>) {
-    let store = s.spoke.inner.store.clone();
-    let accounts: Vec<String> = s.workloads.iter().map(|w| w.account.clone()).collect();
-    let loaded = tokio::task::spawn_blocking(move || {
-        accounts
-            .iter()
-            .map(|a| {
-                store.workload(a).ok().flatten().and_then(|svid| {
-                    Some(SvidInfo {
-                        fingerprint: Sha256Digest::of(svid.chain.first()?),
-                    })
-                })
+/// Copies the workloads' SVID facts (fingerprint) from the credentials in
+/// force, off the request path.
+fn refresh_svids(s: &Arc<Shared>) {
+    let cur = s.creds.current();
+    let v: Vec<Option<SvidInfo>> = (0..s.workloads.len())
+        .map(|i| {
+            let svid = cur.workloads.get(i).cloned().flatten()?;
+            Some(SvidInfo {
+                fingerprint: Sha256Digest::of(svid.chain.first()?),
             })
-            .collect::<Vec<_>>()
-    })
-    .await;
-    if let (Ok(v), Ok(mut slot)) = (loaded, s.svids.write()) {
+        })
+        .collect();
+    if let Ok(mut slot) = s.svids.write() {
         *slot = v;
     }
 }

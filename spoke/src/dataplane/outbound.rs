@@ -32,7 +32,7 @@ use tidemesh_proto::data::{StreamHeader, StreamProtocol};
 use tracing::debug;
 
 use super::{
-    finish_evidence, finish_from_response, inbound, local_response, new_evidence,
+    finish_evidence, finish_from_response, inbound, local_response,
     resilience::{backoff_delay, retry_evidence, Outcome, RetrySettings},
     resolve::{self, Target},
     span_random, trace, Body, DataSettings, Shared,
@@ -160,13 +160,7 @@ async fn handle(s: &Shared, caller: usize, mut req: Request<Incoming>) -> Respon
     let request_id = ensure_request_id(headers, None);
 
     let Some(host) = host else {
-        let mut ev = new_evidence(
-            "",
-            EnforcementPoint::SidecarOutbound,
-            s.mode(),
-            &span,
-            operation,
-        );
+        let mut ev = s.new_evidence("", EnforcementPoint::SidecarOutbound, &span, operation);
         let r = local_response(
             StatusCode::BAD_REQUEST,
             "no Host header: name the mesh service to call",
@@ -195,13 +189,8 @@ async fn handle(s: &Shared, caller: usize, mut req: Request<Incoming>) -> Respon
     let mut resolved = match first {
         Ok(r) => r,
         Err(u) => {
-            let mut ev = new_evidence(
-                &u.host,
-                EnforcementPoint::SidecarOutbound,
-                s.mode(),
-                &span,
-                operation,
-            );
+            let mut ev =
+                s.new_evidence(&u.host, EnforcementPoint::SidecarOutbound, &span, operation);
             ev.routing_decision = u.evidence.map(|e| *e);
             let r = local_response(u.status, &u.reason, &[]);
             finish_evidence(&mut ev, started, r.status(), &u.reason);
@@ -209,10 +198,9 @@ async fn handle(s: &Shared, caller: usize, mut req: Request<Incoming>) -> Respon
             return r;
         }
     };
-    let mut ev = new_evidence(
+    let mut ev = s.new_evidence(
         &resolved.host,
         EnforcementPoint::SidecarOutbound,
-        s.mode(),
         &span,
         operation,
     );

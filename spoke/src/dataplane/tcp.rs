@@ -74,7 +74,6 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use super::{
-    new_evidence,
     resilience::{retry_evidence, RetrySettings},
     resolve::{self, Target},
     span_random, trace, DataPlaneError, Shared,
@@ -276,10 +275,9 @@ async fn outbound_conn(s: &Shared, caller: usize, service: &str, mut app: TcpStr
     let mut resolved = match route(&[]) {
         Ok(r) => r,
         Err(u) => {
-            let mut ev = new_evidence(
+            let mut ev = s.new_evidence(
                 &u.host,
                 EnforcementPoint::SidecarOutbound,
-                s.mode(),
                 &span,
                 format!("TCP {}", u.host),
             );
@@ -290,10 +288,9 @@ async fn outbound_conn(s: &Shared, caller: usize, service: &str, mut app: TcpStr
             return;
         }
     };
-    let mut ev = new_evidence(
+    let mut ev = s.new_evidence(
         &resolved.host,
         EnforcementPoint::SidecarOutbound,
-        s.mode(),
         &span,
         format!("TCP {}", resolved.host),
     );
@@ -786,10 +783,9 @@ pub(crate) async fn serve_stream(
         })
         .filter(|p| p.trace_id != [0; 16] && p.span_id != [0; 8]);
     let span = trace::Span::start(parent, span_random());
-    let mut ev = new_evidence(
+    let mut ev = s.new_evidence(
         &header.service,
         EnforcementPoint::SidecarInbound,
-        s.mode(),
         &span,
         format!("TCP {}", header.service),
     );
@@ -1054,7 +1050,7 @@ mod tests {
     #[test]
     fn the_record_names_the_outcome_and_the_bytes() {
         let span = trace::Span::start(None, [7; 24]);
-        let mut ev = new_evidence(
+        let mut ev = super::super::new_evidence(
             "db.default",
             EnforcementPoint::SidecarOutbound,
             tidemesh_evidence::record::Mode::Target,

@@ -36,9 +36,8 @@ use tidemesh_evidence::{
     Sha256Digest,
 };
 use tidemesh_identity::{
-    naming,
-    verify::{self, Authorizer, ExactId},
-    SpiffeId,
+    verify::{self, ExactId, VerifiedSvid, WorkloadsViaNodeCa},
+    RevocationList, SpiffeId,
 };
 use tidemesh_proto::{
     close,
@@ -49,27 +48,13 @@ use tokio::time::timeout;
 use tracing::{debug, info, warn};
 
 use super::{
-    finish_from_response, inbound, local_response, new_evidence, outbound, resilience::Outcome,
-    span_random, trace, Body, DataPlaneError, DataSettings, Shared,
+    finish_from_response, inbound, local_response, outbound, resilience::Outcome, span_random,
+    trace, Body, DataPlaneError, DataSettings, Shared,
 };
 use crate::Spoke;
 
 /// SNI towards peers; the SPIFFE verifier ignores it.
 const SNI: &str = "data.tidemesh.invalid";
-
-/// Admits workload SVIDs only: a node or the hub has no business opening
-/// data streams.
-#[derive(Debug)]
-struct WorkloadPeers;
-
-impl Authorizer for WorkloadPeers {
-    fn authorize(&self, peer: &SpiffeId) -> Result<(), String> {
-        match naming::classify(peer) {
-            Some(naming::MeshIdentity::Workload { .. }) => Ok(()),
-            _ => Err("only workload SVIDs may open data streams".into()),
-        }
-    }
-}
 
 /// An open connection to a peer spoke for one calling workload.
 pub(crate) struct Tunnel {
@@ -78,12 +63,50 @@ pub(crate) struct Tunnel {
     fingerprint: Option<Sha256Digest>,
 }
 
-/// The calling end's connections, and the serving end's certificate state.
+/// The calling end's connections, the serving end's open connections and
+/// its certificate state.
 #[derive(Default)]
 pub(crate) struct Pool {
     conns: Mutex<HashMap<(usize, SocketAddr), Arc<Tunnel>>>,
+    /// Peers' connections this spoke serves (by quinn stable id), with the
+    /// SVID each presented, so a new revocation list closes the ones it names.
+    served: Mutex<HashMap<usize, (VerifiedSvid, quinn::Connection)>>,
     server_cert: Mutex<Option<SystemTime>>,
     serving: AtomicBool,
+}
+
+impl Pool {
+    /// Closes every connection `list` refuses: served connections whose
+    /// peer's SVID (or its node CA) it names, and calling connections to a
+    /// peer spoke it names. Returns how many.
+    pub(crate) fn close_revoked(&self, list: &RevocationList) -> usize {
+        let mut closed = 0;
+        if let Ok(mut m) = self.served.lock() {
+            m.retain(|_, (svid, conn)| {
+                if svid.revoked_by(list) {
+                    warn!(target: "tidemesh::audit", peer = %svid.id(), "closing a data tunnel connection: the peer's SVID is revoked");
+                    conn.close(quinn::VarInt::from_u32(close::REVOKED), b"revoked");
+                    closed += 1;
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        if let Ok(mut m) = self.conns.lock() {
+            m.retain(|_, t| {
+                if list.node_revoked(&t.server) {
+                    warn!(target: "tidemesh::audit", peer = %t.server, "closing a data tunnel connection: the peer spoke is revoked");
+                    t.conn.close(quinn::VarInt::from_u32(close::REVOKED), b"revoked");
+                    closed += 1;
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        closed
+    }
 }
 
 fn leaf_fingerprint(conn: &quinn::Connection) -> Option<Sha256Digest> {
@@ -104,17 +127,21 @@ fn first_tls13_suite(provider: &rustls::crypto::CryptoProvider) -> String {
         .unwrap_or_default()
 }
 
+/// The serving end's TLS: the node-CA-issued serving SVID while it is
+/// valid (renewed offline), else the hub-issued node SVID.
 fn server_tls(spoke: &Spoke) -> Result<(rustls::ServerConfig, SystemTime), DataPlaneError> {
-    let node = spoke.inner.store.node()?;
-    let bundle = spoke
-        .inner
-        .store
-        .bundle(spoke.inner.ident.id.trust_domain())?;
+    let cur = spoke.inner.creds.current();
+    let now = spoke.inner.clock.now();
+    let node = cur
+        .serving
+        .as_ref()
+        .filter(|s| !s.expired(now))
+        .unwrap_or(&cur.node);
     let mut tls = verify::server_config(
-        bundle,
+        cur.bundle.clone(),
         node.chain.clone(),
         &node.key,
-        Arc::new(WorkloadPeers),
+        Arc::new(WorkloadsViaNodeCa),
         false,
         spoke.inner.clock.clone(),
         &[ALPN_DATA],
@@ -137,21 +164,26 @@ pub(crate) async fn bind_endpoint(
         Some(a) => (a, true),
         None => (SocketAddr::from(([0, 0, 0, 0], 0)), false),
     };
-    let sock = std::net::UdpSocket::bind(addr).map_err(|source| DataPlaneError::Bind {
-        key: if serving {
-            "data_listen"
-        } else {
-            "(data client socket)"
+    let sock = match spoke.inner.cfg.data_socket.clone() {
+        Some(sock) => sock,
+        None => {
+            let sock = std::net::UdpSocket::bind(addr).map_err(|source| DataPlaneError::Bind {
+                key: if serving {
+                    "data_listen"
+                } else {
+                    "(data client socket)"
+                }
+                .into(),
+                addr,
+                source,
+            })?;
+            tidemesh_net::quic::wrap_socket(sock).map_err(|e| DataPlaneError::Bind {
+                key: "data_listen".into(),
+                addr,
+                source: std::io::Error::other(e.to_string()),
+            })?
         }
-        .into(),
-        addr,
-        source,
-    })?;
-    let sock = tidemesh_net::quic::wrap_socket(sock).map_err(|e| DataPlaneError::Bind {
-        key: "data_listen".into(),
-        addr,
-        source: std::io::Error::other(e.to_string()),
-    })?;
+    };
     let server = if serving {
         Some(
             settings
@@ -172,9 +204,7 @@ pub(crate) async fn refresh_server_config(s: &Arc<Shared>) {
     if !s.tunnels.serving.load(Ordering::Relaxed) {
         return;
     }
-    let spoke = s.spoke.clone();
-    let Ok(Ok((tls, not_after))) = tokio::task::spawn_blocking(move || server_tls(&spoke)).await
-    else {
+    let Ok((tls, not_after)) = server_tls(&s.spoke) else {
         return;
     };
     let changed = s
@@ -212,23 +242,33 @@ async fn connect(
             return Ok((t, None));
         }
     }
-    let store = s.spoke.inner.store.clone();
-    let account = s.workloads[caller].account.clone();
-    let td = s.td.clone();
-    let (svid, bundle) = tokio::task::spawn_blocking(move || {
-        Ok::<_, crate::CredsError>((store.workload(&account)?, store.bundle(&td)?))
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())?;
-    let svid = svid.ok_or_else(|| {
-        format!(
-            "no SVID issued for workload {} yet (has the spoke reached the hub since it was declared?)",
-            s.workloads[caller].account
-        )
-    })?;
+    let cur = s.creds.current();
+    let svid = cur
+        .workloads
+        .get(caller)
+        .cloned()
+        .flatten()
+        .ok_or_else(|| {
+            format!(
+                "no SVID for workload {} yet: {}",
+                s.workloads[caller].account,
+                s.creds
+                    .last_error()
+                    .unwrap_or_else(|| "the node CA has not issued one yet".into())
+            )
+        })?;
+    if svid.expired(s.spoke.inner.clock.now()) {
+        return Err(format!(
+            "the SVID of workload {} expired at {}: {}",
+            s.workloads[caller].account,
+            crate::rfc3339(svid.not_after),
+            s.creds
+                .last_error()
+                .unwrap_or_else(|| "it has not been renewed".into())
+        ));
+    }
     let tls = verify::client_config(
-        bundle,
+        cur.bundle.clone(),
         svid.chain.clone(),
         &svid.key,
         Arc::new(ExactId(server.clone())),
@@ -438,16 +478,39 @@ struct Peer {
 }
 
 async fn serve_conn(s: Arc<Shared>, conn: quinn::Connection) {
-    // The verifier made a client certificate mandatory; check anyway.
-    let Some(id) = tidemesh_net::peer_spiffe_id(&conn) else {
-        conn.close(quinn::VarInt::from_u32(close::FORBIDDEN), b"no client SVID");
-        return;
+    // The handshake verified the chain; verify it again to hold its facts
+    // (node CA, key fingerprints) for later revocation lists.
+    let bundle = s.creds.current().bundle.clone();
+    let svid = match tidemesh_net::peer_svid(&conn, &bundle, s.spoke.inner.clock.now()) {
+        Ok(v) => v,
+        Err(e) => {
+            conn.close(quinn::VarInt::from_u32(close::FORBIDDEN), e.as_bytes());
+            return;
+        }
     };
+    let id = svid.id().clone();
     debug!(peer = %id, remote = %conn.remote_address(), "data tunnel peer connected");
+    let stable = conn.stable_id();
+    if let Ok(mut m) = s.tunnels.served.lock() {
+        m.insert(stable, (svid.clone(), conn.clone()));
+    }
+    // A list installed between the handshake and the insert above.
+    if let Some(list) = s.creds.revocations().current() {
+        if svid.revoked_by(&list) {
+            s.tunnels.close_revoked(&list);
+        }
+    }
     let peer = Arc::new(Peer {
         fingerprint: leaf_fingerprint(&conn),
         id,
     });
+    serve_streams(&s, &conn, peer).await;
+    if let Ok(mut m) = s.tunnels.served.lock() {
+        m.remove(&stable);
+    }
+}
+
+async fn serve_streams(s: &Arc<Shared>, conn: &quinn::Connection, peer: Arc<Peer>) {
     loop {
         let (mut send, mut recv) = match conn.accept_bi().await {
             Ok(x) => x,
@@ -539,10 +602,9 @@ async fn serve_request(
         outbound::set_trace_headers(h, &span);
         outbound::ensure_request_id(h, header.request_id.as_deref());
     }
-    let mut ev = new_evidence(
+    let mut ev = s.new_evidence(
         &header.service,
         EnforcementPoint::SidecarInbound,
-        s.mode(),
         &span,
         operation,
     );
