@@ -524,8 +524,13 @@ async fn enroll_in_process(h: &InProc, dir: &std::path::Path, id: &str) {
     .expect("enroll");
 }
 
+/// Workload SVIDs come from the spoke's node CA, never from the hub; the
+/// node CA only issues its own store's workload IDs; and every
+/// authenticated control request checks the connection's key against the
+/// key pinned at enrollment (a certificate of an earlier enrollment of the
+/// same ID, still valid, gets nothing).
 #[tokio::test]
-async fn workload_svid_for_a_foreign_store_is_refused() {
+async fn workload_svids_come_from_the_node_ca_of_their_store_only() {
     let h = in_process_hub().await;
     let tmp = tempfile::tempdir().expect("tempdir");
     let id = node("sf05", "n1");
@@ -533,6 +538,33 @@ async fn workload_svid_for_a_foreign_store_is_refused() {
     let creds = tidemesh_spoke::CredStore::new(tmp.path());
     let conn = ctl_session(h.addr, &creds, true).await.expect("session");
     let key = svid::generate_key().expect("key");
+
+    // The hub issues no workload SVID any more.
+    let wid: SpiffeId = format!("spiffe://{TD}/store/sf05/sa/pos")
+        .parse()
+        .expect("id");
+    let resp: Response = tidemesh_net::request(
+        &conn,
+        &Request::IssueWorkload {
+            id: wid.clone(),
+            csr: svid::make_csr(&key, &wid).expect("csr"),
+        },
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("answer");
+    assert!(
+        matches!(resp, Response::Error { code: ErrorCode::BadRequest, ref message } if message.contains("node CA")),
+        "{resp:?}"
+    );
+
+    // Enrollment gave the spoke a node CA; it issues its own store only.
+    let ca = creds
+        .node_ca()
+        .expect("read")
+        .expect("node CA from enrollment");
+    assert_eq!(ca.node().to_string(), id);
+    let now = std::time::SystemTime::now();
     for (wid, ok) in [
         (format!("spiffe://{TD}/store/sf05/sa/pos"), true),
         (format!("spiffe://{TD}/store/other/sa/pos"), false),
@@ -540,33 +572,79 @@ async fn workload_svid_for_a_foreign_store_is_refused() {
         ("spiffe://evil.example/store/sf05/sa/pos".to_owned(), false),
     ] {
         let wid: SpiffeId = wid.parse().expect("id");
-        let csr = svid::make_csr(&key, &wid).expect("csr");
-        let resp: Response = tidemesh_net::request(
-            &conn,
-            &Request::IssueWorkload {
-                id: wid.clone(),
-                csr,
-            },
-            Duration::from_secs(5),
-        )
-        .await
-        .expect("answer");
-        match (ok, resp) {
-            (true, Response::Certificate { chain, .. }) => {
-                assert_eq!(svid::cert_spiffe_id(&chain[0]).expect("id"), wid);
-            }
-            (
-                false,
-                Response::Error {
-                    code: ErrorCode::Forbidden,
-                    ..
-                },
-            ) => {}
-            (_, other) => panic!("{wid}: unexpected {other:?}"),
-        }
+        let r = ca.issue_workload(&key, &wid, now, now + Duration::from_secs(60));
+        assert_eq!(r.is_ok(), ok, "{wid}: {r:?}");
     }
+
+    // A renewal asks for a new node CA with a new key: issued and audited.
+    let ca_key = svid::generate_key().expect("key");
+    let resp: Response = tidemesh_net::request(
+        &conn,
+        &Request::IssueNodeCa {
+            csr: svid::make_csr(&ca_key, &id.parse().expect("id")).expect("csr"),
+        },
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("answer");
+    let Response::NodeCa { cert, policy } = resp else {
+        panic!("{resp:?}")
+    };
+    let renewed = svid::NodeCa::new(cert.into(), ca_key).expect("a node CA for the new key");
+    assert_eq!(renewed.node().to_string(), id);
+    assert_eq!(
+        Duration::from_millis(policy.max_offline_ms),
+        tidemesh_hub::HubConfig::default().max_offline
+    );
     let log = h.hub.store().audit_log().expect("audit");
-    assert_eq!(log.iter().filter(|(_, e)| e.event == "refused").count(), 3);
+    assert_eq!(
+        log.iter()
+            .filter(|(_, e)| e.event == "node_ca_issued")
+            .count(),
+        2,
+        "{log:?}"
+    );
+
+    // The same ID enrolled again (new token, new key): the first
+    // enrollment's node SVID is still within its dates, but its key is no
+    // longer the pinned one, so no authenticated request succeeds with it.
+    let old = tmp.path().join("old");
+    std::fs::create_dir_all(&old).expect("dir");
+    for f in ["spoke.json", "node.pem", "node_key.pem", "bundle.pem"] {
+        std::fs::copy(tmp.path().join(f), old.join(f)).expect("copy");
+    }
+    let again = tmp.path().join("again");
+    enroll_in_process(&h, &again, &id).await;
+    let stale = ctl_session(h.addr, &tidemesh_spoke::CredStore::new(&old), true)
+        .await
+        .expect("the old certificate still passes the handshake");
+    for req in [
+        Request::IssueNodeCa {
+            csr: svid::make_csr(
+                &svid::generate_key().expect("key"),
+                &id.parse().expect("id"),
+            )
+            .expect("csr"),
+        },
+        Request::TimeAnchor,
+        Request::Hello {
+            agent: "stale".into(),
+        },
+    ] {
+        let resp: Response = tidemesh_net::request(&stale, &req, Duration::from_secs(5))
+            .await
+            .expect("answer");
+        assert!(
+            matches!(
+                resp,
+                Response::Error {
+                    code: ErrorCode::KeyMismatch,
+                    ..
+                }
+            ),
+            "{req:?}: {resp:?}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -216,9 +216,18 @@ fn day_long_partition_expires_the_certificate_and_the_spoke_comes_back() {
     assert_eq!(s["cert_expired"], true, "{s}");
     assert_eq!(s["connected"], false);
     assert_eq!(s["id"], before["id"]);
-    assert_eq!(
-        s["workloads"], before["workloads"],
-        "local workload state kept"
+    // Workload SVIDs are issued by the spoke's node CA, offline as online:
+    // the same workload, a newer certificate.
+    assert_eq!(s["workloads"][0]["id"], before["workloads"][0]["id"]);
+    assert_ne!(
+        s["workloads"][0]["cert_not_after"], before["workloads"][0]["cert_not_after"],
+        "workload SVID re-issued offline"
+    );
+    assert!(
+        s["workloads"][0]["issued_by"]
+            .as_str()
+            .is_some_and(|i| i.contains("/node/n1")),
+        "{s}"
     );
 
     // The rest of the day.
