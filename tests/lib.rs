@@ -126,7 +126,9 @@ pub mod http {
         }
     }
 
-    /// An app's call: one raw HTTP/1.1 request to its spoke's outbound listener.
+    /// An app's call: one raw HTTP/1.1 request to its spoke's outbound
+    /// listener. No answer within 15 s (or a connection closed without
+    /// one) is a reply with status 0.
     pub fn call(
         outbound: SocketAddr,
         method: &str,
@@ -148,7 +150,13 @@ pub mod http {
         };
         req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
         c.write_all(req.as_bytes()).expect("send");
-        let (head, body) = read_message(&mut c).expect("a response");
+        let Some((head, body)) = read_message(&mut c) else {
+            return Reply {
+                status: 0,
+                headers: BTreeMap::new(),
+                body: String::new(),
+            };
+        };
         let mut lines = head.split("\r\n");
         let status = lines
             .next()
@@ -223,6 +231,11 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
 pub fn run(cmd: &mut Command) -> Output {
     cmd.stdin(Stdio::null()).output().expect("spawn command")
 }
+
+/// The trust domain of the end-to-end tests.
+pub const TD: &str = "edge.example";
+
+pub mod mesh;
 
 /// The Store document of store sf01 (region us-west-2, zone us-west-2a),
 /// which the data-plane tests and bench apply first.
@@ -393,6 +406,32 @@ impl HubProc {
         addr
     }
 
+    /// Everything the hub logged, over all its starts.
+    pub fn log(&self) -> String {
+        let name = self
+            .dir
+            .file_name()
+            .map(|n| format!("{}.log.", n.to_string_lossy()))
+            .unwrap_or_default();
+        let mut files: Vec<PathBuf> = self
+            .dir
+            .parent()
+            .and_then(|p| std::fs::read_dir(p).ok())
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&name))
+            })
+            .collect();
+        files.sort();
+        files
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+            .collect()
+    }
+
     /// The running hub's process ID.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
@@ -538,6 +577,11 @@ impl SpokeProc {
         self.child = Some(child);
         wait_for(Duration::from_secs(10), || self.try_status())
             .expect("spoke admin socket answers");
+    }
+
+    /// Everything the spoke logged, over all its starts.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()
     }
 
     /// The running spoke's process ID (of the wrapper, when wrapped).

@@ -62,6 +62,11 @@ impl TrustedClock {
         self.with(|c, mono| c.handle_anchor(hub_ms, rtt, wall, mono));
     }
 
+    /// A floor learned after boot (the newest evidence record's time).
+    pub fn raise_floor(&self, floor_ms: u64) {
+        self.with(|c, _| c.raise_floor(floor_ms));
+    }
+
     /// What to persist.
     pub fn floor(&self) -> TimeFloor {
         self.with(|c, mono| c.floor(mono)).unwrap_or_default()

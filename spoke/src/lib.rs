@@ -1277,6 +1277,18 @@ impl Spoke {
             other => other,
         }
         .map_err(|e| SpokeError::Invalid(format!("{}: {e}", path.display())))?;
+        // Every record was stamped with trusted time: the newest one is a
+        // floor at least as fresh as time.json (a crash loses the last
+        // minute of that, never of committed evidence).
+        if let Ok(last) = buf.tail(1) {
+            if let Some(r) = last.first() {
+                let was = self.inner.tclock.trusted();
+                self.inner.tclock.raise_floor(r.timestamp.0);
+                if was && !self.inner.tclock.trusted() {
+                    warn!(target: "tidemesh::audit", reason = ?self.inner.tclock.status().and_then(|s| s.reason), "time is not trusted");
+                }
+            }
+        }
         let _ = self.inner.evidence.set(buf);
         if let Some((a, _)) = self.inner.config.read().ok().and_then(|c| c.clone()) {
             self.record_config(
@@ -1676,7 +1688,12 @@ impl Spoke {
             &[ALPN_CTL],
         )
         .map_err(tls_err)?;
-        let conn = connect(endpoint, &self.inner.cfg.quic, tls, self.hub_addr().await?).await?;
+        // The hub pushes (revocation lists) on unidirectional streams.
+        let quic = QuicSettings {
+            max_uni_streams: 4,
+            ..self.inner.cfg.quic
+        };
+        let conn = connect(endpoint, &quic, tls, self.hub_addr().await?).await?;
         let me = self.clone();
         let push_conn = conn.clone();
         let _push = AbortOnDrop(tokio::spawn(async move { me.push_loop(push_conn).await }));

@@ -17,10 +17,9 @@ use serde_json::Value;
 use tidemesh_tests::{
     bin, free_tcp, free_udp,
     http::{call, echo_server, read_message, Reply},
-    run, text, wait_for, write_config, HubProc, RelayProc, SpokeProc, STORE_SF01,
+    mesh::{cloud_entry, frontend_only, service_entry},
+    run, text, wait_for, write_config, HubProc, RelayProc, SpokeProc, STORE_SF01, TD,
 };
-
-const TD: &str = "edge.example";
 
 /// The seed's AuthorizationPolicy with the principals spelled in tidemesh's
 /// SPIFFE scheme (the seed's `cluster.local/ns/…` IDs are Kubernetes ones),
@@ -1172,62 +1171,6 @@ impl Drop for Workload {
             self.down();
         }
     }
-}
-
-/// An ALLOW policy: only frontend may call the workloads labelled `app`.
-fn frontend_only(name: &str, namespace: &str, app: &str) -> String {
-    format!(
-        r#"---
-apiVersion: security.istio.io/v1beta1
-kind: AuthorizationPolicy
-metadata: {{name: {name}, namespace: {namespace}}}
-spec:
-  selector:
-    matchLabels: {{app: {app}}}
-  action: ALLOW
-  rules:
-  - from:
-    - source:
-        principals: ["{TD}/store/sf01/sa/frontend"]
-"#
-    )
-}
-
-/// A `ServiceEntry` for `NAME.cloud` in namespace cloud: one endpoint at
-/// `addr`, labelled `app: NAME`, its port of `protocol`.
-fn cloud_entry(name: &str, addr: SocketAddr, protocol: &str) -> String {
-    service_entry(name, "cloud", name, addr, protocol)
-}
-
-/// A `ServiceEntry` for `NAME.cloud` in `namespace`: one endpoint at
-/// `addr`, labelled `app: APP` (what authorization policies select), its
-/// port of `protocol`.
-fn service_entry(
-    name: &str,
-    namespace: &str,
-    app: &str,
-    addr: SocketAddr,
-    protocol: &str,
-) -> String {
-    format!(
-        r#"---
-apiVersion: networking.istio.io/v1beta1
-kind: ServiceEntry
-metadata: {{name: {name}, namespace: {namespace}}}
-spec:
-  hosts: [{name}.cloud]
-  location: MESH_EXTERNAL
-  ports:
-  - {{number: {port}, name: {lower}, protocol: {protocol}}}
-  resolution: STATIC
-  endpoints:
-  - address: {ip}
-    labels: {{app: {app}}}
-"#,
-        port = addr.port(),
-        ip = addr.ip(),
-        lower = protocol.to_ascii_lowercase(),
-    )
 }
 
 /// The mesh for the gateway, failover and breaker test: `inventory.store`

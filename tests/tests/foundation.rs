@@ -835,3 +835,165 @@ async fn hostile_control_input_gets_typed_errors_and_a_clean_close() {
     let _ = stop_tx.send(());
     spoke_task.await.expect("join").expect("run");
 }
+
+/// Polls an in-process spoke's status until `f` holds (10 s at most).
+async fn until(
+    spoke: &tidemesh_spoke::Spoke,
+    what: &str,
+    f: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let t0 = Instant::now();
+    loop {
+        let st = spoke.status();
+        if f(&st) {
+            return st;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "{what}: {st}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A spoke may register only what its store's workloads may serve, within
+/// bounds: a cloud service outside the mesh, a service another account is
+/// declared for, or 1,024 oversized endpoints are refused with a clear
+/// error, and the store's other spokes keep syncing config and registry.
+#[tokio::test]
+async fn registrations_are_checked_and_a_bad_one_stops_nobody() {
+    let h = in_process_hub().await;
+    let store_yaml = |v: &str| {
+        format!(
+            "apiVersion: tidemesh.io/v1alpha1
+kind: Store
+metadata: {{name: sf07}}
+spec: {{region: r1, zone: {v}}}
+---
+apiVersion: tidemesh.io/v1alpha1
+kind: Workload
+metadata: {{name: inventory, namespace: store}}
+spec: {{service: inventory, store: sf07, serviceAccount: inventory, address: '10.0.0.9:8080'}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: payments, namespace: cloud}}
+spec:
+  hosts: [payments.cloud]
+  location: MESH_EXTERNAL
+  ports: [{{number: 443, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: 10.9.0.1}}]
+"
+        )
+    };
+    h.hub.apply_yaml(&store_yaml("z1"), None).expect("apply");
+    let tmp = tempfile::tempdir().expect("tempdir");
+
+    // a well-behaved spoke of the store, in process
+    let good_dir = tmp.path().join("good");
+    enroll_in_process(&h, &good_dir, &node("sf07", "good")).await;
+    let spoke = tidemesh_spoke::Spoke::open(
+        &good_dir,
+        tidemesh_spoke::SpokeConfig {
+            admin_socket: false,
+            file: tidemesh_spoke::FileConfig {
+                workloads: vec![tidemesh_spoke::WorkloadConfig {
+                    service_account: "pos".into(),
+                    service: None,
+                    namespace: "store".into(),
+                    labels: Default::default(),
+                    inbound: Some("127.0.0.1:9".parse().expect("addr")),
+                    outbound: None,
+                    health: None,
+                    rate_limit: None,
+                    protocol: Default::default(),
+                    tcp_outbound: Vec::new(),
+                }],
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+        Arc::new(SystemClock),
+    )
+    .expect("open");
+    let sock =
+        tidemesh_net::quic::wrap_socket(std::net::UdpSocket::bind("127.0.0.1:0").expect("bind"))
+            .expect("wrap");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let s2 = spoke.clone();
+    let spoke_task = tokio::spawn(async move {
+        s2.run(sock, async {
+            let _ = stop_rx.await;
+        })
+        .await
+    });
+    until(&spoke, "good spoke connected with config 1", |s| {
+        s["connected"] == true && s["config_version"] == 1
+    })
+    .await;
+
+    // a misbehaving spoke of the same store, speaking raw control frames
+    let bad_dir = tmp.path().join("bad");
+    enroll_in_process(&h, &bad_dir, &node("sf07", "bad")).await;
+    let conn = ctl_session(h.addr, &tidemesh_spoke::CredStore::new(&bad_dir), true)
+        .await
+        .expect("session");
+    let ep = |account: &str, service: &str| tidemesh_proto::RegisteredEndpoint {
+        service_account: account.into(),
+        service: service.into(),
+        namespace: "store".into(),
+        labels: [("app".to_string(), account.to_string())].into(),
+        address: "127.0.0.1:7000".into(),
+        healthy: true,
+    };
+    let mut oversized = ep("pos", "pos");
+    // about 800 bytes each: 1,024 of them still fit one frame (the hub must
+    // read and refuse them, not the frame codec)
+    oversized.labels = (0..10)
+        .map(|i| (format!("label-{i}"), "x".repeat(63)))
+        .collect();
+    let cases = [
+        (
+            vec![ep("pos", "payments.cloud")],
+            ErrorCode::Forbidden,
+            "outside the mesh",
+        ),
+        (
+            vec![ep("evil", "inventory")],
+            ErrorCode::Forbidden,
+            "served by service account(s) inventory",
+        ),
+        (
+            vec![oversized; 1024],
+            ErrorCode::BadRequest,
+            "1024 endpoints",
+        ),
+    ];
+    for (endpoints, code, says) in cases {
+        let resp: Response = tidemesh_net::request(
+            &conn,
+            &Request::Register { endpoints },
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("answer");
+        match resp {
+            Response::Error { code: c, message } if c == code && message.contains(says) => {
+                eprintln!("refused: {message}");
+            }
+            other => panic!("expected {code} naming {says:?}, got {other:?}"),
+        }
+    }
+
+    // the good spoke keeps syncing: a new config version reaches it
+    h.hub.apply_yaml(&store_yaml("z2"), None).expect("apply");
+    until(&spoke, "good spoke follows to config 2", |s| {
+        s["config_version"] == 2
+    })
+    .await;
+    assert_eq!(
+        spoke.status()["registration_error"],
+        serde_json::Value::Null
+    );
+
+    let _ = stop_tx.send(());
+    let _ = spoke_task.await;
+}

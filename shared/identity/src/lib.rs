@@ -20,12 +20,12 @@ pub mod verify;
 
 pub use clock::{Clock, ClockTimeProvider, FixedClock, SystemClock};
 pub use naming::{classify, hub_id, node_id, workload_id, MeshIdentity};
-pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
 pub use revocation::{RevocationList, Revocations, SignedRevocationList};
+pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
 pub use svid::{Ca, IssueError, KeyPair, NodeCa};
 pub use verify::{
     anonymous_client_config, client_config, client_config_no_cert, peer_id, server_config,
-    svid_error, verify_svid, AnyInTrustDomain, Authorizer, ExactId, ServerTrust,
-    NodeCaIssuer, SpiffeClientVerifier, SpiffeServerVerifier, SvidError, TrustBundle, Usage,
-    VerifiedSvid, WorkloadsViaNodeCa,
+    svid_error, verify_svid, AnyInTrustDomain, Authorizer, ExactId, NodeCaIssuer, ServerTrust,
+    SpiffeClientVerifier, SpiffeServerVerifier, SvidError, TrustBundle, Usage, VerifiedSvid,
+    WorkloadsViaNodeCa,
 };

@@ -120,14 +120,14 @@ impl SignedRevocationList {
         &self,
         roots: &[rustls::pki_types::CertificateDer<'_>],
     ) -> Result<RevocationList, RevocationError> {
-        let signed = roots.iter().any(|r| {
-            svid::verify_signed_message(r, CONTEXT, &self.body, &self.signature).is_ok()
-        });
+        let signed = roots
+            .iter()
+            .any(|r| svid::verify_signed_message(r, CONTEXT, &self.body, &self.signature).is_ok());
         if !signed {
             return Err(RevocationError::BadSignature);
         }
-        let list: RevocationList =
-            postcard::from_bytes(&self.body).map_err(|e| RevocationError::Malformed(e.to_string()))?;
+        let list: RevocationList = postcard::from_bytes(&self.body)
+            .map_err(|e| RevocationError::Malformed(e.to_string()))?;
         let n = list.nodes.len() + list.keys.len();
         if n > MAX_ENTRIES {
             return Err(RevocationError::TooLarge(n));

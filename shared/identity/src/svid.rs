@@ -137,9 +137,9 @@ pub enum IssueError {
     #[error("node ca of {ca} may only issue workload ids of its own store, not {id}")]
     OutOfScope {
         /// The node the CA belongs to.
-        ca: SpiffeId,
+        ca: Box<SpiffeId>,
         /// The ID that was requested.
-        id: SpiffeId,
+        id: Box<SpiffeId>,
     },
     /// The node CA has expired: it can issue nothing more.
     #[error("the node ca of {0} has expired: reconnect to the hub to renew it")]
@@ -362,7 +362,11 @@ pub fn verify_signed_message(
     msg: &[u8],
     sig: &[u8],
 ) -> Result<(), IssueError> {
-    verify_signature(&cert_public_key(ca_cert_der)?, &signed_message(context, msg), sig)
+    verify_signature(
+        &cert_public_key(ca_cert_der)?,
+        &signed_message(context, msg),
+        sig,
+    )
 }
 
 /// Builds and signs a leaf X.509-SVID (the fixed shape [`Ca::sign_csr`]
@@ -484,7 +488,32 @@ impl NodeCa {
 
     /// SHA-256 of the CA's public key (what revocation lists name).
     pub fn key_fingerprint(&self) -> [u8; 32] {
-        sha256(&self.issuer.key().public_key_raw())
+        sha256(self.issuer.key().public_key_raw())
+    }
+
+    /// Issues the spoke's data-tunnel serving SVID: its own node ID, for
+    /// `key`'s public key, chain `[leaf, node CA]`, the leaf shape and
+    /// clamping of [`NodeCa::issue_workload`]. Peers accept it where they
+    /// expect that node; the hub's control plane never does (it only takes
+    /// node SVIDs the hub itself issued).
+    pub fn issue_serving(
+        &self,
+        key: &KeyPair,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<Vec<CertificateDer<'static>>, IssueError> {
+        require_p256(key)?;
+        if not_before >= self.not_after {
+            return Err(IssueError::IssuerExpired(self.node.clone()));
+        }
+        let leaf = issue_leaf(
+            &self.issuer,
+            key,
+            &self.node,
+            not_before.max(self.not_before),
+            not_after.min(self.not_after),
+        )?;
+        Ok(vec![leaf, self.cert_der.clone()])
     }
 
     /// Issues a workload X.509-SVID for `key`'s public key: the leaf shape
@@ -505,8 +534,8 @@ impl NodeCa {
                 Some(crate::naming::MeshIdentity::Workload { ref store, .. }) if *store == self.store);
         if !in_scope {
             return Err(IssueError::OutOfScope {
-                ca: self.node.clone(),
-                id: id.clone(),
+                ca: Box::new(self.node.clone()),
+                id: Box::new(id.clone()),
             });
         }
         if not_before >= self.not_after {
@@ -572,7 +601,7 @@ pub fn cert_key_fingerprint(cert_der: &[u8]) -> Result<[u8; 32], IssueError> {
 
 /// SHA-256 of a key pair's public key, as [`cert_key_fingerprint`].
 pub fn key_fingerprint(key: &KeyPair) -> [u8; 32] {
-    sha256(&key.public_key_raw())
+    sha256(key.public_key_raw())
 }
 
 /// A certificate's `(not_before, not_after)`.

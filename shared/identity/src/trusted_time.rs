@@ -188,6 +188,9 @@ pub struct TrustedTime {
     /// Last anchor, hub ms.
     anchor_ms: Option<u64>,
     wall_offset_ms: i64,
+    /// The wall clock's reading at boot and the monotonic reading then, to
+    /// judge it again against a floor learned later.
+    boot: (u64, Duration),
 }
 
 fn signed_diff(a: u64, b: u64) -> i64 {
@@ -201,9 +204,9 @@ fn signed_diff(a: u64, b: u64) -> i64 {
 fn show(d: Duration) -> String {
     let s = d.as_secs();
     if s >= 2 * 86_400 {
-        format!("{} days", s / 86_400)
+        format!("{:.1} days", s as f64 / 86_400.0)
     } else if s >= 7_200 {
-        format!("{} hours", s / 3_600)
+        format!("{:.1} hours", s as f64 / 3_600.0)
     } else {
         format!("{s} s")
     }
@@ -232,7 +235,7 @@ impl TrustedTime {
                 floor.floor_ms,
                 TimeSource::Floor,
                 Some(format!(
-                    "the wall clock is {} ahead of the last trusted time this spoke saved, more than the max-offline window of {}; using that time plus monotonic time since boot (time spent powered off is not counted) until the hub sends an anchor",
+                    "the wall clock is {} ahead of the last trusted time this spoke saved, more than the max-offline window ({}); using that time plus monotonic time since boot (time spent powered off is not counted) until the hub sends an anchor",
                     show(ahead),
                     show(settings.max_ahead)
                 )),
@@ -249,6 +252,43 @@ impl TrustedTime {
             base_uncertainty: Duration::ZERO,
             anchor_ms: floor.anchor_ms,
             wall_offset_ms: signed_diff(wall_ms, base_ms),
+            boot: (wall_ms, mono),
+        }
+    }
+
+    /// A later floor learned after boot (e.g. the timestamp of the newest
+    /// evidence record, stamped with trusted time before a crash): before
+    /// any anchor, the boot decision is made again against the higher of
+    /// the two floors. Does nothing once anchored.
+    pub fn raise_floor(&mut self, floor_ms: u64) {
+        if self.source == TimeSource::HubAnchor {
+            return;
+        }
+        let (wall, mono) = self.boot;
+        // the floor in force at boot: what the current base implies
+        let current = match self.source {
+            TimeSource::Floor => self.base_ms,
+            _ => 0,
+        };
+        if floor_ms <= current {
+            return;
+        }
+        let again = TrustedTime::boot(
+            self.settings,
+            TimeFloor {
+                floor_ms,
+                anchor_ms: self.anchor_ms,
+            },
+            wall,
+            mono,
+        );
+        // Only ever move forward.
+        if again.now_ms(mono) >= self.now_ms(mono) || self.source == TimeSource::WallClock {
+            let t = TrustedTime {
+                boot: self.boot,
+                ..again
+            };
+            *self = t;
         }
     }
 
@@ -314,7 +354,11 @@ impl TrustedTime {
     /// The status document.
     pub fn status(&self, mono: Duration) -> TimeStatus {
         TimeStatus {
-            state: if self.trusted() { "trusted" } else { "degraded" },
+            state: if self.trusted() {
+                "trusted"
+            } else {
+                "degraded"
+            },
             source: self.source,
             reason: self.reason.clone(),
             uncertainty_ms: u64::try_from(self.uncertainty(mono).as_millis()).unwrap_or(u64::MAX),
@@ -361,7 +405,10 @@ mod tests {
         let st = t.status(s(1));
         assert_eq!(st.state, "degraded");
         assert_eq!(st.source, TimeSource::Floor);
-        assert!(st.reason.as_deref().unwrap().contains("10 days behind"), "{st:?}");
+        assert!(
+            st.reason.as_deref().unwrap().contains("10.0 days behind"),
+            "{st:?}"
+        );
         assert_eq!(st.wall_offset_ms, -10 * DAY as i64);
         // floor plus monotonic time since boot
         assert_eq!(t.now_ms(s(11)), T0 + 10_000);
@@ -376,7 +423,10 @@ mod tests {
         let t = TrustedTime::boot(TimeSettings::default(), floor, T0 + 365 * DAY, s(0));
         let st = t.status(s(0));
         assert_eq!(st.state, "degraded");
-        assert!(st.reason.as_deref().unwrap().contains("365 days ahead"), "{st:?}");
+        assert!(
+            st.reason.as_deref().unwrap().contains("365.0 days ahead"),
+            "{st:?}"
+        );
         assert_eq!(t.now_ms(s(1)), T0 + 1000);
     }
 
@@ -387,7 +437,9 @@ mod tests {
             anchor_ms: None,
         };
         assert!(TrustedTime::boot(TimeSettings::default(), floor, T0 - 1500, s(0)).trusted());
-        assert!(TrustedTime::boot(TimeSettings::default(), TimeFloor::default(), 5, s(0)).trusted());
+        assert!(
+            TrustedTime::boot(TimeSettings::default(), TimeFloor::default(), 5, s(0)).trusted()
+        );
     }
 
     #[test]
@@ -404,6 +456,31 @@ mod tests {
         assert_eq!(t.now_ms(s(13)), T0 + 70_020);
         assert_eq!(t.floor(s(13)).floor_ms, T0 + 70_020);
         assert_eq!(t.floor(s(13)).anchor_ms, Some(T0 + 60_000));
+    }
+
+    #[test]
+    fn a_floor_learned_after_boot_is_judged_again() {
+        // booted with no fresh floor: the stale wall clock looked fine
+        let stale = TimeFloor {
+            floor_ms: T0 - 20 * DAY,
+            anchor_ms: Some(T0 - 20 * DAY),
+        };
+        let mut t = TrustedTime::boot(TimeSettings::default(), stale, T0 - 10 * DAY, s(1));
+        assert!(t.trusted());
+        // the newest evidence record says it was T0 before the crash
+        t.raise_floor(T0);
+        assert!(!t.trusted());
+        assert_eq!(t.now_ms(s(3)), T0 + 2_000);
+        // an older floor changes nothing
+        t.raise_floor(T0 - DAY);
+        assert_eq!(t.now_ms(s(3)), T0 + 2_000);
+        // a floor-based clock moves up to a newer floor
+        t.raise_floor(T0 + 60_000);
+        assert_eq!(t.now_ms(s(3)), T0 + 60_000 + 2_000);
+        // once anchored, floors do not matter
+        t.handle_anchor(T0 + 100_000, Duration::ZERO, T0, s(4));
+        t.raise_floor(T0 + 900_000);
+        assert_eq!(t.now_ms(s(4)), T0 + 100_000);
     }
 
     #[test]

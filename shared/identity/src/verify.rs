@@ -19,7 +19,8 @@
 //!    intermediate must be a **node CA** — `pathLenConstraint=0`, one URI
 //!    SAN naming a spoke node `spiffe://TD/store/STORE/node/NODE` of the
 //!    bundle's trust domain — and the leaf it signed must be a workload of
-//!    that same store (`spiffe://TD/store/STORE/sa/ACCOUNT`) that does not
+//!    that same store (`spiffe://TD/store/STORE/sa/ACCOUNT`), or that node
+//!    itself (the spoke's data-tunnel serving certificate), and must not
 //!    outlive it;
 //! 4. revocation, when the bundle carries a [`Revocations`] handle: the
 //!    leaf's ID (a node), the leaf's key, the node CA's node ID and the node
@@ -242,7 +243,10 @@ fn revoked_reason(
     }
     let ca = issuer?;
     if list.node_revoked(&ca.node) {
-        return Some(format!("its issuer, the node ca of {}, is revoked", ca.node));
+        return Some(format!(
+            "its issuer, the node ca of {}, is revoked",
+            ca.node
+        ));
     }
     if list.key_revoked(&ca.key_fingerprint) {
         return Some(format!(
@@ -333,9 +337,9 @@ pub enum SvidError {
     #[error("node ca of {ca} vouches for {id}, which is outside its store (a node ca may only issue spiffe://td/store/<its store>/sa/...)")]
     NodeCaScope {
         /// The node the CA belongs to.
-        ca: SpiffeId,
+        ca: Box<SpiffeId>,
         /// The leaf's ID.
-        id: SpiffeId,
+        id: Box<SpiffeId>,
     },
     /// The leaf outlives the node CA that issued it.
     #[error("leaf {id} expires after the node ca that issued it: refused")]
@@ -427,10 +431,8 @@ pub fn verify_svid(
             None,
         )
         .map_err(|e| from_webpki(e, usage))?;
-    let path_cas: Vec<CertificateDer<'_>> = path
-        .intermediate_certificates()
-        .map(|c| c.der())
-        .collect();
+    let path_cas: Vec<CertificateDer<'_>> =
+        path.intermediate_certificates().map(|c| c.der()).collect();
 
     // Step 2: SPIFFE rules on the leaf.
     let leaf = svid::parse_cert(leaf_der).map_err(|e| SvidError::Malformed(e.to_string()))?;
@@ -471,9 +473,9 @@ pub fn verify_svid(
 
     // Step 4: revocation.
     if let Some(handle) = &bundle.revocations {
-        let list = handle
-            .current()
-            .ok_or_else(|| SvidError::Revoked("revocation list unavailable (poisoned lock)".into()))?;
+        let list = handle.current().ok_or_else(|| {
+            SvidError::Revoked("revocation list unavailable (poisoned lock)".into())
+        })?;
         if let Some(why) = revoked_reason(&list, &id, &key_fingerprint, issuer.as_ref()) {
             return Err(SvidError::Revoked(why));
         }
@@ -497,8 +499,7 @@ fn node_ca_rules(
     td: &TrustDomain,
 ) -> Result<NodeCaIssuer, SvidError> {
     let ca = svid::parse_cert(ca_der).map_err(|e| SvidError::Malformed(format!("node ca: {e}")))?;
-    let node = svid::single_spiffe_id(&ca)
-        .map_err(|e| SvidError::NodeCaIdentity(e.to_string()))?;
+    let node = svid::single_spiffe_id(&ca).map_err(|e| SvidError::NodeCaIdentity(e.to_string()))?;
     let path_len = ca
         .basic_constraints()
         .map_err(|e| SvidError::Malformed(format!("node ca basic constraints: {e}")))?
@@ -517,12 +518,15 @@ fn node_ca_rules(
             "{node} is not a spoke node id (spiffe://td/store/STORE/node/NODE)"
         )));
     };
-    let in_store = matches!(naming::classify(leaf),
+    // A node CA vouches for the workloads of its store, and for its own
+    // node ID (the spoke's data-tunnel serving certificate), nothing else.
+    let in_store = leaf == &node
+        || matches!(naming::classify(leaf),
         Some(MeshIdentity::Workload { store: ref s, .. }) if *s == store);
     if !in_store {
         return Err(SvidError::NodeCaScope {
-            ca: node,
-            id: leaf.clone(),
+            ca: Box::new(node),
+            id: Box::new(leaf.clone()),
         });
     }
     let not_after = svid::system_time(ca.validity().not_after.timestamp())

@@ -233,6 +233,11 @@ fn a_node_ca_issues_workloads_of_its_store() {
         assert_eq!(issuer.key_fingerprint(), ca.key_fingerprint());
         assert_eq!(v.key_fingerprint(), svid::key_fingerprint(&key));
     }
+    // Its own node ID too: the spoke's data-tunnel serving certificate.
+    let serving = ca.issue_serving(&key, t(NB), t(NB + HOUR)).unwrap();
+    let v = verify_svid(&serving, &pki.bundle(), now(), Usage::Server).unwrap();
+    assert_eq!(v.id(), &node());
+    assert_eq!(v.issuer().map(|i| i.node()), Some(&node()));
     // The node CA refuses other stores and non-workload IDs itself.
     for other in [workload("sf02", "pos"), node()] {
         assert!(matches!(
@@ -256,8 +261,11 @@ fn a_node_ca_of_store_a_signing_a_store_b_id_is_refused() {
         .ca
         .issue_node_ca(&csr, &node(), t(NB - DAY), t(NB + 30 * DAY))
         .unwrap();
-    let ca = svid::NodeCa::new(der.clone(), svid::key_from_pem(&key.serialize_pem()).unwrap())
-        .unwrap();
+    let ca = svid::NodeCa::new(
+        der.clone(),
+        svid::key_from_pem(&key.serialize_pem()).unwrap(),
+    )
+    .unwrap();
     let issuer = raw_issuer(&ca, key);
     for stolen in [
         workload("sf02", "payments").to_string(),
@@ -267,7 +275,7 @@ fn a_node_ca_of_store_a_signing_a_store_b_id_is_refused() {
         let leaf = sign_leaf(&leaf_params(vec![uri(&stolen)]), &issuer);
         let err = verify(&[leaf, der.clone()], &pki.bundle()).unwrap_err();
         assert!(
-            matches!(err, SvidError::NodeCaScope { ref ca, .. } if ca == &node()),
+            matches!(err, SvidError::NodeCaScope { ref ca, .. } if **ca == node()),
             "{stolen}: {err:?}"
         );
     }
@@ -282,8 +290,11 @@ fn a_leaf_outliving_its_node_ca_is_refused() {
         .ca
         .issue_node_ca(&csr, &node(), t(NB - DAY), t(NB + HOUR))
         .unwrap();
-    let ca = svid::NodeCa::new(der.clone(), svid::key_from_pem(&key.serialize_pem()).unwrap())
-        .unwrap();
+    let ca = svid::NodeCa::new(
+        der.clone(),
+        svid::key_from_pem(&key.serialize_pem()).unwrap(),
+    )
+    .unwrap();
     let issuer = raw_issuer(&ca, key);
     let mut params = leaf_params(vec![uri(&workload("sf01", "pos").to_string())]);
     params.not_after = time::OffsetDateTime::from_unix_timestamp((NB + 2 * HOUR) as i64).unwrap();
@@ -299,7 +310,10 @@ fn a_leaf_outliving_its_node_ca_is_refused() {
 #[test]
 fn a_node_ca_without_path_len_zero_is_refused() {
     let pki = Pki::new();
-    for constraint in [BasicConstraints::Unconstrained, BasicConstraints::Constrained(1)] {
+    for constraint in [
+        BasicConstraints::Unconstrained,
+        BasicConstraints::Constrained(1),
+    ] {
         let ca_key = svid::generate_key().unwrap();
         let mut params = ca_params("tidemesh node CA sf01/n1");
         params.is_ca = IsCa::Ca(constraint);
@@ -348,10 +362,7 @@ fn a_second_level_intermediate_is_refused() {
         &i2,
     );
     assert_eq!(
-        verify(
-            &[leaf, c2.der().clone(), c1.der().clone()],
-            &pki.bundle()
-        ),
+        verify(&[leaf, c2.der().clone(), c1.der().clone()], &pki.bundle()),
         Err(SvidError::IntermediateDepth(2))
     );
     // And a real node CA (pathLen 0) cannot sign a CA at all: webpki
@@ -362,8 +373,11 @@ fn a_second_level_intermediate_is_refused() {
         .ca
         .issue_node_ca(&csr, &node(), t(NB - DAY), t(NB + 30 * DAY))
         .unwrap();
-    let nca = svid::NodeCa::new(der.clone(), svid::key_from_pem(&key.serialize_pem()).unwrap())
-        .unwrap();
+    let nca = svid::NodeCa::new(
+        der.clone(),
+        svid::key_from_pem(&key.serialize_pem()).unwrap(),
+    )
+    .unwrap();
     let ni = raw_issuer(&nca, key);
     let k3 = svid::generate_key().unwrap();
     let mut p3 = ca_params("ca3");
@@ -408,7 +422,7 @@ fn an_intermediate_not_named_by_a_node_id_is_refused() {
 
 #[test]
 fn revocation_refuses_the_node_its_keys_and_its_node_ca() {
-    use tidemesh_identity::revocation::{RevocationList, RevokedKey, Revocations};
+    use tidemesh_identity::revocation::{RevocationList, Revocations, RevokedKey};
     let pki = Pki::new();
     let ca = node_ca(&pki, &node());
     let wkey = svid::generate_key().unwrap();
@@ -434,16 +448,28 @@ fn revocation_refuses_the_node_its_keys_and_its_node_ca() {
     };
     // the node ID: its node SVID and everything its node CA issued
     assert!(handle.install(revoked(1, vec![node()], vec![])));
-    assert!(matches!(verify(&wchain, &bundle), Err(SvidError::Revoked(_))));
-    assert!(matches!(verify(&nchain, &bundle), Err(SvidError::Revoked(_))));
+    assert!(matches!(
+        verify(&wchain, &bundle),
+        Err(SvidError::Revoked(_))
+    ));
+    assert!(matches!(
+        verify(&nchain, &bundle),
+        Err(SvidError::Revoked(_))
+    ));
     // only the node CA's key (the node ID enrolled again with a new key)
     assert!(handle.install(revoked(2, vec![], vec![ca.key_fingerprint()])));
-    assert!(matches!(verify(&wchain, &bundle), Err(SvidError::Revoked(_))));
+    assert!(matches!(
+        verify(&wchain, &bundle),
+        Err(SvidError::Revoked(_))
+    ));
     assert!(verify(&nchain, &bundle).is_ok());
     // only the old node key
     assert!(handle.install(revoked(3, vec![], vec![svid::key_fingerprint(&nkey)])));
     assert!(verify(&wchain, &bundle).is_ok());
-    assert!(matches!(verify(&nchain, &bundle), Err(SvidError::Revoked(_))));
+    assert!(matches!(
+        verify(&nchain, &bundle),
+        Err(SvidError::Revoked(_))
+    ));
     // a bundle without the handle knows nothing of it
     assert!(verify(&nchain, &pki.bundle()).is_ok());
 }

@@ -51,6 +51,9 @@ pub struct QuicSettings {
     pub idle_timeout: Duration,
     /// Concurrent bidirectional streams a peer may open.
     pub max_streams: u32,
+    /// Concurrent unidirectional streams a peer may open (0: none). The
+    /// spoke's control connection takes the hub's pushes this way.
+    pub max_uni_streams: u32,
 }
 
 impl Default for QuicSettings {
@@ -59,6 +62,7 @@ impl Default for QuicSettings {
             keep_alive: Duration::from_millis(1000),
             idle_timeout: Duration::from_millis(4000),
             max_streams: 64,
+            max_uni_streams: 0,
         }
     }
 }
@@ -72,7 +76,7 @@ impl QuicSettings {
         // the caller made; fall back to quinn's default rather than panic.
         t.max_idle_timeout(quinn::IdleTimeout::try_from(self.idle_timeout).ok());
         t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(self.max_streams));
-        t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+        t.max_concurrent_uni_streams(quinn::VarInt::from_u32(self.max_uni_streams));
         Arc::new(t)
     }
 

@@ -105,6 +105,7 @@ impl Default for DataSettings {
                 keep_alive: Duration::from_secs(5),
                 idle_timeout: Duration::from_secs(30),
                 max_streams: 256,
+                max_uni_streams: 0,
             },
             tcp_idle_timeout: Duration::from_secs(300),
         }
