@@ -374,6 +374,11 @@ impl Hub {
         &self.inner.store
     }
 
+    /// The evidence database (for inspection by tests and tools).
+    pub fn evidence(&self) -> &evidence::EvidenceStore {
+        &self.inner.evidence
+    }
+
     pub(crate) fn now_ms(&self) -> u64 {
         unix_ms(self.inner.clock.now())
     }

@@ -703,6 +703,34 @@ impl Spoke {
         })
     }
 
+    /// Probes the same-site endpoints of `service` as local workload
+    /// `account` over the data tunnel (mTLS with the workload's SVID): one
+    /// JSON object per endpoint (see `dataplane::probe_site`).
+    pub async fn probe(&self, account: &str, service: &str) -> Result<Value, String> {
+        let data = self
+            .inner
+            .data
+            .get()
+            .and_then(std::sync::Weak::upgrade)
+            .ok_or("the data plane is not running (no data_listen, outbound or tcp_outbound in the config)")?;
+        Ok(Value::Array(
+            dataplane::probe_site(&data, account, service).await?,
+        ))
+    }
+
+    /// `evidence stats` of the running spoke (buffer and sync), if the
+    /// buffer is open.
+    pub fn evidence_stats(&self) -> Option<Value> {
+        let b = self.inner.evidence.get()?;
+        let now = tidemesh_evidence::UnixMillis(unix_ms(self.inner.clock.now()));
+        let mut v = serde_json::to_value(b.stats(now)).ok()?;
+        let sync = serde_json::to_value(self.sync_stats()).ok()?;
+        if let (Some(o), Value::Object(s)) = (v.as_object_mut(), sync) {
+            o.extend(s);
+        }
+        Some(v)
+    }
+
     /// The status document (`tidemesh-spoke status --json`).
     pub fn status(&self) -> Value {
         let now = self.inner.clock.now();
@@ -1407,20 +1435,14 @@ impl Spoke {
                     .await
             }
             Some("status") => Ok(self.status()),
-            Some("evidence_stats") => {
-                let b = self
-                    .inner
-                    .evidence
-                    .get()
-                    .ok_or("the evidence buffer is not open")?;
-                let now = tidemesh_evidence::UnixMillis(unix_ms(self.inner.clock.now()));
-                let mut v = serde_json::to_value(b.stats(now)).map_err(|e| e.to_string())?;
-                let sync = serde_json::to_value(self.sync_stats()).map_err(|e| e.to_string())?;
-                if let (Some(o), Value::Object(s)) = (v.as_object_mut(), sync) {
-                    o.extend(s);
-                }
-                Ok(v)
+            Some("probe") => {
+                let account = req.get("workload").and_then(Value::as_str).unwrap_or("");
+                let service = req.get("service").and_then(Value::as_str).unwrap_or("");
+                self.probe(account, service).await
             }
+            Some("evidence_stats") => self
+                .evidence_stats()
+                .ok_or_else(|| "the evidence buffer is not open".into()),
             Some("evidence_verify") => {
                 let b = self
                     .inner

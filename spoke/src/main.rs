@@ -115,6 +115,23 @@ enum Cmd {
         #[command(subcommand)]
         cmd: EvidenceCmd,
     },
+    /// Probe the same-site endpoints of a service over the data tunnel, as
+    /// one of this spoke's workloads (mTLS with its SVID); the peer spoke
+    /// answers for itself. Exit status 1 when no endpoint answers.
+    Probe {
+        /// Where the spoke keeps its state.
+        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        data_dir: PathBuf,
+        /// The calling workload (service account) of this spoke.
+        #[arg(long)]
+        workload: String,
+        /// The service to probe (a host as apps write it).
+        #[arg(long)]
+        service: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Drill helpers.
     Drill {
         #[command(subcommand)]
@@ -417,6 +434,53 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                         w["cert_not_after"].as_str().unwrap_or("-")
                     );
                 }
+            }
+        }
+        Cmd::Probe {
+            data_dir,
+            workload,
+            service,
+            json,
+        } => {
+            let r = admin::call(
+                &admin::socket_path(&data_dir),
+                json!({"cmd": "probe", "workload": workload, "service": service}),
+            )
+            .await?;
+            let all = r.as_array().cloned().unwrap_or_default();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                for p in &all {
+                    if p["ok"] == true {
+                        println!(
+                            "{} at {}: ok in {} ms{} (peer time {}{})",
+                            p["server"].as_str().unwrap_or("-"),
+                            p["address"].as_str().unwrap_or("-"),
+                            p["elapsed_ms"],
+                            p["handshake_us"]
+                                .as_u64()
+                                .map(|h| format!(", new handshake {h} us"))
+                                .unwrap_or_default(),
+                            p["peer_time"].as_str().unwrap_or("-"),
+                            if p["peer_time_trusted"] == true {
+                                ""
+                            } else {
+                                ", degraded"
+                            }
+                        );
+                    } else {
+                        println!(
+                            "{} at {}: FAILED: {}",
+                            p["server"].as_str().unwrap_or("-"),
+                            p["address"].as_str().unwrap_or("-"),
+                            p["error"].as_str().unwrap_or("-")
+                        );
+                    }
+                }
+            }
+            if !all.iter().any(|p| p["ok"] == true) {
+                std::process::exit(1);
             }
         }
         Cmd::Evidence {

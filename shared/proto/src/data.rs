@@ -10,8 +10,9 @@
 //! # Stream layout
 //! ```text
 //! caller -> server: frame(StreamHeader) ++ the proxied bytes (HTTP/1.1 for Http1,
-//!                   the app's bytes for Tcp)
-//! server -> caller: the proxied bytes (the HTTP/1.1 response, the workload's bytes)
+//!                   the app's bytes for Tcp, nothing for Probe)
+//! server -> caller: the proxied bytes (the HTTP/1.1 response, the workload's bytes,
+//!                   one frame(ProbeAnswer) for Probe)
 //! ```
 //! The header is one frame of the crate's codec (length prefix, protocol
 //! version, postcard body), but bounded by [`MAX_HEADER`] rather than
@@ -38,6 +39,24 @@ pub enum StreamProtocol {
     Http1,
     /// A raw TCP connection's bytes, both ways, until each side finishes.
     Tcp,
+    /// A mesh probe: the serving spoke itself answers with one
+    /// [`ProbeAnswer`] frame and finishes (no workload is involved). What
+    /// `tidemesh-spoke probe` and the drills use to show that mTLS between
+    /// two spokes works, and with which certificates.
+    Probe,
+}
+
+/// The serving spoke's answer to a [`StreamProtocol::Probe`] stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeAnswer {
+    /// The serving spoke's node ID.
+    pub node: tidemesh_identity::SpiffeId,
+    /// Its trusted time, ms since the Unix epoch.
+    pub time_ms: u64,
+    /// Whether its time is trusted (not degraded).
+    pub time_trusted: bool,
+    /// Whether it serves `service` with the workload the header names.
+    pub serves: bool,
 }
 
 /// W3C trace context carried with the request (the caller's span).

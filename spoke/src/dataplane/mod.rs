@@ -631,6 +631,67 @@ pub(crate) fn span_random() -> [u8; 24] {
     rand::random()
 }
 
+/// Probes every same-site endpoint of `service` as local workload
+/// `account`: one tunnel stream each (a new handshake when no pooled
+/// connection is open), answered by the peer spoke itself. One JSON object
+/// per endpoint: `server`, `address`, `ok`, `error`, `handshake_us`,
+/// `peer_time`, `peer_time_trusted`, `serves`, `elapsed_ms`.
+pub(crate) async fn probe_site(
+    s: &Arc<Shared>,
+    account: &str,
+    service: &str,
+) -> Result<Vec<serde_json::Value>, String> {
+    let caller = s
+        .workloads
+        .iter()
+        .position(|w| w.account == account)
+        .ok_or_else(|| format!("no workload {account:?} on this spoke"))?;
+    let c = s.compiled();
+    let host = resolve::canonical_target(&c.hosts, service, &s.workloads[caller].namespace)?;
+    let targets: Vec<(SocketAddr, SpiffeId, String, String)> = c
+        .site
+        .iter()
+        .filter(|e| e.host == host)
+        .filter_map(|e| match &e.target {
+            Some(resolve::Target::Site {
+                addr,
+                server,
+                account,
+            }) => Some((*addr, server.clone(), account.clone(), e.address.clone())),
+            _ => None,
+        })
+        .collect();
+    if targets.is_empty() {
+        return Err(format!(
+            "no endpoint of {host} at this site (the registry from the last config slice names none)"
+        ));
+    }
+    let mut out = Vec::with_capacity(targets.len());
+    for (addr, server, there, address) in targets {
+        let r = tunnel::probe(s, caller, addr, &server, &host, &there).await;
+        out.push(match r {
+            Ok(p) => serde_json::json!({
+                "server": server.to_string(),
+                "address": address,
+                "ok": true,
+                "handshake_us": p.handshake_us,
+                "peer_certificate": p.fingerprint.map(|f| f.to_string()),
+                "peer_time": crate::rfc3339(std::time::UNIX_EPOCH + Duration::from_millis(p.answer.time_ms)),
+                "peer_time_trusted": p.answer.time_trusted,
+                "serves": p.answer.serves,
+                "elapsed_ms": p.elapsed.as_millis() as u64,
+            }),
+            Err(e) => serde_json::json!({
+                "server": server.to_string(),
+                "address": address,
+                "ok": false,
+                "error": e,
+            }),
+        });
+    }
+    Ok(out)
+}
+
 /// Whether the config asks for a data plane: a workload calling out, or a
 /// tunnel listener for peers. Without either, no socket is opened.
 pub fn needed(file: &crate::FileConfig) -> bool {

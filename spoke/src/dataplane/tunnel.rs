@@ -549,6 +549,10 @@ async fn serve_streams(s: &Arc<Shared>, conn: &quinn::Connection, peer: Arc<Peer
                 super::tcp::serve_stream(&s, &peer.id, fingerprint, header, send, recv).await;
                 return;
             }
+            if header.protocol == StreamProtocol::Probe {
+                serve_probe(&s, &peer, &header, send).await;
+                return;
+            }
             let io = TokioIo::new(tokio::io::join(recv, send));
             let header = Arc::new(header);
             let svc = {
@@ -572,6 +576,108 @@ async fn serve_streams(s: &Arc<Shared>, conn: &quinn::Connection, peer: Arc<Peer
             }
         });
     }
+}
+
+/// A probe from a peer spoke: this spoke answers for itself (and whether it
+/// serves the named workload) and records it.
+async fn serve_probe(s: &Shared, peer: &Peer, header: &StreamHeader, mut send: quinn::SendStream) {
+    let started = tokio::time::Instant::now();
+    let span = trace::Span::start(None, span_random());
+    let mut ev = s.new_evidence(
+        &header.service,
+        EnforcementPoint::SidecarInbound,
+        &span,
+        format!("PROBE {}", header.service),
+    );
+    ev.identity = Some(s.served_identity(&peer.id, peer.fingerprint));
+    let answer = tidemesh_proto::data::ProbeAnswer {
+        node: s.node_id.clone(),
+        time_ms: crate::unix_ms(s.spoke.inner.clock.now()),
+        time_trusted: s.spoke.inner.tclock.trusted(),
+        serves: s.workload_for(header).is_some(),
+    };
+    let sent = async {
+        tidemesh_net::write_frame(&mut send, &answer)
+            .await
+            .map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())
+    };
+    let status = match timeout(s.settings.header_timeout, sent).await {
+        Ok(Ok(())) => StatusCode::OK,
+        _ => StatusCode::BAD_GATEWAY,
+    };
+    super::finish_evidence(&mut ev, started, status, "");
+    s.record(ev);
+}
+
+/// What a probe of a peer spoke found.
+#[derive(Debug, Clone)]
+pub(crate) struct Probed {
+    pub answer: tidemesh_proto::data::ProbeAnswer,
+    /// The handshake's duration, when the probe made a new connection.
+    pub handshake_us: Option<u32>,
+    /// SHA-256 of the peer's leaf certificate.
+    pub fingerprint: Option<Sha256Digest>,
+    pub elapsed: Duration,
+}
+
+/// Probes the peer spoke `server` at `addr` as local workload `caller`,
+/// naming `service` served by `account` there: the same connection pool and
+/// handshake as requests; records the probe.
+pub(crate) async fn probe(
+    s: &Shared,
+    caller: usize,
+    addr: SocketAddr,
+    server: &SpiffeId,
+    service: &str,
+    account: &str,
+) -> Result<Probed, String> {
+    let started = tokio::time::Instant::now();
+    let span = trace::Span::start(None, span_random());
+    let mut ev = s.new_evidence(
+        service,
+        EnforcementPoint::SidecarOutbound,
+        &span,
+        format!("PROBE {service}"),
+    );
+    let header = super::stream_header(
+        service,
+        account.to_owned(),
+        StreamProtocol::Probe,
+        &span,
+        None,
+    );
+    let result = async {
+        let bytes = header.encode().map_err(|e| e.to_string())?;
+        let (t, hs, (mut send, mut recv)) = open_stream(s, caller, addr, server).await?;
+        ev.identity = Some(t.identity_evidence(s, caller, hs));
+        send.write_all(&bytes).await.map_err(|e| e.to_string())?;
+        let _ = send.finish();
+        let answer: tidemesh_proto::data::ProbeAnswer = timeout(
+            s.settings.request_timeout,
+            tidemesh_net::read_frame(&mut recv),
+        )
+        .await
+        .map_err(|_| "no probe answer in time".to_string())?
+        .map_err(|e| e.to_string())?;
+        if &answer.node != server {
+            return Err(format!("{} answered for {server}", answer.node));
+        }
+        Ok(Probed {
+            answer,
+            handshake_us: hs,
+            fingerprint: t.fingerprint,
+            elapsed: started.elapsed(),
+        })
+    }
+    .await;
+    let (status, msg) = match &result {
+        Ok(_) => (StatusCode::OK, String::new()),
+        Err(e) => (StatusCode::BAD_GATEWAY, e.clone()),
+    };
+    super::finish_evidence(&mut ev, started, status, &msg);
+    s.record(ev);
+    result
 }
 
 /// One request from a peer spoke: a span under the caller's, then delivery.
