@@ -1162,6 +1162,7 @@ pub(crate) fn mode_matrix(cx: &mut Cx, spec: ModeMatrixSpec) -> Option<ModeMatri
                     start_percent,
                     factor,
                     step,
+                    tolerated_failures: 0,
                 });
             }
         }
