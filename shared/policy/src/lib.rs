@@ -9,8 +9,10 @@
 //! [`MeshConfig`], the value the hub versions and every spoke keeps as its
 //! last-known-good replica; [`authz`] and [`routing`] compile it into
 //! structures that answer per-request questions in microseconds, with the
-//! evidence the seed document asks for. Who drives it: the hub (apply,
-//! history, sync) and the spoke (per-request decisions). What it must not do:
+//! evidence the seed document asks for; [`mode`] is the seed's mode matrix
+//! as a state machine (Target, Degraded, Survival, Recovery) driven by
+//! measured error rates, reachability and health checks. Who drives it: the
+//! hub (apply, history, sync) and the spoke (per-request decisions, its mode). What it must not do:
 //! file or network I/O, async runtimes, clocks (time and randomness are
 //! passed in), panics on any input.
 //!
@@ -47,6 +49,7 @@ pub mod authz;
 mod config;
 pub mod error;
 pub mod istio;
+pub mod mode;
 pub mod model;
 pub mod request;
 pub mod routing;
@@ -59,6 +62,7 @@ pub use authz::{
 pub use config::Change;
 pub use error::{ConfigError, ConfigIssue, DocumentRef};
 pub use istio::{parse_documents, Object, ObjectKey, Resource};
+pub use mode::ModeMachine;
 pub use model::MeshConfig;
 pub use request::{normalize_path, HeaderLookup, NoHeaders};
 pub use routing::{

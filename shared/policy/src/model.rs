@@ -741,6 +741,16 @@ pub struct ModeMatrix {
     pub survival: ModeProfile,
     /// Post-incident.
     pub recovery: ModeProfile,
+    /// When a destination service goes Target → Degraded and back (the
+    /// seed: 30 % errors over 5 minutes). Absent in configs stored before it
+    /// existed: the seed's values.
+    #[serde(default)]
+    pub degradation: Degradation,
+    /// When a partitioned spoke goes Survival → Recovery (the seed: 10
+    /// passing health checks and none failing within 2 minutes). Absent in
+    /// configs stored before it existed: the seed's values.
+    #[serde(default)]
+    pub reconnection: Reconnection,
 }
 
 impl ModeMatrix {
@@ -835,6 +845,61 @@ impl Default for ModeMatrix {
                 },
                 ramp: Some(Ramp::default()),
             },
+            degradation: Degradation::default(),
+            reconnection: Reconnection::default(),
+        }
+    }
+}
+
+/// Target ⇄ Degraded for one destination service: the error rate over a
+/// sliding window against an entry threshold, and a lower exit threshold
+/// that must hold for a whole window before the service is back in Target
+/// (hysteresis). See [`crate::mode`] for the exact rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Degradation {
+    /// Degraded when the window's error rate is at or above this (> 0).
+    pub enter_error_rate: Ratio,
+    /// Back to Target once the error rate stayed at or below this for a whole
+    /// `window` (< `enter_error_rate`; half of it unless written).
+    pub exit_error_rate: Ratio,
+    /// The sliding window the error rate is measured over (> 0).
+    pub window: Duration,
+    /// Fewer requests than this in the window measure nothing (≥ 1), so that
+    /// 1 failure of 2 does not make a service Degraded.
+    pub min_requests: u32,
+}
+
+impl Default for Degradation {
+    /// The seed's Target → Degraded: 30 % errors over 5 minutes; out again
+    /// at 15 % (half); at least 20 requests in the window.
+    fn default() -> Self {
+        Degradation {
+            enter_error_rate: Ratio::percent(30),
+            exit_error_rate: Ratio::percent(15),
+            window: Duration::from_secs(300),
+            min_requests: 20,
+        }
+    }
+}
+
+/// Survival → Recovery: connectivity is back and the active health checks of
+/// the hub and remote tiers pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reconnection {
+    /// Passing health checks needed within `window`, with no failing one
+    /// in it (≥ 1).
+    pub health_checks: u32,
+    /// The window they are counted in (> 0).
+    pub window: Duration,
+}
+
+impl Default for Reconnection {
+    /// The seed's Survival → Recovery: 10 successful health checks and 0
+    /// failed within 2 minutes.
+    fn default() -> Self {
+        Reconnection {
+            health_checks: 10,
+            window: Duration::from_secs(120),
         }
     }
 }
@@ -910,6 +975,12 @@ pub struct Ramp {
     pub factor: u8,
     /// Step length.
     pub step: Duration,
+    /// Failures of remote calls (and failed health checks) one step may see
+    /// and still count as healthy; one more steps the ramp back (0, the
+    /// seed's "double every minute if healthy": any failure steps back).
+    /// Absent in configs stored before it existed: 0.
+    #[serde(default)]
+    pub tolerated_failures: u32,
 }
 
 impl Default for Ramp {
@@ -918,23 +989,41 @@ impl Default for Ramp {
             start_percent: 1,
             factor: 2,
             step: Duration::from_secs(60),
+            tolerated_failures: 0,
         }
     }
 }
 
 impl Ramp {
-    /// Share of remote traffic (percent) `elapsed` after recovery began.
+    /// Share of remote traffic (percent) `elapsed` after recovery began, if
+    /// every step was healthy.
     pub fn percent_at(&self, elapsed: Duration) -> u8 {
         let step_ms = self.step.as_millis().max(1);
         let steps = elapsed.as_millis() / step_ms;
+        self.percent_at_step(u32::try_from(steps).unwrap_or(u32::MAX))
+    }
+
+    /// Share of remote traffic (percent) at step `step` (0 = the start):
+    /// `start_percent × factor^step`, capped at 100. A start of 0 counts as
+    /// 1 and a factor below 2 as 2, so the ramp always reaches 100.
+    pub fn percent_at_step(&self, step: u32) -> u8 {
         let mut p = u64::from(self.start_percent.max(1));
-        for _ in 0..steps.min(64) {
+        for _ in 0..step.min(64) {
             p = p.saturating_mul(u64::from(self.factor.max(2)));
             if p >= 100 {
                 return 100;
             }
         }
+        // At most 100 here.
         p.min(100) as u8
+    }
+
+    /// The first step at 100 % (7 for the seed's 1, 2, 4, … 64, 100; at
+    /// most 7 for any ramp).
+    pub fn full_step(&self) -> u32 {
+        (0..64)
+            .find(|&s| self.percent_at_step(s) >= 100)
+            .unwrap_or(64)
     }
 }
 
@@ -1081,6 +1170,30 @@ mod tests {
             .collect();
         assert_eq!(got, vec![1, 2, 4, 8, 16, 32, 64, 100, 100]);
         assert_eq!(r.percent_at(Duration::from_secs(59)), 1);
+        assert_eq!(r.full_step(), 7);
+        let steps: Vec<u8> = (0..9).map(|s| r.percent_at_step(s)).collect();
+        assert_eq!(steps, vec![1, 2, 4, 8, 16, 32, 64, 100, 100]);
+        let odd = Ramp {
+            start_percent: 3,
+            factor: 3,
+            ..r
+        };
+        assert_eq!(odd.full_step(), 4);
+        assert_eq!(odd.percent_at_step(3), 81);
+        let degenerate = Ramp {
+            start_percent: 0,
+            factor: 0,
+            ..r
+        };
+        assert_eq!(degenerate.full_step(), 7);
+        assert_eq!(
+            Ramp {
+                start_percent: 100,
+                ..r
+            }
+            .full_step(),
+            0
+        );
     }
 
     #[test]
@@ -1113,6 +1226,14 @@ mod tests {
         );
         assert_eq!(m.survival.routing, RoutingMode::LocalOnly);
         assert_eq!(m.profile(Mode::Recovery).ramp, Some(Ramp::default()));
+        // Target → Degraded at 30 % over 5 minutes (out at half), Survival →
+        // Recovery after 10 passing health checks in 2 minutes.
+        assert_eq!(m.degradation.enter_error_rate, Ratio::percent(30));
+        assert_eq!(m.degradation.exit_error_rate, Ratio::percent(15));
+        assert_eq!(m.degradation.window, Duration::from_secs(300));
+        assert_eq!(m.reconnection.health_checks, 10);
+        assert_eq!(m.reconnection.window, Duration::from_secs(120));
+        assert_eq!(Ramp::default().tolerated_failures, 0);
     }
 
     #[test]

@@ -25,6 +25,10 @@ pub(crate) const REGEX_SIZE_LIMIT: usize = 64 * 1024;
 const REGEX_MAX_LEN: usize = 1024;
 /// Most retries a policy may ask for.
 const MAX_RETRY_ATTEMPTS: i64 = 10;
+/// Largest `degradation.minRequests`.
+const MAX_MIN_REQUESTS: i64 = 1_000_000;
+/// Largest `recovery.ramp.toleratedFailures`.
+const MAX_TOLERATED_FAILURES: i64 = 1_000_000;
 
 /// Conversion context: the issue sink and the object's namespace.
 pub(crate) struct Cx<'a, 'b> {
@@ -50,6 +54,16 @@ impl Cx<'_, '_> {
 
     fn required_duration(&mut self, path: &str, s: &str) -> Option<Duration> {
         self.duration(path, &Some(s.to_string()))
+    }
+
+    /// A duration longer than 0.
+    fn positive_duration(&mut self, path: &str, s: &str) -> Option<Duration> {
+        let d = self.required_duration(path, s)?;
+        if d.is_zero() {
+            self.err(path, "must be longer than 0");
+            return None;
+        }
+        Some(d)
     }
 
     /// An integer in `lo..=hi`.
@@ -1153,20 +1167,106 @@ pub(crate) fn mode_matrix(cx: &mut Cx, spec: ModeMatrixSpec) -> Option<ModeMatri
             let rp = format!("{path}.ramp");
             let start = cx.int::<u8>(&format!("{rp}.startPercent"), r.start_percent, 1, 100);
             let factor = cx.int::<u8>(&format!("{rp}.factor"), r.factor, 2, 100);
-            let step = cx.required_duration(&format!("{rp}.step"), &r.step);
-            if step.is_some_and(|s| s.is_zero()) {
-                cx.err(format!("{rp}.step"), "must be longer than 0");
-            }
-            if let (Some(start_percent), Some(factor), Some(step)) = (start, factor, step) {
+            let step = cx.positive_duration(&format!("{rp}.step"), &r.step);
+            let tolerated = match r.tolerated_failures {
+                Some(t) => cx.int::<u32>(
+                    &format!("{rp}.toleratedFailures"),
+                    t,
+                    0,
+                    MAX_TOLERATED_FAILURES,
+                ),
+                None => Some(0),
+            };
+            if let (Some(start_percent), Some(factor), Some(step), Some(tolerated_failures)) =
+                (start, factor, step, tolerated)
+            {
                 profile.ramp = Some(Ramp {
                     start_percent,
                     factor,
                     step,
+                    tolerated_failures,
                 });
             }
         }
     }
+    if let Some(d) = &spec.degradation {
+        if let Some(d) = degradation(cx, d) {
+            matrix.degradation = d;
+        }
+    }
+    if let Some(r) = &spec.reconnection {
+        let rp = "spec.reconnection";
+        let checks = match r.health_checks {
+            Some(n) => cx.int::<u32>(
+                &format!("{rp}.healthChecks"),
+                n,
+                1,
+                i64::from(crate::mode::MAX_HEALTH_CHECKS),
+            ),
+            None => Some(matrix.reconnection.health_checks),
+        };
+        let window = match &r.window {
+            Some(w) => cx.positive_duration(&format!("{rp}.window"), w),
+            None => Some(matrix.reconnection.window),
+        };
+        if let (Some(health_checks), Some(window)) = (checks, window) {
+            matrix.reconnection = Reconnection {
+                health_checks,
+                window,
+            };
+        }
+    }
     (cx.issues.out.count() == before).then_some(matrix)
+}
+
+/// `spec.degradation`: every field optional; the exit threshold defaults to
+/// half the entry threshold, and must be below it.
+fn degradation(cx: &mut Cx, d: &DegradationIn) -> Option<Degradation> {
+    let dp = "spec.degradation";
+    let defaults = Degradation::default();
+    let enter = match d.enter_error_rate {
+        Some(v) => cx.ratio(&format!("{dp}.enterErrorRate"), v).filter(|r| {
+            let positive = *r > Ratio::ZERO;
+            if !positive {
+                cx.err(
+                    format!("{dp}.enterErrorRate"),
+                    "must be above 0 (0 would make every service Degraded)",
+                );
+            }
+            positive
+        }),
+        None => Some(defaults.enter_error_rate),
+    };
+    let exit = match (d.exit_error_rate, enter) {
+        (Some(v), _) => cx.ratio(&format!("{dp}.exitErrorRate"), v),
+        (None, Some(enter)) => Ratio::from_basis_points(enter.basis_points() / 2),
+        (None, None) => None,
+    };
+    if let (Some(enter), Some(exit)) = (enter, exit) {
+        if exit >= enter {
+            cx.err(
+                format!("{dp}.exitErrorRate"),
+                format!(
+                    "must be below enterErrorRate ({enter}) so that a service does not flap, got {exit}"
+                ),
+            );
+            return None;
+        }
+    }
+    let window = match &d.window {
+        Some(w) => cx.positive_duration(&format!("{dp}.window"), w),
+        None => Some(defaults.window),
+    };
+    let min_requests = match d.min_requests {
+        Some(n) => cx.int::<u32>(&format!("{dp}.minRequests"), n, 1, MAX_MIN_REQUESTS),
+        None => Some(defaults.min_requests),
+    };
+    Some(Degradation {
+        enter_error_rate: enter?,
+        exit_error_rate: exit?,
+        window: window?,
+        min_requests: min_requests?,
+    })
 }
 
 pub(crate) fn mesh_settings(cx: &mut Cx, spec: MeshSettingsSpec) -> Option<MeshSettings> {

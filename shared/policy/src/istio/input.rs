@@ -446,6 +446,34 @@ pub(crate) struct ModeMatrixSpec {
     pub survival: Option<ModeProfileIn>,
     #[serde(default)]
     pub recovery: Option<ModeProfileIn>,
+    #[serde(default)]
+    pub degradation: Option<DegradationIn>,
+    #[serde(default)]
+    pub reconnection: Option<ReconnectionIn>,
+}
+
+/// `spec.degradation`: Target ⇄ Degraded per service.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct DegradationIn {
+    #[serde(default)]
+    pub enter_error_rate: Option<f64>,
+    #[serde(default)]
+    pub exit_error_rate: Option<f64>,
+    #[serde(default)]
+    pub window: Option<String>,
+    #[serde(default)]
+    pub min_requests: Option<i64>,
+}
+
+/// `spec.reconnection`: Survival → Recovery.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct ReconnectionIn {
+    #[serde(default)]
+    pub health_checks: Option<i64>,
+    #[serde(default)]
+    pub window: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -496,6 +524,8 @@ pub(crate) struct RampIn {
     pub start_percent: i64,
     pub factor: i64,
     pub step: String,
+    #[serde(default)]
+    pub tolerated_failures: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]

@@ -418,6 +418,7 @@ fn mode_profile(p: &ModeProfile) -> ModeProfileIn {
             start_percent: int(r.start_percent),
             factor: int(r.factor),
             step: format_duration(r.step),
+            tolerated_failures: Some(int(r.tolerated_failures)),
         }),
     }
 }
@@ -446,6 +447,16 @@ pub fn to_documents(config: &MeshConfig) -> Vec<Json> {
             degraded: Some(mode_profile(&m.degraded)),
             survival: Some(mode_profile(&m.survival)),
             recovery: Some(mode_profile(&m.recovery)),
+            degradation: Some(DegradationIn {
+                enter_error_rate: Some(m.degradation.enter_error_rate.as_f64()),
+                exit_error_rate: Some(m.degradation.exit_error_rate.as_f64()),
+                window: Some(format_duration(m.degradation.window)),
+                min_requests: Some(int(m.degradation.min_requests)),
+            }),
+            reconnection: Some(ReconnectionIn {
+                health_checks: Some(int(m.reconnection.health_checks)),
+                window: Some(format_duration(m.reconnection.window)),
+            }),
         },
     ));
     for s in &config.stores {
