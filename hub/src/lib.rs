@@ -24,6 +24,7 @@ pub mod ingest;
 mod observe;
 pub mod store;
 pub mod sync;
+pub mod vector;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -769,6 +770,51 @@ impl Hub {
                     );
                 }
                 Ok(v)
+            }
+            "vector" => {
+                let service = arg("service").ok_or("missing --service")?;
+                let spokes: Vec<SpiffeId> = match arg("spoke") {
+                    Some(s) => vec![SpiffeId::parse(&s).map_err(|e| format!("--spoke {s}: {e}"))?],
+                    None => self
+                        .inner
+                        .store
+                        .spokes()
+                        .map_err(|e| e.to_string())?
+                        .into_iter()
+                        .filter_map(|(id, _)| SpiffeId::parse(&id).ok())
+                        .collect(),
+                };
+                let matrix = self
+                    .latest_config()
+                    .map_err(|e| e.to_string())?
+                    .map(|v| v.config.mode_matrix.clone())
+                    .unwrap_or_default();
+                let host = tidemesh_policy::units::canonical_host(&service, "default")
+                    .map_err(|e| format!("--service {service}: {e}"))?;
+                let host = if service.contains('.') {
+                    host
+                } else {
+                    service.clone()
+                };
+                let store = self.inner.evidence.clone();
+                tokio::task::spawn_blocking(move || {
+                    vector::vector(&store, &spokes, &host, &|m| {
+                        use tidemesh_evidence::record::Mode as M;
+                        use tidemesh_policy::model::{Mode as P, Observability};
+                        let mode = match m {
+                            M::Target => P::Target,
+                            M::Degraded => P::Degraded,
+                            M::Survival => P::Survival,
+                            M::Recovery => P::Recovery,
+                        };
+                        match matrix.profile(mode).observability {
+                            Observability::Tracing { sampling } => sampling.as_f64(),
+                            Observability::MetricsOnly { .. } => 0.0,
+                        }
+                    })
+                })
+                .await
+                .map_err(|e| e.to_string())?
             }
             c if c.starts_with("evidence_") => {
                 let store = self.inner.evidence.clone();

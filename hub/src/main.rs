@@ -102,6 +102,23 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The guarantee vector of a service as the evidence at the hub backs
+    /// it: per spoke that called it, the six dimensions of its newest
+    /// outbound request record per call path, and the records read.
+    Vector {
+        /// Where the hub keeps its state.
+        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        data_dir: PathBuf,
+        /// The service's canonical host (`inventory.store`).
+        #[arg(long)]
+        service: String,
+        /// Only this spoke's calls (its node ID).
+        #[arg(long)]
+        spoke: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Join tokens.
     Token {
         #[command(subcommand)]
@@ -584,6 +601,29 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             )
             .await?;
             println!("{}", serde_json::to_string_pretty(&r)?);
+        }
+        Cmd::Vector {
+            data_dir,
+            service,
+            spoke,
+            json,
+        } => {
+            let r = call(
+                &data_dir,
+                json!({"cmd": "vector", "service": service, "spoke": spoke}),
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                let all = match r {
+                    Value::Array(v) => v,
+                    one => vec![one],
+                };
+                for v in &all {
+                    tidemesh_net::cli::print_vector(v);
+                }
+            }
         }
         Cmd::Stats { data_dir, json } => {
             let r = evidence_call(&data_dir, json!({"cmd": "stats"})).await?;

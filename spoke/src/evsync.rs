@@ -544,6 +544,37 @@ impl Spoke {
                 left(f.not_after).floor(),
             );
         }
+        let view = self.inner.modes.view();
+        let fam = e.family(
+            "tidemesh_spoke_mode",
+            Gauge,
+            "The spoke-wide mode of the seed's mode matrix (1 for the current one).",
+        );
+        for m in ["target", "survival", "recovery"] {
+            fam.sample(&[("mode", m)], f64::from(u8::from(view.spoke == m)));
+        }
+        let fam = e.family(
+            "tidemesh_spoke_service_degraded",
+            Gauge,
+            "1 while a destination service is in Degraded (its own mode; the spoke-wide mode overrides it in Survival and Recovery).",
+        );
+        for (svc, m) in &view.services {
+            fam.sample(&[("service", svc)], f64::from(u8::from(*m == "degraded")));
+        }
+        if let Some(p) = view.ramp_percent {
+            e.single(
+                "tidemesh_spoke_recovery_ramp_percent",
+                Gauge,
+                "Share of remote traffic the Recovery ramp admits, percent.",
+                f64::from(p),
+            );
+        }
+        e.single(
+            "tidemesh_spoke_mode_transitions_total",
+            Counter,
+            "Mode transitions recorded since start (spoke-wide and per service).",
+            view.transitions as f64,
+        );
         let h = self.horizon();
         if let Some(v) = h.survival_horizon_s {
             e.single(

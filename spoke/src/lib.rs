@@ -28,6 +28,7 @@ pub mod credentials;
 pub mod creds;
 pub mod dataplane;
 mod evsync;
+pub mod modes;
 pub mod replica;
 pub mod survival;
 
@@ -367,33 +368,100 @@ pub enum State {
 #[derive(Debug)]
 struct Live {
     state: State,
-    /// The mode last recorded (see [`Spoke::record_mode`]).
-    mode: tidemesh_evidence::record::Mode,
     last_error: Option<String>,
     last_contact_ms: Option<u64>,
 }
 
+/// The config in force: the last-known-good, decoded once.
+#[derive(Debug)]
+pub struct ConfigInForce {
+    /// Version, times and the snapshot as stored.
+    pub applied: replica::Applied,
+    /// The decoded config.
+    pub config: Arc<MeshConfig>,
+}
+
+/// The config in force, as published (`None` before the first config).
+pub type ConfigWatch = tokio::sync::watch::Receiver<Option<Arc<ConfigInForce>>>;
+
+/// Whether the hub is reachable now, and where: its gateway listens on the
+/// same QUIC endpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HubLink {
+    /// A control session is up.
+    pub connected: bool,
+    /// The address the session reached.
+    pub addr: Option<SocketAddr>,
+}
+
+/// Appends evidence records, stamped with trusted time, without waiting
+/// for the commit; a no-op until the buffer is open. Cheap to clone: every
+/// component that writes evidence holds one.
+#[derive(Clone)]
+pub struct EvidenceSink {
+    buffer: Arc<std::sync::OnceLock<buffer::EvidenceBuffer>>,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for EvidenceSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EvidenceSink")
+            .field("open", &self.buffer.get().is_some())
+            .finish()
+    }
+}
+
+impl EvidenceSink {
+    /// Appends one record; returns its sequence number. A refusal (buffer
+    /// full of audit records, writer stopped) is logged on the audit target.
+    pub fn record(&self, body: tidemesh_evidence::RecordBody) -> Option<u64> {
+        let b = self.buffer.get()?;
+        let now = tidemesh_evidence::UnixMillis(unix_ms(self.clock.now()));
+        match b.append(tidemesh_evidence::NewRecord::new(now, body)) {
+            Ok(t) => Some(t.seq().get()),
+            Err(e) => {
+                warn!(target: "tidemesh::audit", error = %e, "evidence append failed");
+                None
+            }
+        }
+    }
+
+    /// The buffer, once open.
+    pub fn get(&self) -> Option<&buffer::EvidenceBuffer> {
+        self.buffer.get()
+    }
+
+    /// Opens the sink onto `buf` (once).
+    fn set(&self, buf: buffer::EvidenceBuffer) {
+        let _ = self.buffer.set(buf);
+    }
+}
+
 struct Inner {
     /// The durable evidence buffer (`evidence.db`), open while `run` is.
-    evidence: std::sync::OnceLock<buffer::EvidenceBuffer>,
+    evidence: EvidenceSink,
     /// Evidence sync counters.
     sync: Mutex<SyncStats>,
     /// What the data plane did (for `/metrics`).
-    data_counters: dataplane::Counters,
+    data_counters: Arc<dataplane::Counters>,
     /// The last-known-good config replica (`spoke.db`).
     replica: replica::Replica,
-    /// The config in force: the last-known-good, decoded.
-    config: std::sync::RwLock<Option<(replica::Applied, Arc<MeshConfig>)>>,
+    /// The config in force: the last-known-good, decoded; published to the
+    /// data plane and the mode machine.
+    config: tokio::sync::watch::Sender<Option<Arc<ConfigInForce>>>,
+    /// Whether the hub is reachable, published to the data plane.
+    hub_link: tokio::sync::watch::Sender<HubLink>,
+    /// The modes (the seed's mode matrix, live).
+    modes: Arc<modes::Modes>,
     /// Last time the hub confirmed the config is current (ms).
     config_checked_ms: Mutex<Option<u64>>,
     /// Registry generation of the slice in force (in memory: 0 after a
     /// restart, so the hub resends the slice once).
     registry_gen: Mutex<u64>,
     /// Health of each local workload (service account → healthy), from the
-    /// spoke's own checks; kept current with or without the hub.
-    local_health: Mutex<std::collections::BTreeMap<String, bool>>,
-    /// Bumped when a local workload's health changes.
-    health_tx: tokio::sync::watch::Sender<u64>,
+    /// spoke's own checks; kept current with or without the hub; published
+    /// to the data plane and the registration.
+    health: tokio::sync::watch::Sender<Arc<std::collections::BTreeMap<String, bool>>>,
     /// Wakes the issuing loop (a node CA was installed).
     issue_wake: tokio::sync::Notify,
     /// Why the hub refused this spoke's last registration, if it did.
@@ -411,6 +479,8 @@ struct Inner {
     creds: Arc<Credentials>,
     /// The evidence buffer's append rate (survival horizon).
     evidence_rate: Mutex<survival::RateMeter>,
+    /// Same-site peer spokes (reachable, known) at the last probe round.
+    site_reach: Mutex<(u32, u32)>,
     /// The running data plane, for probes.
     data: std::sync::OnceLock<std::sync::Weak<dataplane::Shared>>,
     live: Mutex<Live>,
@@ -498,7 +568,10 @@ impl Spoke {
             Ok(Some(a)) => match postcard::from_bytes::<MeshConfig>(&a.snapshot) {
                 Ok(c) => {
                     info!(version = a.version, "serving the last-known-good config");
-                    Some((a, Arc::new(c)))
+                    Some(Arc::new(ConfigInForce {
+                        applied: a,
+                        config: Arc::new(c),
+                    }))
                 }
                 Err(e) => {
                     warn!(version = a.version, error = %e, "last-known-good config does not decode; ignoring it");
@@ -511,26 +584,41 @@ impl Spoke {
                 None
             }
         };
+        let evidence = EvidenceSink {
+            buffer: Arc::new(std::sync::OnceLock::new()),
+            clock: clock.clone(),
+        };
+        let matrix = config
+            .as_ref()
+            .map(|c| c.config.mode_matrix.clone())
+            .unwrap_or_default();
+        let sink = evidence.clone();
+        let modes = Arc::new(
+            modes::Modes::new(&matrix, cfg.seed, Arc::new(move |b| sink.record(b)))
+                .map_err(SpokeError::Invalid)?,
+        );
         Ok(Spoke {
             inner: Arc::new(Inner {
-                evidence: std::sync::OnceLock::new(),
-                data_counters: dataplane::Counters::default(),
+                evidence,
+                modes,
+                hub_link: tokio::sync::watch::channel(HubLink::default()).0,
+                data_counters: Arc::new(dataplane::Counters::default()),
                 sync: Mutex::new(SyncStats {
                     sync_state: "disconnected",
                     ..SyncStats::default()
                 }),
                 replica,
-                config: std::sync::RwLock::new(config),
+                config: tokio::sync::watch::channel(config).0,
                 config_checked_ms: Mutex::new(None),
                 registry_gen: Mutex::new(0),
-                local_health: Mutex::new(
+                health: tokio::sync::watch::channel(Arc::new(
                     cfg.file
                         .workloads
                         .iter()
                         .map(|w| (w.service_account.clone(), w.health.is_none()))
                         .collect(),
-                ),
-                health_tx: tokio::sync::watch::channel(0).0,
+                ))
+                .0,
                 issue_wake: tokio::sync::Notify::new(),
                 registration_error: Mutex::new(None),
                 store,
@@ -540,10 +628,10 @@ impl Spoke {
                 tclock,
                 creds,
                 evidence_rate: Mutex::new(survival::RateMeter::default()),
+                site_reach: Mutex::new((0, 0)),
                 data: std::sync::OnceLock::new(),
                 live: Mutex::new(Live {
                     state: State::Connecting,
-                    mode: tidemesh_evidence::record::Mode::Target,
                     last_error: None,
                     last_contact_ms,
                 }),
@@ -559,85 +647,59 @@ impl Spoke {
     }
 
     fn set_state(&self, state: State, error: Option<String>) {
-        let mut transition = None;
-        if let Ok(mut l) = self.inner.live.lock() {
-            if l.state != state {
-                info!(spoke = %self.inner.ident.id, from = ?l.state, to = ?state, "spoke state");
-            }
-            l.state = state;
-            let mode = match state {
-                State::Connected => tidemesh_evidence::record::Mode::Target,
-                State::Connecting => l.mode,
-                State::Disconnected | State::Revoked | State::NeedsEnrollment => {
-                    tidemesh_evidence::record::Mode::Survival
+        let changed = match self.inner.live.lock() {
+            Ok(mut l) => {
+                let changed = l.state != state;
+                if changed {
+                    info!(spoke = %self.inner.ident.id, from = ?l.state, to = ?state, "spoke state");
                 }
-            };
-            if mode != l.mode {
-                transition = Some((l.mode, mode, error.clone().or_else(|| l.last_error.clone())));
-                l.mode = mode;
+                l.state = state;
+                if error.is_some() || state == State::Connected {
+                    l.last_error = error;
+                }
+                changed
             }
-            if error.is_some() || state == State::Connected {
-                l.last_error = error;
-            }
-        }
-        if let Some((from, to, why)) = transition {
-            self.record_mode(from, to, why);
+            Err(_) => false,
+        };
+        let connected = state == State::Connected;
+        self.inner.hub_link.send_if_modified(|h| {
+            let was = h.connected;
+            h.connected = connected;
+            was != connected
+        });
+        if changed {
+            self.report_reachability();
         }
     }
 
-    /// A mode transition record (audit class). Only the hub-connectivity
-    /// part of the seed's mode matrix exists so far: `target` while the hub
-    /// is reachable, `survival` while it is not.
-    fn record_mode(
-        &self,
-        from: tidemesh_evidence::record::Mode,
-        to: tidemesh_evidence::record::Mode,
-        why: Option<String>,
-    ) {
-        use tidemesh_evidence::record::{
-            Connectivity, ModeTransition, Reachability, TransitionEvidence, Trigger,
-        };
-        let up = to == tidemesh_evidence::record::Mode::Target;
-        let reach = if up {
-            Reachability::Available
+    /// Tells the mode machine what is reachable now: the hub (its control
+    /// session), the same-site peers (the last probe round), the cloud
+    /// services (through the hub's gateway).
+    fn report_reachability(&self) {
+        use tidemesh_policy::mode::{EndpointCount, Reachability};
+        use tidemesh_policy::routing::LocalityTier;
+        let hub = self.hub_connected();
+        let (up, total) = self.inner.site_reach.lock().map(|r| *r).unwrap_or((0, 0));
+        let cloud = self
+            .config()
+            .map(|c| {
+                c.service_entries
+                    .iter()
+                    .map(|e| e.endpoints.len().max(1) as u32)
+                    .sum::<u32>()
+            })
+            .unwrap_or(0);
+        let mut r = Reachability::new(hub);
+        if let Ok(site) = EndpointCount::new(up.min(total), total) {
+            r = r.with_tier(LocalityTier::SameSite, site);
+        }
+        let cloud = if hub {
+            EndpointCount::all(cloud)
         } else {
-            Reachability::Unavailable
+            EndpointCount::unreachable(cloud)
         };
-        let actions: Vec<String> = if up {
-            vec![
-                "resume config sync".into(),
-                "resume evidence sync from the last acked record".into(),
-                "register local endpoints with the hub".into(),
-            ]
-        } else {
-            vec![
-                "serve with cached certificates".into(),
-                "serve the last-known-good config".into(),
-                "buffer evidence locally".into(),
-            ]
-        };
-        info!(target: "tidemesh::audit", ?from, ?to, reason = ?why, "mode transition");
-        self.record(tidemesh_evidence::RecordBody::ModeTransition(
-            ModeTransition {
-                from,
-                to,
-                trigger: if up {
-                    Trigger::ConnectivityRestored
-                } else {
-                    Trigger::NetworkPartitionDetected
-                },
-                evidence: TransitionEvidence {
-                    hub_reachable: Some(up),
-                    connectivity: Some(Connectivity {
-                        same_zone: Reachability::Available,
-                        same_region: reach,
-                        other_regions: reach,
-                    }),
-                    ..Default::default()
-                },
-                actions,
-            },
-        ));
+        r = r.with_tier(LocalityTier::Cloud, cloud);
+        self.inner.modes.reachability(r);
     }
 
     fn state(&self) -> State {
@@ -742,9 +804,9 @@ impl Spoke {
         let cfg = self
             .inner
             .config
-            .read()
-            .ok()
-            .and_then(|c| c.as_ref().map(|(a, _)| a.clone()));
+            .borrow()
+            .as_ref()
+            .map(|c| c.applied.clone());
         let checked = self.inner.config_checked_ms.lock().ok().and_then(|c| *c);
         let connected = state == State::Connected;
         let last_contact = if connected {
@@ -789,6 +851,8 @@ impl Spoke {
             "last_contact_age_s": last_contact.map(|t| now.duration_since(t).map(|d| d.as_secs()).unwrap_or(0)),
             "last_error": last_error,
             "workloads": workloads,
+            "mode": self.inner.modes.view().spoke,
+            "modes": &*self.inner.modes.view(),
             "survival_horizon_s": horizon.survival_horizon_s,
             "survival_limit": horizon.survival_limit,
             "survival_budgets": horizon.survival_budgets,
@@ -846,54 +910,25 @@ impl Spoke {
         &self,
         cfg: &MeshConfig,
     ) -> Vec<tidemesh_policy::model::Workload> {
-        let store = match naming::classify(&self.inner.ident.id) {
-            Some(naming::MeshIdentity::Node { store, .. }) => store,
-            _ => String::new(),
-        };
-        let own: std::collections::HashSet<&str> = self
-            .inner
-            .cfg
-            .file
-            .workloads
-            .iter()
-            .map(|w| w.service_account.as_str())
-            .collect();
-        let node = self
-            .inner
-            .ident
-            .id
-            .path()
-            .rsplit('/')
-            .next()
-            .unwrap_or("")
-            .to_owned();
-        cfg.workloads
-            .iter()
-            .filter(|w| {
-                w.store == store
-                    && !(own.contains(w.service_account.as_str())
-                        && w.id.name.ends_with(&format!(".{node}")))
-            })
-            .cloned()
-            .collect()
+        dataplane::resolve::site_workloads(&self.inner.ident.id, &self.inner.cfg.file, cfg)
     }
 
     /// The config in force (the last-known-good replica), if any.
     pub fn config(&self) -> Option<Arc<MeshConfig>> {
         self.inner
             .config
-            .read()
-            .ok()
-            .and_then(|c| c.as_ref().map(|(_, m)| m.clone()))
+            .borrow()
+            .as_ref()
+            .map(|c| c.config.clone())
     }
 
     /// The version of the config in force.
     pub fn config_version(&self) -> Option<u64> {
         self.inner
             .config
-            .read()
-            .ok()
-            .and_then(|c| c.as_ref().map(|(a, _)| a.version))
+            .borrow()
+            .as_ref()
+            .map(|c| c.applied.version)
     }
 
     /// Validates a snapshot from the hub and makes it the last-known-good,
@@ -925,9 +960,12 @@ impl Spoke {
             .replica
             .apply(&applied)
             .map_err(|e| SpokeError::Invalid(e.to_string()))?;
-        if let Ok(mut c) = self.inner.config.write() {
-            *c = Some((applied, Arc::new(cfg)));
-        }
+        let cfg = Arc::new(cfg);
+        self.inner.modes.config(&cfg.mode_matrix);
+        self.inner.config.send_replace(Some(Arc::new(ConfigInForce {
+            applied,
+            config: cfg,
+        })));
         if let Ok(mut g) = self.inner.registry_gen.lock() {
             *g = registry;
         }
@@ -1043,12 +1081,23 @@ impl Spoke {
     /// Appends a system record to the evidence buffer (if it is open); the
     /// caller never waits on disk.
     fn record(&self, body: tidemesh_evidence::RecordBody) {
-        if let Some(b) = self.inner.evidence.get() {
-            let now = tidemesh_evidence::UnixMillis(unix_ms(self.inner.clock.now()));
-            if let Err(e) = b.append(tidemesh_evidence::NewRecord::new(now, body)) {
-                warn!(target: "tidemesh::audit", error = %e, "evidence append failed");
-            }
+        self.inner.evidence.record(body);
+    }
+
+    /// The guarantee vector of `service` now (see `dataplane::vector`).
+    pub fn vector(&self, service: &str) -> Result<Value, String> {
+        let data = self
+            .inner
+            .data
+            .get()
+            .and_then(std::sync::Weak::upgrade)
+            .ok_or("the data plane is not running (no data_listen, outbound or tcp_outbound in the config)")?;
+        let mut v = dataplane::vector::vector(&data, service)?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("spoke".into(), json!(self.inner.ident.id.to_string()));
+            o.insert("config_version".into(), json!(self.config_version()));
         }
+        Ok(v)
     }
 
     fn record_config(
@@ -1093,12 +1142,7 @@ impl Spoke {
 
     /// This spoke's local endpoints with their current health.
     fn local_endpoints(&self) -> Vec<tidemesh_proto::RegisteredEndpoint> {
-        let health = self
-            .inner
-            .local_health
-            .lock()
-            .map(|h| h.clone())
-            .unwrap_or_default();
+        let health = self.inner.health.borrow().clone();
         let advertise = self.inner.cfg.file.data_advertise;
         self.inner
             .cfg
@@ -1150,15 +1194,17 @@ impl Spoke {
                 } else {
                     http_health(*addr, path).await
                 };
-                let changed = self
-                    .inner
-                    .local_health
-                    .lock()
-                    .map(|mut h| h.insert(account.clone(), ok) != Some(ok))
-                    .unwrap_or(false);
+                let changed = self.inner.health.send_if_modified(|h| {
+                    if h.get(account) == Some(&ok) {
+                        return false;
+                    }
+                    let mut n = (**h).clone();
+                    n.insert(account.clone(), ok);
+                    *h = Arc::new(n);
+                    true
+                });
                 if changed {
                     info!(workload = %account, healthy = ok, "local endpoint health changed");
-                    self.inner.health_tx.send_modify(|g| *g += 1);
                 }
             }
             tokio::time::sleep(self.inner.cfg.health_interval).await;
@@ -1168,7 +1214,7 @@ impl Spoke {
     /// Registers the local endpoints with the hub now and whenever their
     /// health changes, for as long as the session lasts.
     async fn register_loop(&self, conn: quinn::Connection) {
-        let mut rx = self.inner.health_tx.subscribe();
+        let mut rx = self.inner.health.subscribe();
         loop {
             rx.borrow_and_update();
             let req = Request::Register {
@@ -1204,6 +1250,25 @@ impl Spoke {
         d.mul_f64(f)
     }
 
+    /// What the data plane is handed: the spoke's state as watches and
+    /// handles (it never sees the spoke).
+    fn data_handles(&self) -> dataplane::Handles {
+        let i = &self.inner;
+        dataplane::Handles {
+            node_id: i.ident.id.clone(),
+            file: i.cfg.file.clone(),
+            data_socket: i.cfg.data_socket.clone(),
+            clock: i.tclock.clone(),
+            creds: i.creds.clone(),
+            config: i.config.subscribe(),
+            health: i.health.subscribe(),
+            hub: i.hub_link.subscribe(),
+            modes: i.modes.clone(),
+            evidence: i.evidence.clone(),
+            counters: i.data_counters.clone(),
+        }
+    }
+
     /// Whether a control session with the hub is up now.
     pub(crate) fn hub_connected(&self) -> bool {
         self.inner
@@ -1211,11 +1276,6 @@ impl Spoke {
             .lock()
             .map(|l| l.state == State::Connected)
             .unwrap_or(false)
-    }
-
-    /// The hub's address (its gateway is on the same QUIC endpoint).
-    pub(crate) async fn hub_address(&self) -> Result<SocketAddr, String> {
-        self.hub_addr().await.map_err(|e| e.to_string())
     }
 
     async fn hub_addr(&self) -> Result<SocketAddr, SpokeError> {
@@ -1317,12 +1377,12 @@ impl Spoke {
                 }
             }
         }
-        let _ = self.inner.evidence.set(buf);
-        if let Some((a, _)) = self.inner.config.read().ok().and_then(|c| c.clone()) {
+        self.inner.evidence.set(buf);
+        if let Some(c) = self.inner.config.borrow().clone() {
             self.record_config(
-                a.version,
+                c.applied.version,
                 None,
-                &a.snapshot,
+                &c.applied.snapshot,
                 tidemesh_evidence::record::ConfigSource::Cache,
             );
         }
@@ -1340,16 +1400,21 @@ impl Spoke {
         let _issue = AbortOnDrop(tokio::spawn(async move { me.issue_loop().await }));
         let me = self.clone();
         let _clock = AbortOnDrop(tokio::spawn(async move { me.clock_loop().await }));
+        let _modes = AbortOnDrop(tokio::spawn(self.inner.modes.clone().drive()));
         // The data plane binds now, so a taken port stops the spoke before
         // the hub session starts; it serves without the hub from here on.
         let _data = if dataplane::needed(&self.inner.cfg.file) {
-            let data = dataplane::DataPlane::bind(self, self.inner.cfg.data.clone()).await?;
+            let data = dataplane::DataPlane::bind(self.data_handles(), self.inner.cfg.data.clone())
+                .await?;
+            let _ = self.inner.data.set(data.shared());
             Some(AbortOnDrop(tokio::spawn(data.serve())))
         } else {
             None
         };
         let me = self.clone();
         let _health = AbortOnDrop(tokio::spawn(async move { me.health_loop().await }));
+        let me = self.clone();
+        let _reach = AbortOnDrop(tokio::spawn(async move { me.reachability_loop().await }));
         info!(spoke = %self.inner.ident.id, hub = %self.inner.hub, "spoke running");
         tokio::pin!(shutdown);
         let mut backoff = self.inner.cfg.reconnect_min;
@@ -1435,6 +1500,27 @@ impl Spoke {
                     .await
             }
             Some("status") => Ok(self.status()),
+            Some("vector") => {
+                let service = req.get("service").and_then(Value::as_str);
+                match service {
+                    Some(svc) => self.vector(svc),
+                    None => {
+                        // every service this spoke could route to
+                        let hosts = self
+                            .inner
+                            .data
+                            .get()
+                            .and_then(std::sync::Weak::upgrade)
+                            .map(|d| dataplane::vector::hosts(&d))
+                            .unwrap_or_default();
+                        let mut out = Vec::new();
+                        for h in hosts {
+                            out.push(self.vector(&h)?);
+                        }
+                        Ok(Value::Array(out))
+                    }
+                }
+            }
             Some("probe") => {
                 let account = req.get("workload").and_then(Value::as_str).unwrap_or("");
                 let service = req.get("service").and_then(Value::as_str).unwrap_or("");
@@ -1635,6 +1721,59 @@ impl Spoke {
         }
     }
 
+    /// How often reachability is measured and the hub health-checked: half
+    /// the time the mode matrix allows per needed check (seed: 2 min / 10
+    /// checks → every 6 s).
+    fn check_interval(&self) -> Duration {
+        let r = self
+            .inner
+            .modes
+            .matrix()
+            .map(|m| m.reconnection)
+            .unwrap_or_default();
+        (r.window / (2 * r.health_checks.max(1)))
+            .clamp(Duration::from_millis(200), Duration::from_secs(60))
+    }
+
+    /// Measures reachability for the mode machine for as long as the spoke
+    /// runs: the site's peer spokes by a probe each, the hub by its control
+    /// session (a missing session is a failed health check; the session's
+    /// pings are the passing ones).
+    async fn reachability_loop(&self) {
+        loop {
+            tokio::time::sleep(self.check_interval()).await;
+            if let Some(data) = self.inner.data.get().and_then(std::sync::Weak::upgrade) {
+                let (up, total) = dataplane::probe_peers(&data).await;
+                if let Ok(mut r) = self.inner.site_reach.lock() {
+                    *r = (up, total);
+                }
+            }
+            if !self.hub_connected() {
+                self.inner.modes.health_check(false);
+            }
+            self.report_reachability();
+        }
+    }
+
+    /// Health-checks the hub over the control session (a `Ping` answered
+    /// within the check interval) for as long as the session lasts.
+    async fn ping_loop(&self, conn: quinn::Connection) {
+        loop {
+            let every = self.check_interval();
+            tokio::time::sleep(every).await;
+            let ok = matches!(
+                tidemesh_net::request::<_, Response>(
+                    &conn,
+                    &Request::Ping,
+                    every.max(Duration::from_secs(1))
+                )
+                .await,
+                Ok(Response::Pong)
+            );
+            self.inner.modes.health_check(ok);
+        }
+    }
+
     /// Persists the trusted-time floor every minute (so a reboot with a bad
     /// wall clock starts from at most a minute ago) and samples the evidence
     /// buffer's append rate every 10 s (the survival horizon's budget).
@@ -1715,7 +1854,13 @@ impl Spoke {
             max_uni_streams: 4,
             ..self.inner.cfg.quic
         };
-        let conn = connect(endpoint, &quic, tls, self.hub_addr().await?).await?;
+        let addr = self.hub_addr().await?;
+        let conn = connect(endpoint, &quic, tls, addr).await?;
+        self.inner.hub_link.send_if_modified(|h| {
+            let changed = h.addr != Some(addr);
+            h.addr = Some(addr);
+            changed
+        });
         let me = self.clone();
         let push_conn = conn.clone();
         let _push = AbortOnDrop(tokio::spawn(async move { me.push_loop(push_conn).await }));
@@ -1754,6 +1899,9 @@ impl Spoke {
         let me = self.clone();
         let rep_conn = conn.clone();
         let _report = AbortOnDrop(tokio::spawn(async move { me.report_loop(rep_conn).await }));
+        let me = self.clone();
+        let ping_conn = conn.clone();
+        let _ping = AbortOnDrop(tokio::spawn(async move { me.ping_loop(ping_conn).await }));
         let mut next_anchor = tokio::time::Instant::now() + self.inner.cfg.anchor_interval;
         loop {
             let next = self.maintain(&conn).await;

@@ -132,6 +132,20 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The guarantee vector of a service (or of every service this spoke
+    /// can route to): the level of each of the six dimensions per call
+    /// path, the mode, and the evidence behind each level.
+    Vector {
+        /// Where the spoke keeps its state.
+        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        data_dir: PathBuf,
+        /// The service (a host as apps write it); all when absent.
+        #[arg(long)]
+        service: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Drill helpers.
     Drill {
         #[command(subcommand)]
@@ -433,6 +447,28 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                         w["id"].as_str().unwrap_or("(not issued yet)"),
                         w["cert_not_after"].as_str().unwrap_or("-")
                     );
+                }
+            }
+        }
+        Cmd::Vector {
+            data_dir,
+            service,
+            json,
+        } => {
+            let r = admin::call(
+                &admin::socket_path(&data_dir),
+                json!({"cmd": "vector", "service": service}),
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                let all = match r {
+                    Value::Array(v) => v,
+                    one => vec![one],
+                };
+                for v in &all {
+                    tidemesh_net::cli::print_vector(v);
                 }
             }
         }

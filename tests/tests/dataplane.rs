@@ -1059,8 +1059,10 @@ enum Mode {
     Ok,
     /// 500 to everything but `/healthz`.
     Fail,
-    /// 503 to every other request (by arrival), 200 otherwise.
-    Alternate,
+    /// 503 to every fourth request (by arrival), 200 otherwise: 25 %
+    /// errors, under the mode matrix's thresholds (a service at 30 % goes
+    /// Degraded, an endpoint at 50 % trips its breaker in Target).
+    Quarter,
 }
 
 /// A workload that can be killed (its port closed: connections refused)
@@ -1126,8 +1128,8 @@ impl Workload {
                         match st.0 {
                             Mode::Ok => 200,
                             Mode::Fail => 500,
-                            Mode::Alternate if st.1 % 2 == 1 => 503,
-                            Mode::Alternate => 200,
+                            Mode::Quarter if st.1 % 4 == 1 => 503,
+                            Mode::Quarter => 200,
                         }
                     };
                     let out = serde_json::json!({
@@ -1184,6 +1186,14 @@ fn resilience_yaml(
 ) -> String {
     format!(
         r#"{STORE_SF01}
+---
+apiVersion: tidemesh.io/v1alpha1
+kind: ModeMatrix
+metadata: {{name: default}}
+spec:
+  reconnection: {{healthChecks: 3, window: 6s}}
+  recovery:
+    ramp: {{startPercent: 25, factor: 2, step: 1s}}
 ---
 apiVersion: networking.istio.io/v1beta1
 kind: ServiceEntry
@@ -1492,10 +1502,10 @@ health = "/healthz"
     let seen = phase("local healed", 10);
     assert_eq!(seen.get("inventory-a"), Some(&10), "{seen:?}");
 
-    // 6. retries: every other answer of flaky is a 503; each call succeeds
+    // 6. retries: every fourth answer of flaky is a 503; each call succeeds
     // on a retry, and retries stay within the budget (20% of requests plus
     // 10/s)
-    flaky.set(Mode::Alternate);
+    flaky.set(Mode::Quarter);
     let before = flaky.hits();
     for i in 0..40 {
         let r = call(o_front, "GET", "flaky.store", &format!("/try/{i}"), &[]);
@@ -1604,11 +1614,21 @@ health = "/healthz"
     );
     relay.heal();
     a.wait_state("connected", Duration::from_secs(15));
-    let r = wait_for(Duration::from_secs(10), || {
+    // Recovery (this test's ModeMatrix: 3 health checks in 6 s, a ramp
+    // from 25 % doubling every second): cloud calls come back through the
+    // ramp; one it does not admit yet is refused at once with retry-after.
+    let mut ramped = 0;
+    let r = wait_for(Duration::from_secs(30), || {
         let r = call(o_front, "GET", "catalog.cloud", "/again", &[]);
+        if r.status == 503 && r.headers.contains_key("retry-after") {
+            ramped += 1;
+        }
         (r.status == 200).then_some(r)
     });
     assert!(r.is_some(), "cloud calls work again after the heal");
+    eprintln!(
+        "after the heal: {ramped} cloud calls refused by the recovery ramp before one went through"
+    );
     drop(spokes);
     hub.stop();
 }

@@ -182,8 +182,9 @@ fn same_site_mtls_holds_through_a_hub_blackout_a_restart_and_a_cut_link() {
             b.start();
             b.wait_state("disconnected", Duration::from_secs(15));
             // The data listener is up once status answers; allow a moment
-            // for A's pooled connection to the old process to be noticed.
-            excused.push((down, t0.elapsed() + Duration::from_secs(5)));
+            // for A's pooled connection to the old process to be noticed
+            // (and A's breaker, fail fast in Survival, to probe again).
+            excused.push((down, t0.elapsed() + Duration::from_secs(6)));
         }
         if cut.is_none() && now >= Duration::from_secs(45) {
             link.blackout(None);
@@ -194,7 +195,9 @@ fn same_site_mtls_holds_through_a_hub_blackout_a_restart_and_a_cut_link() {
             if now >= c + Duration::from_secs(8) {
                 link.heal();
                 healed = true;
-                excused.push((c, t0.elapsed() + Duration::from_secs(4)));
+                // the new handshake, and the breaker (Survival: fail fast,
+                // probed again after 1 s, longer after repeated failures)
+                excused.push((c, t0.elapsed() + Duration::from_secs(8)));
                 status_at_heal = Some((a.status(), b.status()));
             }
         }
@@ -267,7 +270,7 @@ fn same_site_mtls_holds_through_a_hub_blackout_a_restart_and_a_cut_link() {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
-    let healed_at = dark + excused[1].1 - Duration::from_secs(4);
+    let healed_at = dark + excused[1].1 - Duration::from_secs(8);
     let handshakes = recs
         .iter()
         .filter(|r| {

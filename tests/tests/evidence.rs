@@ -438,10 +438,12 @@ fn full_buffer_sheds_requests_keeps_audit_and_verifies_at_the_hub() {
         .iter()
         .filter(|r| r["class"] == "audit" && !r["body"]["shed"].is_object())
         .count();
-    // the partition itself adds two mode transitions (audit class), one of
-    // them appended while the buffer was shedding
+    // the partition itself adds a mode transition (audit class: Target to
+    // Survival), appended while the buffer was shedding; the way back
+    // (Recovery, then Target) follows the mode matrix's health checks and
+    // ramp, minutes at the seed's values
     assert!(
-        audit_after >= audit_before + 2,
+        audit_after > audit_before,
         "audit records held before the partition: {audit_before}, at the hub: {audit_after}"
     );
     let transitions = records
@@ -449,7 +451,7 @@ fn full_buffer_sheds_requests_keeps_audit_and_verifies_at_the_hub() {
         .filter(|r| r["body"]["mode_transition"].is_object())
         .count();
     assert!(
-        transitions >= 2,
+        transitions >= 1,
         "mode transitions at the hub: {transitions}"
     );
     let hs = hub_stats(&hub, &s.id);

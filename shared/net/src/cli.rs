@@ -89,3 +89,55 @@ pub async fn shutdown_signal() {
         _ = term.recv() => {},
     }
 }
+
+/// Prints a guarantee vector (spoke or hub) as a table: one line per call
+/// path, one column per dimension.
+pub fn print_vector(v: &serde_json::Value) {
+    const DIMS: [&str; 6] = [
+        "identity",
+        "authorization",
+        "routing",
+        "reliability",
+        "observability",
+        "security",
+    ];
+    println!(
+        "{}  mode {}{}",
+        v["service"].as_str().unwrap_or("-"),
+        v["mode"].as_str().unwrap_or("-"),
+        v["spoke"]
+            .as_str()
+            .map(|s| format!("  ({s})"))
+            .unwrap_or_default()
+    );
+    print!("  {:<10}", "path");
+    for d in DIMS {
+        print!(" {d:<14}");
+    }
+    println!();
+    let paths = match v["paths"].as_array() {
+        Some(p) if !p.is_empty() => p.clone(),
+        _ => vec![serde_json::json!({"path": v["path"], "dimensions": v["dimensions"]})],
+    };
+    for p in &paths {
+        print!("  {:<10}", p["path"].as_str().unwrap_or("-"));
+        for d in DIMS {
+            print!(
+                " {:<14}",
+                p["dimensions"][d]["level"].as_str().unwrap_or("-")
+            );
+        }
+        if p["usable"] == false {
+            print!(" (not usable now)");
+        }
+        println!();
+    }
+    if let Some(e) = v["evidence"].as_object() {
+        println!(
+            "  evidence: records {}..{} ({})",
+            e.get("from_seq").cloned().unwrap_or_default(),
+            e.get("to_seq").cloned().unwrap_or_default(),
+            e.get("records").cloned().unwrap_or_default()
+        );
+    }
+}

@@ -517,6 +517,20 @@ impl CompiledPolicies {
         self.default_action
     }
 
+    /// The policies that apply to `workload` (its namespace's and the root
+    /// namespace's, whose selector matches its labels), in order.
+    pub fn applicable(&self, workload: WorkloadRef<'_>) -> Vec<&AuthzPolicy> {
+        self.source
+            .iter()
+            .zip(&self.compiled)
+            .filter(|(p, c)| {
+                (p.id.namespace == workload.namespace || *p.id.namespace == *self.root_namespace)
+                    && c.selects(workload.labels)
+            })
+            .map(|(p, _)| p)
+            .collect()
+    }
+
     fn buckets<'a>(&'a self, namespace: &str) -> [Option<&'a Bucket>; 2] {
         let ns = if namespace == &*self.root_namespace {
             None

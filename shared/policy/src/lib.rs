@@ -54,6 +54,7 @@ pub mod model;
 pub mod request;
 pub mod routing;
 pub mod units;
+pub mod vector;
 
 pub use authz::{
     evaluate, evaluate_uncompiled, AuthzDecision, AuthzReason, AuthzRequest, AuthzVerdict,

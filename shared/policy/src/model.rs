@@ -632,6 +632,20 @@ pub struct AuthzPolicy {
     pub rules: Vec<AuthzRule>,
 }
 
+impl AuthzPolicy {
+    /// Whether a rule of this policy inspects L7 attributes (methods, paths,
+    /// request headers), so it decides per request, not per peer.
+    pub fn inspects_l7(&self) -> bool {
+        self.rules.iter().any(|r| {
+            r.to.iter()
+                .any(|o| !o.methods.is_empty() || !o.paths.is_empty())
+                || r.when
+                    .iter()
+                    .any(|c| matches!(c.key, ConditionKey::RequestHeader(_)))
+        })
+    }
+}
+
 /// One rule: from AND to AND when. An empty part holds for every request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuthzRule {

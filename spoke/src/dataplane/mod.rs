@@ -44,6 +44,7 @@ pub(crate) mod resolve;
 pub(crate) mod tcp;
 pub mod trace;
 pub(crate) mod tunnel;
+pub(crate) mod vector;
 
 use std::{
     collections::HashMap,
@@ -66,7 +67,7 @@ use tidemesh_policy::{model::Labels, CompiledPolicies, CompiledRoutes, MeshConfi
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
-use crate::{unix_ms, Spoke};
+use crate::unix_ms;
 
 /// The body type both directions use.
 pub(crate) use tidemesh_net::http::Body;
@@ -204,11 +205,37 @@ pub(crate) struct SvidInfo {
     pub fingerprint: Sha256Digest,
 }
 
-/// State shared by every listener and request.
-pub(crate) struct Shared {
-    pub spoke: Spoke,
+/// What the data plane is handed by the spoke: its state as watches and
+/// handles. The data plane never sees the spoke itself.
+pub(crate) struct Handles {
+    /// This spoke's node ID.
+    pub node_id: SpiffeId,
+    /// The spoke's file config (workloads, data addresses).
+    pub file: crate::FileConfig,
+    /// A pre-bound data socket (simulations), else `data_listen` is bound.
+    pub data_socket: Option<Arc<dyn quinn::AsyncUdpSocket>>,
+    /// Trusted time.
+    pub clock: Arc<crate::TrustedClock>,
     /// The credentials in force (SVIDs, bundle, revocation list).
     pub creds: Arc<crate::Credentials>,
+    /// The config in force.
+    pub config: crate::ConfigWatch,
+    /// Local workloads' health (service account → healthy).
+    pub health: tokio::sync::watch::Receiver<Arc<std::collections::BTreeMap<String, bool>>>,
+    /// Whether the hub (and so its gateway) is reachable, and where.
+    pub hub: tokio::sync::watch::Receiver<crate::HubLink>,
+    /// The modes: profiles, ramp admission, outcome reports.
+    pub modes: Arc<crate::modes::Modes>,
+    /// Where request records go.
+    pub evidence: crate::EvidenceSink,
+    /// What the data plane did (for `/metrics`).
+    pub counters: Arc<Counters>,
+}
+
+/// State shared by every listener and request.
+pub(crate) struct Shared {
+    /// The spoke's handles.
+    pub h: Handles,
     pub td: TrustDomain,
     pub store: String,
     pub node_id: SpiffeId,
@@ -234,17 +261,16 @@ pub(crate) struct Shared {
     budgets: Mutex<HashMap<String, resilience::RetryBudget>>,
     /// Requests in flight to each destination host (its request limit).
     in_flight: Mutex<HashMap<String, Arc<resilience::InFlight>>>,
+    /// The evidence records of each service in its current mode (vectors).
+    pub(crate) seqs: Mutex<HashMap<String, vector::SeqRange>>,
 }
 
 impl Shared {
-    /// The config in force, compiled (recompiled when the version moved).
+    /// The config in force, compiled once per config.
     pub fn compiled(&self) -> Arc<Compiled> {
-        let (version, config) = match self.spoke.inner.config.read() {
-            Ok(c) => match c.as_ref() {
-                Some((a, m)) => (Some(a.version), m.clone()),
-                None => (None, Arc::new(MeshConfig::default())),
-            },
-            Err(_) => (None, Arc::new(MeshConfig::default())),
+        let (version, config) = match self.h.config.borrow().as_ref() {
+            Some(c) => (Some(c.applied.version), c.config.clone()),
+            None => (None, empty_config()),
         };
         if let Ok(c) = self.compiled.read() {
             if let Some(c) = c.as_ref() {
@@ -278,24 +304,35 @@ impl Shared {
         c
     }
 
-    /// The spoke's current mode, for evidence.
-    pub fn mode(&self) -> tidemesh_evidence::record::Mode {
-        self.spoke
-            .inner
-            .live
-            .lock()
-            .map(|l| l.mode)
-            .unwrap_or(tidemesh_evidence::record::Mode::Survival)
+    /// The effective mode of `service`, for evidence.
+    pub fn mode(&self, service: &str) -> tidemesh_evidence::record::Mode {
+        crate::modes::ev_mode(self.h.modes.mode(service))
+    }
+
+    /// The hub's address, while its control session is up (its gateway is
+    /// on the same endpoint).
+    pub fn hub_address(&self) -> Result<SocketAddr, String> {
+        self.h
+            .hub
+            .borrow()
+            .addr
+            .ok_or_else(|| "the hub's address is not known yet".to_owned())
     }
 
     /// Whether a local workload passes its health checks.
     pub fn healthy(&self, account: &str) -> bool {
-        self.spoke
-            .inner
-            .local_health
-            .lock()
-            .map(|h| h.get(account).copied().unwrap_or(false))
+        self.h
+            .health
+            .borrow()
+            .get(account)
+            .copied()
             .unwrap_or(false)
+    }
+
+    /// Trusted now.
+    pub fn now(&self) -> SystemTime {
+        use tidemesh_identity::clock::Clock;
+        self.h.clock.now()
     }
 
     /// The cached SVID facts of local workload `i`.
@@ -305,15 +342,30 @@ impl Shared {
 
     /// Whether endpoint `key` may be picked now (its breaker is closed, or
     /// half-open with a probe slot free).
-    pub fn endpoint_available(&self, key: &str, now: std::time::Instant) -> bool {
+    /// With `closed_only` (Degraded's healthy-only routing), a half-open
+    /// breaker's endpoint is not picked either.
+    pub fn endpoint_available(
+        &self,
+        key: &str,
+        now: std::time::Instant,
+        closed_only: bool,
+    ) -> bool {
         self.breakers
             .lock()
-            .map(|m| m.get(key).is_none_or(|b| b.available(now)))
-            .unwrap_or(true)
+            .map(|m| {
+                m.get(key).is_none_or(|b| {
+                    if closed_only {
+                        b.state(now) == tidemesh_evidence::record::BreakerState::Closed
+                    } else {
+                        b.available(now)
+                    }
+                })
+            })
+            .unwrap_or(false)
     }
 
-    /// The breaker settings of destination `host` (its destination policy's,
-    /// or the defaults).
+    /// The breaker settings of destination `host`: its destination
+    /// policy's (or the defaults) under the circuit breaking of its mode.
     fn breaker_settings(&self, host: &str) -> resilience::BreakerSettings {
         let c = self.compiled();
         resilience::BreakerSettings::from_policy(
@@ -321,6 +373,7 @@ impl Shared {
                 .destination_policy(host)
                 .and_then(|p| p.traffic.circuit_breaker.as_ref()),
         )
+        .under(self.h.modes.profile(host).breaker)
     }
 
     /// Asks endpoint `key`'s breaker to admit a request.
@@ -332,15 +385,24 @@ impl Shared {
     ) -> Result<resilience::Admit, Duration> {
         let mut m = match self.breakers.lock() {
             Ok(m) => m,
-            Err(_) => return Ok(resilience::Admit::Normal),
+            // a poisoned lock never silently disables the breaker
+            Err(_) => return Err(Duration::from_secs(1)),
         };
-        if !m.contains_key(key) {
-            let settings = self.breaker_settings(host);
-            m.insert(key.to_owned(), resilience::Breaker::new(settings));
-        }
+        let settings = self.breaker_settings(host);
         match m.get_mut(key) {
-            Some(b) => b.admit(now),
-            None => Ok(resilience::Admit::Normal),
+            Some(b) => {
+                // the mode (or the policy) may have changed since
+                if b.settings() != &settings {
+                    b.set_settings(settings);
+                }
+                b.admit(now)
+            }
+            None => {
+                let mut b = resilience::Breaker::new(settings);
+                let r = b.admit(now);
+                m.insert(key.to_owned(), b);
+                r
+            }
         }
     }
 
@@ -367,7 +429,7 @@ impl Shared {
         });
         if let Some((from, to)) = change {
             use tidemesh_evidence::record::BreakerState;
-            let c = &self.spoke.inner.data_counters;
+            let c = &self.h.counters;
             match to {
                 BreakerState::Open => Counters::add(&c.breaker_opened),
                 BreakerState::Closed => Counters::add(&c.breaker_closed),
@@ -502,7 +564,7 @@ impl Shared {
 
     /// The data plane's counters.
     pub fn counters(&self) -> &Counters {
-        &self.spoke.inner.data_counters
+        &self.h.counters
     }
 
     /// Starts a request record in the spoke's current mode, timestamped
@@ -514,19 +576,35 @@ impl Shared {
         span: &trace::Span,
         operation: String,
     ) -> RequestEvidence {
-        let mut ev = new_evidence(service, point, self.mode(), span, operation);
-        ev.telemetry.start_time = UnixMillis(unix_ms(self.spoke.inner.clock.now()));
+        let mut ev = new_evidence(service, point, self.mode(service), span, operation);
+        ev.telemetry.start_time = UnixMillis(unix_ms(self.now()));
         ev
     }
 
-    /// Appends a request record; never waits for the commit.
+    /// Appends a request record; never waits for the commit. Notes the
+    /// record's sequence number as evidence of its service in its mode.
     pub fn record(&self, ev: RequestEvidence) {
         if let Some(code) = ev.telemetry.status_code {
             self.counters().answered(code);
         }
-        self.spoke
-            .record(tidemesh_evidence::RecordBody::Request(Box::new(ev)));
+        let service = ev.service_name.clone();
+        let mode = ev.mode;
+        if let Some(seq) = self
+            .h
+            .evidence
+            .record(tidemesh_evidence::RecordBody::Request(Box::new(ev)))
+        {
+            vector::note_record(self, &service, mode, seq);
+        }
     }
+}
+
+/// The empty config (no config in force yet), one per process.
+fn empty_config() -> Arc<MeshConfig> {
+    static EMPTY: std::sync::OnceLock<Arc<MeshConfig>> = std::sync::OnceLock::new();
+    EMPTY
+        .get_or_init(|| Arc::new(MeshConfig::default()))
+        .clone()
 }
 
 /// Starts a request record: what is known before anything is decided.
@@ -668,7 +746,7 @@ pub(crate) async fn probe_site(
     }
     let mut out = Vec::with_capacity(targets.len());
     for (addr, server, there, address) in targets {
-        let r = tunnel::probe(s, caller, addr, &server, &host, &there).await;
+        let r = tunnel::probe(s, caller, addr, &server, &host, &there, true).await;
         out.push(match r {
             Ok(p) => serde_json::json!({
                 "server": server.to_string(),
@@ -690,6 +768,43 @@ pub(crate) async fn probe_site(
         });
     }
     Ok(out)
+}
+
+/// Probes every peer spoke of the site once (as the first local workload
+/// that holds an SVID; not recorded): how many answered, of how many known.
+/// The mode machine's measure of same-site reachability.
+pub(crate) async fn probe_peers(s: &Arc<Shared>) -> (u32, u32) {
+    let c = s.compiled();
+    let mut peers: HashMap<SpiffeId, (SocketAddr, String, String)> = HashMap::new();
+    for e in &c.site {
+        if let Some(resolve::Target::Site {
+            addr,
+            server,
+            account,
+        }) = &e.target
+        {
+            peers
+                .entry(server.clone())
+                .or_insert((*addr, e.host.clone(), account.clone()));
+        }
+    }
+    let total = peers.len() as u32;
+    let creds = s.h.creds.current();
+    let Some(caller) =
+        (0..s.workloads.len()).find(|&i| creds.workloads.get(i).is_some_and(Option::is_some))
+    else {
+        return (0, total);
+    };
+    let mut up = 0;
+    for (server, (addr, host, account)) in peers {
+        if tunnel::probe(s, caller, addr, &server, &host, &account, false)
+            .await
+            .is_ok()
+        {
+            up += 1;
+        }
+    }
+    (up, total)
 }
 
 /// Whether the config asks for a data plane: a workload calling out, or a
@@ -717,14 +832,14 @@ impl DataPlane {
     /// Binds every listener of the config (outbound and raw TCP outbound
     /// per workload, the QUIC data endpoint) and loads what the request
     /// path needs.
-    pub async fn bind(spoke: &Spoke, settings: DataSettings) -> Result<DataPlane, DataPlaneError> {
-        let ident = &spoke.inner.ident.id;
-        let store = match naming::classify(ident) {
+    pub async fn bind(h: Handles, settings: DataSettings) -> Result<DataPlane, DataPlaneError> {
+        let ident = h.node_id.clone();
+        let store = match naming::classify(&ident) {
             Some(naming::MeshIdentity::Node { store, .. }) => store,
             _ => return Err(DataPlaneError::NotANode(ident.clone())),
         };
         let td = ident.trust_domain().clone();
-        let file = &spoke.inner.cfg.file;
+        let file = &h.file;
 
         let mut workloads = Vec::new();
         for w in &file.workloads {
@@ -767,11 +882,10 @@ impl DataPlane {
             }
         }
         let tcp_outbound = tcp::bind(file).await?;
-        let (endpoint, cipher_suite, serving) = tunnel::bind_endpoint(spoke, &settings).await?;
+        let (endpoint, cipher_suite, serving) = tunnel::bind_endpoint(&h, &settings).await?;
         let node_id = ident.clone();
         let shared = Arc::new(Shared {
-            spoke: spoke.clone(),
-            creds: spoke.inner.creds.clone(),
+            h,
             td,
             store,
             node_id,
@@ -789,16 +903,21 @@ impl DataPlane {
             breakers: Mutex::new(HashMap::new()),
             budgets: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
+            seqs: Mutex::new(HashMap::new()),
             settings,
         });
         refresh_svids(&shared);
-        let _ = spoke.inner.data.set(Arc::downgrade(&shared));
         Ok(DataPlane {
             shared,
             outbound,
             tcp_outbound,
             serving,
         })
+    }
+
+    /// A weak handle on the shared state (probes, from the spoke's admin).
+    pub fn shared(&self) -> std::sync::Weak<Shared> {
+        Arc::downgrade(&self.shared)
     }
 
     /// Serves until dropped (aborting this future stops every listener).
@@ -819,7 +938,7 @@ impl DataPlane {
         // request path's facts and the serving certificate follow them.
         let s = self.shared.clone();
         tasks.spawn(async move {
-            let mut rx = s.creds.subscribe();
+            let mut rx = s.h.creds.subscribe();
             while rx.changed().await.is_ok() {
                 refresh_svids(&s);
                 tunnel::refresh_server_config(&s).await;
@@ -828,9 +947,9 @@ impl DataPlane {
         // A new revocation list closes the connections it names at once.
         let s = self.shared.clone();
         tasks.spawn(async move {
-            let mut rx = s.creds.revocations_changed();
+            let mut rx = s.h.creds.revocations_changed();
             loop {
-                if let Some(list) = s.creds.revocations().current() {
+                if let Some(list) = s.h.creds.revocations().current() {
                     let n = s.tunnels.close_revoked(&list);
                     if n > 0 {
                         info!(
@@ -914,7 +1033,7 @@ fn workload_client(settings: &DataSettings, h2: bool) -> Client<HttpConnector, B
 /// Copies the workloads' SVID facts (fingerprint) from the credentials in
 /// force, off the request path.
 fn refresh_svids(s: &Arc<Shared>) {
-    let cur = s.creds.current();
+    let cur = s.h.creds.current();
     let v: Vec<Option<SvidInfo>> = (0..s.workloads.len())
         .map(|i| {
             let svid = cur.workloads.get(i).cloned().flatten()?;

@@ -31,9 +31,11 @@ use tidemesh_net::http::{full, HUB_STATUS, UPSTREAM};
 use tidemesh_proto::data::{StreamHeader, StreamProtocol};
 use tracing::debug;
 
+use tidemesh_policy::{mode::RemoteAdmission, model::RoutingMode, routing::LocalityTier};
+
 use super::{
     finish_evidence, finish_from_response, inbound, local_response,
-    resilience::{backoff_delay, retry_evidence, Outcome, RetrySettings},
+    resilience::{self, backoff_delay, retry_evidence, Outcome, RetrySettings},
     resolve::{self, Target},
     span_random, trace, Body, DataSettings, Shared,
 };
@@ -141,7 +143,7 @@ async fn handle(s: &Shared, caller: usize, mut req: Request<Incoming>) -> Respon
         let h = req.headers();
         trace::extract(&|n| header_string(h, n))
     };
-    let span = trace::Span::start(parent, span_random());
+    let mut span = trace::Span::start(parent, span_random());
     let host = req
         .headers()
         .get(hyper::header::HOST)
@@ -176,6 +178,16 @@ async fn handle(s: &Shared, caller: usize, mut req: Request<Incoming>) -> Respon
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "/".into());
     let method = req.method().as_str().to_owned();
+    // The mode of the service asked for decides what routing may use, how
+    // many retries, how the breakers trip, whether a new trace is sampled.
+    let service = resolve::canonical_target(&s.compiled().hosts, &host, &w.namespace)
+        .unwrap_or_else(|_| host.clone());
+    let profile = s.h.modes.profile(&service);
+    let limits = resolve::RouteLimits::of(profile.routing);
+    if parent.is_none() {
+        span.sampled = s.h.modes.sample(&service);
+        set_trace_headers(req.headers_mut(), &span);
+    }
     let first = resolve::resolve(
         s,
         &host,
@@ -184,6 +196,7 @@ async fn handle(s: &Shared, caller: usize, mut req: Request<Incoming>) -> Respon
         &path,
         &inbound::Headers(req.headers()),
         &[],
+        limits,
         Instant::now(),
     );
     let mut resolved = match first {
@@ -192,12 +205,75 @@ async fn handle(s: &Shared, caller: usize, mut req: Request<Incoming>) -> Respon
             let mut ev =
                 s.new_evidence(&u.host, EnforcementPoint::SidecarOutbound, &span, operation);
             ev.routing_decision = u.evidence.map(|e| *e);
-            let r = local_response(u.status, &u.reason, &[]);
+            // A cloud service in survival: the hub is out of reach (the
+            // mode says so), and the answer says it as a cloud call would.
+            let extra: Vec<(&str, String)> = if u.cloud_excluded && !s.h.hub.borrow().connected {
+                s.counters()
+                    .hub_unreachable
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                vec![(HUB_STATUS, "unreachable".into())]
+            } else {
+                Vec::new()
+            };
+            let r = local_response(u.status, &u.reason, &extra);
             finish_evidence(&mut ev, started, r.status(), &u.reason);
             s.record(ev);
             return r;
         }
     };
+    // Recovery: the ramp decides whether this request may go remote; one
+    // it does not admit is served at the site when it can be, else refused
+    // at once with the time to the next step.
+    if profile.routing == RoutingMode::Ramp && matches!(resolved.target, Target::Cloud) {
+        if let RemoteAdmission::Refuse { retry_after } = s.h.modes.admit_remote() {
+            let local = resolve::resolve(
+                s,
+                &host,
+                &w.namespace,
+                &method,
+                &path,
+                &inbound::Headers(req.headers()),
+                &[],
+                resolve::RouteLimits {
+                    no_cloud: true,
+                    ..limits
+                },
+                Instant::now(),
+            );
+            match local {
+                Ok(mut r) => {
+                    r.evidence
+                        .selection_reason
+                        .push_str("_ramp_not_admitted_remote");
+                    resolved = r;
+                }
+                Err(u) => {
+                    let mut ev = s.new_evidence(
+                        &u.host,
+                        EnforcementPoint::SidecarOutbound,
+                        &span,
+                        operation,
+                    );
+                    let wait = retry_after.unwrap_or(Duration::from_secs(1));
+                    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                    let reason = format!(
+                        "recovery ramp at {}% does not admit this request to the cloud, and {} has no endpoint at this site; retry in {secs} s",
+                        profile.ramp_percent.unwrap_or(0),
+                        u.host
+                    );
+                    let r = local_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &reason,
+                        &[("retry-after", secs.max(1).to_string())],
+                    );
+                    ev.routing_decision = Some(resolved.evidence);
+                    finish_evidence(&mut ev, started, r.status(), &reason);
+                    s.record(ev);
+                    return r;
+                }
+            }
+        }
+    }
     let mut ev = s.new_evidence(
         &resolved.host,
         EnforcementPoint::SidecarOutbound,
@@ -206,10 +282,16 @@ async fn handle(s: &Shared, caller: usize, mut req: Request<Incoming>) -> Respon
     );
     let compiled = s.compiled();
     let policy = compiled.config.destination_policy(&resolved.host);
-    let retry = RetrySettings::from_policy(
-        resolved.retries.as_deref(),
-        policy.and_then(|p| p.traffic.retries.as_ref()),
-    );
+    let policy_retries = policy.and_then(|p| p.traffic.retries.as_ref());
+    let mut retry = RetrySettings::from_policy(resolved.retries.as_deref(), policy_retries);
+    // The mode's retries: the mode's own when no route or policy sets
+    // them, else no more attempts than the mode allows.
+    if resolved.retries.is_none() && policy_retries.is_none() {
+        retry.attempts = profile.retries.attempts.min(resilience::MAX_RETRIES);
+        retry.backoff = profile.retries.backoff;
+    } else {
+        retry.attempts = retry.attempts.min(profile.retries.attempts);
+    }
     let dest = resolved.host.clone();
     // The route's timeout bounds the whole call, retries included (as
     // Istio's); each try has its own when the retry policy sets one.
@@ -319,6 +401,7 @@ async fn handle(s: &Shared, caller: usize, mut req: Request<Incoming>) -> Respon
             &path,
             &inbound::Headers(&parts.headers),
             &tried,
+            limits,
             Instant::now(),
         ) {
             Ok(r) => r,
@@ -426,9 +509,20 @@ async fn one_attempt(
     if outcome == Outcome::Overflow {
         s.breaker_release(&resolved.key, admit);
     } else {
-        s.breaker_report(&resolved.key, admit, !outcome.is_failure(), Instant::now());
+        let ok = !outcome.is_failure();
+        s.breaker_report(&resolved.key, admit, ok, Instant::now());
+        s.h.modes
+            .report(&resolved.host, tier_of(&resolved.target), ok);
     }
     resp
+}
+
+/// The locality tier of a target, for the mode machine (remote = cloud).
+pub(crate) fn tier_of(t: &Target) -> LocalityTier {
+    match t {
+        Target::Local(_) | Target::Site { .. } => LocalityTier::SameSite,
+        Target::Cloud => LocalityTier::Cloud,
+    }
 }
 
 /// A call to a cloud service through the hub's gateway; without the hub it
@@ -454,13 +548,13 @@ async fn cloud(
         r.extensions_mut().insert(Neutral::HubUnreachable);
         r
     };
-    if !s.spoke.hub_connected() {
+    if !s.h.hub.borrow().connected {
         s.counters()
             .hub_unreachable
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         return unreachable("the spoke is disconnected".into());
     }
-    let addr = match s.spoke.hub_address().await {
+    let addr = match s.hub_address() {
         Ok(a) => a,
         Err(e) => return unreachable(e),
     };
@@ -473,7 +567,7 @@ async fn cloud(
     let link_lost = async {
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            if !s.spoke.hub_connected() {
+            if !s.h.hub.borrow().connected {
                 break;
             }
         }
@@ -487,7 +581,7 @@ async fn cloud(
     if resp.status() == StatusCode::BAD_GATEWAY && resp.headers().get(UPSTREAM).is_none() {
         // The gateway itself could not be reached (the hub answers with
         // x-tidemesh-upstream whenever it chose an endpoint).
-        if !s.spoke.hub_connected() {
+        if !s.h.hub.borrow().connected {
             return unreachable("the link to the hub went down".into());
         }
     }

@@ -194,6 +194,34 @@ impl BreakerSettings {
     }
 }
 
+impl BreakerSettings {
+    /// These settings under a mode's circuit breaking: an error-rate mode
+    /// sets the rate trigger (the stricter of the policy's and the mode's);
+    /// fail fast (Survival, where the only endpoints left are the store's
+    /// own) keeps the consecutive-error trigger but no rate trigger, and an
+    /// ejected endpoint is probed again after [`FAIL_FAST_OPEN`] with one
+    /// request: nothing waits on a dead endpoint, and a store's own
+    /// endpoints are never stranded for long.
+    pub fn under(self, mode: tidemesh_policy::model::BreakerMode) -> BreakerSettings {
+        use tidemesh_policy::model::BreakerMode;
+        match mode {
+            BreakerMode::ErrorRate(r) => BreakerSettings {
+                error_rate: Some(self.error_rate.map_or(r, |p| p.min(r))),
+                ..self
+            },
+            BreakerMode::FailFast => BreakerSettings {
+                error_rate: None,
+                open_time: self.open_time.min(FAIL_FAST_OPEN),
+                half_open_probes: 1,
+                ..self
+            },
+        }
+    }
+}
+
+/// How long a fail-fast breaker stays open before its one probe.
+pub const FAIL_FAST_OPEN: Duration = Duration::from_secs(1);
+
 impl Default for BreakerSettings {
     /// [`BreakerSettings::from_policy`] without a policy.
     fn default() -> Self {
@@ -298,6 +326,25 @@ impl Breaker {
 
     fn advance(&mut self, now: Instant) {
         (self.phase, self.round) = self.settled(now);
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &BreakerSettings {
+        &self.settings
+    }
+
+    /// New settings (a mode change): the state carries over; a new window
+    /// length starts the error-rate window afresh.
+    pub fn set_settings(&mut self, settings: BreakerSettings) {
+        let settings = BreakerSettings {
+            min_requests: settings.min_requests.max(1),
+            half_open_probes: settings.half_open_probes.max(1),
+            ..settings
+        };
+        if settings.window != self.settings.window {
+            self.window = Window::new(settings.window);
+        }
+        self.settings = settings;
     }
 
     /// The state at `now`.

@@ -39,6 +39,9 @@ pub(crate) enum Tier {
     Site,
     /// A cloud service behind the hub gateway.
     Cloud,
+    /// Every tier as one pool (a destination policy with
+    /// `localityAware: false`); never a candidate's tier.
+    Any,
 }
 
 impl Tier {
@@ -47,6 +50,7 @@ impl Tier {
             Tier::Local => "local_endpoint_preferred",
             Tier::Site => "no_healthy_local_endpoint_same_site_peer",
             Tier::Cloud => "no_healthy_site_endpoint_cloud_via_hub_gateway",
+            Tier::Any => "locality_unaware",
         }
     }
 }
@@ -96,6 +100,9 @@ pub(crate) struct Unroutable {
     pub reason: String,
     pub host: String,
     pub evidence: Option<Box<RoutingEvidence>>,
+    /// The mode's limits excluded the cloud tier, which had the only usable
+    /// endpoints.
+    pub cloud_excluded: bool,
 }
 
 pub(crate) struct Cand {
@@ -108,6 +115,42 @@ pub(crate) struct Cand {
     target: Option<Target>,
     tier: Tier,
     locality: EvLocality,
+}
+
+/// What vectors need to know of one endpoint of a host.
+#[derive(Debug, Clone)]
+pub(crate) struct EndpointFacts {
+    pub tier: Tier,
+    pub address: String,
+    pub labels: tidemesh_policy::model::Labels,
+    pub target: Option<Target>,
+    /// Healthy and its breaker available now.
+    pub usable: bool,
+}
+
+/// The endpoints of canonical `host` in the config in force, with whether
+/// each is usable now.
+pub(crate) fn endpoint_facts(s: &Shared, host: &str) -> Vec<EndpointFacts> {
+    let compiled = s.compiled();
+    let made;
+    let known = match compiled.candidates.get(host) {
+        Some(c) => c,
+        None => {
+            made = candidates(s, &compiled.config, &compiled.site, host);
+            &made
+        }
+    };
+    let now = Instant::now();
+    known
+        .iter()
+        .map(|c| EndpointFacts {
+            tier: c.tier,
+            address: c.address.clone(),
+            labels: c.labels.clone(),
+            target: c.target.clone(),
+            usable: c.healthy(s) && c.target.is_some() && s.endpoint_available(&c.key, now, false),
+        })
+        .collect()
 }
 
 /// Where a candidate's health comes from.
@@ -245,13 +288,41 @@ pub(crate) struct SiteEndpoint {
     pub target: Option<Target>,
 }
 
+/// The workloads of other spokes at `node`'s site in `cfg` (the registry
+/// of the last slice, and declared workloads of the store), without this
+/// spoke's own registrations (named `ACCOUNT.NODE`).
+pub(crate) fn site_workloads(
+    node: &SpiffeId,
+    file: &crate::FileConfig,
+    cfg: &tidemesh_policy::MeshConfig,
+) -> Vec<tidemesh_policy::model::Workload> {
+    let store = match naming::classify(node) {
+        Some(naming::MeshIdentity::Node { store, .. }) => store,
+        _ => String::new(),
+    };
+    let own: std::collections::HashSet<&str> = file
+        .workloads
+        .iter()
+        .map(|w| w.service_account.as_str())
+        .collect();
+    let name = node.path().rsplit('/').next().unwrap_or("").to_owned();
+    let suffix = format!(".{name}");
+    cfg.workloads
+        .iter()
+        .filter(|w| {
+            w.store == store
+                && !(own.contains(w.service_account.as_str()) && w.id.name.ends_with(&suffix))
+        })
+        .cloned()
+        .collect()
+}
+
 /// The site's endpoints of `config` (computed once per config).
 pub(crate) fn site_endpoints(
     s: &Shared,
     config: &tidemesh_policy::MeshConfig,
 ) -> Vec<SiteEndpoint> {
-    s.spoke
-        .site_workloads_of(config)
+    site_workloads(&s.node_id, &s.h.file, config)
         .into_iter()
         .map(|w| {
             let host = canonical_host(&w.service, &w.id.namespace).unwrap_or(w.service.clone());
@@ -362,6 +433,32 @@ fn pick_reason(r: PickReason) -> &'static str {
     clippy::too_many_arguments,
     reason = "the request's parts; a struct would only rename them"
 )]
+/// What the mode in force allows routing to use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct RouteLimits {
+    /// Skip the cloud tier: Survival's local only, or a request the
+    /// Recovery ramp did not admit to a remote tier.
+    pub no_cloud: bool,
+    /// Only endpoints whose circuit breaker is closed (Degraded's healthy
+    /// only: no half-open probing).
+    pub healthy_only: bool,
+}
+
+impl RouteLimits {
+    /// The limits of a mode's routing.
+    pub fn of(routing: tidemesh_policy::model::RoutingMode) -> RouteLimits {
+        use tidemesh_policy::model::RoutingMode;
+        RouteLimits {
+            no_cloud: routing == RoutingMode::LocalOnly,
+            healthy_only: routing == RoutingMode::HealthyOnly,
+        }
+    }
+}
+
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the request's facts and the mode's limits; a struct would only rename them"
+)]
 pub(crate) fn resolve(
     s: &Shared,
     host: &str,
@@ -370,6 +467,7 @@ pub(crate) fn resolve(
     path: &str,
     headers: &dyn HeaderLookup,
     exclude: &[String],
+    limits: RouteLimits,
     now: Instant,
 ) -> Result<Resolved, Unroutable> {
     let compiled = s.compiled();
@@ -378,6 +476,7 @@ pub(crate) fn resolve(
         reason,
         host: host.to_owned(),
         evidence: None,
+        cloud_excluded: false,
     };
     let canon = canonical_target(&compiled.hosts, host, namespace)
         .map_err(|e| unroutable(hyper::StatusCode::BAD_REQUEST, e, host))?;
@@ -445,7 +544,12 @@ pub(crate) fn resolve(
         .collect();
     let available: Vec<bool> = all
         .iter()
-        .map(|c| c.healthy(s) && c.target.is_some() && s.endpoint_available(&c.key, now))
+        .map(|c| {
+            c.healthy(s)
+                && c.target.is_some()
+                && !(limits.no_cloud && c.tier == Tier::Cloud)
+                && s.endpoint_available(&c.key, now, limits.healthy_only)
+        })
         .collect();
     let mut evidence = RoutingEvidence {
         // A weighted split between subsets is the decision that matters
@@ -470,10 +574,16 @@ pub(crate) fn resolve(
         version: subset.clone(),
     };
     // Nearest tier with a usable endpoint; within it, endpoints this request
-    // has not tried yet when there are any.
-    for tier in [Tier::Local, Tier::Site, Tier::Cloud] {
+    // has not tried yet when there are any. Without locality awareness
+    // (`localityAware: false`) every tier is one pool.
+    let tiers: &[Tier] = if lb.locality_aware {
+        &[Tier::Local, Tier::Site, Tier::Cloud]
+    } else {
+        &[Tier::Any]
+    };
+    for &tier in tiers {
         let usable: Vec<usize> = (0..all.len())
-            .filter(|&i| all[i].tier == tier && available[i])
+            .filter(|&i| (tier == Tier::Any || all[i].tier == tier) && available[i])
             .collect();
         if usable.is_empty() {
             continue;
@@ -485,6 +595,7 @@ pub(crate) fn resolve(
             .collect();
         if fresh.is_empty()
             && tier != Tier::Cloud
+            && tier != Tier::Any
             && has_later_tier(&all, &available, tier, exclude)
         {
             // Every endpoint here failed this request already; a farther
@@ -505,7 +616,11 @@ pub(crate) fn resolve(
             "{}{}_{}{}",
             split.as_ref().map(|x| format!("{x};")).unwrap_or_default(),
             pick_reason(reason),
-            tier.reason(),
+            if tier == Tier::Any {
+                "locality_unaware"
+            } else {
+                c.tier.reason()
+            },
             if exclude.is_empty() {
                 ""
             } else {
@@ -517,6 +632,7 @@ pub(crate) fn resolve(
             reason: "no usable endpoint".into(),
             host: dest.clone(),
             evidence: None,
+            cloud_excluded: false,
         })?;
         return Ok(Resolved {
             slot: ((dest.clone(), subset.clone(), tier), i),
@@ -528,12 +644,21 @@ pub(crate) fn resolve(
             retries,
         });
     }
-    let open = all
-        .iter()
-        .zip(&available)
-        .any(|(c, ok)| !ok && c.healthy(s) && c.target.is_some());
+    let cloud_excluded = limits.no_cloud
+        && all.iter().any(|c| {
+            c.tier == Tier::Cloud
+                && c.healthy(s)
+                && c.target.is_some()
+                && s.endpoint_available(&c.key, now, limits.healthy_only)
+        });
+    let open = all.iter().zip(&available).any(|(c, ok)| {
+        let excluded_by_mode = limits.no_cloud && c.tier == Tier::Cloud;
+        !(*ok || excluded_by_mode) && c.healthy(s) && c.target.is_some()
+    });
     evidence.selection_reason = if all.is_empty() {
         "no_endpoints".into()
+    } else if cloud_excluded {
+        "local_only_cloud_excluded".into()
     } else if open {
         "circuit_open_on_every_endpoint".into()
     } else {
@@ -543,6 +668,8 @@ pub(crate) fn resolve(
         status: hyper::StatusCode::SERVICE_UNAVAILABLE,
         reason: if all.is_empty() {
             format!("no endpoint of {dest} on this spoke, at its site or in the cloud")
+        } else if cloud_excluded {
+            format!("{dest} has no usable endpoint at this site, and the mode routes local only (survival: the hub and the cloud are out of reach)")
         } else if open {
             format!("every endpoint of {dest} is ejected (circuit breaker open)")
         } else {
@@ -550,6 +677,7 @@ pub(crate) fn resolve(
         },
         host: dest,
         evidence: Some(Box::new(evidence)),
+        cloud_excluded,
     })
 }
 

@@ -259,6 +259,20 @@ async fn outbound_conn(s: &Shared, caller: usize, service: &str, mut app: TcpStr
     let started = Instant::now();
     let w = &s.workloads[caller];
     let span = trace::Span::start(None, span_random());
+    // The mode of the service decides what routing may use (a connection
+    // is not retried by the mode: only moved on when unreachable).
+    let canon = resolve::canonical_target(&s.compiled().hosts, service, &w.namespace)
+        .unwrap_or_else(|_| service.to_owned());
+    let profile = s.h.modes.profile(&canon);
+    let mut limits = resolve::RouteLimits::of(profile.routing);
+    if profile.routing == tidemesh_policy::model::RoutingMode::Ramp
+        && matches!(
+            s.h.modes.admit_remote(),
+            tidemesh_policy::mode::RemoteAdmission::Refuse { .. }
+        )
+    {
+        limits.no_cloud = true;
+    }
     let route = |exclude: &[String]| {
         // A connection is routed as a request without method, path or headers.
         resolve::resolve(
@@ -269,6 +283,7 @@ async fn outbound_conn(s: &Shared, caller: usize, service: &str, mut app: TcpStr
             "",
             &NoHeaders,
             exclude,
+            limits,
             std::time::Instant::now(),
         )
     };
@@ -321,12 +336,15 @@ async fn outbound_conn(s: &Shared, caller: usize, service: &str, mut app: TcpStr
                 s.lb_started(&resolved.slot);
                 let r = one_try(s, caller, &resolved, &span, &mut app, &mut held, &mut ev).await;
                 s.lb_finished(&resolved.slot);
+                let tier = super::outbound::tier_of(&resolved.target);
                 match &r {
                     Try::Unreachable(_) => {
-                        s.breaker_report(&key, admit, false, std::time::Instant::now())
+                        s.breaker_report(&key, admit, false, std::time::Instant::now());
+                        s.h.modes.report(&resolved.host, tier, false);
                     }
                     Try::Done(o) if o.up > 0 || o.down > 0 || o.result.is_ok() => {
-                        s.breaker_report(&key, admit, true, std::time::Instant::now())
+                        s.breaker_report(&key, admit, true, std::time::Instant::now());
+                        s.h.modes.report(&resolved.host, tier, true);
                     }
                     // refused before any byte (authorization, protocol, hub
                     // unreachable): says nothing about the endpoint
@@ -426,7 +444,7 @@ async fn one_try(
         // A cloud service: through the hub's gateway, which picks the
         // endpoint; without the hub the connection is closed at once.
         Target::Cloud => {
-            if !s.spoke.hub_connected() {
+            if !s.h.hub.borrow().connected {
                 s.counters()
                     .hub_unreachable
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -435,7 +453,7 @@ async fn one_try(
                     resolved.host
                 )));
             }
-            match s.spoke.hub_address().await {
+            match s.hub_address() {
                 Ok(addr) => {
                     let header = super::stream_header(
                         &resolved.host,

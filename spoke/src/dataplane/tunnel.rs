@@ -51,7 +51,6 @@ use super::{
     finish_from_response, inbound, local_response, outbound, resilience::Outcome, span_random,
     trace, Body, DataPlaneError, DataSettings, Shared,
 };
-use crate::Spoke;
 
 /// SNI towards peers; the SPIFFE verifier ignores it.
 const SNI: &str = "data.tidemesh.invalid";
@@ -129,9 +128,10 @@ fn first_tls13_suite(provider: &rustls::crypto::CryptoProvider) -> String {
 
 /// The serving end's TLS: the node-CA-issued serving SVID while it is
 /// valid (renewed offline), else the hub-issued node SVID.
-fn server_tls(spoke: &Spoke) -> Result<(rustls::ServerConfig, SystemTime), DataPlaneError> {
-    let cur = spoke.inner.creds.current();
-    let now = spoke.inner.clock.now();
+fn server_tls(h: &super::Handles) -> Result<(rustls::ServerConfig, SystemTime), DataPlaneError> {
+    use tidemesh_identity::clock::Clock;
+    let cur = h.creds.current();
+    let now = h.clock.now();
     let node = cur
         .serving
         .as_ref()
@@ -143,7 +143,7 @@ fn server_tls(spoke: &Spoke) -> Result<(rustls::ServerConfig, SystemTime), DataP
         &node.key,
         Arc::new(WorkloadsViaNodeCa),
         false,
-        spoke.inner.clock.clone(),
+        h.clock.clone(),
         &[ALPN_DATA],
     )
     .map_err(|e| DataPlaneError::Tls(e.to_string()))?;
@@ -155,16 +155,16 @@ fn server_tls(spoke: &Spoke) -> Result<(rustls::ServerConfig, SystemTime), DataP
 /// client-only endpoint on an ephemeral port. Returns it, the cipher suite
 /// name and whether it serves.
 pub(crate) async fn bind_endpoint(
-    spoke: &Spoke,
+    h: &super::Handles,
     settings: &DataSettings,
 ) -> Result<(quinn::Endpoint, String, bool), DataPlaneError> {
-    let (tls, _) = server_tls(spoke)?;
+    let (tls, _) = server_tls(h)?;
     let suite = first_tls13_suite(tls.crypto_provider());
-    let (addr, serving) = match spoke.inner.cfg.file.data_listen {
+    let (addr, serving) = match h.file.data_listen {
         Some(a) => (a, true),
         None => (SocketAddr::from(([0, 0, 0, 0], 0)), false),
     };
-    let sock = match spoke.inner.cfg.data_socket.clone() {
+    let sock = match h.data_socket.clone() {
         Some(sock) => sock,
         None => {
             let sock = std::net::UdpSocket::bind(addr).map_err(|source| DataPlaneError::Bind {
@@ -204,7 +204,7 @@ pub(crate) async fn refresh_server_config(s: &Arc<Shared>) {
     if !s.tunnels.serving.load(Ordering::Relaxed) {
         return;
     }
-    let Ok((tls, not_after)) = server_tls(&s.spoke) else {
+    let Ok((tls, not_after)) = server_tls(&s.h) else {
         return;
     };
     let changed = s
@@ -242,7 +242,7 @@ async fn connect(
             return Ok((t, None));
         }
     }
-    let cur = s.creds.current();
+    let cur = s.h.creds.current();
     let svid = cur
         .workloads
         .get(caller)
@@ -252,17 +252,17 @@ async fn connect(
             format!(
                 "no SVID for workload {} yet: {}",
                 s.workloads[caller].account,
-                s.creds
+                s.h.creds
                     .last_error()
                     .unwrap_or_else(|| "the node CA has not issued one yet".into())
             )
         })?;
-    if svid.expired(s.spoke.inner.clock.now()) {
+    if svid.expired(s.now()) {
         return Err(format!(
             "the SVID of workload {} expired at {}: {}",
             s.workloads[caller].account,
             crate::rfc3339(svid.not_after),
-            s.creds
+            s.h.creds
                 .last_error()
                 .unwrap_or_else(|| "it has not been renewed".into())
         ));
@@ -272,7 +272,7 @@ async fn connect(
         svid.chain.clone(),
         &svid.key,
         Arc::new(ExactId(server.clone())),
-        s.spoke.inner.clock.clone(),
+        s.h.clock.clone(),
         &[ALPN_DATA],
     )
     .map_err(|e| e.to_string())?;
@@ -480,8 +480,8 @@ struct Peer {
 async fn serve_conn(s: Arc<Shared>, conn: quinn::Connection) {
     // The handshake verified the chain; verify it again to hold its facts
     // (node CA, key fingerprints) for later revocation lists.
-    let bundle = s.creds.current().bundle.clone();
-    let svid = match tidemesh_net::peer_svid(&conn, &bundle, s.spoke.inner.clock.now()) {
+    let bundle = s.h.creds.current().bundle.clone();
+    let svid = match tidemesh_net::peer_svid(&conn, &bundle, s.now()) {
         Ok(v) => v,
         Err(e) => {
             conn.close(quinn::VarInt::from_u32(close::FORBIDDEN), e.as_bytes());
@@ -495,7 +495,7 @@ async fn serve_conn(s: Arc<Shared>, conn: quinn::Connection) {
         m.insert(stable, (svid.clone(), conn.clone()));
     }
     // A list installed between the handshake and the insert above.
-    if let Some(list) = s.creds.revocations().current() {
+    if let Some(list) = s.h.creds.revocations().current() {
         if svid.revoked_by(&list) {
             s.tunnels.close_revoked(&list);
         }
@@ -592,8 +592,8 @@ async fn serve_probe(s: &Shared, peer: &Peer, header: &StreamHeader, mut send: q
     ev.identity = Some(s.served_identity(&peer.id, peer.fingerprint));
     let answer = tidemesh_proto::data::ProbeAnswer {
         node: s.node_id.clone(),
-        time_ms: crate::unix_ms(s.spoke.inner.clock.now()),
-        time_trusted: s.spoke.inner.tclock.trusted(),
+        time_ms: crate::unix_ms(s.now()),
+        time_trusted: s.h.clock.trusted(),
         serves: s.workload_for(header).is_some(),
     };
     let sent = async {
@@ -623,7 +623,8 @@ pub(crate) struct Probed {
 
 /// Probes the peer spoke `server` at `addr` as local workload `caller`,
 /// naming `service` served by `account` there: the same connection pool and
-/// handshake as requests; records the probe.
+/// handshake as requests; records the probe when `record` (an operator's or
+/// a drill's; the mode machine's routine reachability probes are not).
 pub(crate) async fn probe(
     s: &Shared,
     caller: usize,
@@ -631,6 +632,7 @@ pub(crate) async fn probe(
     server: &SpiffeId,
     service: &str,
     account: &str,
+    record: bool,
 ) -> Result<Probed, String> {
     let started = tokio::time::Instant::now();
     let span = trace::Span::start(None, span_random());
@@ -671,12 +673,14 @@ pub(crate) async fn probe(
         })
     }
     .await;
-    let (status, msg) = match &result {
-        Ok(_) => (StatusCode::OK, String::new()),
-        Err(e) => (StatusCode::BAD_GATEWAY, e.clone()),
-    };
-    super::finish_evidence(&mut ev, started, status, &msg);
-    s.record(ev);
+    if record {
+        let (status, msg) = match &result {
+            Ok(_) => (StatusCode::OK, String::new()),
+            Err(e) => (StatusCode::BAD_GATEWAY, e.clone()),
+        };
+        super::finish_evidence(&mut ev, started, status, &msg);
+        s.record(ev);
+    }
     result
 }
 
