@@ -72,6 +72,86 @@ pub mod http {
         addr
     }
 
+    /// What a [`Faulty`] workload does and saw.
+    #[derive(Debug, Default)]
+    pub struct FaultyState {
+        /// Answer 503 to this many of every 20 requests (by arrival).
+        pub fail_of_20: u64,
+        /// Answer 503 to the next this many requests.
+        pub fail_next: u64,
+        /// Requests answered.
+        pub hits: u64,
+        /// Requests answered 503.
+        pub failed: u64,
+        /// The `traceparent` of every request (empty when absent).
+        pub traceparents: Vec<String>,
+    }
+
+    /// A workload whose failures the test controls: 503 to a share of
+    /// requests, or to the next few; it remembers what it saw.
+    #[derive(Clone)]
+    pub struct Faulty {
+        /// Where it listens.
+        pub addr: SocketAddr,
+        /// Its state.
+        pub state: std::sync::Arc<std::sync::Mutex<FaultyState>>,
+    }
+
+    impl Faulty {
+        /// Starts one answering `name` in its JSON body.
+        pub fn start(name: &'static str) -> Faulty {
+            let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = l.local_addr().expect("addr");
+            let state = std::sync::Arc::new(std::sync::Mutex::new(FaultyState::default()));
+            let st = state.clone();
+            std::thread::spawn(move || {
+                for conn in l.incoming() {
+                    let Ok(mut c) = conn else { continue };
+                    let st = st.clone();
+                    std::thread::spawn(move || {
+                        let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+                        let Some((head, _)) = read_message(&mut c) else {
+                            return;
+                        };
+                        let tp = head
+                            .split("\r\n")
+                            .filter_map(|l| l.split_once(':'))
+                            .find(|(k, _)| k.trim().eq_ignore_ascii_case("traceparent"))
+                            .map(|(_, v)| v.trim().to_owned())
+                            .unwrap_or_default();
+                        let fail = {
+                            let mut s = st.lock().expect("state");
+                            let n = s.hits;
+                            s.hits += 1;
+                            s.traceparents.push(tp);
+                            let fail = if s.fail_next > 0 {
+                                s.fail_next -= 1;
+                                true
+                            } else {
+                                n % 20 < s.fail_of_20
+                            };
+                            s.failed += u64::from(fail);
+                            fail
+                        };
+                        let (code, text) = if fail { (503, "Service Unavailable") } else { (200, "OK") };
+                        let out = format!("{{\"server\":\"{name}\"}}");
+                        let resp = format!(
+                            "HTTP/1.1 {code} {text}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{out}",
+                            out.len()
+                        );
+                        let _ = c.write_all(resp.as_bytes());
+                    });
+                }
+            });
+            Faulty { addr, state }
+        }
+
+        /// Runs `f` on the state.
+        pub fn with<T>(&self, f: impl FnOnce(&mut FaultyState) -> T) -> T {
+            f(&mut self.state.lock().expect("state"))
+        }
+    }
+
     /// Reads one HTTP/1.1 message (head and a Content-Length body).
     pub fn read_message(c: &mut TcpStream) -> Option<(String, Vec<u8>)> {
         let mut buf = Vec::new();
@@ -489,6 +569,43 @@ impl HubProc {
         self.spokes().into_iter().find(|s| s["id"] == id)
     }
 
+    /// Every record of `kind` (`request`, `mode_transition`, ...) the hub
+    /// holds for `spoke`, oldest first (paged by sequence number).
+    pub fn records(&self, spoke: &str, kind: &str) -> Vec<Value> {
+        let mut out: Vec<Value> = Vec::new();
+        let mut from = 0u64;
+        loop {
+            let o = self.cli(&[
+                "evidence",
+                "query",
+                "--spoke",
+                spoke,
+                "--kind",
+                kind,
+                "--from-seq",
+                &from.to_string(),
+                "--limit",
+                "5000",
+                "--json",
+            ]);
+            assert!(o.status.success(), "evidence query: {}", text(&o));
+            let page: Vec<Value> = String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            let n = page.len();
+            let Some(last) = page.last().and_then(|r| r["seq"].as_u64()) else {
+                break;
+            };
+            out.extend(page);
+            if n < 5000 {
+                break;
+            }
+            from = last + 1;
+        }
+        out
+    }
+
     /// `audit --json` events as (event, subject) pairs.
     pub fn audit(&self) -> Vec<(String, String)> {
         let o = self.cli(&["audit", "--json"]);
@@ -577,6 +694,28 @@ impl SpokeProc {
         self.child = Some(child);
         wait_for(Duration::from_secs(10), || self.try_status())
             .expect("spoke admin socket answers");
+    }
+
+    /// Every record of `kind` of this spoke, held here or already synced to
+    /// `hub`, once each, in sequence order.
+    pub fn records(&self, hub: &HubProc, kind: &str) -> Vec<Value> {
+        let mut by_seq: std::collections::BTreeMap<u64, Value> = Default::default();
+        // The spoke first: a record it held then is at the hub by the query
+        // if it was pruned in between (the hub stores before it acks).
+        let o = run(Command::new(bin("tidemesh-spoke"))
+            .args(["evidence", "tail", "--json", "-n", "10000", "--data-dir"])
+            .arg(&self.dir));
+        assert!(o.status.success(), "evidence tail: {}", text(&o));
+        let held: Vec<Value> = String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        for r in held.into_iter().chain(hub.records(&self.id, kind)) {
+            if let (Some(seq), true) = (r["seq"].as_u64(), r["body"].get(kind).is_some()) {
+                by_seq.insert(seq, r);
+            }
+        }
+        by_seq.into_values().collect()
     }
 
     /// Everything the spoke logged, over all its starts.

@@ -99,13 +99,22 @@ fn reach(r: bool) -> EvReach {
 
 /// The seed's connectivity by locality, from measured reachability.
 fn connectivity(r: &Reachability) -> (Connectivity, u32, u32) {
-    let any = |t: LocalityTier| r.tier(t).reachable() > 0 || r.tier(t).total() == 0;
+    // A tier with endpoints is available when one of them answers; a tier
+    // with none would be reached through the hub.
+    let any = |t: LocalityTier| {
+        let c = r.tier(t);
+        if c.total() == 0 {
+            r.hub
+        } else {
+            c.reachable() > 0
+        }
+    };
     let all = r.all_endpoints();
     (
         Connectivity {
             same_zone: reach(any(LocalityTier::SameSite) && any(LocalityTier::SameZone)),
             same_region: reach(any(LocalityTier::SameRegion)),
-            other_regions: reach(r.hub && any(LocalityTier::Cloud) && any(LocalityTier::Remote)),
+            other_regions: reach(any(LocalityTier::Cloud) && any(LocalityTier::Remote)),
         },
         all.reachable(),
         all.total(),
