@@ -133,7 +133,11 @@ pub mod http {
                             s.failed += u64::from(fail);
                             fail
                         };
-                        let (code, text) = if fail { (503, "Service Unavailable") } else { (200, "OK") };
+                        let (code, text) = if fail {
+                            (503, "Service Unavailable")
+                        } else {
+                            (200, "OK")
+                        };
                         let out = format!("{{\"server\":\"{name}\"}}");
                         let resp = format!(
                             "HTTP/1.1 {code} {text}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{out}",

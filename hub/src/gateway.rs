@@ -253,6 +253,35 @@ impl Hub {
     }
 
     /// Serves one spoke connection that negotiated the data ALPN.
+    /// The namespace of a verified calling workload: from the registry
+    /// (what its spoke registered) and the config's `Workload` objects of
+    /// its store; `None` when unknown or not unique, so a
+    /// `source.namespaces` rule does not match.
+    fn caller_namespace(&self, peer: &SpiffeId, config: &MeshConfig) -> Option<String> {
+        let Some(naming::MeshIdentity::Workload { store, account }) = naming::classify(peer) else {
+            return None;
+        };
+        let mut all = self
+            .inner
+            .registry
+            .lock()
+            .map(|r| r.namespaces_of(&store, &account))
+            .unwrap_or_default();
+        all.extend(
+            config
+                .workloads
+                .iter()
+                .filter(|w| w.store == store && w.service_account == account)
+                .map(|w| w.id.namespace.clone()),
+        );
+        all.sort();
+        all.dedup();
+        match all.as_slice() {
+            [one] => Some(one.clone()),
+            _ => None,
+        }
+    }
+
     pub(crate) async fn serve_gateway(&self, conn: quinn::Connection) {
         // The handshake verified the chain; verify it again to hold its
         // facts (issuer node CA, key fingerprints) for later revocations.
@@ -386,6 +415,7 @@ impl Hub {
         let start = self.gateway_rotation(&header.service);
         let first = &endpoints[start % endpoints.len()];
         let policies = self.gateway_policies(latest.meta.version, &latest.config);
+        let caller_ns = self.caller_namespace(peer, &latest.config);
         let principal = peer.to_string();
         let principal = principal.strip_prefix("spiffe://").unwrap_or(&principal);
         let verdict = policies.decide_l4(&AuthzRequest {
@@ -394,7 +424,7 @@ impl Hub {
                 labels: &first.labels,
             },
             source_principal: Some(principal),
-            source_namespace: None,
+            source_namespace: caller_ns.as_deref(),
             method: "",
             path: "",
             port: port_of(&first.address),
@@ -485,6 +515,7 @@ impl Hub {
         // one entry normally share labels).
         let first = &endpoints[start % endpoints.len()];
         let policies = self.gateway_policies(latest.meta.version, &latest.config);
+        let caller_ns = self.caller_namespace(peer, &latest.config);
         let principal = peer.to_string();
         let principal = principal.strip_prefix("spiffe://").unwrap_or(&principal);
         let path = path_and_query(req.uri());
@@ -494,7 +525,7 @@ impl Hub {
                 labels: &first.labels,
             },
             source_principal: Some(principal),
-            source_namespace: None,
+            source_namespace: caller_ns.as_deref(),
             method: req.method().as_str(),
             path: &path,
             port: port_of(&first.address),

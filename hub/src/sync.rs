@@ -256,6 +256,22 @@ impl Registry {
             .sum()
     }
 
+    /// The namespaces the workloads of `account` at `store` were registered
+    /// in.
+    pub fn namespaces_of(&self, store: &str, account: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .by_spoke
+            .values()
+            .filter(|(s, _)| s == store)
+            .flat_map(|(_, eps)| eps.iter())
+            .filter(|e| e.service_account == account)
+            .map(|e| e.namespace.clone())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
     /// The store's registry generation (0: nothing registered).
     pub fn generation(&self, store: &str) -> u64 {
         self.generation.get(store).copied().unwrap_or(0)

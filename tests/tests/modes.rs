@@ -182,10 +182,15 @@ inbound = "{}"
     assert_eq!(ev["window_s"], 8);
     let rate = ev["error_rate"].as_f64().expect("rate");
     assert!((0.28..=0.45).contains(&rate), "measured rate {rate}");
-    let (failed, total) = (ev["failed_requests"].as_u64().unwrap_or(0), ev["total_requests"].as_u64().unwrap_or(0));
+    let (failed, total) = (
+        ev["failed_requests"].as_u64().unwrap_or(0),
+        ev["total_requests"].as_u64().unwrap_or(0),
+    );
     assert!(total >= 20 && failed * 10 >= total * 3, "{failed}/{total}");
     assert!(
-        t["actions"].as_array().is_some_and(|a| a.iter().any(|x| x.as_str().is_some_and(|x| x.contains("sampling")))),
+        t["actions"].as_array().is_some_and(|a| a
+            .iter()
+            .any(|x| x.as_str().is_some_and(|x| x.contains("sampling")))),
         "{t}"
     );
 
@@ -195,7 +200,11 @@ inbound = "{}"
     for _ in 0..1_100 {
         assert_eq!(get().status, 200);
     }
-    assert_eq!(service_mode(&a, "shaky.store"), "degraded", "still Degraded (hysteresis)");
+    assert_eq!(
+        service_mode(&a, "shaky.store"),
+        "degraded",
+        "still Degraded (hysteresis)"
+    );
     let (share, n) = shaky.with(|s| sampled_share(&s.traceparents[before..]));
     eprintln!("Degraded: {:.1} % of {n} new traces sampled", share * 100.0);
     assert!(n >= 1_000, "{n}");
@@ -217,11 +226,16 @@ inbound = "{}"
             .unwrap_or_else(|| panic!("no {mode} record"))
     };
     let (tr, dg) = (in_mode("target"), in_mode("degraded"));
-    for (r, attempts, backoff, threshold) in [(&tr, 4, "exponential", 0.5), (&dg, 3, "linear", 0.3)] {
+    for (r, attempts, backoff, threshold) in [(&tr, 4, "exponential", 0.5), (&dg, 3, "linear", 0.3)]
+    {
         let rel = &r["reliability"];
         assert_eq!(rel["retry_state"]["max_attempts"], attempts, "{rel}");
         assert_eq!(rel["retry_state"]["backoff"], backoff, "{rel}");
-        assert_eq!(rel["circuit_breaker"]["error_threshold"].as_f64(), Some(threshold), "{rel}");
+        assert_eq!(
+            rel["circuit_breaker"]["error_threshold"].as_f64(),
+            Some(threshold),
+            "{rel}"
+        );
     }
 
     // Healed: back to Target after the hysteresis (about two windows).
@@ -248,7 +262,12 @@ inbound = "{}"
         get();
     }
     assert_eq!(service_mode(&a, "shaky.store"), "target", "25 % < 30 %");
-    apply(&hub, tmp.path(), "matrix", &format!("{STORE_SF01}\n{}", matrix(0.2, 0.1)));
+    apply(
+        &hub,
+        tmp.path(),
+        "matrix",
+        &format!("{STORE_SF01}\n{}", matrix(0.2, 0.1)),
+    );
     let t3 = Instant::now();
     let moved = wait_for(Duration::from_secs(10), || {
         for _ in 0..10 {
@@ -256,12 +275,24 @@ inbound = "{}"
         }
         (service_mode(&a, "shaky.store") == "degraded").then(|| t3.elapsed())
     })
-    .unwrap_or_else(|| panic!("the 20 % matrix did not make 25 % errors Degraded: {}", a.status()));
+    .unwrap_or_else(|| {
+        panic!(
+            "the 20 % matrix did not make 25 % errors Degraded: {}",
+            a.status()
+        )
+    });
     eprintln!("ModeMatrix at 20 %: 25 % errors Degraded after {moved:?}");
     shaky.with(|s| s.fail_of_20 = 0);
 
     // The hub backs the vector with the synced records.
-    let o = hub.cli(&["vector", "--service", "shaky.store", "--spoke", &a.id, "--json"]);
+    let o = hub.cli(&[
+        "vector",
+        "--service",
+        "shaky.store",
+        "--spoke",
+        &a.id,
+        "--json",
+    ]);
     assert!(o.status.success(), "hub vector: {}", text(&o));
     let hv: Value = serde_json::from_slice(&o.stdout).expect("json");
     assert_eq!(hv["service"], "shaky.store", "{hv}");
@@ -394,7 +425,11 @@ inbound = "{inventory}"
         let st = a.status();
         (st["modes"]["site_endpoints"] == serde_json::json!([1, 1])).then_some(st)
     });
-    assert!(measured.is_some(), "site reachability never measured: {}", a.status()["modes"]);
+    assert!(
+        measured.is_some(),
+        "site reachability never measured: {}",
+        a.status()["modes"]
+    );
     let get = |host: &str| call(outbound, "GET", host, "/x", &[]);
     for host in ["pos", "inventory", "catalog.cloud", "ledger.cloud"] {
         assert_eq!(get(host).status, 200, "{host} before the blackout");
@@ -431,22 +466,28 @@ inbound = "{inventory}"
     .unwrap_or_else(|| panic!("never Survival: {}", a.status()));
     eprintln!("survival: {}", st["modes"]);
     let part = wait_for(Duration::from_secs(10), || {
-        a.records(&hub, "mode_transition").into_iter().find(|r| {
-            r["body"]["mode_transition"]["to"] == "survival"
-        })
+        a.records(&hub, "mode_transition")
+            .into_iter()
+            .find(|r| r["body"]["mode_transition"]["to"] == "survival")
     });
     // (A's records wait in its buffer: the hub is dark; the tail has them)
     let part = part.expect("a transition record to survival");
     let ev = &part["body"]["mode_transition"]["evidence"];
     eprintln!("partition evidence: {ev}");
-    assert_eq!(part["body"]["mode_transition"]["trigger"], "network_partition_detected");
+    assert_eq!(
+        part["body"]["mode_transition"]["trigger"],
+        "network_partition_detected"
+    );
     assert_eq!(ev["hub_reachable"], false, "{ev}");
     assert!(ev["endpoints_total"].as_u64().unwrap_or(0) >= 1, "{ev}");
     // local works; the cloud fails at once, saying the hub is unreachable
     assert_eq!(get("pos").status, 200);
     let r = get("catalog.cloud");
     assert_eq!(r.status, 503, "{r:?}");
-    assert_eq!(r.headers.get("x-tidemesh-hub").map(String::as_str), Some("unreachable"));
+    assert_eq!(
+        r.headers.get("x-tidemesh-hub").map(String::as_str),
+        Some("unreachable")
+    );
     snap("survival");
 
     // Heal: health checks pass, Recovery; the ramp.
@@ -462,13 +503,22 @@ inbound = "{inventory}"
     let mut failed_once = false;
     let mut ledger = (0usize, 0usize); // (served locally, served in the cloud)
     let done = loop {
-        assert!(t_rec.elapsed() < Duration::from_secs(90), "the ramp never completed");
+        assert!(
+            t_rec.elapsed() < Duration::from_secs(90),
+            "the ramp never completed"
+        );
         let r = get("catalog.cloud");
         let refused = r.status == 503 && r.headers.contains_key("retry-after");
         if !refused {
-            ramped.push(Ramped { at: SystemTime::now(), admitted: true });
+            ramped.push(Ramped {
+                at: SystemTime::now(),
+                admitted: true,
+            });
         } else {
-            ramped.push(Ramped { at: SystemTime::now(), admitted: false });
+            ramped.push(Ramped {
+                at: SystemTime::now(),
+                admitted: false,
+            });
         }
         let l = get("ledger.cloud");
         assert_eq!(l.status, 200, "ledger is served in every step: {l:?}");
@@ -511,9 +561,14 @@ inbound = "{inventory}"
     let start_at = trans
         .iter()
         .rev()
-        .find(|r| r["body"]["mode_transition"]["to"] == "recovery" && r["body"]["mode_transition"]["from"] == "survival")
+        .find(|r| {
+            r["body"]["mode_transition"]["to"] == "recovery"
+                && r["body"]["mode_transition"]["from"] == "survival"
+        })
         .expect("survival -> recovery");
-    let ts = |r: &Value| humantime::parse_rfc3339(r["timestamp"].as_str().unwrap_or("")).expect("timestamp");
+    let ts = |r: &Value| {
+        humantime::parse_rfc3339(r["timestamp"].as_str().unwrap_or("")).expect("timestamp")
+    };
     let mut steps: Vec<(SystemTime, u64)> = vec![(ts(start_at), 1)];
     let mut seq_pcts = vec![1u64];
     for r in &trans {
@@ -526,7 +581,10 @@ inbound = "{inventory}"
     }
     eprintln!("ramp percents: {seq_pcts:?}");
     let back = seq_pcts.windows(2).any(|w| w[1] < w[0]);
-    assert!(back, "a failure during the ramp steps it back: {seq_pcts:?}");
+    assert!(
+        back,
+        "a failure during the ramp steps it back: {seq_pcts:?}"
+    );
     let mut uniq = seq_pcts.clone();
     uniq.dedup();
     for p in [1, 2, 4, 8, 16, 32, 64, 100] {
@@ -547,36 +605,218 @@ inbound = "{inventory}"
         let share = calls.iter().filter(|c| c.admitted).count() as f64 / n;
         let pf = *p as f64 / 100.0;
         let tol = 3.0 * (pf * (1.0 - pf) / n).sqrt() + 0.02;
-        eprintln!("step at {p} %: {} calls, {:.1} % admitted (tolerance {:.1} %)", calls.len(), share * 100.0, tol * 100.0);
-        assert!((share - pf).abs() <= tol, "step {p} %: admitted {share} of {n}");
+        eprintln!(
+            "step at {p} %: {} calls, {:.1} % admitted (tolerance {:.1} %)",
+            calls.len(),
+            share * 100.0,
+            tol * 100.0
+        );
+        assert!(
+            (share - pf).abs() <= tol,
+            "step {p} %: admitted {share} of {n}"
+        );
         checked += 1;
     }
     assert!(checked >= 6, "steps with at least 200 calls: {checked}");
 
     // Vectors: each service answered in each mode, with levels that moved.
     for (label, v) in &vectors {
-        assert!(v["mode"].is_string() && v["dimensions"]["routing"]["level"].is_string(), "{label}: {v}");
+        assert!(
+            v["mode"].is_string() && v["dimensions"]["routing"]["level"].is_string(),
+            "{label}: {v}"
+        );
     }
     let get_v = |label: &str| &vectors.iter().find(|(l, _)| l == label).expect(label).1;
     assert_eq!(get_v("target/pos.store")["mode"], "target");
     assert_eq!(get_v("survival/pos.store")["mode"], "survival");
     assert_eq!(get_v("recovery/catalog.cloud")["mode"], "recovery");
-    assert_eq!(level(get_v("target/pos.store"), "local", "routing"), "dynamic");
-    assert_eq!(level(get_v("survival/pos.store"), "local", "routing"), "static");
-    assert_eq!(level(get_v("target/pos.store"), "local", "observability"), "logs");
-    assert_eq!(level(get_v("survival/pos.store"), "local", "observability"), "metrics");
-    assert_eq!(level(get_v("target/catalog.cloud"), "cloud", "reliability"), "circuit_break");
-    assert_eq!(level(get_v("survival/catalog.cloud"), "cloud", "reliability"), "best_effort");
-    assert_eq!(level(get_v("recovery/catalog.cloud"), "cloud", "routing"), "traffic_shaped");
-    assert_eq!(level(get_v("target/inventory.store"), "same_site", "security"), "authenticated");
-    assert_eq!(level(get_v("target/catalog.cloud"), "cloud", "security"), "plaintext");
-    assert_eq!(level(get_v("target/catalog.cloud"), "cloud", "identity"), "none");
-    assert_eq!(level(get_v("target/inventory.store"), "same_site", "identity"), "spiffe");
+    assert_eq!(
+        level(get_v("target/pos.store"), "local", "routing"),
+        "dynamic"
+    );
+    assert_eq!(
+        level(get_v("survival/pos.store"), "local", "routing"),
+        "static"
+    );
+    assert_eq!(
+        level(get_v("target/pos.store"), "local", "observability"),
+        "logs"
+    );
+    assert_eq!(
+        level(get_v("survival/pos.store"), "local", "observability"),
+        "metrics"
+    );
+    assert_eq!(
+        level(get_v("target/catalog.cloud"), "cloud", "reliability"),
+        "circuit_break"
+    );
+    assert_eq!(
+        level(get_v("survival/catalog.cloud"), "cloud", "reliability"),
+        "best_effort"
+    );
+    assert_eq!(
+        level(get_v("recovery/catalog.cloud"), "cloud", "routing"),
+        "traffic_shaped"
+    );
+    assert_eq!(
+        level(get_v("target/inventory.store"), "same_site", "security"),
+        "authenticated"
+    );
+    assert_eq!(
+        level(get_v("target/catalog.cloud"), "cloud", "security"),
+        "plaintext"
+    );
+    assert_eq!(
+        level(get_v("target/catalog.cloud"), "cloud", "identity"),
+        "none"
+    );
+    assert_eq!(
+        level(get_v("target/inventory.store"), "same_site", "identity"),
+        "spiffe"
+    );
     assert_eq!(
         get_v("survival/catalog.cloud")["paths"][0]["usable"],
         false,
         "the cloud path is not usable in survival"
     );
-    let weakens = &get_v("target/catalog.cloud")["paths"][0]["dimensions"]["security"]["evidence"]["legs"];
+    let weakens =
+        &get_v("target/catalog.cloud")["paths"][0]["dimensions"]["security"]["evidence"]["legs"];
     assert_eq!(weakens[1]["encrypted"], false, "{weakens}");
+}
+
+/// A workload answering after `delay`.
+fn slow_server(delay: Duration) -> SocketAddr {
+    use std::io::Write;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { continue };
+            std::thread::spawn(move || {
+                let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+                if tidemesh_tests::http::read_message(&mut c).is_none() {
+                    return;
+                }
+                std::thread::sleep(delay);
+                let _ = c.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                );
+            });
+        }
+    });
+    addr
+}
+
+/// Config that acts: a DestinationPolicy's `timeout` bounds the call, its
+/// `rateLimit` answers 429 with retry-after at the caller, and an
+/// AuthorizationPolicy's `source.namespaces` is enforced from the calling
+/// workload's namespace.
+#[test]
+fn destination_policy_timeout_rate_limit_and_source_namespaces_act() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut hub = HubProc::init(tmp.path(), TD);
+    let hub_addr = hub.start();
+    let mesh = format!(
+        "{STORE_SF01}
+---
+apiVersion: tidemesh.io/v1alpha1
+kind: DestinationPolicy
+metadata: {{name: slow, namespace: store}}
+spec:
+  host: slow.store
+  timeout: 400ms
+  retries: {{attempts: 0}}
+---
+apiVersion: tidemesh.io/v1alpha1
+kind: DestinationPolicy
+metadata: {{name: limited, namespace: store}}
+spec:
+  host: limited.store
+  rateLimit: {{maxTokens: 3, tokensPerFill: 3, fillInterval: 30s}}
+---
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {{name: open-store, namespace: store}}
+spec:
+  action: ALLOW
+  rules:
+  - from: [{{source: {{namespaces: [store, kiosk]}}}}]
+---
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {{name: store-only, namespace: vault}}
+spec:
+  selector: {{matchLabels: {{app: vault}}}}
+  action: ALLOW
+  rules:
+  - from: [{{source: {{namespaces: [store]}}}}]
+"
+    );
+    apply(&hub, tmp.path(), "mesh", &mesh);
+    let slow = slow_server(Duration::from_secs(2));
+    let limited = echo_server("limited");
+    let vault = echo_server("vault");
+    let (o_front, o_kiosk) = (free_tcp(), free_tcp());
+    let cfg = write_config(
+        tmp.path(),
+        "a",
+        &format!(
+            r#"[[workload]]
+service_account = "frontend"
+namespace = "store"
+outbound = "{o_front}"
+
+[[workload]]
+service_account = "kiosk"
+namespace = "kiosk"
+outbound = "{o_kiosk}"
+
+[[workload]]
+service_account = "slow"
+namespace = "store"
+inbound = "{slow}"
+
+[[workload]]
+service_account = "limited"
+namespace = "store"
+inbound = "{limited}"
+
+[[workload]]
+service_account = "vault"
+namespace = "vault"
+labels = {{ app = "vault" }}
+inbound = "{vault}"
+"#
+        ),
+    );
+    let mut a = SpokeProc::new(tmp.path(), "a", &format!("spiffe://{TD}/store/sf01/node/a"))
+        .with_args(&["--config", &cfg]);
+    start(&hub, &mut a, hub_addr);
+
+    // timeout: the workload takes 2 s, the policy allows 400 ms
+    let t = Instant::now();
+    let r = call(o_front, "GET", "slow.store", "/", &[]);
+    let took = t.elapsed();
+    eprintln!(
+        "slow.store with a 400 ms timeout: {} after {took:?}",
+        r.status
+    );
+    assert_eq!(r.status, 504, "{r:?}");
+    assert!(took < Duration::from_millis(1_500), "{took:?}");
+
+    // rate limit: 3 tokens per 30 s, at the caller
+    let codes: Vec<u16> = (0..5)
+        .map(|_| call(o_front, "GET", "limited.store", "/", &[]).status)
+        .collect();
+    assert_eq!(&codes[..3], &[200, 200, 200], "{codes:?}");
+    let r = call(o_front, "GET", "limited.store", "/", &[]);
+    assert_eq!(r.status, 429, "{r:?}");
+    assert!(r.headers.contains_key("retry-after"), "{r:?}");
+    assert!(r.body.contains("destination policy"), "{r:?}");
+
+    // source.namespaces: frontend (namespace store) may call the vault,
+    // kiosk (namespace kiosk) may not
+    assert_eq!(call(o_front, "GET", "vault.vault", "/", &[]).status, 200);
+    let r = call(o_kiosk, "GET", "vault.vault", "/", &[]);
+    assert_eq!(r.status, 403, "{r:?}");
 }

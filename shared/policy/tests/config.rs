@@ -87,7 +87,7 @@ spec:
     window: 10s
     openTime: 30s
     halfOpenProbes: 3
-  limits: {maxConnections: 100, maxRequests: 200, connectTimeout: 1s}
+  limits: {maxConnections: 100, maxRequests: 200}
   rateLimit: {maxTokens: 100, tokensPerFill: 100, fillInterval: 1s}
 ---
 apiVersion: networking.istio.io/v1beta1
@@ -100,9 +100,9 @@ spec:
       simple: LEAST_REQUEST
       localityLbSetting: {enabled: true}
     connectionPool:
-      tcp: {maxConnections: 10, connectTimeout: 250ms}
-      http: {http1MaxPendingRequests: 5, http2MaxRequests: 50, maxRequestsPerConnection: 1, maxRetries: 2}
-    outlierDetection: {consecutive5xxErrors: 7, interval: 5s, baseEjectionTime: 1m, maxEjectionPercent: 50}
+      tcp: {maxConnections: 10}
+      http: {http1MaxPendingRequests: 5, http2MaxRequests: 50}
+    outlierDetection: {consecutive5xxErrors: 7, interval: 5s, baseEjectionTime: 1m}
 ---
 apiVersion: networking.istio.io/v1alpha3
 kind: VirtualService
@@ -524,4 +524,49 @@ fn the_deploy_example_mesh_is_valid() {
             "pricing.cloud pricing.example.com:50051"
         ]
     );
+}
+
+/// Fields of Istio's schema tidemesh would not act on are refused, each
+/// named, never silently accepted.
+#[test]
+fn fields_tidemesh_does_not_act_on_are_refused() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {name: ledger, namespace: retail}
+spec:
+  host: ledger
+  trafficPolicy:
+    connectionPool:
+      tcp: {connectTimeout: 250ms}
+      http: {maxRequestsPerConnection: 1, maxRetries: 2}
+    outlierDetection: {consecutive5xxErrors: 7, maxEjectionPercent: 50}
+---
+apiVersion: tidemesh.io/v1alpha1
+kind: DestinationPolicy
+metadata: {name: pos, namespace: retail}
+spec:
+  host: pos
+  circuitBreaker: {consecutiveErrors: 5, maxEjectionPercent: 10}
+  limits: {maxConnections: 10, connectTimeout: 1s, maxRequestsPerConnection: 3, maxRetries: 1}
+"#;
+    let e = MeshConfig::from_yaml(yaml).unwrap_err();
+    let all: Vec<String> = e.issues().iter().map(ToString::to_string).collect();
+    for field in [
+        "spec.trafficPolicy.connectionPool.tcp.connectTimeout",
+        "spec.trafficPolicy.connectionPool.http.maxRequestsPerConnection",
+        "spec.trafficPolicy.connectionPool.http.maxRetries",
+        "spec.trafficPolicy.outlierDetection.maxEjectionPercent",
+        "spec.circuitBreaker.maxEjectionPercent",
+        "spec.limits.connectTimeout",
+        "spec.limits.maxRequestsPerConnection",
+        "spec.limits.maxRetries",
+    ] {
+        assert!(
+            all.iter()
+                .any(|i| i.contains(field) && i.contains("not supported by tidemesh")),
+            "{field}: {all:#?}"
+        );
+    }
+    assert_eq!(e.count(), 8, "{all:#?}");
 }

@@ -60,6 +60,7 @@ pub(crate) fn authorize(
         let s = p.as_str();
         s.strip_prefix("spiffe://").unwrap_or(s)
     });
+    let source_ns = principal.and_then(|p| s.caller_namespace(p));
     let t0 = Instant::now();
     let mut req = AuthzRequest {
         workload: WorkloadRef {
@@ -67,7 +68,7 @@ pub(crate) fn authorize(
             labels: &w.labels,
         },
         source_principal: principal_str,
-        source_namespace: None,
+        source_namespace: source_ns.as_deref(),
         method: "",
         path: "",
         port,

@@ -263,6 +263,10 @@ pub(crate) struct Shared {
     in_flight: Mutex<HashMap<String, Arc<resilience::InFlight>>>,
     /// The evidence records of each service in its current mode (vectors).
     pub(crate) seqs: Mutex<HashMap<String, vector::SeqRange>>,
+    /// Each destination host's rate limit (its destination policy's
+    /// `rateLimit`), as a token bucket, with the limit it was made for.
+    dest_limits:
+        Mutex<HashMap<String, (tidemesh_policy::model::RateLimit, ratelimit::TokenBucket)>>,
 }
 
 impl Shared {
@@ -477,6 +481,61 @@ impl Shared {
                     .map(|b| b.try_withdraw(std::time::Instant::now()))
             })
             .unwrap_or(false)
+    }
+
+    /// `host`'s rate limit (its destination policy's `rateLimit`), checked
+    /// by the caller: `None` without one. A poisoned lock refuses.
+    pub fn dest_rate_check(&self, host: &str) -> Option<ratelimit::Check> {
+        let limit = {
+            let c = self.compiled();
+            c.config
+                .destination_policy(host)
+                .and_then(|p| p.traffic.rate_limit)
+        }?;
+        let now = std::time::Instant::now();
+        let mut m = match self.dest_limits.lock() {
+            Ok(m) => m,
+            Err(_) => {
+                let mut b = ratelimit::TokenBucket::new(limit);
+                let mut c = b.handle_request(now);
+                c.allowed = false;
+                c.retry_after = Some(Duration::from_secs(1));
+                return Some(c);
+            }
+        };
+        let e = m
+            .entry(host.to_owned())
+            .or_insert_with(|| (limit, ratelimit::TokenBucket::new(limit)));
+        if e.0 != limit {
+            *e = (limit, ratelimit::TokenBucket::new(limit));
+        }
+        Some(e.1.handle_request(now))
+    }
+
+    /// The namespace of the workload a verified caller is: one of this
+    /// spoke's own workloads, else the one workload of that service account
+    /// at the caller's store in the config in force (the registry). `None`
+    /// when it is not known or not unique: a `source.namespaces` rule then
+    /// does not match.
+    pub fn caller_namespace(&self, principal: &SpiffeId) -> Option<String> {
+        let (store, account) = match naming::classify(principal)? {
+            naming::MeshIdentity::Workload { store, account } => (store, account),
+            _ => return None,
+        };
+        if store == self.store {
+            if let Some(w) = self.workloads.iter().find(|w| w.account == account) {
+                return Some(w.namespace.clone());
+            }
+        }
+        let c = self.compiled();
+        let mut found = c
+            .config
+            .workloads
+            .iter()
+            .filter(|w| w.store == store && w.service_account == account)
+            .map(|w| w.id.namespace.clone());
+        let first = found.next()?;
+        found.all(|n| n == first).then_some(first)
     }
 
     /// A slot under `host`'s request limit, if one is free.
@@ -904,6 +963,7 @@ impl DataPlane {
             budgets: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
             seqs: Mutex::new(HashMap::new()),
+            dest_limits: Mutex::new(HashMap::new()),
             settings,
         });
         refresh_svids(&shared);

@@ -293,9 +293,34 @@ async fn handle(s: &Shared, caller: usize, mut req: Request<Incoming>) -> Respon
         retry.attempts = retry.attempts.min(profile.retries.attempts);
     }
     let dest = resolved.host.clone();
-    // The route's timeout bounds the whole call, retries included (as
-    // Istio's); each try has its own when the retry policy sets one.
-    let deadline = started + resolved.timeout.unwrap_or(s.settings.request_timeout);
+    // The destination's rate limit (its policy's rateLimit), at the caller.
+    if let Some(check) = s.dest_rate_check(&dest) {
+        ev.rate_limit_check = Some(check.evidence.clone());
+        if let Some(after) = check.retry_after {
+            let reason = format!(
+                "rate limit of {dest} exceeded ({} requests/s, its destination policy)",
+                check.evidence.limit
+            );
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            let r = local_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                &reason,
+                &[("retry-after", secs.max(1).to_string())],
+            );
+            ev.routing_decision = Some(resolved.evidence);
+            finish_evidence(&mut ev, started, r.status(), &reason);
+            s.record(ev);
+            return r;
+        }
+    }
+    // The route's timeout (else the destination policy's) bounds the whole
+    // call, retries included (as Istio's); each try has its own when the
+    // retry policy sets one.
+    let deadline = started
+        + resolved
+            .timeout
+            .or(policy.and_then(|p| p.traffic.timeout))
+            .unwrap_or(s.settings.request_timeout);
 
     // A request that may be retried keeps its (small) body in memory.
     let (mut parts, body) = req.into_parts();

@@ -341,6 +341,14 @@ pub(crate) fn check_principal(p: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Fields tidemesh accepts in Istio's schema but does not act on are
+/// refused, never ignored; these say what to do instead.
+const UNACTED_CONNECT_TIMEOUT: &str = "is not supported by tidemesh: connect timeouts are the spoke's (run --data-* settings, 2 s); remove it";
+const UNACTED_PER_CONNECTION: &str =
+    "is not supported by tidemesh (connections are pooled and reused); remove it";
+const UNACTED_MAX_RETRIES: &str = "is not supported by tidemesh: retries are bounded by the retry budget (20 % of requests plus 10/s) and the mode matrix; remove it";
+const UNACTED_EJECTION: &str = "is not supported by tidemesh: every endpoint may be ejected, and traffic fails over local, site, cloud; remove it";
+
 fn condition_key(k: &str) -> Result<ConditionKey, String> {
     if let Some(h) = k
         .strip_prefix("request.headers[")
@@ -656,8 +664,9 @@ pub(crate) fn destination_rule(
                     1,
                     i64::from(u32::MAX),
                 );
-                l.connect_timeout =
-                    cx.duration(&format!("{p}.tcp.connectTimeout"), &tcp.connect_timeout);
+                if tcp.connect_timeout.is_some() {
+                    cx.err(format!("{p}.tcp.connectTimeout"), UNACTED_CONNECT_TIMEOUT);
+                }
             }
             if let Some(http) = pool.http {
                 let max = i64::from(u32::MAX);
@@ -673,14 +682,15 @@ pub(crate) fn destination_rule(
                     1,
                     max,
                 );
-                l.max_requests_per_connection = cx.opt_int(
-                    &format!("{p}.http.maxRequestsPerConnection"),
-                    http.max_requests_per_connection,
-                    0,
-                    max,
-                );
-                l.max_retries =
-                    cx.opt_int(&format!("{p}.http.maxRetries"), http.max_retries, 0, max);
+                if http.max_requests_per_connection.is_some() {
+                    cx.err(
+                        format!("{p}.http.maxRequestsPerConnection"),
+                        UNACTED_PER_CONNECTION,
+                    );
+                }
+                if http.max_retries.is_some() {
+                    cx.err(format!("{p}.http.maxRetries"), UNACTED_MAX_RETRIES);
+                }
             }
             traffic.limits = (l != ConnectionLimits::default()).then_some(l);
         }
@@ -701,12 +711,9 @@ pub(crate) fn destination_rule(
             if let Some(t) = cx.duration(&format!("{p}.baseEjectionTime"), &od.base_ejection_time) {
                 cb.open_time = t;
             }
-            cb.max_ejection_percent = cx.opt_int(
-                &format!("{p}.maxEjectionPercent"),
-                od.max_ejection_percent,
-                0,
-                100,
-            );
+            if od.max_ejection_percent.is_some() {
+                cx.err(format!("{p}.maxEjectionPercent"), UNACTED_EJECTION);
+            }
             traffic.circuit_breaker = Some(cb);
         }
     }
@@ -822,12 +829,9 @@ pub(crate) fn destination_policy(
         if let Some(v) = cx.opt_int(&format!("{p}.halfOpenProbes"), c.half_open_probes, 1, 1000) {
             cb.half_open_probes = v;
         }
-        cb.max_ejection_percent = cx.opt_int(
-            &format!("{p}.maxEjectionPercent"),
-            c.max_ejection_percent,
-            0,
-            100,
-        );
+        if c.max_ejection_percent.is_some() {
+            cx.err(format!("{p}.maxEjectionPercent"), UNACTED_EJECTION);
+        }
         if cb.window.is_zero() {
             cx.err(format!("{p}.window"), "must be longer than 0");
         }
@@ -835,9 +839,21 @@ pub(crate) fn destination_policy(
     }
     if let Some(l) = spec.limits {
         let p = "spec.limits";
+        if l.connect_timeout.is_some() {
+            cx.err(format!("{p}.connectTimeout"), UNACTED_CONNECT_TIMEOUT);
+        }
+        if l.max_requests_per_connection.is_some() {
+            cx.err(
+                format!("{p}.maxRequestsPerConnection"),
+                UNACTED_PER_CONNECTION,
+            );
+        }
+        if l.max_retries.is_some() {
+            cx.err(format!("{p}.maxRetries"), UNACTED_MAX_RETRIES);
+        }
         let l = ConnectionLimits {
             max_connections: cx.opt_int(&format!("{p}.maxConnections"), l.max_connections, 1, max),
-            connect_timeout: cx.duration(&format!("{p}.connectTimeout"), &l.connect_timeout),
+            connect_timeout: None,
             max_pending_requests: cx.opt_int(
                 &format!("{p}.maxPendingRequests"),
                 l.max_pending_requests,
@@ -845,13 +861,8 @@ pub(crate) fn destination_policy(
                 max,
             ),
             max_requests: cx.opt_int(&format!("{p}.maxRequests"), l.max_requests, 1, max),
-            max_requests_per_connection: cx.opt_int(
-                &format!("{p}.maxRequestsPerConnection"),
-                l.max_requests_per_connection,
-                0,
-                max,
-            ),
-            max_retries: cx.opt_int(&format!("{p}.maxRetries"), l.max_retries, 0, max),
+            max_requests_per_connection: None,
+            max_retries: None,
         };
         traffic.limits = (l != ConnectionLimits::default()).then_some(l);
     }
