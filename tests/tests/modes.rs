@@ -219,9 +219,11 @@ inbound = "{}"
     let in_mode = |mode: &str| {
         reqs.iter()
             .map(|r| &r["body"]["request"])
-            .filter(|r| r["service_name"] == "shaky.store" && r["mode"] == mode)
-            .filter(|r| r["reliability"].is_object())
-            .next_back()
+            .rfind(|r| {
+                r["service_name"] == "shaky.store"
+                    && r["mode"] == mode
+                    && r["reliability"].is_object()
+            })
             .cloned()
             .unwrap_or_else(|| panic!("no {mode} record"))
     };
@@ -526,7 +528,7 @@ inbound = "{inventory}"
             Some("ledger-local") => ledger.0 += 1,
             _ => ledger.1 += 1,
         }
-        if ramped.len() % 200 == 0 {
+        if ramped.len().is_multiple_of(200) {
             let st = a.status();
             let pct = st["modes"]["ramp_percent"].as_u64().unwrap_or(0);
             // one failure of an admitted remote call at 16 %: a step back

@@ -589,13 +589,10 @@ async fn cloud(
     let call = super::tunnel::call(s, who.idx, addr, &server, header, req, limit, ev);
     // A call in flight when the spoke finds the hub gone (the control
     // session's idle timeout) ends then, not at its own timeout.
-    let link_lost = async {
-        loop {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            if !s.h.hub.borrow().connected {
-                break;
-            }
-        }
+    let mut hub = s.h.hub.clone();
+    let link_lost = async move {
+        // the control session publishes every change of the link
+        let _ = hub.wait_for(|h| !h.connected).await;
     };
     let mut resp = tokio::select! {
         r = call => r,
