@@ -316,8 +316,33 @@ impl Hub {
                 gw.close_revoked(&list);
             }
         }
-        self.serve_gateway_streams(conn.clone(), Arc::new(peer))
-            .await;
+        // no connection outlives the certificates it was made with
+        let expires = svid
+            .issuer()
+            .map_or(svid.not_after(), |i| i.not_after().min(svid.not_after()));
+        let clock = self.inner.clock.clone();
+        let watched = conn.clone();
+        let who = peer.clone();
+        let expiry = async move {
+            loop {
+                let left = expires
+                    .duration_since(clock.now())
+                    .unwrap_or(Duration::ZERO);
+                if left.is_zero() {
+                    debug!(peer = %who, "closing a gateway connection: its SVID expired");
+                    watched.close(
+                        quinn::VarInt::from_u32(close::EXPIRED),
+                        b"certificate expired",
+                    );
+                    return;
+                }
+                tokio::time::sleep(left.min(Duration::from_secs(60))).await;
+            }
+        };
+        tokio::select! {
+            _ = self.serve_gateway_streams(conn.clone(), Arc::new(peer)) => {}
+            _ = expiry => {}
+        }
         if let Ok(mut m) = gw.conns.lock() {
             m.remove(&stable);
         }

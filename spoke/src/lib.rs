@@ -23,8 +23,12 @@
 //!
 //! # Layout
 //! - this file: [`Spoke`], its settings and the wiring of its tasks;
-//! - `control`: enrollment, the control session to the hub (sync, pushes,
-//!   renewal of SVIDs and the node CA, time anchors, reports);
+//! - `control`: enrollment and the control session to the hub (sync,
+//!   pushes, reports), with `control/plan.rs`, the sans-IO upkeep of a
+//!   session (renewal of the node SVID and the node CA, time anchors,
+//!   retry backoff); config sync follows `tidemesh_proto::sync`;
+//! - [`ConfigInForce`]: a config decoded and compiled once, before it
+//!   becomes the last-known-good, and published through a watch;
 //! - `health`: workload health checks and reachability probes of site peers;
 //! - `ops`: the read side (status, horizon, vectors, evidence verification,
 //!   the admin socket);
@@ -229,13 +233,59 @@ struct Live {
     last_contact_ms: Option<u64>,
 }
 
-/// The config in force: the last-known-good, decoded once.
-#[derive(Debug)]
+/// The config in force: a snapshot decoded and compiled once, before it
+/// becomes the last-known-good. Only [`ConfigInForce::check`] makes one, so
+/// a config the data plane sees has compiled route rules and policies: a
+/// snapshot that does not decode or compile is refused and the previous
+/// last-known-good stays in force.
 pub struct ConfigInForce {
     /// Version, times and the snapshot as stored.
     pub applied: replica::Applied,
     /// The decoded config.
     pub config: Arc<MeshConfig>,
+    routes: Arc<tidemesh_policy::CompiledRoutes>,
+    policies: Arc<tidemesh_policy::CompiledPolicies>,
+}
+
+impl std::fmt::Debug for ConfigInForce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigInForce")
+            .field("version", &self.applied.version)
+            .field("bytes", &self.applied.snapshot.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConfigInForce {
+    /// Decodes and compiles a snapshot: the only way to a config in force.
+    pub fn check(applied: replica::Applied) -> Result<ConfigInForce, SpokeError> {
+        let version = applied.version;
+        let config: MeshConfig = postcard::from_bytes(&applied.snapshot).map_err(|e| {
+            SpokeError::Invalid(format!("config version {version} does not decode: {e}"))
+        })?;
+        let routes = tidemesh_policy::CompiledRoutes::from_config(&config).map_err(|e| {
+            SpokeError::Invalid(format!(
+                "config version {version}: route rules do not compile: {e}"
+            ))
+        })?;
+        let policies = tidemesh_policy::CompiledPolicies::from_config(&config);
+        Ok(ConfigInForce {
+            applied,
+            config: Arc::new(config),
+            routes: Arc::new(routes),
+            policies: Arc::new(policies),
+        })
+    }
+
+    /// The compiled route rules.
+    pub fn routes(&self) -> &Arc<tidemesh_policy::CompiledRoutes> {
+        &self.routes
+    }
+
+    /// The compiled authorization policies.
+    pub fn policies(&self) -> &Arc<tidemesh_policy::CompiledPolicies> {
+        &self.policies
+    }
 }
 
 /// The config in force, as published (`None` before the first config).
@@ -422,19 +472,19 @@ impl Spoke {
         let replica =
             replica::Replica::open(store.dir()).map_err(|e| SpokeError::Invalid(e.to_string()))?;
         let config = match replica.last_known_good() {
-            Ok(Some(a)) => match postcard::from_bytes::<MeshConfig>(&a.snapshot) {
-                Ok(c) => {
-                    info!(version = a.version, "serving the last-known-good config");
-                    Some(Arc::new(ConfigInForce {
-                        applied: a,
-                        config: Arc::new(c),
-                    }))
+            Ok(Some(a)) => {
+                let version = a.version;
+                match ConfigInForce::check(a) {
+                    Ok(c) => {
+                        info!(version, "serving the last-known-good config");
+                        Some(Arc::new(c))
+                    }
+                    Err(e) => {
+                        warn!(version, error = %e, "last-known-good config is unusable; ignoring it");
+                        None
+                    }
                 }
-                Err(e) => {
-                    warn!(version = a.version, error = %e, "last-known-good config does not decode; ignoring it");
-                    None
-                }
-            },
+            }
             Ok(None) => None,
             Err(e) => {
                 warn!(error = %e, "cannot read the last-known-good config");
@@ -893,5 +943,51 @@ impl Spoke {
                 _ = self.inner.issue_wake.notified() => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod config_in_force_tests {
+    use super::*;
+    use tidemesh_policy::model::StringMatch;
+
+    const YAML: &str = r#"
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: reviews, namespace: store}
+spec:
+  hosts: [reviews.store]
+  http:
+  - match: [{uri: {regex: "/v[0-9]+/.*"}}]
+    route: [{destination: {host: reviews.store}}]
+"#;
+
+    fn applied(snapshot: Vec<u8>) -> replica::Applied {
+        replica::Applied {
+            version: 7,
+            hub_applied_ms: 1,
+            applied_ms: 2,
+            snapshot,
+        }
+    }
+
+    #[test]
+    fn only_a_config_that_decodes_and_compiles_comes_into_force() {
+        let mut cfg = MeshConfig::from_yaml(YAML).expect("the example parses");
+        let good = postcard::to_allocvec(&cfg).expect("encodes");
+        let c = ConfigInForce::check(applied(good)).expect("a good snapshot is in force");
+        assert_eq!(c.applied.version, 7);
+        assert_eq!(c.config.route_rules.len(), 1);
+
+        // bytes that are no config
+        let e = ConfigInForce::check(applied(vec![0xff; 40])).expect_err("garbage refused");
+        assert!(e.to_string().contains("does not decode"), "{e}");
+
+        // a snapshot that decodes but whose route rules do not compile
+        // (the hub checks regexes; a spoke never trusts that it did)
+        cfg.route_rules[0].http[0].matches[0].uri = Some(StringMatch::Regex("(".into()));
+        let bad = postcard::to_allocvec(&cfg).expect("encodes");
+        let e = ConfigInForce::check(applied(bad)).expect_err("uncompilable refused");
+        assert!(e.to_string().contains("do not compile"), "{e}");
     }
 }

@@ -59,6 +59,9 @@ pub mod close {
     /// out connecting): nothing of the stream was delivered, so the caller
     /// may offer it to another endpoint.
     pub const UNREACHABLE: u32 = 6;
+    /// A certificate the connection was made with expired: a connection
+    /// never outlives the SVIDs (or node CAs) that authenticated it.
+    pub const EXPIRED: u32 = 7;
 }
 
 /// Why a frame was refused.

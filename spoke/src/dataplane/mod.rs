@@ -189,8 +189,8 @@ pub(crate) struct LocalWorkload {
 pub(crate) struct Compiled {
     pub version: Option<u64>,
     pub config: Arc<MeshConfig>,
-    pub policies: CompiledPolicies,
-    pub routes: Option<CompiledRoutes>,
+    pub policies: Arc<CompiledPolicies>,
+    pub routes: Option<Arc<CompiledRoutes>>,
     /// Endpoints on other spokes of the site.
     pub site: Vec<resolve::SiteEndpoint>,
     /// Every canonical service host this spoke could route to.
@@ -272,9 +272,16 @@ pub(crate) struct Shared {
 impl Shared {
     /// The config in force, compiled once per config.
     pub fn compiled(&self) -> Arc<Compiled> {
-        let (version, config) = match self.h.config.borrow().as_ref() {
-            Some(c) => (Some(c.applied.version), c.config.clone()),
-            None => (None, empty_config()),
+        // the routes and policies were compiled when the config was
+        // checked; only what depends on the registry is derived here
+        let (version, config, routes, policies) = match self.h.config.borrow().as_ref() {
+            Some(c) => (
+                Some(c.applied.version),
+                c.config.clone(),
+                Some(c.routes().clone()),
+                c.policies().clone(),
+            ),
+            None => (None, empty_config(), None, empty_policies()),
         };
         if let Ok(c) = self.compiled.read() {
             if let Some(c) = c.as_ref() {
@@ -283,20 +290,13 @@ impl Shared {
                 }
             }
         }
-        let routes = match CompiledRoutes::from_config(&config) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                warn!(version = ?version, error = %e, "route rules do not compile; routing straight to hosts");
-                None
-            }
-        };
         let site = resolve::site_endpoints(self, &config);
         let hosts = resolve::known_hosts(self, &config, &site);
         let candidates = resolve::candidates_by_host(self, &config, &site, &hosts);
         let c = Arc::new(Compiled {
             candidates,
             version,
-            policies: CompiledPolicies::from_config(&config),
+            policies,
             routes,
             site,
             hosts,
@@ -659,6 +659,13 @@ impl Shared {
 }
 
 /// The empty config (no config in force yet), one per process.
+fn empty_policies() -> Arc<CompiledPolicies> {
+    static EMPTY: std::sync::OnceLock<Arc<CompiledPolicies>> = std::sync::OnceLock::new();
+    EMPTY
+        .get_or_init(|| Arc::new(CompiledPolicies::from_config(&empty_config())))
+        .clone()
+}
+
 fn empty_config() -> Arc<MeshConfig> {
     static EMPTY: std::sync::OnceLock<Arc<MeshConfig>> = std::sync::OnceLock::new();
     EMPTY
@@ -769,8 +776,8 @@ pub(crate) fn span_random() -> [u8; 24] {
 }
 
 /// Probes every same-site endpoint of `service` as local workload
-/// `account`: one tunnel stream each (a new handshake when no pooled
-/// connection is open), answered by the peer spoke itself. One JSON object
+/// `account`: a new handshake on a one-off connection each, answered by
+/// the peer spoke itself. One JSON object
 /// per endpoint: `server`, `address`, `ok`, `error`, `handshake_us`,
 /// `peer_time`, `peer_time_trusted`, `serves`, `elapsed_ms`.
 pub(crate) async fn probe_site(

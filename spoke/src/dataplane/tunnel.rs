@@ -60,6 +60,63 @@ pub(crate) struct Tunnel {
     conn: quinn::Connection,
     server: SpiffeId,
     fingerprint: Option<Sha256Digest>,
+    /// When the calling workload's SVID this connection presented expires:
+    /// a renewed SVID means a new connection for new streams.
+    own_not_after: SystemTime,
+    /// When the first certificate of either chain expires: the connection
+    /// is closed then.
+    expires: SystemTime,
+}
+
+/// Closes a one-off connection when dropped.
+struct CloseOnDrop(quinn::Connection);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0
+            .close(quinn::VarInt::from_u32(close::NORMAL), b"done");
+    }
+}
+
+/// The earliest expiry in the peer's chain (leaf and node CA), by the
+/// certificates it presented on `conn`.
+fn peer_chain_expiry(conn: &quinn::Connection) -> Option<SystemTime> {
+    let chain = tidemesh_net::quic::peer_chain(conn)?;
+    chain
+        .iter()
+        .filter_map(|c| tidemesh_identity::svid::cert_validity(c).ok())
+        .map(|(_, not_after)| not_after)
+        .min()
+}
+
+/// Closes `conn` when the trusted clock reaches `deadline` (a certificate
+/// that authenticated it expires), or returns when it closes first. The
+/// deadline is read against the trusted clock, which may jump (a new time
+/// anchor): it is looked at again at least every minute.
+pub(crate) async fn close_at_expiry(
+    clock: Arc<crate::TrustedClock>,
+    conn: quinn::Connection,
+    deadline: SystemTime,
+    who: SpiffeId,
+) {
+    use tidemesh_identity::clock::Clock;
+    loop {
+        let left = deadline
+            .duration_since(clock.now())
+            .unwrap_or(Duration::ZERO);
+        if left.is_zero() {
+            info!(peer = %who, "closing a data tunnel connection: a certificate it was made with expired");
+            conn.close(
+                quinn::VarInt::from_u32(close::EXPIRED),
+                b"certificate expired",
+            );
+            return;
+        }
+        tokio::select! {
+            _ = conn.closed() => return,
+            _ = tokio::time::sleep(left.min(Duration::from_secs(60))) => {}
+        }
+    }
 }
 
 /// The calling end's connections, the serving end's open connections and
@@ -224,6 +281,10 @@ pub(crate) async fn refresh_server_config(s: &Arc<Shared>) {
     }
 }
 
+/// The pooled connection of `caller` to `addr`, or a new one (then with the
+/// handshake time). A pooled connection made with an SVID the caller has
+/// since renewed is not used for new streams: it drains and closes at its
+/// expiry.
 async fn connect(
     s: &Shared,
     caller: usize,
@@ -238,10 +299,45 @@ async fn connect(
         .ok()
         .and_then(|m| m.get(&key).cloned())
     {
-        if t.conn.close_reason().is_none() && &t.server == server {
+        let current =
+            s.h.creds
+                .current()
+                .workloads
+                .get(caller)
+                .cloned()
+                .flatten()
+                .map(|w| w.not_after);
+        if t.conn.close_reason().is_none()
+            && &t.server == server
+            && s.now() < t.expires
+            && current == Some(t.own_not_after)
+        {
             return Ok((t, None));
         }
     }
+    let (t, hs) = connect_new(s, caller, addr, server).await?;
+    let t = Arc::new(t);
+    if let Ok(mut m) = s.tunnels.conns.lock() {
+        if let Some(old) = m.insert(key, t.clone()) {
+            if old.conn.close_reason().is_none() {
+                // A concurrent request connected too, or the SVID was
+                // renewed; let the old one drain.
+                debug!(%addr, "replacing a data tunnel connection");
+            }
+        }
+    }
+    Ok((t, Some(hs)))
+}
+
+/// A new connection of `caller` to the peer spoke `server` at `addr`, with
+/// the handshake's duration in µs; closed when a certificate of either
+/// chain expires.
+async fn connect_new(
+    s: &Shared,
+    caller: usize,
+    addr: SocketAddr,
+    server: &SpiffeId,
+) -> Result<(Tunnel, u32), String> {
     let cur = s.h.creds.current();
     let svid = cur
         .workloads
@@ -298,20 +394,28 @@ async fn connect(
     };
     let hs = t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
     info!(workload = %s.workloads[caller].account, peer = %server, %addr, "data tunnel connected");
-    let t = Arc::new(Tunnel {
-        fingerprint: leaf_fingerprint(&conn),
-        conn,
-        server: server.clone(),
-    });
-    if let Ok(mut m) = s.tunnels.conns.lock() {
-        if let Some(old) = m.insert(key, t.clone()) {
-            if old.conn.close_reason().is_none() {
-                // A concurrent request connected too; let the old one drain.
-                debug!(%addr, "replacing a data tunnel connection");
-            }
-        }
-    }
-    Ok((t, Some(hs)))
+    // a leaf never outlives the node CA that issued it
+    let expires = [Some(svid.not_after), peer_chain_expiry(&conn)]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(svid.not_after);
+    tokio::spawn(close_at_expiry(
+        s.h.clock.clone(),
+        conn.clone(),
+        expires,
+        server.clone(),
+    ));
+    Ok((
+        Tunnel {
+            fingerprint: leaf_fingerprint(&conn),
+            conn,
+            server: server.clone(),
+            own_not_after: svid.not_after,
+            expires,
+        },
+        hs,
+    ))
 }
 
 impl Tunnel {
@@ -500,6 +604,24 @@ async fn serve_conn(s: Arc<Shared>, conn: quinn::Connection) {
             s.tunnels.close_revoked(&list);
         }
     }
+    // closed when the peer's leaf or node CA, or this spoke's serving
+    // certificate, expires
+    let own = s.tunnels.server_cert.lock().ok().and_then(|c| *c);
+    let expires = [
+        Some(svid.not_after()),
+        svid.issuer().map(|i| i.not_after()),
+        own,
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+    .unwrap_or(svid.not_after());
+    let _expiry = crate::AbortOnDrop(tokio::spawn(close_at_expiry(
+        s.h.clock.clone(),
+        conn.clone(),
+        expires,
+        id.clone(),
+    )));
     let peer = Arc::new(Peer {
         fingerprint: leaf_fingerprint(&conn),
         id,
@@ -622,9 +744,10 @@ pub(crate) struct Probed {
 }
 
 /// Probes the peer spoke `server` at `addr` as local workload `caller`,
-/// naming `service` served by `account` there: the same connection pool and
-/// handshake as requests; records the probe when `record` (an operator's or
-/// a drill's; the mode machine's routine reachability probes are not).
+/// naming `service` served by `account` there. An operator's or a drill's
+/// probe (`record`) makes a new handshake on a one-off connection and is
+/// recorded; the mode machine's routine reachability probes use the
+/// connection pool and are not recorded.
 pub(crate) async fn probe(
     s: &Shared,
     caller: usize,
@@ -651,7 +774,19 @@ pub(crate) async fn probe(
     );
     let result = async {
         let bytes = header.encode().map_err(|e| e.to_string())?;
-        let (t, hs, (mut send, mut recv)) = open_stream(s, caller, addr, server).await?;
+        // an operator's probe makes a new handshake (does mTLS work now,
+        // with the SVIDs in force?); the routine ones use the pool
+        let (t, hs, (mut send, mut recv)) = if record {
+            let (t, hs) = connect_new(s, caller, addr, server).await?;
+            let streams = timeout(s.settings.connect_timeout, t.conn.open_bi())
+                .await
+                .map_err(|_| "no stream credit from the peer in time".to_string())?
+                .map_err(|e| e.to_string())?;
+            (Arc::new(t), Some(hs), streams)
+        } else {
+            open_stream(s, caller, addr, server).await?
+        };
+        let _close = record.then(|| CloseOnDrop(t.conn.clone()));
         ev.identity = Some(t.identity_evidence(s, caller, hs));
         send.write_all(&bytes).await.map_err(|e| e.to_string())?;
         let _ = send.finish();

@@ -10,6 +10,10 @@
 
 use super::*;
 
+pub(crate) mod plan;
+
+use plan::{Action, Facts, Plan, PlanSettings, Validity};
+
 pub(crate) fn expect_cert(
     resp: Response,
 ) -> Result<(Vec<CertificateDer<'static>>, Vec<CertificateDer<'static>>), SpokeError> {
@@ -184,32 +188,27 @@ impl Spoke {
         hub_applied_ms: u64,
         snapshot: Vec<u8>,
     ) -> Result<(), SpokeError> {
-        let cfg: MeshConfig = postcard::from_bytes(&snapshot).map_err(|e| {
-            SpokeError::Unexpected(format!("config version {version} does not decode: {e}"))
-        })?;
-        let previous = self.config_version();
-        self.record_config(
-            version,
-            previous,
-            &snapshot,
-            tidemesh_evidence::record::ConfigSource::Hub,
-        );
         let applied = replica::Applied {
             version,
             hub_applied_ms,
             applied_ms: unix_ms(self.inner.clock.now()),
             snapshot,
         };
+        // decoded and compiled before it may become the last-known-good
+        let checked = ConfigInForce::check(applied)?;
+        let previous = self.config_version();
+        self.record_config(
+            version,
+            previous,
+            &checked.applied.snapshot,
+            tidemesh_evidence::record::ConfigSource::Hub,
+        );
         self.inner
             .replica
-            .apply(&applied)
+            .apply(&checked.applied)
             .map_err(|e| SpokeError::Invalid(e.to_string()))?;
-        let cfg = Arc::new(cfg);
-        self.inner.modes.config(&cfg.mode_matrix);
-        self.inner.config.send_replace(Some(Arc::new(ConfigInForce {
-            applied,
-            config: cfg,
-        })));
+        self.inner.modes.config(&checked.config.mode_matrix);
+        self.inner.config.send_replace(Some(Arc::new(checked)));
         if let Ok(mut g) = self.inner.registry_gen.lock() {
             *g = registry;
         }
@@ -637,12 +636,27 @@ impl Spoke {
         let me = self.clone();
         let ping_conn = conn.clone();
         let _ping = AbortOnDrop(tokio::spawn(async move { me.ping_loop(ping_conn).await }));
-        let mut next_anchor = tokio::time::Instant::now() + self.inner.cfg.anchor_interval;
+        let mut plan = Plan::new(
+            PlanSettings {
+                renew_fraction: self.inner.cfg.renew_fraction,
+                anchor_interval: self.inner.cfg.anchor_interval,
+                min_gap: Duration::from_millis(100),
+            },
+            self.inner.clock.now(),
+        );
         loop {
-            let next = self.maintain(&conn).await;
-            let now = self.inner.clock.now();
-            let wait = next.duration_since(now).unwrap_or(Duration::ZERO);
-            debug!(wait = ?wait, "next certificate maintenance");
+            let facts = self.plan_facts();
+            if let Some(action) = plan.poll_action(&facts) {
+                let ok = self.perform(&conn, action).await;
+                let backoff = self.jitter(Duration::from_secs(5));
+                plan.handle_result(action, self.inner.clock.now(), ok, backoff);
+                continue;
+            }
+            let wait = plan
+                .next_wake(&facts)
+                .duration_since(facts.now)
+                .unwrap_or(Duration::ZERO);
+            debug!(wait = ?wait, "next session upkeep");
             tokio::select! {
                 e = conn.closed() => {
                     return Ok(SessionEnd::Lost(match &e {
@@ -662,55 +676,64 @@ impl Spoke {
                     }));
                 }
                 _ = tokio::time::sleep(wait) => {}
-                _ = tokio::time::sleep_until(next_anchor) => {
-                    next_anchor = tokio::time::Instant::now() + self.inner.cfg.anchor_interval;
-                    if let Err(e) = self.refresh_time(&conn).await {
-                        warn!(error = %e, "no time anchor from the hub");
-                    }
-                    self.touch_contact();
-                }
             }
         }
     }
 
-    /// Renews the node SVID and the node CA when due; returns when to look
-    /// again.
-    pub(crate) async fn maintain(&self, conn: &quinn::Connection) -> SystemTime {
-        let now = self.inner.clock.now();
-        let frac = self.inner.cfg.renew_fraction;
-        let retry = now + self.jitter(Duration::from_secs(5));
-        let mut next = now + Duration::from_secs(3600);
-        let node = self.inner.creds.current().node.clone();
-        if node.renew_at(frac) <= now {
-            match self.renew_node(conn, &node).await {
-                Ok(_) => {}
-                Err(e) => {
-                    warn!(error = %e, "node SVID renewal failed; retrying");
-                    if let SpokeError::Refused {
-                        code: ErrorCode::Revoked,
-                        ..
-                    } = e
-                    {
-                        self.set_state(State::Revoked, Some(e.to_string()));
+    /// What the session's upkeep plan sees: the time and what is installed.
+    pub(crate) fn plan_facts(&self) -> Facts {
+        let c = self.inner.creds.current();
+        Facts {
+            now: self.inner.clock.now(),
+            node: Validity {
+                not_before: c.node.not_before,
+                not_after: c.node.not_after,
+            },
+            node_ca: c.node_ca.map(|f| Validity {
+                not_before: f.not_before,
+                not_after: f.not_after,
+            }),
+        }
+    }
+
+    /// Performs one upkeep action the plan asked for; whether it worked.
+    pub(crate) async fn perform(&self, conn: &quinn::Connection, action: Action) -> bool {
+        match action {
+            Action::RenewNode => {
+                let node = self.inner.creds.current().node.clone();
+                match self.renew_node(conn, &node).await {
+                    Ok(_) => true,
+                    Err(e) => {
+                        warn!(error = %e, "node SVID renewal failed; retrying");
+                        if let SpokeError::Refused {
+                            code: ErrorCode::Revoked,
+                            ..
+                        } = e
+                        {
+                            self.set_state(State::Revoked, Some(e.to_string()));
+                        }
+                        false
                     }
-                    next = next.min(retry);
                 }
             }
+            Action::RenewNodeCa => match self.ensure_node_ca(conn).await {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(error = %e, "node CA renewal failed; retrying");
+                    false
+                }
+            },
+            Action::RefreshTime => match self.refresh_time(conn).await {
+                Ok(()) => {
+                    self.touch_contact();
+                    true
+                }
+                Err(e) => {
+                    warn!(error = %e, "no time anchor from the hub");
+                    false
+                }
+            },
         }
-        let node = self.inner.creds.current().node.clone();
-        next = next.min(node.renew_at(frac).max(now + Duration::from_millis(100)));
-        if self.inner.creds.node_ca_due() {
-            if let Err(e) = self.ensure_node_ca(conn).await {
-                warn!(error = %e, "node CA renewal failed; retrying");
-                next = next.min(retry);
-            }
-        }
-        if let Some(f) = self.inner.creds.current().node_ca {
-            let half =
-                f.not_before + f.not_after.duration_since(f.not_before).unwrap_or_default() / 2;
-            next = next.min(half.max(now + Duration::from_millis(100)));
-        }
-        next
     }
 
     pub(crate) async fn renew_node(
