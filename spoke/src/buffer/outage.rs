@@ -187,7 +187,6 @@ impl LostRun {
 
 /// An entry the writer holds until a commit stores it: a record, or a run
 /// of records shed from memory.
-#[derive(Debug)]
 pub(super) enum Held {
     Rec(Append),
     Lost(LostRun),
