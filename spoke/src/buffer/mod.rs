@@ -2068,7 +2068,7 @@ async fn run_writer(
                 o.retry_at = now + o.backoff;
                 if o.failures == 1 {
                     error!(target: "tidemesh::audit", error = %e, reason = reason.as_str(), "evidence commit failed; holding records in memory and retrying");
-                } else if o.failures % 20 == 0 {
+                } else if o.failures.is_multiple_of(20) {
                     warn!(target: "tidemesh::audit", error = %e, failures = o.failures, held = p.records, "evidence commits still failing");
                 } else {
                     debug!(error = %e, failures = o.failures, "evidence commit retry failed");
