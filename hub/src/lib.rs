@@ -156,6 +156,30 @@ const DB: &str = "hub.db";
 /// The evidence database file in the data directory.
 pub const EVIDENCE_DB: &str = "evidence.db";
 
+/// Tightens `path`'s permission bits to at most `mode` (never widens them),
+/// logging when it had to: the data directory (0700) and the CA key (0600)
+/// at every open, not only at creation, so a restored backup or a `cp`
+/// cannot leave the CA key readable.
+pub(crate) fn enforce_mode(path: &Path, mode: u32) -> Result<(), HubError> {
+    use std::os::unix::fs::PermissionsExt;
+    let cur = fs::metadata(path)
+        .map_err(io_err(path))?
+        .permissions()
+        .mode()
+        & 0o7777;
+    if cur & !mode != 0 {
+        fs::set_permissions(path, fs::Permissions::from_mode(cur & mode)).map_err(io_err(path))?;
+        warn!(
+            target: "tidemesh::audit",
+            path = %path.display(),
+            was = format!("{cur:o}"),
+            now = format!("{:o}", cur & mode),
+            "file mode too open: tightened"
+        );
+    }
+    Ok(())
+}
+
 /// Writes a file that must not exist yet, with the given mode, durably.
 pub(crate) fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), HubError> {
     let mut f = fs::OpenOptions::new()
@@ -192,6 +216,10 @@ pub fn init(data_dir: &Path, td: &TrustDomain, clock: &dyn Clock) -> Result<[u8;
     write_new(&data_dir.join(CA_KEY), ca.key_pem().as_bytes(), 0o600)?;
     write_new(&data_dir.join(CA_CERT), ca.cert_pem().as_bytes(), 0o644)?;
     Store::create(&data_dir.join(DB), td.as_str())?;
+    // The new names are durable only once the directory is.
+    fs::File::open(data_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(data_dir))?;
     Ok(ca.fingerprint())
 }
 
@@ -317,6 +345,8 @@ impl Hub {
                 return Err(HubError::NotInitialized(data_dir.to_owned()));
             }
         }
+        enforce_mode(data_dir, 0o700)?;
+        enforce_mode(&key_path, 0o600)?;
         let key = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
         let cert = fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
         let ca = Ca::from_pem(&cert, &key)?;
@@ -1021,5 +1051,32 @@ pub(crate) async fn push(conn: &quinn::Connection, msg: &Push) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::debug!(error = %e, "push not delivered"),
         Err(_) => tracing::debug!("push timed out"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use tidemesh_identity::clock::SystemClock;
+
+    fn mode(p: &Path) -> u32 {
+        fs::metadata(p).expect("stat").permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn data_dir_and_ca_key_modes_are_enforced_at_every_open() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("hub");
+        let td = TrustDomain::new("modes.example").expect("td");
+        init(&dir, &td, &SystemClock).expect("init");
+        let key = dir.join(CA_KEY);
+        assert_eq!((mode(&dir), mode(&key)), (0o700, 0o600));
+        // A restored backup left both open.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).expect("chmod");
+        let hub = Hub::open(&dir, HubConfig::default(), Arc::new(SystemClock)).expect("opens");
+        drop(hub);
+        assert_eq!((mode(&dir), mode(&key)), (0o700, 0o600));
     }
 }

@@ -19,15 +19,20 @@
 //! | `state.json`                  | last successful contact with the hub |
 //! | `admin.sock`                  | the admin socket while `run` is up, mode 0600 |
 //!
-//! Every file is replaced atomically (write to a temporary file, fsync,
-//! rename, fsync the directory), so a power cut leaves the old or the new
-//! version, never a torn one.
+//! Every file is replaced atomically (write to a temporary file with a
+//! unique name, fsync, rename, fsync the directory), so a power cut leaves
+//! the old or the new version, never a torn one, and two writers of the
+//! same file never share a temporary file. Modes are enforced at every
+//! open, not only at creation: the directory is tightened to 0700 and key
+//! files to 0600 whenever they are read (a restored backup or a `cp` must
+//! not leave a key readable), with a line on the `tidemesh::audit` target.
 
 use std::{
     fs,
     io::Write,
-    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
     time::SystemTime,
 };
 
@@ -79,7 +84,42 @@ fn corrupt(path: &Path, reason: impl ToString) -> CredsError {
     }
 }
 
-/// Writes `bytes` to `path` atomically with the given mode.
+/// Tightens `path`'s permission bits to at most `mode` (it never widens
+/// them), logging when it had to.
+pub fn enforce_mode(path: &Path, mode: u32) -> Result<(), CredsError> {
+    let cur = fs::metadata(path).map_err(io(path))?.permissions().mode() & 0o7777;
+    if cur & !mode != 0 {
+        fs::set_permissions(path, fs::Permissions::from_mode(cur & mode)).map_err(io(path))?;
+        tracing::warn!(
+            target: "tidemesh::audit",
+            path = %path.display(),
+            was = format!("{cur:o}"),
+            now = format!("{:o}", cur & mode),
+            "file mode too open: tightened"
+        );
+    }
+    Ok(())
+}
+
+fn write_then_rename(tmp: &Path, path: &Path, bytes: &[u8], mode: u32) -> Result<(), CredsError> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(tmp)
+        .map_err(io(tmp))?;
+    f.write_all(bytes).map_err(io(tmp))?;
+    f.sync_all().map_err(io(tmp))?;
+    fs::rename(tmp, path).map_err(io(path))
+}
+
+/// Makes temporary names unique within the process (with the pid, across
+/// processes).
+static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Writes `bytes` to `path` atomically with the given mode: a uniquely
+/// named temporary file in the same directory, fsync'd, renamed over
+/// `path`, then the directory fsync'd so the rename is durable.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CredsError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::DirBuilder::new()
@@ -87,23 +127,23 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CredsErr
         .mode(0o700)
         .create(dir)
         .map_err(io(dir))?;
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(io(&tmp))?;
-        f.write_all(bytes).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(
+        ".{name}.{}.{}.tmp",
+        std::process::id(),
+        TMP_SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let written = write_then_rename(&tmp, path, bytes, mode);
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
     }
-    fs::rename(&tmp, path).map_err(io(path))?;
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    written?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
 }
 
 /// `spoke.json`.
@@ -214,6 +254,7 @@ impl CredStore {
         if !path.exists() {
             return Err(CredsError::NotEnrolled(self.dir.clone()));
         }
+        enforce_mode(&self.dir, 0o700)?;
         let b = fs::read(&path).map_err(io(&path))?;
         serde_json::from_slice(&b).map_err(|e| corrupt(&path, e))
     }
@@ -271,9 +312,15 @@ impl CredStore {
         fs::read_to_string(path).map_err(io(path))
     }
 
+    /// A private key file, tightened to 0600 first.
+    fn read_key(&self, path: &Path) -> Result<String, CredsError> {
+        enforce_mode(path, 0o600)?;
+        self.read_pem(path)
+    }
+
     fn load_svid(&self, key_path: &Path, chain_path: &Path) -> Result<Svid, CredsError> {
         let key =
-            svid::key_from_pem(&self.read_pem(key_path)?).map_err(|e| corrupt(key_path, e))?;
+            svid::key_from_pem(&self.read_key(key_path)?).map_err(|e| corrupt(key_path, e))?;
         let chain =
             svid::pem_certs(&self.read_pem(chain_path)?).map_err(|e| corrupt(chain_path, e))?;
         Svid::new(key, chain).map_err(|e| corrupt(chain_path, e))
@@ -338,7 +385,7 @@ impl CredStore {
     pub fn workload_key(&self, account: &str) -> Result<KeyPair, CredsError> {
         let path = self.workload_dir(account).join("key.pem");
         if path.exists() {
-            return svid::key_from_pem(&self.read_pem(&path)?).map_err(|e| corrupt(&path, e));
+            return svid::key_from_pem(&self.read_key(&path)?).map_err(|e| corrupt(&path, e));
         }
         let key = svid::generate_key().map_err(|e| corrupt(&path, e))?;
         write_atomic(&path, key.serialize_pem().as_bytes(), 0o600)?;
@@ -374,7 +421,7 @@ impl CredStore {
         if !cert.exists() || !key.exists() {
             return Ok(None);
         }
-        let k = svid::key_from_pem(&self.read_pem(&key)?).map_err(|e| corrupt(&key, e))?;
+        let k = svid::key_from_pem(&self.read_key(&key)?).map_err(|e| corrupt(&key, e))?;
         let mut certs = svid::pem_certs(&self.read_pem(&cert)?).map_err(|e| corrupt(&cert, e))?;
         if certs.len() != 1 {
             return Err(corrupt(&cert, "expected exactly one certificate"));
@@ -494,5 +541,63 @@ impl CredStore {
             0o644,
         )?;
         Ok(s.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        fs::metadata(p).expect("stat").permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn replaces_are_atomic_and_leave_no_temporary_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path().join("data");
+        let f = d.join("state.json");
+        write_atomic(&f, b"one", 0o644).expect("writes");
+        // Many writers of one file at once: each replace is whole.
+        std::thread::scope(|s| {
+            for t in 0..8u8 {
+                let f = &f;
+                s.spawn(move || {
+                    for _ in 0..25 {
+                        write_atomic(f, &[b'a' + t; 64], 0o644).expect("replaces");
+                    }
+                });
+            }
+        });
+        let got = fs::read(&f).expect("reads");
+        assert_eq!(got.len(), 64);
+        assert!(got.iter().all(|b| *b == got[0]), "one writer's bytes");
+        let names: Vec<_> = fs::read_dir(&d)
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("state.json")]);
+    }
+
+    #[test]
+    fn key_and_directory_modes_are_enforced_at_every_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path().join("data");
+        let store = CredStore::new(&d);
+        store.workload_key("web").expect("generates");
+        let key = d.join("workloads/web/key.pem");
+        assert_eq!(mode(&key), 0o600);
+        // A restored backup left it readable: the next open tightens it.
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).expect("chmod");
+        store.workload_key("web").expect("reads");
+        assert_eq!(mode(&key), 0o600);
+        // Never widened.
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o400)).expect("chmod");
+        store.workload_key("web").expect("reads");
+        assert_eq!(mode(&key), 0o400);
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).expect("chmod");
+        fs::write(d.join("spoke.json"), b"{}").expect("writes");
+        let _ = store.identity();
+        assert_eq!(mode(&d), 0o700);
     }
 }

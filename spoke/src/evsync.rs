@@ -687,6 +687,32 @@ impl Spoke {
             for (name, help, v) in counters {
                 e.single(name, Counter, help, v as f64);
             }
+            let fam = e.family(
+                "tidemesh_evidence_lost_total",
+                Counter,
+                "Evidence records the buffer could not keep, by reason: disk_full and write_failed (shed from memory while commits failed; a shed record in the chain stands for them), backlogged, buffer_full, stopped (refused at append), too_large.",
+            );
+            for r in crate::buffer::LossReason::ALL {
+                fam.sample(&[("reason", r.as_str())], st.lost.get(r) as f64);
+            }
+            e.single(
+                "tidemesh_evidence_truncated_total",
+                Counter,
+                "Evidence records over the size limit stored truncated (marked).",
+                st.truncated_records as f64,
+            );
+            e.single(
+                "tidemesh_evidence_write_failures_total",
+                Counter,
+                "Evidence commits that failed (disk full, I/O error) and were retried.",
+                st.write_failures as f64,
+            );
+            e.single(
+                "tidemesh_evidence_degraded",
+                Gauge,
+                "1 while evidence commits fail and the writer retries, holding records in memory.",
+                f64::from(u8::from(st.degraded.is_some())),
+            );
         }
         let s = self.sync_stats();
         let counters: [(&str, &str, f64); 5] = [

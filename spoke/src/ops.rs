@@ -198,6 +198,19 @@ impl Spoke {
             })).collect::<Vec<_>>(),
             "registry": self.local_registry(),
             "registration_error": self.inner.registration_error.lock().ok().and_then(|e| e.clone()),
+            // Whether evidence is being stored: `degraded` while commits
+            // fail (disk full, I/O errors), `lost` by reason since start.
+            "evidence": self.inner.evidence.get().map(|b| {
+                let st = b.stats(tidemesh_evidence::UnixMillis(unix_ms(now)));
+                json!({
+                    "degraded": st.degraded,
+                    "failed": st.failed,
+                    "lost": st.lost,
+                    "lost_total": st.lost.total(),
+                    "truncated_records": st.truncated_records,
+                    "write_failures": st.write_failures,
+                })
+            }),
         })
     }
 

@@ -15,7 +15,7 @@
 //! do: any I/O, any clock reading (every timestamp is passed in), any
 //! async runtime, or any panic on hostile bytes.
 //!
-//! # Record format (version 1)
+//! # Record format (version 2; v1 records decode unchanged)
 //! A [`SealedRecord`] on disk and on the wire is postcard of
 //! `(seq, timestamp, class, body, hash)`:
 //!
@@ -43,6 +43,7 @@ pub mod batch;
 pub mod chain;
 pub mod record;
 pub mod samples;
+pub mod truncate;
 pub mod types;
 
 pub use batch::{fitting_records, Batch, BatchError, VerifiedBatch, MAX_BATCH_BYTES};
@@ -54,6 +55,7 @@ pub use record::{
     NewRecord, RecordBody, RecordError, RecordHeader, RecordKind, SealedRecord, ShedReason,
     ShedRecord, MAX_RECORD_BYTES,
 };
+pub use truncate::TRUNCATED_MARK;
 pub use types::{
     ChainHash, EvidenceSeq, PriorityClass, Ratio, Sha256Digest, SpanId, TraceId, UnixMillis,
 };
@@ -61,7 +63,11 @@ pub use types::{
 /// The record format version: the layout of [`SealedRecord`] and every
 /// body type. Stores and sync sessions name it; bump it with any golden
 /// diff.
-pub const RECORD_FORMAT_VERSION: u16 = 1;
+///
+/// v2 appended [`ShedReason::DiskFull`] and [`ShedReason::WriteFailed`]
+/// (shed records written when commits failed); every v1 encoding decodes
+/// unchanged, so the v1 golden files stand.
+pub const RECORD_FORMAT_VERSION: u16 = 2;
 
 #[cfg(test)]
 mod tests;

@@ -604,6 +604,13 @@ pub struct ConfigApplied {
 pub enum ShedReason {
     /// The spoke's buffer reached its byte bound.
     BufferFull,
+    /// The spoke's disk was full: commits failed with "no space left on
+    /// device" and the writer shed these records from memory while it
+    /// waited for space (format v2).
+    DiskFull,
+    /// Commits failed with another I/O error and the writer shed these
+    /// records from memory while it retried (format v2).
+    WriteFailed,
 }
 
 /// An inclusive range of sequence numbers.

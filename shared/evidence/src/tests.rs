@@ -1045,3 +1045,21 @@ proptest! {
         }
     }
 }
+
+/// Format v2 appended two shed reasons: their variant indexes and JSON
+/// names are fixed (v1's `buffer_full` is still 0).
+#[test]
+fn shed_reasons_v2_are_appended_at_the_end() {
+    for (r, index, name) in [
+        (ShedReason::BufferFull, 0u8, "buffer_full"),
+        (ShedReason::DiskFull, 1, "disk_full"),
+        (ShedReason::WriteFailed, 2, "write_failed"),
+    ] {
+        assert_eq!(postcard::to_allocvec(&r).expect("encodes"), vec![index]);
+        assert_eq!(
+            serde_json::to_value(r).expect("json"),
+            serde_json::json!(name)
+        );
+    }
+    assert_eq!(RECORD_FORMAT_VERSION, 2);
+}

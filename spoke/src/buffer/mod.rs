@@ -32,6 +32,31 @@
 //! numbers of the lost, never-committed records (nobody outside the
 //! process ever saw them: `pending` only reads committed records).
 //!
+//! This is shown, not claimed: the `powercut` tests run the buffer on a
+//! simulated disk (`tidemesh_simdisk`, opened with [`Storage::Backend`])
+//! that drops every write not yet synced at a seeded moment (and may land
+//! a torn subset of them), then reopen from what the disk kept and check
+//! that every record reported committed is there and the chain verifies.
+//! The same check with fsync left out fails, so the test can fail.
+//!
+//! # Disk full and I/O errors
+//! A failed commit does not stop the writer. It keeps the group (and
+//! everything appended since) in memory, reopens the database (redb
+//! refuses every operation after an I/O error until it is reopened) and
+//! retries with backoff ([`BufferConfig::retry_min`] doubling to
+//! [`BufferConfig::retry_max`]); `stats` shows `degraded` meanwhile and
+//! appends go on. When more than half of [`BufferConfig::max_queued`]
+//! records are held, it sheds from memory by the priority rules (debug,
+//! then request, never audit), oldest first, and counts each shed record in
+//! `lost` (`disk_full` or `write_failed`). Once a commit works again, each
+//! shed run is written as one shed record with reason `disk_full` or
+//! `write_failed` (the gap in the chain, stated: range, count, class) and
+//! the recovery is logged on the `tidemesh::audit` target. Appends refused
+//! (backlogged, buffer full of audit records, writer stopped) are counted
+//! in `lost` by reason too, so every record is either stored or counted.
+//! A record over the size limit is truncated and marked
+//! (`tidemesh_evidence::truncate`), counted in `truncated_records`.
+//!
 //! # Bound and shedding
 //! The buffer holds at most [`BufferConfig::capacity_bytes`] of evidence,
 //! counted as the encoded record size plus [`RECORD_OVERHEAD`] bytes per
@@ -74,23 +99,39 @@
 //! is `base.next_seq`, each next key is the previous record's last covered
 //! sequence number + 1.
 
+use std::collections::VecDeque;
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use redb::{Builder, Database, ReadableDatabase, ReadableTable, Table, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, Table, TableDefinition};
 use serde::{Deserialize, Serialize};
+use tidemesh_evidence::record::SeqRange;
 use tidemesh_evidence::{
-    resume_shed, Chain, ChainError, ChainHash, ChainPosition, ChainVerifier, EncodedBody,
-    EvidenceSeq, NewRecord, PriorityClass, RecordError, RecordHeader, RecordKind, SealedRecord,
-    ShedError, ShedReason, ShedRun, UnixMillis, VerifiedChain, MAX_RECORD_BYTES,
+    resume_shed, seal_shed, Chain, ChainError, ChainHash, ChainPosition, ChainVerifier,
+    EncodedBody, EvidenceSeq, NewRecord, PriorityClass, RecordError, RecordHeader, RecordKind,
+    SealedRecord, ShedError, ShedReason, ShedRecord, ShedRun, UnixMillis, VerifiedChain,
+    MAX_RECORD_BYTES,
 };
 use tidemesh_identity::SpiffeId;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
+
+mod outage;
+mod storage;
+
+use outage::{shed_held, Held, LossCounters, LostRun};
+pub use outage::{LossReason, LostCounts};
+use storage::DbSlot;
+pub use storage::{BackendFactory, Storage};
+
+#[cfg(test)]
+mod faults;
+#[cfg(test)]
+mod powercut;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("evidence_meta");
 const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("evidence_records");
@@ -136,6 +177,11 @@ pub struct BufferConfig {
     /// state), so reopening after a crash is instant instead of a full
     /// scan of a possibly multi-GB file. Default true.
     pub quick_repair: bool,
+    /// First wait before retrying a failed commit (disk full, I/O error);
+    /// doubles per failure up to `retry_max`. Default 100 ms.
+    pub retry_min: Duration,
+    /// Longest wait between retries of a failed commit. Default 5 s.
+    pub retry_max: Duration,
 }
 
 impl Default for BufferConfig {
@@ -149,6 +195,8 @@ impl Default for BufferConfig {
             max_queued: 100_000,
             cache_bytes: 32 << 20,
             quick_repair: true,
+            retry_min: Duration::from_millis(100),
+            retry_max: Duration::from_secs(5),
         }
     }
 }
@@ -179,6 +227,12 @@ impl BufferConfig {
         }
         if self.max_queued == 0 {
             return Err(OpenError::Config("max_queued must be at least 1".into()));
+        }
+        if self.retry_min.is_zero() || self.retry_min > self.retry_max {
+            return Err(OpenError::Config(format!(
+                "retry_min {:?} must be above zero and at most retry_max {:?}",
+                self.retry_min, self.retry_max
+            )));
         }
         Ok(())
     }
@@ -288,6 +342,12 @@ pub enum BufferError {
     /// The writer stopped.
     #[error("evidence writer stopped: {0}")]
     Stopped(String),
+    /// The database is being reopened after an I/O error (the writer
+    /// retries; see `evidence stats` for `degraded`).
+    #[error(
+        "evidence database unavailable while it is reopened after an I/O error; retry shortly"
+    )]
+    Unavailable,
 }
 
 macro_rules! db_err {
@@ -357,6 +417,15 @@ pub struct BufferStats {
     pub oldest_pending_age_s: u64,
     /// Set when the writer stopped on an error.
     pub failed: Option<String>,
+    /// Set while commits fail and the writer retries (disk full, I/O
+    /// error): what failed, since when, how often.
+    pub degraded: Option<String>,
+    /// Commits that failed since open (each retried).
+    pub write_failures: u64,
+    /// Records the buffer could not keep since open, by reason.
+    pub lost: LostCounts,
+    /// Records over the size limit stored truncated (marked) since open.
+    pub truncated_records: u64,
 }
 
 /// What the writer publishes after each commit.
@@ -368,6 +437,8 @@ struct Published {
     stats: Stats,
     oldest: Option<UnixMillis>,
     failed: Option<String>,
+    degraded: Option<String>,
+    write_failures: u64,
 }
 
 struct Append {
@@ -393,7 +464,7 @@ struct SeqState {
 }
 
 struct Inner {
-    db: Arc<Database>,
+    db: Arc<DbSlot>,
     spoke: SpiffeId,
     cfg: BufferConfig,
     seq: Mutex<SeqState>,
@@ -401,6 +472,8 @@ struct Inner {
     queued_audit_bytes: Arc<AtomicU64>,
     queued_records: Arc<AtomicU64>,
     audit_refused: AtomicU64,
+    truncated: AtomicU64,
+    lost: Arc<LossCounters>,
     writer: Mutex<Option<JoinHandle<()>>>,
     disk: DiskThread,
 }
@@ -567,11 +640,31 @@ impl EvidenceBuffer {
         spoke: &SpiffeId,
         cfg: BufferConfig,
     ) -> Result<EvidenceBuffer, OpenError> {
+        Self::open_on(Storage::File(path.to_path_buf()), spoke, cfg)
+    }
+
+    /// [`EvidenceBuffer::open`] on any [`Storage`]: a file, or a redb
+    /// storage backend (tests run the buffer on a simulated disk with
+    /// power cuts and injected I/O errors).
+    pub fn open_on(
+        storage: Storage,
+        spoke: &SpiffeId,
+        cfg: BufferConfig,
+    ) -> Result<EvidenceBuffer, OpenError> {
+        Self::open_with(storage, spoke, cfg, true)
+    }
+
+    /// `fsync: false` commits with redb's `Durability::None`: only for the
+    /// test that shows the power-cut check fails without fsync.
+    fn open_with(
+        storage: Storage,
+        spoke: &SpiffeId,
+        cfg: BufferConfig,
+        fsync: bool,
+    ) -> Result<EvidenceBuffer, OpenError> {
         cfg.validate()?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| OpenError::NoRuntime)?;
-        let db = Builder::new()
-            .set_cache_size(cfg.cache_bytes)
-            .create(path)?;
+        let db = storage.open(cfg.cache_bytes)?;
 
         let mut txn = db.begin_write()?;
         txn.set_quick_repair(cfg.quick_repair);
@@ -620,12 +713,12 @@ impl EvidenceBuffer {
         };
         txn.commit()?;
 
-        let db = Arc::new(db);
         let Tail {
             tip,
             oldest,
             newest,
         } = check_tail(&db, &base, cfg.tail_check)?;
+        let db = Arc::new(DbSlot::new(storage, cfg.cache_bytes, db));
         let committed = tip.last_seq();
         let published = Published {
             committed,
@@ -634,13 +727,17 @@ impl EvidenceBuffer {
             stats,
             oldest,
             failed: None,
+            degraded: None,
+            write_failures: 0,
         };
         let (pub_tx, pub_rx) = watch::channel(published);
         let (tx, rx) = mpsc::unbounded_channel();
         let queued_audit_bytes = Arc::new(AtomicU64::new(0));
         let queued_records = Arc::new(AtomicU64::new(0));
+        let lost = Arc::new(LossCounters::default());
         let writer = Writer {
-            db: db.clone(),
+            slot: db.clone(),
+            fsync,
             chain: Chain::resume(tip),
             base,
             stats,
@@ -659,9 +756,18 @@ impl EvidenceBuffer {
             writer,
             disk.clone(),
             pub_tx,
-            (cfg.commit_interval, cfg.max_group),
-            queued_audit_bytes.clone(),
-            queued_records.clone(),
+            WriterSettings {
+                interval: cfg.commit_interval,
+                max_group: cfg.max_group,
+                retry_min: cfg.retry_min,
+                retry_max: cfg.retry_max,
+                shed_at: (cfg.max_queued / 2).max(1),
+            },
+            Shared {
+                queued_audit_bytes: queued_audit_bytes.clone(),
+                queued_records: queued_records.clone(),
+                lost: lost.clone(),
+            },
         ));
         Ok(EvidenceBuffer {
             inner: Arc::new(Inner {
@@ -676,6 +782,8 @@ impl EvidenceBuffer {
                 queued_audit_bytes,
                 queued_records,
                 audit_refused: AtomicU64::new(0),
+                truncated: AtomicU64::new(0),
+                lost,
                 writer: Mutex::new(Some(task)),
                 disk,
             }),
@@ -696,13 +804,16 @@ impl EvidenceBuffer {
     /// when the buffer is full, older ones are shed instead.
     pub fn append(&self, record: NewRecord) -> Result<AppendTicket, AppendError> {
         let inner = &*self.inner;
-        if let Some(f) = &inner.published.borrow().failed {
-            return Err(AppendError::Stopped(f.clone()));
+        let failed = inner.published.borrow().failed.clone();
+        if let Some(f) = failed {
+            inner.lost.add(LossReason::Stopped, 1);
+            return Err(AppendError::Stopped(f));
         }
-        let body = EncodedBody::new(&record.body)?;
+        let body = self.encode(record.body)?;
         let est_cost = cost(body.sealed_len_bound());
         let queued = inner.queued_records.load(Ordering::Relaxed);
         if queued >= inner.cfg.max_queued {
+            inner.lost.add(LossReason::Backlogged, 1);
             return Err(AppendError::Backlogged(queued));
         }
         let audit = record.class == PriorityClass::Audit;
@@ -711,6 +822,7 @@ impl EvidenceBuffer {
                 + inner.queued_audit_bytes.load(Ordering::Relaxed);
             if held + est_cost > inner.cfg.capacity_bytes {
                 inner.audit_refused.fetch_add(1, Ordering::Relaxed);
+                inner.lost.add(LossReason::BufferFull, 1);
                 warn!(
                     target: "tidemesh::audit",
                     held,
@@ -728,6 +840,7 @@ impl EvidenceBuffer {
         let mut st = lock(&inner.seq);
         let seq = st.next;
         let Some(tx) = &st.tx else {
+            inner.lost.add(LossReason::Stopped, 1);
             return Err(AppendError::Stopped("the buffer was closed".into()));
         };
         if audit {
@@ -750,6 +863,7 @@ impl EvidenceBuffer {
                     .fetch_sub(est_cost, Ordering::Relaxed);
             }
             inner.queued_records.fetch_sub(1, Ordering::Relaxed);
+            inner.lost.add(LossReason::Stopped, 1);
             let why = inner
                 .published
                 .borrow()
@@ -764,6 +878,34 @@ impl EvidenceBuffer {
             seq,
             published: inner.published.clone(),
         })
+    }
+
+    /// Encodes a body, truncating (and marking) one over the size limit
+    /// rather than losing it.
+    fn encode(&self, mut body: tidemesh_evidence::RecordBody) -> Result<EncodedBody, AppendError> {
+        match EncodedBody::new(&body) {
+            Ok(b) => return Ok(b),
+            Err(RecordError::TooLarge { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let kind = body.kind().as_str();
+        let encoded = body.truncate_to_fit().and_then(|_| EncodedBody::new(&body));
+        match encoded {
+            Ok(b) => {
+                self.inner.truncated.fetch_add(1, Ordering::Relaxed);
+                warn!(
+                    target: "tidemesh::audit",
+                    kind,
+                    "evidence record over the size limit stored truncated"
+                );
+                Ok(b)
+            }
+            Err(e) => {
+                self.inner.lost.add(LossReason::TooLarge, 1);
+                warn!(target: "tidemesh::audit", kind, error = %e, "evidence record too large even truncated: lost");
+                Err(e.into())
+            }
+        }
     }
 
     /// Runs `f` on the buffer's evidence thread (below the request path's
@@ -787,7 +929,7 @@ impl EvidenceBuffer {
         max_records: usize,
         max_bytes: usize,
     ) -> Result<Vec<SealedRecord>, BufferError> {
-        let txn = self.inner.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let meta = txn.open_table(META)?;
         let records = txn.open_table(RECORDS)?;
         let base: ChainPosition = match meta.get("base")? {
@@ -883,6 +1025,11 @@ impl EvidenceBuffer {
             .unwrap_or_else(|_| Err(BufferError::Stopped(self.failure())))
     }
 
+    /// The open database (`Unavailable` while the writer reopens it).
+    fn db(&self) -> Result<Arc<Database>, BufferError> {
+        self.inner.db.get().ok_or(BufferError::Unavailable)
+    }
+
     fn failure(&self) -> String {
         self.inner
             .published
@@ -910,12 +1057,16 @@ impl EvidenceBuffer {
             commits: p.commits,
             oldest_pending_age_s: p.oldest.map_or(0, |t| now.seconds_since(t)),
             failed: p.failed,
+            degraded: p.degraded,
+            write_failures: p.write_failures,
+            lost: self.inner.lost.snapshot(),
+            truncated_records: self.inner.truncated.load(Ordering::Relaxed),
         }
     }
 
     /// The last `n` committed records, oldest first. Blocking read.
     pub fn tail(&self, n: usize) -> Result<Vec<SealedRecord>, BufferError> {
-        let txn = self.inner.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let records = txn.open_table(RECORDS)?;
         let mut out = Vec::with_capacity(n.min(4096));
         for item in records.iter()?.rev().take(n) {
@@ -929,7 +1080,7 @@ impl EvidenceBuffer {
     /// The position after the last acked record: where the buffer's own
     /// chain starts (genesis until the first ack).
     pub fn base(&self) -> Result<ChainPosition, BufferError> {
-        let txn = self.inner.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let meta = txn.open_table(META)?;
         match meta.get("base")? {
             Some(v) => decode_meta("base", v.value()),
@@ -941,7 +1092,7 @@ impl EvidenceBuffer {
     /// stored value as is; the error names the first broken sequence
     /// number. Blocking; reads the whole buffer.
     pub fn verify(&self) -> Result<VerifiedChain, BufferError> {
-        let txn = self.inner.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let meta = txn.open_table(META)?;
         let records = txn.open_table(RECORDS)?;
         let base: ChainPosition = match meta.get("base")? {
@@ -1136,7 +1287,9 @@ impl RunAcc {
 
 /// The writer task's state; moved to the evidence thread for each commit.
 struct Writer {
-    db: Arc<Database>,
+    slot: Arc<DbSlot>,
+    /// false only in the test showing the power-cut check needs fsync.
+    fsync: bool,
     chain: Chain,
     base: ChainPosition,
     stats: Stats,
@@ -1154,10 +1307,17 @@ struct Writer {
     quick_repair: bool,
 }
 
-type AckReply = (
-    oneshot::Sender<Result<(), BufferError>>,
-    Result<(), BufferError>,
-);
+/// The writer's in-memory state as of the last commit, restored when a
+/// transaction fails (so memory never runs ahead of the disk).
+struct Mark {
+    chain: Chain,
+    base: ChainPosition,
+    stats: Stats,
+    oldest: Option<UnixMillis>,
+    now: UnixMillis,
+    debug_cursor: u64,
+    request_cursor: u64,
+}
 
 impl Writer {
     fn publish(&self) -> Published {
@@ -1168,25 +1328,72 @@ impl Writer {
             stats: self.stats,
             oldest: self.oldest,
             failed: None,
+            degraded: None,
+            write_failures: 0,
         }
     }
 
-    /// One write transaction for a group of commands.
-    fn commit(&mut self, group: Vec<Cmd>) -> Result<Vec<AckReply>, BufferError> {
-        let mut txn = self.db.begin_write()?;
+    fn mark(&self) -> Mark {
+        Mark {
+            chain: self.chain.clone(),
+            base: self.base,
+            stats: self.stats,
+            oldest: self.oldest,
+            now: self.now,
+            debug_cursor: self.debug_cursor,
+            request_cursor: self.request_cursor,
+        }
+    }
+
+    fn restore(&mut self, m: Mark) {
+        self.chain = m.chain;
+        self.base = m.base;
+        self.stats = m.stats;
+        self.oldest = m.oldest;
+        self.now = m.now;
+        self.debug_cursor = m.debug_cursor;
+        self.request_cursor = m.request_cursor;
+    }
+
+    /// One write transaction: the group's held entries (records, and runs
+    /// shed from memory while commits failed), then the acks, each with
+    /// its answer. On error the in-memory state is as before.
+    fn commit(
+        &mut self,
+        group: &[Held],
+        acks: &[EvidenceSeq],
+    ) -> Result<Vec<Result<(), BufferError>>, BufferError> {
+        let mark = self.mark();
+        let res = self.commit_in(group, acks);
+        if res.is_err() {
+            self.restore(mark);
+        }
+        res
+    }
+
+    fn commit_in(
+        &mut self,
+        group: &[Held],
+        acks: &[EvidenceSeq],
+    ) -> Result<Vec<Result<(), BufferError>>, BufferError> {
+        let db = self.slot.get().ok_or(BufferError::Unavailable)?;
+        let mut txn = db.begin_write()?;
         txn.set_quick_repair(self.quick_repair);
-        let mut replies = Vec::new();
+        if !self.fsync {
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| BufferError::Stopped(e.to_string()))?;
+        }
+        let mut replies = Vec::with_capacity(acks.len());
         {
             let mut records = txn.open_table(RECORDS)?;
-            for cmd in group {
-                match cmd {
-                    Cmd::Append(a) => self.insert(&mut records, a)?,
-                    Cmd::Ack { up_to, done } => {
-                        let r = self.ack_in(&mut records, up_to)?;
-                        replies.push((done, r));
-                    }
-                    Cmd::Close(_) => {}
+            for h in group {
+                match h {
+                    Held::Rec(a) => self.insert(&mut records, a)?,
+                    Held::Lost(l) => self.insert_lost(&mut records, l)?,
                 }
+            }
+            for up_to in acks {
+                replies.push(self.ack_in(&mut records, *up_to)?);
             }
             if self.stats.pending_bytes > self.capacity {
                 self.shed(&mut records)?;
@@ -1206,7 +1413,107 @@ impl Writer {
         Ok(replies)
     }
 
-    fn insert(&mut self, records: &mut Table<u64, &[u8]>, a: Append) -> Result<(), BufferError> {
+    /// Reopens the database after an I/O error and takes the writer's state
+    /// from what is stored: what it last committed, or, when a commit
+    /// reported as failed reached the disk after all, that commit (whose
+    /// held entries the task then drops as committed). An error if the
+    /// disk holds less than was committed.
+    fn reopen(&mut self) -> Result<(), BufferError> {
+        let db = self.slot.reopen()?;
+        let txn = db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        let records = txn.open_table(RECORDS)?;
+        let get = |name: &str| -> Result<Vec<u8>, BufferError> {
+            meta.get(name)?
+                .map(|v| v.value().to_vec())
+                .ok_or_else(|| corrupt(format!("meta {name} missing")))
+        };
+        let base: ChainPosition = decode_meta("base", &get("base")?)?;
+        let stats: Stats = decode_meta("stats", &get("stats")?)?;
+        let tip = match records.last()? {
+            Some((k, v)) => {
+                let (_, last, link) = last_and_link(v.value(), k.value())?;
+                ChainPosition {
+                    next_seq: last.next(),
+                    hash: link,
+                }
+            }
+            None => base,
+        };
+        let pos = *self.chain.position();
+        if tip.next_seq < pos.next_seq || (tip.next_seq == pos.next_seq && tip.hash != pos.hash) {
+            return Err(corrupt(format!(
+                "after reopening, the stored chain ends at {} but {} was committed: the disk lost committed writes",
+                tip.last_seq(),
+                pos.last_seq()
+            )));
+        }
+        self.oldest = match records.first()? {
+            Some((k, v)) => Some(decode_record(k.value(), v.value())?.oldest_timestamp()),
+            None => None,
+        };
+        self.chain = Chain::resume(tip);
+        self.base = base;
+        self.stats = stats;
+        Ok(())
+    }
+
+    /// Writes a run shed from memory as one shed record. Its records were
+    /// never sealed, so the record after the run links to the link before
+    /// it: the shed record's `last_hash`.
+    fn insert_lost(
+        &mut self,
+        records: &mut Table<u64, &[u8]>,
+        l: &LostRun,
+    ) -> Result<(), BufferError> {
+        let pos = *self.chain.position();
+        if l.first != pos.next_seq {
+            return Err(corrupt(format!(
+                "shed run {} reached the writer when {} was next",
+                l.first, pos.next_seq
+            )));
+        }
+        let range = SeqRange {
+            first: l.first,
+            last: l.last,
+        };
+        self.now = self.now.max(l.last_timestamp);
+        let rec = seal_shed(
+            &pos.hash,
+            self.now,
+            ShedRecord {
+                range,
+                count: range.len(),
+                class: l.class,
+                reason: l.reason.shed_reason(),
+                first_timestamp: l.first_timestamp,
+                last_timestamp: l.last_timestamp,
+                last_hash: pos.hash,
+            },
+        );
+        let bytes = rec.encode();
+        records.insert(l.first.get(), bytes.as_slice())?;
+        let c = cost(bytes.len());
+        let st = &mut self.stats;
+        st.pending_records += 1;
+        st.pending_bytes += c;
+        st.audit_bytes += c;
+        self.chain = Chain::resume(ChainPosition {
+            next_seq: l.last.next(),
+            hash: pos.hash,
+        });
+        warn!(
+            target: "tidemesh::audit",
+            first = %l.first,
+            last = %l.last,
+            count = range.len(),
+            reason = l.reason.as_str(),
+            "evidence lost while commits failed: shed record written"
+        );
+        Ok(())
+    }
+
+    fn insert(&mut self, records: &mut Table<u64, &[u8]>, a: &Append) -> Result<(), BufferError> {
         let expected = self.chain.position().next_seq;
         if a.seq != expected {
             return Err(corrupt(format!(
@@ -1387,11 +1694,13 @@ fn find_run(
         let h = RecordHeader::peek(v.value())
             .map_err(|e| corrupt(format!("record {}: {e}", k.value())))?;
         if h.kind == RecordKind::Shed {
-            head = Some((
-                k.value(),
-                decode_record(k.value(), v.value())?,
-                cost(v.value().len()),
-            ));
+            let rec = decode_record(k.value(), v.value())?;
+            if rec
+                .as_shed()
+                .is_some_and(|s| s.reason == ShedReason::BufferFull)
+            {
+                head = Some((k.value(), rec, cost(v.value().len())));
+            }
         }
     }
     let mut run: Option<RunAcc> = None;
@@ -1408,13 +1717,23 @@ fn find_run(
         let bytes = v.value();
         let h = RecordHeader::peek(bytes).map_err(|e| corrupt(format!("record {key}: {e}")))?;
         let c = cost(bytes.len());
-        if h.kind == RecordKind::Shed {
-            let rec = decode_record(key, bytes)?;
+        let shed = if h.kind == RecordKind::Shed {
+            Some(decode_record(key, bytes)?)
+        } else {
+            None
+        };
+        // A shed record of another reason (records lost while commits
+        // failed) keeps its reason: it bounds a run like an audit record.
+        let mergeable = shed
+            .as_ref()
+            .and_then(|r| r.as_shed())
+            .is_some_and(|s| s.reason == ShedReason::BufferFull);
+        if let (Some(rec), true) = (shed.clone(), mergeable) {
             match &mut run {
                 Some(r) => r.absorb(key, &rec, c)?,
                 None => head = Some((key, rec, c)),
             }
-        } else if sheddable(h.class) {
+        } else if shed.is_none() && sheddable(h.class) {
             let r = match &mut run {
                 Some(r) => r,
                 None => {
@@ -1445,117 +1764,359 @@ fn find_run(
     })
 }
 
-/// Adds `cmd` to the group; a close request is returned instead.
-fn take(cmd: Cmd, group: &mut Vec<Cmd>, appends: &mut usize) -> Option<oneshot::Sender<()>> {
-    match cmd {
-        Cmd::Close(done) => Some(done),
-        c => {
-            if matches!(c, Cmd::Append(_)) {
-                *appends += 1;
+/// The writer task's settings.
+struct WriterSettings {
+    interval: Duration,
+    max_group: usize,
+    retry_min: Duration,
+    retry_max: Duration,
+    /// While commits fail, shed from memory once more records than this are
+    /// held (down to half of it).
+    shed_at: u64,
+}
+
+/// Counters the writer shares with the buffer's handles.
+struct Shared {
+    queued_audit_bytes: Arc<AtomicU64>,
+    queued_records: Arc<AtomicU64>,
+    lost: Arc<LossCounters>,
+}
+
+type AckDone = oneshot::Sender<Result<(), BufferError>>;
+
+/// What the writer holds and has been asked for, not yet committed.
+#[derive(Default)]
+struct Pending {
+    held: VecDeque<Held>,
+    /// Records (not shed runs) in `held`.
+    records: u64,
+    acks: Vec<(EvidenceSeq, AckDone)>,
+    closing: Option<oneshot::Sender<()>>,
+    /// Every sender is gone.
+    ended: bool,
+}
+
+impl Pending {
+    fn take(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Append(a) => {
+                self.records += 1;
+                self.held.push_back(Held::Rec(a));
             }
-            group.push(c);
-            None
+            Cmd::Ack { up_to, done } => self.acks.push((up_to, done)),
+            Cmd::Close(done) => self.closing = Some(done),
         }
+    }
+
+    /// Takes everything queued, without waiting.
+    fn drain(&mut self, rx: &mut mpsc::UnboundedReceiver<Cmd>) {
+        loop {
+            match rx.try_recv() {
+                Ok(cmd) => self.take(cmd),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    self.ended = true;
+                    break;
+                }
+            }
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.closing.is_some() || self.ended
+    }
+
+    /// The next group: at most `max` entries from the front.
+    fn group(&mut self, max: usize) -> Vec<Held> {
+        let n = self.held.len().min(max);
+        self.held.drain(..n).collect()
     }
 }
 
-/// The writer task: gathers commands into groups (for `interval`, at most
-/// `max_group` appends) and commits each group in one transaction on the
-/// evidence thread.
+/// Records in `group` and their estimated audit bytes.
+fn group_counts(group: &[Held]) -> (u64, u64) {
+    group.iter().fold((0, 0), |(n, audit), h| match h {
+        Held::Rec(a) if a.class == PriorityClass::Audit => (n + 1, audit + a.est_cost),
+        Held::Rec(_) => (n + 1, audit),
+        Held::Lost(_) => (n, audit),
+    })
+}
+
+/// A run of failed commits.
+struct Outage {
+    since: tokio::time::Instant,
+    failures: u64,
+    backoff: Duration,
+    retry_at: tokio::time::Instant,
+    reason: LossReason,
+    /// `lost` total when it started, for the recovery log.
+    lost_before: u64,
+}
+
+/// Whether retrying (after reopening the database) may help: storage
+/// errors, yes; a damaged file or a broken invariant, no.
+fn retryable(e: &BufferError) -> bool {
+    matches!(e, BufferError::Db(_) | BufferError::Unavailable)
+}
+
+/// `DiskFull` for "no space left on device" (or quota), else `WriteFailed`.
+fn loss_reason(e: &BufferError) -> LossReason {
+    if let BufferError::Db(redb::Error::Io(io)) = e {
+        let full = matches!(
+            io.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        );
+        if full {
+            return LossReason::DiskFull;
+        }
+    }
+    LossReason::WriteFailed
+}
+
+/// One commit attempt on the evidence thread: reopen first after a
+/// failure, skip what a commit reported as failed stored after all.
+/// Returns how many leading entries were found already stored.
+fn attempt(
+    writer: &mut Writer,
+    group: &[Held],
+    acks: &[EvidenceSeq],
+    reopen: bool,
+) -> (usize, Result<Vec<Result<(), BufferError>>, BufferError>) {
+    if reopen {
+        if let Err(e) = writer.reopen() {
+            return (0, Err(e));
+        }
+    }
+    let next = writer.chain.position().next_seq;
+    let skip = group.iter().take_while(|h| h.last() < next).count();
+    let rest = group.get(skip..).unwrap_or(&[]);
+    (skip, writer.commit(rest, acks))
+}
+
+/// The writer task: gathers appends into groups (for `interval`, at most
+/// `max_group`) and commits each group in one transaction on the evidence
+/// thread. A failed commit keeps the group and retries with backoff,
+/// shedding from memory if too much piles up (see "Disk full and I/O
+/// errors" in the module docs).
 async fn run_writer(
     mut rx: mpsc::UnboundedReceiver<Cmd>,
     writer: Writer,
     disk: DiskThread,
     published: watch::Sender<Published>,
-    (interval, max_group): (Duration, usize),
-    queued_audit_bytes: Arc<AtomicU64>,
-    queued_records: Arc<AtomicU64>,
+    set: WriterSettings,
+    shared: Shared,
 ) {
     let mut slot = Some(writer);
+    let mut p = Pending::default();
+    let mut outage: Option<Outage> = None;
+    // The last sequence number a failed transaction carried.
+    let mut attempted = 0u64;
+    let mut write_failures = 0u64;
+    // Shed when more records than this are held (raised while nothing
+    // more can be shed, so a queue of audit records is not rescanned on
+    // every append).
+    let mut shed_trigger = set.shed_at;
     loop {
-        let Some(first) = rx.recv().await else {
+        if p.held.is_empty() && p.acks.is_empty() && p.stopping() {
             break;
-        };
-        let mut group = Vec::new();
-        let mut appends = 0usize;
-        let mut closing = take(first, &mut group, &mut appends);
-        let deadline = tokio::time::Instant::now() + interval;
-        let mut ended = false;
-        // The group is what arrives until the deadline (at most max_group
-        // appends). The writer sleeps through the interval and then takes
-        // what was queued, rather than waking for every append: on a busy
-        // request path that is one wake-up per commit, not per request.
-        loop {
-            while closing.is_none() && appends < max_group {
-                match rx.try_recv() {
-                    Ok(cmd) => closing = take(cmd, &mut group, &mut appends),
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => {
-                        ended = true;
+        }
+        match &outage {
+            None if p.held.is_empty() && p.acks.is_empty() => {
+                let Some(first) = rx.recv().await else {
+                    break;
+                };
+                p.take(first);
+                let deadline = tokio::time::Instant::now() + set.interval;
+                // The group is what arrives until the deadline (at most
+                // max_group appends). The writer sleeps through the
+                // interval and then takes what was queued, rather than
+                // waking for every append: on a busy request path that is
+                // one wake-up per commit, not per request.
+                loop {
+                    p.drain(&mut rx);
+                    if p.stopping()
+                        || p.held.len() >= set.max_group
+                        || tokio::time::Instant::now() >= deadline
+                    {
                         break;
+                    }
+                    tokio::time::sleep_until(deadline).await;
+                }
+            }
+            None => p.drain(&mut rx),
+            Some(o) => {
+                // Wait to retry, taking in appends, shedding if too many.
+                let retry_at = o.retry_at;
+                let reason = o.reason;
+                while !p.stopping() {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(retry_at) => break,
+                        cmd = rx.recv() => match cmd {
+                            Some(cmd) => {
+                                p.take(cmd);
+                                p.drain(&mut rx);
+                            }
+                            None => p.ended = true,
+                        },
+                    }
+                    if p.records > shed_trigger {
+                        let n =
+                            shed_held(&mut p.held, p.records - set.shed_at / 2, attempted, reason);
+                        p.records -= n;
+                        shed_trigger = set.shed_at.max(p.records + set.shed_at / 2);
+                        shared.queued_records.fetch_sub(n, Ordering::Relaxed);
+                        shared.lost.add(reason, n);
+                        if n > 0 {
+                            warn!(
+                                target: "tidemesh::audit",
+                                shed = n,
+                                held = p.records,
+                                reason = reason.as_str(),
+                                "evidence shed from memory while commits fail"
+                            );
+                        }
                     }
                 }
             }
-            if closing.is_some()
-                || ended
-                || appends >= max_group
-                || tokio::time::Instant::now() >= deadline
-            {
-                break;
-            }
-            tokio::time::sleep_until(deadline).await;
         }
-        let (est_audit, n) = group.iter().fold((0u64, 0u64), |(a, n), c| match c {
-            Cmd::Append(x) if x.class == PriorityClass::Audit => (a + x.est_cost, n + 1),
-            Cmd::Append(_) => (a, n + 1),
-            _ => (a, n),
-        });
+        let group = p.group(set.max_group);
+        let acks: Vec<EvidenceSeq> = p.acks.iter().map(|(s, _)| *s).collect();
         let Some(mut writer) = slot.take() else {
             break;
         };
+        let reopen = outage.is_some();
         let joined = disk
             .run(move || {
-                let res = writer.commit(group);
-                (writer, res)
+                let (skip, res) = attempt(&mut writer, &group, &acks, reopen);
+                (writer, group, skip, res)
             })
             .await;
-        let failure = match joined {
-            Ok((w, Ok(replies))) => {
-                // Before publishing, so stats never show a committed record
-                // as still queued.
-                queued_records.fetch_sub(n, Ordering::Relaxed);
-                published.send_replace(w.publish());
-                slot = Some(w);
-                for (done, r) in replies {
-                    let _ = done.send(r);
-                }
-                None
-            }
-            Ok((_, Err(e))) => {
-                queued_records.fetch_sub(n, Ordering::Relaxed);
-                Some(e.to_string())
-            }
+        let (w, group, res) = match joined {
+            Ok((w, group, _skip, res)) => (w, group, res),
             Err(e) => {
-                queued_records.fetch_sub(n, Ordering::Relaxed);
-                Some(format!("commit task failed: {e}"))
+                // The evidence thread is gone: nothing more can be stored.
+                stop(
+                    &mut p,
+                    &published,
+                    &shared,
+                    format!("commit task failed: {e}"),
+                );
+                break;
             }
         };
-        // After publishing: the group's audit bytes are briefly counted
-        // both as held and as queued, never as neither.
-        queued_audit_bytes.fetch_sub(est_audit, Ordering::Relaxed);
-        if let Some(f) = failure {
-            error!(error = %f, "evidence commit failed; the buffer stops taking records");
-            published.send_modify(|p| p.failed = Some(f));
-            break;
-        }
-        if let Some(done) = closing {
-            let _ = done.send(());
-            break;
-        }
-        if ended {
-            break;
+        match res {
+            Ok(replies) => {
+                let (n, audit) = group_counts(&group);
+                p.records -= n;
+                // Before publishing, so stats never show a committed record
+                // as still queued.
+                shared.queued_records.fetch_sub(n, Ordering::Relaxed);
+                let mut pb = w.publish();
+                pb.write_failures = write_failures;
+                published.send_replace(pb);
+                // After publishing: the group's audit bytes are briefly
+                // counted both as held and as queued, never as neither.
+                shared
+                    .queued_audit_bytes
+                    .fetch_sub(audit, Ordering::Relaxed);
+                for ((_, done), r) in p.acks.drain(..).zip(replies) {
+                    let _ = done.send(r);
+                }
+                shed_trigger = set.shed_at;
+                if let Some(o) = outage.take() {
+                    let lost = shared.lost.snapshot().total().saturating_sub(o.lost_before);
+                    warn!(
+                        target: "tidemesh::audit",
+                        failures = o.failures,
+                        down_ms = o.since.elapsed().as_millis() as u64,
+                        lost,
+                        "evidence commits work again"
+                    );
+                }
+                slot = Some(w);
+            }
+            Err(e) => {
+                if let Some(last) = group.last() {
+                    attempted = attempted.max(last.last().get());
+                }
+                for h in group.into_iter().rev() {
+                    p.held.push_front(h);
+                }
+                slot = Some(w);
+                if !retryable(&e) {
+                    stop(&mut p, &published, &shared, e.to_string());
+                    break;
+                }
+                write_failures += 1;
+                let reason = loss_reason(&e);
+                let now = tokio::time::Instant::now();
+                let o = outage.get_or_insert_with(|| Outage {
+                    since: now,
+                    failures: 0,
+                    backoff: Duration::ZERO,
+                    retry_at: now,
+                    reason,
+                    lost_before: shared.lost.snapshot().total(),
+                });
+                o.failures += 1;
+                o.reason = reason;
+                o.backoff = if o.backoff.is_zero() {
+                    set.retry_min
+                } else {
+                    (o.backoff * 2).min(set.retry_max)
+                };
+                o.retry_at = now + o.backoff;
+                if o.failures == 1 {
+                    error!(target: "tidemesh::audit", error = %e, reason = reason.as_str(), "evidence commit failed; holding records in memory and retrying");
+                } else if o.failures.is_multiple_of(20) {
+                    warn!(target: "tidemesh::audit", error = %e, failures = o.failures, held = p.records, "evidence commits still failing");
+                } else {
+                    debug!(error = %e, failures = o.failures, "evidence commit retry failed");
+                }
+                let degraded = format!(
+                    "evidence commits failing for {} s ({} attempts, {} records held in memory): {e}",
+                    o.since.elapsed().as_secs(),
+                    o.failures,
+                    p.records
+                );
+                published.send_modify(|pb| {
+                    pb.degraded = Some(degraded);
+                    pb.write_failures = write_failures;
+                });
+                if p.stopping() {
+                    // Closing (or dropped): that was the last attempt.
+                    stop(
+                        &mut p,
+                        &published,
+                        &shared,
+                        format!("closed while evidence commits were failing: {e}"),
+                    );
+                    break;
+                }
+            }
         }
     }
+    if let Some(done) = p.closing.take() {
+        let _ = done.send(());
+    }
+}
+
+/// The writer stops for good: everything still held is counted lost,
+/// waiting acks fail, and appends are refused from now on.
+fn stop(p: &mut Pending, published: &watch::Sender<Published>, shared: &Shared, why: String) {
+    let group: Vec<Held> = p.held.drain(..).collect();
+    let (n, audit) = group_counts(&group);
+    p.records = 0;
+    shared.queued_records.fetch_sub(n, Ordering::Relaxed);
+    shared
+        .queued_audit_bytes
+        .fetch_sub(audit, Ordering::Relaxed);
+    shared.lost.add(LossReason::Stopped, n);
+    error!(target: "tidemesh::audit", error = %why, lost = n, "evidence writer stopped; the buffer takes no more records");
+    for (_, done) in p.acks.drain(..) {
+        let _ = done.send(Err(BufferError::Stopped(why.clone())));
+    }
+    published.send_modify(|pb| pb.failed = Some(why));
 }
 
 #[cfg(test)]
@@ -1719,7 +2280,7 @@ mod tests {
             .expect("appends");
         let seq = tk.committed().await.expect("durable");
         let in_file = {
-            let txn = b.inner.db.begin_read().expect("read");
+            let txn = b.inner.db.get().expect("open").begin_read().expect("read");
             let t = txn.open_table(RECORDS).expect("table");
             t.get(seq.get()).expect("get").is_some()
         };
@@ -2024,25 +2585,35 @@ mod tests {
             b.append(NewRecord::new(t(0), shed_body)),
             Err(AppendError::Invalid(RecordError::ReservedKind))
         ));
-        let mut big = samples::request(0, t(0));
-        if let RecordBody::Request(r) = &mut big {
-            r.service_name = "x".repeat(MAX_RECORD_BYTES);
-        }
-        assert!(matches!(
-            b.append(NewRecord::new(t(0), big)),
-            Err(AppendError::Invalid(RecordError::TooLarge { .. }))
-        ));
-        // Refused appends took no sequence number.
+        // Refused appends take no sequence number.
         let next = b
             .append(request(6, PriorityClass::Request))
             .expect("appends");
         assert_eq!(next.seq().get(), 7);
+        // An oversized record is stored truncated and marked, not lost.
+        let mut big = samples::request(0, t(0));
+        if let RecordBody::Request(r) = &mut big {
+            r.service_name = "x".repeat(MAX_RECORD_BYTES);
+        }
+        let tk = b.append(NewRecord::new(t(0), big)).expect("truncated");
+        assert_eq!(tk.seq().get(), 8);
+        tk.committed().await.expect("durable");
+        let stored = b.tail(1).expect("tail");
+        match &stored[0].body {
+            RecordBody::Request(r) => {
+                assert!(r.service_name.ends_with(tidemesh_evidence::TRUNCATED_MARK));
+            }
+            other => panic!("{other:?}"),
+        }
+        let st = b.stats(t(0));
+        assert_eq!((st.truncated_records, st.lost.total()), (1, 0));
         let clone = b.clone();
         b.close().await.expect("closes");
         assert!(matches!(
-            clone.append(request(8, PriorityClass::Request)),
+            clone.append(request(9, PriorityClass::Request)),
             Err(AppendError::Stopped(_))
         ));
+        assert_eq!(clone.stats(t(0)).lost.stopped, 1, "a refusal is counted");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
