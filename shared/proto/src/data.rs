@@ -42,11 +42,17 @@ pub enum StreamProtocol {
     /// A mesh probe: the serving spoke itself answers with one
     /// [`ProbeAnswer`] frame and finishes (no workload is involved). What
     /// `tidemesh-spoke probe` and the drills use to show that mTLS between
-    /// two spokes works, and with which certificates.
+    /// two spokes works, and with which certificates. Both ends record it.
     Probe,
+    /// A routine reachability probe (the mode machine's measure of the
+    /// site): answered like [`StreamProtocol::Probe`], recorded by neither
+    /// end, so a store that probes its peers every few seconds for a month
+    /// does not fill its evidence buffer with them.
+    Reach,
 }
 
-/// The serving spoke's answer to a [`StreamProtocol::Probe`] stream.
+/// The serving spoke's answer to a [`StreamProtocol::Probe`] (or
+/// [`StreamProtocol::Reach`]) stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProbeAnswer {
     /// The serving spoke's node ID.
@@ -230,6 +236,23 @@ mod tests {
             bare.encode().expect("encodes"),
             [0, 0, 0, 14, 1, 5, b'p', b'a', b'y', b'.', b'p', 3, b'p', b'a', b'y', 1, 0, 0]
         );
+    }
+
+    #[test]
+    fn every_protocol_roundtrips() {
+        for protocol in [
+            StreamProtocol::Http1,
+            StreamProtocol::Tcp,
+            StreamProtocol::Probe,
+            StreamProtocol::Reach,
+        ] {
+            let h = StreamHeader {
+                protocol,
+                ..sample()
+            };
+            let f = h.encode().expect("encodes");
+            assert_eq!(StreamHeader::decode(&f[LEN_PREFIX..]), Ok(h));
+        }
     }
 
     #[test]

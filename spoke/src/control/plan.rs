@@ -230,7 +230,7 @@ mod tests {
         let renewals: Vec<_> = log
             .iter()
             .filter(|(a, ..)| *a == Action::RenewNode)
-            .map(|(_, at, _)| at.duration_since(t(0)).unwrap().as_secs())
+            .map(|(_, at, _)| at.duration_since(t(0)).expect("after t0").as_secs())
             .collect();
         // a 1 h SVID renewed at half life: 30 min, then every 30 min
         assert_eq!(renewals, vec![1800, 3600, 5400, 7200, 9000, 10800, 12600]);
@@ -255,7 +255,7 @@ mod tests {
         let tries: Vec<_> = log
             .iter()
             .filter(|(a, ..)| *a == Action::RenewNode)
-            .map(|(_, at, ok)| (at.duration_since(t(0)).unwrap().as_secs(), *ok))
+            .map(|(_, at, ok)| (at.duration_since(t(0)).expect("after t0").as_secs(), *ok))
             .collect();
         assert_eq!(
             tries,

@@ -671,7 +671,10 @@ async fn serve_streams(s: &Arc<Shared>, conn: &quinn::Connection, peer: Arc<Peer
                 super::tcp::serve_stream(&s, &peer.id, fingerprint, header, send, recv).await;
                 return;
             }
-            if header.protocol == StreamProtocol::Probe {
+            if matches!(
+                header.protocol,
+                StreamProtocol::Probe | StreamProtocol::Reach
+            ) {
                 serve_probe(&s, &peer, &header, send).await;
                 return;
             }
@@ -701,7 +704,8 @@ async fn serve_streams(s: &Arc<Shared>, conn: &quinn::Connection, peer: Arc<Peer
 }
 
 /// A probe from a peer spoke: this spoke answers for itself (and whether it
-/// serves the named workload) and records it.
+/// serves the named workload) and records it, unless it is a routine
+/// reachability probe.
 async fn serve_probe(s: &Shared, peer: &Peer, header: &StreamHeader, mut send: quinn::SendStream) {
     let started = tokio::time::Instant::now();
     let span = trace::Span::start(None, span_random());
@@ -728,8 +732,10 @@ async fn serve_probe(s: &Shared, peer: &Peer, header: &StreamHeader, mut send: q
         Ok(Ok(())) => StatusCode::OK,
         _ => StatusCode::BAD_GATEWAY,
     };
-    super::finish_evidence(&mut ev, started, status, "");
-    s.record(ev);
+    if header.protocol == StreamProtocol::Probe {
+        super::finish_evidence(&mut ev, started, status, "");
+        s.record(ev);
+    }
 }
 
 /// What a probe of a peer spoke found.
@@ -768,7 +774,11 @@ pub(crate) async fn probe(
     let header = super::stream_header(
         service,
         account.to_owned(),
-        StreamProtocol::Probe,
+        if record {
+            StreamProtocol::Probe
+        } else {
+            StreamProtocol::Reach
+        },
         &span,
         None,
     );
