@@ -137,6 +137,18 @@ impl Hub {
         })
     }
 
+    /// Refusals by request and reason, for `tidemesh-hub stats`.
+    pub(crate) fn refusals_json(&self) -> Value {
+        let counts = self.refusal_counts();
+        json!({
+            "total": counts.iter().map(|(_, n)| n).sum::<u64>(),
+            "by_reason": counts
+                .iter()
+                .map(|((req, reason), n)| json!({"request": req.as_str(), "reason": reason.as_str(), "count": n}))
+                .collect::<Vec<_>>(),
+        })
+    }
+
     /// Applies retention every `prune_interval` (when any limit is set).
     pub(crate) async fn prune_loop(&self) {
         let r = self.inner.cfg.retention;
@@ -302,6 +314,17 @@ impl Hub {
         ];
         for (name, help, v) in counters {
             e.single(name, Counter, help, v.load(Ordering::Relaxed) as f64);
+        }
+        let f = e.family(
+            "tidemesh_hub_refusals_total",
+            Counter,
+            "Control requests and frames refused, by request and reason (counted, not audited, for anonymous callers).",
+        );
+        for ((req, reason), n) in self.refusal_counts() {
+            f.sample(
+                &[("request", req.as_str()), ("reason", reason.as_str())],
+                n as f64,
+            );
         }
         let f = e.family(
             "tidemesh_hub_gateway_requests_total",
