@@ -22,6 +22,7 @@ pub mod evidence;
 pub mod gateway;
 pub mod ingest;
 mod observe;
+pub mod refusals;
 pub mod store;
 pub mod sync;
 pub mod vector;
@@ -47,11 +48,14 @@ use tidemesh_identity::{
     RevocationList, Revocations, SignedRevocationList, SpiffeId, TrustDomain,
 };
 use tidemesh_net::{admin, QuicSettings};
-use tidemesh_proto::{close, JoinToken, Push, Request, Response, SpokeReport, ALPN_CTL, ALPN_DATA};
+use tidemesh_proto::{
+    close, JoinToken, Push, Request, Response, SpokeReport, ALPN_CTL, ALPN_DATA,
+    MAX_ANONYMOUS_FRAME, MAX_FRAME,
+};
 use tracing::{info, warn};
 
 pub use observe::evidence_command;
-pub use store::{AuditEntry, SpokeRecord, Store};
+pub use store::{AuditEntry, AuditPage, AuditQuery, SpokeRecord, Store};
 
 /// Hub settings.
 #[derive(Debug, Clone)]
@@ -152,7 +156,8 @@ pub fn rfc3339_ms(ms: u64) -> String {
 
 const CA_CERT: &str = "ca.pem";
 const CA_KEY: &str = "ca_key.pem";
-const DB: &str = "hub.db";
+/// The hub database file in the data directory.
+pub const HUB_DB: &str = "hub.db";
 /// The evidence database file in the data directory.
 pub const EVIDENCE_DB: &str = "evidence.db";
 
@@ -195,7 +200,7 @@ pub(crate) fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), HubE
 /// Creates a hub data directory: the CA (key mode 0600) and the database.
 /// Refuses to touch a directory that already holds either.
 pub fn init(data_dir: &Path, td: &TrustDomain, clock: &dyn Clock) -> Result<[u8; 32], HubError> {
-    for name in [CA_CERT, CA_KEY, DB] {
+    for name in [CA_CERT, CA_KEY, HUB_DB] {
         let p = data_dir.join(name);
         if p.exists() {
             return Err(HubError::AlreadyInitialized(p));
@@ -215,7 +220,7 @@ pub fn init(data_dir: &Path, td: &TrustDomain, clock: &dyn Clock) -> Result<[u8;
     )?;
     write_new(&data_dir.join(CA_KEY), ca.key_pem().as_bytes(), 0o600)?;
     write_new(&data_dir.join(CA_CERT), ca.cert_pem().as_bytes(), 0o644)?;
-    Store::create(&data_dir.join(DB), td.as_str())?;
+    Store::create(&data_dir.join(HUB_DB), td.as_str())?;
     // The new names are durable only once the directory is.
     fs::File::open(data_dir)
         .and_then(|d| d.sync_all())
@@ -288,6 +293,8 @@ pub(crate) struct Inner {
     pub(crate) ingest: ingest::Limits,
     /// The gateway to cloud services.
     pub(crate) gateway: gateway::Gateway,
+    /// Refused requests: counters, log and audit limiters.
+    pub(crate) refusals: Mutex<refusals::RefusalBook>,
 }
 
 /// A loaded hub. Cheap to clone.
@@ -339,7 +346,7 @@ impl Hub {
     pub fn open(data_dir: &Path, cfg: HubConfig, clock: Arc<dyn Clock>) -> Result<Hub, HubError> {
         let key_path = data_dir.join(CA_KEY);
         let cert_path = data_dir.join(CA_CERT);
-        let db_path = data_dir.join(DB);
+        let db_path = data_dir.join(HUB_DB);
         for p in [&key_path, &cert_path, &db_path] {
             if !p.exists() {
                 return Err(HubError::NotInitialized(data_dir.to_owned()));
@@ -386,6 +393,7 @@ impl Hub {
                 signed_revocations: Mutex::new(None),
                 live: Mutex::new(HashMap::new()),
                 reports: Mutex::new(HashMap::new()),
+                refusals: Mutex::new(refusals::RefusalBook::new()),
             }),
         })
     }
@@ -408,6 +416,15 @@ impl Hub {
     /// The evidence database (for inspection by tests and tools).
     pub fn evidence(&self) -> &evidence::EvidenceStore {
         &self.inner.evidence
+    }
+
+    /// Refusals counted since the hub started, by request and reason
+    /// (`tidemesh_hub_refusals_total`).
+    pub fn refusal_counts(&self) -> Vec<(refusals::Kind, u64)> {
+        match self.inner.refusals.lock() {
+            Ok(b) => b.counts(),
+            Err(p) => p.into_inner().counts(),
+        }
     }
 
     pub(crate) fn now_ms(&self) -> u64 {
@@ -722,12 +739,13 @@ impl Hub {
                 Ok(json!({"revoked": id.to_string()}))
             }
             "audit" => {
-                let log = self.inner.store.audit_log().map_err(|e| e.to_string())?;
-                Ok(Value::Array(
-                    log.into_iter()
-                        .map(|(seq, e)| json!({"seq": seq, "at": rfc3339_ms(e.at_ms), "event": e.event, "subject": e.subject, "detail": e.detail}))
-                        .collect(),
-                ))
+                let q = audit_query(&req)?;
+                let hub = self.clone();
+                let page = tokio::task::spawn_blocking(move || hub.inner.store.audit_page(&q))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                Ok(audit_page_json(&page))
             }
             "apply" => {
                 let yaml = arg("yaml").ok_or("missing yaml")?;
@@ -788,6 +806,7 @@ impl Hub {
                         json!(spokes.iter().filter(|s| s.connected).count()),
                     );
                     o.insert("ingest".into(), self.ingest_counters_json());
+                    o.insert("refusals".into(), self.refusals_json());
                     o.insert(
                         "gateway".into(),
                         self.inner
@@ -930,21 +949,39 @@ impl Hub {
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) {
+        // A peer without a verified node certificate gets small frames.
+        let max = if node.is_some() {
+            MAX_FRAME
+        } else {
+            MAX_ANONYMOUS_FRAME
+        };
         let req = match tokio::time::timeout(
             Duration::from_secs(10),
-            tidemesh_net::read_frame::<Request>(&mut recv),
+            tidemesh_net::read_frame_max::<Request>(&mut recv, max),
         )
         .await
         {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                let code = match &e {
-                    tidemesh_net::NetError::Frame(
-                        tidemesh_proto::FrameError::UnsupportedVersion { .. },
-                    ) => close::UNSUPPORTED_VERSION,
-                    _ => close::PROTOCOL_ERROR,
+                use tidemesh_proto::FrameError as F;
+                let (code, reason) = match &e {
+                    tidemesh_net::NetError::Frame(F::UnsupportedVersion { .. }) => (
+                        close::UNSUPPORTED_VERSION,
+                        refusals::Reason::UnsupportedVersion,
+                    ),
+                    tidemesh_net::NetError::Frame(F::TooLarge { .. }) => {
+                        (close::PROTOCOL_ERROR, refusals::Reason::TooLarge)
+                    }
+                    _ => (close::PROTOCOL_ERROR, refusals::Reason::Malformed),
                 };
-                warn!(remote = %conn.remote_address(), error = %e, "bad control frame; closing connection");
+                self.refused(
+                    (refusals::RefusedRequest::Frame, reason),
+                    &node
+                        .as_ref()
+                        .map(|n| n.to_string())
+                        .unwrap_or_else(|| conn.remote_address().to_string()),
+                );
+                tracing::debug!(remote = %conn.remote_address(), error = %e, "bad control frame; closing connection");
                 let _ = tidemesh_net::write_frame(
                     &mut send,
                     &Response::Error {
@@ -960,6 +997,10 @@ impl Hub {
                 return;
             }
             Err(_) => {
+                self.refused(
+                    (refusals::RefusedRequest::Frame, refusals::Reason::Timeout),
+                    &conn.remote_address().to_string(),
+                );
                 conn.close(
                     quinn::VarInt::from_u32(close::PROTOCOL_ERROR),
                     b"request timed out",
@@ -1052,6 +1093,48 @@ pub(crate) async fn push(conn: &quinn::Connection, msg: &Push) {
         Ok(Err(e)) => tracing::debug!(error = %e, "push not delivered"),
         Err(_) => tracing::debug!("push timed out"),
     }
+}
+
+/// The admin `audit` command's query: `limit` (default
+/// [`store::DEFAULT_AUDIT_PAGE`], at most [`store::MAX_AUDIT_PAGE`]),
+/// `before` and `after` sequence numbers.
+pub fn audit_query(req: &Value) -> Result<AuditQuery, String> {
+    let num = |k: &str| -> Result<Option<u64>, String> {
+        match req.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| format!("--{k} {v}: expected a sequence number")),
+        }
+    };
+    let limit = num("limit")?.unwrap_or(store::DEFAULT_AUDIT_PAGE as u64);
+    if limit == 0 || limit > store::MAX_AUDIT_PAGE as u64 {
+        return Err(format!(
+            "--limit {limit}: expected 1..={}",
+            store::MAX_AUDIT_PAGE
+        ));
+    }
+    Ok(AuditQuery {
+        before: num("before")?,
+        after: num("after")?,
+        limit: limit as usize,
+    })
+}
+
+/// An audit page as the admin socket answers it: `entries` (oldest first,
+/// each `{seq, at, event, subject, detail}`), and the `older` / `newer`
+/// cursors (`--before` / `--after` for the next page; null at the ends).
+pub fn audit_page_json(page: &AuditPage) -> Value {
+    json!({
+        "entries": page
+            .entries
+            .iter()
+            .map(|(seq, e)| json!({"seq": seq, "at": rfc3339_ms(e.at_ms), "event": e.event, "subject": e.subject, "detail": e.detail}))
+            .collect::<Vec<_>>(),
+        "older": page.older,
+        "newer": page.newer,
+    })
 }
 
 #[cfg(test)]

@@ -158,12 +158,28 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ConfigCmd,
     },
-    /// Show the audit log (issuances, renewals, refusals, revocations).
+    /// Show the audit log (issuances, renewals, revocations, refusals of
+    /// authenticated callers, token burns and replays), one page at a time:
+    /// the newest `--limit` entries (before `--before SEQ`), or the oldest
+    /// after `--after SEQ`, printed oldest first. Works on the running hub,
+    /// or directly on hub.db when it is stopped. Refusals of anonymous
+    /// requests are counted, not audited: see `tidemesh-hub stats`.
     Audit {
         /// Where the hub keeps its state.
         #[arg(long, env = "TIDEMESH_DATA_DIR")]
         data_dir: PathBuf,
-        /// Print JSON.
+        /// At most this many entries (1..=10000).
+        #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        limit: u64,
+        /// Only entries older than this sequence number (page back with the
+        /// first sequence number shown).
+        #[arg(long)]
+        before: Option<u64>,
+        /// Only entries newer than this sequence number, oldest first (page
+        /// forward with the last sequence number shown).
+        #[arg(long)]
+        after: Option<u64>,
+        /// Print JSON (an array of entries, oldest first).
         #[arg(long)]
         json: bool,
     },
@@ -306,6 +322,31 @@ async fn evidence_call(data_dir: &std::path::Path, req: Value) -> anyhow::Result
             tokio::task::spawn_blocking(move || tidemesh_hub::evidence_command(&store, &req))
                 .await?
                 .map_err(anyhow::Error::msg)
+        }
+        other => Ok(other?),
+    }
+}
+
+/// An audit page through the running hub, or from `hub.db` directly when
+/// no hub answers on the admin socket.
+async fn audit_call(data_dir: &std::path::Path, req: Value) -> anyhow::Result<Value> {
+    match admin::call(&admin::socket_path(data_dir), req.clone()).await {
+        Err(admin::AdminError::Unreachable { .. }) => {
+            let path = data_dir.join(tidemesh_hub::HUB_DB);
+            if !path.exists() {
+                bail!(
+                    "no hub answers on {} and {} does not exist",
+                    admin::socket_path(data_dir).display(),
+                    path.display()
+                );
+            }
+            let q = tidemesh_hub::audit_query(&req).map_err(anyhow::Error::msg)?;
+            let page = tokio::task::spawn_blocking(move || {
+                tidemesh_hub::store::read_audit_page(&path, &q)
+                    .with_context(|| format!("{}", path.display()))
+            })
+            .await??;
+            Ok(tidemesh_hub::audit_page_json(&page))
         }
         other => Ok(other?),
     }
@@ -644,6 +685,18 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 );
                 println!("evidence gaps:     {}", f("evidence_gaps"));
                 println!("chains broken:     {}", f("chains_broken"));
+                match r["refusals"]["total"].as_u64() {
+                    Some(n) => println!("refusals:          {n} (since the hub started)"),
+                    None => println!("refusals:          - (the hub is not running)"),
+                }
+                for x in r["refusals"]["by_reason"].as_array().into_iter().flatten() {
+                    println!(
+                        "  {}/{} {}",
+                        x["request"].as_str().unwrap_or(""),
+                        x["reason"].as_str().unwrap_or(""),
+                        x["count"]
+                    );
+                }
                 for s in r["per_spoke"].as_array().into_iter().flatten() {
                     println!(
                         "  {} hwm {} records {} gaps {} chain_ok {}",
@@ -659,12 +712,32 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Cmd::Audit { data_dir, json } => {
-            let r = call(&data_dir, json!({"cmd": "audit"})).await?;
+        Cmd::Audit {
+            data_dir,
+            limit,
+            before,
+            after,
+            json,
+        } => {
+            let r = audit_call(
+                &data_dir,
+                json!({"cmd": "audit", "limit": limit, "before": before, "after": after}),
+            )
+            .await?;
+            let entries = r
+                .get("entries")
+                .cloned()
+                .unwrap_or(Value::Array(Vec::new()));
+            if let Some(seq) = r["older"].as_u64() {
+                eprintln!("older entries: --before {seq}");
+            }
+            if let Some(seq) = r["newer"].as_u64() {
+                eprintln!("newer entries: --after {seq}");
+            }
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                println!("{}", serde_json::to_string_pretty(&entries)?);
             } else {
-                for e in r.as_array().into_iter().flatten() {
+                for e in entries.as_array().into_iter().flatten() {
                     println!(
                         "{:>6} {} {:<16} {} {}",
                         e["seq"].as_u64().unwrap_or(0),

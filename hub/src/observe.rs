@@ -137,6 +137,18 @@ impl Hub {
         })
     }
 
+    /// Refusals by request and reason, for `tidemesh-hub stats`.
+    pub(crate) fn refusals_json(&self) -> Value {
+        let counts = self.refusal_counts();
+        json!({
+            "total": counts.iter().map(|(_, n)| n).sum::<u64>(),
+            "by_reason": counts
+                .iter()
+                .map(|((req, reason), n)| json!({"request": req.as_str(), "reason": reason.as_str(), "count": n}))
+                .collect::<Vec<_>>(),
+        })
+    }
+
     /// Applies retention every `prune_interval` (when any limit is set).
     pub(crate) async fn prune_loop(&self) {
         let r = self.inner.cfg.retention;
@@ -231,42 +243,6 @@ impl Hub {
             "The revocation list version in force at the hub.",
             self.revocation_version() as f64,
         );
-        let f = e.family(
-            "tidemesh_hub_spoke_survival_horizon_seconds",
-            Gauge,
-            "Seconds the spoke said it could last without the hub, at its last report (its limit in the label).",
-        );
-        for s in &spokes {
-            if let (Some(h), Some(limit)) = (s.survival_horizon_s, s.survival_limit.as_deref()) {
-                let store = match tidemesh_identity::SpiffeId::parse(&s.id)
-                    .ok()
-                    .and_then(|id| tidemesh_identity::naming::classify(&id))
-                {
-                    Some(tidemesh_identity::MeshIdentity::Node { store, .. }) => store,
-                    _ => String::new(),
-                };
-                f.sample(
-                    &[("spoke", &s.id), ("store", &store), ("limit", limit)],
-                    h as f64,
-                );
-            }
-        }
-        let f = e.family(
-            "tidemesh_hub_spoke_revocation_version",
-            Gauge,
-            "The revocation list version the spoke said it enforces, at its last report.",
-        );
-        for s in &spokes {
-            if let Some(v) = s.revocation_version {
-                f.sample(&[("spoke", &s.id)], v as f64);
-            }
-        }
-        e.single(
-            "tidemesh_hub_revocation_list_version",
-            Gauge,
-            "The revocation list version in force at the hub.",
-            self.revocation_version() as f64,
-        );
         let c = &self.inner.ingest.counters;
         let counters = [
             (
@@ -302,6 +278,17 @@ impl Hub {
         ];
         for (name, help, v) in counters {
             e.single(name, Counter, help, v.load(Ordering::Relaxed) as f64);
+        }
+        let f = e.family(
+            "tidemesh_hub_refusals_total",
+            Counter,
+            "Control requests and frames refused, by request and reason (counted, not audited, for anonymous callers).",
+        );
+        for ((req, reason), n) in self.refusal_counts() {
+            f.sample(
+                &[("request", req.as_str()), ("reason", reason.as_str())],
+                n as f64,
+            );
         }
         let f = e.family(
             "tidemesh_hub_gateway_requests_total",

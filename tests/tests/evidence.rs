@@ -721,6 +721,15 @@ fn metrics_pass_promtool() {
     for (who, port) in [("hub", 19464), ("spoke", 19465)] {
         let page = scrape(port);
         assert!(page.contains("tidemesh_"), "{who}: {page}");
+        // each family once (promtool lets a repeated family through)
+        let mut families = std::collections::HashSet::new();
+        for l in page.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let name = l.split_whitespace().nth(2).unwrap_or_default();
+            assert!(
+                families.insert(name.to_owned()),
+                "{who}: family {name} twice"
+            );
+        }
         if who == "hub" {
             assert!(
                 page.contains(&format!(

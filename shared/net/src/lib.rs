@@ -15,6 +15,6 @@ pub mod quic;
 
 pub use clock::TokioClock;
 pub use quic::{
-    peer_chain, peer_spiffe_id, peer_svid, read_frame, reestablish_challenge, request, write_frame,
-    NetError, QuicSettings,
+    peer_chain, peer_spiffe_id, peer_svid, read_frame, read_frame_max, reestablish_challenge,
+    request, write_frame, NetError, QuicSettings,
 };

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use serde::{de::DeserializeOwned, Serialize};
 use tidemesh_identity::{verify::peer_id, SpiffeId};
-use tidemesh_proto::{decode_payload, encode_frame, payload_len, FrameError, LEN_PREFIX};
+use tidemesh_proto::{encode_frame, FrameError, FrameReader, MAX_FRAME};
 
 /// Errors of the network layer.
 #[derive(Debug, thiserror::Error)]
@@ -151,19 +151,39 @@ pub async fn write_frame<T: Serialize>(
         .map_err(|e| NetError::Write(e.to_string()))
 }
 
-/// Reads one frame; the length is checked against the limit before the body
-/// is read.
+/// Reads one frame of at most [`MAX_FRAME`] payload bytes; see
+/// [`read_frame_max`].
 pub async fn read_frame<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Result<T, NetError> {
-    let mut prefix = [0u8; LEN_PREFIX];
-    recv.read_exact(&mut prefix)
-        .await
-        .map_err(|e| NetError::Read(e.to_string()))?;
-    let len = payload_len(prefix)?;
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body)
-        .await
-        .map_err(|e| NetError::Read(e.to_string()))?;
-    Ok(decode_payload(&body)?)
+    read_frame_max(recv, MAX_FRAME).await
+}
+
+/// Reads one frame of at most `max` payload bytes. The length prefix is
+/// checked against `max` before any body byte is read, and the body buffer
+/// grows with the bytes that arrive ([`FrameReader`]): a peer that
+/// announces a large frame and sends little makes this hold little.
+pub async fn read_frame_max<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<T, NetError> {
+    let mut frame = FrameReader::new(max);
+    while !frame.is_complete() {
+        let chunk = recv
+            .read_chunk(frame.wanted(), true)
+            .await
+            .map_err(|e| NetError::Read(e.to_string()))?
+            .ok_or_else(|| {
+                NetError::Read("stream finished before the frame was complete".into())
+            })?;
+        let mut bytes = &chunk.bytes[..];
+        while !bytes.is_empty() {
+            let n = frame.push(bytes)?;
+            if n == 0 {
+                break;
+            }
+            bytes = &bytes[n..];
+        }
+    }
+    Ok(frame.decode()?)
 }
 
 /// Sends one request on a new stream and waits for its answer.

@@ -12,7 +12,11 @@
 //! +----------------+---------------------------------------------+
 //! ```
 //! `len` counts the payload bytes and is checked against [`MAX_FRAME`]
-//! *before* anything is read or decoded. The payload starts with the protocol
+//! *before* anything is read or decoded; frames from a peer without a
+//! verified client certificate are held to [`MAX_ANONYMOUS_FRAME`].
+//! [`FrameReader`] takes a frame's bytes as they arrive and never holds
+//! more than twice what arrived (nor more than the announced length), so
+//! a length prefix alone makes it allocate nothing. The payload starts with the protocol
 //! version (postcard varint); a frame of another version is refused with
 //! [`FrameError::UnsupportedVersion`] before its body is looked at. postcard is
 //! not self-describing: field order is the format, so every change to a
@@ -34,6 +38,11 @@ pub use token::{JoinToken, TokenError};
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Hard upper bound on a frame's payload, checked before decoding.
 pub const MAX_FRAME: usize = 1 << 20;
+/// Upper bound on a frame's payload from a peer that presented no verified
+/// client certificate (Enroll, EnrollNode, Reestablish on an anonymous
+/// connection): a token, an ID and two CSRs take about 1 KiB, so 16 KiB is
+/// ample, and an anonymous peer cannot make the hub hold more per stream.
+pub const MAX_ANONYMOUS_FRAME: usize = 16 << 10;
 /// Bytes in the length prefix.
 pub const LEN_PREFIX: usize = 4;
 /// ALPN of the control connection (enrollment, renewal, sync).
@@ -97,17 +106,115 @@ pub enum FrameError {
 
 /// Checks a length prefix and returns the payload length it announces.
 pub fn payload_len(prefix: [u8; LEN_PREFIX]) -> Result<usize, FrameError> {
+    payload_len_max(prefix, MAX_FRAME)
+}
+
+/// Checks a length prefix against `max` (itself capped at [`MAX_FRAME`])
+/// and returns the payload length it announces.
+pub fn payload_len_max(prefix: [u8; LEN_PREFIX], max: usize) -> Result<usize, FrameError> {
+    let max = max.min(MAX_FRAME);
     let len = u32::from_be_bytes(prefix) as usize;
-    if len > MAX_FRAME {
-        return Err(FrameError::TooLarge {
-            len,
-            max: MAX_FRAME,
-        });
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
     }
     if len == 0 {
         return Err(FrameError::Truncated("empty frame"));
     }
     Ok(len)
+}
+
+/// One frame read from bytes as they arrive, within a limit.
+///
+/// The length prefix is checked against the limit as soon as its four bytes
+/// are in, before any body byte is taken. The body buffer grows with the
+/// bytes that arrived, at most doubling and never past the announced length:
+/// a peer that announces a large frame and sends little makes the reader
+/// hold little ([`FrameReader::held`]). The driver asks [`FrameReader::wanted`]
+/// bytes of its stream, feeds them to [`FrameReader::push`] until
+/// [`FrameReader::is_complete`], then calls [`FrameReader::decode`].
+#[derive(Debug)]
+pub struct FrameReader {
+    max: usize,
+    prefix: [u8; LEN_PREFIX],
+    prefix_len: usize,
+    /// The announced payload length, once the prefix is in and checked.
+    len: Option<usize>,
+    body: Vec<u8>,
+}
+
+impl FrameReader {
+    /// A reader for one frame of at most `max` payload bytes (capped at
+    /// [`MAX_FRAME`]).
+    pub fn new(max: usize) -> FrameReader {
+        FrameReader {
+            max: max.min(MAX_FRAME),
+            prefix: [0; LEN_PREFIX],
+            prefix_len: 0,
+            len: None,
+            body: Vec::new(),
+        }
+    }
+
+    /// How many more bytes the frame needs: the rest of the prefix, then the
+    /// rest of the body; 0 once complete.
+    pub fn wanted(&self) -> usize {
+        match self.len {
+            None => LEN_PREFIX - self.prefix_len,
+            Some(len) => len - self.body.len(),
+        }
+    }
+
+    /// Whether the whole frame is in.
+    pub fn is_complete(&self) -> bool {
+        self.len.is_some() && self.wanted() == 0
+    }
+
+    /// Bytes of memory the body buffer holds (its capacity).
+    pub fn held(&self) -> usize {
+        self.body.capacity()
+    }
+
+    /// Takes bytes from the front of `bytes`, at most [`FrameReader::wanted`],
+    /// and returns how many it took. A prefix over the limit (or of zero) is
+    /// refused as soon as it is complete.
+    pub fn push(&mut self, bytes: &[u8]) -> Result<usize, FrameError> {
+        let mut taken = 0;
+        if self.len.is_none() {
+            let n = (LEN_PREFIX - self.prefix_len).min(bytes.len());
+            self.prefix[self.prefix_len..self.prefix_len + n].copy_from_slice(&bytes[..n]);
+            self.prefix_len += n;
+            taken = n;
+            if self.prefix_len < LEN_PREFIX {
+                return Ok(taken);
+            }
+            self.len = Some(payload_len_max(self.prefix, self.max)?);
+        }
+        let rest = &bytes[taken..];
+        let n = self.wanted().min(rest.len());
+        if n == 0 {
+            return Ok(taken);
+        }
+        let need = self.body.len() + n;
+        if need > self.body.capacity() {
+            // Amortized growth, but never past the announced length and
+            // never more than twice what has arrived.
+            let len = self.len.unwrap_or(need);
+            let cap = need.max(self.body.capacity().saturating_mul(2)).min(len);
+            self.body.reserve_exact(cap - self.body.len());
+        }
+        self.body.extend_from_slice(&rest[..n]);
+        Ok(taken + n)
+    }
+
+    /// Decodes the complete frame.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, FrameError> {
+        if !self.is_complete() {
+            return Err(FrameError::Truncated(
+                "payload shorter than its length prefix",
+            ));
+        }
+        decode_payload(&self.body)
+    }
 }
 
 /// Encodes a message as a complete frame (length prefix included).
@@ -309,8 +416,115 @@ mod tests {
         ));
     }
 
+    /// An anonymous peer's 1 MiB length prefix is refused the moment its
+    /// four bytes are in, with nothing allocated for the body.
+    #[test]
+    fn anonymous_reader_refuses_a_large_prefix_at_once() {
+        let mut r = FrameReader::new(MAX_ANONYMOUS_FRAME);
+        let prefix = (MAX_FRAME as u32).to_be_bytes();
+        assert_eq!(r.push(&prefix[..3]), Ok(3));
+        assert_eq!(
+            r.push(&prefix[3..]),
+            Err(FrameError::TooLarge {
+                len: MAX_FRAME,
+                max: MAX_ANONYMOUS_FRAME
+            })
+        );
+        assert_eq!(r.held(), 0);
+        // one byte over the anonymous limit, with body bytes in the same push
+        let mut r = FrameReader::new(MAX_ANONYMOUS_FRAME);
+        let mut f = ((MAX_ANONYMOUS_FRAME + 1) as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(&[1; 64]);
+        assert!(matches!(r.push(&f), Err(FrameError::TooLarge { .. })));
+        assert_eq!(r.held(), 0);
+        // an Enroll with a CSR-sized body fits
+        let req = Request::Enroll {
+            token: "t".repeat(200),
+            spoke: "spiffe://td/store/a/node/b".parse().expect("valid id"),
+            csr: vec![7; 2_000],
+        };
+        let f = encode_frame(&req).expect("encodes");
+        let mut r = FrameReader::new(MAX_ANONYMOUS_FRAME);
+        assert_eq!(r.push(&f), Ok(f.len()));
+        assert_eq!(r.decode::<Request>(), Ok(req));
+    }
+
+    /// A peer that announces 1 MiB and sends 100 bytes makes the reader hold
+    /// at most twice what arrived.
+    #[test]
+    fn reader_holds_what_arrived_not_what_was_announced() {
+        let mut r = FrameReader::new(MAX_FRAME);
+        assert_eq!(r.push(&(MAX_FRAME as u32).to_be_bytes()), Ok(4));
+        assert_eq!(r.held(), 0);
+        assert_eq!(r.wanted(), MAX_FRAME);
+        for _ in 0..10 {
+            r.push(&[0; 10]).expect("within the limit");
+        }
+        assert!(r.held() <= 200, "{}", r.held());
+        assert!(!r.is_complete());
+        assert!(matches!(
+            r.decode::<Request>(),
+            Err(FrameError::Truncated(_))
+        ));
+    }
+
+    #[test]
+    fn reader_takes_no_more_than_one_frame() {
+        let mut two = ping();
+        two.extend_from_slice(&ping());
+        let mut r = FrameReader::new(MAX_FRAME);
+        assert_eq!(r.push(&two), Ok(6));
+        assert!(r.is_complete());
+        assert_eq!(r.push(&two[6..]), Ok(0));
+        assert_eq!(r.decode::<Request>(), Ok(Request::Ping));
+        let mut r = FrameReader::new(MAX_FRAME);
+        assert_eq!(
+            r.push(&[0, 0, 0, 0]),
+            Err(FrameError::Truncated("empty frame"))
+        );
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// Any split of a frame into pieces reads the same message, and
+        /// holds no more than the payload.
+        #[test]
+        fn reader_reads_any_split(csr_len in 0usize..3000, cuts in proptest::collection::vec(1usize..700, 0..20)) {
+            let req = Request::Enroll {
+                token: "secret".into(),
+                spoke: "spiffe://td/store/a/node/b".parse().expect("valid id"),
+                csr: vec![7; csr_len],
+            };
+            let f = encode_frame(&req).expect("encodes");
+            let mut r = FrameReader::new(MAX_ANONYMOUS_FRAME);
+            let mut rest = &f[..];
+            for c in cuts {
+                let c = c.min(rest.len());
+                let n = r.push(&rest[..c]).expect("valid frame");
+                prop_assert_eq!(n, c);
+                rest = &rest[c..];
+            }
+            while !rest.is_empty() {
+                let n = r.push(rest).expect("valid frame");
+                rest = &rest[n..];
+            }
+            prop_assert!(r.held() <= f.len() - LEN_PREFIX);
+            prop_assert_eq!(r.decode::<Request>(), Ok(req));
+        }
+
+        #[test]
+        fn reader_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256), max in 0usize..64) {
+            let mut r = FrameReader::new(max);
+            let mut rest = &bytes[..];
+            while let Ok(n) = r.push(rest) {
+                if n == 0 {
+                    break;
+                }
+                rest = &rest[n..];
+            }
+            let _ = r.decode::<Request>();
+        }
+
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = decode_frame::<Request>(&bytes);
