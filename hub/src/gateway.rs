@@ -5,19 +5,27 @@
 //! workload, presenting that workload's SVID, and one stream per request
 //! (a [`StreamHeader`] naming the service, then HTTP/1.1). The gateway
 //! serves only hosts a `ServiceEntry` of the current config declares:
-//! * it picks an endpoint of the entry (round robin; DNS names resolved per
-//!   request; on a connect failure the next endpoint is tried, which is safe
-//!   because nothing was sent);
+//! * it refuses a request target whose path is ambiguous (`%2F`, `%5C`,
+//!   `;`, `\`, dot segments, `%2E`, control bytes: 400 with the reason,
+//!   [`tidemesh_policy::check_path`]) and otherwise authorizes and
+//!   forwards the same, normal, path;
 //! * it authorizes the call (Istio semantics, `tidemesh-policy`) with the
-//!   workload's verified SPIFFE ID as the principal; the destination
-//!   "workload" is the entry's namespace and the chosen endpoint's labels,
-//!   so an `AuthorizationPolicy` in the entry's namespace selecting those
-//!   labels (or none) applies; denied calls get 403 with the reason;
+//!   workload's verified SPIFFE ID as the principal against **each**
+//!   endpoint of the entry: the destination "workload" is the entry's
+//!   namespace and that endpoint's labels (and port), so an
+//!   `AuthorizationPolicy` in the entry's namespace selecting those labels
+//!   (or none) applies; when no endpoint is allowed the call gets 403 with
+//!   the reason;
+//! * it picks among the allowed endpoints (round robin; DNS names resolved
+//!   per request; on a connect failure the next allowed endpoint is tried,
+//!   which is safe because nothing was sent): failover never reaches an
+//!   endpoint the policy refuses;
 //! * it forwards with `x-forwarded-client-cert: By=<hub>;URI=<caller>` and
 //!   answers with `x-tidemesh-upstream` naming the endpoint, which the
 //!   calling spoke writes into its evidence record;
 //! * a stream whose header says raw TCP is authorized at L4 (Istio's TCP
-//!   semantics) and piped to an endpoint; a refusal resets the stream.
+//!   semantics, per endpoint as above) and piped to an allowed endpoint; a
+//!   refusal resets the stream.
 //!
 //! Who drives it: [`crate::Hub::serve`] hands it connections that
 //! negotiated the data ALPN. What it must not do: forward to anything a
@@ -49,8 +57,9 @@ use tidemesh_net::http::{
     XFCC,
 };
 use tidemesh_policy::{
+    check_path,
     model::{EndpointLocation, Labels, Resolution},
-    AuthzRequest, CompiledPolicies, HeaderLookup, MeshConfig, WorkloadRef,
+    AuthzRequest, AuthzVerdict, CompiledPolicies, HeaderLookup, MeshConfig, WorkloadRef,
 };
 use tidemesh_proto::{
     close,
@@ -233,6 +242,63 @@ fn entry_endpoints(config: &MeshConfig, host: &str) -> Option<(String, Vec<Cloud
         });
     }
     Some((entry.id.namespace.clone(), eps))
+}
+
+/// The call's facts except the destination, which each candidate endpoint
+/// fills in (its labels and port).
+struct Call<'a> {
+    namespace: &'a str,
+    principal: &'a str,
+    caller_ns: Option<&'a str>,
+    /// `None`: raw TCP (L4 semantics).
+    l7: Option<(&'a str, &'a str, &'a (dyn HeaderLookup + Sync))>,
+}
+
+/// The endpoints a call may go to, in rotation order from `start`: each is
+/// authorized with its own labels and port, so failover never reaches an
+/// endpoint the policy refuses. `Err` carries the verdict for the first
+/// endpoint in rotation when none is allowed.
+fn authorized_endpoints<'e>(
+    policies: &CompiledPolicies,
+    call: &Call<'_>,
+    endpoints: &'e [CloudEndpoint],
+    start: usize,
+) -> Result<Vec<&'e CloudEndpoint>, AuthzVerdict> {
+    let mut first_denial = None;
+    let mut allowed = Vec::new();
+    for k in 0..endpoints.len() {
+        let ep = &endpoints[(start + k) % endpoints.len()];
+        let mut req = AuthzRequest {
+            workload: WorkloadRef {
+                namespace: call.namespace,
+                labels: &ep.labels,
+            },
+            source_principal: Some(call.principal),
+            source_namespace: call.caller_ns,
+            method: "",
+            path: "",
+            port: port_of(&ep.address),
+            headers: &tidemesh_policy::NoHeaders,
+        };
+        let verdict = match call.l7 {
+            Some((method, path, headers)) => {
+                req.method = method;
+                req.path = path;
+                req.headers = headers;
+                policies.decide(&req)
+            }
+            None => policies.decide_l4(&req),
+        };
+        if verdict.allowed {
+            allowed.push(ep);
+        } else if first_denial.is_none() {
+            first_denial = Some(verdict);
+        }
+    }
+    match first_denial {
+        Some(v) if allowed.is_empty() => Err(v),
+        _ => Ok(allowed),
+    }
 }
 
 impl Hub {
@@ -438,30 +504,24 @@ impl Hub {
             return refuse(&mut send, &mut recv, close::NORMAL);
         }
         let start = self.gateway_rotation(&header.service);
-        let first = &endpoints[start % endpoints.len()];
         let policies = self.gateway_policies(latest.meta.version, &latest.config);
         let caller_ns = self.caller_namespace(peer, &latest.config);
         let principal = peer.to_string();
-        let principal = principal.strip_prefix("spiffe://").unwrap_or(&principal);
-        let verdict = policies.decide_l4(&AuthzRequest {
-            workload: WorkloadRef {
-                namespace: &namespace,
-                labels: &first.labels,
-            },
-            source_principal: Some(principal),
-            source_namespace: caller_ns.as_deref(),
-            method: "",
-            path: "",
-            port: port_of(&first.address),
-            headers: &tidemesh_policy::NoHeaders,
-        });
-        if !verdict.allowed {
-            g.denied.fetch_add(1, Ordering::Relaxed);
-            debug!(%peer, service = %header.service, reason = verdict.reason.as_str(), "raw TCP denied at the gateway");
-            return refuse(&mut send, &mut recv, close::FORBIDDEN);
-        }
-        for k in 0..endpoints.len() {
-            let ep = &endpoints[(start + k) % endpoints.len()];
+        let call = Call {
+            namespace: &namespace,
+            principal: principal.strip_prefix("spiffe://").unwrap_or(&principal),
+            caller_ns: caller_ns.as_deref(),
+            l7: None,
+        };
+        let candidates = match authorized_endpoints(&policies, &call, &endpoints, start) {
+            Ok(c) => c,
+            Err(verdict) => {
+                g.denied.fetch_add(1, Ordering::Relaxed);
+                debug!(%peer, service = %header.service, reason = verdict.reason.as_str(), "raw TCP denied at the gateway");
+                return refuse(&mut send, &mut recv, close::FORBIDDEN);
+            }
+        };
+        for ep in candidates {
             let Ok(addr) = resolve(&ep.address).await else {
                 continue;
             };
@@ -505,6 +565,19 @@ impl Hub {
         mut req: Request<Incoming>,
     ) -> Response<Body> {
         let g = &self.inner.gateway;
+        // The path authorized is the path forwarded: ambiguous encodings
+        // are refused, the rest is put in normal form before either.
+        let raw = path_and_query(req.uri());
+        let path = match check_path(&raw) {
+            Ok(p) => p.into_owned(),
+            Err(e) => {
+                return local_response(
+                    StatusCode::BAD_REQUEST,
+                    &format!("refused by the hub gateway: {e}"),
+                    &[],
+                )
+            }
+        };
         let latest = match self.latest_config() {
             Ok(Some(v)) => v,
             _ => {
@@ -536,45 +609,44 @@ impl Hub {
             );
         }
         let start = self.gateway_rotation(&header.service);
-        // Authorization against the first endpoint in rotation (endpoints of
-        // one entry normally share labels).
-        let first = &endpoints[start % endpoints.len()];
         let policies = self.gateway_policies(latest.meta.version, &latest.config);
         let caller_ns = self.caller_namespace(peer, &latest.config);
         let principal = peer.to_string();
-        let principal = principal.strip_prefix("spiffe://").unwrap_or(&principal);
-        let path = path_and_query(req.uri());
-        let verdict = policies.decide(&AuthzRequest {
-            workload: WorkloadRef {
+        // Each endpoint is authorized with its own labels: the call goes
+        // (and fails over) only to endpoints the policy allows.
+        let decision = {
+            let headers = HeaderMapLookup(req.headers());
+            let call = Call {
                 namespace: &namespace,
-                labels: &first.labels,
-            },
-            source_principal: Some(principal),
-            source_namespace: caller_ns.as_deref(),
-            method: req.method().as_str(),
-            path: &path,
-            port: port_of(&first.address),
-            headers: &HeaderMapLookup(req.headers()),
-        });
-        if !verdict.allowed {
-            g.denied.fetch_add(1, Ordering::Relaxed);
-            let policy = verdict
-                .policy
-                .and_then(|i| policies.policies().get(i))
-                .map(|p| format!("{}/{}", p.id.namespace, p.id.name))
-                .unwrap_or_else(|| "mesh-default".into());
-            return local_response(
-                StatusCode::FORBIDDEN,
-                &format!(
-                    "RBAC: access denied at the hub gateway: {} ({policy}) for {peer} calling {} {} on {}",
-                    verdict.reason.as_str(),
-                    req.method(),
-                    req.uri().path(),
-                    header.service
-                ),
-                &[],
-            );
-        }
+                principal: principal.strip_prefix("spiffe://").unwrap_or(&principal),
+                caller_ns: caller_ns.as_deref(),
+                l7: Some((req.method().as_str(), path.as_str(), &headers)),
+            };
+            authorized_endpoints(&policies, &call, &endpoints, start)
+                .map(|c| c.into_iter().cloned().collect::<Vec<CloudEndpoint>>())
+        };
+        let candidates = match decision {
+            Ok(c) => c,
+            Err(verdict) => {
+                g.denied.fetch_add(1, Ordering::Relaxed);
+                let policy = verdict
+                    .policy
+                    .and_then(|i| policies.policies().get(i))
+                    .map(|p| format!("{}/{}", p.id.namespace, p.id.name))
+                    .unwrap_or_else(|| "mesh-default".into());
+                return local_response(
+                    StatusCode::FORBIDDEN,
+                    &format!(
+                        "RBAC: access denied at the hub gateway: {} ({policy}) for {peer} calling {} {} on {}",
+                        verdict.reason.as_str(),
+                        req.method(),
+                        req.uri().path(),
+                        header.service
+                    ),
+                    &[],
+                );
+            }
+        };
         let h = req.headers_mut();
         strip_hop_by_hop(h);
         h.remove(XFCC);
@@ -601,8 +673,7 @@ impl Hub {
         // moves on to the next endpoint with the body still unread.
         let mut body = Some(body.boxed());
         let mut last_err = String::new();
-        for k in 0..endpoints.len() {
-            let ep = &endpoints[(start + k) % endpoints.len()];
+        for ep in &candidates {
             let addr = match resolve(&ep.address).await {
                 Ok(a) => a,
                 Err(e) => {
@@ -688,4 +759,101 @@ async fn resolve(address: &str) -> Result<SocketAddr, String> {
         .map_err(|e| format!("cannot resolve {address}: {e}"))?
         .next()
         .ok_or_else(|| format!("{address} resolves to no address"))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
+mod tests {
+    use super::*;
+
+    /// `ledger.cloud` has two endpoints whose labels differ; only the
+    /// primary's are allowed to `frontend`.
+    const MESH: &str = r#"
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: ledger, namespace: cloud}
+spec:
+  hosts: [ledger.cloud]
+  location: MESH_EXTERNAL
+  ports:
+  - {number: 8080, name: http, protocol: HTTP}
+  resolution: STATIC
+  endpoints:
+  - address: 127.0.0.1
+    labels: {app: ledger, tier: primary}
+  - address: 127.0.0.2
+    labels: {app: ledger, tier: replica}
+---
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {name: primary-only, namespace: cloud}
+spec:
+  selector:
+    matchLabels: {tier: primary}
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["td.example/store/sf01/sa/frontend"]
+"#;
+
+    fn call<'a>(principal: &'a str, l7: bool) -> Call<'a> {
+        Call {
+            namespace: "cloud",
+            principal,
+            caller_ns: None,
+            l7: l7.then_some(("GET", "/entries", &tidemesh_policy::NoHeaders as _)),
+        }
+    }
+
+    #[test]
+    fn only_endpoints_the_policy_allows_are_candidates_whatever_the_rotation() {
+        let config = MeshConfig::from_yaml(MESH).unwrap();
+        let policies = CompiledPolicies::from_config(&config);
+        let (ns, endpoints) = entry_endpoints(&config, "ledger.cloud").unwrap();
+        assert_eq!(ns, "cloud");
+        assert_eq!(endpoints.len(), 2, "{endpoints:?}");
+        for l7 in [true, false] {
+            for start in 0..4 {
+                let got = authorized_endpoints(
+                    &policies,
+                    &call("td.example/store/sf01/sa/frontend", l7),
+                    &endpoints,
+                    start,
+                )
+                .unwrap();
+                // the replica is never tried, not even on failover
+                let addrs: Vec<&str> = got.iter().map(|e| e.address.as_str()).collect();
+                assert_eq!(addrs, ["127.0.0.1:8080"], "l7 {l7}, start {start}");
+            }
+            // a caller no endpoint admits is refused, with the reason for
+            // the first endpoint in rotation
+            let denied = authorized_endpoints(
+                &policies,
+                &call("td.example/store/sf01/sa/kiosk", l7),
+                &endpoints,
+                1,
+            )
+            .unwrap_err();
+            assert!(!denied.allowed);
+            assert_eq!(denied.reason.as_str(), "mesh_default");
+        }
+    }
+
+    #[test]
+    fn endpoints_with_the_same_decision_keep_their_rotation() {
+        let yaml = MESH.replace("matchLabels: {tier: primary}", "matchLabels: {app: ledger}");
+        let config = MeshConfig::from_yaml(&yaml).unwrap();
+        let policies = CompiledPolicies::from_config(&config);
+        let (_, endpoints) = entry_endpoints(&config, "ledger.cloud").unwrap();
+        let got = authorized_endpoints(
+            &policies,
+            &call("td.example/store/sf01/sa/frontend", true),
+            &endpoints,
+            1,
+        )
+        .unwrap();
+        let addrs: Vec<&str> = got.iter().map(|e| e.address.as_str()).collect();
+        assert_eq!(addrs, ["127.0.0.2:8080", "127.0.0.1:8080"]);
+    }
 }
