@@ -25,7 +25,9 @@
 //!   calling spoke writes into its evidence record;
 //! * a stream whose header says raw TCP is authorized at L4 (Istio's TCP
 //!   semantics, per endpoint as above) and piped to an allowed endpoint; a
-//!   refusal resets the stream.
+//!   refusal resets the stream; the connection is closed when no byte moved
+//!   either way for [`GatewaySettings::tcp_idle_timeout`] (5 min, as on
+//!   the spokes).
 //!
 //! Who drives it: [`crate::Hub::serve`] hands it connections that
 //! negotiated the data ALPN. What it must not do: forward to anything a
@@ -56,6 +58,7 @@ use tidemesh_net::http::{
     full, local_response, path_and_query, read_stream_header, strip_hop_by_hop, Body, UPSTREAM,
     XFCC,
 };
+use tidemesh_net::pipe::{pipe, End, Piped, TCP_IDLE_TIMEOUT};
 use tidemesh_policy::{
     check_path,
     model::{EndpointLocation, Labels, Resolution},
@@ -83,6 +86,9 @@ pub struct GatewaySettings {
     pub max_header_bytes: usize,
     /// Most streams served at once (all spokes).
     pub max_streams: usize,
+    /// A raw TCP stream is closed when no byte moved either way for this
+    /// long (the spoke's raw TCP idle timeout, by default).
+    pub tcp_idle_timeout: Duration,
 }
 
 impl Default for GatewaySettings {
@@ -93,6 +99,7 @@ impl Default for GatewaySettings {
             header_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
             max_streams: 4096,
+            tcp_idle_timeout: TCP_IDLE_TIMEOUT,
         }
     }
 }
@@ -530,17 +537,28 @@ impl Hub {
                 tokio::net::TcpStream::connect(addr),
             )
             .await;
-            let Ok(Ok(mut upstream)) = connected else {
+            let Ok(Ok(upstream)) = connected else {
                 continue;
             };
             let _ = upstream.set_nodelay(true);
             g.forwarded.fetch_add(1, Ordering::Relaxed);
             let mut stream = tokio::io::join(recv, send);
-            if let Err(e) = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await {
-                debug!(%peer, endpoint = %ep.address, error = %e, "raw TCP through the gateway ended");
+            let piped = relay_tcp(&mut stream, upstream, g.settings.tcp_idle_timeout).await;
+            let (mut recv, mut send) = stream.into_inner();
+            match piped.end {
+                End::Closed => {
+                    let _ = send.finish();
+                }
+                End::Idle(idle) => {
+                    debug!(%peer, endpoint = %ep.address, ?idle, up = piped.up, down = piped.down, "raw TCP through the gateway closed: idle");
+                    let _ = send.finish();
+                    let _ = recv.stop(quinn::VarInt::from_u32(close::NORMAL));
+                }
+                End::Failed(e) => {
+                    debug!(%peer, endpoint = %ep.address, error = %e, "raw TCP through the gateway ended");
+                    refuse(&mut send, &mut recv, close::NORMAL);
+                }
             }
-            let (_, mut send) = stream.into_inner();
-            let _ = send.finish();
             return;
         }
         g.failed.fetch_add(1, Ordering::Relaxed);
@@ -741,6 +759,16 @@ impl Hub {
     }
 }
 
+/// Copies bytes both ways between a spoke's stream and a cloud endpoint
+/// until both close, one fails, or nothing moved for `idle`; the endpoint's
+/// connection is closed on return.
+async fn relay_tcp<S>(stream: &mut S, mut upstream: tokio::net::TcpStream, idle: Duration) -> Piped
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    pipe(stream, &mut upstream, idle).await
+}
+
 /// The port of `host:port` (0 when absent).
 fn port_of(address: &str) -> u16 {
     address
@@ -855,5 +883,55 @@ spec:
         .unwrap();
         let addrs: Vec<&str> = got.iter().map(|e| e.address.as_str()).collect();
         assert_eq!(addrs, ["127.0.0.2:8080", "127.0.0.1:8080"]);
+    }
+
+    /// A raw TCP connection through the gateway with nothing moving is
+    /// closed after the configured idle time: the endpoint sees its
+    /// connection end, the spoke's side its stream end.
+    #[tokio::test]
+    async fn raw_tcp_through_the_gateway_is_closed_when_idle() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let idle = Duration::from_millis(300);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // a silent endpoint that answers one message, then waits for the end
+        let endpoint = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 5];
+            conn.read_exact(&mut buf).await.unwrap();
+            conn.write_all(b"pong").await.unwrap();
+            let t = tokio::time::Instant::now();
+            let mut rest = Vec::new();
+            conn.read_to_end(&mut rest).await.unwrap();
+            (buf, t.elapsed())
+        });
+        let upstream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut spoke, mut gateway_side) = tokio::io::duplex(64);
+        let t = tokio::time::Instant::now();
+        let relay = tokio::spawn(async move { relay_tcp(&mut gateway_side, upstream, idle).await });
+        spoke.write_all(b"ping!").await.unwrap();
+        let mut got = [0u8; 4];
+        spoke.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"pong");
+        let piped = relay.await.unwrap();
+        assert_eq!(piped.end, End::Idle(idle));
+        assert_eq!((piped.up, piped.down), (5, 4));
+        assert!(t.elapsed() >= idle, "{:?}", t.elapsed());
+        assert!(t.elapsed() < idle * 10, "{:?}", t.elapsed());
+        let (sent, waited) = endpoint.await.unwrap();
+        assert_eq!(&sent, b"ping!");
+        assert!(waited < idle * 10, "{waited:?}");
+        // the spoke's side ends too (its stream is dropped with the relay)
+        let mut rest = Vec::new();
+        spoke.read_to_end(&mut rest).await.unwrap();
+    }
+
+    #[test]
+    fn the_gateway_uses_the_spokes_raw_tcp_idle_timeout() {
+        assert_eq!(
+            GatewaySettings::default().tcp_idle_timeout,
+            Duration::from_secs(300)
+        );
+        assert_eq!(TCP_IDLE_TIMEOUT, Duration::from_secs(300));
     }
 }
