@@ -2163,7 +2163,8 @@ fn counting_server(
 /// Issue 15: the path authorized is the path forwarded (ambiguous
 /// encodings get 400 at the serving spoke and at the hub gateway), and the
 /// gateway sends a call only to endpoints whose labels the policy allows,
-/// failover included.
+/// failover included (shown with raw TCP, which the gateway moves to the
+/// next endpoint on any connect failure).
 #[test]
 fn ambiguous_paths_are_refused_and_the_gateway_never_fails_over_to_a_refused_endpoint() {
     use std::sync::atomic::Ordering;
@@ -2177,6 +2178,24 @@ fn ambiguous_paths_are_refused_and_the_gateway_never_fails_over_to_a_refused_end
     let (primary_hits, primary_up) = counting_server("primary", primary_l);
     let (replica_hits, _replica_up) = counting_server("replica", replica_l);
     let inventory = echo_server("inventory");
+    // vault.cloud (raw TCP): the primary's port refuses, the replica echoes
+    // and counts its connections
+    let vault_replica = TcpListener::bind("127.0.0.2:0").expect("bind 127.0.0.2");
+    let tcp_port = vault_replica.local_addr().expect("addr").port();
+    let vault_replica_conns = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    {
+        let n = vault_replica_conns.clone();
+        std::thread::spawn(move || {
+            for conn in vault_replica.incoming() {
+                let Ok(mut c) = conn else { continue };
+                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut buf = [0u8; 64];
+                if let Ok(k) = std::io::Read::read(&mut c, &mut buf) {
+                    let _ = c.write_all(&buf[..k]);
+                }
+            }
+        });
+    }
     let yaml = format!(
         r#"{STORE_SF01}
 ---
@@ -2194,6 +2213,21 @@ spec:
     labels: {{app: ledger, tier: primary}}
   - address: 127.0.0.2
     labels: {{app: ledger, tier: replica}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: vault, namespace: cloud}}
+spec:
+  hosts: [vault.cloud]
+  location: MESH_EXTERNAL
+  ports:
+  - {{number: {tcp_port}, name: tcp, protocol: TCP}}
+  resolution: STATIC
+  endpoints:
+  - address: 127.0.0.1
+    labels: {{app: vault, tier: primary}}
+  - address: 127.0.0.2
+    labels: {{app: vault, tier: replica}}
 ---
 apiVersion: security.istio.io/v1beta1
 kind: AuthorizationPolicy
@@ -2228,7 +2262,7 @@ spec:
     std::fs::write(&f, yaml).expect("yaml");
     let o = hub.cli(&["apply", "-f", f.to_str().expect("utf8")]);
     assert!(o.status.success(), "apply: {}", text(&o));
-    let (o_front, data) = (free_tcp(), free_udp());
+    let (o_front, t_front, data) = (free_tcp(), free_tcp(), free_udp());
     let cfg = write_config(
         tmp.path(),
         "a",
@@ -2239,6 +2273,7 @@ data_advertise = "{data}"
 [[workload]]
 service_account = "frontend"
 outbound = "{o_front}"
+tcp_outbound = [{{ listen = "{t_front}", service = "vault.cloud" }}]
 
 [[workload]]
 service_account = "inventory"
@@ -2328,4 +2363,17 @@ inbound = "{inventory}"
     }
     assert_eq!(replica_hits.load(Ordering::SeqCst), 0);
     assert!(primary_hits.load(Ordering::SeqCst) >= 8);
+
+    // 3. raw TCP, where the gateway fails over on any connect failure: the
+    // primary refuses connections and the replica is never dialed
+    for _ in 0..4 {
+        let mut c = TcpStream::connect(t_front).expect("connect to tcp_outbound");
+        c.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let _ = c.write_all(b"secret");
+        let mut got = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut c, &mut got);
+        assert!(got.is_empty(), "{got:?}");
+    }
+    assert_eq!(vault_replica_conns.load(Ordering::SeqCst), 0);
 }
