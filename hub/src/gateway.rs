@@ -5,19 +5,29 @@
 //! workload, presenting that workload's SVID, and one stream per request
 //! (a [`StreamHeader`] naming the service, then HTTP/1.1). The gateway
 //! serves only hosts a `ServiceEntry` of the current config declares:
-//! * it picks an endpoint of the entry (round robin; DNS names resolved per
-//!   request; on a connect failure the next endpoint is tried, which is safe
-//!   because nothing was sent);
+//! * it refuses a request target whose path is ambiguous (`%2F`, `%5C`,
+//!   `;`, `\`, dot segments, `%2E`, control bytes: 400 with the reason,
+//!   [`tidemesh_policy::check_path`]) and otherwise authorizes and
+//!   forwards the same, normal, path;
 //! * it authorizes the call (Istio semantics, `tidemesh-policy`) with the
-//!   workload's verified SPIFFE ID as the principal; the destination
-//!   "workload" is the entry's namespace and the chosen endpoint's labels,
-//!   so an `AuthorizationPolicy` in the entry's namespace selecting those
-//!   labels (or none) applies; denied calls get 403 with the reason;
+//!   workload's verified SPIFFE ID as the principal against **each**
+//!   endpoint of the entry: the destination "workload" is the entry's
+//!   namespace and that endpoint's labels (and port), so an
+//!   `AuthorizationPolicy` in the entry's namespace selecting those labels
+//!   (or none) applies; when no endpoint is allowed the call gets 403 with
+//!   the reason;
+//! * it picks among the allowed endpoints (round robin; DNS names resolved
+//!   per request; on a connect failure the next allowed endpoint is tried,
+//!   which is safe because nothing was sent): failover never reaches an
+//!   endpoint the policy refuses;
 //! * it forwards with `x-forwarded-client-cert: By=<hub>;URI=<caller>` and
 //!   answers with `x-tidemesh-upstream` naming the endpoint, which the
 //!   calling spoke writes into its evidence record;
 //! * a stream whose header says raw TCP is authorized at L4 (Istio's TCP
-//!   semantics) and piped to an endpoint; a refusal resets the stream.
+//!   semantics, per endpoint as above) and piped to an allowed endpoint; a
+//!   refusal resets the stream; the connection is closed when no byte moved
+//!   either way for [`GatewaySettings::tcp_idle_timeout`] (5 min, as on
+//!   the spokes).
 //!
 //! Who drives it: [`crate::Hub::serve`] hands it connections that
 //! negotiated the data ALPN. What it must not do: forward to anything a
@@ -48,9 +58,11 @@ use tidemesh_net::http::{
     full, local_response, path_and_query, read_stream_header, strip_hop_by_hop, Body, UPSTREAM,
     XFCC,
 };
+use tidemesh_net::pipe::{pipe, End, Piped, TCP_IDLE_TIMEOUT};
 use tidemesh_policy::{
+    check_path,
     model::{EndpointLocation, Labels, Resolution},
-    AuthzRequest, CompiledPolicies, HeaderLookup, MeshConfig, WorkloadRef,
+    AuthzRequest, AuthzVerdict, CompiledPolicies, HeaderLookup, MeshConfig, WorkloadRef,
 };
 use tidemesh_proto::{
     close,
@@ -74,6 +86,9 @@ pub struct GatewaySettings {
     pub max_header_bytes: usize,
     /// Most streams served at once (all spokes).
     pub max_streams: usize,
+    /// A raw TCP stream is closed when no byte moved either way for this
+    /// long (the spoke's raw TCP idle timeout, by default).
+    pub tcp_idle_timeout: Duration,
 }
 
 impl Default for GatewaySettings {
@@ -84,6 +99,7 @@ impl Default for GatewaySettings {
             header_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
             max_streams: 4096,
+            tcp_idle_timeout: TCP_IDLE_TIMEOUT,
         }
     }
 }
@@ -233,6 +249,63 @@ fn entry_endpoints(config: &MeshConfig, host: &str) -> Option<(String, Vec<Cloud
         });
     }
     Some((entry.id.namespace.clone(), eps))
+}
+
+/// The call's facts except the destination, which each candidate endpoint
+/// fills in (its labels and port).
+struct Call<'a> {
+    namespace: &'a str,
+    principal: &'a str,
+    caller_ns: Option<&'a str>,
+    /// `None`: raw TCP (L4 semantics).
+    l7: Option<(&'a str, &'a str, &'a (dyn HeaderLookup + Sync))>,
+}
+
+/// The endpoints a call may go to, in rotation order from `start`: each is
+/// authorized with its own labels and port, so failover never reaches an
+/// endpoint the policy refuses. `Err` carries the verdict for the first
+/// endpoint in rotation when none is allowed.
+fn authorized_endpoints<'e>(
+    policies: &CompiledPolicies,
+    call: &Call<'_>,
+    endpoints: &'e [CloudEndpoint],
+    start: usize,
+) -> Result<Vec<&'e CloudEndpoint>, AuthzVerdict> {
+    let mut first_denial = None;
+    let mut allowed = Vec::new();
+    for k in 0..endpoints.len() {
+        let ep = &endpoints[(start + k) % endpoints.len()];
+        let mut req = AuthzRequest {
+            workload: WorkloadRef {
+                namespace: call.namespace,
+                labels: &ep.labels,
+            },
+            source_principal: Some(call.principal),
+            source_namespace: call.caller_ns,
+            method: "",
+            path: "",
+            port: port_of(&ep.address),
+            headers: &tidemesh_policy::NoHeaders,
+        };
+        let verdict = match call.l7 {
+            Some((method, path, headers)) => {
+                req.method = method;
+                req.path = path;
+                req.headers = headers;
+                policies.decide(&req)
+            }
+            None => policies.decide_l4(&req),
+        };
+        if verdict.allowed {
+            allowed.push(ep);
+        } else if first_denial.is_none() {
+            first_denial = Some(verdict);
+        }
+    }
+    match first_denial {
+        Some(v) if allowed.is_empty() => Err(v),
+        _ => Ok(allowed),
+    }
 }
 
 impl Hub {
@@ -438,30 +511,24 @@ impl Hub {
             return refuse(&mut send, &mut recv, close::NORMAL);
         }
         let start = self.gateway_rotation(&header.service);
-        let first = &endpoints[start % endpoints.len()];
         let policies = self.gateway_policies(latest.meta.version, &latest.config);
         let caller_ns = self.caller_namespace(peer, &latest.config);
         let principal = peer.to_string();
-        let principal = principal.strip_prefix("spiffe://").unwrap_or(&principal);
-        let verdict = policies.decide_l4(&AuthzRequest {
-            workload: WorkloadRef {
-                namespace: &namespace,
-                labels: &first.labels,
-            },
-            source_principal: Some(principal),
-            source_namespace: caller_ns.as_deref(),
-            method: "",
-            path: "",
-            port: port_of(&first.address),
-            headers: &tidemesh_policy::NoHeaders,
-        });
-        if !verdict.allowed {
-            g.denied.fetch_add(1, Ordering::Relaxed);
-            debug!(%peer, service = %header.service, reason = verdict.reason.as_str(), "raw TCP denied at the gateway");
-            return refuse(&mut send, &mut recv, close::FORBIDDEN);
-        }
-        for k in 0..endpoints.len() {
-            let ep = &endpoints[(start + k) % endpoints.len()];
+        let call = Call {
+            namespace: &namespace,
+            principal: principal.strip_prefix("spiffe://").unwrap_or(&principal),
+            caller_ns: caller_ns.as_deref(),
+            l7: None,
+        };
+        let candidates = match authorized_endpoints(&policies, &call, &endpoints, start) {
+            Ok(c) => c,
+            Err(verdict) => {
+                g.denied.fetch_add(1, Ordering::Relaxed);
+                debug!(%peer, service = %header.service, reason = verdict.reason.as_str(), "raw TCP denied at the gateway");
+                return refuse(&mut send, &mut recv, close::FORBIDDEN);
+            }
+        };
+        for ep in candidates {
             let Ok(addr) = resolve(&ep.address).await else {
                 continue;
             };
@@ -470,17 +537,28 @@ impl Hub {
                 tokio::net::TcpStream::connect(addr),
             )
             .await;
-            let Ok(Ok(mut upstream)) = connected else {
+            let Ok(Ok(upstream)) = connected else {
                 continue;
             };
             let _ = upstream.set_nodelay(true);
             g.forwarded.fetch_add(1, Ordering::Relaxed);
             let mut stream = tokio::io::join(recv, send);
-            if let Err(e) = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await {
-                debug!(%peer, endpoint = %ep.address, error = %e, "raw TCP through the gateway ended");
+            let piped = relay_tcp(&mut stream, upstream, g.settings.tcp_idle_timeout).await;
+            let (mut recv, mut send) = stream.into_inner();
+            match piped.end {
+                End::Closed => {
+                    let _ = send.finish();
+                }
+                End::Idle(idle) => {
+                    debug!(%peer, endpoint = %ep.address, ?idle, up = piped.up, down = piped.down, "raw TCP through the gateway closed: idle");
+                    let _ = send.finish();
+                    let _ = recv.stop(quinn::VarInt::from_u32(close::NORMAL));
+                }
+                End::Failed(e) => {
+                    debug!(%peer, endpoint = %ep.address, error = %e, "raw TCP through the gateway ended");
+                    refuse(&mut send, &mut recv, close::NORMAL);
+                }
             }
-            let (_, mut send) = stream.into_inner();
-            let _ = send.finish();
             return;
         }
         g.failed.fetch_add(1, Ordering::Relaxed);
@@ -505,6 +583,19 @@ impl Hub {
         mut req: Request<Incoming>,
     ) -> Response<Body> {
         let g = &self.inner.gateway;
+        // The path authorized is the path forwarded: ambiguous encodings
+        // are refused, the rest is put in normal form before either.
+        let raw = path_and_query(req.uri());
+        let path = match check_path(&raw) {
+            Ok(p) => p.into_owned(),
+            Err(e) => {
+                return local_response(
+                    StatusCode::BAD_REQUEST,
+                    &format!("refused by the hub gateway: {e}"),
+                    &[],
+                )
+            }
+        };
         let latest = match self.latest_config() {
             Ok(Some(v)) => v,
             _ => {
@@ -536,45 +627,44 @@ impl Hub {
             );
         }
         let start = self.gateway_rotation(&header.service);
-        // Authorization against the first endpoint in rotation (endpoints of
-        // one entry normally share labels).
-        let first = &endpoints[start % endpoints.len()];
         let policies = self.gateway_policies(latest.meta.version, &latest.config);
         let caller_ns = self.caller_namespace(peer, &latest.config);
         let principal = peer.to_string();
-        let principal = principal.strip_prefix("spiffe://").unwrap_or(&principal);
-        let path = path_and_query(req.uri());
-        let verdict = policies.decide(&AuthzRequest {
-            workload: WorkloadRef {
+        // Each endpoint is authorized with its own labels: the call goes
+        // (and fails over) only to endpoints the policy allows.
+        let decision = {
+            let headers = HeaderMapLookup(req.headers());
+            let call = Call {
                 namespace: &namespace,
-                labels: &first.labels,
-            },
-            source_principal: Some(principal),
-            source_namespace: caller_ns.as_deref(),
-            method: req.method().as_str(),
-            path: &path,
-            port: port_of(&first.address),
-            headers: &HeaderMapLookup(req.headers()),
-        });
-        if !verdict.allowed {
-            g.denied.fetch_add(1, Ordering::Relaxed);
-            let policy = verdict
-                .policy
-                .and_then(|i| policies.policies().get(i))
-                .map(|p| format!("{}/{}", p.id.namespace, p.id.name))
-                .unwrap_or_else(|| "mesh-default".into());
-            return local_response(
-                StatusCode::FORBIDDEN,
-                &format!(
-                    "RBAC: access denied at the hub gateway: {} ({policy}) for {peer} calling {} {} on {}",
-                    verdict.reason.as_str(),
-                    req.method(),
-                    req.uri().path(),
-                    header.service
-                ),
-                &[],
-            );
-        }
+                principal: principal.strip_prefix("spiffe://").unwrap_or(&principal),
+                caller_ns: caller_ns.as_deref(),
+                l7: Some((req.method().as_str(), path.as_str(), &headers)),
+            };
+            authorized_endpoints(&policies, &call, &endpoints, start)
+                .map(|c| c.into_iter().cloned().collect::<Vec<CloudEndpoint>>())
+        };
+        let candidates = match decision {
+            Ok(c) => c,
+            Err(verdict) => {
+                g.denied.fetch_add(1, Ordering::Relaxed);
+                let policy = verdict
+                    .policy
+                    .and_then(|i| policies.policies().get(i))
+                    .map(|p| format!("{}/{}", p.id.namespace, p.id.name))
+                    .unwrap_or_else(|| "mesh-default".into());
+                return local_response(
+                    StatusCode::FORBIDDEN,
+                    &format!(
+                        "RBAC: access denied at the hub gateway: {} ({policy}) for {peer} calling {} {} on {}",
+                        verdict.reason.as_str(),
+                        req.method(),
+                        req.uri().path(),
+                        header.service
+                    ),
+                    &[],
+                );
+            }
+        };
         let h = req.headers_mut();
         strip_hop_by_hop(h);
         h.remove(XFCC);
@@ -601,8 +691,7 @@ impl Hub {
         // moves on to the next endpoint with the body still unread.
         let mut body = Some(body.boxed());
         let mut last_err = String::new();
-        for k in 0..endpoints.len() {
-            let ep = &endpoints[(start + k) % endpoints.len()];
+        for ep in &candidates {
             let addr = match resolve(&ep.address).await {
                 Ok(a) => a,
                 Err(e) => {
@@ -670,6 +759,16 @@ impl Hub {
     }
 }
 
+/// Copies bytes both ways between a spoke's stream and a cloud endpoint
+/// until both close, one fails, or nothing moved for `idle`; the endpoint's
+/// connection is closed on return.
+async fn relay_tcp<S>(stream: &mut S, mut upstream: tokio::net::TcpStream, idle: Duration) -> Piped
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    pipe(stream, &mut upstream, idle).await
+}
+
 /// The port of `host:port` (0 when absent).
 fn port_of(address: &str) -> u16 {
     address
@@ -688,4 +787,151 @@ async fn resolve(address: &str) -> Result<SocketAddr, String> {
         .map_err(|e| format!("cannot resolve {address}: {e}"))?
         .next()
         .ok_or_else(|| format!("{address} resolves to no address"))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
+mod tests {
+    use super::*;
+
+    /// `ledger.cloud` has two endpoints whose labels differ; only the
+    /// primary's are allowed to `frontend`.
+    const MESH: &str = r#"
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: ledger, namespace: cloud}
+spec:
+  hosts: [ledger.cloud]
+  location: MESH_EXTERNAL
+  ports:
+  - {number: 8080, name: http, protocol: HTTP}
+  resolution: STATIC
+  endpoints:
+  - address: 127.0.0.1
+    labels: {app: ledger, tier: primary}
+  - address: 127.0.0.2
+    labels: {app: ledger, tier: replica}
+---
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {name: primary-only, namespace: cloud}
+spec:
+  selector:
+    matchLabels: {tier: primary}
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["td.example/store/sf01/sa/frontend"]
+"#;
+
+    fn call<'a>(principal: &'a str, l7: bool) -> Call<'a> {
+        Call {
+            namespace: "cloud",
+            principal,
+            caller_ns: None,
+            l7: l7.then_some(("GET", "/entries", &tidemesh_policy::NoHeaders as _)),
+        }
+    }
+
+    #[test]
+    fn only_endpoints_the_policy_allows_are_candidates_whatever_the_rotation() {
+        let config = MeshConfig::from_yaml(MESH).unwrap();
+        let policies = CompiledPolicies::from_config(&config);
+        let (ns, endpoints) = entry_endpoints(&config, "ledger.cloud").unwrap();
+        assert_eq!(ns, "cloud");
+        assert_eq!(endpoints.len(), 2, "{endpoints:?}");
+        for l7 in [true, false] {
+            for start in 0..4 {
+                let got = authorized_endpoints(
+                    &policies,
+                    &call("td.example/store/sf01/sa/frontend", l7),
+                    &endpoints,
+                    start,
+                )
+                .unwrap();
+                // the replica is never tried, not even on failover
+                let addrs: Vec<&str> = got.iter().map(|e| e.address.as_str()).collect();
+                assert_eq!(addrs, ["127.0.0.1:8080"], "l7 {l7}, start {start}");
+            }
+            // a caller no endpoint admits is refused, with the reason for
+            // the first endpoint in rotation
+            let denied = authorized_endpoints(
+                &policies,
+                &call("td.example/store/sf01/sa/kiosk", l7),
+                &endpoints,
+                1,
+            )
+            .unwrap_err();
+            assert!(!denied.allowed);
+            assert_eq!(denied.reason.as_str(), "mesh_default");
+        }
+    }
+
+    #[test]
+    fn endpoints_with_the_same_decision_keep_their_rotation() {
+        let yaml = MESH.replace("matchLabels: {tier: primary}", "matchLabels: {app: ledger}");
+        let config = MeshConfig::from_yaml(&yaml).unwrap();
+        let policies = CompiledPolicies::from_config(&config);
+        let (_, endpoints) = entry_endpoints(&config, "ledger.cloud").unwrap();
+        let got = authorized_endpoints(
+            &policies,
+            &call("td.example/store/sf01/sa/frontend", true),
+            &endpoints,
+            1,
+        )
+        .unwrap();
+        let addrs: Vec<&str> = got.iter().map(|e| e.address.as_str()).collect();
+        assert_eq!(addrs, ["127.0.0.2:8080", "127.0.0.1:8080"]);
+    }
+
+    /// A raw TCP connection through the gateway with nothing moving is
+    /// closed after the configured idle time: the endpoint sees its
+    /// connection end, the spoke's side its stream end.
+    #[tokio::test]
+    async fn raw_tcp_through_the_gateway_is_closed_when_idle() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let idle = Duration::from_millis(300);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // a silent endpoint that answers one message, then waits for the end
+        let endpoint = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 5];
+            conn.read_exact(&mut buf).await.unwrap();
+            conn.write_all(b"pong").await.unwrap();
+            let t = tokio::time::Instant::now();
+            let mut rest = Vec::new();
+            conn.read_to_end(&mut rest).await.unwrap();
+            (buf, t.elapsed())
+        });
+        let upstream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut spoke, mut gateway_side) = tokio::io::duplex(64);
+        let t = tokio::time::Instant::now();
+        let relay = tokio::spawn(async move { relay_tcp(&mut gateway_side, upstream, idle).await });
+        spoke.write_all(b"ping!").await.unwrap();
+        let mut got = [0u8; 4];
+        spoke.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"pong");
+        let piped = relay.await.unwrap();
+        assert_eq!(piped.end, End::Idle(idle));
+        assert_eq!((piped.up, piped.down), (5, 4));
+        assert!(t.elapsed() >= idle, "{:?}", t.elapsed());
+        assert!(t.elapsed() < idle * 10, "{:?}", t.elapsed());
+        let (sent, waited) = endpoint.await.unwrap();
+        assert_eq!(&sent, b"ping!");
+        assert!(waited < idle * 10, "{waited:?}");
+        // the spoke's side ends too (its stream is dropped with the relay)
+        let mut rest = Vec::new();
+        spoke.read_to_end(&mut rest).await.unwrap();
+    }
+
+    #[test]
+    fn the_gateway_uses_the_spokes_raw_tcp_idle_timeout() {
+        assert_eq!(
+            GatewaySettings::default().tcp_idle_timeout,
+            Duration::from_secs(300)
+        );
+        assert_eq!(TCP_IDLE_TIMEOUT, Duration::from_secs(300));
+    }
 }

@@ -2118,3 +2118,262 @@ protocol = "tcp"
     hub.stop();
     eprintln!("raw tcp test took {:?} after the build", started.elapsed());
 }
+
+/// An HTTP server at `addr` answering every request with 200 and
+/// `{"server": NAME, "path": ...}` while `up` holds, counting the requests
+/// it answered; once `up` is cleared it stops accepting (the next
+/// connection attempt wakes it) and its port refuses connections.
+fn counting_server(
+    name: &'static str,
+    l: TcpListener,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    };
+    let hits = Arc::new(AtomicUsize::new(0));
+    let up = Arc::new(AtomicBool::new(true));
+    let (h, u) = (hits.clone(), up.clone());
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            if !u.load(Ordering::SeqCst) {
+                break;
+            }
+            let Ok(mut c) = conn else { continue };
+            let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+            let Some((head, _)) = read_message(&mut c) else {
+                continue;
+            };
+            h.fetch_add(1, Ordering::SeqCst);
+            let path = head.split(' ').nth(1).unwrap_or("").to_owned();
+            let out = serde_json::json!({"server": name, "path": path}).to_string();
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{out}",
+                out.len()
+            );
+            let _ = c.write_all(resp.as_bytes());
+        }
+    });
+    (hits, up)
+}
+
+/// Issue 15: the path authorized is the path forwarded (ambiguous
+/// encodings get 400 at the serving spoke and at the hub gateway), and the
+/// gateway sends a call only to endpoints whose labels the policy allows,
+/// failover included (shown with raw TCP, which the gateway moves to the
+/// next endpoint on any connect failure).
+#[test]
+fn ambiguous_paths_are_refused_and_the_gateway_never_fails_over_to_a_refused_endpoint() {
+    use std::sync::atomic::Ordering;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut hub = HubProc::init(tmp.path(), TD);
+    let hub_addr = hub.start();
+    // two endpoints of ledger.cloud on one port, different addresses and labels
+    let replica_l = TcpListener::bind("127.0.0.2:0").expect("bind 127.0.0.2");
+    let port = replica_l.local_addr().expect("addr").port();
+    let primary_l = TcpListener::bind(("127.0.0.1", port)).expect("bind 127.0.0.1");
+    let (primary_hits, primary_up) = counting_server("primary", primary_l);
+    let (replica_hits, _replica_up) = counting_server("replica", replica_l);
+    let inventory = echo_server("inventory");
+    // vault.cloud (raw TCP): the primary's port refuses, the replica echoes
+    // and counts its connections
+    let vault_replica = TcpListener::bind("127.0.0.2:0").expect("bind 127.0.0.2");
+    let tcp_port = vault_replica.local_addr().expect("addr").port();
+    let vault_replica_conns = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    {
+        let n = vault_replica_conns.clone();
+        std::thread::spawn(move || {
+            for conn in vault_replica.incoming() {
+                let Ok(mut c) = conn else { continue };
+                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut buf = [0u8; 64];
+                if let Ok(k) = std::io::Read::read(&mut c, &mut buf) {
+                    let _ = c.write_all(&buf[..k]);
+                }
+            }
+        });
+    }
+    let yaml = format!(
+        r#"{STORE_SF01}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: ledger, namespace: cloud}}
+spec:
+  hosts: [ledger.cloud]
+  location: MESH_EXTERNAL
+  ports:
+  - {{number: {port}, name: http, protocol: HTTP}}
+  resolution: STATIC
+  endpoints:
+  - address: 127.0.0.1
+    labels: {{app: ledger, tier: primary}}
+  - address: 127.0.0.2
+    labels: {{app: ledger, tier: replica}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: vault, namespace: cloud}}
+spec:
+  hosts: [vault.cloud]
+  location: MESH_EXTERNAL
+  ports:
+  - {{number: {tcp_port}, name: tcp, protocol: TCP}}
+  resolution: STATIC
+  endpoints:
+  - address: 127.0.0.1
+    labels: {{app: vault, tier: primary}}
+  - address: 127.0.0.2
+    labels: {{app: vault, tier: replica}}
+---
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {{name: primary-only, namespace: cloud}}
+spec:
+  selector:
+    matchLabels: {{tier: primary}}
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["{TD}/store/sf01/sa/frontend"]
+---
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {{name: inventory-readers, namespace: store}}
+spec:
+  selector:
+    matchLabels: {{app: inventory}}
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["{TD}/store/sf01/sa/frontend"]
+    to:
+    - operation:
+        methods: ["GET"]
+        paths: ["/public/*"]
+"#
+    );
+    let f = tmp.path().join("mesh.yaml");
+    std::fs::write(&f, yaml).expect("yaml");
+    let o = hub.cli(&["apply", "-f", f.to_str().expect("utf8")]);
+    assert!(o.status.success(), "apply: {}", text(&o));
+    let (o_front, t_front, data) = (free_tcp(), free_tcp(), free_udp());
+    let cfg = write_config(
+        tmp.path(),
+        "a",
+        &format!(
+            r#"data_listen = "{data}"
+data_advertise = "{data}"
+
+[[workload]]
+service_account = "frontend"
+outbound = "{o_front}"
+tcp_outbound = [{{ listen = "{t_front}", service = "vault.cloud" }}]
+
+[[workload]]
+service_account = "inventory"
+service = "inventory"
+namespace = "store"
+labels = {{ app = "inventory" }}
+inbound = "{inventory}"
+"#
+        ),
+    );
+    let _spoke = start_spoke(tmp.path(), &hub, "spoke0", 0, &cfg, hub_addr);
+
+    wait_for(Duration::from_secs(10), || {
+        (call(o_front, "GET", "inventory.store", "/public/ok", &[]).status == 200).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{:?}",
+            call(o_front, "GET", "inventory.store", "/public/ok", &[])
+        )
+    });
+    // 1. the serving spoke: ambiguous paths get 400 with the reason, before
+    // authorization (which would allow /public/* and so /public/../admin)
+    for (path, why) in [
+        ("/public/..%2Fadmin", "encoded slash"),
+        ("/public/%2e%2e/admin", "encoded dot"),
+        ("/public/../admin", "dot segment"),
+        ("/public;x=1/admin", "path parameter"),
+        ("/public/%5Cadmin", "encoded slash"),
+        ("/public/a%00", "control byte"),
+    ] {
+        let r = call(o_front, "GET", "inventory.store", path, &[]);
+        assert_eq!(r.status, 400, "{path}: {r:?}");
+        assert!(r.body.contains(why), "{path}: {r:?}");
+    }
+    // an unambiguous encoding is authorized and forwarded in normal form
+    let r = call(
+        o_front,
+        "GET",
+        "inventory.store",
+        "/public//%61bc?q=%2F",
+        &[],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.echo()["path"], "/public/abc?q=%2F", "{r:?}");
+
+    // 2. the gateway: only the primary's labels are allowed, so every call
+    // goes there, whatever the rotation
+    let r = wait_for(Duration::from_secs(10), || {
+        let r = call(o_front, "GET", "ledger.cloud", "/entries", &[]);
+        (r.status == 200).then_some(r)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{:?}",
+            call(o_front, "GET", "ledger.cloud", "/entries", &[])
+        )
+    });
+    assert_eq!(r.echo()["server"], "primary", "{r:?}");
+    for _ in 0..6 {
+        let r = call(o_front, "GET", "ledger.cloud", "/entries", &[]);
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.echo()["server"], "primary", "{r:?}");
+    }
+    // the gateway checks paths too
+    let r = call(
+        o_front,
+        "GET",
+        "ledger.cloud",
+        "/entries/..%2F..%2Fadmin",
+        &[],
+    );
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.body.contains("hub gateway"), "{r:?}");
+    let r = call(o_front, "GET", "ledger.cloud", "/%65ntries", &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.echo()["path"], "/entries", "{r:?}");
+    // the primary goes down: connect failures do not fail over to the
+    // replica, whose labels the policy refuses
+    primary_up.store(false, Ordering::SeqCst);
+    let _ = TcpStream::connect(("127.0.0.1", port));
+    std::thread::sleep(Duration::from_millis(200));
+    for _ in 0..6 {
+        let r = call(o_front, "GET", "ledger.cloud", "/entries", &[]);
+        assert_ne!(r.status, 200, "{r:?}");
+        assert_ne!(r.echo()["server"], "replica", "{r:?}");
+    }
+    assert_eq!(replica_hits.load(Ordering::SeqCst), 0);
+    assert!(primary_hits.load(Ordering::SeqCst) >= 8);
+
+    // 3. raw TCP, where the gateway fails over on any connect failure: the
+    // primary refuses connections and the replica is never dialed
+    for _ in 0..4 {
+        let mut c = TcpStream::connect(t_front).expect("connect to tcp_outbound");
+        c.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let _ = c.write_all(b"secret");
+        let mut got = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut c, &mut got);
+        assert!(got.is_empty(), "{got:?}");
+    }
+    assert_eq!(vault_replica_conns.load(Ordering::SeqCst), 0);
+}

@@ -1,6 +1,6 @@
 //! Async glue shared by the hub and spoke drivers: QUIC endpoints and
 //! transport settings, framed request/response on QUIC streams, the local
-//! admin socket, and a clock that follows tokio's (possibly virtual) time.
+//! admin socket, raw TCP byte copying with an idle timeout, and a clock that follows tokio's (possibly virtual) time.
 //!
 //! Who drives it: `tidemesh-hub` and `tidemesh-spoke`. What it must not do:
 //! hold protocol rules (who may enroll, when to renew): those live in the
@@ -11,6 +11,7 @@ pub mod cli;
 pub mod clock;
 pub mod http;
 pub mod metrics;
+pub mod pipe;
 pub mod quic;
 
 pub use clock::TokioClock;

@@ -65,7 +65,7 @@ pub use error::{ConfigError, ConfigIssue, DocumentRef};
 pub use istio::{parse_documents, Object, ObjectKey, Resource};
 pub use mode::ModeMachine;
 pub use model::MeshConfig;
-pub use request::{normalize_path, HeaderLookup, NoHeaders};
+pub use request::{check_path, normalize_path, HeaderLookup, NoHeaders, PathError};
 pub use routing::{
     CompiledRoutes, RouteDecision, RouteError, RouteReason, RouteRequest, RouteTarget,
 };

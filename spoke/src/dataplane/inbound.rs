@@ -1,13 +1,15 @@
-//! Delivery to a workload of this spoke: authorization, the workload's rate
-//! limit, `x-forwarded-client-cert`, then the workload's own HTTP listener.
+//! Delivery to a workload of this spoke: the path check, authorization, the
+//! workload's rate limit, `x-forwarded-client-cert`, then the workload's own
+//! HTTP listener.
 //!
 //! What it is: the last hop of every call, from the tunnel (a peer spoke's
 //! workload, principal from mTLS) or from this spoke's outbound path (a
 //! co-located workload, principal = the calling workload's ID). Who drives
 //! it: [`super::tunnel`] and [`super::outbound`]. What it must not do: let
-//! a request through without a decision, or let the caller choose the
-//! identity the workload sees (any `x-forwarded-client-cert` it sent is
-//! replaced).
+//! a request through without a decision, forward a path other than the one
+//! authorized (ambiguous encodings get 400, see
+//! [`tidemesh_policy::check_path`]), or let the caller choose the identity
+//! the workload sees (any `x-forwarded-client-cert` it sent is replaced).
 
 use std::time::Instant;
 
@@ -15,7 +17,7 @@ use http_body_util::BodyExt;
 use hyper::{header::HeaderValue, Request, Response, StatusCode};
 use tidemesh_evidence::record::{AuthorizationEvidence, Decision, RequestEvidence};
 use tidemesh_identity::SpiffeId;
-use tidemesh_policy::{AuthzRequest, HeaderLookup, NoHeaders, WorkloadRef};
+use tidemesh_policy::{check_path, AuthzRequest, HeaderLookup, NoHeaders, WorkloadRef};
 use tokio::time::timeout;
 use tracing::debug;
 
@@ -146,7 +148,28 @@ pub(crate) async fn deliver(
             &[],
         );
     }
-    let path = tidemesh_net::http::path_and_query(req.uri());
+    // The path authorized is the path forwarded: ambiguous encodings are
+    // refused, the rest is put in normal form before either happens.
+    let raw = tidemesh_net::http::path_and_query(req.uri());
+    let path = match check_path(&raw) {
+        Ok(p) => p.into_owned(),
+        Err(e) => {
+            return local_response(
+                StatusCode::BAD_REQUEST,
+                &format!("refused by the mesh at {}: {e}", w.id),
+                &[],
+            )
+        }
+    };
+    if path != raw {
+        if let Err(e) = set_path(&mut req, &path) {
+            return local_response(
+                StatusCode::BAD_REQUEST,
+                &format!("bad request target: {e}"),
+                &[],
+            );
+        }
+    }
     let l7 = L7 {
         method: req.method().as_str(),
         path: &path,
@@ -198,6 +221,14 @@ pub(crate) async fn deliver(
     }
     let h2 = w.protocol == WorkloadProtocol::Http2;
     forward(s, inbound, authority, h2, req, s.settings.request_timeout).await
+}
+
+/// Replaces `req`'s path and query with `target` (a checked `/path?query`).
+fn set_path<B>(req: &mut Request<B>, target: &str) -> Result<(), hyper::http::Error> {
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    parts.path_and_query = Some(hyper::http::uri::PathAndQuery::try_from(target)?);
+    *req.uri_mut() = hyper::Uri::from_parts(parts)?;
+    Ok(())
 }
 
 /// Sends `req` to a workload's HTTP listener (HTTP/2 when `h2`) over the

@@ -108,7 +108,7 @@ impl Default for DataSettings {
                 max_streams: 256,
                 max_uni_streams: 0,
             },
-            tcp_idle_timeout: Duration::from_secs(300),
+            tcp_idle_timeout: tidemesh_net::pipe::TCP_IDLE_TIMEOUT,
         }
     }
 }
