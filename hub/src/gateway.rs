@@ -397,19 +397,8 @@ impl Hub {
         let watched = conn.clone();
         let who = peer.clone();
         let expiry = async move {
-            loop {
-                let left = expires
-                    .duration_since(clock.now())
-                    .unwrap_or(Duration::ZERO);
-                if left.is_zero() {
-                    debug!(peer = %who, "closing a gateway connection: its SVID expired");
-                    watched.close(
-                        quinn::VarInt::from_u32(close::EXPIRED),
-                        b"certificate expired",
-                    );
-                    return;
-                }
-                tokio::time::sleep(left.min(Duration::from_secs(60))).await;
+            if tidemesh_net::quic::close_at_expiry(clock, watched, expires).await {
+                debug!(peer = %who, "closed a gateway connection: its SVID expired");
             }
         };
         tokio::select! {

@@ -259,3 +259,31 @@ pub fn reestablish_challenge(
     msg.extend_from_slice(&out);
     Ok(msg)
 }
+
+/// Closes `conn` (code `EXPIRED`) when `clock` reaches `deadline`, the
+/// first expiry of a certificate that authenticated it, so no connection
+/// outlives its certificates; returns early when it closes first. The clock
+/// may jump (a trusted clock takes a new time anchor), so the deadline is
+/// looked at again at least every minute. Returns whether it closed `conn`.
+pub async fn close_at_expiry(
+    clock: Arc<dyn tidemesh_identity::clock::Clock>,
+    conn: quinn::Connection,
+    deadline: std::time::SystemTime,
+) -> bool {
+    loop {
+        let left = deadline
+            .duration_since(clock.now())
+            .unwrap_or(Duration::ZERO);
+        if left.is_zero() {
+            conn.close(
+                quinn::VarInt::from_u32(tidemesh_proto::close::EXPIRED),
+                b"certificate expired",
+            );
+            return true;
+        }
+        tokio::select! {
+            _ = conn.closed() => return false,
+            _ = tokio::time::sleep(left.min(Duration::from_secs(60))) => {}
+        }
+    }
+}

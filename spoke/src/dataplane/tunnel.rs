@@ -90,32 +90,15 @@ fn peer_chain_expiry(conn: &quinn::Connection) -> Option<SystemTime> {
 }
 
 /// Closes `conn` when the trusted clock reaches `deadline` (a certificate
-/// that authenticated it expires), or returns when it closes first. The
-/// deadline is read against the trusted clock, which may jump (a new time
-/// anchor): it is looked at again at least every minute.
-pub(crate) async fn close_at_expiry(
+/// that authenticated it expires), or returns when it closes first.
+async fn close_at_expiry(
     clock: Arc<crate::TrustedClock>,
     conn: quinn::Connection,
     deadline: SystemTime,
     who: SpiffeId,
 ) {
-    use tidemesh_identity::clock::Clock;
-    loop {
-        let left = deadline
-            .duration_since(clock.now())
-            .unwrap_or(Duration::ZERO);
-        if left.is_zero() {
-            info!(peer = %who, "closing a data tunnel connection: a certificate it was made with expired");
-            conn.close(
-                quinn::VarInt::from_u32(close::EXPIRED),
-                b"certificate expired",
-            );
-            return;
-        }
-        tokio::select! {
-            _ = conn.closed() => return,
-            _ = tokio::time::sleep(left.min(Duration::from_secs(60))) => {}
-        }
+    if tidemesh_net::quic::close_at_expiry(clock, conn, deadline).await {
+        info!(peer = %who, "closed a data tunnel connection: a certificate it was made with expired");
     }
 }
 
