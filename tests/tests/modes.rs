@@ -38,6 +38,25 @@ fn start(hub: &HubProc, s: &mut SpokeProc, via: SocketAddr) {
         .unwrap_or_else(|| panic!("config or SVIDs missing on {}: {:?}", s.id, s.try_status()));
 }
 
+/// The spoke's `/metrics` page at `addr`.
+fn scrape(addr: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).expect("connect metrics");
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("write");
+    let mut out = String::new();
+    c.read_to_string(&mut out).expect("read");
+    let (head, body) = out.split_once("\r\n\r\n").expect("http response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
+}
+
+/// The value of the sample `line` (name and labels) on a metrics page.
+fn sample(page: &str, line: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+}
+
 /// `tidemesh-spoke vector --service S --json`.
 fn vector(s: &SpokeProc, service: &str) -> Value {
     let o = run(Command::new(bin("tidemesh-spoke"))
@@ -135,8 +154,9 @@ inbound = "{}"
             shaky.addr
         ),
     );
+    let metrics = free_tcp();
     let mut a = SpokeProc::new(tmp.path(), "a", &format!("spiffe://{TD}/store/sf01/node/a"))
-        .with_args(&["--config", &cfg]);
+        .with_args(&["--config", &cfg, "--metrics", &metrics.to_string()]);
     start(&hub, &mut a, hub_addr);
     let get = || call(outbound, "GET", "shaky.store", "/item", &[]);
 
@@ -185,6 +205,24 @@ inbound = "{}"
     .unwrap_or_else(|| panic!("never degraded: {}", a.status()));
     eprintln!("35 % errors: Degraded after {degraded:?}");
     assert!(degraded < Duration::from_secs(8), "{degraded:?}");
+    let page = scrape(metrics);
+    assert_eq!(
+        sample(
+            &page,
+            "tidemesh_spoke_service_degraded{service=\"shaky.store\"}"
+        ),
+        Some(1.0),
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, "tidemesh_spoke_mode{mode=\"target\"}"),
+        Some(1.0),
+        "{page}"
+    );
+    assert!(
+        sample(&page, "tidemesh_spoke_mode_transitions_total").is_some_and(|n| n >= 1.0),
+        "{page}"
+    );
     shaky.with(|s| s.fail_of_20 = 0);
     let rec = wait_for(Duration::from_secs(10), || {
         a.records(&hub, "mode_transition")
@@ -434,8 +472,16 @@ inbound = "{inventory}"
         ),
     );
     let data_args = ["--data-idle-timeout", "3s", "--data-keep-alive", "1s"];
+    let metrics = free_tcp();
+    let metrics_arg = metrics.to_string();
     let mut a = SpokeProc::new(tmp.path(), "a", &format!("spiffe://{TD}/store/sf01/node/a"))
-        .with_args(&[&["--config", &cfg_a][..], &data_args[..]].concat());
+        .with_args(
+            &[
+                &["--config", &cfg_a, "--metrics", &metrics_arg][..],
+                &data_args[..],
+            ]
+            .concat(),
+        );
     let mut b = SpokeProc::new(tmp.path(), "b", &format!("spiffe://{TD}/store/sf01/node/b"))
         .with_args(&[&["--config", &cfg_b][..], &data_args[..]].concat());
     start(&hub, &mut a, relay_a.addr);
@@ -521,6 +567,17 @@ inbound = "{inventory}"
     })
     .unwrap_or_else(|| panic!("never Recovery: {}", a.status()));
     snap("recovery");
+    let page = scrape(metrics);
+    assert_eq!(
+        sample(&page, "tidemesh_spoke_mode{mode=\"recovery\"}"),
+        Some(1.0),
+        "{page}"
+    );
+    assert!(
+        sample(&page, "tidemesh_spoke_recovery_ramp_percent")
+            .is_some_and(|p| (1.0..100.0).contains(&p)),
+        "{page}"
+    );
     let mut ramped: Vec<Ramped> = Vec::new();
     let mut failed_once = false;
     let mut ledger = (0usize, 0usize); // (served locally, served in the cloud)
