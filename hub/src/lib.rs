@@ -295,7 +295,7 @@ pub(crate) struct Inner {
     /// Evidence from the spokes (`evidence.db`).
     pub(crate) evidence: Arc<evidence::EvidenceStore>,
     /// Evidence ingest slots, rate and counters.
-    pub(crate) ingest: ingest::Limits,
+    pub(crate) ingest: Arc<ingest::Limits>,
     /// The gateway to cloud services.
     pub(crate) gateway: gateway::Gateway,
     /// Refused requests: counters, log and audit limiters.
@@ -394,7 +394,7 @@ impl Hub {
             evidence::EvidenceStore::open(&ev_path)
                 .map_err(|e| HubError::Invalid(format!("{}: {e}", ev_path.display())))?,
         );
-        let ingest = ingest::Limits::new(&cfg.ingest);
+        let ingest = Arc::new(ingest::Limits::new(&cfg.ingest));
         cfg.admission.check().map_err(HubError::Invalid)?;
         let admission = admission::Admission::new(cfg.admission.clone(), std::time::Instant::now());
         let (config_tx, _) =
@@ -462,6 +462,14 @@ impl Hub {
         if let Ok(mut b) = self.inner.udp_recv_buffer.lock() {
             *b = Some((requested, granted));
         }
+    }
+
+    /// Evidence batches held in memory now and at most so far
+    /// (`tidemesh_hub_evidence_batches_held`, `_held_peak`).
+    pub fn evidence_batches_held(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.inner.ingest.counters;
+        (c.held.load(Relaxed), c.held_peak.load(Relaxed))
     }
 
     /// Admission counters and state now (`tidemesh_hub_admission_*`).

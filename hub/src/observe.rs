@@ -134,6 +134,8 @@ impl Hub {
             "rejected_batches": c.rejected.load(Ordering::Relaxed),
             "throttled_acks": c.throttled.load(Ordering::Relaxed),
             "ahead_batches": c.ahead.load(Ordering::Relaxed),
+            "batches_held": c.held.load(Ordering::Relaxed),
+            "batches_held_peak": c.held_peak.load(Ordering::Relaxed),
         })
     }
 
@@ -244,6 +246,18 @@ impl Hub {
             self.revocation_version() as f64,
         );
         let c = &self.inner.ingest.counters;
+        e.single(
+            "tidemesh_hub_evidence_batches_held",
+            Gauge,
+            "Evidence batches read or decoded and not yet answered, across all sessions (at most twice --evidence-slots).",
+            c.held.load(Ordering::Relaxed) as f64,
+        );
+        e.single(
+            "tidemesh_hub_evidence_batches_held_peak",
+            Gauge,
+            "The most evidence batches held at once since the hub started.",
+            c.held_peak.load(Ordering::Relaxed) as f64,
+        );
         let counters = [
             (
                 "tidemesh_hub_evidence_batches_total",

@@ -1479,3 +1479,105 @@ async fn a_reconnecting_fleet_is_paced_by_the_hub_and_all_get_in() {
     assert!(s.counts.validated > before.validated, "{s:?}");
     drop(stops);
 }
+
+/// Evidence sessions hold memory only through the hub-wide permits: 16
+/// sessions of one spoke each send 4 batches at once (64 in flight); the
+/// hub never holds more than twice its commit slots (2 × 2) read or decoded,
+/// and every batch is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evidence_sessions_hold_at_most_twice_the_slots_in_memory() {
+    use tidemesh_evidence::{samples, Batch, Chain, NewRecord, UnixMillis};
+    const SESSIONS: usize = 16;
+    const AHEAD: usize = 4;
+    let h = in_process_hub().await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let id = node("sf21", "n1");
+    let dir = tmp.path().join("s");
+    enroll_in_process(&h, &dir, &id).await;
+    let sid: SpiffeId = id.parse().expect("id");
+    let td = tidemesh_identity::TrustDomain::new(TD).expect("td");
+    let creds = tidemesh_spoke::CredStore::new(&dir);
+    let node_svid = creds.node().expect("node");
+    let tls = verify::client_config(
+        creds.bundle(&td).expect("bundle"),
+        node_svid.chain.clone(),
+        &node_svid.key,
+        Arc::new(verify::ExactId(naming::hub_id(&td))),
+        Arc::new(SystemClock),
+        &[ALPN_CTL],
+    )
+    .expect("tls");
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let conn = ep
+        .connect_with(
+            tidemesh_net::QuicSettings::default()
+                .client_config(tls)
+                .expect("cfg"),
+            h.addr,
+            "hub.tidemesh.invalid",
+        )
+        .expect("connect")
+        .await
+        .expect("handshake");
+    let mut chain = Chain::genesis(&sid);
+    let now = UnixMillis(tidemesh_hub::unix_ms(std::time::SystemTime::now()));
+    let recs: Vec<_> = (0..AHEAD * 200)
+        .map(|i| {
+            chain
+                .append(NewRecord::new(
+                    now,
+                    samples::drill_request("held", i as u64, now),
+                ))
+                .expect("append")
+        })
+        .collect();
+    let batches: Vec<Vec<u8>> = recs
+        .chunks(200)
+        .map(|c| {
+            Batch::sign(sid.clone(), c.to_vec(), &node_svid.key)
+                .and_then(|b| b.encode())
+                .expect("batch")
+        })
+        .collect();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..SESSIONS {
+        let conn = conn.clone();
+        let batches = batches.clone();
+        set.spawn(async move {
+            let (mut s, mut r) = conn.open_bi().await.expect("stream");
+            tidemesh_net::write_frame(&mut s, &Request::EvidenceOpen)
+                .await
+                .expect("open");
+            let _first: Response = tidemesh_net::read_frame(&mut r).await.expect("first ack");
+            for b in batches {
+                tidemesh_net::write_frame(&mut s, &Request::EvidenceBatch { batch: b })
+                    .await
+                    .expect("write");
+            }
+            let mut acks = 0;
+            for _ in 0..AHEAD {
+                match tidemesh_net::read_frame::<Response>(&mut r).await {
+                    Ok(Response::EvidenceAck { .. }) => acks += 1,
+                    other => panic!("expected an ack, got {other:?}"),
+                }
+            }
+            acks
+        });
+    }
+    let mut acks = 0;
+    while let Some(n) = set.join_next().await {
+        acks += n.expect("session");
+    }
+    let (held, peak) = h.hub.evidence_batches_held();
+    eprintln!(
+        "{SESSIONS} sessions x {AHEAD} batches: {acks} acks; at most {peak} batches held at once"
+    );
+    assert_eq!(acks, SESSIONS * AHEAD);
+    let slots = tidemesh_hub::ingest::IngestSettings::default().max_concurrent as u64;
+    assert!(peak <= 2 * slots, "{peak} batches held at once");
+    assert!(
+        peak >= 2,
+        "sessions never overlapped (peak {peak}): the bound was not exercised"
+    );
+    assert_eq!(held, 0, "every held batch was released");
+}

@@ -179,7 +179,26 @@ pub async fn read_frame_max<T: DeserializeOwned>(
     recv: &mut quinn::RecvStream,
     max: usize,
 ) -> Result<T, NetError> {
+    read_frame_after(recv, max, &[]).await
+}
+
+/// Reads one frame of at most `max` payload bytes whose first bytes,
+/// `already`, were read from `recv` by the caller (to wait for a frame
+/// without committing memory to it); see [`read_frame_max`].
+pub async fn read_frame_after<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+    already: &[u8],
+) -> Result<T, NetError> {
     let mut frame = FrameReader::new(max);
+    let mut bytes = already;
+    while !bytes.is_empty() {
+        let n = frame.push(bytes)?;
+        if n == 0 {
+            break;
+        }
+        bytes = &bytes[n..];
+    }
     while !frame.is_complete() {
         let chunk = recv
             .read_chunk(frame.wanted(), true)
