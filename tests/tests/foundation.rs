@@ -1581,3 +1581,115 @@ async fn evidence_sessions_hold_at_most_twice_the_slots_in_memory() {
     );
     assert_eq!(held, 0, "every held batch was released");
 }
+
+/// One sample of `/metrics` at `addr` (exact name with labels).
+fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).ok()?;
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nconnection: close\r\n\r\n")
+        .ok()?;
+    let mut out = String::new();
+    c.read_to_string(&mut out).ok()?;
+    out.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The admission flags of `tidemesh-hub serve` act, with the real binaries:
+/// `--admit-rate`/`--admit-burst` (the budget on /metrics, enrollment paced
+/// through it), `--address-validation always` (the very first client is
+/// sent a Retry with a full budget), `--max-connections-per-address`
+/// (a third spoke from 127.0.0.1 stays out while two are in), then
+/// `--max-connections` (one spoke in, the others refused), and
+/// `--udp-recv-buffer` (asked and granted sizes on /metrics).
+#[test]
+fn serve_admission_flags_act() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let m1 = tidemesh_tests::free_tcp();
+    let mut hub = HubProc::init(tmp.path(), TD).with_args(&[
+        "--admit-rate",
+        "3",
+        "--admit-burst",
+        "1",
+        "--address-validation",
+        "always",
+        "--max-connections-per-address",
+        "2",
+        "--udp-recv-buffer",
+        "1MiB",
+        "--metrics",
+        &m1.to_string(),
+    ]);
+    let addr = hub.start();
+    let m = |name: &str| {
+        wait_for(Duration::from_secs(10), || metric(m1, name))
+            .unwrap_or_else(|| panic!("{name} not on /metrics"))
+    };
+    assert_eq!(m("tidemesh_hub_admission_rate"), 3.0);
+    assert!(m("tidemesh_hub_admission_tokens") <= 1.0, "burst of 1");
+    assert_eq!(
+        m("tidemesh_hub_udp_recv_buffer_bytes{size=\"requested\"}"),
+        1_048_576.0
+    );
+    assert!(m("tidemesh_hub_udp_recv_buffer_bytes{size=\"granted\"}") >= 1_048_576.0);
+    let mut spokes = Vec::new();
+    for i in 0..3 {
+        let id = node("sf22", &format!("n{i}"));
+        let token = hub.token(&id, "10m");
+        let s = SpokeProc::new(tmp.path(), &format!("s{i}"), &id);
+        // the budget applies to enrollment too: a refused enroll says so
+        let t0 = Instant::now();
+        loop {
+            let o = s.enroll(addr, &token);
+            if o.status.success() {
+                break;
+            }
+            assert!(
+                text(&o).contains("busy") && t0.elapsed() < Duration::from_secs(30),
+                "enroll: {}",
+                text(&o)
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        if i == 0 {
+            assert!(
+                m("tidemesh_hub_admission_total{decision=\"retry\"}") >= 1.0,
+                "the first client, with a full budget, was validated"
+            );
+        }
+        spokes.push(s);
+    }
+    for s in &mut spokes {
+        s.start();
+    }
+    let connected = |spokes: &[SpokeProc]| {
+        spokes
+            .iter()
+            .filter(|s| s.try_status().is_some_and(|st| st["connected"] == true))
+            .count()
+    };
+    wait_for(Duration::from_secs(60), || {
+        (connected(&spokes) == 2).then_some(())
+    })
+    .expect("two spokes connected");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(connected(&spokes), 2, "the per-address cap let a third in");
+    assert!(m("tidemesh_hub_admission_total{decision=\"refused_address_cap\"}") >= 1.0);
+    assert_eq!(m("tidemesh_hub_connections_open"), 2.0);
+
+    hub.stop();
+    let m2 = tidemesh_tests::free_tcp();
+    let mut hub = hub.with_args(&["--max-connections", "1", "--metrics", &m2.to_string()]);
+    hub.start();
+    wait_for(Duration::from_secs(60), || {
+        (connected(&spokes) == 1).then_some(())
+    })
+    .expect("one spoke connected");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(connected(&spokes), 1, "the global cap let a second in");
+    assert!(wait_for(Duration::from_secs(10), || metric(
+        m2,
+        "tidemesh_hub_admission_total{decision=\"refused_global_cap\"}"
+    )
+    .filter(|v| *v >= 1.0))
+    .is_some());
+}

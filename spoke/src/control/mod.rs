@@ -126,7 +126,8 @@ pub async fn enroll(
         },
         REQUEST_TIMEOUT,
     )
-    .await;
+    .await
+    .map_err(|e| busy_or(&conn, e));
     let rtt = sent.elapsed();
     conn.close(quinn::VarInt::from_u32(close::NORMAL), b"enrolled");
     endpoint.wait_idle().await;
