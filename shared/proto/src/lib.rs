@@ -71,6 +71,10 @@ pub mod close {
     /// A certificate the connection was made with expired: a connection
     /// never outlives the SVIDs (or node CAs) that authenticated it.
     pub const EXPIRED: u32 = 7;
+    /// The peer already holds as many connections or streams as its
+    /// per-peer cap allows (or a stream sent no full header in time): the
+    /// refusal is about load, not identity; try again later.
+    pub const BUSY: u32 = 8;
 }
 
 /// Why a frame was refused.
