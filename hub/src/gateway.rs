@@ -29,6 +29,15 @@
 //!   either way for [`GatewaySettings::tcp_idle_timeout`] (5 min, as on
 //!   the spokes).
 //!
+//! * one workload (verified SPIFFE ID) holds at most
+//!   [`GatewaySettings::max_connections_per_peer`] connections and
+//!   [`GatewaySettings::max_streams_per_peer`] open streams at once, across
+//!   all its connections and spokes (quinn's stream limit is per
+//!   connection); more are closed or reset with `close::BUSY` and counted.
+//!   A stream holds its slots from the moment it is accepted; one that has
+//!   not sent its full header within [`GatewaySettings::header_timeout`] is
+//!   reset and gives them back, so silent streams cannot keep them.
+//!
 //! Who drives it: [`crate::Hub::serve`] hands it connections that
 //! negotiated the data ALPN. What it must not do: forward to anything a
 //! `ServiceEntry` does not declare (it is not an open proxy), take the
@@ -54,6 +63,7 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
 };
 use tidemesh_identity::{naming, SpiffeId};
+use tidemesh_net::caps::PeerCaps;
 use tidemesh_net::http::{
     full, local_response, path_and_query, read_stream_header, strip_hop_by_hop, Body, UPSTREAM,
     XFCC,
@@ -80,12 +90,20 @@ pub struct GatewaySettings {
     pub connect_timeout: Duration,
     /// From forwarding a request to its response head.
     pub request_timeout: Duration,
-    /// Reading a stream header or a request head.
+    /// Reading a stream header or a request head: a stream that has not
+    /// sent its full header by then is reset and its slot freed.
     pub header_timeout: Duration,
     /// Most bytes of a request head.
     pub max_header_bytes: usize,
     /// Most streams served at once (all spokes).
     pub max_streams: usize,
+    /// Most gateway connections one workload (verified SPIFFE ID) holds at
+    /// once, from any number of spokes; one more is closed with
+    /// `close::BUSY`.
+    pub max_connections_per_peer: usize,
+    /// Most streams one workload (verified SPIFFE ID) has open at once
+    /// across all its connections; one more is reset with `close::BUSY`.
+    pub max_streams_per_peer: usize,
     /// A raw TCP stream is closed when no byte moved either way for this
     /// long (the spoke's raw TCP idle timeout, by default).
     pub tcp_idle_timeout: Duration,
@@ -99,6 +117,8 @@ impl Default for GatewaySettings {
             header_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
             max_streams: 4096,
+            max_connections_per_peer: 32,
+            max_streams_per_peer: 512,
             tcp_idle_timeout: TCP_IDLE_TIMEOUT,
         }
     }
@@ -122,6 +142,18 @@ pub(crate) struct Gateway {
     pub unknown: AtomicU64,
     /// Requests no endpoint answered (connect failure, timeout).
     pub failed: AtomicU64,
+    /// Connections per verified workload.
+    peer_conns: PeerCaps<SpiffeId>,
+    /// Open streams per verified workload, across its connections.
+    peer_streams: PeerCaps<SpiffeId>,
+    /// Connections closed because their workload held its cap.
+    pub refused_connections: AtomicU64,
+    /// Streams reset because their workload held its cap.
+    pub refused_streams: AtomicU64,
+    /// Streams reset because the gateway's global stream limit was reached.
+    pub refused_streams_global: AtomicU64,
+    /// Streams reset because no full header arrived in time.
+    pub header_timeouts: AtomicU64,
     /// Open gateway connections (by quinn stable id) and the verified SVID
     /// each was made with, so a new revocation list closes the ones it
     /// names.
@@ -143,6 +175,12 @@ impl Gateway {
             .build(http);
         Gateway {
             permits: Arc::new(Semaphore::new(settings.max_streams)),
+            peer_conns: PeerCaps::new(settings.max_connections_per_peer),
+            peer_streams: PeerCaps::new(settings.max_streams_per_peer),
+            refused_connections: AtomicU64::new(0),
+            refused_streams: AtomicU64::new(0),
+            refused_streams_global: AtomicU64::new(0),
+            header_timeouts: AtomicU64::new(0),
             settings,
             client,
             client_h2,
@@ -187,6 +225,26 @@ impl Gateway {
             ("denied", self.denied.load(Ordering::Relaxed)),
             ("unknown_service", self.unknown.load(Ordering::Relaxed)),
             ("failed", self.failed.load(Ordering::Relaxed)),
+        ]
+    }
+
+    /// What the per-peer caps and the header deadline refused, by reason,
+    /// for `stats` and `/metrics`.
+    pub(crate) fn refusals(&self) -> [(&'static str, u64); 4] {
+        [
+            (
+                "peer_connections",
+                self.refused_connections.load(Ordering::Relaxed),
+            ),
+            ("peer_streams", self.refused_streams.load(Ordering::Relaxed)),
+            (
+                "global_streams",
+                self.refused_streams_global.load(Ordering::Relaxed),
+            ),
+            (
+                "header_timeout",
+                self.header_timeouts.load(Ordering::Relaxed),
+            ),
         ]
     }
 }
@@ -377,9 +435,23 @@ impl Hub {
             return;
         }
         let peer = svid.id().clone();
+        let gw = &self.inner.gateway;
+        // Held while this connection lives: one workload's connections are
+        // capped however many spokes or sockets it dials from.
+        let _conn_slot = match gw.peer_conns.try_acquire(&peer) {
+            Ok(slot) => slot,
+            Err(e) => {
+                gw.refused_connections.fetch_add(1, Ordering::Relaxed);
+                debug!(%peer, remote = %conn.remote_address(), "gateway connection refused: per-peer cap");
+                conn.close(
+                    quinn::VarInt::from_u32(close::BUSY),
+                    e.to_string().as_bytes(),
+                );
+                return;
+            }
+        };
         debug!(%peer, remote = %conn.remote_address(), "gateway peer connected");
         let stable = conn.stable_id();
-        let gw = &self.inner.gateway;
         if let Ok(mut m) = gw.conns.lock() {
             m.insert(stable, (svid.clone(), conn.clone()));
         }
@@ -416,16 +488,28 @@ impl Hub {
                 Ok(x) => x,
                 Err(_) => return,
             };
-            let Ok(permit) = self.inner.gateway.permits.clone().try_acquire_owned() else {
-                let _ = send.reset(quinn::VarInt::from_u32(close::FORBIDDEN));
-                let _ = recv.stop(quinn::VarInt::from_u32(close::FORBIDDEN));
+            let gw = &self.inner.gateway;
+            // The workload's own cap first, so one peer's flood is refused
+            // before it can take the global slots from everyone else.
+            let Ok(peer_slot) = gw.peer_streams.try_acquire(&peer) else {
+                gw.refused_streams.fetch_add(1, Ordering::Relaxed);
+                let _ = send.reset(quinn::VarInt::from_u32(close::BUSY));
+                let _ = recv.stop(quinn::VarInt::from_u32(close::BUSY));
+                continue;
+            };
+            let Ok(permit) = gw.permits.clone().try_acquire_owned() else {
+                gw.refused_streams_global.fetch_add(1, Ordering::Relaxed);
+                let _ = send.reset(quinn::VarInt::from_u32(close::BUSY));
+                let _ = recv.stop(quinn::VarInt::from_u32(close::BUSY));
                 continue;
             };
             let hub = self.clone();
             let peer = peer.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                let settings = &hub.inner.gateway.settings;
+                let _peer_slot = peer_slot;
+                let gw = &hub.inner.gateway;
+                let settings = &gw.settings;
                 let header = match timeout(settings.header_timeout, read_stream_header(&mut recv))
                     .await
                 {
@@ -433,10 +517,14 @@ impl Hub {
                     Ok(Err(e)) => {
                         warn!(%peer, error = %e, "bad gateway stream header; resetting the stream");
                         let _ = send.reset(quinn::VarInt::from_u32(close::PROTOCOL_ERROR));
+                        let _ = recv.stop(quinn::VarInt::from_u32(close::PROTOCOL_ERROR));
                         return;
                     }
                     Err(_) => {
-                        let _ = send.reset(quinn::VarInt::from_u32(close::PROTOCOL_ERROR));
+                        // silent, or a partial header: the slots go back now
+                        gw.header_timeouts.fetch_add(1, Ordering::Relaxed);
+                        let _ = send.reset(quinn::VarInt::from_u32(close::BUSY));
+                        let _ = recv.stop(quinn::VarInt::from_u32(close::BUSY));
                         return;
                     }
                 };

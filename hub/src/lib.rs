@@ -915,6 +915,13 @@ impl Hub {
                             .counters()
                             .into_iter()
                             .map(|(k, v)| (k.to_owned(), json!(v)))
+                            .chain(
+                                self.inner
+                                    .gateway
+                                    .refusals()
+                                    .into_iter()
+                                    .map(|(k, v)| (format!("refused_{k}"), json!(v))),
+                            )
                             .collect::<serde_json::Map<_, _>>()
                             .into(),
                     );

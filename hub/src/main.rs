@@ -26,6 +26,40 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// Per-peer caps of the gateway to cloud services (`serve`).
+#[derive(clap::Args)]
+struct GatewayArgs {
+    /// Gateway connections one workload (SPIFFE ID) may hold at once, from
+    /// any number of spokes; one more is closed.
+    #[arg(long, env = "TIDEMESH_GATEWAY_PEER_CONNECTIONS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    gateway_peer_connections: u32,
+    /// Gateway streams one workload may have open at once, across all its
+    /// connections; one more is reset.
+    #[arg(long, env = "TIDEMESH_GATEWAY_PEER_STREAMS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    gateway_peer_streams: u32,
+    /// A gateway stream that has not sent its full header (or request
+    /// head) by then is reset and its slots freed.
+    #[arg(long, env = "TIDEMESH_GATEWAY_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    gateway_header_timeout: Duration,
+}
+
+impl GatewayArgs {
+    fn settings(&self) -> anyhow::Result<tidemesh_hub::gateway::GatewaySettings> {
+        if self.gateway_header_timeout < Duration::from_millis(100) {
+            bail!(
+                "--gateway-header-timeout {:?}: must be at least 100ms",
+                self.gateway_header_timeout
+            );
+        }
+        Ok(tidemesh_hub::gateway::GatewaySettings {
+            max_connections_per_peer: self.gateway_peer_connections as usize,
+            max_streams_per_peer: self.gateway_peer_streams as usize,
+            header_timeout: self.gateway_header_timeout,
+            ..Default::default()
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Create a hub data directory: CA (key mode 0600) and database.
@@ -64,6 +98,8 @@ enum Cmd {
         /// Serve Prometheus metrics on this TCP address (`GET /metrics`); off unless given.
         #[arg(long, env = "TIDEMESH_METRICS")]
         metrics: Option<SocketAddr>,
+        #[command(flatten)]
+        gateway: GatewayArgs,
         /// Evidence batches a spoke may send ahead of the hub's acks (credits).
         #[arg(long, env = "TIDEMESH_EVIDENCE_WINDOW", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
         evidence_window: u32,
@@ -410,6 +446,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             keep_alive,
             idle_timeout,
             metrics,
+            gateway,
             evidence_window,
             evidence_slots,
             evidence_rate,
@@ -440,6 +477,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                     ..Default::default()
                 },
                 metrics,
+                gateway: gateway.settings()?,
                 ingest: tidemesh_hub::ingest::IngestSettings {
                     window: evidence_window,
                     max_concurrent: evidence_slots as usize,

@@ -370,6 +370,14 @@ impl Hub {
         for (result, n) in self.inner.gateway.counters() {
             f.sample(&[("result", result)], n as f64);
         }
+        let f = e.family(
+            "tidemesh_hub_gateway_refusals_total",
+            Counter,
+            "Gateway connections and streams refused by the per-peer caps, the global stream limit or the header deadline, by reason.",
+        );
+        for (reason, n) in self.inner.gateway.refusals() {
+            f.sample(&[("reason", reason)], n as f64);
+        }
         let store = self.inner.evidence.clone();
         let ev = tokio::task::spawn_blocking(move || store.spokes())
             .await

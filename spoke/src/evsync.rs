@@ -784,6 +784,17 @@ impl Spoke {
         for (name, help, v) in counters {
             e.single(name, Counter, help, v);
         }
+        let fam = e.family(
+            "tidemesh_dataplane_tunnel_refusals_total",
+            Counter,
+            "Tunnel handshakes, connections and streams refused by the per-address and per-peer caps, the spoke-wide limit or the header deadline, by reason.",
+        );
+        for why in crate::dataplane::TunnelRefusal::ALL {
+            fam.sample(
+                &[("reason", why.label())],
+                c.tunnel_refused.get(why as usize).map(load).unwrap_or(0.0),
+            );
+        }
         e.finish()
     }
 }

@@ -76,6 +76,23 @@ enum Cmd {
         /// call makes a new handshake.
         #[arg(long, env = "TIDEMESH_DATA_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
         data_idle_timeout: Duration,
+        /// Data tunnel connections one peer workload (SPIFFE ID) may hold at
+        /// once on this spoke's listener, from any address; one more is closed.
+        #[arg(long, env = "TIDEMESH_DATA_PEER_CONNECTIONS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+        data_peer_connections: u32,
+        /// Data tunnel streams one peer workload may have open at once on this
+        /// spoke, across all its connections; one more is reset.
+        #[arg(long, env = "TIDEMESH_DATA_PEER_STREAMS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+        data_peer_streams: u32,
+        /// Data tunnel handshakes in progress from one source IP address
+        /// (before any identity is known); one more is refused.
+        #[arg(long, env = "TIDEMESH_DATA_ADDRESS_HANDSHAKES", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+        data_address_handshakes: u32,
+        /// Deadline for a tunnel handshake, a tunnel stream's header and an
+        /// app's request head: a stream that has not sent its full header by
+        /// then is reset and its slots freed.
+        #[arg(long, env = "TIDEMESH_DATA_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+        data_header_timeout: Duration,
         /// Serve Prometheus metrics on this TCP address (`GET /metrics`); off unless given.
         #[arg(long, env = "TIDEMESH_METRICS")]
         metrics: Option<SocketAddr>,
@@ -298,6 +315,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             idle_timeout,
             data_keep_alive,
             data_idle_timeout,
+            data_peer_connections,
+            data_peer_streams,
+            data_address_handshakes,
+            data_header_timeout,
             metrics,
             evidence_capacity,
             evidence_commit_interval,
@@ -315,6 +336,9 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             if keep_alive >= idle_timeout {
                 bail!("--keep-alive {keep_alive:?} must be shorter than --idle-timeout {idle_timeout:?}");
+            }
+            if data_header_timeout < Duration::from_millis(100) {
+                bail!("--data-header-timeout {data_header_timeout:?}: must be at least 100ms");
             }
             if data_keep_alive >= data_idle_timeout {
                 bail!("--data-keep-alive {data_keep_alive:?} must be shorter than --data-idle-timeout {data_idle_timeout:?}");
@@ -356,6 +380,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                             idle_timeout: data_idle_timeout,
                             ..d.quic
                         },
+                        max_connections_per_peer: data_peer_connections as usize,
+                        max_streams_per_peer: data_peer_streams as usize,
+                        max_handshakes_per_address: data_address_handshakes as usize,
+                        header_timeout: data_header_timeout,
                         ..d
                     }
                 },

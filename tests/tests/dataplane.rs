@@ -2377,3 +2377,524 @@ inbound = "{inventory}"
     }
     assert_eq!(vault_replica_conns.load(Ordering::SeqCst), 0);
 }
+
+/// What one workload's flood of silent streams got from a serving end.
+#[derive(Debug, Default)]
+struct Flood {
+    /// Connections that came up and stayed up.
+    alive: usize,
+    /// Connections closed by the server with `close::BUSY` (per-peer cap).
+    busy_closed: usize,
+    /// Connections that failed otherwise (a refused handshake, a timeout).
+    failed: usize,
+    /// Streams the server holds open (silent: one byte of header sent).
+    held: usize,
+    /// Streams on live connections the server reset at once.
+    refused: usize,
+}
+
+/// A workload holding `conns` connections to `addr` (as `server`), each
+/// with `streams` silent streams (one byte of a stream header, never the
+/// rest), from `bind_ip`; its runtime keeps them alive until dropped.
+struct Flooder {
+    rt: tokio::runtime::Runtime,
+    conns: Vec<quinn::Connection>,
+    streams: Vec<(usize, quinn::SendStream, quinn::RecvStream)>,
+    failed: usize,
+    _endpoint: quinn::Endpoint,
+}
+
+impl Flooder {
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "a test helper; a struct would only rename them"
+    )]
+    fn start(
+        addr: SocketAddr,
+        server: tidemesh_identity::SpiffeId,
+        bundle: tidemesh_identity::TrustBundle,
+        chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+        key: &tidemesh_identity::KeyPair,
+        bind_ip: std::net::IpAddr,
+        conns: usize,
+        streams: usize,
+    ) -> Flooder {
+        // a worker thread drives the connections (keep-alives, acks) while
+        // the test thread makes its calls
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let tls = tidemesh_identity::verify::client_config(
+            bundle,
+            chain,
+            key,
+            std::sync::Arc::new(tidemesh_identity::verify::ExactId(server)),
+            std::sync::Arc::new(tidemesh_identity::clock::SystemClock),
+            &[tidemesh_proto::ALPN_DATA],
+        )
+        .expect("client tls");
+        let cfg = tidemesh_net::QuicSettings::default()
+            .client_config(tls)
+            .expect("client config");
+        let endpoint = rt.block_on(async {
+            let sock = std::net::UdpSocket::bind((bind_ip, 0)).expect("bind the flooder");
+            tidemesh_net::quic::endpoint(tidemesh_net::quic::wrap_socket(sock).expect("wrap"), None)
+                .expect("endpoint")
+        });
+        let (conns, streams, failed) = rt.block_on(async {
+            let mut tasks = tokio::task::JoinSet::new();
+            for _ in 0..conns {
+                let (ep, cfg) = (endpoint.clone(), cfg.clone());
+                tasks.spawn(async move {
+                    let connecting = ep.connect_with(cfg, addr, "data.test").ok()?;
+                    let conn = tokio::time::timeout(Duration::from_secs(20), connecting)
+                        .await
+                        .ok()?
+                        .ok()?;
+                    let mut opened = Vec::new();
+                    for _ in 0..streams {
+                        let Ok(Ok((mut send, recv))) =
+                            tokio::time::timeout(Duration::from_secs(5), conn.open_bi()).await
+                        else {
+                            break;
+                        };
+                        // one byte of the length prefix: never a full header
+                        if send.write_all(&[0]).await.is_err() {
+                            break;
+                        }
+                        opened.push((conn.stable_id(), send, recv));
+                    }
+                    Some((conn, opened))
+                });
+            }
+            let (mut conns, mut streams, mut failed) = (Vec::new(), Vec::new(), 0);
+            while let Some(r) = tasks.join_next().await {
+                match r.ok().flatten() {
+                    Some((c, s)) => {
+                        conns.push(c);
+                        streams.extend(s);
+                    }
+                    None => failed += 1,
+                }
+            }
+            (conns, streams, failed)
+        });
+        Flooder {
+            rt,
+            conns,
+            streams,
+            failed,
+            _endpoint: endpoint,
+        }
+    }
+
+    /// What the server did with the connections and streams by now: a
+    /// held stream has nothing to read, a refused one reads a reset.
+    fn census(&mut self) -> Flood {
+        let busy = quinn::VarInt::from_u32(tidemesh_proto::close::BUSY);
+        let mut f = Flood {
+            failed: self.failed,
+            ..Flood::default()
+        };
+        let mut live = std::collections::HashSet::new();
+        for c in &self.conns {
+            match c.close_reason() {
+                None => {
+                    f.alive += 1;
+                    live.insert(c.stable_id());
+                }
+                Some(quinn::ConnectionError::ApplicationClosed(a)) if a.error_code == busy => {
+                    f.busy_closed += 1
+                }
+                Some(_) => f.failed += 1,
+            }
+        }
+        let streams = &mut self.streams;
+        self.rt.block_on(async {
+            // streams of connections the server closed are neither
+            for (_, _, recv) in streams.iter_mut().filter(|(id, _, _)| live.contains(id)) {
+                let mut buf = [0u8; 1];
+                // one poll: a reset that arrived is seen at once, and the
+                // census stays far shorter than the header deadline
+                match tokio::time::timeout(Duration::ZERO, recv.read(&mut buf)).await {
+                    Err(_) => f.held += 1,
+                    Ok(_) => f.refused += 1,
+                }
+            }
+        });
+        f
+    }
+
+    /// One full request on a new stream of a live connection: the answer's
+    /// status line, or why there was none. The flood's streams are given up
+    /// first (reset from this end too), so the connection has stream credit.
+    fn request(&mut self, service: &str, workload: &str, host: &str) -> Result<String, String> {
+        for (_, mut send, _) in self.streams.drain(..) {
+            let _ = send.reset(quinn::VarInt::from_u32(0));
+        }
+        let conn = self
+            .conns
+            .iter()
+            .find(|c| c.close_reason().is_none())
+            .ok_or("no live connection")?
+            .clone();
+        let header = tidemesh_proto::data::StreamHeader {
+            service: service.into(),
+            workload: workload.into(),
+            protocol: tidemesh_proto::data::StreamProtocol::Http1,
+            trace: None,
+            request_id: None,
+        };
+        let req = format!("GET /items HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n");
+        self.rt.block_on(async {
+            let exchange = async {
+                let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+                send.write_all(&header.encode().map_err(|e| e.to_string())?)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                send.write_all(req.as_bytes())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut buf = [0u8; 12];
+                recv.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+                Ok::<_, String>(String::from_utf8_lossy(&buf).to_string())
+            };
+            tokio::time::timeout(Duration::from_secs(10), exchange)
+                .await
+                .map_err(|_| "no answer within 10 s".to_string())?
+        })
+    }
+}
+
+/// The value of one sample line (`name{labels}`) of a /metrics page.
+fn metric(page: &str, sample: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+}
+
+fn scrape(addr: SocketAddr) -> String {
+    call(addr, "GET", "metrics", "/metrics", &[]).body
+}
+
+/// One workload (an SVID minted by spoke A's node CA, as a compromised app
+/// of store sf01 would hold) opens 64 connections with 64 silent streams
+/// each (one byte of a stream header, never the rest) against the hub
+/// gateway and against spoke B's tunnel listener, from its own address
+/// (127.0.0.2). While it holds them, B's local app calls B's inventory, A's
+/// app calls B's inventory over the tunnel and the cloud catalog over the
+/// gateway, and store sf02's app calls the catalog: all succeed. The caps
+/// (set by flag to 24 connections and 300 streams per workload) hold
+/// exactly, across connections; after the header deadline (20 s) every held
+/// stream is reset, counted, and the slots are free again.
+#[test]
+fn one_workload_with_64_connections_of_64_silent_streams_starves_neither_the_gateway_nor_a_peer_spoke(
+) {
+    const CONNS: usize = 64;
+    const STREAMS: usize = 64;
+    const PEER_CONNS: usize = 24;
+    const PEER_STREAMS: usize = 300;
+    const HEADER_TIMEOUT: Duration = Duration::from_secs(20);
+    let caps = [
+        "--gateway-peer-connections",
+        "24",
+        "--gateway-peer-streams",
+        "300",
+        "--gateway-header-timeout",
+        "20s",
+    ];
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let hub_metrics = free_tcp();
+    let hub_metrics_s = hub_metrics.to_string();
+    let mut hub_args = vec!["--metrics", hub_metrics_s.as_str()];
+    hub_args.extend(caps);
+    let mut hub = HubProc::init(tmp.path(), TD).with_args(&hub_args);
+    let hub_addr = hub.start();
+    let catalog = echo_server("catalog");
+    let inventory = echo_server("inventory");
+    let yaml = format!(
+        r#"{STORE_SF01}
+---
+apiVersion: tidemesh.io/v1alpha1
+kind: Store
+metadata: {{name: sf02}}
+spec: {{region: us-west-2, zone: us-west-2b}}
+---
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {{name: inventory-readers, namespace: store}}
+spec:
+  selector:
+    matchLabels: {{app: inventory}}
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["{TD}/store/sf01/sa/frontend"]
+---
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {{name: catalog-readers, namespace: cloud}}
+spec:
+  selector:
+    matchLabels: {{app: catalog}}
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["{TD}/store/sf01/sa/frontend", "{TD}/store/sf02/sa/frontend"]
+{}"#,
+        cloud_entry("catalog", catalog, "HTTP")
+    );
+    let f = tmp.path().join("mesh.yaml");
+    std::fs::write(&f, yaml).expect("yaml");
+    let o = hub.cli(&["apply", "-f", f.to_str().expect("utf8")]);
+    assert!(o.status.success(), "apply: {}", text(&o));
+
+    let (ob_a, ob_b, ob_c) = (free_tcp(), free_tcp(), free_tcp());
+    let (data_a, data_b) = (free_udp(), free_udp());
+    let b_metrics = free_tcp();
+    let frontend = |ob: SocketAddr| {
+        format!(
+            r#"
+[[workload]]
+service_account = "frontend"
+service = "frontend"
+namespace = "store"
+labels = {{ app = "frontend" }}
+outbound = "{ob}"
+"#
+        )
+    };
+    let cfg_a = write_config(
+        tmp.path(),
+        "a",
+        &format!(
+            "data_listen = \"{data_a}\"\ndata_advertise = \"{data_a}\"\n{}",
+            frontend(ob_a)
+        ),
+    );
+    let cfg_b = write_config(
+        tmp.path(),
+        "b",
+        &format!(
+            r#"data_listen = "{data_b}"
+data_advertise = "{data_b}"
+{}
+[[workload]]
+service_account = "inventory"
+service = "inventory"
+namespace = "store"
+labels = {{ app = "inventory" }}
+inbound = "{inventory}"
+"#,
+            frontend(ob_b)
+        ),
+    );
+    let cfg_c = write_config(tmp.path(), "c", &frontend(ob_c));
+    let a = start_spoke(tmp.path(), &hub, "a", 1, &cfg_a, hub_addr);
+    let b_metrics_s = b_metrics.to_string();
+    let mut b = SpokeProc::new(
+        tmp.path(),
+        "b",
+        &format!("spiffe://{TD}/store/sf01/node/n2"),
+    )
+    .with_args(&[
+        "--config",
+        &cfg_b,
+        "--metrics",
+        &b_metrics_s,
+        "--data-peer-connections",
+        "24",
+        "--data-peer-streams",
+        "300",
+        "--data-header-timeout",
+        "20s",
+    ]);
+    let o = b.enroll(hub_addr, &hub.token(&b.id, "10m"));
+    assert!(o.status.success(), "enroll b: {}", text(&o));
+    b.start();
+    b.wait_state("connected", Duration::from_secs(10));
+    b.wait_configured(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("B not configured: {:?}", b.try_status()));
+    let c_id = format!("spiffe://{TD}/store/sf02/node/n1");
+    let mut c = SpokeProc::new(tmp.path(), "c", &c_id).with_args(&["--config", &cfg_c]);
+    let o = c.enroll(hub_addr, &hub.token(&c_id, "10m"));
+    assert!(o.status.success(), "enroll c: {}", text(&o));
+    c.start();
+    c.wait_state("connected", Duration::from_secs(10));
+    c.wait_configured(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("C not configured: {:?}", c.try_status()));
+    wait_site_service(&a, "inventory");
+    let calls = || {
+        [
+            ("B's app -> B's inventory", ob_b, "inventory"),
+            ("A's app -> B's inventory (tunnel)", ob_a, "inventory"),
+            ("A's app -> catalog (gateway)", ob_a, "catalog.cloud"),
+            ("sf02's app -> catalog (gateway)", ob_c, "catalog.cloud"),
+        ]
+        .map(|(what, ob, host)| (what, call(ob, "GET", host, "/items", &[]).status))
+    };
+    assert!(
+        calls().iter().all(|(_, s)| *s == 200),
+        "before the flood: {:?}",
+        calls()
+    );
+
+    // The intruder: a workload SVID minted by A's node CA (off A's disk).
+    let creds_a = tidemesh_spoke::CredStore::new(&a.dir);
+    let ca = creds_a.node_ca().expect("read").expect("A's node CA");
+    let td = tidemesh_identity::TrustDomain::new(TD).expect("td");
+    let bundle = creds_a.bundle(&td).expect("bundle");
+    let key = tidemesh_identity::svid::generate_key().expect("key");
+    let now = std::time::SystemTime::now();
+    let intruder: tidemesh_identity::SpiffeId = format!("spiffe://{TD}/store/sf01/sa/intruder")
+        .parse()
+        .expect("id");
+    let chain = ca
+        .issue_workload(
+            &key,
+            &intruder,
+            now - Duration::from_secs(60),
+            now + Duration::from_secs(600),
+        )
+        .expect("A's node CA signs");
+    let from: std::net::IpAddr = [127, 0, 0, 2].into();
+    let node_b: tidemesh_identity::SpiffeId = b.id.parse().expect("id");
+    let hub_id = tidemesh_identity::naming::hub_id(&td);
+    let t0 = Instant::now();
+    let mut at_gw = Flooder::start(
+        hub_addr,
+        hub_id,
+        bundle.clone(),
+        chain.clone(),
+        &key,
+        from,
+        CONNS,
+        STREAMS,
+    );
+    let mut at_b = Flooder::start(data_b, node_b, bundle, chain, &key, from, CONNS, STREAMS);
+    let flood_up = t0.elapsed();
+    // let the servers see every stream
+    std::thread::sleep(Duration::from_secs(1));
+    let gw = at_gw.census();
+    let bb = at_b.census();
+    eprintln!(
+        "flood up in {flood_up:?}, census done {:?} later; gateway: {gw:?}; spoke B: {bb:?}",
+        t0.elapsed() - flood_up
+    );
+    for (what, f) in [("gateway", &gw), ("spoke B", &bb)] {
+        assert!(
+            f.alive <= PEER_CONNS,
+            "{what}: {} connections of one workload alive (cap {PEER_CONNS})",
+            f.alive
+        );
+        assert!(
+            f.alive * STREAMS > PEER_STREAMS,
+            "{what}: too few connections came up to test the stream cap: {f:?}"
+        );
+        assert_eq!(
+            f.held, PEER_STREAMS,
+            "{what}: silent streams held for one workload across its connections"
+        );
+        assert!(f.busy_closed >= 1, "{what}: no connection refused: {f:?}");
+    }
+
+    // While the flood holds its slots, everyone else's calls go through.
+    let during = calls();
+    let calls_took = t0.elapsed() - flood_up;
+    eprintln!("calls during the flood ({calls_took:?}): {during:?}");
+    assert!(
+        during.iter().all(|(_, s)| *s == 200),
+        "calls during the flood: {during:?}"
+    );
+    // ... and the flood still held them then.
+    let still = (at_gw.census(), at_b.census());
+    assert!(
+        still.0.held == PEER_STREAMS && still.1.held == PEER_STREAMS,
+        "the flood no longer held its streams after the calls ({:?} since it was up; \
+         header deadline {HEADER_TIMEOUT:?}): {still:?}",
+        t0.elapsed() - flood_up
+    );
+
+    // The counters say what was refused, exactly.
+    let hub_page = scrape(hub_metrics);
+    let b_page = scrape(b_metrics);
+    let hub_m = |r: &str| {
+        metric(
+            &hub_page,
+            &format!("tidemesh_hub_gateway_refusals_total{{reason=\"{r}\"}}"),
+        )
+        .unwrap_or(-1.0)
+    };
+    let b_m = |r: &str| {
+        metric(
+            &b_page,
+            &format!("tidemesh_dataplane_tunnel_refusals_total{{reason=\"{r}\"}}"),
+        )
+        .unwrap_or(-1.0)
+    };
+    assert_eq!(hub_m("peer_streams"), gw.refused as f64, "{hub_page}");
+    assert_eq!(
+        hub_m("peer_connections"),
+        gw.busy_closed as f64,
+        "{hub_page}"
+    );
+    assert_eq!(hub_m("global_streams"), 0.0, "{hub_page}");
+    assert_eq!(b_m("peer_streams"), bb.refused as f64, "{b_page}");
+    assert_eq!(b_m("peer_connections"), bb.busy_closed as f64, "{b_page}");
+    assert_eq!(b_m("global_limit"), 0.0, "{b_page}");
+    eprintln!(
+        "spoke B refused {} handshakes from the flooder's address (cap 32 in progress)",
+        b_m("address_handshakes")
+    );
+
+    // The header deadline resets every held stream and frees the slots.
+    let freed = wait_for(HEADER_TIMEOUT + Duration::from_secs(20), || {
+        let h = metric(
+            &scrape(hub_metrics),
+            "tidemesh_hub_gateway_refusals_total{reason=\"header_timeout\"}",
+        )?;
+        let b = metric(
+            &scrape(b_metrics),
+            "tidemesh_dataplane_tunnel_refusals_total{reason=\"header_timeout\"}",
+        )?;
+        (h == PEER_STREAMS as f64 && b == PEER_STREAMS as f64).then(|| t0.elapsed() - flood_up)
+    });
+    let freed = freed.unwrap_or_else(|| {
+        panic!(
+            "held streams were not all reset by the deadline:\n{}\n{}",
+            scrape(hub_metrics),
+            scrape(b_metrics)
+        )
+    });
+    assert!(
+        freed >= HEADER_TIMEOUT - Duration::from_secs(2),
+        "streams reset before the deadline ({freed:?})"
+    );
+    let after = (at_gw.census(), at_b.census());
+    assert_eq!((after.0.held, after.1.held), (0, 0), "{after:?}");
+    eprintln!("all held streams reset {freed:?} after the flood was up");
+    // The freed slots serve the same workload again (its policy then
+    // refuses it: an answer, not a reset).
+    let gw_answer = at_gw.request("catalog.cloud", "catalog", "catalog.cloud");
+    let b_answer = at_b.request("inventory.store", "inventory", "inventory");
+    assert!(
+        gw_answer
+            .as_deref()
+            .is_ok_and(|l| l.starts_with("HTTP/1.1 403")),
+        "gateway after the deadline: {gw_answer:?}"
+    );
+    assert!(
+        b_answer
+            .as_deref()
+            .is_ok_and(|l| l.starts_with("HTTP/1.1 403")),
+        "spoke B after the deadline: {b_answer:?}"
+    );
+    assert!(
+        calls().iter().all(|(_, s)| *s == 200),
+        "after the flood: {:?}",
+        calls()
+    );
+}

@@ -71,8 +71,11 @@ pub mod close {
     /// A certificate the connection was made with expired: a connection
     /// never outlives the SVIDs (or node CAs) that authenticated it.
     pub const EXPIRED: u32 = 7;
-    /// The hub is over its new-session budget: the reason carries when to
-    /// come back ([`busy_reason`], [`retry_after`]).
+    /// Load, not identity: the hub is over its new-session budget (the
+    /// reason then carries when to come back: [`busy_reason`],
+    /// [`retry_after`]), or the peer already holds as many connections or
+    /// streams as its per-peer cap allows, or a stream sent no full header
+    /// in time. Try again later.
     pub const BUSY: u32 = 8;
 
     /// The longest retry-after a client honours, whatever the peer says.

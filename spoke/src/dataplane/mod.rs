@@ -80,13 +80,25 @@ pub struct DataSettings {
     /// From sending a request upstream to its response head (a route's own
     /// timeout, when it has one, applies instead).
     pub request_timeout: Duration,
-    /// Reading a request head (HTTP) or a stream header (tunnel).
+    /// Reading a request head (HTTP) or a stream header (tunnel), and a
+    /// tunnel handshake: a tunnel stream without its full header by then is
+    /// reset and its slots freed.
     pub header_timeout: Duration,
     /// Most bytes of an HTTP request head.
     pub max_header_bytes: usize,
     /// Most connections open at once from apps (all outbound listeners) and
     /// most tunnel streams served at once.
     pub max_connections: usize,
+    /// Tunnel connections one peer workload (verified SPIFFE ID) holds at
+    /// once on the listener; one more is closed with `close::BUSY`.
+    pub max_connections_per_peer: usize,
+    /// Tunnel streams one peer workload has open at once across all its
+    /// connections (quinn's limit is per connection); one more is reset
+    /// with `close::BUSY`.
+    pub max_streams_per_peer: usize,
+    /// Tunnel handshakes in progress from one source IP address, before any
+    /// identity is known; one more is refused.
+    pub max_handshakes_per_address: usize,
     /// QUIC transport of the tunnel (streams per connection, idle timeout).
     pub quic: QuicSettings,
     /// A raw TCP connection with no byte in either direction for this long
@@ -102,6 +114,9 @@ impl Default for DataSettings {
             header_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
             max_connections: 4096,
+            max_connections_per_peer: 32,
+            max_streams_per_peer: 512,
+            max_handshakes_per_address: 32,
             quic: QuicSettings {
                 keep_alive: Duration::from_secs(5),
                 idle_timeout: Duration::from_secs(30),
@@ -127,6 +142,54 @@ pub struct Counters {
     pub breaker_closed: std::sync::atomic::AtomicU64,
     /// Cloud calls refused at once because the hub was unreachable.
     pub hub_unreachable: std::sync::atomic::AtomicU64,
+    /// What the tunnel listener refused, by [`TunnelRefusal`].
+    pub tunnel_refused: [std::sync::atomic::AtomicU64; TunnelRefusal::ALL.len()],
+}
+
+/// Why the tunnel listener refused a handshake, a connection or a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelRefusal {
+    /// The source address had as many handshakes in progress as allowed.
+    AddressHandshakes,
+    /// The peer workload held its connection cap.
+    PeerConnections,
+    /// The peer workload held its stream cap.
+    PeerStreams,
+    /// The spoke-wide limit of connections and streams was reached.
+    GlobalStreams,
+    /// A stream sent no full header within the header deadline.
+    HeaderTimeout,
+}
+
+impl TunnelRefusal {
+    /// Every reason, in counter order.
+    pub const ALL: [TunnelRefusal; 5] = [
+        TunnelRefusal::AddressHandshakes,
+        TunnelRefusal::PeerConnections,
+        TunnelRefusal::PeerStreams,
+        TunnelRefusal::GlobalStreams,
+        TunnelRefusal::HeaderTimeout,
+    ];
+
+    /// The `reason` label on /metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            TunnelRefusal::AddressHandshakes => "address_handshakes",
+            TunnelRefusal::PeerConnections => "peer_connections",
+            TunnelRefusal::PeerStreams => "peer_streams",
+            TunnelRefusal::GlobalStreams => "global_limit",
+            TunnelRefusal::HeaderTimeout => "header_timeout",
+        }
+    }
+}
+
+impl Counters {
+    /// Counts one refusal of the tunnel listener.
+    pub(crate) fn tunnel_refused(&self, why: TunnelRefusal) {
+        if let Some(c) = self.tunnel_refused.get(why as usize) {
+            c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 impl Counters {
@@ -960,7 +1023,7 @@ impl DataPlane {
             compiled: RwLock::new(None),
             balancers: Mutex::new(HashMap::new()),
             splits: Mutex::new(HashMap::new()),
-            tunnels: tunnel::Pool::default(),
+            tunnels: tunnel::Pool::new(&settings),
             endpoint,
             cipher_suite,
             conn_limit: Arc::new(Semaphore::new(settings.max_connections)),

@@ -9,7 +9,21 @@
 //! serving end ([`accept_loop`]) presents the node SVID, admits only
 //! workload SVIDs of its trust domain, reads the bounded header and hands
 //! the request to [`super::inbound`] with the peer's verified ID as the
-//! source principal. Who drives it: [`super::DataPlane`]. What it must not
+//! source principal.
+//!
+//! Caps at the serving end, so one peer cannot take every slot before it is
+//! authorized: handshakes in progress per source IP address
+//! ([`DataSettings::max_handshakes_per_address`], refused before any
+//! crypto), connections per peer workload
+//! ([`DataSettings::max_connections_per_peer`], closed with `close::BUSY`
+//! after the handshake names it) and open streams per peer workload across
+//! all its connections ([`DataSettings::max_streams_per_peer`], reset with
+//! `close::BUSY`; quinn's stream limit is per connection). A stream holds
+//! its slots from the moment it is accepted; one that has not sent its full
+//! header within [`DataSettings::header_timeout`] is reset and gives them
+//! back. Every refusal is counted ([`super::TunnelRefusal`]).
+//!
+//! Who drives it: [`super::DataPlane`]. What it must not
 //! do: take the caller's identity from anything but the handshake, read an
 //! unbounded header, or keep a stream open past the header timeout.
 //!
@@ -21,7 +35,7 @@
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -39,6 +53,7 @@ use tidemesh_identity::{
     verify::{self, ExactId, VerifiedSvid, WorkloadsViaNodeCa},
     RevocationList, SpiffeId,
 };
+use tidemesh_net::caps::PeerCaps;
 use tidemesh_proto::{
     close,
     data::{StreamHeader, StreamProtocol},
@@ -49,7 +64,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     finish_from_response, inbound, local_response, outbound, resilience::Outcome, span_random,
-    trace, Body, DataPlaneError, DataSettings, Shared,
+    trace, Body, DataPlaneError, DataSettings, Shared, TunnelRefusal,
 };
 
 /// SNI towards peers; the SPIFFE verifier ignores it.
@@ -102,9 +117,8 @@ async fn close_at_expiry(
     }
 }
 
-/// The calling end's connections, the serving end's open connections and
-/// its certificate state.
-#[derive(Default)]
+/// The calling end's connections, the serving end's open connections, its
+/// per-peer caps and its certificate state.
 pub(crate) struct Pool {
     conns: Mutex<HashMap<(usize, SocketAddr), Arc<Tunnel>>>,
     /// Peers' connections this spoke serves (by quinn stable id), with the
@@ -112,9 +126,27 @@ pub(crate) struct Pool {
     served: Mutex<HashMap<usize, (VerifiedSvid, quinn::Connection)>>,
     server_cert: Mutex<Option<SystemTime>>,
     serving: AtomicBool,
+    /// Handshakes in progress per source address.
+    handshakes: PeerCaps<IpAddr>,
+    /// Served connections per peer workload.
+    peer_conns: PeerCaps<SpiffeId>,
+    /// Served streams per peer workload, across its connections.
+    peer_streams: PeerCaps<SpiffeId>,
 }
 
 impl Pool {
+    pub(crate) fn new(settings: &DataSettings) -> Pool {
+        Pool {
+            conns: Mutex::new(HashMap::new()),
+            served: Mutex::new(HashMap::new()),
+            server_cert: Mutex::new(None),
+            serving: AtomicBool::new(false),
+            handshakes: PeerCaps::new(settings.max_handshakes_per_address),
+            peer_conns: PeerCaps::new(settings.max_connections_per_peer),
+            peer_streams: PeerCaps::new(settings.max_streams_per_peer),
+        }
+    }
+
     /// Closes every connection `list` refuses: served connections whose
     /// peer's SVID (or its node CA) it names, and calling connections to a
     /// peer spoke it names. Returns how many.
@@ -541,12 +573,26 @@ pub(crate) async fn accept_loop(s: Arc<Shared>) {
     refresh_server_config(&s).await;
     while let Some(incoming) = s.endpoint.accept().await {
         if s.endpoint.open_connections() > s.settings.max_connections {
+            s.counters().tunnel_refused(TunnelRefusal::GlobalStreams);
             incoming.refuse();
             continue;
         }
+        // before any crypto: one address cannot hold every handshake
+        let Ok(handshake) = s
+            .tunnels
+            .handshakes
+            .try_acquire(&incoming.remote_address().ip())
+        else {
+            s.counters()
+                .tunnel_refused(TunnelRefusal::AddressHandshakes);
+            incoming.refuse();
+            continue;
+        };
         let s = s.clone();
         tokio::spawn(async move {
-            let conn = match timeout(s.settings.header_timeout, incoming).await {
+            let handshaken = timeout(s.settings.header_timeout, incoming).await;
+            drop(handshake);
+            let conn = match handshaken {
                 Ok(Ok(c)) => c,
                 Ok(Err(e)) => {
                     debug!(error = %e, "data tunnel handshake failed");
@@ -576,6 +622,20 @@ async fn serve_conn(s: Arc<Shared>, conn: quinn::Connection) {
         }
     };
     let id = svid.id().clone();
+    // Held while this connection lives: a peer workload's connections are
+    // capped however many addresses it dials from.
+    let _conn_slot = match s.tunnels.peer_conns.try_acquire(&id) {
+        Ok(slot) => slot,
+        Err(e) => {
+            s.counters().tunnel_refused(TunnelRefusal::PeerConnections);
+            debug!(peer = %id, remote = %conn.remote_address(), "data tunnel connection refused: per-peer cap");
+            conn.close(
+                quinn::VarInt::from_u32(close::BUSY),
+                e.to_string().as_bytes(),
+            );
+            return;
+        }
+    };
     debug!(peer = %id, remote = %conn.remote_address(), "data tunnel peer connected");
     let stable = conn.stable_id();
     if let Ok(mut m) = s.tunnels.served.lock() {
@@ -621,15 +681,25 @@ async fn serve_streams(s: &Arc<Shared>, conn: &quinn::Connection, peer: Arc<Peer
             Ok(x) => x,
             Err(_) => return,
         };
+        // The peer's own cap first, so its flood is refused before it can
+        // take the spoke-wide slots (which local apps share) from everyone.
+        let Ok(peer_slot) = s.tunnels.peer_streams.try_acquire(&peer.id) else {
+            s.counters().tunnel_refused(TunnelRefusal::PeerStreams);
+            let _ = send.reset(quinn::VarInt::from_u32(close::BUSY));
+            let _ = recv.stop(quinn::VarInt::from_u32(close::BUSY));
+            continue;
+        };
         let Ok(permit) = s.conn_limit.clone().try_acquire_owned() else {
-            let _ = send.reset(quinn::VarInt::from_u32(close::FORBIDDEN));
-            let _ = recv.stop(quinn::VarInt::from_u32(close::FORBIDDEN));
+            s.counters().tunnel_refused(TunnelRefusal::GlobalStreams);
+            let _ = send.reset(quinn::VarInt::from_u32(close::BUSY));
+            let _ = recv.stop(quinn::VarInt::from_u32(close::BUSY));
             continue;
         };
         let s = s.clone();
         let peer = peer.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let _peer_slot = peer_slot;
             let header = match timeout(
                 s.settings.header_timeout,
                 tidemesh_net::http::read_stream_header(&mut recv),
@@ -644,8 +714,10 @@ async fn serve_streams(s: &Arc<Shared>, conn: &quinn::Connection, peer: Arc<Peer
                     return;
                 }
                 Err(_) => {
-                    let _ = send.reset(quinn::VarInt::from_u32(close::PROTOCOL_ERROR));
-                    let _ = recv.stop(quinn::VarInt::from_u32(close::PROTOCOL_ERROR));
+                    // silent, or a partial header: the slots go back now
+                    s.counters().tunnel_refused(TunnelRefusal::HeaderTimeout);
+                    let _ = send.reset(quinn::VarInt::from_u32(close::BUSY));
+                    let _ = recv.stop(quinn::VarInt::from_u32(close::BUSY));
                     return;
                 }
             };
