@@ -67,7 +67,8 @@ pub struct FleetConfig {
     pub hub_pid: Option<u32>,
     /// SIGKILL the hub once all spokes are connected and restart it.
     pub restart_hub: bool,
-    /// How long the hub stays down.
+    /// How long the hub stays down at least (it is restarted once this
+    /// has passed and the backlog is committed).
     pub hub_down: Duration,
     /// Bound on all spokes connecting (at start and after the restart).
     pub connect_timeout: Duration,
@@ -193,6 +194,12 @@ pub struct RestartReport {
     pub reconnect_rate_per_s: Option<f64>,
     /// Most spokes that came back within one second.
     pub peak_reconnects_per_s: usize,
+    /// Falls (a spoke seen connected, then not) from the restart until
+    /// the end of the run: churn after a spoke came back.
+    pub falls_after_restart: u64,
+    /// Fewest spokes connected in the samples after all had come back
+    /// (`null`: not all came back, or no sample after).
+    pub min_connected_after_all_back: Option<usize>,
     /// UDP counters of the hub's socket just before the kill.
     pub udp_before_kill: UdpCounters,
     /// UDP counters once all were back and the backlog delivered (the
@@ -225,8 +232,9 @@ pub struct ExactlyOnce {
     pub ok: bool,
 }
 
-/// `(seconds since start, spokes connected, hub VmRSS KiB)`.
-pub type Sample = (f64, usize, Option<u64>);
+/// `(seconds since start, spokes connected, hub VmRSS KiB, falls so far)`;
+/// a fall is a spoke seen connected and then not (250 ms polling).
+pub type Sample = (f64, usize, Option<u64>, u64);
 
 /// What one run measured.
 #[derive(Debug, Clone, Serialize)]
@@ -243,6 +251,8 @@ pub struct Report {
     pub connect: Option<Times>,
     /// Spokes connected at the end of the start phase.
     pub connected_at_start: usize,
+    /// Spokes connected when the run ended.
+    pub connected_at_end: usize,
     /// Seconds from start until all were connected (`null`: not all were).
     pub all_connected_s: Option<f64>,
     /// Seconds to append and commit the backlog on every spoke.
@@ -264,7 +274,8 @@ pub struct Report {
     pub udp: UdpCounters,
     /// Exactly-once check of the backlog at the hub.
     pub exactly_once: Option<ExactlyOnce>,
-    /// `[seconds since start, spokes connected, hub VmRSS KiB]`, every 500 ms.
+    /// `[seconds since start, spokes connected, hub VmRSS KiB, falls so
+    /// far]`, every 500 ms.
     pub connected_over_time: Vec<Sample>,
     /// What happened when (seconds since start).
     pub events: Vec<(f64, String)>,
@@ -811,24 +822,43 @@ pub async fn run(cfg: FleetConfig, progress: impl Fn(&str)) -> anyhow::Result<Re
     }
     event(format!("{} spokes started", cfg.spokes), &progress);
 
-    // The sampler: connected count and hub RSS every 500 ms.
+    // The sampler: every 250 ms it counts connected spokes and falls
+    // (connected -> not); every 500 ms it keeps a sample with the hub's RSS.
+    // A spoke notices a lost hub only after its idle timeout and redials
+    // after at least 200 ms, so a fall lasts longer than the tick.
     let samples: Arc<std::sync::Mutex<Vec<Sample>>> = Arc::default();
     let pid_cell: Arc<std::sync::Mutex<Option<u32>>> =
         Arc::new(std::sync::Mutex::new(hub_pid(&hub)));
+    let falls = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let sampler = {
-        let (fleet, samples, pid_cell) = (fleet.clone(), samples.clone(), pid_cell.clone());
+        let (fleet, samples, pid_cell, falls) = (
+            fleet.clone(),
+            samples.clone(),
+            pid_cell.clone(),
+            falls.clone(),
+        );
         tokio::spawn(async move {
+            let mut prev = vec![false; fleet.spokes.len()];
+            let mut tick = 0u64;
             loop {
-                let n = fleet.connected().into_iter().filter(|c| *c).count();
-                let pid = pid_cell.lock().map(|p| *p).unwrap_or(None);
-                let rss = pid.and_then(rss_of).map(|r| r.rss_kib);
-                if let Ok(mut s) = samples.lock() {
-                    // bounded: 100,000 samples is 14 h at 500 ms
-                    if s.len() < 100_000 {
-                        s.push((secs(t_start.elapsed()), n, rss));
+                let now = fleet.connected();
+                let fell = prev.iter().zip(&now).filter(|(p, n)| **p && !**n).count();
+                falls.fetch_add(fell as u64, std::sync::atomic::Ordering::Relaxed);
+                let n = now.iter().filter(|c| **c).count();
+                prev = now;
+                if tick.is_multiple_of(2) {
+                    let pid = pid_cell.lock().map(|p| *p).unwrap_or(None);
+                    let rss = pid.and_then(rss_of).map(|r| r.rss_kib);
+                    let total = falls.load(std::sync::atomic::Ordering::Relaxed);
+                    if let Ok(mut s) = samples.lock() {
+                        // bounded: 100,000 samples is 14 h at 500 ms
+                        if s.len() < 100_000 {
+                            s.push((secs(t_start.elapsed()), n, rss, total));
+                        }
                     }
                 }
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tick += 1;
+                tokio::time::sleep(Duration::from_millis(250)).await;
             }
         })
     };
@@ -870,6 +900,8 @@ pub async fn run(cfg: FleetConfig, progress: impl Fn(&str)) -> anyhow::Result<Re
     let mut t_deliver_from = Instant::now();
 
     let mut restart = None;
+    let mut falls_at_restart = 0;
+    let mut all_back_at: Option<f64> = None;
     if cfg.restart_hub {
         let Some(h) = hub.as_mut() else {
             bail!("--restart-hub needs a hub this tool started");
@@ -909,6 +941,7 @@ pub async fn run(cfg: FleetConfig, progress: impl Fn(&str)) -> anyhow::Result<Re
         let down_s = secs(t_kill.elapsed());
         let new = start_hub(&cfg).await?;
         let t_restart = Instant::now();
+        let falls_before_restart = falls.load(std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut p) = pid_cell.lock() {
             *p = new.pid();
         }
@@ -923,6 +956,8 @@ pub async fn run(cfg: FleetConfig, progress: impl Fn(&str)) -> anyhow::Result<Re
             *per_s.entry(t.as_secs()).or_default() += 1;
         }
         let all_back = all.then(|| times.iter().max().copied().unwrap_or_default());
+        falls_at_restart = falls_before_restart;
+        all_back_at = all_back.map(|d| secs((t_restart + d).duration_since(t_start)));
         event(
             format!(
                 "{}/{} back after the restart{}",
@@ -945,6 +980,8 @@ pub async fn run(cfg: FleetConfig, progress: impl Fn(&str)) -> anyhow::Result<Re
                 .filter(|d| !d.is_zero())
                 .map(|d| (times.len() as f64 / d.as_secs_f64() * 10.0).round() / 10.0),
             peak_reconnects_per_s: per_s.values().copied().max().unwrap_or(0),
+            falls_after_restart: 0,
+            min_connected_after_all_back: None,
             reconnect: Times::of(times),
             udp_before_kill,
             udp_after: UdpCounters::default(),
@@ -989,6 +1026,7 @@ pub async fn run(cfg: FleetConfig, progress: impl Fn(&str)) -> anyhow::Result<Re
         };
     }
     let hub_rss_after = hub_pid(&hub).and_then(rss_of);
+    let connected_at_end = fleet.connected().into_iter().filter(|c| *c).count();
 
     sampler.abort();
     let _ = stop_tx.send(true);
@@ -1014,6 +1052,18 @@ pub async fn run(cfg: FleetConfig, progress: impl Fn(&str)) -> anyhow::Result<Re
     }
     let connected_over_time = samples.lock().map(|s| s.clone()).unwrap_or_default();
     let hub_rss_peak_sampled_kib = connected_over_time.iter().filter_map(|s| s.2).max();
+    if let Some(r) = restart.as_mut() {
+        r.falls_after_restart = falls
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .saturating_sub(falls_at_restart);
+        r.min_connected_after_all_back = all_back_at.and_then(|at| {
+            connected_over_time
+                .iter()
+                .filter(|s| s.0 >= at)
+                .map(|s| s.1)
+                .min()
+        });
+    }
     Ok(Report {
         spokes: cfg.spokes,
         backlog: cfg.backlog,
@@ -1021,6 +1071,7 @@ pub async fn run(cfg: FleetConfig, progress: impl Fn(&str)) -> anyhow::Result<Re
         enroll_s,
         connect,
         connected_at_start,
+        connected_at_end,
         all_connected_s,
         backlog_commit_s,
         delivered_s,

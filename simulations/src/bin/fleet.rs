@@ -79,7 +79,8 @@ struct RunArgs {
     /// SIGKILL the hub once all are connected and restart it (needs --hub-bin).
     #[arg(long, env = "TIDEMESH_FLEET_RESTART_HUB")]
     restart_hub: bool,
-    /// How long the hub stays down with --restart-hub.
+    /// How long the hub stays down at least with --restart-hub (it is
+    /// restarted once this has passed and every spoke committed its backlog).
     #[arg(long, env = "TIDEMESH_FLEET_HUB_DOWN", default_value = "10s", value_parser = humantime::parse_duration)]
     hub_down: Duration,
     /// Bound on every spoke (re)connecting.
@@ -129,6 +130,10 @@ fn print_human(r: &Report) {
                 .map(|s| format!("{s:.2} s"))
                 .unwrap_or("no".into()),
             t(&x.reconnect)
+        );
+        println!(
+            "after the restart: {} falls (connected, then not); fewest connected once all were back: {:?}; connected at the end: {}",
+            x.falls_after_restart, x.min_connected_after_all_back, r.connected_at_end
         );
         println!(
             "reconnect rate {} spokes/s (peak {} in one second); RcvbufErrors during the drill: {:?}",
