@@ -686,9 +686,12 @@ impl SpokeProc {
             .append(true)
             .open(self.dir.with_extension("log"))
             .expect("log");
+        // The tests' timings assume quick reconnects (the default ceiling,
+        // 30 s, is sized for a fleet); a test's own flag comes later and wins.
         let child = command(&self.wrap, bin("tidemesh-spoke"))
             .args(["run", "--data-dir"])
             .arg(&self.dir)
+            .args(["--reconnect-max", "2s"])
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -10,6 +10,16 @@
 //! carries a window of one batch and a `retry_after_ms` (with jitter) that
 //! the spoke honours before sending more: a wave of reconnecting stores is
 //! spread out instead of flattening the hub.
+//!
+//! Memory: a session reads a batch only once it holds one of the hub-wide
+//! [`Limits::held`] permits (twice the commit slots), from the first byte of
+//! the frame until the batch is committed and acknowledged; it waits for
+//! the first byte holding nothing. So however many sessions are open, the
+//! hub holds at most `2 × max_concurrent` batches read or decoded (each at
+//! most 1 MiB); the rest waits in the spokes, behind QUIC flow control
+//! (quinn buffers at most one stream receive window per session). A frame
+//! must arrive within [`FRAME_DEADLINE`] once begun, or the session ends,
+//! so a slow sender cannot sit on a permit.
 
 use std::{
     sync::{
@@ -74,11 +84,33 @@ pub struct IngestCounters {
     pub ahead: AtomicU64,
     /// Evidence sessions opened.
     pub sessions: AtomicU64,
+    /// Batches read or decoded and not yet answered, now (all sessions).
+    pub held: AtomicU64,
+    /// The most batches ever held at once.
+    pub held_peak: AtomicU64,
+}
+
+/// How long a begun batch frame may take to arrive in full.
+pub const FRAME_DEADLINE: Duration = Duration::from_secs(30);
+
+/// One batch's place among the held ones, from its first byte until it
+/// is answered.
+struct Held {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    limits: std::sync::Arc<Limits>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.limits.counters.held.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The shared limits: slots and the token bucket.
 pub(crate) struct Limits {
     slots: Semaphore,
+    /// Batches in memory hub-wide (read, decoded, committing).
+    held: std::sync::Arc<Semaphore>,
     bucket: Mutex<(f64, Instant)>,
     pub(crate) counters: IngestCounters,
 }
@@ -87,6 +119,7 @@ impl Limits {
     pub(crate) fn new(s: &IngestSettings) -> Limits {
         Limits {
             slots: Semaphore::new(s.max_concurrent.max(1)),
+            held: std::sync::Arc::new(Semaphore::new(2 * s.max_concurrent.max(1))),
             bucket: Mutex::new((f64::from(s.rate), Instant::now())),
             counters: IngestCounters::default(),
         }
@@ -127,7 +160,10 @@ fn ack(pos: &ChainPosition, out: Option<&IngestOutcome>, window: u32, retry: Dur
 
 /// One request of a session, in arrival order.
 enum Item {
-    Batch(tokio::task::JoinHandle<Result<(VerifiedBatch, u32), Refusal>>),
+    Batch(
+        tokio::task::JoinHandle<Result<(VerifiedBatch, u32), Refusal>>,
+        Held,
+    ),
     Gap {
         resume_seq: u64,
         resume_hash: [u8; 32],
@@ -231,28 +267,56 @@ impl Hub {
         // keeps at most two decoded batches in memory per session.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Item>(2);
         let reader_id = id.clone();
+        let limits_arc = self.inner.ingest.clone();
         let reader = tokio::spawn(async move {
             loop {
-                let item = match tidemesh_net::read_frame::<Request>(&mut recv).await {
+                // Wait for the next frame holding nothing; then take a
+                // place among the held batches before reading the rest.
+                let first = match recv.read_chunk(tidemesh_proto::LEN_PREFIX, true).await {
+                    Ok(Some(c)) => c.bytes,
                     // the spoke ended the session or the link went
-                    Err(_) => return,
-                    Ok(Request::EvidenceBatch { batch }) => {
+                    _ => return,
+                };
+                let Ok(permit) = limits_arc.held.clone().acquire_owned().await else {
+                    return;
+                };
+                let c = &limits_arc.counters;
+                let now = c.held.fetch_add(1, Ordering::Relaxed) + 1;
+                c.held_peak.fetch_max(now, Ordering::Relaxed);
+                let held = Held {
+                    _permit: permit,
+                    limits: limits_arc.clone(),
+                };
+                let frame = tokio::time::timeout(
+                    FRAME_DEADLINE,
+                    tidemesh_net::quic::read_frame_after::<Request>(
+                        &mut recv,
+                        tidemesh_proto::MAX_FRAME,
+                        &first,
+                    ),
+                )
+                .await;
+                let item = match frame {
+                    // too slow, the spoke ended the session or the link went
+                    Err(_) | Ok(Err(_)) => return,
+                    Ok(Ok(Request::EvidenceBatch { batch })) => {
                         let id = reader_id.clone();
                         let key = public_key.clone();
-                        Item::Batch(tokio::task::spawn_blocking(move || {
-                            decode_and_check(batch, &id, &key)
-                        }))
+                        Item::Batch(
+                            tokio::task::spawn_blocking(move || decode_and_check(batch, &id, &key)),
+                            held,
+                        )
                     }
-                    Ok(Request::EvidenceGap {
+                    Ok(Ok(Request::EvidenceGap {
                         resume_seq,
                         resume_hash,
                         reason,
-                    }) => Item::Gap {
+                    })) => Item::Gap {
                         resume_seq,
                         resume_hash,
                         reason,
                     },
-                    Ok(other) => Item::Other(format!(
+                    Ok(Ok(other)) => Item::Other(format!(
                         "unexpected request in an evidence session: {other:?}"
                     )),
                 };
@@ -264,7 +328,7 @@ impl Hub {
         let _reader = AbortOnDrop(reader);
         while let Some(item) = rx.recv().await {
             let answer = match item {
-                Item::Batch(checked) => match checked.await {
+                Item::Batch(checked, _held) => match checked.await {
                     Ok(Ok(v)) => self.ingest_one(id, v, cert_sha256, &settings).await,
                     Ok(Err(r)) => Err(r),
                     Err(e) => Err(Refusal::Flag(format!("batch check failed: {e}"))),

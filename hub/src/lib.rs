@@ -16,6 +16,7 @@
 //! | `evidence.db` | redb: the spokes' evidence chains, aggregates ([`evidence`]) |
 //! | `admin.sock`  | the admin socket while `serve` runs, mode 0600 |
 
+pub mod admission;
 pub mod authority;
 pub mod config;
 pub mod evidence;
@@ -84,6 +85,9 @@ pub struct HubConfig {
     pub metrics: Option<SocketAddr>,
     /// The gateway to cloud services (`ServiceEntry`).
     pub gateway: gateway::GatewaySettings,
+    /// Admission control: new-session budget, connection caps, address
+    /// validation ([`admission`]).
+    pub admission: admission::AdmissionSettings,
 }
 
 impl Default for HubConfig {
@@ -100,6 +104,7 @@ impl Default for HubConfig {
             prune_interval: Duration::from_secs(600),
             metrics: None,
             gateway: gateway::GatewaySettings::default(),
+            admission: admission::AdmissionSettings::default(),
         }
     }
 }
@@ -290,11 +295,31 @@ pub(crate) struct Inner {
     /// Evidence from the spokes (`evidence.db`).
     pub(crate) evidence: Arc<evidence::EvidenceStore>,
     /// Evidence ingest slots, rate and counters.
-    pub(crate) ingest: ingest::Limits,
+    pub(crate) ingest: Arc<ingest::Limits>,
     /// The gateway to cloud services.
     pub(crate) gateway: gateway::Gateway,
     /// Refused requests: counters, log and audit limiters.
     pub(crate) refusals: Mutex<refusals::RefusalBook>,
+    /// Admission control of new connections and sessions.
+    pub(crate) admission: Mutex<admission::Admission>,
+    /// The UDP receive buffer asked for and the size the kernel granted
+    /// (reported by whoever bound the socket).
+    pub(crate) udp_recv_buffer: Mutex<Option<(usize, usize)>>,
+}
+
+/// Holds one admitted connection's place in the admission counts (overall
+/// and per address) until dropped.
+struct AdmissionSlot {
+    hub: Hub,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for AdmissionSlot {
+    fn drop(&mut self) {
+        if let Ok(mut a) = self.hub.inner.admission.lock() {
+            a.handle_closed(self.ip);
+        }
+    }
 }
 
 /// A loaded hub. Cheap to clone.
@@ -369,7 +394,9 @@ impl Hub {
             evidence::EvidenceStore::open(&ev_path)
                 .map_err(|e| HubError::Invalid(format!("{}: {e}", ev_path.display())))?,
         );
-        let ingest = ingest::Limits::new(&cfg.ingest);
+        let ingest = Arc::new(ingest::Limits::new(&cfg.ingest));
+        cfg.admission.check().map_err(HubError::Invalid)?;
+        let admission = admission::Admission::new(cfg.admission.clone(), std::time::Instant::now());
         let (config_tx, _) =
             tokio::sync::watch::channel(latest.as_ref().map(|v| v.meta.version).unwrap_or(0));
         Ok(Hub {
@@ -394,6 +421,8 @@ impl Hub {
                 live: Mutex::new(HashMap::new()),
                 reports: Mutex::new(HashMap::new()),
                 refusals: Mutex::new(refusals::RefusalBook::new()),
+                admission: Mutex::new(admission),
+                udp_recv_buffer: Mutex::new(None),
             }),
         })
     }
@@ -424,6 +453,76 @@ impl Hub {
         match self.inner.refusals.lock() {
             Ok(b) => b.counts(),
             Err(p) => p.into_inner().counts(),
+        }
+    }
+
+    /// Records the UDP receive buffer asked for and the size the kernel
+    /// granted, for the log and `/metrics` (`tidemesh_hub_udp_recv_buffer_bytes`).
+    pub fn note_udp_recv_buffer(&self, requested: usize, granted: usize) {
+        if let Ok(mut b) = self.inner.udp_recv_buffer.lock() {
+            *b = Some((requested, granted));
+        }
+    }
+
+    /// Evidence batches held in memory now and at most so far
+    /// (`tidemesh_hub_evidence_batches_held`, `_held_peak`).
+    pub fn evidence_batches_held(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.inner.ingest.counters;
+        (c.held.load(Relaxed), c.held_peak.load(Relaxed))
+    }
+
+    /// Admission counters and state now (`tidemesh_hub_admission_*`).
+    pub fn admission(&self) -> Option<admission::Snapshot> {
+        self.inner
+            .admission
+            .lock()
+            .ok()
+            .map(|mut a| a.snapshot(std::time::Instant::now()))
+    }
+
+    /// Applies the admission rules to an incoming connection before any
+    /// handshake work: refuse, ask for a Retry, or go on to the handshake
+    /// holding a slot. A poisoned admission lock refuses.
+    fn admit_incoming(
+        &self,
+        incoming: quinn::Incoming,
+    ) -> Option<(quinn::Incoming, AdmissionSlot)> {
+        let remote = incoming.remote_address();
+        let ip = remote.ip().to_canonical();
+        let decision = match self.inner.admission.lock() {
+            Ok(mut a) => a.handle_incoming(
+                std::time::Instant::now(),
+                ip,
+                incoming.remote_address_validated(),
+                incoming.may_retry(),
+            ),
+            Err(_) => {
+                warn!("admission state poisoned; refusing connections");
+                admission::Incoming::Refuse(admission::RefuseReason::GlobalCap)
+            }
+        };
+        match decision {
+            admission::Incoming::Handshake => Some((
+                incoming,
+                AdmissionSlot {
+                    hub: self.clone(),
+                    ip,
+                },
+            )),
+            admission::Incoming::Retry => {
+                if let Err(e) = incoming.retry() {
+                    // may_retry was checked; refuse rather than loop
+                    tracing::debug!(%remote, error = %e, "retry not possible; refusing");
+                    e.into_incoming().refuse();
+                }
+                None
+            }
+            admission::Incoming::Refuse(reason) => {
+                tracing::debug!(%remote, reason = reason.label(), "connection refused");
+                incoming.refuse();
+                None
+            }
         }
     }
 
@@ -691,8 +790,10 @@ impl Hub {
                 }
                 incoming = endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
-                    let hub = self.clone();
-                    tokio::spawn(async move { hub.handle_incoming(incoming).await });
+                    if let Some((incoming, slot)) = self.admit_incoming(incoming) {
+                        let hub = self.clone();
+                        tokio::spawn(async move { hub.handle_incoming(incoming, slot).await });
+                    }
                 }
             }
         }
@@ -875,7 +976,7 @@ impl Hub {
         }
     }
 
-    async fn handle_incoming(&self, incoming: quinn::Incoming) {
+    async fn handle_incoming(&self, incoming: quinn::Incoming, _slot: AdmissionSlot) {
         let remote = incoming.remote_address();
         let conn = match incoming.await {
             Ok(c) => c,
@@ -890,6 +991,24 @@ impl Hub {
             .and_then(|h| h.protocol);
         if alpn.as_deref() == Some(ALPN_DATA) {
             return self.serve_gateway(conn).await;
+        }
+        // A control session takes a token from the new-session budget, or
+        // is told when to come back (before anything else is done for it).
+        let session = self
+            .inner
+            .admission
+            .lock()
+            .map(|mut a| a.handle_session(std::time::Instant::now()))
+            .unwrap_or(admission::Session::Busy {
+                retry_after: Duration::from_secs(1),
+            });
+        if let admission::Session::Busy { retry_after } = session {
+            tracing::debug!(%remote, ?retry_after, "over the new-session budget; told to come back");
+            conn.close(
+                quinn::VarInt::from_u32(close::BUSY),
+                &close::busy_reason(retry_after),
+            );
+            return;
         }
         let peer = tidemesh_net::peer_spiffe_id(&conn);
         let node = match &peer {

@@ -85,6 +85,35 @@ enum Cmd {
         /// How often retention runs.
         #[arg(long, env = "TIDEMESH_EVIDENCE_PRUNE_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
         evidence_prune_interval: Duration,
+        /// New control sessions admitted per second once the burst is spent;
+        /// a spoke over it is closed with a retry-after (its slot in the
+        /// hub's schedule, one per 1/rate).
+        #[arg(long, env = "TIDEMESH_ADMIT_RATE", default_value_t = 50.0)]
+        admit_rate: f64,
+        /// New control sessions admitted at once before the rate applies.
+        #[arg(long, env = "TIDEMESH_ADMIT_BURST", default_value_t = 100)]
+        admit_burst: u32,
+        /// QUIC connections open at once (control, gateway, handshaking);
+        /// more are refused before the handshake.
+        #[arg(long, env = "TIDEMESH_MAX_CONNECTIONS", default_value_t = 4096)]
+        max_connections: u32,
+        /// QUIC connections open at once from one IP address; more are
+        /// refused before the handshake.
+        #[arg(
+            long,
+            env = "TIDEMESH_MAX_CONNECTIONS_PER_ADDRESS",
+            default_value_t = 128
+        )]
+        max_connections_per_address: u32,
+        /// QUIC address validation (Retry) for clients: `auto` when over the
+        /// new-session budget or more than half of --max-connections is in
+        /// use, `always` for every new client.
+        #[arg(long, env = "TIDEMESH_ADDRESS_VALIDATION", default_value = "auto", value_parser = ["auto", "always"])]
+        address_validation: String,
+        /// Receive buffer asked of the kernel for the QUIC socket (e.g.
+        /// `8MiB`); the size granted is logged and on /metrics.
+        #[arg(long, env = "TIDEMESH_UDP_RECV_BUFFER", default_value = "4MiB", value_parser = tidemesh_net::cli::parse_size)]
+        udp_recv_buffer: u64,
     },
     /// Evidence from the spokes: query, verify, stats, prune. Works on the
     /// running hub, or directly on evidence.db when it is stopped.
@@ -387,6 +416,12 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             evidence_retention,
             evidence_max_bytes,
             evidence_prune_interval,
+            admit_rate,
+            admit_burst,
+            max_connections,
+            max_connections_per_address,
+            address_validation,
+            udp_recv_buffer,
         } => {
             tidemesh_net::cli::init_tracing(&cli.log_format).map_err(anyhow::Error::msg)?;
             if evidence_prune_interval < Duration::from_secs(1) {
@@ -416,14 +451,42 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                     max_bytes_per_spoke: evidence_max_bytes,
                 },
                 prune_interval: evidence_prune_interval,
+                admission: tidemesh_hub::admission::AdmissionSettings {
+                    rate: admit_rate,
+                    burst: admit_burst,
+                    max_connections,
+                    max_per_address: max_connections_per_address,
+                    always_validate: address_validation == "always",
+                    ..Default::default()
+                },
                 ..Default::default()
             };
+            cfg.admission.check().map_err(anyhow::Error::msg)?;
+            let udp_recv_buffer = usize::try_from(udp_recv_buffer)
+                .ok()
+                .filter(|b| (4096..=1 << 30).contains(b))
+                .with_context(|| {
+                    format!("--udp-recv-buffer {udp_recv_buffer}: must be between 4KiB and 1GiB")
+                })?;
             let hub = Hub::open(&data_dir, cfg, Arc::new(SystemClock))?;
             let sock =
                 std::net::UdpSocket::bind(listen).with_context(|| format!("--listen {listen}"))?;
             let bound = sock.local_addr()?;
             println!("listening={bound}");
-            let socket = tidemesh_net::quic::wrap_socket(sock)?;
+            let (socket, granted) = tidemesh_net::quic::wrap_socket_sized(sock, udp_recv_buffer)?;
+            // Linux grants 2 × min(request, net.core.rmem_max) and reports
+            // that (half of it is bookkeeping): less than 2 × the request
+            // means the request was capped.
+            if granted / 2 < udp_recv_buffer {
+                tracing::warn!(
+                    requested = udp_recv_buffer,
+                    granted,
+                    "the kernel granted a smaller UDP receive buffer than --udp-recv-buffer: raise net.core.rmem_max"
+                );
+            } else {
+                tracing::info!(requested = udp_recv_buffer, granted, "UDP receive buffer");
+            }
+            hub.note_udp_recv_buffer(udp_recv_buffer, granted);
             hub.serve(socket, tidemesh_net::cli::shutdown_signal())
                 .await?;
         }

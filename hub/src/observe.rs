@@ -134,6 +134,8 @@ impl Hub {
             "rejected_batches": c.rejected.load(Ordering::Relaxed),
             "throttled_acks": c.throttled.load(Ordering::Relaxed),
             "ahead_batches": c.ahead.load(Ordering::Relaxed),
+            "batches_held": c.held.load(Ordering::Relaxed),
+            "batches_held_peak": c.held_peak.load(Ordering::Relaxed),
         })
     }
 
@@ -244,6 +246,18 @@ impl Hub {
             self.revocation_version() as f64,
         );
         let c = &self.inner.ingest.counters;
+        e.single(
+            "tidemesh_hub_evidence_batches_held",
+            Gauge,
+            "Evidence batches read or decoded and not yet answered, across all sessions (at most twice --evidence-slots).",
+            c.held.load(Ordering::Relaxed) as f64,
+        );
+        e.single(
+            "tidemesh_hub_evidence_batches_held_peak",
+            Gauge,
+            "The most evidence batches held at once since the hub started.",
+            c.held_peak.load(Ordering::Relaxed) as f64,
+        );
         let counters = [
             (
                 "tidemesh_hub_evidence_batches_total",
@@ -289,6 +303,64 @@ impl Hub {
                 &[("request", req.as_str()), ("reason", reason.as_str())],
                 n as f64,
             );
+        }
+        if let Some(a) = self.admission() {
+            let c = a.counts;
+            let f = e.family(
+                "tidemesh_hub_admission_total",
+                Counter,
+                "New connections and control sessions by admission decision: admitted, busy (closed with a retry-after), refused_global_cap / refused_address_cap (QUIC CONNECTION_REFUSED before the handshake), retry (QUIC Retry sent to validate the address), validated (arrived with a validated address), handshake (let through to the handshake).",
+            );
+            for (d, n) in [
+                ("admitted", c.admitted),
+                ("busy", c.busy),
+                ("refused_global_cap", c.refused_global),
+                ("refused_address_cap", c.refused_address),
+                ("retry", c.retries),
+                ("validated", c.validated),
+                ("handshake", c.handshakes),
+            ] {
+                f.sample(&[("decision", d)], n as f64);
+            }
+            e.single(
+                "tidemesh_hub_admission_rate",
+                Gauge,
+                "The new-session budget: control sessions admitted per second once the burst is spent (--admit-rate).",
+                a.rate,
+            );
+            e.single(
+                "tidemesh_hub_admission_admitted_per_second",
+                Gauge,
+                "Control sessions admitted per second, measured over the last 10 s.",
+                a.admitted_rate,
+            );
+            e.single(
+                "tidemesh_hub_admission_tokens",
+                Gauge,
+                "Tokens left in the new-session budget now.",
+                a.tokens,
+            );
+            e.single(
+                "tidemesh_hub_admission_retry_after_seconds",
+                Gauge,
+                "The retry-after a session refused now would be handed (the end of the schedule of slots handed out).",
+                a.retry_after.as_secs_f64(),
+            );
+            e.single(
+                "tidemesh_hub_connections_open",
+                Gauge,
+                "QUIC connections open now (control, gateway and handshaking).",
+                f64::from(a.open),
+            );
+        }
+        if let Some((asked, granted)) = self.inner.udp_recv_buffer.lock().ok().and_then(|b| *b) {
+            let f = e.family(
+                "tidemesh_hub_udp_recv_buffer_bytes",
+                Gauge,
+                "The QUIC socket's receive buffer: what --udp-recv-buffer asked for and what the kernel granted (as getsockopt reports it).",
+            );
+            f.sample(&[("size", "requested")], asked as f64);
+            f.sample(&[("size", "granted")], granted as f64);
         }
         let f = e.family(
             "tidemesh_hub_gateway_requests_total",

@@ -97,9 +97,10 @@ pub struct SpokeConfig {
     pub file: FileConfig,
     /// Renew SVIDs this far into their lifetime (0.5 = half life).
     pub renew_fraction: f64,
-    /// First reconnect delay.
+    /// Ceiling of the first reconnect delay (full jitter below it).
     pub reconnect_min: Duration,
-    /// Longest reconnect delay (jittered exponential backoff up to this).
+    /// Largest ceiling of the reconnect delay (exponential backoff with
+    /// full jitter up to this); a hub's retry-after is honoured instead.
     pub reconnect_max: Duration,
     /// QUIC transport settings.
     pub quic: QuicSettings,
@@ -134,7 +135,7 @@ impl Default for SpokeConfig {
             file: FileConfig::default(),
             renew_fraction: 0.5,
             reconnect_min: Duration::from_millis(200),
-            reconnect_max: Duration::from_secs(2),
+            reconnect_max: Duration::from_secs(30),
             quic: QuicSettings::default(),
             admin_socket: true,
             seed: None,
@@ -170,6 +171,9 @@ pub enum SpokeError {
         /// Explanation.
         message: String,
     },
+    /// The hub is over its new-session budget and said when to come back.
+    #[error("hub busy (over its new-session budget): retry after {0:?}")]
+    Busy(Duration),
     /// The hub answered something unexpected.
     #[error("unexpected answer from the hub: {0}")]
     Unexpected(String),
@@ -680,6 +684,15 @@ impl Spoke {
         self.inner.evidence.record(body);
     }
 
+    /// A uniform draw from `[0, 1)` (the spoke's seeded generator).
+    fn unit_random(&self) -> f64 {
+        self.inner
+            .rng
+            .lock()
+            .map(|mut r| r.random_range(0.0..1.0))
+            .unwrap_or(0.5)
+    }
+
     fn jitter(&self, d: Duration) -> Duration {
         // Full jitter over [d/2, d].
         let f: f64 = self
@@ -833,13 +846,22 @@ impl Spoke {
         let _reach = AbortOnDrop(tokio::spawn(async move { me.reachability_loop().await }));
         info!(spoke = %self.inner.ident.id, hub = %self.inner.hub, "spoke running");
         tokio::pin!(shutdown);
-        let mut backoff = self.inner.cfg.reconnect_min;
+        let mut backoff =
+            control::Backoff::new(self.inner.cfg.reconnect_min, self.inner.cfg.reconnect_max);
         loop {
+            let mut failure = control::Failure::Lost;
             let end = tokio::select! {
                 _ = &mut shutdown => SessionEnd::Shutdown,
                 r = self.session(&endpoint) => match r {
-                    Ok(end) => end,
+                    // The session came up before it ended: start over.
+                    Ok(end) => {
+                        backoff.reset();
+                        end
+                    }
                     Err(e) => {
+                        if let SpokeError::Busy(retry_after) = e {
+                            failure = control::Failure::Busy { retry_after };
+                        }
                         let (state, msg) = self.classify_failure(&e);
                         self.set_state(state, Some(msg.clone()));
                         warn!(spoke = %self.inner.ident.id, error = %msg, "hub session failed");
@@ -862,15 +884,11 @@ impl Spoke {
                 // Nothing a retry can fix soon; still retry, slowly, so an
                 // operator's fix (unrevoke, new window) is picked up.
                 State::Revoked | State::NeedsEnrollment => Duration::from_secs(60),
-                _ => self.jitter(backoff),
+                _ => backoff.next_delay(failure, self.unit_random()),
             };
-            backoff = (backoff * 2).min(self.inner.cfg.reconnect_max);
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = tokio::time::sleep(wait) => {}
-            }
-            if self.state() == State::Connected {
-                backoff = self.inner.cfg.reconnect_min;
             }
         }
         endpoint.close(

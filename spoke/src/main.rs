@@ -6,7 +6,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 use tidemesh_identity::clock::SystemClock;
-use tidemesh_net::{admin, QuicSettings};
+use tidemesh_net::{admin, cli::parse_size, QuicSettings};
 use tidemesh_spoke::{FileConfig, Spoke, SpokeConfig};
 
 /// The tidemesh spoke: a store's node proxy that keeps working when the
@@ -57,8 +57,10 @@ enum Cmd {
         /// Renew SVIDs this far into their lifetime (0.05..0.95).
         #[arg(long, env = "TIDEMESH_RENEW_AT", default_value_t = 0.5)]
         renew_at: f64,
-        /// Longest delay between reconnect attempts (jittered exponential backoff).
-        #[arg(long, env = "TIDEMESH_RECONNECT_MAX", default_value = "2s", value_parser = humantime::parse_duration)]
+        /// Largest ceiling of the delay between reconnect attempts
+        /// (exponential backoff from 200 ms with full jitter); when the hub
+        /// is busy its retry-after is honoured instead.
+        #[arg(long, env = "TIDEMESH_RECONNECT_MAX", default_value = "30s", value_parser = humantime::parse_duration)]
         reconnect_max: Duration,
         /// QUIC keep-alive interval.
         #[arg(long, env = "TIDEMESH_KEEP_ALIVE", default_value = "1s", value_parser = humantime::parse_duration)]
@@ -187,33 +189,6 @@ enum EvidenceCmd {
         #[arg(long)]
         json: bool,
     },
-}
-
-/// Parses a byte size: a number with an optional unit (B, KiB, MiB, GiB,
-/// KB, MB, GB; case-insensitive).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a number of bytes such as 64MiB"))?;
-    let mul: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        u => {
-            return Err(format!(
-                "{s:?}: unknown unit {u:?} (B, KiB, MiB, GiB, KB, MB, GB)"
-            ))
-        }
-    };
-    n.checked_mul(mul)
-        .ok_or_else(|| format!("{s:?}: too large"))
 }
 
 #[derive(Subcommand)]

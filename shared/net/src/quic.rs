@@ -127,17 +127,31 @@ pub const UDP_BUFFER_BYTES: usize = 4 << 20;
 /// Wraps a bound std UDP socket for quinn's tokio runtime, with larger
 /// kernel buffers ([`UDP_BUFFER_BYTES`], best effort).
 pub fn wrap_socket(sock: std::net::UdpSocket) -> Result<Arc<dyn quinn::AsyncUdpSocket>, NetError> {
+    Ok(wrap_socket_sized(sock, UDP_BUFFER_BYTES)?.0)
+}
+
+/// Wraps a bound std UDP socket for quinn's tokio runtime after asking the
+/// kernel for a `recv_bytes` receive buffer (and [`UDP_BUFFER_BYTES`] to
+/// send); returns the receive buffer size the kernel reports it granted
+/// (Linux doubles the request for bookkeeping and caps it at
+/// `net.core.rmem_max`; SO_RCVBUFFORCE is not reachable without unsafe
+/// code, so the cap applies even as root).
+pub fn wrap_socket_sized(
+    sock: std::net::UdpSocket,
+    recv_bytes: usize,
+) -> Result<(Arc<dyn quinn::AsyncUdpSocket>, usize), NetError> {
     use quinn::Runtime;
     let s = socket2::SockRef::from(&sock);
     for (what, r) in [
-        ("receive", s.set_recv_buffer_size(UDP_BUFFER_BYTES)),
+        ("receive", s.set_recv_buffer_size(recv_bytes)),
         ("send", s.set_send_buffer_size(UDP_BUFFER_BYTES)),
     ] {
         if let Err(e) = r {
             tracing::debug!(error = %e, "cannot enlarge the UDP {what} buffer");
         }
     }
-    Ok(quinn::TokioRuntime.wrap_udp_socket(sock)?)
+    let granted = s.recv_buffer_size()?;
+    Ok((quinn::TokioRuntime.wrap_udp_socket(sock)?, granted))
 }
 
 /// Writes one frame.
@@ -165,7 +179,26 @@ pub async fn read_frame_max<T: DeserializeOwned>(
     recv: &mut quinn::RecvStream,
     max: usize,
 ) -> Result<T, NetError> {
+    read_frame_after(recv, max, &[]).await
+}
+
+/// Reads one frame of at most `max` payload bytes whose first bytes,
+/// `already`, were read from `recv` by the caller (to wait for a frame
+/// without committing memory to it); see [`read_frame_max`].
+pub async fn read_frame_after<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+    already: &[u8],
+) -> Result<T, NetError> {
     let mut frame = FrameReader::new(max);
+    let mut bytes = already;
+    while !bytes.is_empty() {
+        let n = frame.push(bytes)?;
+        if n == 0 {
+            break;
+        }
+        bytes = &bytes[n..];
+    }
     while !frame.is_complete() {
         let chunk = recv
             .read_chunk(frame.wanted(), true)

@@ -71,6 +71,60 @@ pub mod close {
     /// A certificate the connection was made with expired: a connection
     /// never outlives the SVIDs (or node CAs) that authenticated it.
     pub const EXPIRED: u32 = 7;
+    /// The hub is over its new-session budget: the reason carries when to
+    /// come back ([`busy_reason`], [`retry_after`]).
+    pub const BUSY: u32 = 8;
+
+    /// The longest retry-after a client honours, whatever the peer says.
+    pub const MAX_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
+
+    const RETRY_AFTER_PREFIX: &str = "busy; retry-after-ms=";
+
+    /// The close reason of a [`BUSY`] close: `busy; retry-after-ms=N`.
+    pub fn busy_reason(retry_after: std::time::Duration) -> Vec<u8> {
+        format!("{RETRY_AFTER_PREFIX}{}", retry_after.as_millis()).into_bytes()
+    }
+
+    /// The retry-after in a [`BUSY`] close reason (untrusted bytes), at
+    /// most [`MAX_RETRY_AFTER`]; `None` if the reason is not one.
+    pub fn retry_after(reason: &[u8]) -> Option<std::time::Duration> {
+        let s = std::str::from_utf8(reason).ok()?;
+        let digits = s.strip_prefix(RETRY_AFTER_PREFIX)?;
+        if digits.is_empty() || digits.len() > 12 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let ms: u64 = digits.parse().ok()?;
+        Some(std::time::Duration::from_millis(ms).min(MAX_RETRY_AFTER))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use std::time::Duration;
+
+        #[test]
+        fn retry_after_round_trips_and_refuses_garbage() {
+            for ms in [0, 1, 1234, 599_999] {
+                let d = Duration::from_millis(ms);
+                assert_eq!(retry_after(&busy_reason(d)), Some(d));
+            }
+            assert_eq!(
+                retry_after(&busy_reason(Duration::from_secs(86_400))),
+                Some(MAX_RETRY_AFTER)
+            );
+            for bad in [
+                &b""[..],
+                b"busy; retry-after-ms=",
+                b"busy; retry-after-ms=-5",
+                b"busy; retry-after-ms=12x",
+                b"busy; retry-after-ms=99999999999999999999",
+                b"retry-after-ms=5",
+                b"\xff\xfe",
+            ] {
+                assert_eq!(retry_after(bad), None, "{bad:?}");
+            }
+        }
+    }
 }
 
 /// Why a frame was refused.

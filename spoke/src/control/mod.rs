@@ -10,8 +10,10 @@
 
 use super::*;
 
+pub(crate) mod backoff;
 pub(crate) mod plan;
 
+pub(crate) use backoff::{Backoff, Failure};
 use plan::{Action, Facts, Plan, PlanSettings, Validity};
 
 pub(crate) fn expect_cert(
@@ -31,6 +33,22 @@ pub(crate) fn client_endpoint(
     socket: Arc<dyn quinn::AsyncUdpSocket>,
 ) -> Result<quinn::Endpoint, NetError> {
     tidemesh_net::quic::endpoint(socket, None)
+}
+
+/// The hub's retry-after if it closed `conn` as over its new-session
+/// budget, else `e`.
+pub(crate) fn busy_or(conn: &quinn::Connection, e: NetError) -> SpokeError {
+    match conn.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(c))
+            if c.error_code == quinn::VarInt::from_u32(close::BUSY) =>
+        {
+            match close::retry_after(&c.reason) {
+                Some(d) => SpokeError::Busy(d),
+                None => SpokeError::Net(e),
+            }
+        }
+        _ => SpokeError::Net(e),
+    }
 }
 
 pub(crate) async fn connect(
@@ -605,7 +623,8 @@ impl Spoke {
             },
             REQUEST_TIMEOUT,
         )
-        .await?;
+        .await
+        .map_err(|e| busy_or(&conn, e))?;
         match resp {
             Response::Welcome { .. } => {}
             Response::Error { code, message } => return Err(SpokeError::Refused { code, message }),
