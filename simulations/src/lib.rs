@@ -11,6 +11,7 @@
 //! - [`action`] and [`schedule`]: runtime changes and schedule files.
 //! - [`relay`]: the tokio driver and the in-process API ([`Relay::start`]).
 //! - [`control`]: the JSON-lines control socket and its client.
+//! - [`fleet`]: `tidemesh-fleet`, N in-process spokes against one hub process.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -34,6 +35,7 @@
 
 pub mod action;
 pub mod control;
+pub mod fleet;
 pub mod flows;
 pub mod impairment;
 pub mod link;

@@ -557,6 +557,12 @@ impl Spoke {
         &self.inner.ident.id
     }
 
+    /// Appends evidence records to this spoke's buffer (a no-op until
+    /// [`Spoke::run`] has opened it): the fleet tool pre-fills a backlog.
+    pub fn evidence(&self) -> &EvidenceSink {
+        &self.inner.evidence
+    }
+
     fn set_state(&self, state: State, error: Option<String>) {
         let changed = match self.inner.live.lock() {
             Ok(mut l) => {
@@ -717,8 +723,9 @@ impl Spoke {
         }
     }
 
-    /// Whether a control session with the hub is up now.
-    pub(crate) fn hub_connected(&self) -> bool {
+    /// Whether a control session with the hub is up now (cheaper than
+    /// [`Spoke::status`]: the fleet tool polls it for every spoke).
+    pub fn hub_connected(&self) -> bool {
         self.inner
             .live
             .lock()

@@ -6,6 +6,9 @@
 //! 2. Over a spoke - router - hub network-namespace topology with a silent
 //!    nftables partition in the router (`deploy/drills/partition.sh`); needs
 //!    root, `ip netns` and `nft`, and skips with a message elsewhere.
+//! 3. `tidemesh-fleet`: a small fleet of in-process spokes against a real hub
+//!    process that is SIGKILLed and restarted; all come back and the backlog
+//!    they buffered meanwhile is stored exactly once.
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
@@ -213,4 +216,93 @@ fn spoke_rides_out_a_silent_netns_partition() {
     check_scenario(&tl, 0, cut, heal, &cert_before);
     hub.kill();
     spoke.kill();
+}
+
+/// `tidemesh-fleet` as an operator runs it: 24 in-process spokes against a
+/// real hub process, the hub SIGKILLed and restarted, 200 evidence records
+/// per spoke buffered while it was down. Every spoke comes back and the hub
+/// holds every backlog record exactly once.
+#[test]
+fn fleet_comes_back_after_a_hub_sigkill_with_its_backlog_exactly_once() {
+    const SPOKES: u64 = 24;
+    const BACKLOG: u64 = 200;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let hub_addr = tidemesh_tests::free_udp();
+    let o = run(Command::new(tidemesh_tests::bin("tidemesh-fleet")).args([
+        "run",
+        "--hub",
+        &hub_addr.to_string(),
+        "--hub-data-dir",
+        tmp.path().join("hub").to_str().expect("utf8"),
+        "--hub-bin",
+        tidemesh_tests::bin("tidemesh-hub").to_str().expect("utf8"),
+        "--work-dir",
+        tmp.path().join("fleet").to_str().expect("utf8"),
+        "--spokes",
+        &SPOKES.to_string(),
+        "--backlog",
+        &BACKLOG.to_string(),
+        "--restart-hub",
+        "--hub-down",
+        "6s",
+        "--duration",
+        "1s",
+        // generous for a loaded 2-core box; redial is every 0.2-2 s
+        "--connect-timeout",
+        "60s",
+        "--deliver-timeout",
+        "120s",
+        "--json",
+    ]));
+    let out = text(&o);
+    assert!(o.status.success(), "tidemesh-fleet failed: {out}");
+    let r: serde_json::Value =
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("report: {e}: {out}"));
+    eprintln!(
+        "fleet: connect {} | restart {} | delivered in {} s | hub RSS before {} peak {} after {} | udp {}",
+        r["connect"], r["restart"]["reconnect"], r["delivered_s"], r["hub_rss_before"],
+        r["hub_rss_peak_sampled_kib"], r["hub_rss_after"], r["udp"]
+    );
+    assert_eq!(r["connected_at_start"], SPOKES, "{r}");
+    let restart = &r["restart"];
+    assert_eq!(restart["back"], SPOKES, "{restart}");
+    assert_eq!(restart["reconnect"]["count"], SPOKES, "{restart}");
+    assert!(restart["all_back_s"].as_f64().is_some(), "{restart}");
+    assert!(restart["all_noticed_s"].as_f64().is_some(), "{restart}");
+    // The kill really happened: the count fell to 0 and came back to all.
+    let counts: Vec<u64> = r["connected_over_time"]
+        .as_array()
+        .expect("samples")
+        .iter()
+        .filter_map(|s| s[1].as_u64())
+        .collect();
+    let up = counts
+        .iter()
+        .position(|&c| c == SPOKES)
+        .expect("all connected");
+    let low = up
+        + counts[up..]
+            .iter()
+            .position(|&c| c == 0)
+            .expect("a sample with 0 connected after all were");
+    assert!(counts[low..].contains(&SPOKES), "{counts:?}");
+    let once = &r["exactly_once"];
+    assert_eq!(once["ok"], true, "{once}");
+    assert_eq!(once["expected"], SPOKES * BACKLOG, "{once}");
+    assert_eq!(once["found"], SPOKES * BACKLOG, "{once}");
+    assert_eq!(once["duplicates"], 0, "{once}");
+    assert_eq!(once["missing"], 0, "{once}");
+    assert_eq!(once["spokes_checked"], SPOKES, "{once}");
+    assert_eq!(r["delivered_records"], SPOKES * BACKLOG, "{r}");
+    // The figures come from /proc of the hub the tool started.
+    for k in ["hub_rss_before", "hub_rss_after"] {
+        assert!(r[k]["rss_kib"].as_u64().unwrap_or(0) > 0, "{k}: {r}");
+    }
+    assert!(r["udp"]["hub_socket_drops"].as_u64().is_some(), "{r}");
+    assert!(
+        restart["udp_before_kill"]["hub_socket_drops"]
+            .as_u64()
+            .is_some(),
+        "{restart}"
+    );
 }
