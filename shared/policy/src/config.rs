@@ -352,10 +352,7 @@ fn tls_issues(c: &MeshConfig, p: &DestinationPolicy) -> Vec<(String, String)> {
         return out;
     }
     let base = "spec.trafficPolicy";
-    let entry = c
-        .service_entries
-        .iter()
-        .find(|e| e.hosts.contains(&p.host));
+    let entry = c.service_entries.iter().find(|e| e.hosts.contains(&p.host));
     let Some(entry) = entry else {
         let path = if t.tls.is_some() {
             format!("{base}.tls")

@@ -322,7 +322,7 @@ spec:
         ("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: p}\nspec: {host: p, trafficPolicy: {loadBalancer: {simple: PASSTHROUGH}}}",
          "document 1 (DestinationRule p): spec.trafficPolicy.loadBalancer.simple: \"PASSTHROUGH\" is not supported"),
         ("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: p}\nspec: {host: p, trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}}",
-         "document 1 (DestinationRule p): spec.trafficPolicy.tls: field tls is not supported by tidemesh"),
+         "document 1 (DestinationRule p): spec.trafficPolicy.tls.mode: ISTIO_MUTUAL is not supported: the hub's leg to a ServiceEntry host leaves the mesh"),
         ("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: s}\nspec: {hosts: [a.example], resolution: STATIC, ports: [{number: 80, name: http}], endpoints: [{address: a.example}]}",
          "document 1 (ServiceEntry s): spec.endpoints[0].address: resolution STATIC needs IP addresses"),
         ("kind: VirtualService\nmetadata: {name: a}",
