@@ -472,3 +472,139 @@ pub fn check_config(config: &MeshConfig) -> Result<(), String> {
         Err(errors.join("\n"))
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+
+    fn pki(dir: &Path) -> (String, String, String, String) {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["client.test".into()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        let other = KeyPair::generate().unwrap();
+        let w = |n: &str, s: String| {
+            let f = dir.join(n);
+            std::fs::write(&f, s).unwrap();
+            f.to_str().unwrap().to_owned()
+        };
+        (
+            w("ca.pem", ca.pem()),
+            w("c.pem", leaf.pem()),
+            w("k.pem", key.serialize_pem()),
+            w("other-k.pem", other.serialize_pem()),
+        )
+    }
+
+    fn tls(mode: TlsMode, ca: &str, cert: Option<&str>, key: Option<&str>) -> ClientTls {
+        ClientTls {
+            mode,
+            ca_certificates: Some(ca.into()),
+            client_certificate: cert.map(Into::into),
+            private_key: key.map(Into::into),
+            sni: Some("api.pay.test".into()),
+            subject_alt_names: vec![],
+        }
+    }
+
+    #[test]
+    fn files_load_and_every_bad_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, cert, key, other_key) = pki(dir.path());
+        let o = Origination::load("pay.cloud", &tls(TlsMode::Simple, &ca, None, None))
+            .unwrap()
+            .unwrap();
+        assert_eq!(o.server_name.to_str(), "api.pay.test");
+        let m = tls(TlsMode::Mutual, &ca, Some(&cert), Some(&key));
+        assert!(Origination::load("pay.cloud", &m).unwrap().is_some());
+        let d = ClientTls {
+            mode: TlsMode::Disable,
+            ca_certificates: None,
+            ..m.clone()
+        };
+        assert!(Origination::load("pay.cloud", &d).unwrap().is_none());
+
+        let missing = dir.path().join("nope.pem");
+        let missing = missing.to_str().unwrap();
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "not pem at all").unwrap();
+        let garbage = garbage.to_str().unwrap();
+        let big = dir.path().join("big.pem");
+        std::fs::write(&big, vec![b'a'; (MAX_PEM_BYTES + 1) as usize]).unwrap();
+        let big = big.to_str().unwrap();
+        let cases = [
+            (
+                tls(TlsMode::Simple, missing, None, None),
+                "caCertificates: cannot read",
+            ),
+            (tls(TlsMode::Simple, garbage, None, None), "caCertificates"),
+            (tls(TlsMode::Simple, big, None, None), "is larger than"),
+            (
+                tls(TlsMode::Simple, &key, None, None),
+                "holds no CERTIFICATE block",
+            ),
+            (
+                tls(TlsMode::Mutual, &ca, Some(missing), Some(&key)),
+                "clientCertificate: cannot read",
+            ),
+            (
+                tls(TlsMode::Mutual, &ca, Some(&cert), Some(&ca)),
+                "privateKey",
+            ),
+            (
+                tls(TlsMode::Mutual, &ca, Some(&cert), Some(&other_key)),
+                "does not go with",
+            ),
+        ];
+        for (t, want) in cases {
+            let e = Origination::load("pay.cloud", &t).unwrap_err().to_string();
+            assert!(e.contains(want), "{e} / want {want}");
+        }
+    }
+
+    #[test]
+    fn check_config_names_rule_field_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, ..) = pki(dir.path());
+        let yaml = |ca: &str| {
+            format!(
+                r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: pay, namespace: cloud}}
+spec:
+  hosts: [pay.cloud]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{{number: 443, name: https, protocol: HTTP}}]
+  endpoints: [{{address: 127.0.0.1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: pay, namespace: cloud}}
+spec:
+  host: pay.cloud
+  trafficPolicy:
+    portLevelSettings:
+    - port: {{number: 443}}
+      tls: {{mode: SIMPLE, caCertificates: {ca}}}
+"#
+            )
+        };
+        let good = MeshConfig::from_yaml(&yaml(&ca)).unwrap();
+        check_config(&good).unwrap();
+        assert!(setting_for(&good, "pay.cloud").is_some());
+        let bad = MeshConfig::from_yaml(&yaml("/nonexistent/ca.pem")).unwrap();
+        let e = check_config(&bad).unwrap_err();
+        assert!(
+            e.starts_with("DestinationRule cloud/pay: spec.trafficPolicy.portLevelSettings[port 443].tls.caCertificates: cannot read /nonexistent/ca.pem"),
+            "{e}"
+        );
+    }
+}

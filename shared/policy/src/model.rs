@@ -443,7 +443,9 @@ pub struct TrafficPolicy {
     /// (`trafficPolicy.tls`; only for `ServiceEntry` hosts).
     pub tls: Option<ClientTls>,
     /// Per-port TLS (`trafficPolicy.portLevelSettings[].tls`), overriding
-    /// [`TrafficPolicy::tls`] for that service port.
+    /// [`TrafficPolicy::tls`] for that service port. (`default`: the hub's
+    /// JSON config versions written before TLS origination still read.)
+    #[serde(default)]
     pub port_tls: Vec<PortTls>,
 }
 

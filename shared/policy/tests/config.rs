@@ -677,3 +677,18 @@ fn tls_origination_refuses_what_it_cannot_act_on() {
         "{got}"
     );
 }
+
+/// The hub stores config versions as JSON: a version written before TLS
+/// origination existed (no `tls`, no `port_tls`) still reads, as no TLS.
+#[test]
+fn json_configs_from_before_tls_origination_still_read() {
+    let c = full();
+    assert!(!c.destination_policies.is_empty());
+    let mut v: serde_json::Value = serde_json::to_value(&c).unwrap();
+    for p in v["destination_policies"].as_array_mut().unwrap() {
+        let t = p["traffic"].as_object_mut().unwrap();
+        assert!(t.remove("tls").is_some() && t.remove("port_tls").is_some());
+    }
+    let old: MeshConfig = serde_json::from_value(v).unwrap();
+    assert_eq!(old, c);
+}
