@@ -81,7 +81,13 @@ use tidemesh_proto::{
 use tokio::{sync::Semaphore, time::timeout};
 use tracing::{debug, warn};
 
+use crate::origination::{self, LegError, Origination};
 use crate::Hub;
+
+/// Response header saying what the TLS leg to the cloud endpoint
+/// negotiated (`1.3 TLS13_AES_256_GCM_SHA384 SIMPLE sni=api.example`); the
+/// calling spoke writes it into its evidence record.
+pub use tidemesh_net::http::UPSTREAM_TLS;
 
 /// Limits and timeouts of the gateway.
 #[derive(Debug, Clone)]
@@ -158,7 +164,12 @@ pub(crate) struct Gateway {
     /// each was made with, so a new revocation list closes the ones it
     /// names.
     conns: Mutex<HashMap<usize, (tidemesh_identity::VerifiedSvid, quinn::Connection)>>,
+    /// TLS origination settings loaded for one config version, by host
+    /// (`Ok(None)`: plaintext; `Err`: why the files could not be loaded).
+    origination: Mutex<Option<(u64, OriginationCache)>>,
 }
+
+type OriginationCache = HashMap<String, Result<Option<Arc<Origination>>, String>>;
 
 impl Gateway {
     pub(crate) fn new(settings: GatewaySettings) -> Gateway {
@@ -191,6 +202,7 @@ impl Gateway {
             unknown: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             conns: Mutex::new(HashMap::new()),
+            origination: Mutex::new(None),
         }
     }
 
@@ -381,6 +393,42 @@ impl Hub {
             *slot = Some((version, p.clone()));
         }
         p
+    }
+
+    /// The TLS leg `host` needs under config `version`, loaded once per
+    /// version (the files are read again after every apply).
+    fn gateway_origination(
+        &self,
+        version: u64,
+        config: &MeshConfig,
+        host: &str,
+    ) -> Result<Option<Arc<Origination>>, String> {
+        let g = &self.inner.gateway;
+        if let Ok(slot) = g.origination.lock() {
+            if let Some((v, cache)) = slot.as_ref() {
+                if *v == version {
+                    if let Some(r) = cache.get(host) {
+                        return r.clone();
+                    }
+                }
+            }
+        }
+        let r = match origination::setting_for(config, host) {
+            None => Ok(None),
+            Some((p, tls)) => Origination::load(host, tls)
+                .map(|o| o.map(Arc::new))
+                .map_err(|e| format!("TLS settings of DestinationRule {}: {e}", p.id)),
+        };
+        if let Ok(mut slot) = g.origination.lock() {
+            let fresh = !matches!(slot.as_ref(), Some((v, _)) if *v == version);
+            if fresh {
+                *slot = Some((version, HashMap::new()));
+            }
+            if let Some((_, cache)) = slot.as_mut() {
+                cache.insert(host.to_owned(), r.clone());
+            }
+        }
+        r
     }
 
     /// Serves one spoke connection that negotiated the data ALPN.
@@ -764,6 +812,18 @@ impl Hub {
         if h2 {
             parts.version = hyper::Version::HTTP_2;
         }
+        match self.gateway_origination(latest.meta.version, &latest.config, &header.service) {
+            Ok(None) => {}
+            Ok(Some(o)) => {
+                return self
+                    .gateway_request_tls(&o, &header.service, &candidates, h2, parts, body, &path)
+                    .await
+            }
+            Err(e) => {
+                g.failed.fetch_add(1, Ordering::Relaxed);
+                return local_response(StatusCode::SERVICE_UNAVAILABLE, &e, &[]);
+            }
+        }
         // The body can be sent once; a connect failure (nothing sent yet)
         // moves on to the next endpoint with the body still unread.
         let mut body = Some(body.boxed());
@@ -833,6 +893,152 @@ impl Hub {
             ),
             &[],
         )
+    }
+}
+
+impl Hub {
+    /// Forwards over a TLS leg per `o`: a new connection per request (TCP
+    /// connect failures move on to the next allowed endpoint, as in
+    /// plaintext; a handshake failure is the answer: 503 with the reason).
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one call site, the request's parts"
+    )]
+    async fn gateway_request_tls(
+        &self,
+        o: &Origination,
+        service: &str,
+        candidates: &[CloudEndpoint],
+        h2: bool,
+        mut parts: hyper::http::request::Parts,
+        body: Incoming,
+        path: &str,
+    ) -> Response<Body> {
+        let g = &self.inner.gateway;
+        let mut last_err = String::new();
+        let mut leg = None;
+        for ep in candidates {
+            let addr = match resolve(&ep.address).await {
+                Ok(a) => a,
+                Err(e) => {
+                    last_err = e;
+                    continue;
+                }
+            };
+            match origination::connect(o, addr, h2, g.settings.connect_timeout).await {
+                Ok((stream, facts)) => {
+                    leg = Some((ep, stream, facts));
+                    break;
+                }
+                Err(LegError::Connect(e)) => last_err = e,
+                Err(LegError::Handshake(why)) => {
+                    g.failed.fetch_add(1, Ordering::Relaxed);
+                    warn!(endpoint = %ep.address, service, reason = %why, "tls origination failed");
+                    return local_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!(
+                            "TLS origination to {} ({} sni={}) failed: {why}",
+                            ep.address,
+                            o.mode.as_str(),
+                            o.server_name.to_str()
+                        ),
+                        &[(UPSTREAM, ep.address.clone())],
+                    );
+                }
+            }
+        }
+        let Some((ep, stream, facts)) = leg else {
+            g.failed.fetch_add(1, Ordering::Relaxed);
+            return local_response(
+                StatusCode::BAD_GATEWAY,
+                &format!("no endpoint of {service} could be reached from the hub: {last_err}"),
+                &[],
+            );
+        };
+        let io = TokioIo::new(stream);
+        let sent = if h2 {
+            let Ok(uri) = Uri::try_from(format!("https://{}{path}", o.server_name.to_str())) else {
+                return local_response(
+                    StatusCode::BAD_REQUEST,
+                    &format!("{path:?} is not a valid request target"),
+                    &[],
+                );
+            };
+            parts.uri = uri;
+            let req = Request::from_parts(parts, body.boxed());
+            match hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await {
+                Ok((mut send, conn)) => {
+                    tokio::spawn(conn);
+                    timeout(g.settings.request_timeout, send.send_request(req)).await
+                }
+                Err(e) => Ok(Err(e)),
+            }
+        } else {
+            let Ok(uri) = Uri::try_from(path) else {
+                return local_response(
+                    StatusCode::BAD_REQUEST,
+                    &format!("{path:?} is not a valid request target"),
+                    &[],
+                );
+            };
+            parts.uri = uri;
+            parts.version = hyper::Version::HTTP_11;
+            let req = Request::from_parts(parts, body.boxed());
+            match hyper::client::conn::http1::handshake(io).await {
+                Ok((mut send, conn)) => {
+                    tokio::spawn(conn);
+                    timeout(g.settings.request_timeout, send.send_request(req)).await
+                }
+                Err(e) => Ok(Err(e)),
+            }
+        };
+        match sent {
+            Ok(Ok(mut resp)) => {
+                g.forwarded.fetch_add(1, Ordering::Relaxed);
+                strip_hop_by_hop(resp.headers_mut());
+                tidemesh_net::http::announce_grpc_trailers(resp.headers_mut());
+                if let Ok(v) = HeaderValue::from_str(&ep.address) {
+                    resp.headers_mut().insert(UPSTREAM, v);
+                }
+                if let Ok(v) = HeaderValue::from_str(&facts.header(o)) {
+                    resp.headers_mut().insert(UPSTREAM_TLS, v);
+                }
+                debug!(endpoint = %ep.address, version = facts.version, cipher = %facts.cipher, "tls leg");
+                resp.map(|b| b.boxed())
+            }
+            Ok(Err(e)) => {
+                g.failed.fetch_add(1, Ordering::Relaxed);
+                if let Some(why) = o.tls_failure(&e) {
+                    warn!(endpoint = %ep.address, service, reason = %why, "tls origination failed");
+                    return local_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!(
+                            "TLS origination to {} ({} sni={}) failed: {why}",
+                            ep.address,
+                            o.mode.as_str(),
+                            o.server_name.to_str()
+                        ),
+                        &[(UPSTREAM, ep.address.clone())],
+                    );
+                }
+                local_response(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("cloud endpoint {} (over TLS): {e}", ep.address),
+                    &[(UPSTREAM, ep.address.clone())],
+                )
+            }
+            Err(_) => {
+                g.failed.fetch_add(1, Ordering::Relaxed);
+                local_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    &format!(
+                        "cloud endpoint {}: no response within {:?}",
+                        ep.address, g.settings.request_timeout
+                    ),
+                    &[(UPSTREAM, ep.address.clone())],
+                )
+            }
+        }
     }
 }
 

@@ -23,6 +23,7 @@ pub mod evidence;
 pub mod gateway;
 pub mod ingest;
 mod observe;
+pub mod origination;
 pub mod refusals;
 pub mod store;
 pub mod sync;

@@ -406,6 +406,9 @@ impl Hub {
         let next = base
             .apply_yaml(yaml)
             .map_err(|e| HubError::Invalid(e.to_string()))?;
+        // Files the config names on the hub (TLS origination) are read now:
+        // a missing or bad file refuses the whole apply.
+        crate::origination::check_config(&next).map_err(HubError::Invalid)?;
         let summary = change_summary(&base, &next);
         let v = self
             .inner
@@ -429,6 +432,7 @@ impl Hub {
             .config()
             .get(to)?
             .ok_or_else(|| HubError::Invalid(format!("no config version {to}")))?;
+        crate::origination::check_config(&target.config).map_err(HubError::Invalid)?;
         let cur = self.latest_config()?;
         let base = cur.as_ref().map(|c| c.config.clone()).unwrap_or_default();
         let summary = format!(

@@ -2908,3 +2908,283 @@ inbound = "{inventory}"
         calls()
     );
 }
+
+/// PEM files of a test PKI for TLS origination, made with rcgen: a CA with a
+/// server certificate for `api.pay.test`, a second CA the server does not
+/// chain to, and a client CA with a client certificate.
+struct TlsPki {
+    ca: String,
+    other_ca: String,
+    server: (
+        rustls::pki_types::CertificateDer<'static>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ),
+    client_ca: rustls::pki_types::CertificateDer<'static>,
+    client_cert: String,
+    client_key: String,
+}
+
+fn tls_pki(dir: &Path) -> TlsPki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+        IsCa, KeyPair, KeyUsagePurpose,
+    };
+    let ca = |name: &str| {
+        let mut p = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        CertifiedIssuer::self_signed(p, KeyPair::generate().expect("key")).expect("ca")
+    };
+    let leaf = |issuer: &CertifiedIssuer<'static, KeyPair>, name: &str, eku| {
+        let mut p = CertificateParams::new(vec![name.to_owned()]).expect("leaf params");
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.extended_key_usages = vec![eku];
+        let key = KeyPair::generate().expect("key");
+        let cert = p.signed_by(&key, issuer).expect("leaf");
+        (cert, key)
+    };
+    let server_ca = ca("pay test CA");
+    let other = ca("some other CA");
+    let client_ca = ca("hub client CA");
+    let (server, server_key) = leaf(
+        &server_ca,
+        "api.pay.test",
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let (client, client_key) = leaf(
+        &client_ca,
+        "hub.client.test",
+        ExtendedKeyUsagePurpose::ClientAuth,
+    );
+    let write = |name: &str, pem: String| {
+        let p = dir.join(name);
+        std::fs::write(&p, pem).expect("write pem");
+        p.to_str().expect("utf8 path").to_owned()
+    };
+    TlsPki {
+        ca: write("ca.pem", server_ca.pem()),
+        other_ca: write("other-ca.pem", other.pem()),
+        server: (
+            server.der().clone(),
+            rustls::pki_types::PrivateKeyDer::Pkcs8(server_key.serialize_der().into()),
+        ),
+        client_ca: client_ca.der().clone(),
+        client_cert: write("client.pem", client.pem()),
+        client_key: write("client-key.pem", client_key.serialize_pem()),
+    }
+}
+
+/// A TLS 1.3/1.2 HTTP/1.1 server on 127.0.0.1 (rustls over std threads):
+/// answers every request with 200 and `tls-ok client-cert=<yes|no>`;
+/// requires a client certificate from `client_ca` when given.
+fn tls_server(
+    pki: &TlsPki,
+    client_ca: Option<&rustls::pki_types::CertificateDer<'static>>,
+) -> SocketAddr {
+    use std::{io::Read, sync::Arc};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("versions");
+    let builder = match client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(ca.clone()).expect("client ca");
+            let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .expect("client verifier");
+            builder.with_client_cert_verifier(v)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let config = Arc::new(
+        builder
+            .with_single_cert(vec![pki.server.0.clone()], pki.server.1.clone_key())
+            .expect("server cert"),
+    );
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind tls server");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(tcp) = conn else { continue };
+            let config = config.clone();
+            std::thread::spawn(move || {
+                let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
+                let Ok(session) = rustls::ServerConnection::new(config) else {
+                    return;
+                };
+                let mut s = rustls::StreamOwned::new(session, tcp);
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 64 * 1024 {
+                    match s.read(&mut byte) {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                let cert = if s.conn.peer_certificates().is_some() {
+                    "yes"
+                } else {
+                    "no"
+                };
+                let body = format!("tls-ok client-cert={cert}");
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.flush();
+                s.conn.send_close_notify();
+                let _ = s.flush();
+            });
+        }
+    });
+    addr
+}
+
+/// TLS origination at the hub gateway (`DestinationRule.trafficPolicy.tls`
+/// for `ServiceEntry` hosts) against TLS servers with their own CA: SIMPLE
+/// works and its TLS version and suite reach the caller's evidence; a wrong
+/// CA, a wrong SAN and a missing client certificate get 503 with the reason,
+/// also in the evidence; MUTUAL works against a server that requires a
+/// client certificate; files are checked at apply.
+#[test]
+fn tls_origination_simple_mutual_and_refusals() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = tls_pki(tmp.path());
+    let simple = tls_server(&pki, None);
+    let mutual = tls_server(&pki, Some(&pki.client_ca));
+    let mut hub = HubProc::init(tmp.path(), TD);
+    let hub_addr = hub.start();
+    let entry = |name: &str, addr: SocketAddr| service_entry(name, "cloud", "pay", addr, "HTTP");
+    let rule = |name: &str, tls: &str| {
+        format!("---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}, namespace: cloud}}\nspec:\n  host: {name}.cloud\n  trafficPolicy:\n    tls: {tls}\n")
+    };
+    let (ca, other, cc, ck) = (&pki.ca, &pki.other_ca, &pki.client_cert, &pki.client_key);
+    let yaml = [
+        STORE_SF01.to_string(),
+        entry("simple", simple),
+        rule("simple", &format!("{{mode: SIMPLE, caCertificates: {ca}, sni: api.pay.test}}")),
+        entry("wrongca", simple),
+        rule("wrongca", &format!("{{mode: SIMPLE, caCertificates: {other}, sni: api.pay.test}}")),
+        entry("wrongsan", simple),
+        rule("wrongsan", &format!("{{mode: SIMPLE, caCertificates: {ca}, sni: api.pay.test, subjectAltNames: [billing.pay.test]}}")),
+        entry("mutual", mutual),
+        rule("mutual", &format!("{{mode: MUTUAL, caCertificates: {ca}, sni: api.pay.test, clientCertificate: {cc}, privateKey: {ck}}}")),
+        entry("nocert", mutual),
+        rule("nocert", &format!("{{mode: SIMPLE, caCertificates: {ca}, sni: api.pay.test}}")),
+        frontend_only("pay-callers", "cloud", "pay"),
+    ]
+    .join("\n");
+    let f = tmp.path().join("mesh.yaml");
+    std::fs::write(&f, &yaml).expect("yaml");
+    let o = hub.cli(&["apply", "-f", f.to_str().expect("utf8")]);
+    assert!(o.status.success(), "apply: {}", text(&o));
+
+    // Files are read at apply: a missing CA file or one without a
+    // certificate refuses the whole apply, naming the rule, field and file.
+    let missing = tmp.path().join("missing.pem");
+    let not_pem = tmp.path().join("not.pem");
+    std::fs::write(&not_pem, "hello").expect("write");
+    for (file, want) in [
+        (missing.to_str().expect("utf8"), "cannot read"),
+        (
+            not_pem.to_str().expect("utf8"),
+            "holds no CERTIFICATE block",
+        ),
+    ] {
+        let bad = yaml.replacen(ca.as_str(), file, 1);
+        let fb = tmp.path().join("bad.yaml");
+        std::fs::write(&fb, bad).expect("yaml");
+        let o = hub.cli(&["apply", "-f", fb.to_str().expect("utf8")]);
+        let t = text(&o);
+        assert!(!o.status.success(), "a bad CA file was applied: {t}");
+        assert!(
+            t.contains("DestinationRule cloud/simple: spec.trafficPolicy.tls.caCertificates:")
+                && t.contains(file)
+                && t.contains(want),
+            "{t}"
+        );
+    }
+    let h = hub.cli(&["config", "history", "--json"]);
+    let versions: Value = serde_json::from_slice(&h.stdout).expect("history json");
+    assert_eq!(versions.as_array().map(Vec::len), Some(1), "{versions}");
+
+    let o_front = free_tcp();
+    let cfg = write_config(
+        tmp.path(),
+        "a",
+        &format!("[[workload]]\nservice_account = \"frontend\"\noutbound = \"{o_front}\"\n"),
+    );
+    let spoke = start_spoke(tmp.path(), &hub, "spoke0", 0, &cfg, hub_addr);
+
+    // SIMPLE: verified against the CA file, the name from sni.
+    let r = wait_for(Duration::from_secs(10), || {
+        let r = call(o_front, "GET", "simple.cloud", "/simple", &[]);
+        (r.status == 200).then_some(r)
+    })
+    .unwrap_or_else(|| panic!("{:?}", call(o_front, "GET", "simple.cloud", "/simple", &[])));
+    assert_eq!(r.body, "tls-ok client-cert=no", "{r:?}");
+    let rec = find_record(&hub, &spoke, "the SIMPLE call", |r| {
+        r["telemetry"]["operation_name"] == "GET /simple" && r["telemetry"]["status_code"] == 200
+    });
+    let reason = rec["routing_decision"]["selection_reason"]
+        .as_str()
+        .unwrap_or("");
+    assert!(
+        reason.contains("upstream_tls=1.3 TLS13_") && reason.contains("SIMPLE sni=api.pay.test"),
+        "{rec:#}"
+    );
+
+    // MUTUAL: the server requires a client certificate and gets one.
+    let r = call(o_front, "GET", "mutual.cloud", "/mutual", &[]);
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "tls-ok client-cert=yes"),
+        "{r:?}"
+    );
+    let rec = find_record(&hub, &spoke, "the MUTUAL call", |r| {
+        r["telemetry"]["operation_name"] == "GET /mutual" && r["telemetry"]["status_code"] == 200
+    });
+    let reason = rec["routing_decision"]["selection_reason"]
+        .as_str()
+        .unwrap_or("");
+    assert!(reason.contains("MUTUAL sni=api.pay.test"), "{rec:#}");
+
+    // Refusals: 503 with the reason, and the caller's evidence says why.
+    for (host, path, why) in [
+        (
+            "wrongca.cloud",
+            "/wrongca",
+            "does not chain to a CA in caCertificates",
+        ),
+        (
+            "wrongsan.cloud",
+            "/wrongsan",
+            "not valid for the expected name",
+        ),
+        ("nocert.cloud", "/nocert", "requires a client certificate"),
+    ] {
+        let r = call(o_front, "GET", host, path, &[]);
+        assert_eq!(r.status, 503, "{host}: {r:?}");
+        assert!(r.body.contains(why), "{host}: {r:?}");
+        assert!(!r.body.contains("tls-ok"), "{host}: {r:?}");
+        let op = format!("GET {path}");
+        let rec = find_record(&hub, &spoke, host, |r| {
+            r["telemetry"]["operation_name"] == op.as_str() && r["telemetry"]["status_code"] == 503
+        });
+        let msg = rec["telemetry"]["status"]["message"].as_str().unwrap_or("");
+        assert!(
+            msg.contains("TLS origination") && msg.contains(why),
+            "{host}: {rec:#}"
+        );
+    }
+}

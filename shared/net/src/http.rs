@@ -30,6 +30,9 @@ pub const HUB_STATUS: &str = "x-tidemesh-hub";
 
 /// The header the hub gateway names the cloud endpoint it chose in.
 pub const UPSTREAM: &str = "x-tidemesh-upstream";
+/// What the hub gateway's TLS leg to a cloud endpoint negotiated, when it
+/// originated TLS: `1.3 TLS13_AES_256_GCM_SHA384 SIMPLE sni=api.example`.
+pub const UPSTREAM_TLS: &str = "x-tidemesh-upstream-tls";
 
 /// `x-forwarded-client-cert`.
 pub const XFCC: &str = "x-forwarded-client-cert";

@@ -335,4 +335,71 @@ fn validate(c: &MeshConfig, objects: &BTreeMap<ObjectKey, Entry>, errors: &mut C
             }
         }
     }
+    for p in &c.destination_policies {
+        for (path, issue) in tls_issues(c, p) {
+            report(&Object::DestinationPolicy(p.clone()), path, issue);
+        }
+    }
+}
+
+/// TLS origination (`trafficPolicy.tls`, `portLevelSettings`) must act:
+/// only the hub gateway originates it, to a `ServiceEntry` host's first
+/// port (the one the gateway forwards to), over HTTP.
+fn tls_issues(c: &MeshConfig, p: &DestinationPolicy) -> Vec<(String, String)> {
+    let t = &p.traffic;
+    let mut out = Vec::new();
+    if t.tls.is_none() && t.port_tls.is_empty() {
+        return out;
+    }
+    let base = "spec.trafficPolicy";
+    let entry = c.service_entries.iter().find(|e| e.hosts.contains(&p.host));
+    let Some(entry) = entry else {
+        let path = if t.tls.is_some() {
+            format!("{base}.tls")
+        } else {
+            format!("{base}.portLevelSettings")
+        };
+        out.push((path, format!("host {} is not a ServiceEntry host: tidemesh originates TLS only at the hub gateway to cloud services (mesh traffic is always mTLS)", p.host)));
+        return out;
+    };
+    let Some(first) = entry.ports.first() else {
+        return out;
+    };
+    for pt in &t.port_tls {
+        if pt.port != first.number {
+            let declared = entry.ports.iter().any(|sp| sp.number == pt.port);
+            let why = if declared {
+                format!("the hub gateway forwards {} to its first port, {}; a setting for port {} would not act", p.host, first.number, pt.port)
+            } else {
+                format!(
+                    "port {} is not a port of ServiceEntry {} (its first port is {})",
+                    pt.port, entry.id, first.number
+                )
+            };
+            out.push((
+                format!("{base}.portLevelSettings[port {}].port.number", pt.port),
+                why,
+            ));
+        }
+    }
+    let originated = t
+        .tls_for_port(first.number)
+        .is_some_and(|tls| tls.mode != TlsMode::Disable);
+    let http = first.protocol.as_deref().is_none_or(|pr| {
+        ["HTTP", "HTTP2", "GRPC"]
+            .iter()
+            .any(|h| pr.eq_ignore_ascii_case(h))
+    });
+    if originated && !http {
+        out.push((
+            format!("{base}.tls"),
+            format!(
+                "port {} of {} speaks {}: tidemesh originates TLS for HTTP, HTTP2 and GRPC ports only",
+                first.number,
+                p.host,
+                first.protocol.as_deref().unwrap_or("?")
+            ),
+        ));
+    }
+    out
 }

@@ -49,6 +49,7 @@ pub mod authz;
 mod config;
 pub mod error;
 pub mod istio;
+pub mod jwt;
 pub mod mode;
 pub mod model;
 pub mod request;

@@ -439,6 +439,78 @@ pub struct TrafficPolicy {
     pub limits: Option<ConnectionLimits>,
     /// Local rate limit.
     pub rate_limit: Option<RateLimit>,
+    /// TLS the hub gateway originates to the host's cloud endpoints
+    /// (`trafficPolicy.tls`; only for `ServiceEntry` hosts).
+    pub tls: Option<ClientTls>,
+    /// Per-port TLS (`trafficPolicy.portLevelSettings[].tls`), overriding
+    /// [`TrafficPolicy::tls`] for that service port. (`default`: the hub's
+    /// JSON config versions written before TLS origination still read.)
+    #[serde(default)]
+    pub port_tls: Vec<PortTls>,
+}
+
+impl TrafficPolicy {
+    /// The TLS settings for service port `port`: the port's own, else the
+    /// host's; `None` (or [`TlsMode::Disable`]) means plaintext.
+    pub fn tls_for_port(&self, port: u16) -> Option<&ClientTls> {
+        self.port_tls
+            .iter()
+            .find(|p| p.port == port)
+            .map(|p| &p.tls)
+            .or(self.tls.as_ref())
+    }
+}
+
+/// How the hub gateway speaks to a cloud endpoint (Istio `ClientTLSSettings`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TlsMode {
+    /// Plaintext (`DISABLE`).
+    Disable,
+    /// TLS, the server verified against [`ClientTls::ca_certificates`] (`SIMPLE`).
+    Simple,
+    /// TLS with a client certificate as well (`MUTUAL`).
+    Mutual,
+}
+
+impl TlsMode {
+    /// Istio's name for the mode.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Disable => "DISABLE",
+            TlsMode::Simple => "SIMPLE",
+            TlsMode::Mutual => "MUTUAL",
+        }
+    }
+}
+
+/// TLS origination settings. File paths are absolute paths on the hub; the
+/// hub reads and checks them when the config is applied and when it
+/// connects (this crate does no I/O).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientTls {
+    /// The mode.
+    pub mode: TlsMode,
+    /// PEM file of the CA certificates the server's chain must end in
+    /// (required for `SIMPLE` and `MUTUAL`: the hub carries no system roots).
+    pub ca_certificates: Option<String>,
+    /// PEM file of the client certificate chain (`MUTUAL`).
+    pub client_certificate: Option<String>,
+    /// PEM file of the client certificate's private key (`MUTUAL`).
+    pub private_key: Option<String>,
+    /// Server name sent in the handshake; the service host when absent.
+    pub sni: Option<String>,
+    /// Names the server certificate must carry (one of them); the SNI name
+    /// when empty.
+    pub subject_alt_names: Vec<String>,
+}
+
+/// TLS settings for one service port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortTls {
+    /// The service port number.
+    pub port: u16,
+    /// Its TLS settings.
+    pub tls: ClientTls,
 }
 
 /// Load balancing: an algorithm, optionally locality-aware.

@@ -322,7 +322,7 @@ spec:
         ("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: p}\nspec: {host: p, trafficPolicy: {loadBalancer: {simple: PASSTHROUGH}}}",
          "document 1 (DestinationRule p): spec.trafficPolicy.loadBalancer.simple: \"PASSTHROUGH\" is not supported"),
         ("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: p}\nspec: {host: p, trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}}",
-         "document 1 (DestinationRule p): spec.trafficPolicy.tls: field tls is not supported by tidemesh"),
+         "document 1 (DestinationRule p): spec.trafficPolicy.tls.mode: ISTIO_MUTUAL is not supported: the hub's leg to a ServiceEntry host leaves the mesh"),
         ("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: s}\nspec: {hosts: [a.example], resolution: STATIC, ports: [{number: 80, name: http}], endpoints: [{address: a.example}]}",
          "document 1 (ServiceEntry s): spec.endpoints[0].address: resolution STATIC needs IP addresses"),
         ("kind: VirtualService\nmetadata: {name: a}",
@@ -569,4 +569,126 @@ spec:
         );
     }
     assert_eq!(e.count(), 8, "{all:#?}");
+}
+
+const TLS_ENTRY: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: payments, namespace: cloud}
+spec:
+  hosts: [pay.cloud.test]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{number: 443, name: https-api, protocol: HTTP}, {number: 9000, name: raw, protocol: TCP}]
+  endpoints: [{address: 127.0.0.1, ports: {https-api: 8443}}]
+"#;
+
+/// `trafficPolicy.tls` and `portLevelSettings` reach the model and print
+/// back to the same config.
+#[test]
+fn tls_origination_settings_reach_the_model_and_round_trip() {
+    let yaml = format!(
+        "{TLS_ENTRY}---{}",
+        r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: payments, namespace: cloud}
+spec:
+  host: pay.cloud.test
+  trafficPolicy:
+    tls: {mode: SIMPLE, caCertificates: /etc/tidemesh/ca.pem, sni: api.pay.test, subjectAltNames: [api.pay.test]}
+    portLevelSettings:
+    - port: {number: 443}
+      tls: {mode: MUTUAL, caCertificates: /etc/ca.pem, clientCertificate: /etc/c.pem, privateKey: /etc/k.pem}
+"#
+    );
+    let c = MeshConfig::from_yaml(&yaml).unwrap_or_else(|e| panic!("{e}"));
+    let t = &c.destination_policies[0].traffic;
+    let host = t.tls.as_ref().unwrap();
+    assert_eq!(host.mode, TlsMode::Simple);
+    assert_eq!(host.sni.as_deref(), Some("api.pay.test"));
+    assert_eq!(host.subject_alt_names, vec!["api.pay.test".to_string()]);
+    let port = t.tls_for_port(443).unwrap();
+    assert_eq!(port.mode, TlsMode::Mutual);
+    assert_eq!(port.private_key.as_deref(), Some("/etc/k.pem"));
+    assert_eq!(t.tls_for_port(9000), Some(host));
+    let again = MeshConfig::from_yaml(&c.to_yaml()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(again, c);
+    let wire = postcard::to_allocvec(&c).unwrap();
+    assert_eq!(postcard::from_bytes::<MeshConfig>(&wire).unwrap(), c);
+}
+
+/// Every TLS setting tidemesh could not act on is refused with the field.
+#[test]
+fn tls_origination_refuses_what_it_cannot_act_on() {
+    let dr = |tp: &str| {
+        format!("{TLS_ENTRY}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: p, namespace: cloud}}\nspec:\n  host: pay.cloud.test\n  trafficPolicy: {tp}\n")
+    };
+    let cases = [
+        ("{tls: {mode: SIMPLE}}",
+         "spec.trafficPolicy.tls.caCertificates: required for SIMPLE"),
+        ("{tls: {mode: ISTIO_MUTUAL}}",
+         "spec.trafficPolicy.tls.mode: ISTIO_MUTUAL is not supported"),
+        ("{tls: {mode: MUTUAL, caCertificates: /ca.pem}}",
+         "spec.trafficPolicy.tls.clientCertificate: required for MUTUAL"),
+        ("{tls: {mode: SIMPLE, caCertificates: /ca.pem, privateKey: /k.pem}}",
+         "spec.trafficPolicy.tls.privateKey: only MUTUAL presents a client certificate"),
+        ("{tls: {mode: SIMPLE, caCertificates: ca.pem}}",
+         "spec.trafficPolicy.tls.caCertificates: \"ca.pem\" must be an absolute path"),
+        ("{tls: {mode: SIMPLE, caCertificates: /ca.pem, insecureSkipVerify: true}}",
+         "spec.trafficPolicy.tls.insecureSkipVerify: tidemesh always verifies"),
+        ("{tls: {mode: SIMPLE, credentialName: pay-secret}}",
+         "spec.trafficPolicy.tls.credentialName: not supported"),
+        ("{tls: {mode: SIMPLE, caCertificates: /ca.pem, sni: 'bad name'}}",
+         "spec.trafficPolicy.tls.sni: \"bad name\" is not a DNS name"),
+        ("{tls: {mode: SIMPLE, caCertificates: /ca.pem, subjectAltNames: ['x y']}}",
+         "spec.trafficPolicy.tls.subjectAltNames[0]:"),
+        ("{tls: {mode: DISABLE, sni: a.test}}",
+         "spec.trafficPolicy.tls: mode DISABLE takes no certificates"),
+        ("{tls: {mode: SIMPLE, caCertificates: /ca.pem, verifyCertificateAtClient: true}}",
+         "spec.trafficPolicy.tls"),
+        ("{portLevelSettings: [{port: {number: 9000}, tls: {mode: SIMPLE, caCertificates: /ca.pem}}]}",
+         "spec.trafficPolicy.portLevelSettings[port 9000].port.number: the hub gateway forwards pay.cloud.test to its first port, 443"),
+        ("{portLevelSettings: [{port: {number: 7}, tls: {mode: SIMPLE, caCertificates: /ca.pem}}]}",
+         "spec.trafficPolicy.portLevelSettings[port 7].port.number: port 7 is not a port of ServiceEntry"),
+        ("{portLevelSettings: [{port: {number: 443}}]}",
+         "spec.trafficPolicy.portLevelSettings[0]: tidemesh acts only on tls"),
+    ];
+    for (tp, want) in cases {
+        let got = first_error(&dr(tp));
+        assert!(got.contains(want), "\n got: {got}\nwant: …{want}…");
+    }
+    // Only ServiceEntry hosts: spokes never originate TLS (mesh hops are mTLS).
+    let mesh = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: r, namespace: retail}\nspec:\n  host: ledger\n  trafficPolicy: {tls: {mode: SIMPLE, caCertificates: /ca.pem}}\n";
+    assert!(
+        first_error(mesh).contains("host ledger.retail is not a ServiceEntry host"),
+        "{}",
+        first_error(mesh)
+    );
+    // A TCP first port is not originated.
+    let tcp = TLS_ENTRY.replace(
+        "[{number: 443, name: https-api, protocol: HTTP}, {number: 9000, name: raw, protocol: TCP}]",
+        "[{number: 9000, name: raw, protocol: TCP}]",
+    ).replace("{https-api: 8443}", "{raw: 9000}");
+    let yaml = format!("{tcp}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: p, namespace: cloud}}\nspec:\n  host: pay.cloud.test\n  trafficPolicy: {{tls: {{mode: SIMPLE, caCertificates: /ca.pem}}}}\n");
+    let got = first_error(&yaml);
+    assert!(
+        got.contains("speaks TCP: tidemesh originates TLS for HTTP"),
+        "{got}"
+    );
+}
+
+/// The hub stores config versions as JSON: a version written before TLS
+/// origination existed (no `tls`, no `port_tls`) still reads, as no TLS.
+#[test]
+fn json_configs_from_before_tls_origination_still_read() {
+    let c = full();
+    assert!(!c.destination_policies.is_empty());
+    let mut v: serde_json::Value = serde_json::to_value(&c).unwrap();
+    for p in v["destination_policies"].as_array_mut().unwrap() {
+        let t = p["traffic"].as_object_mut().unwrap();
+        assert!(t.remove("tls").is_some() && t.remove("port_tls").is_some());
+    }
+    let old: MeshConfig = serde_json::from_value(v).unwrap();
+    assert_eq!(old, c);
 }

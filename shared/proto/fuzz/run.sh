@@ -24,7 +24,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 seconds="${FUZZ_SECONDS:-20}"
 rss_mb="${FUZZ_RSS_MB:-2048}"
 sanitizer="${FUZZ_SANITIZER:-address}"
-read -r -a targets <<<"${FUZZ_TARGETS:-control_frame join_token evidence_batch evidence_chain}"
+read -r -a targets <<<"${FUZZ_TARGETS:-control_frame join_token evidence_batch evidence_chain jwt}"
 
 case "$seconds" in
   '' | *[!0-9]*)

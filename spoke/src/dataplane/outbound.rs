@@ -27,7 +27,7 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 use tidemesh_evidence::record::{EnforcementPoint, ReliabilityEvidence, RequestEvidence};
 use tidemesh_identity::naming;
-use tidemesh_net::http::{full, HUB_STATUS, UPSTREAM};
+use tidemesh_net::http::{full, HUB_STATUS, UPSTREAM, UPSTREAM_TLS};
 use tidemesh_proto::data::{StreamHeader, StreamProtocol};
 use tracing::debug;
 
@@ -610,6 +610,13 @@ async fn cloud(
     if let Some(up) = resp.headers_mut().remove(UPSTREAM) {
         if let (Ok(up), Some(r)) = (up.to_str(), ev.routing_decision.as_mut()) {
             r.selected_endpoint = Some(up.to_owned());
+        }
+    }
+    // The hub's TLS leg to the cloud endpoint (TLS origination): what it
+    // negotiated goes with the routing decision, after the selection reason.
+    if let Some(tls) = resp.headers_mut().remove(UPSTREAM_TLS) {
+        if let (Ok(tls), Some(r)) = (tls.to_str(), ev.routing_decision.as_mut()) {
+            r.selection_reason = format!("{}; upstream_tls={tls}", r.selection_reason);
         }
     }
     resp

@@ -716,6 +716,31 @@ pub(crate) fn destination_rule(
             }
             traffic.circuit_breaker = Some(cb);
         }
+        if let Some(tls) = &tp.tls {
+            traffic.tls = client_tls(cx, "spec.trafficPolicy.tls", tls);
+        }
+        for (i, pl) in tp.port_level_settings.iter().flatten().enumerate() {
+            let p = format!("spec.trafficPolicy.portLevelSettings[{i}]");
+            let port: Option<u16> = cx.int(&format!("{p}.port.number"), pl.port.number, 1, 65535);
+            let Some(tls) = &pl.tls else {
+                cx.err(
+                    p,
+                    "tidemesh acts only on tls in portLevelSettings; give tls or remove the entry",
+                );
+                continue;
+            };
+            let tls = client_tls(cx, &format!("{p}.tls"), tls);
+            if let (Some(port), Some(tls)) = (port, tls) {
+                if traffic.port_tls.iter().any(|t| t.port == port) {
+                    cx.err(
+                        format!("{p}.port.number"),
+                        format!("port {port} has more than one entry"),
+                    );
+                }
+                traffic.port_tls.push(PortTls { port, tls });
+            }
+        }
+        traffic.port_tls.sort_by_key(|t| t.port);
     }
     let host = host?;
     (cx.issues.out.count() == before).then_some(DestinationPolicy {
@@ -724,6 +749,137 @@ pub(crate) fn destination_rule(
         host,
         subsets,
         traffic,
+    })
+}
+
+/// An absolute path on the hub, as a TLS file field must be.
+fn hub_file(cx: &mut Cx, path: &str, v: &Option<String>) -> Option<String> {
+    let v = v.as_ref()?;
+    if !v.starts_with('/') || v.len() > 4096 || v.chars().any(char::is_control) {
+        cx.err(
+            path,
+            format!("{v:?} must be an absolute path to a PEM file on the hub"),
+        );
+        return None;
+    }
+    Some(v.clone())
+}
+
+/// `trafficPolicy.tls` (or a port's): what the hub gateway originates.
+fn client_tls(cx: &mut Cx, path: &str, t: &ClientTlsIn) -> Option<ClientTls> {
+    let before = cx.issues.out.count();
+    let mode = match t.mode.as_deref() {
+        None => {
+            cx.err(
+                format!("{path}.mode"),
+                "required: DISABLE, SIMPLE or MUTUAL",
+            );
+            None
+        }
+        Some("ISTIO_MUTUAL") => {
+            cx.err(
+                format!("{path}.mode"),
+                "ISTIO_MUTUAL is not supported: the hub's leg to a ServiceEntry host leaves the mesh; use MUTUAL with a client certificate, or SIMPLE",
+            );
+            None
+        }
+        Some(m) => cx.one_of(
+            &format!("{path}.mode"),
+            m,
+            &[
+                ("DISABLE", TlsMode::Disable),
+                ("SIMPLE", TlsMode::Simple),
+                ("MUTUAL", TlsMode::Mutual),
+            ],
+        ),
+    };
+    if t.credential_name.is_some() {
+        cx.err(
+            format!("{path}.credentialName"),
+            "not supported (there are no Kubernetes secrets at the hub); give caCertificates, clientCertificate and privateKey as files on the hub",
+        );
+    }
+    if t.insecure_skip_verify == Some(true) {
+        cx.err(
+            format!("{path}.insecureSkipVerify"),
+            "tidemesh always verifies the server; give caCertificates",
+        );
+    }
+    if t.ca_crl.is_some() {
+        cx.err(
+            format!("{path}.caCrl"),
+            "certificate revocation lists are not supported by tidemesh's TLS origination",
+        );
+    }
+    let ca = hub_file(cx, &format!("{path}.caCertificates"), &t.ca_certificates);
+    let cert = hub_file(
+        cx,
+        &format!("{path}.clientCertificate"),
+        &t.client_certificate,
+    );
+    let key = hub_file(cx, &format!("{path}.privateKey"), &t.private_key);
+    let mut sans = Vec::new();
+    for (i, n) in t.subject_alt_names.iter().flatten().enumerate() {
+        match check_host_or_ip(n) {
+            Ok(()) => sans.push(n.to_ascii_lowercase()),
+            Err(e) => cx.err(format!("{path}.subjectAltNames[{i}]"), e),
+        }
+    }
+    let sni = t.sni.as_ref().and_then(|n| {
+        let ok = check_host_or_ip(n).is_ok() && n.parse::<std::net::IpAddr>().is_err();
+        if !ok {
+            cx.err(format!("{path}.sni"), format!("{n:?} is not a DNS name"));
+        }
+        ok.then(|| n.to_ascii_lowercase())
+    });
+    match mode {
+        Some(TlsMode::Disable) => {
+            let set = t.ca_certificates.is_some()
+                || t.client_certificate.is_some()
+                || t.private_key.is_some()
+                || t.sni.is_some()
+                || !sans.is_empty();
+            if set {
+                cx.err(
+                    path,
+                    "mode DISABLE takes no certificates, sni or subjectAltNames",
+                );
+            }
+        }
+        Some(m) => {
+            if t.ca_certificates.is_none() {
+                cx.err(
+                    format!("{path}.caCertificates"),
+                    format!("required for {}: the hub verifies cloud servers against this CA file only (it carries no system roots)", m.as_str()),
+                );
+            }
+            let pair = [
+                ("clientCertificate", &t.client_certificate),
+                ("privateKey", &t.private_key),
+            ];
+            for (name, v) in pair {
+                match (m, v.is_some()) {
+                    (TlsMode::Mutual, false) => {
+                        cx.err(format!("{path}.{name}"), "required for MUTUAL")
+                    }
+                    (TlsMode::Simple, true) => cx.err(
+                        format!("{path}.{name}"),
+                        "only MUTUAL presents a client certificate; use mode MUTUAL or remove it",
+                    ),
+                    _ => {}
+                }
+            }
+        }
+        None => {}
+    }
+    let mode = mode?;
+    (cx.issues.out.count() == before).then_some(ClientTls {
+        mode,
+        ca_certificates: ca,
+        client_certificate: cert,
+        private_key: key,
+        sni,
+        subject_alt_names: sans,
     })
 }
 

@@ -215,6 +215,44 @@ pub(crate) struct IstioTrafficPolicyIn {
     pub connection_pool: Option<ConnectionPoolIn>,
     #[serde(default)]
     pub outlier_detection: Option<OutlierDetectionIn>,
+    #[serde(default)]
+    pub tls: Option<ClientTlsIn>,
+    #[serde(default)]
+    pub port_level_settings: Option<Vec<PortTrafficPolicyIn>>,
+}
+
+/// Istio `ClientTLSSettings`; the fields tidemesh does not act on are read
+/// so that they can be refused by name.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct ClientTlsIn {
+    #[serde(default)]
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub client_certificate: Option<String>,
+    #[serde(default)]
+    pub private_key: Option<String>,
+    #[serde(default)]
+    pub ca_certificates: Option<String>,
+    #[serde(default)]
+    pub sni: Option<String>,
+    #[serde(default)]
+    pub subject_alt_names: Option<Vec<String>>,
+    #[serde(default)]
+    pub credential_name: Option<String>,
+    #[serde(default)]
+    pub insecure_skip_verify: Option<bool>,
+    #[serde(default)]
+    pub ca_crl: Option<String>,
+}
+
+/// Istio `PortTrafficPolicy`: tidemesh acts on `tls` only.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PortTrafficPolicyIn {
+    pub port: PortSelectorIn,
+    #[serde(default)]
+    pub tls: Option<ClientTlsIn>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]

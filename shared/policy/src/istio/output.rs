@@ -228,6 +228,20 @@ fn route_rule(r: &RouteRule) -> Json {
     )
 }
 
+fn client_tls(t: &ClientTls) -> ClientTlsIn {
+    ClientTlsIn {
+        mode: Some(t.mode.as_str().to_string()),
+        client_certificate: t.client_certificate.clone(),
+        private_key: t.private_key.clone(),
+        ca_certificates: t.ca_certificates.clone(),
+        sni: t.sni.clone(),
+        subject_alt_names: (!t.subject_alt_names.is_empty()).then(|| t.subject_alt_names.clone()),
+        credential_name: None,
+        insecure_skip_verify: None,
+        ca_crl: None,
+    }
+}
+
 fn destination_policy(p: &DestinationPolicy) -> Json {
     let t = &p.traffic;
     match p.origin {
@@ -256,13 +270,29 @@ fn destination_policy(p: &DestinationPolicy) -> Json {
                 base_ejection_time: Some(format_duration(c.open_time)),
                 max_ejection_percent: c.max_ejection_percent.map(int),
             });
+            let tls = t.tls.as_ref().map(client_tls);
+            let port_level_settings = (!t.port_tls.is_empty()).then(|| {
+                t.port_tls
+                    .iter()
+                    .map(|pt| PortTrafficPolicyIn {
+                        port: PortSelectorIn {
+                            number: i64::from(pt.port),
+                        },
+                        tls: Some(client_tls(&pt.tls)),
+                    })
+                    .collect()
+            });
             let traffic_policy = (load_balancer.is_some()
                 || connection_pool.is_some()
-                || outlier_detection.is_some())
+                || outlier_detection.is_some()
+                || tls.is_some()
+                || port_level_settings.is_some())
             .then_some(IstioTrafficPolicyIn {
                 load_balancer,
                 connection_pool,
                 outlier_detection,
+                tls,
+                port_level_settings,
             });
             let spec = DestinationRuleSpec {
                 host: p.host.clone(),
