@@ -846,9 +846,12 @@ impl Hub {
             }
             "stats" => {
                 let store = self.inner.evidence.clone();
+                // The rest of the stats answer while evidence.db cannot be
+                // read (closed after a failed write, reopened later).
                 let mut v = tokio::task::spawn_blocking(move || evidence_command(&store, &req))
                     .await
-                    .map_err(|e| e.to_string())??;
+                    .map_err(|e| e.to_string())?
+                    .unwrap_or_else(|e| json!({ "evidence_error": e }));
                 if let Some(o) = v.as_object_mut() {
                     let spokes = self.spokes().map_err(|e| e.to_string())?;
                     o.insert("spokes_enrolled".into(), json!(spokes.len()));
