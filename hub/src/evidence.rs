@@ -108,8 +108,8 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use redb::{
     Builder, Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle,
@@ -194,6 +194,52 @@ pub enum EvidenceStoreError {
         /// The hub's next seq.
         next: EvidenceSeq,
     },
+    /// The database is closed after a write failed and has not been
+    /// reopened yet ([`EvidenceStore::reopen`]).
+    #[error(
+        "the evidence database is closed after a write error and not reopened yet; retry later"
+    )]
+    Closed,
+}
+
+/// What kind of storage failure an error is, if it is one a retry (after
+/// [`EvidenceStore::reopen`]) may cure: the disk ran full, or a write or
+/// sync failed. A damaged file or a broken invariant is not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageFault {
+    /// No space left on the device (or quota exceeded).
+    Full,
+    /// Another I/O error (or redb refusing work after one).
+    WriteFailed,
+}
+
+impl StorageFault {
+    /// Classifies `e`; `None` for errors a retry cannot cure.
+    pub fn of(e: &EvidenceStoreError) -> Option<StorageFault> {
+        match e {
+            EvidenceStoreError::Db(redb::Error::Io(io)) => Some(
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+                ) {
+                    StorageFault::Full
+                } else {
+                    StorageFault::WriteFailed
+                },
+            ),
+            EvidenceStoreError::Db(redb::Error::PreviousIo | redb::Error::DatabaseClosed)
+            | EvidenceStoreError::Closed => Some(StorageFault::WriteFailed),
+            _ => None,
+        }
+    }
+
+    /// The label used in metrics, stats and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StorageFault::Full => "disk_full",
+            StorageFault::WriteFailed => "write_failed",
+        }
+    }
 }
 
 /// Why a batch was not stored.
@@ -937,9 +983,37 @@ impl Walk {
 
 /// The hub's evidence database. Cheap to clone (the database is shared);
 /// every method is blocking I/O.
-#[derive(Debug, Clone)]
+/// How the store opens its database again after a write error.
+type Opener = Arc<dyn Fn() -> Result<Database, redb::DatabaseError> + Send + Sync>;
+
+/// How long a reopen waits for readers to let go of the old handle (the
+/// file lock is released only when the last one does).
+const READERS_GRACE: Duration = Duration::from_secs(2);
+
+/// The open database and how to open it again: redb refuses every
+/// operation after an I/O error until the database is reopened.
+struct Slot {
+    open: Opener,
+    db: RwLock<Option<Arc<Database>>>,
+    /// The directory holding the file (none on a storage backend).
+    dir: Option<std::path::PathBuf>,
+}
+
+/// Below this much free space on the file system of `evidence.db`, a
+/// storage error whose cause redb no longer reports (`PreviousIo`) is
+/// taken for a full disk.
+pub const FULL_BELOW_BYTES: u64 = 1 << 20;
+
+/// The hub's evidence database. Cheap to clone; clones share one handle.
+#[derive(Clone)]
 pub struct EvidenceStore {
-    db: Arc<Database>,
+    slot: Arc<Slot>,
+}
+
+impl std::fmt::Debug for EvidenceStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EvidenceStore").finish_non_exhaustive()
+    }
 }
 
 impl EvidenceStore {
@@ -947,22 +1021,40 @@ impl EvidenceStore {
     /// missing. Refuses another schema version or a file with foreign
     /// tables (e.g. a spoke's buffer).
     pub fn open(path: &Path) -> Result<EvidenceStore, EvidenceStoreError> {
-        Self::init(Builder::new().set_cache_size(CACHE_BYTES).create(path)?)
-    }
-
-    /// [`EvidenceStore::open`] on a redb storage backend instead of a file
-    /// (tests run the store on a simulated disk with power cuts).
-    pub fn open_with_backend(
-        backend: impl redb::StorageBackend,
-    ) -> Result<EvidenceStore, EvidenceStoreError> {
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_owned();
+        let path = path.to_owned();
         Self::init(
-            Builder::new()
-                .set_cache_size(CACHE_BYTES)
-                .create_with_backend(backend)?,
+            Arc::new(move || Builder::new().set_cache_size(CACHE_BYTES).create(&path)),
+            Some(dir),
         )
     }
 
-    fn init(db: Database) -> Result<EvidenceStore, EvidenceStoreError> {
+    /// [`EvidenceStore::open`] on redb storage backends instead of a file
+    /// (tests run the store on a simulated disk with power cuts and full
+    /// disks): `backend` makes a fresh handle at open and at each
+    /// [`EvidenceStore::reopen`].
+    pub fn open_with_backend<B: redb::StorageBackend>(
+        backend: impl Fn() -> B + Send + Sync + 'static,
+    ) -> Result<EvidenceStore, EvidenceStoreError> {
+        Self::init(
+            Arc::new(move || {
+                Builder::new()
+                    .set_cache_size(CACHE_BYTES)
+                    .create_with_backend(backend())
+            }),
+            None,
+        )
+    }
+
+    fn init(
+        open: Opener,
+        dir: Option<std::path::PathBuf>,
+    ) -> Result<EvidenceStore, EvidenceStoreError> {
+        let db = open()?;
         let tx = db.begin_write()?;
         {
             let existing: Vec<String> = tx.list_tables()?.map(|t| t.name().to_owned()).collect();
@@ -995,11 +1087,79 @@ impl EvidenceStore {
             tx.open_table(AGGREGATES)?;
         }
         tx.commit()?;
-        Ok(EvidenceStore { db: Arc::new(db) })
+        Ok(EvidenceStore {
+            slot: Arc::new(Slot {
+                open,
+                db: RwLock::new(Some(Arc::new(db))),
+                dir,
+            }),
+        })
+    }
+
+    /// The current handle.
+    fn db(&self) -> Result<Arc<Database>, EvidenceStoreError> {
+        self.slot
+            .db
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(EvidenceStoreError::Closed)
+    }
+
+    /// Classifies a storage error ([`StorageFault::of`]); redb reports the
+    /// disk filling up during a commit as `PreviousIo` at times, so an
+    /// unclassified fault counts as [`StorageFault::Full`] when the file
+    /// system holding the file has less than [`FULL_BELOW_BYTES`] free.
+    pub fn fault(&self, e: &EvidenceStoreError) -> Option<StorageFault> {
+        let fault = StorageFault::of(e)?;
+        if fault == StorageFault::WriteFailed {
+            let free = self.slot.dir.as_deref().and_then(|d| {
+                rustix::fs::statvfs(d)
+                    .ok()
+                    .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+            });
+            if free.is_some_and(|f| f < FULL_BELOW_BYTES) {
+                return Some(StorageFault::Full);
+            }
+        }
+        Some(fault)
+    }
+
+    /// Closes the database (waiting briefly for readers to let go) and
+    /// opens it again: what redb needs after a failed write before it does
+    /// any more work. On error the store stays closed
+    /// ([`EvidenceStoreError::Closed`]) and the caller retries later.
+    /// Blocking.
+    pub fn reopen(&self) -> Result<(), EvidenceStoreError> {
+        let old = self
+            .slot
+            .db
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mut old) = old {
+            let deadline = Instant::now() + READERS_GRACE;
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(db) => {
+                        drop(db);
+                        break;
+                    }
+                    Err(shared) if Instant::now() < deadline => {
+                        old = shared;
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        let db = Arc::new((self.slot.open)()?);
+        *self.slot.db.write().unwrap_or_else(|p| p.into_inner()) = Some(db);
+        Ok(())
     }
 
     fn write(&self) -> Result<WriteTransaction, EvidenceStoreError> {
-        let mut tx = self.db.begin_write()?;
+        let mut tx = self.db()?.begin_write()?;
         tx.set_quick_repair(true);
         Ok(tx)
     }
@@ -1007,7 +1167,7 @@ impl EvidenceStore {
     /// Where the hub's copy of `spoke`'s chain ends: genesis position if
     /// nothing stored yet.
     pub fn position(&self, spoke: &SpiffeId) -> Result<ChainPosition, EvidenceStoreError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         let t = tx.open_table(SPOKES)?;
         Ok(load_state(&t, &spoke.to_string())?
             .map_or_else(|| ChainPosition::genesis(spoke), |s| s.position))
@@ -1248,7 +1408,7 @@ impl EvidenceStore {
             return Ok(out);
         }
         let name = spoke.to_string();
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         let t = tx.open_table(RECORDS)?;
         let from = q.from_seq.unwrap_or(0);
         for row in t.range((name.as_str(), from)..=(name.as_str(), u64::MAX))? {
@@ -1274,7 +1434,7 @@ impl EvidenceStore {
     /// proportional to the spoke's evidence.
     pub fn verify(&self, spoke: &SpiffeId) -> Result<VerifyReport, EvidenceStoreError> {
         let name = spoke.to_string();
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         let st = load_state(&tx.open_table(SPOKES)?, &name)?
             .unwrap_or_else(|| SpokeState::genesis(spoke));
         let gaps = load_gaps(&tx.open_table(GAPS)?, &name)?;
@@ -1317,7 +1477,7 @@ impl EvidenceStore {
     /// `spoke`'s counters; all zero (and `chain_ok`) for an unknown spoke.
     pub fn stats(&self, spoke: &SpiffeId) -> Result<SpokeEvidenceStats, EvidenceStoreError> {
         let name = spoke.to_string();
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         let st = load_state(&tx.open_table(SPOKES)?, &name)?
             .unwrap_or_else(|| SpokeState::genesis(spoke));
         let first = first_held(&tx.open_table(RECORDS)?, &name)?;
@@ -1326,7 +1486,7 @@ impl EvidenceStore {
 
     /// Every spoke with evidence (or a flagged refusal), by ID.
     pub fn spokes(&self) -> Result<Vec<SpokeEvidenceStats>, EvidenceStoreError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         let spokes = tx.open_table(SPOKES)?;
         let records = tx.open_table(RECORDS)?;
         let mut out = Vec::new();
@@ -1344,7 +1504,7 @@ impl EvidenceStore {
         &self,
         spoke: Option<&SpiffeId>,
     ) -> Result<Vec<Aggregate>, EvidenceStoreError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         let t = tx.open_table(AGGREGATES)?;
         let mut out = Vec::new();
         let mut push = |k: &str, v: &[u8]| -> Result<(), EvidenceStoreError> {
@@ -1394,7 +1554,7 @@ impl EvidenceStore {
             return Ok(report);
         }
         let names: Vec<String> = {
-            let tx = self.db.begin_read()?;
+            let tx = self.db()?.begin_read()?;
             let t = tx.open_table(SPOKES)?;
             let mut v = Vec::new();
             for row in t.iter()? {
@@ -1613,7 +1773,7 @@ mod tests {
         /// store's back.
         fn tamper(&self, seq: u64, bytes: Option<&[u8]>) {
             let name = spoke().to_string();
-            let tx = self.store.db.begin_write().expect("write");
+            let tx = self.store.db().expect("open").begin_write().expect("write");
             {
                 let mut t = tx.open_table(RECORDS).expect("table");
                 match bytes {
@@ -1696,7 +1856,7 @@ mod tests {
         assert_eq!((v.records_checked, v.from_seq, v.to_seq), (10, 1, 10));
 
         // One batch row per batch, with its signature.
-        let tx = fx.store.db.begin_read().expect("read");
+        let tx = fx.store.db().expect("open").begin_read().expect("read");
         let t = tx.open_table(BATCHES).expect("table");
         let name = spoke().to_string();
         let rows: Vec<(u64, BatchRow)> = t
@@ -1896,7 +2056,7 @@ mod tests {
         assert_eq!(only_shed, held[4..5]);
 
         // The cut record as signed is kept with the batch.
-        let tx = fx.store.db.begin_read().expect("read");
+        let tx = fx.store.db().expect("open").begin_read().expect("read");
         let t = tx.open_table(BATCHES).expect("table");
         let row: BatchRow = decode(
             "batches",
@@ -2058,7 +2218,7 @@ mod tests {
 
     fn batch_rows(fx: &Fx) -> Vec<u64> {
         let name = spoke().to_string();
-        let tx = fx.store.db.begin_read().expect("read");
+        let tx = fx.store.db().expect("open").begin_read().expect("read");
         let t = tx.open_table(BATCHES).expect("table");
         t.range((name.as_str(), 0)..=(name.as_str(), u64::MAX))
             .expect("range")
@@ -2456,7 +2616,7 @@ mod tests {
         let path = dir.path().join("evidence.db");
         let store = EvidenceStore::open(&path).expect("creates");
         {
-            let tx = store.db.begin_write().expect("write");
+            let tx = store.db().expect("open").begin_write().expect("write");
             tx.open_table(META)
                 .expect("table")
                 .insert("schema", b"99".as_slice())
@@ -2575,8 +2735,11 @@ mod tests {
         let mut acked = 0u64;
         let (mut cuts, mut batches) = (0u64, 0u64);
         while cuts < 50 {
-            let store = EvidenceStore::open_with_backend(disk.backend())
-                .unwrap_or_else(|e| panic!("seed {seed}, cut {cuts}: reopen failed: {e}"));
+            let store = EvidenceStore::open_with_backend({
+                let d = disk.clone();
+                move || d.backend()
+            })
+            .unwrap_or_else(|e| panic!("seed {seed}, cut {cuts}: reopen failed: {e}"));
             let pos = store.position(&spoke()).expect("position");
             assert!(
                 pos.last_seq() >= acked,
@@ -2622,5 +2785,79 @@ mod tests {
             "hub: {cuts} power cuts, {batches} batches ingested, {acked} records stored, none lost"
         );
         assert!(cuts >= 50, "the chain ran out after {cuts} cuts");
+    }
+
+    /// A full disk: an ingest fails with [`StorageFault::Full`] and stores
+    /// nothing; after [`EvidenceStore::reopen`] reads work again; once
+    /// space returns the same records are ingested exactly once and the
+    /// chain verifies.
+    #[test]
+    fn a_full_disk_refuses_then_resumes_without_loss_or_duplicates() {
+        use tidemesh_simdisk::SimDisk;
+
+        let key = svid::generate_key().expect("key");
+        let c = chain(3_000);
+        let disk = SimDisk::new();
+        let store = EvidenceStore::open_with_backend({
+            let d = disk.clone();
+            move || d.backend()
+        })
+        .expect("opens");
+        let b = signed_for(&spoke(), &key, &c[..100]);
+        store
+            .ingest(&b, [7; 32], at(1_000_000))
+            .expect("first batch");
+        disk.set_full(Some(disk.len()));
+        let mut next = 100usize;
+        let mut faults = 0;
+        // Ingest until the file has to grow.
+        while next < c.len() {
+            let b = signed_for(&spoke(), &key, &c[next..next + 100]);
+            let mut r = store.ingest(&b, [7; 32], at(1_000_000));
+            if matches!(&r, Err(IngestError::Store(e)) if StorageFault::of(e).is_some()) {
+                // as the hub's ingest does: an earlier error may surface as
+                // `PreviousIo`; reopen and try once more
+                store.reopen().expect("reopens");
+                r = store.ingest(&b, [7; 32], at(1_000_000));
+            }
+            match r {
+                Ok(o) => next = o.position.last_seq() as usize,
+                Err(IngestError::Store(e)) => {
+                    // redb reports it as `PreviousIo` (no path to ask the
+                    // file system about here): a retryable storage fault
+                    assert!(store.fault(&e).is_some(), "{e}");
+                    faults += 1;
+                    break;
+                }
+                Err(e) => panic!("unexpected: {e}"),
+            }
+        }
+        assert_eq!(faults, 1, "the disk filled up before the chain ran out");
+        store.reopen().expect("reopens on a full disk");
+        let pos = store.position(&spoke()).expect("reads after reopening");
+        assert_eq!(
+            pos.last_seq() as usize,
+            next,
+            "the failed batch stored nothing"
+        );
+        // Still full: the same batch fails again, nothing changes.
+        let b = signed_for(&spoke(), &key, &c[next..next + 100]);
+        assert!(store.ingest(&b, [7; 32], at(1_000_000)).is_err());
+        store.reopen().expect("reopens");
+        disk.set_full(None);
+        while next < c.len() {
+            let n = 100.min(c.len() - next);
+            let b = signed_for(&spoke(), &key, &c[next..next + n]);
+            next = store
+                .ingest(&b, [7; 32], at(1_000_000))
+                .expect("ingests once space returns")
+                .position
+                .last_seq() as usize;
+        }
+        let stats = store.stats(&spoke()).expect("stats");
+        assert_eq!(stats.records, c.len() as u64);
+        assert_eq!(stats.duplicates, 0);
+        assert!(store.verify(&spoke()).expect("verify").ok);
+        assert_eq!(store.query(&spoke(), &all_records()).expect("query"), c);
     }
 }

@@ -20,6 +20,17 @@
 //! (quinn buffers at most one stream receive window per session). A frame
 //! must arrive within [`FRAME_DEADLINE`] once begun, or the session ends,
 //! so a slow sender cannot sit on a permit.
+//!
+//! A full or failing `evidence.db`: a batch whose commit fails with a
+//! storage error ([`StorageFault`]: no space left, an I/O error) stores
+//! nothing; the hub reopens the database (redb refuses all work after an
+//! I/O error until then) and answers with an ack that names a position the
+//! hub holds, a window of one batch and a `retry_after_ms` of
+//! [`STORE_RETRY`] (with jitter): the spoke keeps its records and resends
+//! them from that position later. The hub says so meanwhile
+//! (`tidemesh_hub_evidence_store_full`, `stats` → `evidence_store`, one
+//! log line per outage) and clears the state at the next commit that
+//! works. Renewals, revocations and everything else in `hub.db` go on.
 
 use std::{
     sync::{
@@ -35,9 +46,9 @@ use tidemesh_evidence::{Batch, ChainHash, ChainPosition, EvidenceSeq, UnixMillis
 use tidemesh_identity::{svid, SpiffeId};
 use tidemesh_proto::{ErrorCode, Request, Response};
 use tokio::sync::Semaphore;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use crate::evidence::{IngestError, IngestOutcome};
+use crate::evidence::{EvidenceStoreError, IngestError, IngestOutcome, StorageFault};
 use crate::Hub;
 
 /// Evidence ingest settings.
@@ -88,6 +99,9 @@ pub struct IngestCounters {
     pub held: AtomicU64,
     /// The most batches ever held at once.
     pub held_peak: AtomicU64,
+    /// Batches and gaps whose commit failed with a storage error (disk
+    /// full, I/O error): nothing stored, the spoke told to retry.
+    pub store_failures: AtomicU64,
 }
 
 /// How long a begun batch frame may take to arrive in full.
@@ -106,6 +120,21 @@ impl Drop for Held {
     }
 }
 
+/// How long a spoke is told to wait (plus up to half again as jitter)
+/// after a commit failed on a full or failing `evidence.db`.
+pub const STORE_RETRY: Duration = Duration::from_secs(2);
+
+/// Since when `evidence.db` has been failing, and how.
+#[derive(Debug, Clone)]
+pub struct StoreOutage {
+    /// What failed.
+    pub fault: StorageFault,
+    /// When the first failure of this outage happened (ms since the epoch).
+    pub since_ms: u64,
+    /// The last error.
+    pub error: String,
+}
+
 /// The shared limits: slots and the token bucket.
 pub(crate) struct Limits {
     slots: Semaphore,
@@ -113,6 +142,8 @@ pub(crate) struct Limits {
     held: std::sync::Arc<Semaphore>,
     bucket: Mutex<(f64, Instant)>,
     pub(crate) counters: IngestCounters,
+    /// Set while commits to `evidence.db` fail.
+    outage: Mutex<Option<StoreOutage>>,
 }
 
 impl Limits {
@@ -122,6 +153,44 @@ impl Limits {
             held: std::sync::Arc::new(Semaphore::new(2 * s.max_concurrent.max(1))),
             bucket: Mutex::new((f64::from(s.rate), Instant::now())),
             counters: IngestCounters::default(),
+            outage: Mutex::new(None),
+        }
+    }
+
+    /// The current outage of `evidence.db`, if any.
+    pub(crate) fn outage(&self) -> Option<StoreOutage> {
+        self.outage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Notes a failed commit; logs when an outage starts or changes kind.
+    fn store_failed(&self, fault: StorageFault, error: &EvidenceStoreError, now_ms: u64) {
+        self.counters.store_failures.fetch_add(1, Ordering::Relaxed);
+        let mut o = self.outage.lock().unwrap_or_else(|p| p.into_inner());
+        let error = error.to_string();
+        match o.as_mut() {
+            Some(cur) if cur.fault == fault => cur.error = error,
+            _ => {
+                warn!(target: "tidemesh::audit", fault = fault.as_str(), %error,
+                    "evidence store cannot commit: ingest paused, spokes told to retry; renewals and revocations go on");
+                *o = Some(StoreOutage {
+                    fault,
+                    since_ms: now_ms,
+                    error,
+                });
+            }
+        }
+    }
+
+    /// Notes a commit that worked; logs the end of an outage.
+    fn store_ok(&self, now_ms: u64) {
+        let mut o = self.outage.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ended) = o.take() {
+            info!(target: "tidemesh::audit", fault = ended.fault.as_str(),
+                lasted_ms = now_ms.saturating_sub(ended.since_ms),
+                "evidence store commits again: ingest resumed");
         }
     }
 
@@ -203,6 +272,36 @@ fn decode_and_check(
     Ok((verified, n))
 }
 
+/// What a batch's commit did.
+enum Stored {
+    /// Committed (new records and duplicates).
+    Batch(IngestOutcome),
+    /// It started past the hub's position (here): resend from it.
+    Ahead(ChainPosition),
+}
+
+/// Why a batch's commit did not happen.
+enum Failed {
+    /// The batch itself is refused.
+    Refused(Refusal),
+    /// The store failed (a storage fault, or worse).
+    Store(EvidenceStoreError),
+}
+
+/// After a storage fault, reopens the database (redb does no more work
+/// after an I/O error until then); a failed reopen leaves it closed and
+/// the next batch tries again. Blocking.
+fn reopen_after(store: &crate::evidence::EvidenceStore, f: Failed) -> Failed {
+    if let Failed::Store(e) = &f {
+        if StorageFault::of(e).is_some() {
+            if let Err(e) = store.reopen() {
+                debug!(error = %e, "evidence store reopen failed; next batch retries");
+            }
+        }
+    }
+    f
+}
+
 /// Why a batch was refused, for the spoke and the flag.
 enum Refusal {
     /// Flag it (the store has not yet).
@@ -247,7 +346,18 @@ impl Hub {
         };
         let store = self.inner.evidence.clone();
         let spoke = id.clone();
-        let pos = match tokio::task::spawn_blocking(move || store.position(&spoke)).await {
+        let pos = match tokio::task::spawn_blocking(move || {
+            store.position(&spoke).or_else(|e| {
+                // closed after a failed commit: reads work again once reopened
+                if StorageFault::of(&e).is_none() {
+                    return Err(e);
+                }
+                store.reopen()?;
+                store.position(&spoke)
+            })
+        })
+        .await
+        {
             Ok(Ok(p)) => p,
             other => {
                 warn!(spoke = %id, error = ?other.err(), "evidence position unavailable");
@@ -265,6 +375,9 @@ impl Hub {
         // Two stages: a reader decodes and checks the signature of batch n+1
         // (on the blocking pool) while batch n commits; the channel bound
         // keeps at most two decoded batches in memory per session.
+        // A position the hub holds (it only grows): what a spoke is told
+        // to resend from when a commit fails.
+        let mut held = pos;
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Item>(2);
         let reader_id = id.clone();
         let limits_arc = self.inner.ingest.clone();
@@ -328,8 +441,8 @@ impl Hub {
         let _reader = AbortOnDrop(reader);
         while let Some(item) = rx.recv().await {
             let answer = match item {
-                Item::Batch(checked, _held) => match checked.await {
-                    Ok(Ok(v)) => self.ingest_one(id, v, cert_sha256, &settings).await,
+                Item::Batch(checked, _in_memory) => match checked.await {
+                    Ok(Ok(v)) => self.ingest_one(id, v, cert_sha256, &settings, &held).await,
                     Ok(Err(r)) => Err(r),
                     Err(e) => Err(Refusal::Flag(format!("batch check failed: {e}"))),
                 },
@@ -338,13 +451,22 @@ impl Hub {
                     resume_hash,
                     reason,
                 } => {
-                    self.declare_gap(id, resume_seq, resume_hash, reason, &settings)
+                    self.declare_gap(id, resume_seq, resume_hash, reason, &settings, &held)
                         .await
                 }
                 Item::Other(m) => Err(Refusal::Flag(m)),
             };
             match answer {
                 Ok(resp) => {
+                    if let Response::EvidenceAck { next_seq, hash, .. } = &resp {
+                        if let Some(n) = EvidenceSeq::new(*next_seq).filter(|n| *n > held.next_seq)
+                        {
+                            held = ChainPosition {
+                                next_seq: n,
+                                hash: ChainHash(*hash),
+                            };
+                        }
+                    }
                     if tidemesh_net::write_frame(&mut send, &resp).await.is_err() {
                         break;
                     }
@@ -417,6 +539,7 @@ impl Hub {
         verified: (VerifiedBatch, u32),
         cert_sha256: [u8; 32],
         settings: &IngestSettings,
+        held: &ChainPosition,
     ) -> Result<Response, Refusal> {
         let limits = &self.inner.ingest;
         let (verified, n) = verified;
@@ -430,25 +553,39 @@ impl Hub {
         let store = self.inner.evidence.clone();
         let spoke = id.clone();
         let now = UnixMillis(self.now_ms());
-        let res =
-            tokio::task::spawn_blocking(move || match store.ingest(&verified, cert_sha256, now) {
-                Ok(out) => Ok((Some(out), None)),
-                Err(IngestError::Ahead { .. }) => {
-                    let pos = store
-                        .position(&spoke)
-                        .map_err(|e| Refusal::Flag(format!("evidence store: {e}")))?;
-                    Ok((None, Some(pos)))
+        let res = tokio::task::spawn_blocking(move || {
+            let mut res = store.ingest(&verified, cert_sha256, now);
+            if let Err(IngestError::Store(e)) = &res {
+                // redb reports an earlier I/O error (one that surfaced in a
+                // drop, say) as `PreviousIo`: reopen and try once more, so
+                // the answer names what fails now (a full disk, or nothing).
+                if StorageFault::of(e).is_some() && store.reopen().is_ok() {
+                    res = store.ingest(&verified, cert_sha256, now);
                 }
+            }
+            match res {
+                Ok(out) => Ok(Stored::Batch(out)),
+                Err(IngestError::Ahead { .. }) => match store.position(&spoke) {
+                    Ok(pos) => Ok(Stored::Ahead(pos)),
+                    Err(e) => Err(Failed::Store(e)),
+                },
                 Err(e @ (IngestError::Chain { .. } | IngestError::Fork { .. })) => {
-                    Err(Refusal::Flagged(e.to_string()))
+                    Err(Failed::Refused(Refusal::Flagged(e.to_string())))
                 }
-                Err(e) => Err(Refusal::Flag(format!("evidence store: {e}"))),
-            })
-            .await
-            .map_err(|e| Refusal::Flag(format!("ingest task failed: {e}")))??;
+                Err(IngestError::Store(e)) => Err(Failed::Store(e)),
+            }
+            .map_err(|f| reopen_after(&store, f))
+        })
+        .await
+        .map_err(|e| Refusal::Flag(format!("ingest task failed: {e}")))?;
+        let res = match res {
+            Ok(r) => r,
+            Err(f) => return self.store_failure(f, held),
+        };
+        limits.store_ok(self.now_ms());
         let (window, retry) = self.pacing(settings, waited, n);
         match res {
-            (Some(out), _) => {
+            Stored::Batch(out) => {
                 let c = &limits.counters;
                 c.batches.fetch_add(1, Ordering::Relaxed);
                 c.records
@@ -457,12 +594,28 @@ impl Hub {
                     .fetch_add(u64::from(out.duplicates), Ordering::Relaxed);
                 Ok(ack(&out.position, Some(&out), window, retry))
             }
-            (None, Some(pos)) => {
+            Stored::Ahead(pos) => {
                 limits.counters.ahead.fetch_add(1, Ordering::Relaxed);
                 debug!(spoke = %id, hub_next = pos.next_seq.get(), "batch ahead of the hub's position; spoke will resend");
                 Ok(ack(&pos, None, window, retry))
             }
-            _ => Err(Refusal::Flag("internal: no outcome".into())),
+        }
+    }
+
+    /// Answers a commit that failed: a storage fault becomes an ack at a
+    /// position the hub holds with a retry-after (the spoke keeps its
+    /// records and resends); anything else refuses the batch.
+    fn store_failure(&self, f: Failed, held: &ChainPosition) -> Result<Response, Refusal> {
+        match f {
+            Failed::Refused(r) => Err(r),
+            Failed::Store(e) => match self.inner.evidence.fault(&e) {
+                Some(fault) => {
+                    self.inner.ingest.store_failed(fault, &e, self.now_ms());
+                    let jitter = rand::rng().random_range(0.0..0.5);
+                    Ok(ack(held, None, 1, STORE_RETRY.mul_f64(1.0 + jitter)))
+                }
+                None => Err(Refusal::Flag(format!("evidence store: {e}"))),
+            },
         }
     }
 
@@ -473,6 +626,7 @@ impl Hub {
         resume_hash: [u8; 32],
         reason: String,
         settings: &IngestSettings,
+        held: &ChainPosition,
     ) -> Result<Response, Refusal> {
         let Some(next_seq) = EvidenceSeq::new(resume_seq) else {
             return Err(Refusal::Flag("gap resumes at sequence number 0".into()));
@@ -485,15 +639,23 @@ impl Hub {
         let spoke = id.clone();
         let now = UnixMillis(self.now_ms());
         let r = resume;
-        let res = tokio::task::spawn_blocking(move || store.declare_gap(&spoke, &r, &reason, now))
-            .await
-            .map_err(|e| Refusal::Flag(format!("gap task failed: {e}")))?;
+        let res = tokio::task::spawn_blocking(move || {
+            store
+                .declare_gap(&spoke, &r, &reason, now)
+                .map_err(|e| match StorageFault::of(&e) {
+                    Some(_) => reopen_after(&store, Failed::Store(e)),
+                    None => Failed::Refused(Refusal::Flag(format!("gap refused: {e}"))),
+                })
+        })
+        .await
+        .map_err(|e| Refusal::Flag(format!("gap task failed: {e}")))?;
         match res {
             Ok(g) => {
+                self.inner.ingest.store_ok(self.now_ms());
                 warn!(target: "tidemesh::audit", spoke = %id, gap = ?g, "evidence gap recorded");
                 Ok(ack(&resume, None, settings.window, Duration::ZERO))
             }
-            Err(e) => Err(Refusal::Flag(format!("gap refused: {e}"))),
+            Err(f) => self.store_failure(f, held),
         }
     }
 }

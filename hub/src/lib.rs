@@ -19,6 +19,7 @@
 pub mod admission;
 pub mod authority;
 pub mod config;
+pub mod durable;
 pub mod evidence;
 pub mod gateway;
 pub mod ingest;
@@ -306,6 +307,8 @@ pub(crate) struct Inner {
     /// The UDP receive buffer asked for and the size the kernel granted
     /// (reported by whoever bound the socket).
     pub(crate) udp_recv_buffer: Mutex<Option<(usize, usize)>>,
+    /// Slots for durable work on the blocking pool ([`durable`]).
+    pub(crate) durable: durable::Durable,
 }
 
 /// Holds one admitted connection's place in the admission counts (overall
@@ -384,17 +387,47 @@ impl Hub {
         let cert = fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
         let ca = Ca::from_pem(&cert, &key)?;
         let store = Store::open(&db_path)?;
+        let ev_path = data_dir.join(EVIDENCE_DB);
+        let evidence = evidence::EvidenceStore::open(&ev_path)
+            .map_err(|e| HubError::Invalid(format!("{}: {e}", ev_path.display())))?;
+        Self::assemble(data_dir, ca, store, evidence, cfg, clock)
+    }
+
+    /// [`Hub::open`] with its databases already open, wherever they live
+    /// (tests: on simulated disks with slow syncs or a full disk). The CA
+    /// is read from `data_dir` as by [`Hub::open`].
+    pub fn open_with_stores(
+        data_dir: &Path,
+        store: Store,
+        evidence: evidence::EvidenceStore,
+        cfg: HubConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Hub, HubError> {
+        let key_path = data_dir.join(CA_KEY);
+        let cert_path = data_dir.join(CA_CERT);
+        enforce_mode(data_dir, 0o700)?;
+        enforce_mode(&key_path, 0o600)?;
+        let key = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+        let cert = fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
+        let ca = Ca::from_pem(&cert, &key)?;
+        Self::assemble(data_dir, ca, store, evidence, cfg, clock)
+    }
+
+    fn assemble(
+        data_dir: &Path,
+        ca: Ca,
+        store: Store,
+        evidence: evidence::EvidenceStore,
+        cfg: HubConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Hub, HubError> {
         let td_s = store
             .meta("trust_domain")?
             .ok_or_else(|| HubError::NotInitialized(data_dir.to_owned()))?;
         let td = TrustDomain::new(&td_s).map_err(|e| HubError::Invalid(e.to_string()))?;
         let revocations = Revocations::new(store.reconcile_revocations(unix_ms(clock.now()))?);
         let latest = store.config().latest()?.map(Arc::new);
-        let ev_path = data_dir.join(EVIDENCE_DB);
-        let evidence = Arc::new(
-            evidence::EvidenceStore::open(&ev_path)
-                .map_err(|e| HubError::Invalid(format!("{}: {e}", ev_path.display())))?,
-        );
+        let evidence = Arc::new(evidence);
         let ingest = Arc::new(ingest::Limits::new(&cfg.ingest));
         cfg.admission.check().map_err(HubError::Invalid)?;
         let admission = admission::Admission::new(cfg.admission.clone(), std::time::Instant::now());
@@ -424,6 +457,7 @@ impl Hub {
                 refusals: Mutex::new(refusals::RefusalBook::new()),
                 admission: Mutex::new(admission),
                 udp_recv_buffer: Mutex::new(None),
+                durable: durable::Durable::new(),
             }),
         })
     }
@@ -821,12 +855,17 @@ impl Hub {
             "token_create" => {
                 let spoke = arg("spoke").ok_or("missing spoke")?;
                 let id = SpiffeId::parse(&spoke).map_err(|e| format!("--spoke {spoke}: {e}"))?;
+                let id2 = id.clone();
                 let ttl = req
                     .get("ttl_s")
                     .and_then(Value::as_u64)
                     .map(Duration::from_secs)
                     .unwrap_or(Duration::from_secs(600));
-                let token = self.create_token(&id, ttl).map_err(|e| e.to_string())?;
+                let token = self
+                    .durable(move |hub| hub.create_token(&id2, ttl))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
                 info!(target: "tidemesh::audit", spoke = %id, uid = ?caller.uid, "join token created");
                 Ok(json!({"token": token.to_string(), "expires_in_s": ttl.as_secs()}))
             }
@@ -837,7 +876,11 @@ impl Hub {
             "revoke" => {
                 let spoke = arg("spoke").ok_or("missing spoke")?;
                 let id = SpiffeId::parse(&spoke).map_err(|e| format!("--spoke {spoke}: {e}"))?;
-                self.revoke(&id).map_err(|e| e.to_string())?;
+                let id2 = id.clone();
+                self.durable(move |hub| hub.revoke(&id2))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
                 Ok(json!({"revoked": id.to_string()}))
             }
             "audit" => {
@@ -851,8 +894,11 @@ impl Hub {
             }
             "apply" => {
                 let yaml = arg("yaml").ok_or("missing yaml")?;
+                let uid = caller.uid;
                 let v = self
-                    .apply_yaml(&yaml, caller.uid)
+                    .durable(move |hub| hub.apply_yaml(&yaml, uid))
+                    .await
+                    .map_err(|e| e.to_string())?
                     .map_err(|e| e.to_string())?;
                 Ok(json!({"version": v.meta.version, "summary": v.meta.summary}))
             }
@@ -892,14 +938,22 @@ impl Hub {
             }
             "config_rollback" => {
                 let to = req.get("to").and_then(Value::as_u64).ok_or("missing to")?;
-                let v = self.rollback(to, caller.uid).map_err(|e| e.to_string())?;
+                let uid = caller.uid;
+                let v = self
+                    .durable(move |hub| hub.rollback(to, uid))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
                 Ok(json!({"version": v.meta.version, "summary": v.meta.summary}))
             }
             "stats" => {
                 let store = self.inner.evidence.clone();
+                // The rest of the stats answer while evidence.db cannot be
+                // read (closed after a failed write, reopened later).
                 let mut v = tokio::task::spawn_blocking(move || evidence_command(&store, &req))
                     .await
-                    .map_err(|e| e.to_string())??;
+                    .map_err(|e| e.to_string())?
+                    .unwrap_or_else(|e| json!({ "evidence_error": e }));
                 if let Some(o) = v.as_object_mut() {
                     let spokes = self.spokes().map_err(|e| e.to_string())?;
                     o.insert("spokes_enrolled".into(), json!(spokes.len()));
@@ -908,6 +962,7 @@ impl Hub {
                         json!(spokes.iter().filter(|s| s.connected).count()),
                     );
                     o.insert("ingest".into(), self.ingest_counters_json());
+                    o.insert("evidence_store".into(), self.evidence_store_json());
                     o.insert("refusals".into(), self.refusals_json());
                     o.insert(
                         "gateway".into(),
@@ -1060,10 +1115,14 @@ impl Hub {
                 .unwrap_or(false);
             if removed {
                 let now = self.now_ms();
+                let id2 = id.clone();
                 let _ = self
-                    .inner
-                    .store
-                    .update_spoke(&id, None, |r| r.last_seen_ms = now);
+                    .durable(move |hub| {
+                        hub.inner
+                            .store
+                            .update_spoke(&id2, None, |r| r.last_seen_ms = now)
+                    })
+                    .await;
                 info!(spoke = %id, reason = ?conn.close_reason(), "spoke disconnected");
             }
         }
@@ -1186,7 +1245,16 @@ impl Hub {
             (Some(id), Request::Register { endpoints }) if !self.is_revoked(&id.to_string()) => {
                 self.register(id, endpoints)
             }
-            (_, req) => authority::handle(self, &conn, node.as_ref(), req),
+            (_, req) => {
+                // signing and audit commits: off the async workers
+                let c = conn.clone();
+                self.durable(move |hub| authority::handle(hub, &c, node.as_ref(), req))
+                    .await
+                    .unwrap_or_else(|e| Response::Error {
+                        code: tidemesh_proto::ErrorCode::Internal,
+                        message: e.to_string(),
+                    })
+            }
         };
         let close_after = matches!(
             &resp,

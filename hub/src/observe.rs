@@ -136,7 +136,21 @@ impl Hub {
             "ahead_batches": c.ahead.load(Ordering::Relaxed),
             "batches_held": c.held.load(Ordering::Relaxed),
             "batches_held_peak": c.held_peak.load(Ordering::Relaxed),
+            "store_failures": c.store_failures.load(Ordering::Relaxed),
         })
+    }
+
+    /// `evidence.db`'s state for `stats`: `ok`, or `disk_full` /
+    /// `write_failed` with when it began and the last error.
+    pub(crate) fn evidence_store_json(&self) -> Value {
+        match self.inner.ingest.outage() {
+            None => json!({"state": "ok"}),
+            Some(o) => json!({
+                "state": o.fault.as_str(),
+                "since": crate::rfc3339_ms(o.since_ms),
+                "error": o.error,
+            }),
+        }
     }
 
     /// Refusals by request and reason, for `tidemesh-hub stats`.
@@ -293,6 +307,27 @@ impl Hub {
         for (name, help, v) in counters {
             e.single(name, Counter, help, v.load(Ordering::Relaxed) as f64);
         }
+        e.single(
+            "tidemesh_hub_evidence_store_failures_total",
+            Counter,
+            "Evidence commits that failed on a full or failing evidence.db (nothing stored; the spoke retries).",
+            c.store_failures.load(Ordering::Relaxed) as f64,
+        );
+        let outage = self.inner.ingest.outage();
+        e.single(
+            "tidemesh_hub_evidence_store_full",
+            Gauge,
+            "1 while evidence.db cannot grow (no space left): ingest paused, spokes told to retry.",
+            f64::from(u8::from(
+                outage.as_ref().map(|o| o.fault) == Some(crate::evidence::StorageFault::Full),
+            )),
+        );
+        e.single(
+            "tidemesh_hub_evidence_store_failing",
+            Gauge,
+            "1 while commits to evidence.db fail for any reason (full disk included).",
+            f64::from(u8::from(outage.is_some())),
+        );
         let f = e.family(
             "tidemesh_hub_refusals_total",
             Counter,

@@ -250,7 +250,22 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 impl Store {
     /// Creates a new database; fails if the file exists.
     pub fn create(path: &Path, trust_domain: &str) -> Result<Store, StoreError> {
-        let db = Database::create(path)?;
+        Self::create_in(Database::create(path)?, trust_domain)
+    }
+
+    /// [`Store::create`] on a redb storage backend instead of a file
+    /// (tests: a simulated disk with slow syncs or faults).
+    pub fn create_with_backend(
+        backend: impl redb::StorageBackend,
+        trust_domain: &str,
+    ) -> Result<Store, StoreError> {
+        Self::create_in(
+            redb::Builder::new().create_with_backend(backend)?,
+            trust_domain,
+        )
+    }
+
+    fn create_in(db: Database, trust_domain: &str) -> Result<Store, StoreError> {
         let mut tx = db.begin_write()?;
         tx.set_two_phase_commit(true);
         {
@@ -280,7 +295,15 @@ impl Store {
 
     /// Opens an existing database.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = Database::open(path)?;
+        Self::open_in(Database::open(path)?)
+    }
+
+    /// [`Store::open`] on a redb storage backend instead of a file.
+    pub fn open_with_backend(backend: impl redb::StorageBackend) -> Result<Store, StoreError> {
+        Self::open_in(redb::Builder::new().create_with_backend(backend)?)
+    }
+
+    fn open_in(db: Database) -> Result<Store, StoreError> {
         let store = Store { db };
         store.config().ensure()?;
         store.ensure_tables()?;

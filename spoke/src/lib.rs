@@ -349,6 +349,9 @@ impl EvidenceSink {
 }
 
 struct Inner {
+    /// The last-contact time waiting to be persisted, and whether a writer
+    /// is on the blocking pool (at most one: it writes the newest value).
+    contact_write: Mutex<(Option<u64>, bool)>,
     /// The durable evidence buffer (`evidence.db`), open while `run` is.
     evidence: EvidenceSink,
     /// Evidence sync counters.
@@ -541,6 +544,7 @@ impl Spoke {
                 evidence_rate: Mutex::new(survival::RateMeter::default()),
                 site_reach: Mutex::new((0, 0)),
                 data: std::sync::OnceLock::new(),
+                contact_write: Mutex::new((None, false)),
                 live: Mutex::new(Live {
                     state: State::Connecting,
                     last_error: None,
@@ -636,10 +640,47 @@ impl Spoke {
         if let Ok(mut l) = self.inner.live.lock() {
             l.last_contact_ms = Some(now);
         }
-        if let Err(e) = self.inner.store.save_contact(&creds::ContactState {
-            last_contact_ms: Some(now),
-        }) {
-            warn!(error = %e, "cannot persist last contact");
+        // Persisted off the async workers by at most one blocking job,
+        // which writes the newest time until none is waiting.
+        let start = {
+            let mut w = self
+                .inner
+                .contact_write
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            w.0 = Some(now);
+            !std::mem::replace(&mut w.1, true)
+        };
+        if !start {
+            return;
+        }
+        let me = self.clone();
+        let job = move || loop {
+            let next = {
+                let mut w = me
+                    .inner
+                    .contact_write
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                match w.0.take() {
+                    Some(ms) => ms,
+                    None => {
+                        w.1 = false;
+                        return;
+                    }
+                }
+            };
+            if let Err(e) = me.inner.store.save_contact(&creds::ContactState {
+                last_contact_ms: Some(next),
+            }) {
+                warn!(error = %e, "cannot persist last contact");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn_blocking(job);
+            }
+            Err(_) => job(),
         }
     }
 
@@ -906,7 +947,7 @@ impl Spoke {
     }
 
     /// Persists the trusted-time floor (blocking write; small).
-    fn save_time_floor(&self) {
+    pub(crate) fn save_time_floor(&self) {
         if let Err(e) = self.inner.store.save_time_floor(&self.inner.tclock.floor()) {
             warn!(error = %e, "cannot persist the trusted-time floor");
         }

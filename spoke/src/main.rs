@@ -104,6 +104,12 @@ enum Cmd {
         /// commit (1ms..1s): the most a power cut or SIGKILL can lose.
         #[arg(long, env = "TIDEMESH_EVIDENCE_COMMIT_INTERVAL", default_value = "20ms", value_parser = parse_commit_interval)]
         evidence_commit_interval: Duration,
+        /// Evidence records held in memory while commits are pending or
+        /// failing (disk full); past half of it the writer sheds request
+        /// and debug records into counted shed records, at the bound appends
+        /// are refused (counted as lost, reason `backlogged`).
+        #[arg(long, env = "TIDEMESH_EVIDENCE_MAX_QUEUED", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(16..=10_000_000))]
+        evidence_max_queued: u64,
         /// Most evidence records per second sent to the hub after a partition (0: no cap).
         #[arg(long, env = "TIDEMESH_EVIDENCE_DRAIN_RATE", default_value_t = 20_000)]
         evidence_drain_rate: u32,
@@ -322,6 +328,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             metrics,
             evidence_capacity,
             evidence_commit_interval,
+            evidence_max_queued,
             evidence_drain_rate,
             evidence_batch,
             evidence_linger,
@@ -364,6 +371,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 evidence: tidemesh_spoke::buffer::BufferConfig {
                     capacity_bytes: evidence_capacity,
                     commit_interval: evidence_commit_interval,
+                    max_queued: evidence_max_queued,
                     ..Default::default()
                 },
                 sync: tidemesh_spoke::SyncSettings {

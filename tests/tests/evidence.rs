@@ -1028,3 +1028,316 @@ fn replayed_and_reordered_batches_over_quic_are_stored_once() {
         let _ = served.await;
     });
 }
+
+/// A real tmpfs mounted for the length of a test, unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. `8m`, mode 0700) on `dir`; `None`
+    /// (with the reason printed) where mounting is not permitted.
+    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let o = run(Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir));
+        if !o.status.success() {
+            eprintln!(
+                "SKIPPED: cannot mount a tmpfs on {} (needs root or CAP_SYS_ADMIN): {}",
+                dir.display(),
+                text(&o)
+            );
+            return None;
+        }
+        Some(Tmpfs(dir.to_owned()))
+    }
+
+    /// Fills the file system with `filler` until a write fails with "no
+    /// space left"; returns the bytes written.
+    fn fill(&self) -> u64 {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.0.join("filler")).expect("filler");
+        let chunk = vec![0x5a_u8; 4096];
+        let mut n = 0u64;
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(k) => n += k as u64,
+                Err(e) => {
+                    assert_eq!(
+                        e.raw_os_error(),
+                        Some(28),
+                        "filling {}: {e}",
+                        self.0.display()
+                    );
+                    break;
+                }
+            }
+        }
+        n
+    }
+
+    /// Deletes the filler: the space returns.
+    fn free(&self) {
+        std::fs::remove_file(self.0.join("filler")).expect("remove filler");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = run(Command::new("umount").arg("-l").arg(&self.0));
+    }
+}
+
+/// Must-show (full disk): the spoke's whole data dir on a real 8 MiB
+/// tmpfs, drill load flowing through the running spoke (at most 2,000
+/// records held in memory, `--evidence-max-queued`). The hub is cut off
+/// (relay blackout: nothing is acked, so evidence.db must grow; while
+/// connected, acked records free pages the file reuses and a full disk
+/// costs nothing) and the tmpfs filled for 8 s; then the filler is
+/// deleted and the link healed. The spoke keeps answering,
+/// its status says evidence is degraded, the writer counts what it could
+/// not keep (`lost`), recovers when space returns, and at the hub every
+/// drill record is either stored exactly once or stood for by a shed
+/// record (counted), the chain contiguous and verified.
+#[test]
+fn spoke_on_a_full_tmpfs_counts_every_lost_record_and_recovers() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let Some(fs) = Tmpfs::mount(&tmp.path().join("spoke"), "8m") else {
+        return;
+    };
+    let (hub, relay, s) = setup(
+        tmp.path(),
+        &[],
+        Some(41),
+        &["--evidence-max-queued", "2000"],
+    );
+    let relay = relay.expect("relay");
+    const RATE: u32 = 400;
+    let load = drill(&s, RATE, "20s");
+    std::thread::sleep(Duration::from_secs(3));
+    relay.blackout(None);
+    let filled = fs.fill();
+    let full_at = Instant::now();
+    // The writer notices at its next commit.
+    let degraded = wait_for(Duration::from_secs(10), || {
+        let st = s.try_status()?;
+        st["evidence"]["degraded"].as_str().map(str::to_owned)
+    })
+    .unwrap_or_else(|| panic!("status never said evidence is degraded: {}", s.status()));
+    std::thread::sleep(Duration::from_secs(8).saturating_sub(full_at.elapsed()));
+    // Still serving: status and stats answer.
+    let during = s.status();
+    assert!(during["evidence"]["degraded"].is_string(), "{during}");
+    let st_full = spoke_stats(&s).expect("evidence stats while full");
+    fs.free();
+    relay.heal();
+    let freed = Instant::now();
+    wait_for(Duration::from_secs(30), || {
+        s.try_status()?["evidence"]["degraded"]
+            .is_null()
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("the writer did not recover: {}", s.status()));
+    let recovered_in = freed.elapsed();
+    let (run_id, committed) = drill_result(load);
+    let st = wait_drained(&hub, &s, Duration::from_secs(60));
+    let records = hub_records(&hub, &s.id);
+    assert_eq!(
+        Some(assert_contiguous(&records)),
+        st["last_committed_seq"].as_u64()
+    );
+    let stored = drill_indices(&records, &run_id).len() as u64;
+    let shed: u64 = records
+        .iter()
+        .filter(|r| r["body"]["shed"]["class"] == "request")
+        .map(|r| r["body"]["shed"]["count"].as_u64().unwrap_or(0))
+        .sum();
+    let lost = &st["lost"];
+    let lost_total: u64 = [
+        "disk_full",
+        "write_failed",
+        "backlogged",
+        "buffer_full",
+        "stopped",
+        "too_large",
+    ]
+    .iter()
+    .map(|k| lost[*k].as_u64().unwrap_or(0))
+    .sum();
+    let total = u64::from(RATE) * 20;
+    eprintln!(
+        "tmpfs 8 MiB filled with {filled} bytes for {:?}: status said {degraded:?}; {total} drill records, \
+         {committed} accepted, {stored} stored at the hub, {shed} stood for by shed records; lost {lost} \
+         (write failures {}); recovered {recovered_in:?} after the filler went; stats while full: {st_full}",
+        freed.duration_since(full_at),
+        st["write_failures"]
+    );
+    assert!(
+        lost_total > 0,
+        "nothing was lost while the disk was full: {st}"
+    );
+    assert!(
+        lost["disk_full"].as_u64().unwrap_or(0) > 0,
+        "losses counted as disk_full: {lost}"
+    );
+    assert!(st["write_failures"].as_u64().unwrap_or(0) > 0, "{st}");
+    // Only drill load makes request records here: each one is stored
+    // once, stood for by a shed record, or refused at append (counted as
+    // `backlogged`); the spoke counted every one it could not keep.
+    let refused = lost["backlogged"].as_u64().unwrap_or(0);
+    assert_eq!(committed + refused, total, "drill: accepted + refused");
+    assert_eq!(
+        stored + shed + refused,
+        total,
+        "drill records stored, shed or refused"
+    );
+    assert_eq!(
+        shed + refused,
+        lost_total,
+        "the hub's shed counts plus the refusals match the spoke's losses"
+    );
+    assert_verified(&hub, &s.id);
+}
+
+/// Must-show (hub evidence.db full): the hub's evidence.db on a real 16
+/// MiB tmpfs (a symlink from the data dir; hub.db stays on the normal
+/// disk), drill load flowing from one spoke; the tmpfs is filled for 14 s.
+/// Meanwhile the hub renews node SVIDs (`--node-ttl 16s`: a renewal every
+/// 8 s) and revokes a second spoke, says it is full (`stats` →
+/// `evidence_store`, `tidemesh_hub_evidence_store_full 1`), and the
+/// spoke's sync is told to retry (throttled, not refused, no hang). Once the
+/// filler is deleted the hub ingests again: every drill record exactly
+/// once, the chain verified, the state back to `ok`.
+#[test]
+fn hub_serves_renewals_and_revocations_while_its_evidence_db_is_full() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let Some(fs) = Tmpfs::mount(&tmp.path().join("hub-evidence"), "16m") else {
+        return;
+    };
+    let metrics = tidemesh_tests::free_tcp();
+    let mut hub = HubProc::init(tmp.path(), TD).with_args(&[
+        "--node-ttl",
+        "16s",
+        "--metrics",
+        &metrics.to_string(),
+    ]);
+    std::os::unix::fs::symlink(
+        fs.0.join("evidence.db"),
+        hub.dir.join(tidemesh_hub::EVIDENCE_DB),
+    )
+    .expect("symlink evidence.db onto the tmpfs");
+    let hub_addr = hub.start();
+    let id = node("sf01", "n1");
+    let mut s = SpokeProc::new(tmp.path(), "spoke", &id);
+    assert!(s.enroll(hub_addr, &hub.token(&id, "10m")).status.success());
+    s.start();
+    s.wait_state("connected", Duration::from_secs(10));
+    let other = node("sf01", "n2");
+    let mut s2 = SpokeProc::new(tmp.path(), "spoke2", &other);
+    assert!(s2
+        .enroll(hub_addr, &hub.token(&other, "10m"))
+        .status
+        .success());
+    s2.start();
+    s2.wait_state("connected", Duration::from_secs(10));
+
+    let hub_state = |hub: &HubProc| -> Value {
+        let o = hub.cli(&["stats", "--json"]);
+        assert!(o.status.success(), "stats: {}", text(&o));
+        serde_json::from_slice::<Value>(&o.stdout).expect("stats json")["evidence_store"].clone()
+    };
+    let gauge = |name: &str| -> Option<f64> {
+        scrape(metrics.port()).lines().find_map(|l| {
+            l.strip_prefix(&format!("{name} "))
+                .and_then(|v| v.parse().ok())
+        })
+    };
+    assert_eq!(hub_state(&hub)["state"], "ok");
+    assert_eq!(gauge("tidemesh_hub_evidence_store_full"), Some(0.0));
+
+    let load = drill(&s, 400, "30s");
+    std::thread::sleep(Duration::from_secs(3));
+    let cert_before = hub.spoke(&id).expect("row")["cert_not_after"].clone();
+    let filled = fs.fill();
+    let full_at = Instant::now();
+    let state = wait_for(Duration::from_secs(15), || {
+        let st = hub_state(&hub);
+        (st["state"] == "disk_full").then_some(st)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the hub never said its evidence store is full: {}",
+            hub_state(&hub)
+        )
+    });
+    assert_eq!(gauge("tidemesh_hub_evidence_store_full"), Some(1.0));
+    // The spoke is told to wait, not refused.
+    let throttled = wait_for(Duration::from_secs(15), || {
+        let st = spoke_stats(&s)?;
+        (st["sync_throttled_ms"].as_u64()? > 0).then_some(st)
+    })
+    .expect("the spoke's sync was told to retry later");
+    assert_eq!(throttled["sync_rejections"], 0, "{throttled}");
+    // A revocation while full.
+    let o = hub.cli(&["revoke", "--spoke", &other]);
+    assert!(o.status.success(), "revoke while full: {}", text(&o));
+    assert_eq!(hub.spoke(&other).expect("row")["revoked"], true);
+    s2.wait_state("revoked", Duration::from_secs(15));
+    // A renewal while full (one every 8 s).
+    let renewed = wait_for(
+        Duration::from_secs(14).saturating_sub(full_at.elapsed()),
+        || {
+            let now = hub.spoke(&id)?["cert_not_after"].clone();
+            (now != cert_before).then_some(now)
+        },
+    )
+    .unwrap_or_else(|| panic!("no renewal while full: still {cert_before}"));
+    let still = hub_state(&hub);
+    assert_eq!(
+        still["state"], "disk_full",
+        "full during the renewal: {still}"
+    );
+    std::thread::sleep(Duration::from_secs(14).saturating_sub(full_at.elapsed()));
+    fs.free();
+    let freed = Instant::now();
+    wait_for(Duration::from_secs(30), || {
+        (hub_state(&hub)["state"] == "ok").then_some(())
+    })
+    .unwrap_or_else(|| panic!("ingest did not resume: {}", hub_state(&hub)));
+    let resumed_in = freed.elapsed();
+    assert_eq!(gauge("tidemesh_hub_evidence_store_full"), Some(0.0));
+    let failures = gauge("tidemesh_hub_evidence_store_failures_total").unwrap_or(0.0);
+    assert!(failures >= 1.0, "store failures counted: {failures}");
+    let (run_id, committed) = drill_result(load);
+    assert_eq!(committed, 400 * 30, "the spoke kept every record");
+    // Renewals keep appending certificate records, so the hub may hold
+    // more than the spoke had committed when it drained.
+    let st = wait_drained(&hub, &s, Duration::from_secs(90));
+    let records = hub_records(&hub, &s.id);
+    let last = assert_contiguous(&records);
+    assert!(
+        Some(last) >= st["last_committed_seq"].as_u64(),
+        "hub holds up to {last}: {st}"
+    );
+    assert_eq!(
+        drill_indices(&records, &run_id).len() as u64,
+        committed,
+        "every drill record exactly once"
+    );
+    assert_verified(&hub, &s.id);
+    eprintln!(
+        "hub evidence.db on a 16 MiB tmpfs filled ({filled} bytes) for {:?}: stats said {state}; spoke throttled \
+         {} ms, 0 refusals; revocation and renewal (cert_not_after {cert_before} -> {renewed}) while full; \
+         ingest resumed {resumed_in:?} after the filler went; {failures} failed commits; {committed} drill \
+         records stored exactly once, chain verified; spoke sync: duplicates {}",
+        freed.duration_since(full_at),
+        st["sync_throttled_ms"],
+        st["sync_duplicates"]
+    );
+}

@@ -1949,3 +1949,144 @@ fn anonymous_enroll_flood_from_one_and_fifty_addresses_while_spokes_renew() {
     }
     eprintln!("renewal p99 by phase: {report:?}");
 }
+
+/// Durable work runs off the async workers: with hub.db on a disk whose
+/// every fsync takes 1.5 s, on a single-threaded runtime (the hub, its
+/// QUIC endpoint and the client all on one thread), an Enroll that commits
+/// pays the slow fsyncs while a timer on the same thread keeps ticking and
+/// another caller's request is answered at once. With the commit back on
+/// the async worker the timer stalls for the whole fsync (and this fails).
+#[tokio::test(flavor = "current_thread")]
+async fn a_slow_fsync_does_not_stall_the_runtime() {
+    const SYNC: Duration = Duration::from_millis(1_500);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("hub");
+    let td = tidemesh_identity::TrustDomain::new(TD).expect("td");
+    tidemesh_hub::init(&dir, &td, &SystemClock).expect("init");
+    let disk = tidemesh_simdisk::SimDisk::new();
+    let store = tidemesh_hub::store::Store::create_with_backend(disk.backend(), TD)
+        .expect("hub.db on the simulated disk");
+    let evidence =
+        tidemesh_hub::evidence::EvidenceStore::open(&dir.join("evidence.db")).expect("evidence.db");
+    let hub = tidemesh_hub::Hub::open_with_stores(
+        &dir,
+        store,
+        evidence,
+        Default::default(),
+        Arc::new(SystemClock),
+    )
+    .expect("open");
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let addr = sock.local_addr().expect("addr");
+    let socket = tidemesh_net::quic::wrap_socket(sock).expect("wrap");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let h = hub.clone();
+    tokio::spawn(async move {
+        h.serve(socket, async {
+            let _ = stop_rx.await;
+        })
+        .await
+        .expect("serve")
+    });
+    let h = InProc {
+        _tmp: tmp,
+        dir,
+        hub,
+        addr,
+        stop: Some(stop_tx),
+    };
+    let id: SpiffeId = node("sf09", "n1").parse().expect("id");
+    let token = h
+        .hub
+        .create_token(&id, Duration::from_secs(600))
+        .expect("token");
+    let key = svid::generate_key().expect("key");
+    let csr = svid::make_csr(&key, &id).expect("csr");
+    let (enroller, other) = (anonymous_session(&h).await, anonymous_session(&h).await);
+    disk.set_sync_delay(SYNC);
+    let syncs0 = disk.counters().syncs;
+
+    // A 10 ms ticker on the one runtime thread: its worst gap is how long
+    // the thread was blocked.
+    let (tick_stop, mut tick_stopped) = tokio::sync::oneshot::channel::<()>();
+    let ticker = tokio::spawn(async move {
+        let mut worst = Duration::ZERO;
+        let mut last = Instant::now();
+        loop {
+            tokio::select! {
+                _ = &mut tick_stopped => return worst,
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {
+                    worst = worst.max(last.elapsed());
+                    last = Instant::now();
+                }
+            }
+        }
+    });
+    let t0 = Instant::now();
+    let enroll = tokio::spawn(async move {
+        let r: Response = tidemesh_net::request(
+            &enroller,
+            &Request::Enroll {
+                token: token.secret.clone(),
+                spoke: id,
+                csr,
+            },
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("enroll answered");
+        (r, t0.elapsed())
+    });
+    // While the enrollment's commit waits on the disk, another caller is
+    // answered (a wrong token: a read of hub.db, no commit).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t1 = Instant::now();
+    let refused: Response = tidemesh_net::request(
+        &other,
+        &Request::Enroll {
+            token: "0".repeat(64),
+            spoke: node("sf09", "n2").parse().expect("id"),
+            csr: vec![0; 16],
+        },
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("refusal answered");
+    let refused_in = t1.elapsed();
+    let (enrolled, enroll_took) = enroll.await.expect("enroll task");
+    let _ = tick_stop.send(());
+    let worst_gap = ticker.await.expect("ticker");
+    let syncs = disk.counters().syncs - syncs0;
+    eprintln!(
+        "fsync {SYNC:?}: enroll answered in {enroll_took:?} ({syncs} slow syncs), a refusal meanwhile in \
+         {refused_in:?}, worst 10 ms tick gap {worst_gap:?}"
+    );
+    assert!(
+        matches!(enrolled, Response::Certificate { .. }),
+        "enroll: {enrolled:?}"
+    );
+    assert!(
+        matches!(
+            refused,
+            Response::Error {
+                code: ErrorCode::InvalidToken,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    assert!(syncs >= 1, "the enrollment committed on the slow disk");
+    assert!(
+        enroll_took >= SYNC,
+        "the enrollment paid the slow fsync: {enroll_took:?}"
+    );
+    // Generous for a loaded 2-core machine, far below one fsync.
+    assert!(
+        worst_gap < Duration::from_millis(700),
+        "the runtime thread was blocked for {worst_gap:?}"
+    );
+    assert!(
+        refused_in < Duration::from_millis(1_000),
+        "another caller waited {refused_in:?} behind the commit"
+    );
+}

@@ -29,6 +29,9 @@
 //! * Faults: [`SimDisk::set_full`] makes writes and growth beyond a size
 //!   fail with `StorageFull` (ENOSPC), [`SimDisk::fail_writes`] makes every
 //!   write, set_len and sync fail with an I/O error, until cleared.
+//! * Latency: [`SimDisk::set_sync_delay`] makes every `sync_data` block the
+//!   calling thread that long (a slow fsync), without holding the disk's
+//!   lock, so tests can show which thread pays for durable work.
 //!
 //! The idea is redb's own crash tests (a backend keeping a durable and a
 //! live image and freezing at a chosen sync); no code is shared.
@@ -98,6 +101,8 @@ struct State {
     full_at: Option<u64>,
     /// Every mutating operation fails with this kind.
     failing: Option<io::ErrorKind>,
+    /// How long each `sync_data` blocks its caller.
+    sync_delay: std::time::Duration,
     /// The mutating operation with this count fails once, with this kind.
     fail_once: Option<(u64, io::ErrorKind)>,
     counters: Counters,
@@ -154,6 +159,12 @@ impl SimDisk {
     fn lock(&self) -> MutexGuard<'_, State> {
         // The state is plain data; a panicking test thread leaves it usable.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes every later `sync_data` block its calling thread for `delay`
+    /// (zero: no delay), as a slow or contended fsync would.
+    pub fn set_sync_delay(&self, delay: std::time::Duration) {
+        self.lock().sync_delay = delay;
     }
 
     /// A handle for redb (`Builder::create_with_backend`). A handle made
@@ -355,6 +366,11 @@ impl StorageBackend for SimBackend {
     }
 
     fn sync_data(&self) -> io::Result<()> {
+        let delay = self.disk.lock().sync_delay;
+        if !delay.is_zero() {
+            // Outside the lock: a slow fsync stalls its caller, not readers.
+            std::thread::sleep(delay);
+        }
         let mut s = self.disk.lock();
         self.mutate(&mut s, None)?;
         let pending = std::mem::take(&mut s.pending);

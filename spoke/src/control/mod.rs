@@ -255,11 +255,20 @@ impl Spoke {
                     snapshot,
                     revocations,
                 }) => {
-                    self.install_revocations(&revocations);
+                    self.install_revocations(revocations).await;
                     if !sync.handle_config(version, registry) {
                         continue;
                     }
-                    if let Err(e) = self.apply_config(version, registry, applied_ms, snapshot) {
+                    let me = self.clone();
+                    // checks, then one redb commit: on the blocking pool
+                    let applied = tokio::task::spawn_blocking(move || {
+                        me.apply_config(version, registry, applied_ms, snapshot)
+                    })
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(SpokeError::Invalid(format!("config task failed: {e}")))
+                    });
+                    if let Err(e) = applied {
                         warn!(version, error = %e, "config rejected; keeping the last-known-good");
                         tokio::time::sleep(self.jitter(Duration::from_secs(5))).await;
                     }
@@ -273,7 +282,16 @@ impl Spoke {
                     if !sync.handle_config(version, registry) {
                         continue;
                     }
-                    if let Err(e) = self.apply_config(version, registry, applied_ms, snapshot) {
+                    let me = self.clone();
+                    // checks, then one redb commit: on the blocking pool
+                    let applied = tokio::task::spawn_blocking(move || {
+                        me.apply_config(version, registry, applied_ms, snapshot)
+                    })
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(SpokeError::Invalid(format!("config task failed: {e}")))
+                    });
+                    if let Err(e) = applied {
                         warn!(version, error = %e, "config rejected; keeping the last-known-good");
                         tokio::time::sleep(self.jitter(Duration::from_secs(5))).await;
                     }
@@ -437,7 +455,7 @@ impl Spoke {
         .await;
         conn.close(quinn::VarInt::from_u32(close::NORMAL), b"reestablished");
         let (chain, bundle) = expect_cert(resp?)?;
-        let s = self.inner.creds.install_node(chain, bundle)?;
+        let s = self.install_node(chain, bundle).await?;
         info!(target: "tidemesh::audit", spoke = %s.id, not_after = %rfc3339(s.not_after), "node SVID installed");
         self.record_cert(&s, tidemesh_evidence::record::CertEventKind::Reestablished);
         Ok(s)
@@ -445,10 +463,33 @@ impl Spoke {
 
     /// Installs a signed revocation list (from a push or a config slice)
     /// if it verifies and is newer; a bad one is logged and ignored.
-    pub(crate) fn install_revocations(&self, signed: &tidemesh_identity::SignedRevocationList) {
-        if let Err(e) = self.inner.creds.install_revocations(signed) {
-            warn!(target: "tidemesh::audit", error = %e, "revocation list refused");
+    pub(crate) async fn install_revocations(
+        &self,
+        signed: tidemesh_identity::SignedRevocationList,
+    ) {
+        // verifies, then writes revocations.bin: on the blocking pool
+        let creds = self.inner.creds.clone();
+        match tokio::task::spawn_blocking(move || creds.install_revocations(&signed)).await {
+            Ok(Err(e)) => {
+                warn!(target: "tidemesh::audit", error = %e, "revocation list refused")
+            }
+            Err(e) => warn!(error = %e, "revocation install task failed"),
+            Ok(Ok(_)) => {}
         }
+    }
+
+    /// Installs a node SVID from the hub (files written and synced on the
+    /// blocking pool, never on an async worker).
+    async fn install_node(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        bundle: Vec<CertificateDer<'static>>,
+    ) -> Result<Arc<Svid>, SpokeError> {
+        let creds = self.inner.creds.clone();
+        tokio::task::spawn_blocking(move || creds.install_node(chain, bundle))
+            .await
+            .map_err(|e| SpokeError::Invalid(format!("node SVID install task failed: {e}")))?
+            .map_err(Into::into)
     }
 
     /// Reads the hub's pushes (unidirectional streams on the control
@@ -462,7 +503,7 @@ impl Spoke {
             match tokio::time::timeout(REQUEST_TIMEOUT, tidemesh_net::read_frame::<Push>(&mut recv))
                 .await
             {
-                Ok(Ok(Push::Revocations(signed))) => self.install_revocations(&signed),
+                Ok(Ok(Push::Revocations(signed))) => self.install_revocations(signed).await,
                 Ok(Err(e)) => warn!(error = %e, "bad push from the hub"),
                 Err(_) => warn!("push from the hub timed out"),
             }
@@ -488,7 +529,8 @@ impl Spoke {
         if !was {
             info!(target: "tidemesh::audit", "time trusted again: anchored to the hub");
         }
-        self.save_time_floor();
+        let me = self.clone();
+        let _ = tokio::task::spawn_blocking(move || me.save_time_floor()).await;
         Ok(())
     }
 
@@ -764,7 +806,7 @@ impl Spoke {
         let csr = svid::make_csr(&node.key, &self.inner.ident.id)?;
         let resp = tidemesh_net::request(conn, &Request::Renew { csr }, REQUEST_TIMEOUT).await?;
         let (chain, bundle) = expect_cert(resp)?;
-        let s = self.inner.creds.install_node(chain, bundle)?;
+        let s = self.install_node(chain, bundle).await?;
         info!(target: "tidemesh::audit", spoke = %s.id, not_after = %rfc3339(s.not_after), "node SVID installed");
         self.record_cert(&s, tidemesh_evidence::record::CertEventKind::Renewed);
         self.touch_contact();
