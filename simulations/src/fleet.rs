@@ -547,6 +547,9 @@ async fn watch_each(
     }
 }
 
+/// How often one spoke's enrollment comes back after a busy hub.
+const ENROLL_BUSY_RETRIES: u32 = 100;
+
 async fn enroll_all(cfg: &FleetConfig) -> anyhow::Result<usize> {
     let sem = Arc::new(Semaphore::new(cfg.enroll_concurrency));
     let mut tasks = tokio::task::JoinSet::new();
@@ -570,19 +573,37 @@ async fn enroll_all(cfg: &FleetConfig) -> anyhow::Result<usize> {
         let hub = cfg.hub;
         tasks.spawn(async move {
             let _permit = permit;
-            let sock = std::net::UdpSocket::bind(SocketAddr::new(IpAddr::V4(spoke_addr(i)), 0))
-                .with_context(|| format!("binding {}", spoke_addr(i)))?;
-            tidemesh_spoke::enroll(
-                &dir,
-                hub,
-                &token,
-                false,
-                tidemesh_net::quic::wrap_socket(sock)?,
-                Arc::new(SystemClock),
-                QuicSettings::default(),
-            )
-            .await
-            .with_context(|| format!("enrolling {id}"))?;
+            // A hub over its new-session budget answers busy with a
+            // retry-after (the token is not used then): come back after it,
+            // with jitter, a bounded number of times.
+            let mut attempt = 0u32;
+            loop {
+                let sock = std::net::UdpSocket::bind(SocketAddr::new(IpAddr::V4(spoke_addr(i)), 0))
+                    .with_context(|| format!("binding {}", spoke_addr(i)))?;
+                match tidemesh_spoke::enroll(
+                    &dir,
+                    hub,
+                    &token,
+                    false,
+                    tidemesh_net::quic::wrap_socket(sock)?,
+                    Arc::new(SystemClock),
+                    QuicSettings::default(),
+                )
+                .await
+                {
+                    Ok(_) => break,
+                    Err(tidemesh_spoke::SpokeError::Busy(after))
+                        if attempt < ENROLL_BUSY_RETRIES =>
+                    {
+                        attempt += 1;
+                        let jitter = Duration::from_millis(rand::random_range(
+                            0..=after.as_millis().min(1000) as u64 / 4 + 50,
+                        ));
+                        tokio::time::sleep(after + jitter).await;
+                    }
+                    Err(e) => return Err(anyhow::Error::new(e).context(format!("enrolling {id}"))),
+                }
+            }
             anyhow::Ok(())
         });
         enrolled += 1;
