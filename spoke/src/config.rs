@@ -480,6 +480,7 @@ health = "/healthz"
         let c = FileConfig::parse(include_str!("../../deploy/examples/spoke.toml"))
             .expect("deploy/examples/spoke.toml parses");
         assert!(c.workloads[0].rate_limit.is_some());
+        assert!(c.workloads[1].plaintext_inbound.is_some());
     }
 
     #[test]

@@ -3379,6 +3379,26 @@ plaintext_inbound = "{p_till}"
         "{rec:#}"
     );
     assert!(rec["routing_decision"]["selected_endpoint"].is_null());
+    // the spoke's guarantee vector shows both listeners: no identity, plaintext
+    let vector = |service: &str| -> Value {
+        let o = run(std::process::Command::new(bin("tidemesh-spoke"))
+            .args(["vector", "--json", "--service", service, "--data-dir"])
+            .arg(&b.dir));
+        assert!(o.status.success(), "vector {service}: {}", text(&o));
+        serde_json::from_slice(&o.stdout).expect("vector json")
+    };
+    for (service, listener, mode, accepts) in [
+        ("pos", p_pos, "PERMISSIVE", true),
+        ("till", p_till, "STRICT", false),
+    ] {
+        let v = vector(service);
+        let pt = &v["plaintext_inbound"][0];
+        assert_eq!(pt["listener"], listener.to_string().as_str(), "{v:#}");
+        assert_eq!(pt["mtls_mode"], mode, "{v:#}");
+        assert_eq!(pt["accepts_plaintext"], accepts, "{v:#}");
+        assert_eq!(pt["identity"]["level"], "none", "{v:#}");
+        assert_eq!(pt["security"]["level"], "plaintext", "{v:#}");
+    }
     // and the mesh caller still reaches till (a rule without a source)
     let r = call(o_front, "GET", "till.shop", "/mesh-till", &[]);
     assert_eq!(r.status, 200, "{r:?}");

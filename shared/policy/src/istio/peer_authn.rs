@@ -332,6 +332,37 @@ mod tests {
         );
     }
 
+    /// What a plaintext request is authorized as: no principal, no
+    /// namespace. No source rule matches it, not even `*`; a rule without
+    /// `from` can.
+    #[test]
+    fn a_request_without_identity_matches_no_source_rule() {
+        let yaml = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\nspec:\n  selector: {matchLabels: {app: pos}}\n  rules:\n  - from: [{source: {principals: ['*']}}]\n  - from: [{source: {namespaces: ['*']}}]\n  - to: [{operation: {paths: [/open]}}]\n";
+        let c = MeshConfig::from_yaml(yaml).unwrap();
+        let compiled = crate::CompiledPolicies::from_config(&c);
+        let pos = labels(&[("app", "pos")]);
+        let req = |principal, namespace, path| crate::AuthzRequest {
+            workload: crate::WorkloadRef {
+                namespace: "shop",
+                labels: &pos,
+            },
+            source_principal: principal,
+            source_namespace: namespace,
+            method: "GET",
+            path,
+            port: 8080,
+            headers: &crate::NoHeaders,
+        };
+        assert!(!compiled.decide(&req(None, None, "/x")).allowed);
+        assert!(
+            compiled
+                .decide(&req(Some("edge.example/store/sf01/sa/a"), None, "/x"))
+                .allowed
+        );
+        assert!(compiled.decide(&req(None, Some("shop"), "/x")).allowed);
+        assert!(compiled.decide(&req(None, None, "/open")).allowed);
+    }
+
     /// The hub stores config versions as JSON: one written before
     /// PeerAuthentication existed still reads, with none.
     #[test]
