@@ -42,6 +42,12 @@ pub struct WorkloadConfig {
     pub inbound: Option<SocketAddr>,
     /// Where it calls mesh services.
     pub outbound: Option<SocketAddr>,
+    /// A plaintext HTTP listener for local clients outside the mesh (no
+    /// SVID): what it accepts follows the workload's `PeerAuthentication`
+    /// mode, read per request: STRICT (the default) refuses every request
+    /// with 403, PERMISSIVE and DISABLE deliver it to `inbound` authorized
+    /// with no identity (a `principals` or `namespaces` rule never matches).
+    pub plaintext_inbound: Option<SocketAddr>,
     /// Optional HTTP health-check path.
     pub health: Option<String>,
     /// Local rate limit on calls delivered to this workload (token bucket);
@@ -208,6 +214,7 @@ impl FileConfig {
                     .or_insert(format!("workload[{i}].outbound"));
             }
         }
+        check_plaintext_inbound(&self.workloads, &inbounds, &mut listeners)?;
         for (i, w) in self.workloads.iter().enumerate() {
             let key = |k: &str| format!("workload[{i}].{k}");
             let probe = format!("spiffe://x/sa/{}", w.service_account);
@@ -344,6 +351,58 @@ impl FileConfig {
     }
 }
 
+/// `plaintext_inbound`: HTTP only, delivered to the workload's `inbound`,
+/// on an address no other listener (or workload) uses. Adds each to
+/// `listeners` so later listeners cannot reuse it.
+fn check_plaintext_inbound(
+    workloads: &[WorkloadConfig],
+    inbounds: &std::collections::HashSet<SocketAddr>,
+    listeners: &mut std::collections::HashMap<SocketAddr, String>,
+) -> Result<(), ConfigError> {
+    for (i, w) in workloads.iter().enumerate() {
+        let Some(a) = w.plaintext_inbound else {
+            continue;
+        };
+        let key = format!("workload[{i}].plaintext_inbound");
+        if a.port() == 0 {
+            return Err(invalid(
+                key,
+                a.to_string(),
+                "port must not be 0: local clients need to know where to call",
+            ));
+        }
+        if w.inbound.is_none() {
+            return Err(invalid(
+                key,
+                a.to_string(),
+                "delivers to the workload's inbound address: set inbound too",
+            ));
+        }
+        if w.protocol == WorkloadProtocol::Tcp {
+            return Err(invalid(
+                key,
+                a.to_string(),
+                "is an HTTP listener: a protocol = \"tcp\" workload has none",
+            ));
+        }
+        if inbounds.contains(&a) {
+            return Err(invalid(
+                key,
+                a.to_string(),
+                "is also a workload's inbound address",
+            ));
+        }
+        if let Some(other) = listeners.insert(a, key.clone()) {
+            return Err(invalid(
+                key,
+                a.to_string(),
+                format!("is also {other}: each listener needs its own address"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Checks the shape of `host:port` without resolving it, so a spoke that
 /// boots during an outage (no DNS) still starts; the name is resolved at
 /// each connection attempt.
@@ -421,6 +480,7 @@ health = "/healthz"
         let c = FileConfig::parse(include_str!("../../deploy/examples/spoke.toml"))
             .expect("deploy/examples/spoke.toml parses");
         assert!(c.workloads[0].rate_limit.is_some());
+        assert!(c.workloads[1].plaintext_inbound.is_some());
     }
 
     #[test]
@@ -454,6 +514,39 @@ service = "ledger"
         assert_eq!(t.len(), 2);
         assert_eq!(t[1].service, "cache.store");
         assert_eq!(c.workloads[2].tcp_outbound[0].listen.port(), 15004);
+    }
+
+    #[test]
+    fn plaintext_inbound_is_checked() {
+        let c = FileConfig::parse(
+            "[[workload]]\nservice_account = \"a\"\ninbound = \"127.0.0.1:8080\"\nplaintext_inbound = \"127.0.0.1:18080\"\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            c.workloads[0].plaintext_inbound,
+            Some("127.0.0.1:18080".parse().expect("addr"))
+        );
+        let base = "[[workload]]\nservice_account = \"a\"\n";
+        for (extra, want) in [
+            ("inbound = \"127.0.0.1:1\"\nplaintext_inbound = \"127.0.0.1:0\"\n", "workload[0].plaintext_inbound = \"127.0.0.1:0\": port must not be 0"),
+            ("plaintext_inbound = \"127.0.0.1:2\"\n", "set inbound too"),
+            ("inbound = \"127.0.0.1:1\"\nprotocol = \"tcp\"\nplaintext_inbound = \"127.0.0.1:2\"\n", "a protocol = \"tcp\" workload has none"),
+            ("inbound = \"127.0.0.1:1\"\nplaintext_inbound = \"127.0.0.1:1\"\n", "is also a workload's inbound address"),
+            ("inbound = \"127.0.0.1:1\"\noutbound = \"127.0.0.1:2\"\nplaintext_inbound = \"127.0.0.1:2\"\n", "is also workload[0].outbound"),
+            ("inbound = \"127.0.0.1:1\"\nplaintext_inbound = \"127.0.0.1:2\"\ntcp_outbound = [{ listen = \"127.0.0.1:2\", service = \"db\" }]\n", "workload[0].tcp_outbound[0].listen"),
+            ("inbound = \"127.0.0.1:1\"\nplaintext_inbound = \"nope\"\n", "plaintext_inbound"),
+        ] {
+            let text = format!("{base}{extra}");
+            let e = FileConfig::parse(&text).expect_err(&text);
+            assert!(e.to_string().contains(want), "{text}: {e}");
+        }
+        // two workloads cannot share one
+        let e = FileConfig::parse("[[workload]]\nservice_account = \"a\"\ninbound = \"127.0.0.1:1\"\nplaintext_inbound = \"127.0.0.1:3\"\n[[workload]]\nservice_account = \"b\"\ninbound = \"127.0.0.1:2\"\nplaintext_inbound = \"127.0.0.1:3\"\n")
+            .expect_err("shared");
+        assert!(
+            e.to_string().contains("workload[1].plaintext_inbound"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -3188,3 +3188,316 @@ fn tls_origination_simple_mutual_and_refusals() {
         );
     }
 }
+
+/// Waits until spoke `s` applied config version `v`.
+fn wait_version(s: &SpokeProc, v: u64) {
+    wait_for(Duration::from_secs(10), || {
+        s.try_status()
+            .is_some_and(|st| st["config_version"] == v)
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("{} never applied version {v}: {:?}", s.id, s.try_status()));
+}
+
+/// The mesh for the PeerAuthentication test: `pos` admits only frontend
+/// (a `principals` rule), `till` admits any GET (a rule without a source);
+/// namespace shop is PERMISSIVE, and `till` STRICT with an optional
+/// port-level entry (`till_ports`: `PORT: {mode: ...}` lines).
+fn peer_authn_yaml(ns_mode: &str, till_ports: &str) -> String {
+    let ports = if till_ports.is_empty() {
+        String::new()
+    } else {
+        format!("  portLevelMtls:\n{till_ports}")
+    };
+    format!(
+        r#"{STORE_SF01}
+{pos_only}---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: till-reads, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: till}}}}
+  action: ALLOW
+  rules:
+  - to:
+    - operation: {{methods: ["GET"]}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: default, namespace: shop}}
+spec:
+  mtls: {{mode: {ns_mode}}}
+---
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {{name: till-strict, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: till}}}}
+  mtls: {{mode: STRICT}}
+{ports}"#,
+        pos_only = frontend_only("pos-frontend-only", "shop", "pos"),
+    )
+}
+
+#[test]
+fn peer_authentication_plaintext_clients_permissive_strict_port_level_and_last_known_good() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut hub = HubProc::init(tmp.path(), TD);
+    let hub_addr = hub.start();
+    let apply = |hub: &HubProc, yaml: &str| {
+        let f = tmp.path().join("mesh.yaml");
+        std::fs::write(&f, yaml).expect("yaml");
+        hub.cli(&["apply", "-f", f.to_str().expect("utf8")])
+    };
+    let o = apply(&hub, &peer_authn_yaml("PERMISSIVE", ""));
+    assert!(o.status.success(), "apply: {}", text(&o));
+
+    // spoke A: the mesh caller frontend; spoke B: pos and till, each with a
+    // plaintext listener for local clients outside the mesh
+    let (pos, till) = (echo_server("pos"), echo_server("till"));
+    let (o_front, p_pos, p_till) = (free_tcp(), free_tcp(), free_tcp());
+    let (data_a, data_b) = (free_udp(), free_udp());
+    let cfg_a = write_config(
+        tmp.path(),
+        "a",
+        &format!(
+            "data_listen = \"{data_a}\"\ndata_advertise = \"{data_a}\"\n\n[[workload]]\nservice_account = \"frontend\"\noutbound = \"{o_front}\"\n"
+        ),
+    );
+    let cfg_b = write_config(
+        tmp.path(),
+        "b",
+        &format!(
+            r#"data_listen = "{data_b}"
+data_advertise = "{data_b}"
+
+[[workload]]
+service_account = "pos"
+service = "pos"
+namespace = "shop"
+labels = {{ app = "pos" }}
+inbound = "{pos}"
+plaintext_inbound = "{p_pos}"
+
+[[workload]]
+service_account = "till"
+service = "till"
+namespace = "shop"
+labels = {{ app = "till" }}
+inbound = "{till}"
+plaintext_inbound = "{p_till}"
+"#
+        ),
+    );
+    let a = start_spoke(tmp.path(), &hub, "spoke0", 0, &cfg_a, hub_addr);
+    let mut b = start_spoke(tmp.path(), &hub, "spoke1", 1, &cfg_b, hub_addr);
+    wait_site_service(&a, "pos");
+
+    let plain = |addr, path: &str| {
+        call(
+            addr,
+            "GET",
+            "local-client",
+            path,
+            &[(
+                "x-forwarded-client-cert",
+                "By=x;URI=spiffe://forged/sa/frontend",
+            )],
+        )
+    };
+    let by_op = |s: &SpokeProc, op: &str| -> Value {
+        let op = op.to_string();
+        find_record(&hub, s, &op.clone(), move |r| {
+            r["telemetry"]["operation_name"] == op.as_str()
+        })
+    };
+    let reason = |r: &Value| -> String {
+        r["routing_decision"]["selection_reason"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    let assert_plaintext_identity = |r: &Value| {
+        let id = &r["identity"];
+        assert!(id["client_identity"].is_null(), "{r:#}");
+        assert_eq!(id["tls_version"], "none", "{r:#}");
+        assert_eq!(id["trust_chain_verified"], false, "{r:#}");
+        assert!(id["cipher_suite"].is_null(), "{r:#}");
+        assert_eq!(r["enforcement_point"], "sidecar_inbound", "{r:#}");
+    };
+
+    // 1. the mesh caller passes pos's principals rule over QUIC mTLS
+    let r = wait_for(Duration::from_secs(10), || {
+        let r = call(o_front, "GET", "pos.shop", "/mesh-1", &[]);
+        (r.status == 200).then_some(r)
+    })
+    .expect("frontend reaches pos through the mesh");
+    assert_eq!(r.echo()["server"], "pos");
+
+    // 2. a plaintext client of pos (namespace PERMISSIVE) is accepted by the
+    // mTLS stage, but authorized with no identity: the principals rule does
+    // not match it
+    let r = plain(p_pos, "/plain-pos-1");
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(
+        r.body.contains("RBAC: access denied") && r.body.contains("an unauthenticated caller"),
+        "{r:?}"
+    );
+    let rec = by_op(&b, "GET /plain-pos-1");
+    assert_plaintext_identity(&rec);
+    assert_eq!(
+        rec["policy_evaluation"]["final_decision"], "DENY",
+        "{rec:#}"
+    );
+    assert_eq!(
+        rec["policy_evaluation"]["reason"], "no_allow_policy_matched",
+        "{rec:#}"
+    );
+    assert!(
+        reason(&rec).contains("plaintext_inbound no_peer_identity mtls_mode=PERMISSIVE (PeerAuthentication shop/default, namespace scope)"),
+        "{rec:#}"
+    );
+
+    // 3. till: its workload policy (STRICT) wins over the namespace's
+    // PERMISSIVE; the refusal says mTLS is required, and so does the record
+    let r = plain(p_till, "/plain-till-1");
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(r.body.contains("mTLS required"), "{r:?}");
+    assert!(r.echo().is_null(), "never delivered: {r:?}");
+    let rec = by_op(&b, "GET /plain-till-1");
+    assert_plaintext_identity(&rec);
+    let pol = &rec["policy_evaluation"];
+    assert_eq!(pol["final_decision"], "DENY", "{rec:#}");
+    assert_eq!(pol["reason"], "mtls_required", "{rec:#}");
+    assert_eq!(
+        pol["policy_name"], "PeerAuthentication shop/till-strict",
+        "{rec:#}"
+    );
+    assert!(
+        reason(&rec)
+            .contains("mtls_mode=STRICT (PeerAuthentication shop/till-strict, workload scope)"),
+        "{rec:#}"
+    );
+    assert!(rec["routing_decision"]["selected_endpoint"].is_null());
+    // the spoke's guarantee vector shows both listeners: no identity, plaintext
+    let vector = |service: &str| -> Value {
+        let o = run(std::process::Command::new(bin("tidemesh-spoke"))
+            .args(["vector", "--json", "--service", service, "--data-dir"])
+            .arg(&b.dir));
+        assert!(o.status.success(), "vector {service}: {}", text(&o));
+        serde_json::from_slice(&o.stdout).expect("vector json")
+    };
+    for (service, listener, mode, accepts) in [
+        ("pos", p_pos, "PERMISSIVE", true),
+        ("till", p_till, "STRICT", false),
+    ] {
+        let v = vector(service);
+        let pt = &v["plaintext_inbound"][0];
+        assert_eq!(pt["listener"], listener.to_string().as_str(), "{v:#}");
+        assert_eq!(pt["mtls_mode"], mode, "{v:#}");
+        assert_eq!(pt["accepts_plaintext"], accepts, "{v:#}");
+        assert_eq!(pt["identity"]["level"], "none", "{v:#}");
+        assert_eq!(pt["security"]["level"], "plaintext", "{v:#}");
+    }
+    // and the mesh caller still reaches till (a rule without a source)
+    let r = call(o_front, "GET", "till.shop", "/mesh-till", &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+
+    // 4. port level: an entry for another port does not act; one for till's
+    // inbound port does, on the next request (no restart)
+    let o = apply(
+        &hub,
+        &peer_authn_yaml(
+            "PERMISSIVE",
+            &format!("    {}: {{mode: PERMISSIVE}}\n", till.port() ^ 1),
+        ),
+    );
+    assert!(o.status.success(), "apply: {}", text(&o));
+    wait_version(&b, 2);
+    let r = plain(p_till, "/plain-till-other-port");
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(r.body.contains("mTLS required"), "{r:?}");
+    let o = apply(
+        &hub,
+        &peer_authn_yaml(
+            "PERMISSIVE",
+            &format!("    {}: {{mode: PERMISSIVE}}\n", till.port()),
+        ),
+    );
+    assert!(o.status.success(), "apply: {}", text(&o));
+    wait_version(&b, 3);
+    let r = plain(p_till, "/plain-till-port");
+    assert_eq!(
+        r.status, 200,
+        "the port-level PERMISSIVE admits the plaintext client: {r:?}"
+    );
+    assert_eq!(r.echo()["server"], "till");
+    // the workload sees no identity, whatever the client claimed
+    assert_eq!(r.upstream_header("x-forwarded-client-cert"), None, "{r:?}");
+    let rec = by_op(&b, "GET /plain-till-port");
+    assert_plaintext_identity(&rec);
+    assert_eq!(
+        rec["policy_evaluation"]["final_decision"], "ALLOW",
+        "{rec:#}"
+    );
+    assert_eq!(rec["policy_evaluation"]["policy_name"], "shop/till-reads");
+    assert!(
+        reason(&rec)
+            .contains("mtls_mode=PERMISSIVE (PeerAuthentication shop/till-strict, port scope)"),
+        "{rec:#}"
+    );
+    assert_eq!(
+        rec["routing_decision"]["selected_endpoint"],
+        till.to_string().as_str()
+    );
+
+    // 5. DISABLE for the namespace: plaintext still reaches the RBAC stage
+    // (and is still refused by the principals rule); the mesh caller keeps
+    // its verified identity over the tunnel
+    let o = apply(
+        &hub,
+        &peer_authn_yaml(
+            "DISABLE",
+            &format!("    {}: {{mode: PERMISSIVE}}\n", till.port()),
+        ),
+    );
+    assert!(o.status.success(), "apply: {}", text(&o));
+    wait_version(&b, 4);
+    let r = plain(p_pos, "/plain-pos-disable");
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(r.body.contains("RBAC: access denied"), "{r:?}");
+    let rec = by_op(&b, "GET /plain-pos-disable");
+    assert_plaintext_identity(&rec);
+    assert!(
+        reason(&rec)
+            .contains("mtls_mode=DISABLE (PeerAuthentication shop/default, namespace scope)"),
+        "{rec:#}"
+    );
+    assert_eq!(
+        rec["policy_evaluation"]["reason"],
+        "no_allow_policy_matched"
+    );
+    let r = call(o_front, "GET", "pos.shop", "/mesh-disable", &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    let rec = by_op(&b, "GET /mesh-disable");
+    assert_eq!(
+        rec["identity"]["client_identity"],
+        format!("spiffe://{TD}/store/sf01/sa/frontend").as_str()
+    );
+    assert_eq!(rec["identity"]["tls_version"], "1.3");
+
+    // 6. last-known-good: with the hub gone, a restarted spoke B applies
+    // the saved modes (till's port-level PERMISSIVE, pos's DISABLE)
+    hub.stop();
+    b.kill();
+    b.start();
+    let st = b.status();
+    assert_eq!(st["connected"], false, "{st}");
+    assert_eq!(st["config_version"], 4, "{st}");
+    let r = plain(p_till, "/plain-till-lkg");
+    assert_eq!(r.status, 200, "from the last-known-good: {r:?}");
+    assert_eq!(r.echo()["server"], "till");
+    let r = plain(p_pos, "/plain-pos-lkg");
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(r.body.contains("RBAC: access denied"), "{r:?}");
+}

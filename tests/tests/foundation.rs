@@ -903,6 +903,7 @@ spec:
                     labels: Default::default(),
                     inbound: Some("127.0.0.1:9".parse().expect("addr")),
                     outbound: None,
+                    plaintext_inbound: None,
                     health: None,
                     rate_limit: None,
                     protocol: Default::default(),

@@ -160,6 +160,12 @@ impl MeshConfig {
         );
         v.extend(self.route_rules.iter().cloned().map(Object::RouteRule));
         v.extend(self.authz_policies.iter().cloned().map(Object::AuthzPolicy));
+        v.extend(
+            self.peer_authentications
+                .iter()
+                .cloned()
+                .map(Object::PeerAuthn),
+        );
         v
     }
 
@@ -208,6 +214,7 @@ fn assemble(objects: impl Iterator<Item = Object>) -> MeshConfig {
     for o in objects {
         match o {
             Object::AuthzPolicy(p) => c.authz_policies.push(p),
+            Object::PeerAuthn(p) => c.peer_authentications.push(p),
             Object::RouteRule(r) => c.route_rules.push(r),
             Object::DestinationPolicy(p) => c.destination_policies.push(p),
             Object::ServiceEntry(e) => c.service_entries.push(e),
@@ -218,6 +225,8 @@ fn assemble(objects: impl Iterator<Item = Object>) -> MeshConfig {
         }
     }
     c.authz_policies.sort_by(|a, b| a.id.cmp(&b.id));
+    // sorted by namespace and name: `MeshConfig::peer_mtls` takes the first
+    c.peer_authentications.sort_by(|a, b| a.id.cmp(&b.id));
     c.route_rules.sort_by(|a, b| a.id.cmp(&b.id));
     c.destination_policies.sort_by(|a, b| a.id.cmp(&b.id));
     c.service_entries.sort_by(|a, b| a.id.cmp(&b.id));

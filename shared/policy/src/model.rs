@@ -50,6 +50,11 @@ pub struct MeshConfig {
     pub destination_policies: Vec<DestinationPolicy>,
     /// Authorization policies (Istio `AuthorizationPolicy`).
     pub authz_policies: Vec<AuthzPolicy>,
+    /// What workloads' inbound accepts: mTLS only or plaintext too (Istio
+    /// `PeerAuthentication`; see [`MeshConfig::peer_mtls`]). (`default`:
+    /// the hub's JSON config versions written before it existed still read.)
+    #[serde(default)]
+    pub peer_authentications: Vec<PeerAuthn>,
 }
 
 /// Mesh-wide settings.
@@ -785,6 +790,115 @@ impl ConditionKey {
 }
 
 // ---------------------------------------------------------------------------
+// Peer authentication (PeerAuthentication)
+// ---------------------------------------------------------------------------
+
+/// What a workload's inbound accepts (Istio `PeerAuthentication`
+/// `mtls.mode`; `UNSET` is `None` where a mode may be absent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum MtlsMode {
+    /// Mesh callers over mTLS only: the workload's plaintext listener
+    /// refuses every request.
+    Strict,
+    /// mTLS from mesh callers, and plaintext from local non-mesh clients on
+    /// the workload's plaintext listener (authorized with no identity).
+    Permissive,
+    /// As [`MtlsMode::Permissive`] for the plaintext listener; mesh callers
+    /// still arrive over the mTLS tunnel (tidemesh has no clear-text mesh
+    /// transport) and keep their verified identity.
+    Disable,
+}
+
+impl MtlsMode {
+    /// `STRICT` / `PERMISSIVE` / `DISABLE`, as Istio spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MtlsMode::Strict => "STRICT",
+            MtlsMode::Permissive => "PERMISSIVE",
+            MtlsMode::Disable => "DISABLE",
+        }
+    }
+
+    /// Whether a request without mTLS (no peer identity) is accepted.
+    pub fn accepts_plaintext(self) -> bool {
+        self != MtlsMode::Strict
+    }
+}
+
+/// A peer authentication policy with Istio's scopes: mesh-wide (in the
+/// root namespace, no selector), namespace-wide (no selector) or workload
+/// (`selector.matchLabels`, workloads of its own namespace only).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerAuthn {
+    /// Namespace and name.
+    pub id: ObjectName,
+    /// `selector.matchLabels`; `None` for a namespace- or mesh-wide policy.
+    pub selector: Option<Labels>,
+    /// `mtls.mode`; `None` (`UNSET`) inherits from the wider scope.
+    pub mode: Option<MtlsMode>,
+    /// `portLevelMtls`: a workload port's own mode (`None`: `UNSET`, the
+    /// policy's). Only with a selector.
+    pub port_modes: BTreeMap<u16, Option<MtlsMode>>,
+}
+
+/// Which scope decided a workload's mTLS mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum PeerAuthnScope {
+    /// A workload policy's `portLevelMtls` entry for the port.
+    Port,
+    /// A workload (selector) policy.
+    Workload,
+    /// A namespace-wide policy.
+    Namespace,
+    /// A mesh-wide policy (root namespace, no selector).
+    Mesh,
+    /// No policy sets a mode: tidemesh's default, STRICT.
+    Default,
+}
+
+impl PeerAuthnScope {
+    /// snake_case name, for evidence and errors.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerAuthnScope::Port => "port",
+            PeerAuthnScope::Workload => "workload",
+            PeerAuthnScope::Namespace => "namespace",
+            PeerAuthnScope::Mesh => "mesh",
+            PeerAuthnScope::Default => "default",
+        }
+    }
+}
+
+/// The mTLS mode in force for one workload port, and where it comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerMtls {
+    /// The mode.
+    pub mode: MtlsMode,
+    /// The scope that set it.
+    pub scope: PeerAuthnScope,
+    /// The policy that set it (`None` for the default).
+    pub policy: Option<ObjectName>,
+}
+
+impl std::fmt::Display for PeerMtls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.policy {
+            Some(p) => write!(
+                f,
+                "{} (PeerAuthentication {p}, {} scope)",
+                self.mode.as_str(),
+                self.scope.as_str()
+            ),
+            None => write!(
+                f,
+                "{} (no PeerAuthentication sets a mode: the mesh default)",
+                self.mode.as_str()
+            ),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Mode matrix
 // ---------------------------------------------------------------------------
 
@@ -1133,6 +1247,58 @@ impl MeshConfig {
         self.route_rules
             .iter()
             .find(|r| r.hosts.iter().any(|h| h == host))
+    }
+
+    /// The mTLS mode of the workload in `namespace` with `labels`, for its
+    /// port `port`, with Istio's precedence: a workload policy (selector in
+    /// the workload's namespace; its `portLevelMtls` entry for the port
+    /// first), else the namespace-wide policy, else the mesh-wide one (root
+    /// namespace, no selector), else STRICT. An `UNSET` mode inherits from
+    /// the next scope. With several policies at one scope the first by name
+    /// decides (Istio takes the oldest; the config keeps no creation time).
+    pub fn peer_mtls(&self, namespace: &str, labels: &Labels, port: u16) -> PeerMtls {
+        let found = |p: &PeerAuthn, mode: MtlsMode, scope| PeerMtls {
+            mode,
+            scope,
+            policy: Some(p.id.clone()),
+        };
+        // sorted by namespace and name: the first match is the first by name
+        let pas = &self.peer_authentications;
+        if let Some(p) = pas.iter().find(|p| {
+            p.id.namespace == namespace
+                && p.selector.as_ref().is_some_and(|s| labels_match(s, labels))
+        }) {
+            if let Some(Some(m)) = p.port_modes.get(&port) {
+                return found(p, *m, PeerAuthnScope::Port);
+            }
+            if let Some(m) = p.mode {
+                return found(p, m, PeerAuthnScope::Workload);
+            }
+        }
+        let root = &self.settings.root_namespace;
+        if namespace != root {
+            if let Some(p) = pas
+                .iter()
+                .find(|p| p.id.namespace == namespace && p.selector.is_none())
+            {
+                if let Some(m) = p.mode {
+                    return found(p, m, PeerAuthnScope::Namespace);
+                }
+            }
+        }
+        if let Some(p) = pas
+            .iter()
+            .find(|p| &p.id.namespace == root && p.selector.is_none())
+        {
+            if let Some(m) = p.mode {
+                return found(p, m, PeerAuthnScope::Mesh);
+            }
+        }
+        PeerMtls {
+            mode: MtlsMode::Strict,
+            scope: PeerAuthnScope::Default,
+            policy: None,
+        }
     }
 
     /// Every service host the config knows, sorted: hosts of workloads,

@@ -16,6 +16,10 @@
 //!   workload's rate limit, `x-forwarded-client-cert`, then the workload's
 //!   own listener. Same-spoke calls take this path too, with the calling
 //!   workload's ID as principal.
+//! * **Plaintext inbound** ([`plaintext`]): a workload's optional
+//!   `plaintext_inbound` listener for local clients outside the mesh; the
+//!   workload's `PeerAuthentication` mode (per request) refuses them
+//!   (STRICT) or delivers them through inbound with no identity.
 //! * **Raw TCP** ([`tcp`]): each `tcp_outbound` listener sends every
 //!   connection to one service, resolved as an HTTP `Host` is; the serving
 //!   end (this spoke, or a peer through a tunnel stream with
@@ -38,6 +42,7 @@
 
 pub(crate) mod inbound;
 pub(crate) mod outbound;
+pub(crate) mod plaintext;
 pub mod ratelimit;
 pub(crate) mod resilience;
 pub(crate) mod resolve;
@@ -242,6 +247,8 @@ pub(crate) struct LocalWorkload {
     /// `inbound` as a URI authority, made once (every delivery names it).
     pub inbound_authority: Option<hyper::http::uri::Authority>,
     pub outbound: Option<SocketAddr>,
+    /// Its plaintext listener for local non-mesh clients.
+    pub plaintext: Option<SocketAddr>,
     /// What its inbound listener speaks.
     pub protocol: crate::config::WorkloadProtocol,
     pub limiter: Option<Mutex<ratelimit::TokenBucket>>,
@@ -943,16 +950,16 @@ pub fn needed(file: &crate::FileConfig) -> bool {
         warn!(data_advertise = %a, "data_advertise is set without data_listen: peers dialing it will fail");
     }
     file.data_listen.is_some()
-        || file
-            .workloads
-            .iter()
-            .any(|w| w.outbound.is_some() || !w.tcp_outbound.is_empty())
+        || file.workloads.iter().any(|w| {
+            w.outbound.is_some() || w.plaintext_inbound.is_some() || !w.tcp_outbound.is_empty()
+        })
 }
 
 /// The bound, not yet serving, data plane.
 pub(crate) struct DataPlane {
     shared: Arc<Shared>,
     outbound: Vec<(usize, tokio::net::TcpListener)>,
+    plaintext: Vec<(usize, tokio::net::TcpListener)>,
     tcp_outbound: Vec<tcp::Listener>,
     serving: bool,
 }
@@ -988,6 +995,7 @@ impl DataPlane {
                     .inbound
                     .and_then(|a| hyper::http::uri::Authority::try_from(a.to_string()).ok()),
                 outbound: w.outbound,
+                plaintext: w.plaintext_inbound,
                 protocol: w.protocol,
                 limiter: w
                     .rate_limit
@@ -1010,6 +1018,7 @@ impl DataPlane {
                 outbound.push((i, l));
             }
         }
+        let plaintext = plaintext::bind(&workloads).await?;
         let tcp_outbound = tcp::bind(file).await?;
         let (endpoint, cipher_suite, serving) = tunnel::bind_endpoint(&h, &settings).await?;
         let node_id = ident.clone();
@@ -1040,6 +1049,7 @@ impl DataPlane {
         Ok(DataPlane {
             shared,
             outbound,
+            plaintext,
             tcp_outbound,
             serving,
         })
@@ -1056,6 +1066,10 @@ impl DataPlane {
         for (i, l) in std::mem::take(&mut self.outbound) {
             info!(workload = %self.shared.workloads[i].account, addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "outbound listener up");
             tasks.spawn(outbound::serve(self.shared.clone(), i, l));
+        }
+        for (i, l) in std::mem::take(&mut self.plaintext) {
+            info!(workload = %self.shared.workloads[i].account, addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "plaintext inbound listener up");
+            tasks.spawn(plaintext::serve(self.shared.clone(), i, l));
         }
         for l in std::mem::take(&mut self.tcp_outbound) {
             tasks.spawn(tcp::serve(self.shared.clone(), l));

@@ -325,7 +325,9 @@ pub(crate) fn vector(s: &Shared, service: &str) -> Result<Value, String> {
         .unwrap_or(Value::Null);
     let seqs = s.seqs.lock().ok().and_then(|m| m.get(&host).copied());
     let mode = profile.mode.as_str();
+    let plaintext = plaintext_inbound(s, &compiled.config, &host);
     Ok(json!({
+        "plaintext_inbound": plaintext,
         "service": host,
         "mode": mode,
         "path": chosen["path"],
@@ -338,4 +340,29 @@ pub(crate) fn vector(s: &Shared, service: &str) -> Result<Value, String> {
             "note": "request records of this service in its current mode",
         })),
     }))
+}
+
+/// What local clients outside the mesh get on this spoke's workloads of
+/// `host` with a `plaintext_inbound` listener: no identity, no encryption,
+/// admitted or not by the PeerAuthentication mode in force for the
+/// workload's inbound port.
+fn plaintext_inbound(s: &Shared, config: &tidemesh_policy::MeshConfig, host: &str) -> Vec<Value> {
+    s.workloads
+        .iter()
+        .filter(|w| w.service == host)
+        .filter_map(|w| {
+            let listener = w.plaintext?;
+            let port = w.inbound.map(|a| a.port()).unwrap_or(0);
+            let mtls = config.peer_mtls(&w.namespace, &w.labels, port);
+            Some(json!({
+                "workload": w.id.to_string(),
+                "listener": listener.to_string(),
+                "mtls_mode": mtls.mode.as_str(),
+                "decided_by": mtls.to_string(),
+                "accepts_plaintext": mtls.mode.accepts_plaintext(),
+                "identity": {"level": vector::identity(false, false), "evidence": "no peer certificate: authorized with no principal"},
+                "security": {"level": vector::security(&[(false, false)]), "evidence": "plaintext HTTP from the local client to this spoke"},
+            }))
+        })
+        .collect()
 }

@@ -37,7 +37,7 @@ pub(crate) struct Cx<'a, 'b> {
 }
 
 impl Cx<'_, '_> {
-    fn err(&mut self, path: impl Into<String>, reason: impl Into<String>) {
+    pub(super) fn err(&mut self, path: impl Into<String>, reason: impl Into<String>) {
         self.issues.add(path, reason);
     }
 
@@ -67,7 +67,13 @@ impl Cx<'_, '_> {
     }
 
     /// An integer in `lo..=hi`.
-    fn int<T: TryFrom<i64>>(&mut self, path: &str, v: i64, lo: i64, hi: i64) -> Option<T> {
+    pub(super) fn int<T: TryFrom<i64>>(
+        &mut self,
+        path: &str,
+        v: i64,
+        lo: i64,
+        hi: i64,
+    ) -> Option<T> {
         if v < lo || v > hi {
             self.err(path, format!("must be between {lo} and {hi}, got {v}"));
             return None;
@@ -125,7 +131,11 @@ impl Cx<'_, '_> {
         }
     }
 
-    fn labels(&mut self, path: &str, labels: &Option<BTreeMap<String, String>>) -> Labels {
+    pub(super) fn labels(
+        &mut self,
+        path: &str,
+        labels: &Option<BTreeMap<String, String>>,
+    ) -> Labels {
         let labels = labels.clone().unwrap_or_default();
         for (k, v) in &labels {
             if k.is_empty() || k.len() > 317 || k.chars().any(|c| c.is_whitespace()) {
@@ -144,7 +154,12 @@ impl Cx<'_, '_> {
         labels
     }
 
-    fn one_of<T: Copy>(&mut self, path: &str, v: &str, options: &[(&str, T)]) -> Option<T> {
+    pub(super) fn one_of<T: Copy>(
+        &mut self,
+        path: &str,
+        v: &str,
+        options: &[(&str, T)],
+    ) -> Option<T> {
         if let Some((_, t)) = options.iter().find(|(name, _)| *name == v) {
             return Some(*t);
         }

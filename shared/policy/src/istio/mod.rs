@@ -16,6 +16,7 @@
 //! | apiVersion | kind | becomes |
 //! | --- | --- | --- |
 //! | `security.istio.io/v1beta1`, `/v1` | `AuthorizationPolicy` | [`AuthzPolicy`] |
+//! | same | `PeerAuthentication` | [`PeerAuthn`] |
 //! | `networking.istio.io/v1alpha3`, `/v1beta1`, `/v1` | `VirtualService` | [`RouteRule`] |
 //! | same | `DestinationRule` | [`DestinationPolicy`] |
 //! | same | `ServiceEntry` | [`ServiceEntry`] |
@@ -34,6 +35,7 @@
 mod convert;
 mod input;
 mod output;
+mod peer_authn;
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -75,6 +77,8 @@ pub struct Resource {
 pub enum Object {
     /// `AuthorizationPolicy`.
     AuthzPolicy(AuthzPolicy),
+    /// `PeerAuthentication`.
+    PeerAuthn(PeerAuthn),
     /// `VirtualService`.
     RouteRule(RouteRule),
     /// `DestinationRule` or `DestinationPolicy` (see [`DestinationPolicy::origin`]).
@@ -120,6 +124,7 @@ impl Object {
     pub fn kind(&self) -> &'static str {
         match self {
             Object::AuthzPolicy(_) => "AuthorizationPolicy",
+            Object::PeerAuthn(_) => "PeerAuthentication",
             Object::RouteRule(_) => "VirtualService",
             Object::DestinationPolicy(p) => match p.origin {
                 PolicyOrigin::DestinationRule => "DestinationRule",
@@ -138,6 +143,7 @@ impl Object {
         let kind = self.kind();
         let (namespace, name) = match self {
             Object::AuthzPolicy(p) => (Some(p.id.namespace.clone()), p.id.name.clone()),
+            Object::PeerAuthn(p) => (Some(p.id.namespace.clone()), p.id.name.clone()),
             Object::RouteRule(r) => (Some(r.id.namespace.clone()), r.id.name.clone()),
             Object::DestinationPolicy(p) => (Some(p.id.namespace.clone()), p.id.name.clone()),
             Object::ServiceEntry(e) => (Some(e.id.namespace.clone()), e.id.name.clone()),
@@ -273,7 +279,7 @@ fn parse_one(index: usize, value: Value, errors: &mut ConfigError) -> Option<Obj
         return None;
     };
     let versions: &[&str] = match kind.as_str() {
-        "AuthorizationPolicy" => ISTIO_SECURITY,
+        "AuthorizationPolicy" | "PeerAuthentication" => ISTIO_SECURITY,
         "VirtualService" | "DestinationRule" | "ServiceEntry" => ISTIO_NETWORKING,
         "Store" | "Workload" | "DestinationPolicy" | "ModeMatrix" | "MeshSettings" => {
             &[TIDEMESH_API]
@@ -292,7 +298,7 @@ fn parse_one(index: usize, value: Value, errors: &mut ConfigError) -> Option<Obj
             issues.add(
                 "kind",
                 format!(
-                    "kind {other} ({api}) is not supported by tidemesh; supported kinds: AuthorizationPolicy, VirtualService, DestinationRule, ServiceEntry, and {TIDEMESH_API} Store, Workload, DestinationPolicy, ModeMatrix, MeshSettings{hint}"
+                    "kind {other} ({api}) is not supported by tidemesh; supported kinds: AuthorizationPolicy, PeerAuthentication, VirtualService, DestinationRule, ServiceEntry, and {TIDEMESH_API} Store, Workload, DestinationPolicy, ModeMatrix, MeshSettings{hint}"
                 ),
             );
             return None;
@@ -319,6 +325,16 @@ fn parse_one(index: usize, value: Value, errors: &mut ConfigError) -> Option<Obj
                 namespace: &id.namespace.clone(),
             };
             convert::authorization_policy(&mut cx, id, spec).map(Object::AuthzPolicy)
+        }
+        "PeerAuthentication" => {
+            let (id, spec) =
+                typed::<peer_authn::PeerAuthenticationSpec>(value, &mut issues, false)?;
+            let mut cx = convert::Cx {
+                issues: &mut issues,
+                namespace: &id.namespace.clone(),
+            };
+            peer_authn::peer_authentication(&mut cx, id, spec.unwrap_or_default())
+                .map(Object::PeerAuthn)
         }
         "VirtualService" => {
             let (id, spec) = typed::<input::VirtualServiceSpec>(value, &mut issues, false)?;

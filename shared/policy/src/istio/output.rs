@@ -3,7 +3,7 @@
 //!
 //! Canonical means: objects in a fixed order (settings, mode matrix, stores,
 //! workloads, service entries, destination policies, route rules,
-//! authorization policies; each by namespace and name), keys sorted, hosts
+//! authorization policies, peer authentications; each by namespace and name), keys sorted, hosts
 //! canonical (`reviews.shop`), durations in their shortest unit, no empty or
 //! absent fields. Parsing the output gives back an equal config.
 
@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde_json::Value as Json;
 
 use super::input::*;
+use super::peer_authn::{MtlsIn, PeerAuthenticationSpec, PortKeyIn};
 use super::{SINGLETON_NAME, TIDEMESH_API};
 use crate::model::*;
 use crate::units::format_duration;
@@ -164,6 +165,31 @@ fn authz(p: &AuthzPolicy) -> Json {
     doc(
         "security.istio.io/v1",
         "AuthorizationPolicy",
+        &p.id.name,
+        Some(&p.id.namespace),
+        spec,
+    )
+}
+
+fn peer_authn(p: &PeerAuthn) -> Json {
+    let mode = |m: Option<MtlsMode>| MtlsIn {
+        mode: Some(m.map_or("UNSET", MtlsMode::as_str).to_string()),
+    };
+    let spec = PeerAuthenticationSpec {
+        selector: p.selector.as_ref().map(|s| Selector {
+            match_labels: Some(s.clone()),
+        }),
+        mtls: p.mode.map(|m| mode(Some(m))),
+        port_level_mtls: (!p.port_modes.is_empty()).then(|| {
+            p.port_modes
+                .iter()
+                .map(|(port, m)| (PortKeyIn::Number(int(*port)), mode(*m)))
+                .collect()
+        }),
+    };
+    doc(
+        "security.istio.io/v1",
+        "PeerAuthentication",
         &p.id.name,
         Some(&p.id.namespace),
         spec,
@@ -521,6 +547,7 @@ pub fn to_documents(config: &MeshConfig) -> Vec<Json> {
     docs.extend(config.destination_policies.iter().map(destination_policy));
     docs.extend(config.route_rules.iter().map(route_rule));
     docs.extend(config.authz_policies.iter().map(authz));
+    docs.extend(config.peer_authentications.iter().map(peer_authn));
     docs
 }
 
