@@ -49,6 +49,7 @@ mod evsync;
 mod health;
 pub mod modes;
 mod ops;
+pub mod ready;
 pub mod replica;
 pub mod survival;
 
@@ -399,6 +400,9 @@ struct Inner {
     data: std::sync::OnceLock<std::sync::Weak<dataplane::Shared>>,
     live: Mutex<Live>,
     rng: Mutex<StdRng>,
+    /// `run` has bound its listeners and opened the evidence buffer
+    /// (readiness).
+    started: std::sync::atomic::AtomicBool,
 }
 
 /// A loaded, enrolled spoke. Cheap to clone.
@@ -552,6 +556,7 @@ impl Spoke {
                 }),
                 hub,
                 rng: Mutex::new(rng),
+                started: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -787,18 +792,23 @@ impl Spoke {
                 let l = tidemesh_net::metrics::bind(addr)
                     .await
                     .map_err(|e| SpokeError::Invalid(format!("--metrics {addr}: {e}")))?;
-                info!(addr = %l.local_addr().unwrap_or(addr), "serving /metrics");
-                let me = self.clone();
+                info!(addr = %l.local_addr().unwrap_or(addr), "serving /metrics, /healthz and /readyz");
+                let (me, me2) = (self.clone(), self.clone());
                 Some(AbortOnDrop(tokio::spawn(tidemesh_net::metrics::serve(
                     l,
                     move || {
                         let me = me.clone();
                         async move { me.metrics_page() }
                     },
+                    move || {
+                        let r = me2.readiness();
+                        async move { r }
+                    },
                 ))))
             }
             None => None,
         };
+        let _watchdog = AbortOnDrop(tokio::spawn(tidemesh_net::sd_notify::watchdog()));
         let admin_task = if self.inner.cfg.admin_socket {
             let path = admin::socket_path(self.inner.store.dir());
             let listener = admin::bind(&path)
@@ -885,6 +895,11 @@ impl Spoke {
         let _health = AbortOnDrop(tokio::spawn(async move { me.health_loop().await }));
         let me = self.clone();
         let _reach = AbortOnDrop(tokio::spawn(async move { me.reachability_loop().await }));
+        self.inner
+            .started
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let me = self.clone();
+        let _notify = AbortOnDrop(tokio::spawn(async move { me.notify_ready().await }));
         info!(spoke = %self.inner.ident.id, hub = %self.inner.hub, "spoke running");
         tokio::pin!(shutdown);
         let mut backoff =
@@ -932,6 +947,10 @@ impl Spoke {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
+        tidemesh_net::sd_notify::notify_logged("STOPPING=1\nSTATUS=shutting down");
+        self.inner
+            .started
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         endpoint.close(
             quinn::VarInt::from_u32(close::SHUTDOWN),
             b"spoke shutting down",
@@ -944,6 +963,51 @@ impl Spoke {
         }
         drop(metrics_task);
         Ok(())
+    }
+
+    /// Whether this spoke can serve its store now, and why (see
+    /// [`ready`]): `GET /readyz` and `tidemesh-spoke healthcheck`.
+    pub fn readiness(&self) -> tidemesh_net::metrics::Readiness {
+        let cur = self.inner.creds.current();
+        ready::readiness(&ready::Facts {
+            now: self.inner.clock.now(),
+            started: self
+                .inner
+                .started
+                .load(std::sync::atomic::Ordering::SeqCst),
+            state: self.state(),
+            config_version: self.config_version(),
+            node_not_after: cur.node.not_after,
+            node_ca_not_after: cur.node_ca.map(|f| f.not_after),
+        })
+    }
+
+    /// Tells systemd (`Type=notify`) `READY=1` once [`Spoke::readiness`]
+    /// first says ready: at once on a restart with a last-known-good
+    /// config, hub or no hub; after the first config sync on a freshly
+    /// enrolled spoke. Until then, and after, `STATUS=` carries the reason
+    /// whenever it changes. A no-op outside systemd.
+    async fn notify_ready(&self) {
+        if std::env::var_os(tidemesh_net::sd_notify::NOTIFY_SOCKET).is_none() {
+            return;
+        }
+        let mut told_ready = false;
+        let mut last = String::new();
+        loop {
+            let r = self.readiness();
+            if r.reason != last {
+                let line = tidemesh_net::http::sanitize(&r.reason);
+                let msg = if r.ready && !told_ready {
+                    told_ready = true;
+                    format!("READY=1\nSTATUS={line}")
+                } else {
+                    format!("STATUS={line}")
+                };
+                tidemesh_net::sd_notify::notify_logged(&msg);
+                last = r.reason;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 
     /// Persists the trusted-time floor (blocking write; small).

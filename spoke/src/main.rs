@@ -123,6 +123,17 @@ enum Cmd {
         #[arg(long, env = "TIDEMESH_EVIDENCE_LINGER", default_value = "200ms", value_parser = parse_linger)]
         evidence_linger: Duration,
     },
+    /// Ask the running spoke's `/readyz` (on its `--metrics` listener) whether
+    /// it is ready. Exit status: 0 ready, 1 answered but not ready (the
+    /// reason is printed), 2 nothing answered within `--timeout`.
+    Healthcheck {
+        /// The spoke's metrics listener (its `--metrics`).
+        #[arg(long, env = "TIDEMESH_METRICS", default_value = "127.0.0.1:9465")]
+        metrics: SocketAddr,
+        /// How long to wait for the answer (connect included).
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// Show the running spoke's status.
     Status {
         /// Where the spoke keeps its state.
@@ -404,6 +415,9 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             spoke
                 .run(sock, tidemesh_net::cli::shutdown_signal())
                 .await?;
+        }
+        Cmd::Healthcheck { metrics, timeout } => {
+            std::process::exit(tidemesh_net::cli::healthcheck(metrics, timeout).await);
         }
         Cmd::Status { data_dir, json } => {
             let s = admin::call(&admin::socket_path(&data_dir), json!({"cmd": "status"})).await?;

@@ -741,7 +741,7 @@ fn metrics_pass_promtool() {
         } else {
             assert!(page.contains("tidemesh_spoke_connected 1"), "{page}");
             assert!(
-                page.contains("tidemesh_evidence_pending_records 0"),
+                page.contains("tidemesh_spoke_evidence_pending_records 0"),
                 "{page}"
             );
         }
