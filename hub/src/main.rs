@@ -95,7 +95,9 @@ enum Cmd {
         /// QUIC idle timeout: a silent peer is declared gone after this.
         #[arg(long, env = "TIDEMESH_IDLE_TIMEOUT", default_value = "4s", value_parser = humantime::parse_duration)]
         idle_timeout: Duration,
-        /// Serve Prometheus metrics on this TCP address (`GET /metrics`); off unless given.
+        /// Serve Prometheus metrics (`GET /metrics`), liveness (`GET
+        /// /healthz`) and readiness (`GET /readyz`) on this TCP address; off
+        /// unless given.
         #[arg(long, env = "TIDEMESH_METRICS")]
         metrics: Option<SocketAddr>,
         #[command(flatten)]

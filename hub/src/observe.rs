@@ -198,7 +198,9 @@ impl Hub {
         if !self.inner.serving.load(Ordering::SeqCst) {
             return Readiness::not_ready("starting or stopping: listeners not serving");
         }
-        if let Ok((_, not_after)) = tidemesh_identity::svid::cert_validity(&self.inner.ca.cert_der()) {
+        if let Ok((_, not_after)) =
+            tidemesh_identity::svid::cert_validity(&self.inner.ca.cert_der())
+        {
             if not_after <= self.inner.clock.now() {
                 return Readiness::not_ready(format!(
                     "the hub CA expired at {}: nothing it issues verifies",
@@ -242,7 +244,9 @@ impl Hub {
             "1 while /readyz answers 200: listeners bound and hub.db readable.",
             f64::from(u8::from(ready.ready)),
         );
-        if let Ok((_, not_after)) = tidemesh_identity::svid::cert_validity(&self.inner.ca.cert_der()) {
+        if let Ok((_, not_after)) =
+            tidemesh_identity::svid::cert_validity(&self.inner.ca.cert_der())
+        {
             e.single(
                 "tidemesh_hub_ca_expiry_timestamp_seconds",
                 Gauge,

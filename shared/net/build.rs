@@ -44,6 +44,10 @@ fn main() {
         .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+'))
         .take(64)
         .collect();
-    let commit = if commit.is_empty() { "unknown".into() } else { commit };
+    let commit = if commit.is_empty() {
+        "unknown".into()
+    } else {
+        commit
+    };
     println!("cargo:rustc-env=TIDEMESH_BUILD_COMMIT={commit}");
 }

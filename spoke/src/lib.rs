@@ -405,6 +405,79 @@ struct Inner {
     started: std::sync::atomic::AtomicBool,
 }
 
+/// Before the first certificate: waits until `data_dir` holds an
+/// enrollment (`tidemesh-spoke enroll` writes it), serving `/readyz` 503
+/// "not enrolled" and `/healthz` 200 on `metrics` meanwhile, so a unit
+/// enabled before enrollment neither crash-loops nor looks ready. Returns
+/// `Ok(true)` once enrolled (at once if it already is; the listener is
+/// closed again for [`Spoke::run`] to bind), `Ok(false)` if `shutdown`
+/// came first; any other credential error is returned as it is.
+pub async fn wait_enrolled(
+    data_dir: &Path,
+    metrics: SocketAddr,
+    shutdown: impl Future<Output = ()>,
+) -> Result<bool, SpokeError> {
+    let store = CredStore::new(data_dir);
+    match store.identity() {
+        Ok(_) => return Ok(true),
+        Err(CredsError::NotEnrolled(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let l = tidemesh_net::metrics::bind(metrics)
+        .await
+        .map_err(|e| SpokeError::Invalid(format!("--metrics {metrics}: {e}")))?;
+    let reason = format!(
+        "not enrolled: run `tidemesh-spoke enroll --data-dir {}` with a join token",
+        data_dir.display()
+    );
+    warn!(data_dir = %data_dir.display(), "not enrolled yet: waiting for `tidemesh-spoke enroll` (/readyz answers 503)");
+    tidemesh_net::sd_notify::notify_logged(&format!("STATUS={reason}"));
+    let r = reason.clone();
+    let served = tokio::spawn(tidemesh_net::metrics::serve(
+        l,
+        || async {
+            let mut e = tidemesh_net::metrics::Exposition::new();
+            tidemesh_net::build_info::write(&mut e);
+            e.single(
+                "tidemesh_spoke_ready",
+                tidemesh_net::metrics::Kind::Gauge,
+                "1 while /readyz answers 200 (not enrolled yet: 0).",
+                0.0,
+            );
+            e.finish()
+        },
+        move || {
+            let r = tidemesh_net::metrics::Readiness::not_ready(r.clone());
+            async move { r }
+        },
+    ));
+    let watchdog = tokio::spawn(tidemesh_net::sd_notify::watchdog());
+    tokio::pin!(shutdown);
+    let enrolled = loop {
+        tokio::select! {
+            _ = &mut shutdown => break false,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        match store.identity() {
+            Ok(_) => break true,
+            Err(CredsError::NotEnrolled(_)) => {}
+            Err(e) => {
+                served.abort();
+                watchdog.abort();
+                return Err(e.into());
+            }
+        }
+    };
+    served.abort();
+    watchdog.abort();
+    // the listener is closed once the task is gone
+    let _ = served.await;
+    if enrolled {
+        info!(data_dir = %data_dir.display(), "enrolled: starting");
+    }
+    Ok(enrolled)
+}
+
 /// A loaded, enrolled spoke. Cheap to clone.
 #[derive(Clone)]
 pub struct Spoke {
@@ -971,10 +1044,7 @@ impl Spoke {
         let cur = self.inner.creds.current();
         ready::readiness(&ready::Facts {
             now: self.inner.clock.now(),
-            started: self
-                .inner
-                .started
-                .load(std::sync::atomic::Ordering::SeqCst),
+            started: self.inner.started.load(std::sync::atomic::Ordering::SeqCst),
             state: self.state(),
             config_version: self.config_version(),
             node_not_after: cur.node.not_after,

@@ -95,7 +95,10 @@ enum Cmd {
         /// then is reset and its slots freed.
         #[arg(long, env = "TIDEMESH_DATA_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
         data_header_timeout: Duration,
-        /// Serve Prometheus metrics on this TCP address (`GET /metrics`); off unless given.
+        /// Serve Prometheus metrics (`GET /metrics`), liveness (`GET
+        /// /healthz`) and readiness (`GET /readyz`) on this TCP address; off
+        /// unless given. With it, a data directory not enrolled yet is
+        /// waited on (`/readyz` 503 "not enrolled") instead of an error.
         #[arg(long, env = "TIDEMESH_METRICS")]
         metrics: Option<SocketAddr>,
         /// Byte bound of the evidence buffer (e.g. `2GiB`, `64MiB`); when full,
@@ -410,6 +413,19 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 },
                 ..Default::default()
             };
+            // Not enrolled yet: with --metrics, wait for `enroll` and say so
+            // on /readyz (a unit may be enabled first); without, fail now.
+            if let Some(m) = metrics {
+                if !tidemesh_spoke::wait_enrolled(
+                    &data_dir,
+                    m,
+                    tidemesh_net::cli::shutdown_signal(),
+                )
+                .await?
+                {
+                    return Ok(());
+                }
+            }
             let spoke = Spoke::open(&data_dir, cfg, Arc::new(SystemClock))?;
             let sock = client_socket(SocketAddr::from(([127, 0, 0, 1], 0)))?;
             spoke

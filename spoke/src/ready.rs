@@ -100,10 +100,7 @@ mod tests {
         assert!(r.reason.contains("config version 3"), "{r:?}");
         assert!(r.reason.contains("node CA valid until"), "{r:?}");
         for state in [State::Disconnected, State::Connecting] {
-            let r = readiness(&Facts {
-                state,
-                ..facts()
-            });
+            let r = readiness(&Facts { state, ..facts() });
             assert!(r.ready, "{state:?}: {r:?}");
             assert!(r.reason.contains("hub unreachable"), "{r:?}");
         }

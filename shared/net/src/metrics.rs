@@ -268,10 +268,9 @@ async fn probe(addr: SocketAddr) -> Result<(u16, String), String> {
     let tcp = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
-    let (mut send, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .map_err(|e| e.to_string())?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .map_err(|e| e.to_string())?;
     let driver = tokio::spawn(conn);
     let req = hyper::Request::get("/readyz")
         .header(hyper::header::HOST, addr.to_string())
@@ -366,7 +365,11 @@ mod tests {
             Probe::NotReady(503, "waiting for config?second line".into())
         );
         ready.store(true, std::sync::atomic::Ordering::SeqCst);
-        let yes = get(addr, b"GET /readyz?verbose HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()).await;
+        let yes = get(
+            addr,
+            b"GET /readyz?verbose HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        )
+        .await;
         assert!(yes.starts_with("HTTP/1.1 200 OK"), "{yes}");
         assert!(yes.ends_with("\r\n\r\nserving\n"), "{yes}");
         assert_eq!(
@@ -375,7 +378,11 @@ mod tests {
         );
         let nf = get(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()).await;
         assert!(nf.starts_with("HTTP/1.1 404"), "{nf}");
-        let post = get(addr, b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".to_vec()).await;
+        let post = get(
+            addr,
+            b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".to_vec(),
+        )
+        .await;
         assert!(post.starts_with("HTTP/1.1 405"), "{post}");
         let mut big = b"GET /metrics HTTP/1.1\r\nx-big: ".to_vec();
         big.extend(std::iter::repeat_n(b'a', MAX_REQUEST_HEAD + 10));
@@ -383,7 +390,10 @@ mod tests {
         let too_big = get(addr, big).await;
         assert!(too_big.starts_with("HTTP/1.1 431"), "{too_big}");
         let garbage = get(addr, b"\x00\x01 not http at all\r\n\r\n".to_vec()).await;
-        assert!(garbage.is_empty() || garbage.starts_with("HTTP/1.1 400"), "{garbage:?}");
+        assert!(
+            garbage.is_empty() || garbage.starts_with("HTTP/1.1 400"),
+            "{garbage:?}"
+        );
         task.abort();
     }
 
