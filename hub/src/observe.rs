@@ -550,3 +550,50 @@ impl Hub {
         e.finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::Arc, time::SystemTime};
+
+    use tidemesh_identity::{
+        clock::{FixedClock, SystemClock},
+        TrustDomain,
+    };
+
+    use super::*;
+    use crate::{Hub, HubConfig};
+
+    #[tokio::test]
+    async fn readiness_needs_serving_a_valid_ca_and_a_readable_hub_db() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("hub");
+        let td = TrustDomain::new("ready.example").expect("td");
+        crate::init(&dir, &td, &SystemClock).expect("init");
+        let cfg = HubConfig {
+            admin_socket: false,
+            ..HubConfig::default()
+        };
+        {
+            let hub = Hub::open(&dir, cfg.clone(), Arc::new(SystemClock)).expect("open");
+            let r = hub.readiness().await;
+            assert!(!r.ready && r.reason.starts_with("starting"), "{r:?}");
+            hub.inner.serving.store(true, Ordering::SeqCst);
+            let r = hub.readiness().await;
+            assert!(r.ready, "{r:?}");
+            assert!(
+                r.reason.contains("serving trust domain ready.example"),
+                "{r:?}"
+            );
+            let page = hub.metrics_page().await;
+            assert!(page.contains("tidemesh_hub_ready 1\n"), "{page}");
+            assert!(page.contains("tidemesh_hub_config_version 0\n"), "{page}");
+        }
+        // the same hub seen eleven years on: its ten-year CA has expired
+        let later = SystemTime::now() + Duration::from_secs(11 * 365 * 24 * 3600);
+        let hub = Hub::open(&dir, cfg, Arc::new(FixedClock(later))).expect("open");
+        hub.inner.serving.store(true, Ordering::SeqCst);
+        let r = hub.readiness().await;
+        assert!(!r.ready, "{r:?}");
+        assert!(r.reason.contains("the hub CA expired at"), "{r:?}");
+    }
+}
