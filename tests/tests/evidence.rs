@@ -1440,6 +1440,15 @@ fn hub_serves_renewals_and_revocations_while_its_evidence_db_is_full() {
         )
     });
     assert_eq!(gauge("tidemesh_hub_evidence_store_full"), Some(1.0));
+    // Still ready (it renews and revokes below), the outage named.
+    assert_eq!(gauge("tidemesh_hub_ready"), Some(1.0));
+    let o = run(Command::new(bin("tidemesh-hub")).args([
+        "healthcheck",
+        "--metrics",
+        &metrics.to_string(),
+    ]));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("evidence.db failing"), "{}", text(&o));
     // The spoke is told to wait, not refused.
     let throttled = wait_for(Duration::from_secs(15), || {
         let st = spoke_stats(&s)?;
