@@ -256,7 +256,7 @@ const MAX_PROBE_BODY: usize = 4096;
 /// together), for the `healthcheck` subcommands.
 pub async fn probe_ready(addr: SocketAddr, timeout: Duration) -> Probe {
     match tokio::time::timeout(timeout, probe(addr)).await {
-        Ok(Ok((status, body))) if status == 200 => Probe::Ready(body),
+        Ok(Ok((200, body))) => Probe::Ready(body),
         Ok(Ok((status, body))) => Probe::NotReady(status, body),
         Ok(Err(e)) => Probe::Unreachable(e),
         Err(_) => Probe::Unreachable(format!("no answer within {timeout:?}")),
