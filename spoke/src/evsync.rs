@@ -810,6 +810,7 @@ impl Spoke {
         for (name, help, v) in counters {
             e.single(name, Counter, help, v);
         }
+        c.latency.write(&mut e);
         let fam = e.family(
             "tidemesh_spoke_dataplane_tunnel_refusals_total",
             Counter,

@@ -34,6 +34,9 @@ pub enum Kind {
     Counter,
     /// Goes up and down.
     Gauge,
+    /// Observations in cumulative buckets: samples are written with
+    /// [`Exposition::histogram`].
+    Histogram,
 }
 
 /// A metrics page being written. Families are written whole: call
@@ -55,6 +58,7 @@ impl Exposition {
         let kind = match kind {
             Kind::Counter => "counter",
             Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
         };
         let help = help.replace('\\', "\\\\").replace('\n', "\\n");
         let _ = writeln!(self.out, "# HELP {name} {help}");
@@ -82,6 +86,36 @@ impl Exposition {
             self.out.push('}');
         }
         let _ = writeln!(self.out, " {}", format_value(value));
+        self
+    }
+
+    /// One labelled histogram of the current family (started with
+    /// [`Kind::Histogram`]): `buckets` are (upper bound, observations at or
+    /// below it, cumulative) in increasing order; `+Inf`, `_sum` and
+    /// `_count` are added.
+    pub fn histogram(
+        &mut self,
+        labels: &[(&str, &str)],
+        buckets: &[(f64, u64)],
+        count: u64,
+        sum: f64,
+    ) -> &mut Exposition {
+        let name = self.current.clone().unwrap_or_default();
+        self.current = Some(format!("{name}_bucket"));
+        for (le, n) in buckets {
+            let le = format_value(*le);
+            let mut with_le: Vec<(&str, &str)> = labels.to_vec();
+            with_le.push(("le", &le));
+            self.sample(&with_le, *n as f64);
+        }
+        let mut with_le: Vec<(&str, &str)> = labels.to_vec();
+        with_le.push(("le", "+Inf"));
+        self.sample(&with_le, count as f64);
+        self.current = Some(format!("{name}_sum"));
+        self.sample(labels, sum);
+        self.current = Some(format!("{name}_count"));
+        self.sample(labels, count as f64);
+        self.current = Some(name);
         self
     }
 
@@ -307,6 +341,18 @@ mod tests {
              # HELP tidemesh_records_total Records\\nstored.\n# TYPE tidemesh_records_total counter\n\
              tidemesh_records_total{spoke=\"a\\\"b\\\\c\"} 3\n\
              tidemesh_records_total{spoke=\"x\",kind=\"y\"} 0.5\n"
+        );
+        let mut e = Exposition::new();
+        e.family("t_seconds", Kind::Histogram, "Latency.")
+            .histogram(&[("svc", "a")], &[(0.005, 1), (0.5, 3)], 4, 2.25);
+        assert_eq!(
+            e.finish(),
+            "# HELP t_seconds Latency.\n# TYPE t_seconds histogram\n\
+             t_seconds_bucket{svc=\"a\",le=\"0.005\"} 1\n\
+             t_seconds_bucket{svc=\"a\",le=\"0.5\"} 3\n\
+             t_seconds_bucket{svc=\"a\",le=\"+Inf\"} 4\n\
+             t_seconds_sum{svc=\"a\"} 2.25\n\
+             t_seconds_count{svc=\"a\"} 4\n"
         );
     }
 
