@@ -644,6 +644,7 @@ pub struct SpokeProc {
     child: Option<Child>,
     args: Vec<String>,
     wrap: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl SpokeProc {
@@ -655,7 +656,17 @@ impl SpokeProc {
             child: None,
             args: Vec::new(),
             wrap: Vec::new(),
+            env: Vec::new(),
         }
+    }
+
+    /// Extra environment variables for every (re)start.
+    pub fn with_env(mut self, vars: &[(&str, &str)]) -> SpokeProc {
+        self.env = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self
     }
 
     /// Runs `enroll` and `run` through a wrapper (e.g. `ip netns exec NS`).
@@ -680,7 +691,18 @@ impl SpokeProc {
 
     /// Starts `run`; waits for the admin socket.
     pub fn start(&mut self) {
+        self.spawn();
+        wait_for(Duration::from_secs(10), || self.try_status())
+            .expect("spoke admin socket answers");
+    }
+
+    /// Starts `run` without waiting for anything (a spoke not enrolled yet
+    /// has no admin socket).
+    pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "spoke already running");
+        if let Some(parent) = self.dir.parent() {
+            std::fs::create_dir_all(parent).expect("spoke parent dir");
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -693,14 +715,20 @@ impl SpokeProc {
             .arg(&self.dir)
             .args(["--reconnect-max", "2s"])
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("spawn spoke");
         self.child = Some(child);
-        wait_for(Duration::from_secs(10), || self.try_status())
-            .expect("spoke admin socket answers");
+    }
+
+    /// SIGTERMs the spoke (orderly shutdown).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            terminate(&mut c);
+        }
     }
 
     /// Every record of `kind` of this spoke, held here or already synced to

@@ -309,6 +309,9 @@ pub(crate) struct Inner {
     pub(crate) udp_recv_buffer: Mutex<Option<(usize, usize)>>,
     /// Slots for durable work on the blocking pool ([`durable`]).
     pub(crate) durable: durable::Durable,
+    /// `serve` has bound the QUIC endpoint and the admin socket and
+    /// accepts (readiness); false again once shutdown starts.
+    pub(crate) serving: std::sync::atomic::AtomicBool,
 }
 
 /// Holds one admitted connection's place in the admission counts (overall
@@ -458,6 +461,7 @@ impl Hub {
                 admission: Mutex::new(admission),
                 udp_recv_buffer: Mutex::new(None),
                 durable: durable::Durable::new(),
+                serving: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -798,15 +802,29 @@ impl Hub {
                 let l = tidemesh_net::metrics::bind(addr)
                     .await
                     .map_err(|e| HubError::Invalid(format!("--metrics {addr}: {e}")))?;
-                info!(addr = %l.local_addr().unwrap_or(addr), "serving /metrics");
-                let hub = self.clone();
-                Some(tokio::spawn(tidemesh_net::metrics::serve(l, move || {
-                    let hub = hub.clone();
-                    async move { hub.metrics_page().await }
-                })))
+                info!(addr = %l.local_addr().unwrap_or(addr), "serving /metrics, /healthz and /readyz");
+                let (hub, hub2) = (self.clone(), self.clone());
+                Some(tokio::spawn(tidemesh_net::metrics::serve(
+                    l,
+                    move || {
+                        let hub = hub.clone();
+                        async move { hub.metrics_page().await }
+                    },
+                    move || {
+                        let hub = hub2.clone();
+                        async move { hub.readiness().await }
+                    },
+                )))
             }
             None => None,
         };
+        let watchdog_task = tokio::spawn(tidemesh_net::sd_notify::watchdog());
+        self.inner
+            .serving
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        // Listeners bound and stores open (Hub::open opened them): ready
+        // for systemd's Type=notify.
+        tidemesh_net::sd_notify::notify_logged("READY=1\nSTATUS=serving");
         let hub = self.clone();
         let prune_task = tokio::spawn(async move { hub.prune_loop().await });
         info!(addr = ?endpoint.local_addr().ok(), td = %self.inner.td, "hub serving");
@@ -832,6 +850,10 @@ impl Hub {
                 }
             }
         }
+        tidemesh_net::sd_notify::notify_logged("STOPPING=1\nSTATUS=shutting down");
+        self.inner
+            .serving
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         endpoint.close(
             quinn::VarInt::from_u32(close::SHUTDOWN),
             b"hub shutting down",
@@ -844,6 +866,7 @@ impl Hub {
         if let Some(t) = metrics_task {
             t.abort();
         }
+        watchdog_task.abort();
         prune_task.abort();
         Ok(())
     }

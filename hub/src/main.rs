@@ -95,7 +95,9 @@ enum Cmd {
         /// QUIC idle timeout: a silent peer is declared gone after this.
         #[arg(long, env = "TIDEMESH_IDLE_TIMEOUT", default_value = "4s", value_parser = humantime::parse_duration)]
         idle_timeout: Duration,
-        /// Serve Prometheus metrics on this TCP address (`GET /metrics`); off unless given.
+        /// Serve Prometheus metrics (`GET /metrics`), liveness (`GET
+        /// /healthz`) and readiness (`GET /readyz`) on this TCP address; off
+        /// unless given.
         #[arg(long, env = "TIDEMESH_METRICS")]
         metrics: Option<SocketAddr>,
         #[command(flatten)]
@@ -150,6 +152,17 @@ enum Cmd {
         /// `8MiB`); the size granted is logged and on /metrics.
         #[arg(long, env = "TIDEMESH_UDP_RECV_BUFFER", default_value = "4MiB", value_parser = tidemesh_net::cli::parse_size)]
         udp_recv_buffer: u64,
+    },
+    /// Ask the running hub's `/readyz` (on its `--metrics` listener) whether
+    /// it is ready. Exit status: 0 ready, 1 answered but not ready (the
+    /// reason is printed), 2 nothing answered within `--timeout`.
+    Healthcheck {
+        /// The hub's metrics listener (its `--metrics`).
+        #[arg(long, env = "TIDEMESH_METRICS", default_value = "127.0.0.1:9464")]
+        metrics: SocketAddr,
+        /// How long to wait for the answer (connect included).
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
     },
     /// Evidence from the spokes: query, verify, stats, prune. Works on the
     /// running hub, or directly on evidence.db when it is stopped.
@@ -527,6 +540,9 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             hub.note_udp_recv_buffer(udp_recv_buffer, granted);
             hub.serve(socket, tidemesh_net::cli::shutdown_signal())
                 .await?;
+        }
+        Cmd::Healthcheck { metrics, timeout } => {
+            std::process::exit(tidemesh_net::cli::healthcheck(metrics, timeout).await);
         }
         Cmd::Token {
             cmd:

@@ -16,6 +16,9 @@ use tracing::{info, warn};
 use crate::evidence::{EvidenceStore, Query};
 use crate::Hub;
 
+/// How long `/readyz` waits for a read of `hub.db`.
+pub const READY_READ_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Most records one `evidence query` returns.
 pub const MAX_QUERY_LIMIT: u64 = 5_000;
 
@@ -184,10 +187,83 @@ impl Hub {
         }
     }
 
+    /// Whether the hub can serve spokes now, and why (`GET /readyz`,
+    /// `tidemesh-hub healthcheck`): `serve` has bound its listeners, the
+    /// CA certificate is valid and `hub.db` answers a read within
+    /// [`READY_READ_TIMEOUT`]. A failing `evidence.db` does not make the hub
+    /// unready (it keeps issuing and renewing; ingest waits), it is named
+    /// in the reason.
+    pub(crate) async fn readiness(&self) -> tidemesh_net::metrics::Readiness {
+        use tidemesh_net::metrics::Readiness;
+        if !self.inner.serving.load(Ordering::SeqCst) {
+            return Readiness::not_ready("starting or stopping: listeners not serving");
+        }
+        if let Ok((_, not_after)) =
+            tidemesh_identity::svid::cert_validity(&self.inner.ca.cert_der())
+        {
+            if not_after <= self.inner.clock.now() {
+                return Readiness::not_ready(format!(
+                    "the hub CA expired at {}: nothing it issues verifies",
+                    humantime::format_rfc3339_seconds(not_after)
+                ));
+            }
+        }
+        let hub = self.clone();
+        let read = tokio::task::spawn_blocking(move || hub.inner.store.meta("trust_domain"));
+        match tokio::time::timeout(READY_READ_TIMEOUT, read).await {
+            Ok(Ok(Ok(Some(_)))) => {}
+            Ok(Ok(Ok(None))) => return Readiness::not_ready("hub.db holds no trust domain"),
+            Ok(Ok(Err(e))) => return Readiness::not_ready(format!("hub.db unreadable: {e}")),
+            Ok(Err(e)) => return Readiness::not_ready(format!("hub.db read failed: {e}")),
+            Err(_) => {
+                return Readiness::not_ready(format!(
+                    "hub.db did not answer a read within {READY_READ_TIMEOUT:?}"
+                ))
+            }
+        }
+        let evidence = match self.inner.ingest.outage() {
+            Some(o) => format!(", evidence.db failing ({:?}): ingest paused", o.fault),
+            None => String::new(),
+        };
+        Readiness::ready(format!(
+            "ready: serving trust domain {}, config version {}{evidence}",
+            self.inner.td,
+            *self.inner.config_tx.borrow()
+        ))
+    }
+
     /// The Prometheus page (`serve --metrics ADDR`).
     pub(crate) async fn metrics_page(&self) -> String {
         use tidemesh_net::metrics::{Exposition, Kind::*};
         let mut e = Exposition::new();
+        tidemesh_net::build_info::write(&mut e);
+        let ready = self.readiness().await;
+        e.single(
+            "tidemesh_hub_ready",
+            Gauge,
+            "1 while /readyz answers 200: listeners bound and hub.db readable.",
+            f64::from(u8::from(ready.ready)),
+        );
+        if let Ok((_, not_after)) =
+            tidemesh_identity::svid::cert_validity(&self.inner.ca.cert_der())
+        {
+            e.single(
+                "tidemesh_hub_ca_expiry_timestamp_seconds",
+                Gauge,
+                "When the hub's CA certificate (the trust bundle) expires (Unix time).",
+                not_after
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64().floor())
+                    .unwrap_or(0.0),
+            );
+        }
+        let version = *self.inner.config_tx.borrow();
+        e.single(
+            "tidemesh_hub_config_version",
+            Gauge,
+            "The newest mesh config version applied at the hub (0: none); a spoke whose tidemesh_spoke_config_version is lower has not synced it yet.",
+            version as f64,
+        );
         let spokes = self.spokes().unwrap_or_default();
         e.single(
             "tidemesh_hub_spokes_enrolled",
@@ -201,7 +277,6 @@ impl Hub {
             "Spokes with a live control session.",
             spokes.iter().filter(|s| s.connected).count() as f64,
         );
-        let now = self.now_ms() as f64 / 1000.0;
         let f = e.family(
             "tidemesh_hub_spoke_connected",
             Gauge,
@@ -211,16 +286,13 @@ impl Hub {
             f.sample(&[("spoke", &s.id)], f64::from(u8::from(s.connected)));
         }
         let f = e.family(
-            "tidemesh_hub_spoke_cert_expiry_seconds",
+            "tidemesh_hub_spoke_cert_expiry_timestamp_seconds",
             Gauge,
-            "Seconds until the spoke's current node SVID expires (negative: expired).",
+            "When the spoke's current node SVID expires (Unix time).",
         );
         for s in &spokes {
             if let Some(t) = UnixMillis::parse_rfc3339(&s.cert_not_after) {
-                f.sample(
-                    &[("spoke", &s.id)],
-                    (t.as_millis() as f64 / 1000.0 - now).floor(),
-                );
+                f.sample(&[("spoke", &s.id)], (t.as_millis() / 1000) as f64);
             }
         }
         let f = e.family(
@@ -252,6 +324,21 @@ impl Hub {
             if let Some(v) = s.revocation_version {
                 f.sample(&[("spoke", &s.id)], v as f64);
             }
+        }
+        let mut applied: Vec<(String, u64)> = self
+            .inner
+            .applied
+            .lock()
+            .map(|a| a.iter().map(|(k, v)| (k.clone(), *v)).collect())
+            .unwrap_or_default();
+        applied.sort();
+        let f = e.family(
+            "tidemesh_hub_spoke_config_version",
+            Gauge,
+            "The config version the spoke last reported as applied (compare with tidemesh_hub_config_version).",
+        );
+        for (spoke, v) in &applied {
+            f.sample(&[("spoke", spoke)], *v as f64);
         }
         e.single(
             "tidemesh_hub_revocation_list_version",
@@ -461,5 +548,52 @@ impl Hub {
             f.sample(&[("spoke", &s.spoke)], s.dropped as f64);
         }
         e.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::Arc, time::SystemTime};
+
+    use tidemesh_identity::{
+        clock::{FixedClock, SystemClock},
+        TrustDomain,
+    };
+
+    use super::*;
+    use crate::{Hub, HubConfig};
+
+    #[tokio::test]
+    async fn readiness_needs_serving_a_valid_ca_and_a_readable_hub_db() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("hub");
+        let td = TrustDomain::new("ready.example").expect("td");
+        crate::init(&dir, &td, &SystemClock).expect("init");
+        let cfg = HubConfig {
+            admin_socket: false,
+            ..HubConfig::default()
+        };
+        {
+            let hub = Hub::open(&dir, cfg.clone(), Arc::new(SystemClock)).expect("open");
+            let r = hub.readiness().await;
+            assert!(!r.ready && r.reason.starts_with("starting"), "{r:?}");
+            hub.inner.serving.store(true, Ordering::SeqCst);
+            let r = hub.readiness().await;
+            assert!(r.ready, "{r:?}");
+            assert!(
+                r.reason.contains("serving trust domain ready.example"),
+                "{r:?}"
+            );
+            let page = hub.metrics_page().await;
+            assert!(page.contains("tidemesh_hub_ready 1\n"), "{page}");
+            assert!(page.contains("tidemesh_hub_config_version 0\n"), "{page}");
+        }
+        // the same hub seen eleven years on: its ten-year CA has expired
+        let later = SystemTime::now() + Duration::from_secs(11 * 365 * 24 * 3600);
+        let hub = Hub::open(&dir, cfg, Arc::new(FixedClock(later))).expect("open");
+        hub.inner.serving.store(true, Ordering::SeqCst);
+        let r = hub.readiness().await;
+        assert!(!r.ready, "{r:?}");
+        assert!(r.reason.contains("the hub CA expired at"), "{r:?}");
     }
 }

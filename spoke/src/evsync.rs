@@ -19,7 +19,7 @@
 use std::{
     collections::VecDeque,
     sync::Arc,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use tidemesh_evidence::{Batch, ChainHash, ChainPosition, EvidenceSeq, MAX_BATCH_BYTES};
@@ -500,6 +500,7 @@ impl Spoke {
         use tidemesh_net::metrics::{Exposition, Kind::*};
         let now = self.inner.clock.now();
         let mut e = Exposition::new();
+        tidemesh_net::build_info::write(&mut e);
         let state = self.state();
         e.single(
             "tidemesh_spoke_connected",
@@ -525,23 +526,48 @@ impl Spoke {
                 .unwrap_or(false);
             fam.sample(&[("state", s)], f64::from(u8::from(cur)));
         }
+        let ready = self.readiness();
+        e.single(
+            "tidemesh_spoke_ready",
+            Gauge,
+            "1 while /readyz answers 200: started, a last-known-good config in force and a valid node CA (the hub need not be reachable).",
+            f64::from(u8::from(ready.ready)),
+        );
         let cur = self.inner.creds.current();
-        let left = |t: SystemTime| match t.duration_since(now) {
-            Ok(d) => d.as_secs_f64(),
-            Err(e) => -e.duration().as_secs_f64(),
+        let unix = |t: SystemTime| match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => d.as_secs_f64().floor(),
+            Err(_) => 0.0,
         };
         e.single(
-            "tidemesh_spoke_cert_expiry_seconds",
+            "tidemesh_spoke_node_cert_expiry_timestamp_seconds",
             Gauge,
-            "Seconds until the node SVID expires (negative: expired).",
-            left(cur.node.not_after).floor(),
+            "When the node SVID expires (Unix time); renewed at --renew-at of its lifetime while the hub is reachable.",
+            unix(cur.node.not_after),
         );
         if let Some(f) = cur.node_ca {
             e.single(
-                "tidemesh_spoke_node_ca_expiry_seconds",
+                "tidemesh_spoke_node_ca_expiry_timestamp_seconds",
                 Gauge,
-                "Seconds until the node CA expires (negative: expired); it issues the workload SVIDs, offline too.",
-                left(f.not_after).floor(),
+                "When the node CA expires (Unix time); it issues the workload SVIDs, offline too.",
+                unix(f.not_after),
+            );
+        }
+        let last_contact = if state == crate::State::Connected {
+            Some(now)
+        } else {
+            self.inner
+                .live
+                .lock()
+                .ok()
+                .and_then(|l| l.last_contact_ms)
+                .map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
+        };
+        if let Some(t) = last_contact {
+            e.single(
+                "tidemesh_spoke_last_contact_timestamp_seconds",
+                Gauge,
+                "Last time the hub answered this spoke (Unix time; now while connected): how stale the config, revocation list and time anchor may be.",
+                unix(t),
             );
         }
         let view = self.inner.modes.view();
@@ -629,37 +655,37 @@ impl Spoke {
             let st = b.stats(self.now_evidence());
             let gauges: [(&str, &str, u64); 7] = [
                 (
-                    "tidemesh_evidence_last_committed_seq",
+                    "tidemesh_spoke_evidence_last_committed_seq",
                     "Highest durably committed evidence sequence number.",
                     st.last_committed_seq,
                 ),
                 (
-                    "tidemesh_evidence_last_acked_seq",
+                    "tidemesh_spoke_evidence_last_acked_seq",
                     "Highest sequence number the hub acknowledged.",
                     st.last_acked_seq,
                 ),
                 (
-                    "tidemesh_evidence_pending_records",
+                    "tidemesh_spoke_evidence_pending_records",
                     "Records in the buffer not yet acknowledged by the hub.",
                     st.pending_records,
                 ),
                 (
-                    "tidemesh_evidence_pending_bytes",
+                    "tidemesh_spoke_evidence_pending_bytes",
                     "Bytes held by the evidence buffer.",
                     st.pending_bytes,
                 ),
                 (
-                    "tidemesh_evidence_capacity_bytes",
+                    "tidemesh_spoke_evidence_capacity_bytes",
                     "The evidence buffer's byte bound.",
                     st.capacity_bytes,
                 ),
                 (
-                    "tidemesh_evidence_sync_lag_records",
+                    "tidemesh_spoke_evidence_sync_lag_records",
                     "Committed records the hub has not acknowledged (sequence numbers).",
                     st.last_committed_seq.saturating_sub(st.last_acked_seq),
                 ),
                 (
-                    "tidemesh_evidence_oldest_pending_age_seconds",
+                    "tidemesh_spoke_evidence_oldest_pending_age_seconds",
                     "Age of the oldest record not yet acknowledged (sync lag).",
                     st.oldest_pending_age_s,
                 ),
@@ -669,17 +695,17 @@ impl Spoke {
             }
             let counters: [(&str, &str, u64); 3] = [
                 (
-                    "tidemesh_evidence_shed_records_total",
+                    "tidemesh_spoke_evidence_shed_records_total",
                     "Records dropped under the byte bound and replaced by shed records.",
                     st.shed_records,
                 ),
                 (
-                    "tidemesh_evidence_audit_refused_total",
+                    "tidemesh_spoke_evidence_audit_refused_total",
                     "Audit records refused because the buffer was full.",
                     st.audit_refused,
                 ),
                 (
-                    "tidemesh_evidence_commits_total",
+                    "tidemesh_spoke_evidence_commits_total",
                     "Group commits of the evidence buffer since start.",
                     st.commits,
                 ),
@@ -688,7 +714,7 @@ impl Spoke {
                 e.single(name, Counter, help, v as f64);
             }
             let fam = e.family(
-                "tidemesh_evidence_lost_total",
+                "tidemesh_spoke_evidence_lost_total",
                 Counter,
                 "Evidence records the buffer could not keep, by reason: disk_full and write_failed (shed from memory while commits failed; a shed record in the chain stands for them), backlogged, buffer_full, stopped (refused at append), too_large.",
             );
@@ -696,19 +722,19 @@ impl Spoke {
                 fam.sample(&[("reason", r.as_str())], st.lost.get(r) as f64);
             }
             e.single(
-                "tidemesh_evidence_truncated_total",
+                "tidemesh_spoke_evidence_truncated_total",
                 Counter,
                 "Evidence records over the size limit stored truncated (marked).",
                 st.truncated_records as f64,
             );
             e.single(
-                "tidemesh_evidence_write_failures_total",
+                "tidemesh_spoke_evidence_write_failures_total",
                 Counter,
                 "Evidence commits that failed (disk full, I/O error) and were retried.",
                 st.write_failures as f64,
             );
             e.single(
-                "tidemesh_evidence_degraded",
+                "tidemesh_spoke_evidence_degraded",
                 Gauge,
                 "1 while evidence commits fail and the writer retries, holding records in memory.",
                 f64::from(u8::from(st.degraded.is_some())),
@@ -717,27 +743,27 @@ impl Spoke {
         let s = self.sync_stats();
         let counters: [(&str, &str, f64); 5] = [
             (
-                "tidemesh_evidence_sync_batches_total",
+                "tidemesh_spoke_evidence_sync_batches_total",
                 "Evidence batches sent to the hub.",
                 s.sync_batches_sent as f64,
             ),
             (
-                "tidemesh_evidence_sync_records_acked_total",
+                "tidemesh_spoke_evidence_sync_records_acked_total",
                 "Records the hub acknowledged as newly stored.",
                 s.sync_records_acked as f64,
             ),
             (
-                "tidemesh_evidence_sync_duplicates_total",
+                "tidemesh_spoke_evidence_sync_duplicates_total",
                 "Records the hub said it already held.",
                 s.sync_duplicates as f64,
             ),
             (
-                "tidemesh_evidence_sync_rejections_total",
+                "tidemesh_spoke_evidence_sync_rejections_total",
                 "Batches the hub refused.",
                 s.sync_rejections as f64,
             ),
             (
-                "tidemesh_evidence_sync_throttled_seconds_total",
+                "tidemesh_spoke_evidence_sync_throttled_seconds_total",
                 "Time the hub's retry-after paused the sync.",
                 s.sync_throttled_ms as f64 / 1000.0,
             ),
@@ -749,7 +775,7 @@ impl Spoke {
         let load =
             |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed) as f64;
         let fam = e.family(
-            "tidemesh_dataplane_requests_total",
+            "tidemesh_spoke_dataplane_requests_total",
             Counter,
             "Requests answered to local apps, by status class.",
         );
@@ -761,22 +787,22 @@ impl Spoke {
         }
         let counters: [(&str, &str, f64); 4] = [
             (
-                "tidemesh_dataplane_retries_total",
+                "tidemesh_spoke_dataplane_retries_total",
                 "Retries made (under the retry budget).",
                 load(&c.retries),
             ),
             (
-                "tidemesh_dataplane_breaker_opened_total",
+                "tidemesh_spoke_dataplane_breaker_opened_total",
                 "Circuit breakers that opened (endpoints ejected).",
                 load(&c.breaker_opened),
             ),
             (
-                "tidemesh_dataplane_breaker_closed_total",
+                "tidemesh_spoke_dataplane_breaker_closed_total",
                 "Circuit breakers that closed again after half-open probes.",
                 load(&c.breaker_closed),
             ),
             (
-                "tidemesh_dataplane_hub_unreachable_total",
+                "tidemesh_spoke_dataplane_hub_unreachable_total",
                 "Cloud calls answered 503 at once because the hub was unreachable.",
                 load(&c.hub_unreachable),
             ),
@@ -784,8 +810,9 @@ impl Spoke {
         for (name, help, v) in counters {
             e.single(name, Counter, help, v);
         }
+        c.latency.write(&mut e);
         let fam = e.family(
-            "tidemesh_dataplane_tunnel_refusals_total",
+            "tidemesh_spoke_dataplane_tunnel_refusals_total",
             Counter,
             "Tunnel handshakes, connections and streams refused by the per-address and per-peer caps, the spoke-wide limit or the header deadline, by reason.",
         );

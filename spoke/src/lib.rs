@@ -49,6 +49,7 @@ mod evsync;
 mod health;
 pub mod modes;
 mod ops;
+pub mod ready;
 pub mod replica;
 pub mod survival;
 
@@ -399,6 +400,82 @@ struct Inner {
     data: std::sync::OnceLock<std::sync::Weak<dataplane::Shared>>,
     live: Mutex<Live>,
     rng: Mutex<StdRng>,
+    /// `run` has bound its listeners and opened the evidence buffer
+    /// (readiness).
+    started: std::sync::atomic::AtomicBool,
+}
+
+/// Before the first certificate: waits until `data_dir` holds an
+/// enrollment (`tidemesh-spoke enroll` writes it), serving `/readyz` 503
+/// "not enrolled" and `/healthz` 200 on `metrics` meanwhile, so a unit
+/// enabled before enrollment neither crash-loops nor looks ready. Returns
+/// `Ok(true)` once enrolled (at once if it already is; the listener is
+/// closed again for [`Spoke::run`] to bind), `Ok(false)` if `shutdown`
+/// came first; any other credential error is returned as it is.
+pub async fn wait_enrolled(
+    data_dir: &Path,
+    metrics: SocketAddr,
+    shutdown: impl Future<Output = ()>,
+) -> Result<bool, SpokeError> {
+    let store = CredStore::new(data_dir);
+    match store.identity() {
+        Ok(_) => return Ok(true),
+        Err(CredsError::NotEnrolled(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let l = tidemesh_net::metrics::bind(metrics)
+        .await
+        .map_err(|e| SpokeError::Invalid(format!("--metrics {metrics}: {e}")))?;
+    let reason = format!(
+        "not enrolled: run `tidemesh-spoke enroll --data-dir {}` with a join token",
+        data_dir.display()
+    );
+    warn!(data_dir = %data_dir.display(), "not enrolled yet: waiting for `tidemesh-spoke enroll` (/readyz answers 503)");
+    tidemesh_net::sd_notify::notify_logged(&format!("STATUS={reason}"));
+    let r = reason.clone();
+    let served = tokio::spawn(tidemesh_net::metrics::serve(
+        l,
+        || async {
+            let mut e = tidemesh_net::metrics::Exposition::new();
+            tidemesh_net::build_info::write(&mut e);
+            e.single(
+                "tidemesh_spoke_ready",
+                tidemesh_net::metrics::Kind::Gauge,
+                "1 while /readyz answers 200 (not enrolled yet: 0).",
+                0.0,
+            );
+            e.finish()
+        },
+        move || {
+            let r = tidemesh_net::metrics::Readiness::not_ready(r.clone());
+            async move { r }
+        },
+    ));
+    let watchdog = tokio::spawn(tidemesh_net::sd_notify::watchdog());
+    tokio::pin!(shutdown);
+    let enrolled = loop {
+        tokio::select! {
+            _ = &mut shutdown => break false,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        match store.identity() {
+            Ok(_) => break true,
+            Err(CredsError::NotEnrolled(_)) => {}
+            Err(e) => {
+                served.abort();
+                watchdog.abort();
+                return Err(e.into());
+            }
+        }
+    };
+    served.abort();
+    watchdog.abort();
+    // the listener is closed once the task is gone
+    let _ = served.await;
+    if enrolled {
+        info!(data_dir = %data_dir.display(), "enrolled: starting");
+    }
+    Ok(enrolled)
 }
 
 /// A loaded, enrolled spoke. Cheap to clone.
@@ -552,6 +629,7 @@ impl Spoke {
                 }),
                 hub,
                 rng: Mutex::new(rng),
+                started: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -787,18 +865,23 @@ impl Spoke {
                 let l = tidemesh_net::metrics::bind(addr)
                     .await
                     .map_err(|e| SpokeError::Invalid(format!("--metrics {addr}: {e}")))?;
-                info!(addr = %l.local_addr().unwrap_or(addr), "serving /metrics");
-                let me = self.clone();
+                info!(addr = %l.local_addr().unwrap_or(addr), "serving /metrics, /healthz and /readyz");
+                let (me, me2) = (self.clone(), self.clone());
                 Some(AbortOnDrop(tokio::spawn(tidemesh_net::metrics::serve(
                     l,
                     move || {
                         let me = me.clone();
                         async move { me.metrics_page() }
                     },
+                    move || {
+                        let r = me2.readiness();
+                        async move { r }
+                    },
                 ))))
             }
             None => None,
         };
+        let _watchdog = AbortOnDrop(tokio::spawn(tidemesh_net::sd_notify::watchdog()));
         let admin_task = if self.inner.cfg.admin_socket {
             let path = admin::socket_path(self.inner.store.dir());
             let listener = admin::bind(&path)
@@ -885,6 +968,11 @@ impl Spoke {
         let _health = AbortOnDrop(tokio::spawn(async move { me.health_loop().await }));
         let me = self.clone();
         let _reach = AbortOnDrop(tokio::spawn(async move { me.reachability_loop().await }));
+        self.inner
+            .started
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let me = self.clone();
+        let _notify = AbortOnDrop(tokio::spawn(async move { me.notify_ready().await }));
         info!(spoke = %self.inner.ident.id, hub = %self.inner.hub, "spoke running");
         tokio::pin!(shutdown);
         let mut backoff =
@@ -932,6 +1020,10 @@ impl Spoke {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
+        tidemesh_net::sd_notify::notify_logged("STOPPING=1\nSTATUS=shutting down");
+        self.inner
+            .started
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         endpoint.close(
             quinn::VarInt::from_u32(close::SHUTDOWN),
             b"spoke shutting down",
@@ -944,6 +1036,48 @@ impl Spoke {
         }
         drop(metrics_task);
         Ok(())
+    }
+
+    /// Whether this spoke can serve its store now, and why (see
+    /// [`ready`]): `GET /readyz` and `tidemesh-spoke healthcheck`.
+    pub fn readiness(&self) -> tidemesh_net::metrics::Readiness {
+        let cur = self.inner.creds.current();
+        ready::readiness(&ready::Facts {
+            now: self.inner.clock.now(),
+            started: self.inner.started.load(std::sync::atomic::Ordering::SeqCst),
+            state: self.state(),
+            config_version: self.config_version(),
+            node_not_after: cur.node.not_after,
+            node_ca_not_after: cur.node_ca.map(|f| f.not_after),
+        })
+    }
+
+    /// Tells systemd (`Type=notify`) `READY=1` once [`Spoke::readiness`]
+    /// first says ready: at once on a restart with a last-known-good
+    /// config, hub or no hub; after the first config sync on a freshly
+    /// enrolled spoke. Until then, and after, `STATUS=` carries the reason
+    /// whenever it changes. A no-op outside systemd.
+    async fn notify_ready(&self) {
+        if std::env::var_os(tidemesh_net::sd_notify::NOTIFY_SOCKET).is_none() {
+            return;
+        }
+        let mut told_ready = false;
+        let mut last = String::new();
+        loop {
+            let r = self.readiness();
+            if r.reason != last {
+                let line = tidemesh_net::http::sanitize(&r.reason);
+                let msg = if r.ready && !told_ready {
+                    told_ready = true;
+                    format!("READY=1\nSTATUS={line}")
+                } else {
+                    format!("STATUS={line}")
+                };
+                tidemesh_net::sd_notify::notify_logged(&msg);
+                last = r.reason;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 
     /// Persists the trusted-time floor (blocking write; small).

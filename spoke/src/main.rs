@@ -95,7 +95,10 @@ enum Cmd {
         /// then is reset and its slots freed.
         #[arg(long, env = "TIDEMESH_DATA_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
         data_header_timeout: Duration,
-        /// Serve Prometheus metrics on this TCP address (`GET /metrics`); off unless given.
+        /// Serve Prometheus metrics (`GET /metrics`), liveness (`GET
+        /// /healthz`) and readiness (`GET /readyz`) on this TCP address; off
+        /// unless given. With it, a data directory not enrolled yet is
+        /// waited on (`/readyz` 503 "not enrolled") instead of an error.
         #[arg(long, env = "TIDEMESH_METRICS")]
         metrics: Option<SocketAddr>,
         /// Byte bound of the evidence buffer (e.g. `2GiB`, `64MiB`); when full,
@@ -122,6 +125,17 @@ enum Cmd {
         /// spoke is caught up (0s: send each commit at once; at most 10s).
         #[arg(long, env = "TIDEMESH_EVIDENCE_LINGER", default_value = "200ms", value_parser = parse_linger)]
         evidence_linger: Duration,
+    },
+    /// Ask the running spoke's `/readyz` (on its `--metrics` listener) whether
+    /// it is ready. Exit status: 0 ready, 1 answered but not ready (the
+    /// reason is printed), 2 nothing answered within `--timeout`.
+    Healthcheck {
+        /// The spoke's metrics listener (its `--metrics`).
+        #[arg(long, env = "TIDEMESH_METRICS", default_value = "127.0.0.1:9465")]
+        metrics: SocketAddr,
+        /// How long to wait for the answer (connect included).
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
     },
     /// Show the running spoke's status.
     Status {
@@ -399,11 +413,27 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 },
                 ..Default::default()
             };
+            // Not enrolled yet: with --metrics, wait for `enroll` and say so
+            // on /readyz (a unit may be enabled first); without, fail now.
+            if let Some(m) = metrics {
+                if !tidemesh_spoke::wait_enrolled(
+                    &data_dir,
+                    m,
+                    tidemesh_net::cli::shutdown_signal(),
+                )
+                .await?
+                {
+                    return Ok(());
+                }
+            }
             let spoke = Spoke::open(&data_dir, cfg, Arc::new(SystemClock))?;
             let sock = client_socket(SocketAddr::from(([127, 0, 0, 1], 0)))?;
             spoke
                 .run(sock, tidemesh_net::cli::shutdown_signal())
                 .await?;
+        }
+        Cmd::Healthcheck { metrics, timeout } => {
+            std::process::exit(tidemesh_net::cli::healthcheck(metrics, timeout).await);
         }
         Cmd::Status { data_dir, json } => {
             let s = admin::call(&admin::socket_path(&data_dir), json!({"cmd": "status"})).await?;

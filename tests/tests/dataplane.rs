@@ -2837,7 +2837,7 @@ inbound = "{inventory}"
     let b_m = |r: &str| {
         metric(
             &b_page,
-            &format!("tidemesh_dataplane_tunnel_refusals_total{{reason=\"{r}\"}}"),
+            &format!("tidemesh_spoke_dataplane_tunnel_refusals_total{{reason=\"{r}\"}}"),
         )
         .unwrap_or(-1.0)
     };
@@ -2868,7 +2868,7 @@ inbound = "{inventory}"
         )?;
         let b = metric(
             &scrape(b_metrics),
-            "tidemesh_dataplane_tunnel_refusals_total{reason=\"header_timeout\"}",
+            "tidemesh_spoke_dataplane_tunnel_refusals_total{reason=\"header_timeout\"}",
         )?;
         (h == PEER_STREAMS as f64 && b == PEER_STREAMS as f64).then(|| t0.elapsed() - flood_up)
     });

@@ -705,7 +705,12 @@ fn tamper_spoke(path: &Path, seq: u64) {
     w.commit().expect("commit");
 }
 
-/// `/metrics` on hub and spoke pass `promtool check metrics`.
+/// `/metrics` on hub and spoke pass `promtool check metrics`; the alert
+/// rules in `deploy/observability/` pass `promtool check rules`; the
+/// Grafana dashboard there parses, has the shape Grafana loads, and every
+/// metric its expressions and the alert rules name is exported by these
+/// binaries (on the pages scraped here, or, for a family written only in
+/// some states, as a name in the hub's or spoke's source).
 #[test]
 fn metrics_pass_promtool() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -718,8 +723,13 @@ fn metrics_pass_promtool() {
     drill_result(drill(&s, 200, "1s"));
     wait_drained(&hub, &s, Duration::from_secs(30));
     let promtool = which("promtool");
+    let mut exported = std::collections::BTreeSet::new();
     for (who, port) in [("hub", 19464), ("spoke", 19465)] {
         let page = scrape(port);
+        assert!(
+            page.contains("tidemesh_build_info{version=\""),
+            "{who}: {page}"
+        );
         assert!(page.contains("tidemesh_"), "{who}: {page}");
         // each family once (promtool lets a repeated family through)
         let mut families = std::collections::HashSet::new();
@@ -729,6 +739,7 @@ fn metrics_pass_promtool() {
                 families.insert(name.to_owned()),
                 "{who}: family {name} twice"
             );
+            exported.insert(name.to_owned());
         }
         if who == "hub" {
             assert!(
@@ -741,7 +752,7 @@ fn metrics_pass_promtool() {
         } else {
             assert!(page.contains("tidemesh_spoke_connected 1"), "{page}");
             assert!(
-                page.contains("tidemesh_evidence_pending_records 0"),
+                page.contains("tidemesh_spoke_evidence_pending_records 0"),
                 "{page}"
             );
         }
@@ -773,6 +784,162 @@ fn metrics_pass_promtool() {
             None => eprintln!("promtool not installed: skipping the format check ({who})"),
         }
     }
+    check_observability(&exported, promtool.as_deref());
+}
+
+/// The metric names (`tidemesh_...`) a PromQL expression reads.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let b = expr.as_bytes();
+    let mut i = 0;
+    while let Some(off) = expr[i..].find("tidemesh_") {
+        let start = i + off;
+        let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b':';
+        if start > 0 && ident(b[start - 1]) {
+            i = start + 1;
+            continue;
+        }
+        let mut end = start;
+        while end < b.len() && ident(b[end]) {
+            end += 1;
+        }
+        out.push(expr[start..end].to_owned());
+        i = end;
+    }
+    out
+}
+
+/// Every `"tidemesh_..."` string literal in the hub's and spoke's sources.
+fn names_in_source() -> String {
+    fn walk(dir: &Path, out: &mut String) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push_str(&std::fs::read_to_string(&p).unwrap_or_default());
+            }
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut all = String::new();
+    for d in ["hub/src", "spoke/src", "shared/net/src"] {
+        walk(&root.join(d), &mut all);
+    }
+    all
+}
+
+/// `deploy/observability/`: rules through promtool, the dashboard's shape,
+/// and every metric both name is one the binaries export.
+fn check_observability(exported: &std::collections::BTreeSet<String>, promtool: Option<&Path>) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/observability");
+    let mut rules: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
+        .expect("deploy/observability")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yml"))
+        .collect();
+    rules.sort();
+    assert!(!rules.is_empty(), "no rule files in {}", dir.display());
+    match promtool {
+        Some(p) => {
+            let o = run(Command::new(p).args(["check", "rules"]).args(&rules));
+            assert!(o.status.success(), "promtool check rules: {}", text(&o));
+            assert!(text(&o).contains("SUCCESS"), "{}", text(&o));
+        }
+        None if std::env::var_os("TIDEMESH_REQUIRE_PROMTOOL").is_some() => {
+            panic!("promtool not found (apt-get install prometheus)")
+        }
+        None => eprintln!("promtool not installed: skipping promtool check rules"),
+    }
+    let mut exprs: Vec<(String, String)> = Vec::new();
+    for r in &rules {
+        let text = std::fs::read_to_string(r).expect("rules");
+        for l in text.lines() {
+            if let Some(e) = l.trim().strip_prefix("expr:") {
+                exprs.push((r.display().to_string(), e.trim().to_owned()));
+            }
+        }
+    }
+    let dash_path = dir.join("tidemesh-dashboard.json");
+    let dash: Value =
+        serde_json::from_str(&std::fs::read_to_string(&dash_path).expect("dashboard json"))
+            .expect("the dashboard is valid JSON");
+    for k in ["uid", "title"] {
+        assert!(
+            dash[k].as_str().is_some_and(|s| !s.is_empty()),
+            "dashboard {k}"
+        );
+    }
+    assert!(
+        dash["schemaVersion"].as_u64().is_some_and(|v| v >= 30),
+        "schemaVersion"
+    );
+    assert!(
+        dash["templating"]["list"]
+            .as_array()
+            .expect("templating.list")
+            .iter()
+            .any(|v| v["type"] == "datasource" && v["query"] == "prometheus"),
+        "a Prometheus datasource variable"
+    );
+    let panels = dash["panels"].as_array().expect("panels");
+    let mut ids = BTreeSet::new();
+    let mut queries = 0;
+    for p in panels {
+        let id = p["id"].as_u64().expect("panel id");
+        assert!(ids.insert(id), "panel id {id} twice");
+        assert!(p["type"].as_str().is_some(), "panel {id} type");
+        assert!(p["title"].as_str().is_some(), "panel {id} title");
+        let g = &p["gridPos"];
+        for k in ["h", "w", "x", "y"] {
+            assert!(g[k].as_u64().is_some(), "panel {id} gridPos.{k}");
+        }
+        assert!(
+            g["x"].as_u64().unwrap_or(99) + g["w"].as_u64().unwrap_or(99) <= 24,
+            "panel {id} fits 24 columns"
+        );
+        if p["type"] == "row" {
+            continue;
+        }
+        let targets = p["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "panel {id} has no query");
+        let mut refs = BTreeSet::new();
+        for t in targets {
+            assert!(
+                refs.insert(t["refId"].as_str().expect("refId")),
+                "panel {id} refId twice"
+            );
+            let e = t["expr"].as_str().expect("expr");
+            exprs.push((format!("dashboard panel {id}"), e.to_owned()));
+            queries += 1;
+        }
+    }
+    assert!(queries >= 10, "the dashboard has {queries} queries");
+    let source = names_in_source();
+    let mut from_source = Vec::new();
+    for (whence, e) in &exprs {
+        let names = metric_names(e);
+        assert!(!names.is_empty(), "{whence}: {e} reads no tidemesh metric");
+        for n in names {
+            // a histogram's series are its family name plus a suffix
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|x| n.strip_suffix(x).filter(|f| exported.contains(*f)));
+            if exported.contains(&n) || family.is_some() {
+                continue;
+            }
+            assert!(
+                source.contains(&format!("\"{n}\"")),
+                "{whence}: {e}: {n} is neither on a scraped page nor a metric name in the source"
+            );
+            from_source.push(n);
+        }
+    }
+    eprintln!(
+        "{} expressions checked; written only in some states (found in the source): {from_source:?}",
+        exprs.len()
+    );
 }
 
 fn which(name: &str) -> Option<std::path::PathBuf> {
@@ -1277,6 +1444,15 @@ fn hub_serves_renewals_and_revocations_while_its_evidence_db_is_full() {
         )
     });
     assert_eq!(gauge("tidemesh_hub_evidence_store_full"), Some(1.0));
+    // Still ready (it renews and revokes below), the outage named.
+    assert_eq!(gauge("tidemesh_hub_ready"), Some(1.0));
+    let o = run(Command::new(bin("tidemesh-hub")).args([
+        "healthcheck",
+        "--metrics",
+        &metrics.to_string(),
+    ]));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("evidence.db failing"), "{}", text(&o));
     // The spoke is told to wait, not refused.
     let throttled = wait_for(Duration::from_secs(15), || {
         let st = spoke_stats(&s)?;

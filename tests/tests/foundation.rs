@@ -2091,3 +2091,255 @@ async fn a_slow_fsync_does_not_stall_the_runtime() {
         "another caller waited {refused_in:?} behind the commit"
     );
 }
+
+/// `GET path` on a metrics listener: status and body, `None` if nothing
+/// answers.
+fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut out = String::new();
+    c.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
+/// `BIN healthcheck --metrics ADDR`: exit code and output.
+fn healthcheck(bin_name: &str, addr: SocketAddr) -> (Option<i32>, String) {
+    let o = run(Command::new(bin(bin_name)).args([
+        "healthcheck",
+        "--metrics",
+        &addr.to_string(),
+        "--timeout",
+        "3s",
+    ]));
+    (o.status.code(), text(&o))
+}
+
+/// A unix datagram socket standing in for systemd's notify socket: every
+/// datagram it receives, in order.
+struct NotifySocket {
+    seen: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl NotifySocket {
+    fn listen(sock: std::os::unix::net::UnixDatagram) -> NotifySocket {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = sock.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                s.lock().expect("notify log").push(msg);
+            }
+        });
+        NotifySocket { seen }
+    }
+
+    fn messages(&self) -> Vec<String> {
+        self.seen.lock().expect("notify log").clone()
+    }
+
+    fn count(&self, line: &str) -> usize {
+        self.messages()
+            .iter()
+            .filter(|m| m.lines().any(|l| l == line))
+            .count()
+    }
+}
+
+/// Health with the real binaries: `/healthz` is 200 whenever the process
+/// answers; spoke `/readyz` is 503 before enrollment and before the first
+/// config, 200 once it serves from a valid node CA and a config, and stays
+/// 200 through a hub outage; `healthcheck` exits 0 (ready), 1 (not ready,
+/// with the reason) and 2 (nothing answers). Under a notify socket the
+/// spoke says READY=1 only once ready (STATUS= before), and WATCHDOG=1 at
+/// half of WATCHDOG_USEC; the hub says READY=1 once serving and STOPPING=1
+/// on SIGTERM.
+#[test]
+fn readyz_healthcheck_and_sd_notify_follow_enrollment_config_not_the_hub() {
+    use std::os::linux::net::SocketAddrExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let hub_m = tidemesh_tests::free_tcp();
+    let spoke_m = tidemesh_tests::free_tcp();
+
+    // nothing listens yet: unreachable
+    let (code, out) = healthcheck("tidemesh-hub", hub_m);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("unreachable"), "{out}");
+
+    // the hub under a (path) notify socket with a 400 ms watchdog
+    let mut hub = HubProc::init(tmp.path(), TD).with_args(&["--metrics", &hub_m.to_string()]);
+    let hub_sock = tmp.path().join("hub-notify.sock");
+    let hub_notify = NotifySocket::listen(
+        std::os::unix::net::UnixDatagram::bind(&hub_sock).expect("bind notify socket"),
+    );
+    let mut hub_child = Command::new(bin("tidemesh-hub"))
+        .args(["serve", "--data-dir"])
+        .arg(&hub.dir)
+        .args(["--listen", "127.0.0.1:0", "--metrics", &hub_m.to_string()])
+        .env("NOTIFY_SOCKET", &hub_sock)
+        .env("WATCHDOG_USEC", "400000")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn hub");
+    let addr: SocketAddr = {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(hub_child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("listening line");
+        line.trim()
+            .strip_prefix("listening=")
+            .expect("listening=ADDR")
+            .parse()
+            .expect("addr")
+    };
+    wait_for(Duration::from_secs(10), || {
+        (hub_notify.count("READY=1") == 1 && hub_notify.count("WATCHDOG=1") >= 3).then_some(())
+    })
+    .unwrap_or_else(|| panic!("hub notifications: {:?}", hub_notify.messages()));
+    let (code, out) = healthcheck("tidemesh-hub", hub_m);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("ready: serving trust domain edge.example"),
+        "{out}"
+    );
+    assert_eq!(http_get(hub_m, "/healthz"), Some((200, "ok\n".into())));
+    let page = http_get(hub_m, "/metrics").expect("hub metrics").1;
+    assert!(page.contains("tidemesh_hub_ready 1"), "{page}");
+    assert!(page.contains("tidemesh_build_info{version=\""), "{page}");
+    assert!(
+        page.contains("tidemesh_hub_ca_expiry_timestamp_seconds "),
+        "{page}"
+    );
+
+    // a spoke started before enrollment: alive, not ready, says why
+    let id = node("sf04", "n1");
+    let mut spoke =
+        SpokeProc::new(tmp.path(), "s", &id).with_args(&["--metrics", &spoke_m.to_string()]);
+    spoke.spawn();
+    let (status, body) = wait_for(Duration::from_secs(10), || http_get(spoke_m, "/readyz"))
+        .expect("the waiting spoke answers /readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.starts_with("not enrolled"), "{body}");
+    assert_eq!(http_get(spoke_m, "/healthz"), Some((200, "ok\n".into())));
+    let (code, out) = healthcheck("tidemesh-spoke", spoke_m);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("not ready (HTTP 503): not enrolled"), "{out}");
+    spoke.stop();
+
+    // enrolled, but the hub is gone before the spoke's first config:
+    // running, not ready, no READY=1 (STATUS= and the watchdog only)
+    assert!(spoke.enroll(addr, &hub.token(&id, "10m")).status.success());
+    let _ = Command::new("kill")
+        .args(["-TERM", &hub_child.id().to_string()])
+        .status();
+    let _ = hub_child.wait();
+    assert!(
+        hub_notify.count("STOPPING=1") == 1,
+        "hub notifications: {:?}",
+        hub_notify.messages()
+    );
+    let name = format!("tidemesh-readyz-{}", std::process::id());
+    let abs = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("name");
+    let spoke_notify = NotifySocket::listen(
+        std::os::unix::net::UnixDatagram::bind_addr(&abs).expect("bind abstract notify socket"),
+    );
+    let mut spoke = SpokeProc::new(tmp.path(), "s", &id)
+        .with_args(&["--metrics", &spoke_m.to_string()])
+        .with_env(&[
+            ("NOTIFY_SOCKET", &format!("@{name}")),
+            ("WATCHDOG_USEC", "400000"),
+        ]);
+    spoke.start();
+    let (status, body) = wait_for(Duration::from_secs(10), || {
+        http_get(spoke_m, "/readyz").filter(|(_, b)| !b.starts_with("starting"))
+    })
+    .expect("the spoke answers /readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("waiting for the first config"), "{body}");
+    let (code, out) = healthcheck("tidemesh-spoke", spoke_m);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("waiting for the first config"), "{out}");
+    wait_for(Duration::from_secs(10), || {
+        (spoke_notify.count("WATCHDOG=1") >= 3).then_some(())
+    })
+    .unwrap_or_else(|| panic!("spoke notifications: {:?}", spoke_notify.messages()));
+    assert_eq!(
+        spoke_notify.count("READY=1"),
+        0,
+        "{:?}",
+        spoke_notify.messages()
+    );
+    assert!(
+        spoke_notify
+            .messages()
+            .iter()
+            .any(|m| m.contains("STATUS=waiting for the first config")),
+        "{:?}",
+        spoke_notify.messages()
+    );
+    let page = http_get(spoke_m, "/metrics").expect("spoke metrics").1;
+    assert!(page.contains("tidemesh_spoke_ready 0"), "{page}");
+
+    // the hub back with a config: the spoke syncs it and is ready
+    hub.addr = Some(addr);
+    hub.start();
+    let yaml = tmp.path().join("store.yaml");
+    std::fs::write(&yaml, tidemesh_tests::STORE_SF01.replace("sf01", "sf04")).expect("yaml");
+    let o = hub.cli(&["apply", "-f", yaml.to_str().expect("utf8")]);
+    assert!(o.status.success(), "apply: {}", text(&o));
+    let body = wait_for(Duration::from_secs(20), || {
+        http_get(spoke_m, "/readyz").and_then(|(s, b)| (s == 200).then_some(b))
+    })
+    .unwrap_or_else(|| panic!("ready after the first config: {:?}", spoke.try_status()));
+    assert!(body.contains("hub connected"), "{body}");
+    wait_for(Duration::from_secs(5), || {
+        (spoke_notify.count("READY=1") == 1).then_some(())
+    })
+    .unwrap_or_else(|| panic!("spoke notifications: {:?}", spoke_notify.messages()));
+    let (code, out) = healthcheck("tidemesh-spoke", spoke_m);
+    assert_eq!(code, Some(0), "{out}");
+
+    // hub outage: deliberately still ready, serving from the cache
+    hub.kill();
+    spoke.wait_state("disconnected", Duration::from_secs(15));
+    let (status, body) = http_get(spoke_m, "/readyz").expect("readyz");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("hub unreachable, serving from the cache"),
+        "{body}"
+    );
+    let (code, out) = healthcheck("tidemesh-spoke", spoke_m);
+    assert_eq!(code, Some(0), "{out}");
+    let page = http_get(spoke_m, "/metrics").expect("spoke metrics").1;
+    assert!(page.contains("tidemesh_spoke_ready 1"), "{page}");
+    assert!(page.contains("tidemesh_spoke_connected 0"), "{page}");
+    // a restart during the outage is ready again from the last-known-good
+    spoke.stop();
+    let (code, out) = healthcheck("tidemesh-spoke", spoke_m);
+    assert_eq!(code, Some(2), "{out}");
+    spoke.start();
+    let body = wait_for(Duration::from_secs(10), || {
+        http_get(spoke_m, "/readyz").and_then(|(s, b)| (s == 200).then_some(b))
+    })
+    .expect("ready from the last-known-good, hub down");
+    assert!(body.contains("config version"), "{body}");
+    assert_eq!(spoke.status()["connected"], false);
+    wait_for(Duration::from_secs(5), || {
+        (spoke_notify.count("READY=1") == 2).then_some(())
+    })
+    .unwrap_or_else(|| panic!("spoke notifications: {:?}", spoke_notify.messages()));
+    spoke.stop();
+    assert!(
+        spoke_notify.count("STOPPING=1") >= 1,
+        "{:?}",
+        spoke_notify.messages()
+    );
+}

@@ -184,6 +184,22 @@ inbound = "{}"
     for _ in 0..199 {
         assert_eq!(get().status, 200);
     }
+    // Each call's duration, by service, direction and locality tier.
+    let page = scrape(metrics);
+    let series = "service=\"shaky.store\",direction=\"outbound\",tier=\"local\"";
+    let count = sample(
+        &page,
+        &format!("tidemesh_spoke_request_duration_seconds_count{{{series}}}"),
+    );
+    assert!(count.is_some_and(|n| n >= 200.0), "{count:?}: {page}");
+    assert_eq!(
+        sample(
+            &page,
+            &format!("tidemesh_spoke_request_duration_seconds_bucket{{{series},le=\"+Inf\"}}")
+        ),
+        count,
+        "{page}"
+    );
     let (share, n) = shaky.with(|s| sampled_share(&s.traceparents));
     assert_eq!((share, n >= 200), (1.0, true), "Target traces everything");
     let v = vector(&a, "shaky.store");

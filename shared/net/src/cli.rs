@@ -168,3 +168,34 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(mul)
         .ok_or_else(|| format!("{s:?}: too large"))
 }
+
+/// Exit status of `healthcheck`: ready.
+pub const HEALTHCHECK_READY: i32 = 0;
+/// Exit status of `healthcheck`: the process answered, not ready.
+pub const HEALTHCHECK_NOT_READY: i32 = 1;
+/// Exit status of `healthcheck`: nothing answered in time.
+pub const HEALTHCHECK_UNREACHABLE: i32 = 2;
+
+/// `tidemesh-hub healthcheck` and `tidemesh-spoke healthcheck`: asks
+/// `GET /readyz` on `addr` within `timeout`, prints the answer and returns
+/// the exit status: [`HEALTHCHECK_READY`] (0), [`HEALTHCHECK_NOT_READY`] (1,
+/// with the reason) or [`HEALTHCHECK_UNREACHABLE`] (2).
+pub async fn healthcheck(addr: std::net::SocketAddr, timeout: std::time::Duration) -> i32 {
+    use crate::metrics::{probe_ready, Probe};
+    match probe_ready(addr, timeout).await {
+        Probe::Ready(reason) => {
+            println!("{reason}");
+            HEALTHCHECK_READY
+        }
+        Probe::NotReady(status, reason) => {
+            println!("not ready (HTTP {status}): {reason}");
+            HEALTHCHECK_NOT_READY
+        }
+        Probe::Unreachable(e) => {
+            eprintln!(
+                "unreachable: http://{addr}/readyz: {e} (is it running with --metrics {addr}?)"
+            );
+            HEALTHCHECK_UNREACHABLE
+        }
+    }
+}

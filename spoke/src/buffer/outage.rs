@@ -18,7 +18,7 @@ use tidemesh_evidence::{EvidenceSeq, PriorityClass, ShedReason, UnixMillis};
 use super::Append;
 
 /// Why records were lost: the `reason` label of
-/// `tidemesh_evidence_lost_total`.
+/// `tidemesh_spoke_evidence_lost_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LossReason {
     /// Commits failed with "no space left on device"; the writer shed the

@@ -41,6 +41,7 @@
 //! connections and timeouts everywhere).
 
 pub(crate) mod inbound;
+pub mod latency;
 pub(crate) mod outbound;
 pub(crate) mod plaintext;
 pub mod ratelimit;
@@ -149,6 +150,8 @@ pub struct Counters {
     pub hub_unreachable: std::sync::atomic::AtomicU64,
     /// What the tunnel listener refused, by [`TunnelRefusal`].
     pub tunnel_refused: [std::sync::atomic::AtomicU64; TunnelRefusal::ALL.len()],
+    /// Request durations by service, direction and locality tier.
+    pub latency: latency::Latency,
 }
 
 /// Why the tunnel listener refused a handshake, a connection or a stream.
@@ -716,6 +719,12 @@ impl Shared {
         if let Some(code) = ev.telemetry.status_code {
             self.counters().answered(code);
         }
+        self.counters().latency.observe(
+            &ev.service_name,
+            latency::direction(&ev),
+            latency::tier(&ev),
+            ev.telemetry.duration_us as f64 / 1e6,
+        );
         let service = ev.service_name.clone();
         let mode = ev.mode;
         if let Some(seq) = self

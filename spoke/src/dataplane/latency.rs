@@ -1,0 +1,158 @@
+//! Request latency histograms for `/metrics`
+//! (`tidemesh_spoke_request_duration_seconds`), per destination service,
+//! direction and locality tier.
+//!
+//! Who drives it: every request record the data plane writes
+//! ([`super::Shared::record`]) observes its end-to-end duration once; the
+//! metrics page reads a snapshot. What it must not do: grow without bound:
+//! service names come from apps' requests, so past [`MAX_SERIES`] distinct
+//! series new services are counted under `service="_other"`.
+
+use std::{collections::BTreeMap, sync::Mutex};
+
+use tidemesh_evidence::record::{EnforcementPoint, Locality, RequestEvidence};
+use tidemesh_net::metrics::{Exposition, Kind};
+
+/// Upper bounds of the buckets, seconds.
+pub const BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// Most (service, direction, tier) series kept; more go to `_other`.
+pub const MAX_SERIES: usize = 256;
+/// The service label of requests past [`MAX_SERIES`].
+pub const OTHER: &str = "_other";
+
+#[derive(Debug, Default, Clone)]
+struct Hist {
+    buckets: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+/// The histograms (see the module docs).
+#[derive(Debug, Default)]
+pub struct Latency {
+    series: Mutex<BTreeMap<(String, &'static str, &'static str), Hist>>,
+}
+
+/// The `tier` label of a request: where the endpoint it went to is
+/// (`local`, `same_site`, `cloud`), `none` when no endpoint was chosen
+/// (denied, rate limited, no endpoint) or it was served inbound.
+pub fn tier(ev: &RequestEvidence) -> &'static str {
+    match ev.routing_decision.as_ref().and_then(|r| r.locality) {
+        Some(Locality::Local) => "local",
+        Some(Locality::SameZone) => "same_site",
+        Some(Locality::SameRegion | Locality::OtherRegion) => "cloud",
+        None => "none",
+    }
+}
+
+/// The `direction` label: `outbound` (an app's call) or `inbound` (a call
+/// to an app of this spoke).
+pub fn direction(ev: &RequestEvidence) -> &'static str {
+    match ev.enforcement_point {
+        EnforcementPoint::SidecarOutbound => "outbound",
+        EnforcementPoint::SidecarInbound => "inbound",
+    }
+}
+
+impl Latency {
+    /// Counts one request of `service` that took `seconds`.
+    pub fn observe(
+        &self,
+        service: &str,
+        direction: &'static str,
+        tier: &'static str,
+        seconds: f64,
+    ) {
+        let Ok(mut m) = self.series.lock() else {
+            return;
+        };
+        let key = (service.to_owned(), direction, tier);
+        let key = if m.contains_key(&key) || m.len() < MAX_SERIES {
+            key
+        } else {
+            (OTHER.to_owned(), direction, tier)
+        };
+        let h = m.entry(key).or_default();
+        h.count += 1;
+        h.sum += seconds;
+        if let Some(i) = BUCKETS.iter().position(|b| seconds <= *b) {
+            h.buckets[i] += 1;
+        }
+    }
+
+    /// Writes the family (one histogram per series).
+    pub fn write(&self, e: &mut Exposition) {
+        let snapshot: Vec<_> = match self.series.lock() {
+            Ok(m) => m.iter().map(|(k, h)| (k.clone(), h.clone())).collect(),
+            Err(_) => Vec::new(),
+        };
+        let fam = e.family(
+            "tidemesh_spoke_request_duration_seconds",
+            Kind::Histogram,
+            "End-to-end duration of requests the spoke answered, by destination service, direction (outbound: an app's call; inbound: a call to an app here) and locality tier of the chosen endpoint (local, same_site, cloud; none when none was chosen).",
+        );
+        for ((service, direction, tier), h) in &snapshot {
+            let mut cumulative = 0;
+            let buckets: Vec<(f64, u64)> = BUCKETS
+                .iter()
+                .zip(h.buckets)
+                .map(|(le, n)| {
+                    cumulative += n;
+                    (*le, cumulative)
+                })
+                .collect();
+            fam.histogram(
+                &[
+                    ("service", service),
+                    ("direction", direction),
+                    ("tier", tier),
+                ],
+                &buckets,
+                h.count,
+                h.sum,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_cumulative_and_series_bounded() {
+        let l = Latency::default();
+        l.observe("inventory.store", "outbound", "local", 0.0004);
+        l.observe("inventory.store", "outbound", "local", 0.02);
+        l.observe("inventory.store", "outbound", "local", 60.0);
+        let mut e = Exposition::new();
+        l.write(&mut e);
+        let page = e.finish();
+        let labels = "service=\"inventory.store\",direction=\"outbound\",tier=\"local\"";
+        for (le, n) in [
+            ("0.001", 1),
+            ("0.01", 1),
+            ("0.025", 2),
+            ("30", 2),
+            ("+Inf", 3),
+        ] {
+            let line = format!(
+                "tidemesh_spoke_request_duration_seconds_bucket{{{labels},le=\"{le}\"}} {n}\n"
+            );
+            assert!(page.contains(&line), "{line} in {page}");
+        }
+        assert!(page.contains(&format!(
+            "tidemesh_spoke_request_duration_seconds_count{{{labels}}} 3\n"
+        )));
+        for i in 0..MAX_SERIES + 10 {
+            l.observe(&format!("svc{i}"), "outbound", "cloud", 0.1);
+        }
+        let n = l.series.lock().map(|m| m.len()).unwrap_or(0);
+        assert!(n <= MAX_SERIES + 1, "{n} series");
+        let mut e = Exposition::new();
+        l.write(&mut e);
+        assert!(e.finish().contains("service=\"_other\""));
+    }
+}
