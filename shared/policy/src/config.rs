@@ -160,6 +160,12 @@ impl MeshConfig {
         );
         v.extend(self.route_rules.iter().cloned().map(Object::RouteRule));
         v.extend(self.authz_policies.iter().cloned().map(Object::AuthzPolicy));
+        v.extend(
+            self.request_authns
+                .iter()
+                .cloned()
+                .map(Object::RequestAuthn),
+        );
         v
     }
 
@@ -215,9 +221,11 @@ fn assemble(objects: impl Iterator<Item = Object>) -> MeshConfig {
             Object::Workload(w) => c.workloads.push(w),
             Object::ModeMatrix(m) => c.mode_matrix = m,
             Object::MeshSettings(s) => c.settings = s,
+            Object::RequestAuthn(r) => c.request_authns.push(r),
         }
     }
     c.authz_policies.sort_by(|a, b| a.id.cmp(&b.id));
+    c.request_authns.sort_by(|a, b| a.id.cmp(&b.id));
     c.route_rules.sort_by(|a, b| a.id.cmp(&b.id));
     c.destination_policies.sort_by(|a, b| a.id.cmp(&b.id));
     c.service_entries.sort_by(|a, b| a.id.cmp(&b.id));

@@ -133,6 +133,8 @@ fn authz(p: &AuthzPolicy) -> Json {
                                 source: SourceIn {
                                     principals: list(&s.principals),
                                     namespaces: list(&s.namespaces),
+                                    request_principals: list(&s.request_principals),
+                                    not_request_principals: list(&s.not_request_principals),
                                 },
                             })
                             .collect()
@@ -521,6 +523,18 @@ pub fn to_documents(config: &MeshConfig) -> Vec<Json> {
     docs.extend(config.destination_policies.iter().map(destination_policy));
     docs.extend(config.route_rules.iter().map(route_rule));
     docs.extend(config.authz_policies.iter().map(authz));
+    docs.extend(
+        config
+            .request_authns
+            .iter()
+            .map(|r| doc(
+                "security.istio.io/v1",
+                "RequestAuthentication",
+                &r.id.name,
+                Some(&r.id.namespace),
+                super::reqauthn::print(r),
+            )),
+    );
     docs
 }
 
