@@ -96,7 +96,10 @@ mod tests {
 
         let missing = dir.path().join("nope.json");
         let e = load_config(&mut config(missing.to_str().unwrap()), 1).unwrap_err();
-        assert!(e.contains("RequestAuthentication shop/jwt: spec.jwtRules[0].jwksUri: cannot read"), "{e}");
+        assert!(
+            e.contains("RequestAuthentication shop/jwt: spec.jwtRules[0].jwksUri: cannot read"),
+            "{e}"
+        );
         let bad = dir.path().join("bad.json");
         std::fs::write(&bad, r#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#).unwrap();
         let e = load_config(&mut config(bad.to_str().unwrap()), 1).unwrap_err();

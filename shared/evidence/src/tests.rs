@@ -1141,9 +1141,7 @@ fn user_identity_claims_are_v3_and_old_records_still_decode() {
     assert_eq!(plain[plain.len() - 1], 0);
     assert_eq!(with[plain.len() - 1], 2);
     let mut chain = Chain::genesis(&spoke());
-    let sealed = chain
-        .append(NewRecord::new(at(1), body))
-        .expect("appends");
+    let sealed = chain.append(NewRecord::new(at(1), body)).expect("appends");
     let back = SealedRecord::decode(&sealed.encode()).expect("v3 decodes");
     assert_eq!(back, sealed);
     verify_chain(&ChainPosition::genesis(&spoke()), &[back]).expect("v3 chain verifies");

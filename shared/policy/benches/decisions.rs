@@ -51,7 +51,7 @@ fn policies() -> Vec<AuthzPolicy> {
                         format!("ns{}", (n + 1) % NAMESPACES),
                         format!("ns{}", (n + 2) % NAMESPACES),
                     ],
-                                    request_principals: vec![],
+                    request_principals: vec![],
                     not_request_principals: vec![],
                 }],
                 to: vec![Operation {
@@ -79,7 +79,7 @@ fn policies() -> Vec<AuthzPolicy> {
                                 "edge.example/ns/ops/*".into(),
                             ],
                             namespaces: vec![],
-                                                    request_principals: vec![],
+                            request_principals: vec![],
                             not_request_principals: vec![],
                         }],
                         to: vec![Operation {
@@ -96,7 +96,7 @@ fn policies() -> Vec<AuthzPolicy> {
                         from: vec![Source {
                             principals: vec!["*/sa/monitoring".into()],
                             namespaces: vec![],
-                                                    request_principals: vec![],
+                            request_principals: vec![],
                             not_request_principals: vec![],
                         }],
                         to: vec![Operation {

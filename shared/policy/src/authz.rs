@@ -1548,7 +1548,11 @@ spec:
             principal: principal.into(),
             audiences: claims["aud"]
                 .as_array()
-                .map(|a| a.iter().filter_map(|x| x.as_str().map(Into::into)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_str().map(Into::into))
+                        .collect()
+                })
                 .unwrap_or_default(),
             presenter: claims["azp"].as_str().map(Into::into),
             claims: claims.as_object().cloned().unwrap_or_default(),
@@ -1594,13 +1598,25 @@ spec:
         assert!(!check(Some(&clerk), "POST", "/sale"), "claim value");
         assert!(!check(Some(&other_store), "POST", "/sale"), "nested claim");
         assert!(!check(Some(&evil), "POST", "/sale"), "issuer prefix");
-        assert!(!check(None, "POST", "/sale"), "no token: no request principal");
-        assert!(check(Some(&bot), "GET", "/stock"), "suffix, audiences, presenter");
+        assert!(
+            !check(None, "POST", "/sale"),
+            "no token: no request principal"
+        );
+        assert!(
+            check(Some(&bot), "GET", "/stock"),
+            "suffix, audiences, presenter"
+        );
         assert!(!check(Some(&bot), "POST", "/stock"));
         assert!(!check(Some(&bot_wrong_azp), "GET", "/stock"));
         // notRequestPrincipals ["*"] in a DENY: only requests without a token
         assert!(check(Some(&alice), "POST", "/admin/x"));
-        let mut r = req("shop", &l, Some("td/store/sf01/sa/till"), "POST", "/admin/x");
+        let mut r = req(
+            "shop",
+            &l,
+            Some("td/store/sf01/sa/till"),
+            "POST",
+            "/admin/x",
+        );
         let v = c.decide(&r);
         assert!(!v.allowed);
         assert_eq!(v.reason, AuthzReason::DenyPolicyMatched);
@@ -1610,7 +1626,10 @@ spec:
         let d = c.evaluate(&r);
         let rule = &d.evaluated[0].rules_evaluated[0];
         let from = rule.from.as_ref().unwrap();
-        assert_eq!(from.request_principal.as_deref(), Some("https://idp.test/alice"));
+        assert_eq!(
+            from.request_principal.as_deref(),
+            Some("https://idp.test/alice")
+        );
         assert_eq!(from.allowed_request_principals, vec!["https://idp.test/*"]);
         assert_eq!(rule.when[0].value.as_deref(), Some("clerk,cashier"));
         let seed = d.to_seed_json(None).to_string();
@@ -1621,7 +1640,10 @@ spec:
         assert!(!v.allowed);
         assert_eq!(v.reason, AuthzReason::DenyPolicyMatched);
         let allow_only = CompiledPolicies::new(&config.authz_policies[..1], &config.settings);
-        assert_eq!(allow_only.decide_l4(&r).reason, AuthzReason::NoAllowPolicyMatched);
+        assert_eq!(
+            allow_only.decide_l4(&r).reason,
+            AuthzReason::NoAllowPolicyMatched
+        );
         // round trip through YAML
         let back = crate::MeshConfig::from_yaml(&config.to_yaml()).unwrap();
         assert_eq!(back, config);

@@ -718,13 +718,19 @@ mod tests {
             format!("{input}.{}", enc(sig.as_ref()))
         };
         let body = |extra: &str| {
-            format!(r#"{{"iss":"{ISS}","aud":"pos","exp":{},"sub":"alice"{extra}}}"#, NOW + 60)
+            format!(
+                r#"{{"iss":"{ISS}","aud":"pos","exp":{},"sub":"alice"{extra}}}"#,
+                NOW + 60
+            )
         };
         let ok = sign_raw(r#"{"alg":"ES256"}"#, &body(""));
         assert!(check(&ok, &jwks).is_ok());
         for (h, p) in [
             (r#"{"alg":"ES256"}"#.to_string(), body(r#","sub":"root""#)),
-            (r#"{"alg":"ES256"}"#.to_string(), body(r#","x":{"r":1,"r":2}"#)),
+            (
+                r#"{"alg":"ES256"}"#.to_string(),
+                body(r#","x":{"r":1,"r":2}"#),
+            ),
             (r#"{"alg":"ES256","alg":"none"}"#.to_string(), body("")),
         ] {
             assert_eq!(

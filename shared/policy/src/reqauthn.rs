@@ -253,7 +253,8 @@ impl CompiledAuthn {
             let name = ra.id.to_string();
             let mut rules = Vec::new();
             for (i, r) in ra.jwt_rules.iter().enumerate() {
-                let at = |m: String| format!("RequestAuthentication {name}: spec.jwtRules[{i}]: {m}");
+                let at =
+                    |m: String| format!("RequestAuthentication {name}: spec.jwtRules[{i}]: {m}");
                 let (json, read) = match &r.jwks {
                     JwksSource::Inline(j) => (j.as_str(), None),
                     JwksSource::File(path) => {
@@ -261,7 +262,9 @@ impl CompiledAuthn {
                             .jwks_files
                             .iter()
                             .find(|f| &f.path == path)
-                            .ok_or_else(|| at(format!("jwksUri file://{path} was not read by the hub")))?;
+                            .ok_or_else(|| {
+                                at(format!("jwksUri file://{path} was not read by the hub"))
+                            })?;
                         (f.json.as_str(), Some(f.read_at_ms))
                     }
                 };
@@ -313,7 +316,12 @@ impl CompiledAuthn {
     }
 
     /// The key sets of the rules that apply to a workload.
-    pub fn jwks_facts(&self, namespace: &str, labels: &Labels, config: &MeshConfig) -> Vec<JwksFacts> {
+    pub fn jwks_facts(
+        &self,
+        namespace: &str,
+        labels: &Labels,
+        config: &MeshConfig,
+    ) -> Vec<JwksFacts> {
         config
             .request_authns
             .iter()
@@ -595,7 +603,10 @@ spec:
         let key = Key::new();
         let c = CompiledAuthn::from_config(&config(&key, "")).unwrap();
         // not selected: tokens are not looked at
-        assert!(matches!(run(&c, &bearer("junk"), "other"), AuthnOutcome::NotApplicable));
+        assert!(matches!(
+            run(&c, &bearer("junk"), "other"),
+            AuthnOutcome::NotApplicable
+        ));
         // selected, no token, or a non-Bearer Authorization
         assert!(matches!(run(&c, &[], "pos"), AuthnOutcome::NoToken));
         let basic = vec![("authorization".to_string(), "Basic YTpi".to_string())];
@@ -618,7 +629,10 @@ spec:
                 ("x-role".to_string(), "cashier".to_string())
             ]
         );
-        assert_eq!(c.claim_header_names("shop", &labels("pos")), vec!["x-role", "x-user"]);
+        assert_eq!(
+            c.claim_header_names("shop", &labels("pos")),
+            vec!["x-role", "x-user"]
+        );
         // invalid: expired, wrong key, wrong issuer, wrong audience, malformed, too long
         let mut expired = claims();
         expired["exp"] = (NOW - 1).into();

@@ -775,12 +775,36 @@ fn request_authentication_refuses_what_it_cannot_act_on() {
     );
     MeshConfig::from_yaml(&ok).unwrap_or_else(|e| panic!("{e}"));
     for (source, when, want) in [
-        ("{requestPrincipals: [alice]}", "{key: destination.port, values: ['80']}", "is not a request principal: write ISSUER/SUBJECT"),
-        ("{requestPrincipals: ['a*b/c']}", "{key: destination.port, values: ['80']}", "'*' is only allowed"),
-        ("{principals: ['td/ns/a/sa/b']}", "{key: 'request.auth.claims', values: [x]}", "name 1 to 8 nested claims"),
-        ("{principals: ['td/ns/a/sa/b']}", "{key: 'request.auth.claims[a', values: [x]}", "unclosed"),
-        ("{principals: ['td/ns/a/sa/b']}", "{key: request.auth.foo, values: [x]}", "is not supported by tidemesh"),
-        ("{principals: ['td/ns/a/sa/b']}", "{key: request.auth.principal, values: [nobody]}", "is not a request principal"),
+        (
+            "{requestPrincipals: [alice]}",
+            "{key: destination.port, values: ['80']}",
+            "is not a request principal: write ISSUER/SUBJECT",
+        ),
+        (
+            "{requestPrincipals: ['a*b/c']}",
+            "{key: destination.port, values: ['80']}",
+            "'*' is only allowed",
+        ),
+        (
+            "{principals: ['td/ns/a/sa/b']}",
+            "{key: 'request.auth.claims', values: [x]}",
+            "name 1 to 8 nested claims",
+        ),
+        (
+            "{principals: ['td/ns/a/sa/b']}",
+            "{key: 'request.auth.claims[a', values: [x]}",
+            "unclosed",
+        ),
+        (
+            "{principals: ['td/ns/a/sa/b']}",
+            "{key: request.auth.foo, values: [x]}",
+            "is not supported by tidemesh",
+        ),
+        (
+            "{principals: ['td/ns/a/sa/b']}",
+            "{key: request.auth.principal, values: [nobody]}",
+            "is not a request principal",
+        ),
     ] {
         let e = first_error(&authz(source, when));
         assert!(e.contains(want), "{source} {when}: {e}");

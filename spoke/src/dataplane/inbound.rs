@@ -311,7 +311,10 @@ fn authenticate(
             ))
         }
         AuthnOutcome::Verified(a) => {
-            let age = a.jwks_read_ms.or(compiled.hub_applied_ms).map(|t| now_ms.saturating_sub(t) / 1000);
+            let age = a
+                .jwks_read_ms
+                .or(compiled.hub_applied_ms)
+                .map(|t| now_ms.saturating_sub(t) / 1000);
             let clip = |v: &str| v.chars().take(256).collect::<String>();
             ev.user_identity = Some(UserIdentityEvidence {
                 kind: UserIdentityKind::Claim,

@@ -125,7 +125,11 @@ impl Cx<'_, '_> {
         }
     }
 
-    pub(super) fn labels(&mut self, path: &str, labels: &Option<BTreeMap<String, String>>) -> Labels {
+    pub(super) fn labels(
+        &mut self,
+        path: &str,
+        labels: &Option<BTreeMap<String, String>>,
+    ) -> Labels {
         let labels = labels.clone().unwrap_or_default();
         for (k, v) in &labels {
             if k.is_empty() || k.len() > 317 || k.chars().any(|c| c.is_whitespace()) {

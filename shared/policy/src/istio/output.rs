@@ -523,18 +523,15 @@ pub fn to_documents(config: &MeshConfig) -> Vec<Json> {
     docs.extend(config.destination_policies.iter().map(destination_policy));
     docs.extend(config.route_rules.iter().map(route_rule));
     docs.extend(config.authz_policies.iter().map(authz));
-    docs.extend(
-        config
-            .request_authns
-            .iter()
-            .map(|r| doc(
-                "security.istio.io/v1",
-                "RequestAuthentication",
-                &r.id.name,
-                Some(&r.id.namespace),
-                super::reqauthn::print(r),
-            )),
-    );
+    docs.extend(config.request_authns.iter().map(|r| {
+        doc(
+            "security.istio.io/v1",
+            "RequestAuthentication",
+            &r.id.name,
+            Some(&r.id.namespace),
+            super::reqauthn::print(r),
+        )
+    }));
     docs
 }
 

@@ -18,8 +18,7 @@ use super::input::Selector;
 use crate::jwt::Jwks;
 use crate::model::{ConditionKey, ObjectName};
 use crate::reqauthn::{
-    ClaimToHeader, JwksSource, JwtRule, RequestAuthn, TokenHeader, MAX_JWT_RULES,
-    MAX_RULE_HEADERS,
+    ClaimToHeader, JwksSource, JwtRule, RequestAuthn, TokenHeader, MAX_JWT_RULES, MAX_RULE_HEADERS,
 };
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -89,8 +88,7 @@ const RESERVED_HEADERS: &[&str] = &[
 fn check_header_name(h: &str) -> Result<String, String> {
     let ok = !h.is_empty()
         && h.len() <= 128
-        && h
-            .bytes()
+        && h.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.!#$%&'*+^`|~".contains(&b));
     if !ok {
         return Err(format!("{h:?} is not an HTTP header name"));
@@ -140,10 +138,8 @@ pub(crate) fn request_authentication(
         }
         let jwks = match (r.jwks, r.jwks_uri) {
             (Some(_), Some(_)) => {
-                cx.issues.add(
-                    format!("{p}.jwksUri"),
-                    "set jwks or jwksUri, not both",
-                );
+                cx.issues
+                    .add(format!("{p}.jwksUri"), "set jwks or jwksUri, not both");
                 None
             }
             (Some(inline), None) => match Jwks::parse(&inline) {
@@ -210,7 +206,11 @@ pub(crate) fn request_authentication(
                     format!("{cp}.header"),
                     format!("{h} is owned by HTTP or the mesh; pick another header"),
                 ),
-                Ok(h) if output_claim_to_headers.iter().any(|o: &ClaimToHeader| o.header == h) => {
+                Ok(h)
+                    if output_claim_to_headers
+                        .iter()
+                        .any(|o: &ClaimToHeader| o.header == h) =>
+                {
                     cx.issues
                         .add(format!("{cp}.header"), format!("{h} is listed twice"))
                 }
