@@ -3346,6 +3346,21 @@ spec:
         "{}",
         text(&o)
     );
+    // so is a key set file the hub cannot read
+    let missing = tmp.path().join("missing-jwks.json");
+    let bad = yaml.replace(
+        &jwks_file.display().to_string(),
+        &missing.display().to_string(),
+    );
+    std::fs::write(&fb, bad).expect("yaml");
+    let o = hub.cli(&["apply", "-f", fb.to_str().expect("utf8")]);
+    assert!(!o.status.success(), "a missing key set file was applied");
+    assert!(
+        text(&o)
+            .contains("RequestAuthentication store/pos-jwt: spec.jwtRules[0].jwksUri: cannot read"),
+        "{}",
+        text(&o)
+    );
     let o = hub.cli(&["apply", "-f", f.to_str().expect("utf8")]);
     assert!(o.status.success(), "apply: {}", text(&o));
 
@@ -3445,6 +3460,14 @@ health = "/healthz"
     // make up the claim headers either
     let r = pos_call(None, "/anon", &[("x-user", "alice"), ("x-role", "cashier")]);
     assert_eq!(r.status, 403, "{r:?}");
+    // tokens are read from headers only: a query parameter is not a token
+    let r = pos_call(None, "/anon?access_token=not.a.token", &[]);
+    assert_eq!(r.status, 403, "{r:?}");
+    // clock skew: a token that expired 20 s ago is within the spoke's
+    // leeway (60 s), one that expired an hour ago is not (below)
+    let skewed = es.sign("store-key-1", &claims("alice", "cashier", now - 20));
+    let r = pos_call(Some(&skewed), "/skew", &[]);
+    assert_eq!(r.status, 200, "{r:?}");
     // a valid token whose role claim does not match: 403
     let clerk = es.sign("store-key-1", &claims("bob", "clerk", now + 600));
     let r = pos_call(Some(&clerk), "/clerk", &[]);

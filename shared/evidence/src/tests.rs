@@ -1097,7 +1097,7 @@ fn user_identity_claims_are_v3_and_old_records_still_decode() {
     .expect("golden file");
     let mut decoded = Vec::new();
     let mut cur = String::new();
-    let mut flush = |cur: &mut String, decoded: &mut Vec<SealedRecord>| {
+    let flush = |cur: &mut String, decoded: &mut Vec<SealedRecord>| {
         if !cur.is_empty() {
             let bytes: Vec<u8> = (0..cur.len())
                 .step_by(2)

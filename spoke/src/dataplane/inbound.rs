@@ -194,7 +194,7 @@ pub(crate) async fn deliver(
     // principal and claims) and before any header condition is checked.
     let authn = match authenticate(s, idx, &mut req, ev) {
         Ok(a) => a,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let l7 = L7 {
         method: req.method().as_str(),
@@ -263,7 +263,7 @@ fn authenticate(
     idx: usize,
     req: &mut Request<Body>,
     ev: &mut RequestEvidence,
-) -> Result<Option<RequestAuth>, Response<Body>> {
+) -> Result<Option<RequestAuth>, Box<Response<Body>>> {
     let w = &s.workloads[idx];
     let compiled = s.compiled();
     if compiled.authn.is_empty() {
@@ -298,7 +298,7 @@ fn authenticate(
                 evaluation_time_us: eval_us,
                 cached: false,
             });
-            Err(local_response(
+            Err(Box::new(local_response(
                 StatusCode::UNAUTHORIZED,
                 &format!(
                     "Jwt verification fails: {} (RequestAuthentication {} for {})",
@@ -308,7 +308,7 @@ fn authenticate(
                     "www-authenticate",
                     "Bearer error=\"invalid_token\"".to_owned(),
                 )],
-            ))
+            )))
         }
         AuthnOutcome::Verified(a) => {
             let age = a
