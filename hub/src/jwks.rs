@@ -109,4 +109,55 @@ mod tests {
         let e = load_config(&mut config(big.to_str().unwrap()), 1).unwrap_err();
         assert!(e.contains("larger than"), "{e}");
     }
+
+    /// Through the hub: a file key set is read at every apply and
+    /// rollback (a rollback gets today's keys), travels only in the slices
+    /// of stores it concerns, and a file gone by then refuses the rollback.
+    #[test]
+    fn apply_and_rollback_read_the_file_and_slices_carry_it() {
+        use std::sync::Arc;
+        use tidemesh_identity::{clock::SystemClock, TrustDomain};
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("hub");
+        crate::init(
+            &dir,
+            &TrustDomain::new("jwks.example").unwrap(),
+            &SystemClock,
+        )
+        .unwrap();
+        let hub =
+            crate::Hub::open(&dir, crate::HubConfig::default(), Arc::new(SystemClock)).unwrap();
+        let file = tmp.path().join("jwks.json");
+        std::fs::write(&file, KEY).unwrap();
+        let store = |name: &str| {
+            format!("apiVersion: tidemesh.io/v1alpha1\nkind: Store\nmetadata: {{name: {name}}}\nspec: {{region: r, zone: z}}\n---\n")
+        };
+        let yaml = format!(
+            "{}{}apiVersion: tidemesh.io/v1alpha1\nkind: Workload\nmetadata: {{name: pos, namespace: shop}}\nspec: {{service: pos, store: sf01, serviceAccount: pos, address: '127.0.0.1:1', labels: {{app: pos}}}}\n---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: pos}}}}\n  jwtRules: [{{issuer: https://idp.test, jwksUri: 'file://{}'}}]\n",
+            store("sf01"),
+            store("ny02"),
+            file.display()
+        );
+        let v1 = hub.apply_yaml(&yaml, None).unwrap();
+        assert_eq!(v1.config.jwks_files.len(), 1);
+        assert_eq!(v1.config.jwks_files[0].json, KEY);
+        // the store with the selected workload gets the key set, the other none
+        let sf01 = crate::sync::slice(&v1.config, "sf01");
+        assert_eq!((sf01.request_authns.len(), sf01.jwks_files.len()), (1, 1));
+        let ny02 = crate::sync::slice(&v1.config, "ny02");
+        assert_eq!((ny02.request_authns.len(), ny02.jwks_files.len()), (0, 0));
+        // the keys rotate: the next apply (of anything) reads them again
+        let rotated = KEY.replace("k1", "k2");
+        std::fs::write(&file, &rotated).unwrap();
+        let v2 = hub.apply_yaml(&store("la03"), None).unwrap();
+        assert_eq!(v2.config.jwks_files[0].json, rotated);
+        // a rollback to v1 gets today's keys, not v1's
+        let v3 = hub.rollback(v1.meta.version, None).unwrap();
+        assert_eq!(v3.config.jwks_files[0].json, rotated);
+        // without the file, neither an apply nor a rollback goes through
+        std::fs::remove_file(&file).unwrap();
+        let e = hub.rollback(v1.meta.version, None).unwrap_err().to_string();
+        assert!(e.contains("cannot read"), "{e}");
+        assert!(hub.apply_yaml(&store("la04"), None).is_err());
+    }
 }
