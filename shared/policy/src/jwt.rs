@@ -612,6 +612,24 @@ mod tests {
                 JwtError::UnsupportedAlg(alg.into())
             );
         }
+        // the classic attack itself: a real HMAC-SHA256 over the token,
+        // keyed with the public key's bytes (the point, and the JWK JSON)
+        let Key::Ec(k) = &ec else { unreachable!() };
+        let point = k.public_key().as_ref().to_vec();
+        let jwk_json = ec.jwk("k1").to_string();
+        for secret in [point.as_slice(), jwk_json.as_bytes()] {
+            let h = enc(br#"{"alg":"HS256","kid":"k1","typ":"JWT"}"#);
+            let input = format!("{h}.{}", parts[1]);
+            let mac = ring::hmac::sign(
+                &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret),
+                input.as_bytes(),
+            );
+            let t = format!("{input}.{}", enc(mac.as_ref()));
+            assert_eq!(
+                check(&t, &jwks).unwrap_err(),
+                JwtError::UnsupportedAlg("HS256".into())
+            );
+        }
         // an EdDSA token never meets the P-256 key, and vice versa
         let t = ed.sign(&serde_json::json!({"alg": "EdDSA", "kid": "k1"}), &claims());
         assert!(matches!(check(&t, &jwks), Err(JwtError::NoKey { .. })));
