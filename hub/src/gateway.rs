@@ -356,6 +356,7 @@ fn authorized_endpoints<'e>(
             path: "",
             port: port_of(&ep.address),
             headers: &tidemesh_policy::NoHeaders,
+            request_auth: None,
         };
         let verdict = match call.l7 {
             Some((method, path, headers)) => {

@@ -23,6 +23,7 @@ pub mod durable;
 pub mod evidence;
 pub mod gateway;
 pub mod ingest;
+pub mod jwks;
 mod observe;
 pub mod origination;
 pub mod refusals;

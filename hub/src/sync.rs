@@ -361,9 +361,37 @@ pub fn slice_with(
         })
         .cloned()
         .collect();
+    let request_authns: Vec<_> = config
+        .request_authns
+        .iter()
+        .filter(|p| match &p.selector {
+            None => true,
+            Some(sel) => workloads
+                .iter()
+                .map(|w| &w.labels)
+                .chain(registered)
+                .any(|labels| sel.iter().all(|(k, v)| labels.get(k) == Some(v))),
+        })
+        .cloned()
+        .collect();
+    // Only the key set files the store's rules name travel.
+    let jwks_files = config
+        .jwks_files
+        .iter()
+        .filter(|f| {
+            request_authns.iter().any(|r| {
+                r.jwt_rules.iter().any(|j| {
+                    matches!(&j.jwks, tidemesh_policy::reqauthn::JwksSource::File(p) if *p == f.path)
+                })
+            })
+        })
+        .cloned()
+        .collect();
     MeshConfig {
         workloads,
         authz_policies,
+        request_authns,
+        jwks_files,
         ..config.clone()
     }
 }
@@ -403,12 +431,13 @@ impl Hub {
             .map_err(|_| HubError::Invalid("apply lock poisoned".into()))?;
         let cur = self.latest_config()?;
         let base = cur.as_ref().map(|c| c.config.clone()).unwrap_or_default();
-        let next = base
+        let mut next = base
             .apply_yaml(yaml)
             .map_err(|e| HubError::Invalid(e.to_string()))?;
-        // Files the config names on the hub (TLS origination) are read now:
-        // a missing or bad file refuses the whole apply.
+        // Files the config names on the hub (TLS origination, JWT key sets)
+        // are read now: a missing or bad file refuses the whole apply.
         crate::origination::check_config(&next).map_err(HubError::Invalid)?;
+        crate::jwks::load_config(&mut next, self.now_ms()).map_err(HubError::Invalid)?;
         let summary = change_summary(&base, &next);
         let v = self
             .inner
@@ -426,13 +455,16 @@ impl Hub {
             .apply_lock
             .lock()
             .map_err(|_| HubError::Invalid("apply lock poisoned".into()))?;
-        let target = self
+        let mut target = self
             .inner
             .store
             .config()
             .get(to)?
             .ok_or_else(|| HubError::Invalid(format!("no config version {to}")))?;
         crate::origination::check_config(&target.config).map_err(HubError::Invalid)?;
+        // Key set files are read again: the version rolled back to gets
+        // today's keys, stamped now.
+        crate::jwks::load_config(&mut target.config, self.now_ms()).map_err(HubError::Invalid)?;
         let cur = self.latest_config()?;
         let base = cur.as_ref().map(|c| c.config.clone()).unwrap_or_default();
         let summary = format!(

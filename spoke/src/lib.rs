@@ -250,6 +250,7 @@ pub struct ConfigInForce {
     pub config: Arc<MeshConfig>,
     routes: Arc<tidemesh_policy::CompiledRoutes>,
     policies: Arc<tidemesh_policy::CompiledPolicies>,
+    authn: Arc<tidemesh_policy::reqauthn::CompiledAuthn>,
 }
 
 impl std::fmt::Debug for ConfigInForce {
@@ -274,12 +275,47 @@ impl ConfigInForce {
             ))
         })?;
         let policies = tidemesh_policy::CompiledPolicies::from_config(&config);
+        let authn = tidemesh_policy::reqauthn::CompiledAuthn::from_config(&config)
+            .map_err(|e| SpokeError::Invalid(format!("config version {version}: {e}")))?;
         Ok(ConfigInForce {
             applied,
             config: Arc::new(config),
             routes: Arc::new(routes),
             policies: Arc::new(policies),
+            authn: Arc::new(authn),
         })
+    }
+
+    /// The compiled `RequestAuthentication`s (key sets parsed).
+    pub fn authn(&self) -> &Arc<tidemesh_policy::reqauthn::CompiledAuthn> {
+        &self.authn
+    }
+
+    /// Age, in seconds at `now_ms`, of a key set read by the hub at
+    /// `read_at_ms` (a file key set), else of this config version (an
+    /// inline key set came with it).
+    pub fn jwks_age_s(&self, read_at_ms: Option<u64>, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(read_at_ms.unwrap_or(self.applied.hub_applied_ms)) / 1000
+    }
+
+    /// Every JWT rule of the config with its key set's source, size and
+    /// age: what `status` shows, so an operator sees how old the keys the
+    /// spoke verifies tokens with are (they are refreshed only by an apply
+    /// on the hub).
+    pub fn jwks_status(&self, now_ms: u64) -> Vec<serde_json::Value> {
+        self.authn
+            .all_jwks_facts(&self.config)
+            .into_iter()
+            .map(|f| {
+                serde_json::json!({
+                    "policy": f.policy,
+                    "issuer": f.issuer,
+                    "jwks": f.source,
+                    "keys": f.keys,
+                    "jwks_age_s": self.jwks_age_s(f.read_at_ms, now_ms),
+                })
+            })
+            .collect()
     }
 
     /// The compiled route rules.

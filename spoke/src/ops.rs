@@ -190,6 +190,9 @@ impl Spoke {
             "config_age_s": cfg.as_ref().map(|a| now.duration_since(UNIX_EPOCH + Duration::from_millis(a.hub_applied_ms)).map(|d| d.as_secs()).unwrap_or(0)),
             "config_applied_at": cfg.as_ref().map(|a| rfc3339(UNIX_EPOCH + Duration::from_millis(a.applied_ms))),
             "config_checked_at": checked.map(|ms| rfc3339(UNIX_EPOCH + Duration::from_millis(ms))),
+            // JWT key sets in force (RequestAuthentication): verified here,
+            // with the hub unreachable too; refreshed only by an apply.
+            "request_authentication": self.inner.config.borrow().as_ref().map(|c| c.jwks_status(unix_ms(now))).unwrap_or_default(),
             "local_endpoints": self.local_endpoints().iter().map(|e| json!({
                 "service_account": e.service_account,
                 "service": e.service,

@@ -15,7 +15,7 @@
 //! do: any I/O, any clock reading (every timestamp is passed in), any
 //! async runtime, or any panic on hostile bytes.
 //!
-//! # Record format (version 2; v1 records decode unchanged)
+//! # Record format (version 3; v1 and v2 records decode unchanged)
 //! A [`SealedRecord`] on disk and on the wire is postcard of
 //! `(seq, timestamp, class, body, hash)`:
 //!
@@ -67,7 +67,13 @@ pub use types::{
 /// v2 appended [`ShedReason::DiskFull`] and [`ShedReason::WriteFailed`]
 /// (shed records written when commits failed); every v1 encoding decodes
 /// unchanged, so the v1 golden files stand.
-pub const RECORD_FORMAT_VERSION: u16 = 2;
+///
+/// v3 gives request records a user identity claim
+/// ([`record::UserIdentityEvidence`], a verified JWT's issuer and subject)
+/// in the slot of the drill marker (tag 2 there); records without one
+/// encode exactly as in v2, so every v1 and v2 encoding decodes and
+/// verifies unchanged.
+pub const RECORD_FORMAT_VERSION: u16 = 3;
 
 #[cfg(test)]
 mod tests;

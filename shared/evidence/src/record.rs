@@ -146,7 +146,16 @@ pub enum EnforcementPoint {
 /// One request through a sidecar: the per-request evidence kinds bundled
 /// (Parts II and V). A stage that did not run (no TLS on a local hop, no
 /// routing after a denial, tracing off in Survival) is `None`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Encoding: postcard writes the fields in order, except that `drill` and
+/// `user_identity` share the last slot (see [`crate::record`]'s format
+/// notes): without a user identity the slot is exactly the old
+/// `Option<DrillMarker>` (tag 0 or 1), so every v1/v2 record decodes and
+/// re-encodes to the same bytes; with one, the slot's tag is 2 (format v3),
+/// followed by the drill marker option and the user identity. JSON has
+/// both fields by name (`user_identity` absent in older JSON reads as
+/// `null`).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestEvidence {
     /// The service the request was for, e.g. `backend.payments`.
     pub service_name: String,
@@ -169,6 +178,209 @@ pub struct RequestEvidence {
     pub telemetry: TelemetryEvidence,
     /// Set on synthetic records made by `drill load`.
     pub drill: Option<DrillMarker>,
+    /// The end user, when the request carried a verified token: a *claim*
+    /// the request made (issuer, subject), checked by JWT signature, not a
+    /// peer proven by mTLS (format v3).
+    pub user_identity: Option<UserIdentityEvidence>,
+}
+
+/// What kind of identity a user identity is: a claim carried by the
+/// request. (Peers are identified by mTLS in [`IdentityEvidence`]; a user
+/// is never more than a claim the mesh checked.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UserIdentityKind {
+    /// A claim in the request, verified by its signature.
+    Claim,
+}
+
+/// How a user identity claim was checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClaimVerification {
+    /// A JWT's signature against a configured key set, with its issuer,
+    /// audience and validity times (Istio `RequestAuthentication`).
+    Jwt,
+}
+
+/// The end user behind a request, as a verified claim (Istio's request
+/// principal `issuer/subject`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserIdentityEvidence {
+    /// Always [`UserIdentityKind::Claim`]: not an mTLS identity.
+    pub kind: UserIdentityKind,
+    /// How it was checked.
+    pub verified_by: ClaimVerification,
+    /// The token's issuer (`iss`).
+    pub issuer: String,
+    /// The token's subject (`sub`), if any.
+    pub subject: Option<String>,
+    /// The signature algorithm (`ES256`, `EdDSA`).
+    pub algorithm: String,
+    /// The key id the token named, if any.
+    pub key_id: Option<String>,
+    /// The `RequestAuthentication` whose rule verified it (`ns/name`).
+    pub policy: String,
+    /// The token's expiry.
+    pub expires_at: UnixMillis,
+    /// Age of the key set it was verified with, seconds (since the hub read
+    /// it at apply).
+    pub jwks_age_s: Option<u64>,
+}
+
+/// The last slot of a [`RequestEvidence`] in postcard: variants 0 and 1 are
+/// the bytes of the `Option<DrillMarker>` it once was.
+#[derive(Serialize)]
+enum TailRef<'a> {
+    None,
+    Drill(&'a DrillMarker),
+    WithUser(&'a Option<DrillMarker>, &'a UserIdentityEvidence),
+}
+
+#[derive(Deserialize)]
+enum TailOwned {
+    None,
+    Drill(DrillMarker),
+    WithUser(Option<DrillMarker>, UserIdentityEvidence),
+}
+
+#[derive(Serialize)]
+struct WireRef<'a> {
+    service_name: &'a String,
+    enforcement_point: &'a EnforcementPoint,
+    mode: &'a Mode,
+    identity: &'a Option<IdentityEvidence>,
+    policy_evaluation: &'a Option<AuthorizationEvidence>,
+    rate_limit_check: &'a Option<RateLimitEvidence>,
+    routing_decision: &'a Option<RoutingEvidence>,
+    reliability: &'a Option<ReliabilityEvidence>,
+    telemetry: &'a TelemetryEvidence,
+    tail: TailRef<'a>,
+}
+
+#[derive(Deserialize)]
+struct WireOwned {
+    service_name: String,
+    enforcement_point: EnforcementPoint,
+    mode: Mode,
+    identity: Option<IdentityEvidence>,
+    policy_evaluation: Option<AuthorizationEvidence>,
+    rate_limit_check: Option<RateLimitEvidence>,
+    routing_decision: Option<RoutingEvidence>,
+    reliability: Option<ReliabilityEvidence>,
+    telemetry: TelemetryEvidence,
+    tail: TailOwned,
+}
+
+#[derive(Serialize)]
+struct JsonRef<'a> {
+    service_name: &'a String,
+    enforcement_point: &'a EnforcementPoint,
+    mode: &'a Mode,
+    identity: &'a Option<IdentityEvidence>,
+    policy_evaluation: &'a Option<AuthorizationEvidence>,
+    rate_limit_check: &'a Option<RateLimitEvidence>,
+    routing_decision: &'a Option<RoutingEvidence>,
+    reliability: &'a Option<ReliabilityEvidence>,
+    telemetry: &'a TelemetryEvidence,
+    drill: &'a Option<DrillMarker>,
+    user_identity: &'a Option<UserIdentityEvidence>,
+}
+
+#[derive(Deserialize)]
+struct JsonOwned {
+    service_name: String,
+    enforcement_point: EnforcementPoint,
+    mode: Mode,
+    identity: Option<IdentityEvidence>,
+    policy_evaluation: Option<AuthorizationEvidence>,
+    rate_limit_check: Option<RateLimitEvidence>,
+    routing_decision: Option<RoutingEvidence>,
+    reliability: Option<ReliabilityEvidence>,
+    telemetry: TelemetryEvidence,
+    #[serde(default)]
+    drill: Option<DrillMarker>,
+    #[serde(default)]
+    user_identity: Option<UserIdentityEvidence>,
+}
+
+impl Serialize for RequestEvidence {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            return JsonRef {
+                service_name: &self.service_name,
+                enforcement_point: &self.enforcement_point,
+                mode: &self.mode,
+                identity: &self.identity,
+                policy_evaluation: &self.policy_evaluation,
+                rate_limit_check: &self.rate_limit_check,
+                routing_decision: &self.routing_decision,
+                reliability: &self.reliability,
+                telemetry: &self.telemetry,
+                drill: &self.drill,
+                user_identity: &self.user_identity,
+            }
+            .serialize(s);
+        }
+        let tail = match (&self.drill, &self.user_identity) {
+            (None, None) => TailRef::None,
+            (Some(d), None) => TailRef::Drill(d),
+            (d, Some(u)) => TailRef::WithUser(d, u),
+        };
+        WireRef {
+            service_name: &self.service_name,
+            enforcement_point: &self.enforcement_point,
+            mode: &self.mode,
+            identity: &self.identity,
+            policy_evaluation: &self.policy_evaluation,
+            rate_limit_check: &self.rate_limit_check,
+            routing_decision: &self.routing_decision,
+            reliability: &self.reliability,
+            telemetry: &self.telemetry,
+            tail,
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for RequestEvidence {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let j = JsonOwned::deserialize(d)?;
+            return Ok(RequestEvidence {
+                service_name: j.service_name,
+                enforcement_point: j.enforcement_point,
+                mode: j.mode,
+                identity: j.identity,
+                policy_evaluation: j.policy_evaluation,
+                rate_limit_check: j.rate_limit_check,
+                routing_decision: j.routing_decision,
+                reliability: j.reliability,
+                telemetry: j.telemetry,
+                drill: j.drill,
+                user_identity: j.user_identity,
+            });
+        }
+        let w = WireOwned::deserialize(d)?;
+        let (drill, user_identity) = match w.tail {
+            TailOwned::None => (None, None),
+            TailOwned::Drill(m) => (Some(m), None),
+            TailOwned::WithUser(m, u) => (m, Some(u)),
+        };
+        Ok(RequestEvidence {
+            service_name: w.service_name,
+            enforcement_point: w.enforcement_point,
+            mode: w.mode,
+            identity: w.identity,
+            policy_evaluation: w.policy_evaluation,
+            rate_limit_check: w.rate_limit_check,
+            routing_decision: w.routing_decision,
+            reliability: w.reliability,
+            telemetry: w.telemetry,
+            drill,
+            user_identity,
+        })
+    }
 }
 
 /// Marks a synthetic request made by a drill, not by real traffic.

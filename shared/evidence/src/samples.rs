@@ -98,6 +98,7 @@ pub fn request(i: u64, at: UnixMillis) -> RecordBody {
             status_code: Some(200),
         },
         drill: None,
+        user_identity: None,
     }))
 }
 

@@ -51,6 +51,8 @@ fn policies() -> Vec<AuthzPolicy> {
                         format!("ns{}", (n + 1) % NAMESPACES),
                         format!("ns{}", (n + 2) % NAMESPACES),
                     ],
+                    request_principals: vec![],
+                    not_request_principals: vec![],
                 }],
                 to: vec![Operation {
                     methods: vec![],
@@ -77,6 +79,8 @@ fn policies() -> Vec<AuthzPolicy> {
                                 "edge.example/ns/ops/*".into(),
                             ],
                             namespaces: vec![],
+                            request_principals: vec![],
+                            not_request_principals: vec![],
                         }],
                         to: vec![Operation {
                             methods: vec!["GET".into(), "POST".into()],
@@ -92,6 +96,8 @@ fn policies() -> Vec<AuthzPolicy> {
                         from: vec![Source {
                             principals: vec!["*/sa/monitoring".into()],
                             namespaces: vec![],
+                            request_principals: vec![],
+                            not_request_principals: vec![],
                         }],
                         to: vec![Operation {
                             methods: vec!["GET".into()],
@@ -206,6 +212,7 @@ fn authz_request(r: &Req) -> AuthzRequest<'_> {
         path: &r.path,
         port: 8080,
         headers: &r.headers,
+        request_auth: None,
     }
 }
 

@@ -35,7 +35,13 @@
 //! a condition that cannot be checked would allow too much); in a DENY
 //! policy they are ignored and the rest of the rule decides (denying
 //! more, never less). Sources, ports and the other `when` keys apply as
-//! for HTTP.
+//! for HTTP. A JWT's request principal (`requestPrincipals`,
+//! `notRequestPrincipals`) and the `request.auth.*` keys are HTTP-only too.
+//!
+//! Request principals come from [`crate::reqauthn`]: `iss/sub` of a
+//! verified token. A request without a token has none, so it matches no
+//! `requestPrincipals` pattern (not even `*`) and matches every
+//! `notRequestPrincipals` list.
 
 use std::collections::HashMap;
 
@@ -72,6 +78,10 @@ pub struct AuthzRequest<'a> {
     pub port: u16,
     /// Request headers.
     pub headers: &'a dyn HeaderLookup,
+    /// What a verified JWT says (`None`: no token, or no
+    /// `RequestAuthentication` applies): `requestPrincipals` and the
+    /// `request.auth.*` conditions read it.
+    pub request_auth: Option<&'a crate::reqauthn::RequestAuth>,
 }
 
 /// Why a decision came out as it did.
@@ -150,6 +160,15 @@ pub struct FromCheck {
     pub allowed_principals: Vec<String>,
     /// Namespace patterns of all sources.
     pub allowed_namespaces: Vec<String>,
+    /// The request principal (`iss/sub` of a verified JWT).
+    #[serde(default)]
+    pub request_principal: Option<String>,
+    /// Request principal patterns of all sources.
+    #[serde(default)]
+    pub allowed_request_principals: Vec<String>,
+    /// `notRequestPrincipals` patterns of all sources.
+    #[serde(default)]
+    pub not_request_principals: Vec<String>,
     /// Outcome.
     pub result: CheckResult,
 }
@@ -294,6 +313,8 @@ fn any_matches(patterns: &[Pattern], v: Option<&str>) -> bool {
 struct CSource {
     principals: Vec<Pattern>,
     namespaces: Vec<Pattern>,
+    request_principals: Vec<Pattern>,
+    not_request_principals: Vec<Pattern>,
 }
 
 #[derive(Debug)]
@@ -309,6 +330,17 @@ enum CKey {
     Principal,
     Namespace,
     Port,
+    Claim(Vec<String>),
+    AuthPrincipal,
+    AuthAudiences,
+    AuthPresenter,
+}
+
+impl CKey {
+    /// Only HTTP requests carry it (headers, a JWT's facts).
+    fn http_only(&self) -> bool {
+        !matches!(self, CKey::Principal | CKey::Namespace | CKey::Port)
+    }
 }
 
 #[derive(Debug)]
@@ -350,6 +382,17 @@ struct Req<'a> {
 impl CSource {
     #[inline]
     fn matches(&self, q: &Req) -> bool {
+        let rp = q.r.request_auth.map(|a| a.principal.as_str());
+        (self.principals.is_empty() || any_matches(&self.principals, q.r.source_principal))
+            && (self.namespaces.is_empty() || any_matches(&self.namespaces, q.r.source_namespace))
+            && (self.request_principals.is_empty() || any_matches(&self.request_principals, rp))
+            && (self.not_request_principals.is_empty()
+                || !any_matches(&self.not_request_principals, rp))
+    }
+
+    /// The source with its HTTP-only fields (request principals) ignored.
+    #[inline]
+    fn matches_l4(&self, q: &Req) -> bool {
         (self.principals.is_empty() || any_matches(&self.principals, q.r.source_principal))
             && (self.namespaces.is_empty() || any_matches(&self.namespaces, q.r.source_namespace))
     }
@@ -377,11 +420,38 @@ impl CCondition {
             CKey::Principal => q.r.source_principal,
             CKey::Namespace => q.r.source_namespace,
             CKey::Port => Some(port_str(q.r.port, port_buf)),
+            CKey::AuthPrincipal => q.r.request_auth.map(|a| a.principal.as_str()),
+            CKey::AuthPresenter => q.r.request_auth.and_then(|a| a.presenter.as_deref()),
+            // multi-valued: see `values`
+            CKey::Claim(_) | CKey::AuthAudiences => None,
         }
+    }
+
+    /// Every value of a multi-valued key (a list claim, the audiences).
+    fn values_of(&self, q: &Req) -> Option<Vec<String>> {
+        match &self.key {
+            CKey::Claim(path) => Some(q.r.request_auth?.claim_values(path)),
+            CKey::AuthAudiences => Some(q.r.request_auth?.audiences.clone()),
+            _ => None,
+        }
+    }
+
+    /// The request's value, as evidence shows it.
+    fn value_text(&self, q: &Req) -> Option<String> {
+        if matches!(self.key, CKey::Claim(_) | CKey::AuthAudiences) {
+            return self.values_of(q).map(|v| v.join(","));
+        }
+        let mut buf = [0u8; 5];
+        self.value(q, &mut buf).map(str::to_string)
     }
 
     #[inline]
     fn matches(&self, q: &Req) -> bool {
+        if matches!(self.key, CKey::Claim(_) | CKey::AuthAudiences) {
+            return self
+                .values_of(q)
+                .is_some_and(|vs| vs.iter().any(|v| any_matches(&self.values, Some(v))));
+        }
         let mut buf = [0u8; 5];
         let v = self.value(q, &mut buf);
         any_matches(&self.values, v)
@@ -420,12 +490,12 @@ impl CRule {
         if action == Action::Allow && self.http_only {
             return false;
         }
-        (self.from.is_empty() || self.from.iter().any(|s| s.matches(q)))
+        (self.from.is_empty() || self.from.iter().any(|s| s.matches_l4(q)))
             && (self.to.is_empty() || self.to.iter().any(|o| o.matches_port(q)))
             && self
                 .when
                 .iter()
-                .filter(|c| !matches!(c.key, CKey::Header(_)))
+                .filter(|c| !c.key.http_only())
                 .all(|c| c.matches(q))
     }
 
@@ -541,7 +611,7 @@ impl CompiledPolicies {
     }
 
     /// The decision, without evidence and without allocating (unless the
-    /// path needs normalizing).
+    /// path needs normalizing, or a rule tests a claim or the audiences).
     pub fn decide(&self, request: &AuthzRequest) -> AuthzVerdict {
         self.decide_on(request, Layer::Http)
     }
@@ -692,6 +762,17 @@ impl CompiledPolicies {
                     .iter()
                     .flat_map(|s| s.namespaces.iter().cloned())
                     .collect(),
+                request_principal: q.r.request_auth.map(|a| a.principal.clone()),
+                allowed_request_principals: rule
+                    .from
+                    .iter()
+                    .flat_map(|s| s.request_principals.iter().cloned())
+                    .collect(),
+                not_request_principals: rule
+                    .from
+                    .iter()
+                    .flat_map(|s| s.not_request_principals.iter().cloned())
+                    .collect(),
                 result: CheckResult::of(crule.from.iter().any(|s| s.matches(q))),
             });
             let to = (!rule.to.is_empty()).then(|| ToCheck {
@@ -713,14 +794,11 @@ impl CompiledPolicies {
                 .when
                 .iter()
                 .zip(&crule.when)
-                .map(|(cond, ccond)| {
-                    let mut buf = [0u8; 5];
-                    WhenCheck {
-                        key: cond.key.clone(),
-                        value: ccond.value(q, &mut buf).map(str::to_string),
-                        allowed_values: cond.values.clone(),
-                        result: CheckResult::of(ccond.matches(q)),
-                    }
+                .map(|(cond, ccond)| WhenCheck {
+                    key: cond.key.clone(),
+                    value: ccond.value_text(q),
+                    allowed_values: cond.values.clone(),
+                    result: CheckResult::of(ccond.matches(q)),
                 })
                 .collect();
             let matched = crule.matches(q);
@@ -756,15 +834,18 @@ fn compile_policy(p: &AuthzPolicy) -> CPolicy {
                     .to
                     .iter()
                     .any(|o| !o.methods.is_empty() || !o.paths.is_empty())
-                    || r.when
-                        .iter()
-                        .any(|c| matches!(c.key, ConditionKey::RequestHeader(_))),
+                    || r.from.iter().any(|s| {
+                        !s.request_principals.is_empty() || !s.not_request_principals.is_empty()
+                    })
+                    || r.when.iter().any(|c| c.key.is_http_only()),
                 from: r
                     .from
                     .iter()
                     .map(|s| CSource {
                         principals: pats(&s.principals),
                         namespaces: pats(&s.namespaces),
+                        request_principals: pats(&s.request_principals),
+                        not_request_principals: pats(&s.not_request_principals),
                     })
                     .collect(),
                 to: r
@@ -787,6 +868,10 @@ fn compile_policy(p: &AuthzPolicy) -> CPolicy {
                             ConditionKey::SourcePrincipal => CKey::Principal,
                             ConditionKey::SourceNamespace => CKey::Namespace,
                             ConditionKey::DestinationPort => CKey::Port,
+                            ConditionKey::RequestAuthClaim(p) => CKey::Claim(p.clone()),
+                            ConditionKey::RequestAuthPrincipal => CKey::AuthPrincipal,
+                            ConditionKey::RequestAuthAudiences => CKey::AuthAudiences,
+                            ConditionKey::RequestAuthPresenter => CKey::AuthPresenter,
                         },
                         values: pats(&c.values),
                     })
@@ -822,6 +907,7 @@ pub fn evaluate_uncompiled(
                 .as_ref()
                 .is_none_or(|s| labels_match(s, request.workload.labels))
     };
+    let rp = request.request_auth.map(|a| a.principal.as_str());
     let rule_matches = |r: &crate::model::AuthzRule| {
         let from = r.from.is_empty()
             || r.from.iter().any(|s| {
@@ -833,6 +919,10 @@ pub fn evaluate_uncompiled(
                         || s.namespaces
                             .iter()
                             .any(|p| pat(p, request.source_namespace)))
+                    && (s.request_principals.is_empty()
+                        || s.request_principals.iter().any(|p| pat(p, rp)))
+                    && (s.not_request_principals.is_empty()
+                        || !s.not_request_principals.iter().any(|p| pat(p, rp)))
             });
         let to = r.to.is_empty()
             || r.to.iter().any(|o| {
@@ -842,11 +932,23 @@ pub fn evaluate_uncompiled(
             });
         let when = r.when.iter().all(|c| {
             let port = request.port.to_string();
+            let auth = request.request_auth;
+            let many = match &c.key {
+                ConditionKey::RequestAuthClaim(path) => auth.map(|a| a.claim_values(path)),
+                ConditionKey::RequestAuthAudiences => auth.map(|a| a.audiences.clone()),
+                _ => None,
+            };
+            if let Some(vs) = many {
+                return vs.iter().any(|v| c.values.iter().any(|p| pat(p, Some(v))));
+            }
             let v = match &c.key {
                 ConditionKey::RequestHeader(h) => request.headers.header(h),
                 ConditionKey::SourcePrincipal => request.source_principal,
                 ConditionKey::SourceNamespace => request.source_namespace,
                 ConditionKey::DestinationPort => Some(port.as_str()),
+                ConditionKey::RequestAuthPrincipal => auth.map(|a| a.principal.as_str()),
+                ConditionKey::RequestAuthPresenter => auth.and_then(|a| a.presenter.as_deref()),
+                ConditionKey::RequestAuthClaim(_) | ConditionKey::RequestAuthAudiences => None,
             };
             c.values.iter().any(|p| pat(p, v))
         });
@@ -940,6 +1042,23 @@ fn rules_json(rules: &[RuleEvaluation]) -> Json {
                     if !f.allowed_namespaces.is_empty() {
                         fm.insert("source_namespace".into(), json!(f.source_namespace));
                         fm.insert("allowed_namespaces".into(), json!(f.allowed_namespaces));
+                    }
+                    if !f.allowed_request_principals.is_empty()
+                        || !f.not_request_principals.is_empty()
+                    {
+                        fm.insert("request_principal".into(), json!(f.request_principal));
+                    }
+                    if !f.allowed_request_principals.is_empty() {
+                        fm.insert(
+                            "allowed_request_principals".into(),
+                            json!(f.allowed_request_principals),
+                        );
+                    }
+                    if !f.not_request_principals.is_empty() {
+                        fm.insert(
+                            "not_request_principals".into(),
+                            json!(f.not_request_principals),
+                        );
                     }
                     fm.insert("result".into(), json!(f.result.as_str()));
                     m.insert("from_check".into(), Json::Object(fm));
@@ -1044,6 +1163,8 @@ mod tests {
             from: vec![Source {
                 principals: principals.iter().map(|s| s.to_string()).collect(),
                 namespaces: vec![],
+                request_principals: vec![],
+                not_request_principals: vec![],
             }],
             to: vec![],
             when: vec![],
@@ -1068,6 +1189,7 @@ mod tests {
             path,
             port: 8080,
             headers: &crate::request::NoHeaders,
+            request_auth: None,
         }
     }
 
@@ -1231,6 +1353,8 @@ mod tests {
                 vec![Source {
                     principals: principals.iter().map(|s| s.to_string()).collect(),
                     namespaces: vec![],
+                    request_principals: vec![],
+                    not_request_principals: vec![],
                 }]
             },
             to,
@@ -1379,5 +1503,149 @@ mod tests {
             d.to_seed_json(None)["policy_evaluation"]["reason"],
             "no_allow_policy_matched"
         );
+    }
+
+    /// requestPrincipals (Istio's `*`, prefix and suffix patterns),
+    /// notRequestPrincipals, and `when` on request.auth.*: a request
+    /// without a token has no request principal; the compiled decision
+    /// agrees with the reference; raw TCP never satisfies an ALLOW rule on
+    /// them.
+    #[test]
+    fn request_principals_and_claim_conditions() {
+        use crate::reqauthn::RequestAuth;
+        let yaml = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: cashiers, namespace: shop}
+spec:
+  selector: {matchLabels: {app: pos}}
+  rules:
+  - from: [{source: {requestPrincipals: ["https://idp.test/*"]}}]
+    when:
+    - {key: "request.auth.claims[role]", values: [cashier, manager]}
+    - {key: "request.auth.claims[org][store]", values: ["sf*"]}
+  - from: [{source: {requestPrincipals: ["*/service-bot"]}}]
+    to: [{operation: {methods: [GET]}}]
+    when:
+    - {key: request.auth.audiences, values: [pos]}
+    - {key: request.auth.presenter, values: [till]}
+    - {key: request.auth.principal, values: ["*"]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: need-token, namespace: shop}
+spec:
+  selector: {matchLabels: {app: pos}}
+  action: DENY
+  rules:
+  - from: [{source: {notRequestPrincipals: ["*"]}}]
+    to: [{operation: {paths: ["/admin*"]}}]
+"#;
+        let config = crate::MeshConfig::from_yaml(yaml).unwrap();
+        let c = CompiledPolicies::from_config(&config);
+        let l = labels(&[("app", "pos")]);
+        let auth = |principal: &str, claims: serde_json::Value| RequestAuth {
+            principal: principal.into(),
+            audiences: claims["aud"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_str().map(Into::into))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            presenter: claims["azp"].as_str().map(Into::into),
+            claims: claims.as_object().cloned().unwrap_or_default(),
+        };
+        let alice = auth(
+            "https://idp.test/alice",
+            serde_json::json!({"role": ["clerk", "cashier"], "org": {"store": "sf01"}}),
+        );
+        let clerk = auth(
+            "https://idp.test/bob",
+            serde_json::json!({"role": "clerk", "org": {"store": "sf01"}}),
+        );
+        let other_store = auth(
+            "https://idp.test/carol",
+            serde_json::json!({"role": "manager", "org": {"store": "ny02"}}),
+        );
+        let evil = auth(
+            "https://evil.test/alice",
+            serde_json::json!({"role": "cashier", "org": {"store": "sf01"}}),
+        );
+        let bot = auth(
+            "https://idp.test/service-bot",
+            serde_json::json!({"aud": ["pos", "x"], "azp": "till"}),
+        );
+        let bot_wrong_azp = auth(
+            "https://idp.test/service-bot",
+            serde_json::json!({"aud": ["pos"], "azp": "kiosk"}),
+        );
+        let check = |a: Option<&RequestAuth>, method: &str, path: &str| {
+            let mut r = req("shop", &l, Some("td/store/sf01/sa/till"), method, path);
+            r.request_auth = a;
+            let got = c.decide(&r).allowed;
+            assert_eq!(
+                got,
+                evaluate_uncompiled(&config.authz_policies, &r, &config.settings),
+                "reference disagrees for {:?} {method} {path}",
+                a.map(|a| &a.principal)
+            );
+            assert_eq!(c.evaluate(&r).allowed, got);
+            got
+        };
+        assert!(check(Some(&alice), "POST", "/sale"));
+        assert!(!check(Some(&clerk), "POST", "/sale"), "claim value");
+        assert!(!check(Some(&other_store), "POST", "/sale"), "nested claim");
+        assert!(!check(Some(&evil), "POST", "/sale"), "issuer prefix");
+        assert!(
+            !check(None, "POST", "/sale"),
+            "no token: no request principal"
+        );
+        assert!(
+            check(Some(&bot), "GET", "/stock"),
+            "suffix, audiences, presenter"
+        );
+        assert!(!check(Some(&bot), "POST", "/stock"));
+        assert!(!check(Some(&bot_wrong_azp), "GET", "/stock"));
+        // notRequestPrincipals ["*"] in a DENY: only requests without a token
+        assert!(check(Some(&alice), "POST", "/admin/x"));
+        let mut r = req(
+            "shop",
+            &l,
+            Some("td/store/sf01/sa/till"),
+            "POST",
+            "/admin/x",
+        );
+        let v = c.decide(&r);
+        assert!(!v.allowed);
+        assert_eq!(v.reason, AuthzReason::DenyPolicyMatched);
+        // evidence shows the request principal and the claim values
+        r.request_auth = Some(&alice);
+        r.path = "/sale";
+        let d = c.evaluate(&r);
+        let rule = &d.evaluated[0].rules_evaluated[0];
+        let from = rule.from.as_ref().unwrap();
+        assert_eq!(
+            from.request_principal.as_deref(),
+            Some("https://idp.test/alice")
+        );
+        assert_eq!(from.allowed_request_principals, vec!["https://idp.test/*"]);
+        assert_eq!(rule.when[0].value.as_deref(), Some("clerk,cashier"));
+        let seed = d.to_seed_json(None).to_string();
+        assert!(seed.contains("allowed_request_principals"), "{seed}");
+        // raw TCP has no token: the DENY's HTTP-only fields are ignored, so
+        // it denies (more, never less); the ALLOW rules never match TCP
+        let v = c.decide_l4(&r);
+        assert!(!v.allowed);
+        assert_eq!(v.reason, AuthzReason::DenyPolicyMatched);
+        let allow_only = CompiledPolicies::new(&config.authz_policies[..1], &config.settings);
+        assert_eq!(
+            allow_only.decide_l4(&r).reason,
+            AuthzReason::NoAllowPolicyMatched
+        );
+        // round trip through YAML
+        let back = crate::MeshConfig::from_yaml(&config.to_yaml()).unwrap();
+        assert_eq!(back, config);
     }
 }

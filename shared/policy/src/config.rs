@@ -166,6 +166,12 @@ impl MeshConfig {
                 .cloned()
                 .map(Object::PeerAuthn),
         );
+        v.extend(
+            self.request_authns
+                .iter()
+                .cloned()
+                .map(Object::RequestAuthn),
+        );
         v
     }
 
@@ -222,11 +228,13 @@ fn assemble(objects: impl Iterator<Item = Object>) -> MeshConfig {
             Object::Workload(w) => c.workloads.push(w),
             Object::ModeMatrix(m) => c.mode_matrix = m,
             Object::MeshSettings(s) => c.settings = s,
+            Object::RequestAuthn(r) => c.request_authns.push(r),
         }
     }
     c.authz_policies.sort_by(|a, b| a.id.cmp(&b.id));
     // sorted by namespace and name: `MeshConfig::peer_mtls` takes the first
     c.peer_authentications.sort_by(|a, b| a.id.cmp(&b.id));
+    c.request_authns.sort_by(|a, b| a.id.cmp(&b.id));
     c.route_rules.sort_by(|a, b| a.id.cmp(&b.id));
     c.destination_policies.sort_by(|a, b| a.id.cmp(&b.id));
     c.service_entries.sort_by(|a, b| a.id.cmp(&b.id));

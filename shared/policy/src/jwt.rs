@@ -12,8 +12,12 @@
 //! rest of tidemesh. Base64url is decoded strictly (no padding, no other
 //! alphabet, canonical trailing bits).
 //!
-//! Who drives it: nothing yet; it is the verifier `RequestAuthentication`
-//! will use. What it must not do: I/O or clock reads (time is an argument),
+//! JSON objects in a token (header and payload, at any depth) must not
+//! repeat a key: parsers that keep the first and parsers that keep the last
+//! copy would read different claims from the same signed bytes.
+//!
+//! Who drives it: [`crate::reqauthn`] (Istio `RequestAuthentication` on
+//! the spoke's inbound path). What it must not do: I/O or clock reads (time is an argument),
 //! panic or allocate without bound on hostile input (tokens are at most
 //! [`MAX_TOKEN_BYTES`], key sets at most [`MAX_JWKS_BYTES`] and
 //! [`MAX_KEYS`] keys).
@@ -259,6 +263,10 @@ pub struct VerifiedClaims {
     pub expires: u64,
     /// Every claim, for `request.auth.claims[...]` and claim headers.
     pub claims: Map<String, Value>,
+    /// The algorithm the signature verified with.
+    pub alg: Alg,
+    /// The header's `kid`, when it named one.
+    pub kid: Option<String>,
 }
 
 impl VerifiedClaims {
@@ -268,12 +276,92 @@ impl VerifiedClaims {
     }
 }
 
+/// A JSON value whose objects, at any depth, repeat no key.
+struct Strict(Value);
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Strict, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Strict;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Strict, E> {
+                Ok(Strict(Value::Bool(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Strict, E> {
+                Ok(Strict(Value::from(v)))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Strict, E> {
+                Ok(Strict(Value::from(v)))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Strict, E> {
+                Ok(Strict(
+                    serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number),
+                ))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Strict, E> {
+                Ok(Strict(Value::String(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Strict, E> {
+                Ok(Strict(Value::String(v)))
+            }
+            fn visit_unit<E>(self) -> Result<Strict, E> {
+                Ok(Strict(Value::Null))
+            }
+            fn visit_none<E>(self) -> Result<Strict, E> {
+                Ok(Strict(Value::Null))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Strict, A::Error> {
+                let mut v = Vec::new();
+                while let Some(Strict(x)) = a.next_element()? {
+                    v.push(x);
+                }
+                Ok(Strict(Value::Array(v)))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Strict, A::Error> {
+                let mut m = Map::new();
+                while let Some(k) = a.next_key::<String>()? {
+                    let Strict(v) = a.next_value()?;
+                    if m.contains_key(&k) {
+                        return Err(serde::de::Error::custom("duplicate key"));
+                    }
+                    m.insert(k, v);
+                }
+                Ok(Strict(Value::Object(m)))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 fn json_object(part: &str, what: &'static str) -> Result<Map<String, Value>, JwtError> {
     let bytes = b64url(part)?;
-    match serde_json::from_slice::<Value>(&bytes) {
-        Ok(Value::Object(m)) => Ok(m),
+    match serde_json::from_slice::<Strict>(&bytes) {
+        Ok(Strict(Value::Object(m))) => Ok(m),
+        Err(e) if e.to_string().starts_with("duplicate key") => {
+            Err(JwtError::Malformed("a JSON object repeats a key"))
+        }
         _ => Err(JwtError::Malformed(what)),
     }
+}
+
+/// The `iss` claim of a token, read *without* verifying anything: only to
+/// choose which configured issuer's rule verifies it. A token that is not
+/// three base64url parts with a JSON object payload is an error.
+pub fn unverified_issuer(token: &str) -> Result<Option<String>, JwtError> {
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(JwtError::Malformed("token too long"));
+    }
+    let mut parts = token.split('.');
+    let (Some(_), Some(p), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(JwtError::Malformed("a token has three parts"));
+    };
+    let claims = json_object(p, "payload is not a JSON object")?;
+    Ok(claims.get("iss").and_then(Value::as_str).map(str::to_owned))
 }
 
 fn seconds(v: Option<&Value>) -> Option<u64> {
@@ -388,6 +476,8 @@ pub fn verify(
         subject,
         expires: exp,
         claims,
+        alg,
+        kid,
     })
 }
 
@@ -522,6 +612,24 @@ mod tests {
                 JwtError::UnsupportedAlg(alg.into())
             );
         }
+        // the classic attack itself: a real HMAC-SHA256 over the token,
+        // keyed with the public key's bytes (the point, and the JWK JSON)
+        let Key::Ec(k) = &ec else { unreachable!() };
+        let point = k.public_key().as_ref().to_vec();
+        let jwk_json = ec.jwk("k1").to_string();
+        for secret in [point.as_slice(), jwk_json.as_bytes()] {
+            let h = enc(br#"{"alg":"HS256","kid":"k1","typ":"JWT"}"#);
+            let input = format!("{h}.{}", parts[1]);
+            let mac = ring::hmac::sign(
+                &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret),
+                input.as_bytes(),
+            );
+            let t = format!("{input}.{}", enc(mac.as_ref()));
+            assert_eq!(
+                check(&t, &jwks).unwrap_err(),
+                JwtError::UnsupportedAlg("HS256".into())
+            );
+        }
         // an EdDSA token never meets the P-256 key, and vice versa
         let t = ed.sign(&serde_json::json!({"alg": "EdDSA", "kid": "k1"}), &claims());
         assert!(matches!(check(&t, &jwks), Err(JwtError::NoKey { .. })));
@@ -617,6 +725,40 @@ mod tests {
             );
         }
         assert!(check(&"a".repeat(MAX_TOKEN_BYTES + 1), &jwks).is_err());
+        // a repeated key, in the payload (top level or nested) or the
+        // header, even when correctly signed
+        let ec = Key::ec();
+        let jwks = set(&[ec.jwk("k1")]);
+        let sign_raw = |header: &str, payload: &str| {
+            let input = format!("{}.{}", enc(header.as_bytes()), enc(payload.as_bytes()));
+            let Key::Ec(k) = &ec else { unreachable!() };
+            let sig = k.sign(&SystemRandom::new(), input.as_bytes()).unwrap();
+            format!("{input}.{}", enc(sig.as_ref()))
+        };
+        let body = |extra: &str| {
+            format!(
+                r#"{{"iss":"{ISS}","aud":"pos","exp":{},"sub":"alice"{extra}}}"#,
+                NOW + 60
+            )
+        };
+        let ok = sign_raw(r#"{"alg":"ES256"}"#, &body(""));
+        assert!(check(&ok, &jwks).is_ok());
+        for (h, p) in [
+            (r#"{"alg":"ES256"}"#.to_string(), body(r#","sub":"root""#)),
+            (
+                r#"{"alg":"ES256"}"#.to_string(),
+                body(r#","x":{"r":1,"r":2}"#),
+            ),
+            (r#"{"alg":"ES256","alg":"none"}"#.to_string(), body("")),
+        ] {
+            assert_eq!(
+                check(&sign_raw(&h, &p), &jwks).unwrap_err(),
+                JwtError::Malformed("a JSON object repeats a key"),
+                "{h} {p}"
+            );
+        }
+        assert_eq!(unverified_issuer(&ok).unwrap().as_deref(), Some(ISS));
+        assert!(unverified_issuer("a.b").is_err());
         // non-canonical base64url: "AB" has non-zero unused bits ("AA" is canonical)
         assert_eq!(
             b64url("AB").unwrap_err(),

@@ -52,6 +52,7 @@ pub mod istio;
 pub mod jwt;
 pub mod mode;
 pub mod model;
+pub mod reqauthn;
 pub mod request;
 pub mod routing;
 pub mod units;

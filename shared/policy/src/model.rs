@@ -55,6 +55,16 @@ pub struct MeshConfig {
     /// the hub's JSON config versions written before it existed still read.)
     #[serde(default)]
     pub peer_authentications: Vec<PeerAuthn>,
+    /// JWT request authentication (Istio `RequestAuthentication`). Absent in
+    /// configs stored before it existed: none.
+    #[serde(default)]
+    pub request_authns: Vec<crate::reqauthn::RequestAuthn>,
+    /// The key sets that `jwksUri: file://...` rules name, as the hub read
+    /// them when this version was applied (the hub fills it; the spoke
+    /// verifies tokens with it, so validation needs no hub). Not an object:
+    /// not printed, not diffed; rebuilt at every apply and rollback.
+    #[serde(default)]
+    pub jwks_files: Vec<crate::reqauthn::JwksFile>,
 }
 
 /// Mesh-wide settings.
@@ -716,9 +726,10 @@ impl AuthzPolicy {
         self.rules.iter().any(|r| {
             r.to.iter()
                 .any(|o| !o.methods.is_empty() || !o.paths.is_empty())
-                || r.when
-                    .iter()
-                    .any(|c| matches!(c.key, ConditionKey::RequestHeader(_)))
+                || r.from.iter().any(|s| {
+                    !s.request_principals.is_empty() || !s.not_request_principals.is_empty()
+                })
+                || r.when.iter().any(|c| c.key.is_http_only())
         })
     }
 }
@@ -742,6 +753,15 @@ pub struct Source {
     pub principals: Vec<String>,
     /// Namespace patterns.
     pub namespaces: Vec<String>,
+    /// Request principal patterns (`iss/sub` of a verified JWT, see
+    /// [`crate::reqauthn`]); `*` matches any request with a verified token.
+    /// Absent in configs stored before them: none.
+    #[serde(default)]
+    pub request_principals: Vec<String>,
+    /// The source matches only when the request principal matches none of
+    /// these (a request without a token has no principal, so it matches).
+    #[serde(default)]
+    pub not_request_principals: Vec<String>,
 }
 
 /// A request operation. Each non-empty field must match (any of its values).
@@ -775,9 +795,30 @@ pub enum ConditionKey {
     SourceNamespace,
     /// `destination.port`.
     DestinationPort,
+    /// `request.auth.claims[a][b]...`: a claim of the verified JWT (the
+    /// path of nested claim names); a list claim matches when any of its
+    /// string items does.
+    RequestAuthClaim(Vec<String>),
+    /// `request.auth.principal`: `iss/sub` of the verified JWT.
+    RequestAuthPrincipal,
+    /// `request.auth.audiences`: the token's `aud` values.
+    RequestAuthAudiences,
+    /// `request.auth.presenter`: the token's `azp`.
+    RequestAuthPresenter,
 }
 
 impl ConditionKey {
+    /// Whether only an HTTP request carries the attribute (request headers
+    /// and the `request.auth.*` facts of a JWT); raw TCP does not.
+    pub fn is_http_only(&self) -> bool {
+        !matches!(
+            self,
+            ConditionKey::SourcePrincipal
+                | ConditionKey::SourceNamespace
+                | ConditionKey::DestinationPort
+        )
+    }
+
     /// The key as written in Istio YAML.
     pub fn to_istio(&self) -> String {
         match self {
@@ -785,6 +826,18 @@ impl ConditionKey {
             ConditionKey::SourcePrincipal => "source.principal".into(),
             ConditionKey::SourceNamespace => "source.namespace".into(),
             ConditionKey::DestinationPort => "destination.port".into(),
+            ConditionKey::RequestAuthClaim(path) => {
+                let mut s = String::from("request.auth.claims");
+                for p in path {
+                    s.push('[');
+                    s.push_str(p);
+                    s.push(']');
+                }
+                s
+            }
+            ConditionKey::RequestAuthPrincipal => "request.auth.principal".into(),
+            ConditionKey::RequestAuthAudiences => "request.auth.audiences".into(),
+            ConditionKey::RequestAuthPresenter => "request.auth.presenter".into(),
         }
     }
 }

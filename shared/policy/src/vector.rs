@@ -66,6 +66,20 @@ pub fn identity(spiffe_both_ends: bool, mutual_tls: bool) -> &'static str {
     }
 }
 
+/// The end user behind a call (not one of the six dimensions: a note on
+/// identity): `jwt_claim` when the serving end verifies a JWT
+/// (`RequestAuthentication`), a *claim* checked by signature, issuer,
+/// audience and expiry, weaker than the services' mTLS identities, and
+/// only as fresh as the key set the hub read at apply; else `none` (a
+/// token, if sent, is not checked by the mesh).
+pub fn user_identity(jwt_verified: bool) -> &'static str {
+    if jwt_verified {
+        "jwt_claim"
+    } else {
+        "none"
+    }
+}
+
 /// Authorization: some applicable policy inspects L7 attributes; or
 /// policies / a default deny decide on identity; or nothing is checked.
 pub fn authorization(
@@ -137,6 +151,8 @@ mod tests {
         assert_eq!(identity(true, true), "spiffe");
         assert_eq!(identity(false, true), "mtls");
         assert_eq!(identity(false, false), "none");
+        assert_eq!(user_identity(true), "jwt_claim");
+        assert_eq!(user_identity(false), "none");
         assert_eq!(authorization(true, true, false), "l7_rbac");
         assert_eq!(authorization(false, true, false), "l4");
         assert_eq!(authorization(false, false, true), "l4");

@@ -272,7 +272,7 @@ spec:
     let unknown_field = SEED_AUTHZ.replace("principals:", "notPrincipals:");
     assert_eq!(
         first_error(&unknown_field),
-        "document 1 (AuthorizationPolicy payment-service-authz): spec.rules[0].from[0].source.notPrincipals: field notPrincipals is not supported by tidemesh (supported here: principals, namespaces)"
+        "document 1 (AuthorizationPolicy payment-service-authz): spec.rules[0].from[0].source.notPrincipals: field notPrincipals is not supported by tidemesh (supported here: principals, namespaces, requestPrincipals, notRequestPrincipals)"
     );
 
     let missing_subset = SEED_CANARY.replace(
@@ -306,7 +306,7 @@ spec:
         ("apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {rules: [{when: [{key: source.ip, values: [10.0.0.1]}]}]}",
          "document 1 (AuthorizationPolicy a): spec.rules[0].when[0].key: condition key \"source.ip\" is not supported"),
         ("apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {rules: [{from: [{source: {}}]}]}",
-         "document 1 (AuthorizationPolicy a): spec.rules[0].from[0].source: a source must set principals or namespaces"),
+         "document 1 (AuthorizationPolicy a): spec.rules[0].from[0].source: a source must set principals, namespaces, requestPrincipals or notRequestPrincipals"),
         ("apiVersion: security.istio.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {}",
          "document 1 (AuthorizationPolicy a): apiVersion: security.istio.io/v1alpha1 is not supported for kind AuthorizationPolicy; use security.istio.io/v1beta1 or security.istio.io/v1"),
         ("apiVersion: tidemesh.io/v1alpha1\nkind: Workload\nmetadata: {name: w, namespace: retail}\nspec: {service: pos, store: nowhere, serviceAccount: pos, address: '127.0.0.1:1'}",
@@ -691,4 +691,122 @@ fn json_configs_from_before_tls_origination_still_read() {
     }
     let old: MeshConfig = serde_json::from_value(v).unwrap();
     assert_eq!(old, c);
+}
+
+const JWKS: &str = r#"{"keys":[{"kty":"OKP","crv":"Ed25519","kid":"k1","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}"#;
+
+fn request_authn(rule: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1beta1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: pos}}}}\n  jwtRules:\n  - {rule}\n"
+    )
+}
+
+#[test]
+fn request_authentication_reaches_the_model_and_round_trips() {
+    let yaml = request_authn(&format!(
+        "{{issuer: 'https://idp.test', audiences: [pos], jwks: '{JWKS}', forwardOriginalToken: true, outputClaimToHeaders: [{{header: X-User, claim: sub}}], fromHeaders: [{{name: x-jwt, prefix: 'Token '}}]}}\n  - {{issuer: 'https://idp2.test', jwksUri: 'file:///etc/tidemesh/jwks.json'}}"
+    ));
+    let c = MeshConfig::from_yaml(&yaml).unwrap_or_else(|e| panic!("{e}"));
+    let ra = &c.request_authns[0];
+    assert_eq!(ra.id.to_string(), "shop/jwt");
+    let r = &ra.jwt_rules[0];
+    assert_eq!(r.issuer, "https://idp.test");
+    assert!(r.forward_original_token);
+    assert_eq!(r.output_claim_to_headers[0].header, "x-user");
+    assert_eq!(r.from_headers[0].prefix.as_deref(), Some("Token "));
+    assert_eq!(
+        ra.jwt_rules[1].jwks,
+        tidemesh_policy::reqauthn::JwksSource::File("/etc/tidemesh/jwks.json".into())
+    );
+    assert!(!ra.jwt_rules[1].forward_original_token, "default false");
+    let back = MeshConfig::from_yaml(&c.to_yaml()).unwrap();
+    assert_eq!(back, c);
+    let bytes = postcard::to_stdvec(&c).unwrap();
+    assert_eq!(postcard::from_bytes::<MeshConfig>(&bytes).unwrap(), c);
+    // a hub JSON config stored before RequestAuthentication still reads
+    let mut old = serde_json::to_value(full()).unwrap();
+    let o = old.as_object_mut().unwrap();
+    o.remove("request_authns");
+    o.remove("jwks_files");
+    for p in o["authz_policies"].as_array_mut().unwrap() {
+        for r in p["rules"].as_array_mut().unwrap() {
+            for s in r["from"].as_array_mut().unwrap() {
+                let s = s.as_object_mut().unwrap();
+                s.remove("request_principals");
+                s.remove("not_request_principals");
+            }
+        }
+    }
+    assert_eq!(serde_json::from_value::<MeshConfig>(old).unwrap(), full());
+}
+
+#[test]
+fn request_authentication_refuses_what_it_cannot_act_on() {
+    for (rule, want) in [
+        (
+            "{issuer: i, jwksUri: 'https://idp.test/jwks'}".to_string(),
+            "spec.jwtRules[0].jwksUri: \"https://idp.test/jwks\": tidemesh does not fetch key sets over the network",
+        ),
+        ("{issuer: i, jwksUri: 'file://rel/j.json'}".into(), "needs an absolute path"),
+        ("{issuer: i}".into(), "spec.jwtRules[0].jwks: a key set is required"),
+        (format!("{{issuer: i, jwks: '{JWKS}', jwksUri: 'file:///j'}}"), "not both"),
+        ("{issuer: i, jwks: '{\"keys\": []}'}".into(), "spec.jwtRules[0].jwks: key set"),
+        (format!("{{issuer: i, jwks: '{JWKS}', fromParams: [access_token]}}"), "spec.jwtRules[0].fromParams: tokens in query parameters are not supported"),
+        (format!("{{issuer: i, jwks: '{JWKS}', fromCookies: [session]}}"), "fromCookies: tokens in cookies"),
+        (format!("{{issuer: i, jwks: '{JWKS}', outputPayloadToHeader: x}}"), "field outputPayloadToHeader is not supported"),
+        (format!("{{issuer: i, jwks: '{JWKS}', outputClaimToHeaders: [{{header: authorization, claim: sub}}]}}"), "owned by HTTP or the mesh"),
+        (format!("{{issuer: i, jwks: '{JWKS}', outputClaimToHeaders: [{{header: 'x y', claim: sub}}]}}"), "not an HTTP header name"),
+        (format!("{{issuer: i, jwks: '{JWKS}', fromHeaders: [{{name: x-t}}], outputClaimToHeaders: [{{header: x-t, claim: sub}}]}}"), "carries the token"),
+        (format!("{{issuer: '', jwks: '{JWKS}'}}"), "spec.jwtRules[0].issuer: required"),
+    ] {
+        let e = first_error(&request_authn(&rule));
+        assert!(e.contains(want), "{rule}: {e}");
+        assert!(e.contains("document 1 (RequestAuthentication shop/jwt)") || e.contains("RequestAuthentication"), "{e}");
+    }
+    let e = first_error("apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: jwt}\nspec: {}\n");
+    assert!(e.contains("at least one JWT rule"), "{e}");
+    // the JWT parts of AuthorizationPolicy
+    let authz = |source: &str, when: &str| {
+        format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: a, namespace: shop}}\nspec:\n  rules:\n  - from: [{{source: {source}}}]\n    when: [{when}]\n")
+    };
+    let ok = authz(
+        "{requestPrincipals: ['https://idp.test/*'], notRequestPrincipals: ['*/root']}",
+        "{key: 'request.auth.claims[groups]', values: [admin]}, {key: 'request.auth.claims[a][b]', values: [x]}, {key: request.auth.principal, values: ['*']}, {key: request.auth.audiences, values: [pos]}, {key: request.auth.presenter, values: [till]}",
+    );
+    MeshConfig::from_yaml(&ok).unwrap_or_else(|e| panic!("{e}"));
+    for (source, when, want) in [
+        (
+            "{requestPrincipals: [alice]}",
+            "{key: destination.port, values: ['80']}",
+            "is not a request principal: write ISSUER/SUBJECT",
+        ),
+        (
+            "{requestPrincipals: ['a*b/c']}",
+            "{key: destination.port, values: ['80']}",
+            "'*' is only allowed",
+        ),
+        (
+            "{principals: ['td/ns/a/sa/b']}",
+            "{key: 'request.auth.claims', values: [x]}",
+            "name 1 to 8 nested claims",
+        ),
+        (
+            "{principals: ['td/ns/a/sa/b']}",
+            "{key: 'request.auth.claims[a', values: [x]}",
+            "unclosed",
+        ),
+        (
+            "{principals: ['td/ns/a/sa/b']}",
+            "{key: request.auth.foo, values: [x]}",
+            "is not supported by tidemesh",
+        ),
+        (
+            "{principals: ['td/ns/a/sa/b']}",
+            "{key: request.auth.principal, values: [nobody]}",
+            "is not a request principal",
+        ),
+    ] {
+        let e = first_error(&authz(source, when));
+        assert!(e.contains(want), "{source} {when}: {e}");
+    }
 }

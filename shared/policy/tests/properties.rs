@@ -39,6 +39,8 @@ fn rule() -> impl Strategy<Value = AuthzRule> {
                 .prop_map(|(principals, namespaces)| Source {
                     principals,
                     namespaces,
+                    request_principals: vec![],
+                    not_request_principals: vec![],
                 }),
             0..2,
         ),
@@ -144,6 +146,7 @@ proptest! {
             path,
             port,
             headers: &headers,
+            request_auth: None,
         };
         let compiled = CompiledPolicies::new(&ps, &settings);
         let fast = compiled.decide(&req);
@@ -188,6 +191,7 @@ proptest! {
             path: "",
             port,
             headers: &NoHeaders,
+            request_auth: None,
         };
         let is_header = |c: &Condition| matches!(c.key, ConditionKey::RequestHeader(_));
         let tcp: Vec<AuthzPolicy> = ps

@@ -76,6 +76,7 @@ fn the_seed_authorization_example_evaluates_as_its_evidence_shows() {
         path: "/api/charge",
         port: 8080,
         headers: &headers,
+        request_auth: None,
     };
     let decision = compiled.evaluate(&request);
     assert!(decision.allowed);

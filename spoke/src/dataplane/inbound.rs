@@ -1,4 +1,5 @@
-//! Delivery to a workload of this spoke: the path check, authorization, the
+//! Delivery to a workload of this spoke: the path check, request
+//! authentication (JWT, Istio `RequestAuthentication`), authorization, the
 //! workload's rate limit, `x-forwarded-client-cert`, then the workload's own
 //! HTTP listener.
 //!
@@ -9,14 +10,21 @@
 //! a request through without a decision, forward a path other than the one
 //! authorized (ambiguous encodings get 400, see
 //! [`tidemesh_policy::check_path`]), or let the caller choose the identity
-//! the workload sees (any `x-forwarded-client-cert` it sent is replaced).
+//! the workload sees (any `x-forwarded-client-cert` it sent is replaced,
+//! and so is any claim header a `RequestAuthentication` sets: a caller
+//! cannot inject a user).
 
 use std::time::Instant;
 
 use http_body_util::BodyExt;
 use hyper::{header::HeaderValue, Request, Response, StatusCode};
-use tidemesh_evidence::record::{AuthorizationEvidence, Decision, RequestEvidence};
+use tidemesh_evidence::record::{
+    AuthorizationEvidence, ClaimVerification, Decision, RequestEvidence, UserIdentityEvidence,
+    UserIdentityKind,
+};
+use tidemesh_evidence::UnixMillis;
 use tidemesh_identity::SpiffeId;
+use tidemesh_policy::reqauthn::{AuthnOutcome, RequestAuth};
 use tidemesh_policy::{check_path, AuthzRequest, HeaderLookup, NoHeaders, WorkloadRef};
 use tokio::time::timeout;
 use tracing::debug;
@@ -40,7 +48,13 @@ pub(crate) struct L7<'a> {
     pub method: &'a str,
     pub path: &'a str,
     pub headers: &'a dyn HeaderLookup,
+    /// A verified JWT's facts (request principal, claims).
+    pub auth: Option<&'a RequestAuth>,
 }
+
+/// Clock skew allowed on a token's `exp` and `nbf`, seconds (the spoke's
+/// time is its trusted clock).
+pub(crate) const JWT_LEEWAY_S: u64 = 60;
 
 /// The authorization decision (Istio semantics; the mesh default decides
 /// when no ALLOW policy selects the workload) for `principal` calling local
@@ -75,12 +89,15 @@ pub(crate) fn authorize(
         path: "",
         port,
         headers: &NoHeaders,
+        request_auth: None,
     };
+    let l7_auth = l7.as_ref().and_then(|h| h.auth);
     let verdict = match l7 {
         Some(h) => {
             req.method = h.method;
             req.path = h.path;
             req.headers = h.headers;
+            req.request_auth = h.auth;
             compiled.policies.decide(&req)
         }
         None => compiled.policies.decide_l4(&req),
@@ -111,9 +128,12 @@ pub(crate) fn authorize(
     let Some(policy_name) = denial else {
         return Ok(());
     };
-    let who = principal
+    let mut who = principal
         .map(|p| p.to_string())
         .unwrap_or_else(|| "an unauthenticated caller".into());
+    if let Some(a) = l7_auth {
+        who.push_str(&format!(" (request principal {})", a.principal));
+    }
     Err(format!(
         "RBAC: access denied: {} ({policy_name}) for {who}",
         verdict.reason.as_str()
@@ -170,10 +190,17 @@ pub(crate) async fn deliver(
             );
         }
     }
+    // Request authentication: before authorization (which reads its
+    // principal and claims) and before any header condition is checked.
+    let authn = match authenticate(s, idx, &mut req, ev) {
+        Ok(a) => a,
+        Err(resp) => return *resp,
+    };
     let l7 = L7 {
         method: req.method().as_str(),
         path: &path,
         headers: &Headers(req.headers()),
+        auth: authn.as_ref(),
     };
     if let Err(why) = authorize(s, idx, principal, inbound.port(), Some(l7), ev) {
         return local_response(
@@ -221,6 +248,99 @@ pub(crate) async fn deliver(
     }
     let h2 = w.protocol == WorkloadProtocol::Http2;
     forward(s, inbound, authority, h2, req, s.settings.request_timeout).await
+}
+
+/// Authenticates `req` for local workload `idx` by the
+/// `RequestAuthentication`s that select it (Istio semantics, see
+/// [`tidemesh_policy::reqauthn`]): `Ok(None)` without a token (or when none
+/// applies), `Ok(Some(..))` for a verified token, `Err(401)` for a present
+/// token that does not verify. The caller's own values of every claim
+/// header are removed first; a verified token's claim headers are set, and
+/// the token removed unless its rule forwards it. Fills `ev`'s user
+/// identity (a claim, verified by JWT) or, on a 401, its policy evidence.
+fn authenticate(
+    s: &Shared,
+    idx: usize,
+    req: &mut Request<Body>,
+    ev: &mut RequestEvidence,
+) -> Result<Option<RequestAuth>, Box<Response<Body>>> {
+    let w = &s.workloads[idx];
+    let compiled = s.compiled();
+    if compiled.authn.is_empty() {
+        return Ok(None);
+    }
+    let now_ms = crate::unix_ms(s.now());
+    let t0 = Instant::now();
+    let outcome = compiled.authn.authenticate(
+        &w.namespace,
+        &w.labels,
+        &Headers(req.headers()),
+        now_ms / 1000,
+        JWT_LEEWAY_S,
+    );
+    let h = req.headers_mut();
+    for name in compiled.authn.claim_header_names(&w.namespace, &w.labels) {
+        h.remove(name.as_str());
+    }
+    match outcome {
+        AuthnOutcome::NotApplicable | AuthnOutcome::NoToken => Ok(None),
+        AuthnOutcome::Failed(f) => {
+            let eval_us = t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+            ev.policy_evaluation = Some(AuthorizationEvidence {
+                policy_name: format!("RequestAuthentication {}", f.policies),
+                policy_version: compiled
+                    .version
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| "none".into()),
+                matched_rule: None,
+                final_decision: Decision::Deny,
+                reason: format!("jwt_invalid: {}", f.reason),
+                evaluation_time_us: eval_us,
+                cached: false,
+            });
+            Err(Box::new(local_response(
+                StatusCode::UNAUTHORIZED,
+                &format!(
+                    "Jwt verification fails: {} (RequestAuthentication {} for {})",
+                    f.reason, f.policies, w.id
+                ),
+                &[(
+                    "www-authenticate",
+                    "Bearer error=\"invalid_token\"".to_owned(),
+                )],
+            )))
+        }
+        AuthnOutcome::Verified(a) => {
+            let age = a
+                .jwks_read_ms
+                .or(compiled.hub_applied_ms)
+                .map(|t| now_ms.saturating_sub(t) / 1000);
+            let clip = |v: &str| v.chars().take(256).collect::<String>();
+            ev.user_identity = Some(UserIdentityEvidence {
+                kind: UserIdentityKind::Claim,
+                verified_by: ClaimVerification::Jwt,
+                issuer: clip(&a.verified.issuer),
+                subject: a.verified.subject.as_deref().map(clip),
+                algorithm: a.verified.alg.as_str().to_owned(),
+                key_id: a.verified.kid.as_deref().map(clip),
+                policy: a.policy.clone(),
+                expires_at: UnixMillis(a.verified.expires.saturating_mul(1000)),
+                jwks_age_s: age,
+            });
+            for (name, value) in &a.claim_headers {
+                if let (Ok(n), Ok(v)) = (
+                    hyper::header::HeaderName::from_bytes(name.as_bytes()),
+                    HeaderValue::from_str(value),
+                ) {
+                    h.insert(n, v);
+                }
+            }
+            if !a.forward_original_token {
+                h.remove(a.token_header.as_str());
+            }
+            Ok(Some(a.auth))
+        }
+    }
 }
 
 /// Replaces `req`'s path and query with `target` (a checked `/path?query`).

@@ -263,6 +263,10 @@ pub(crate) struct Compiled {
     pub version: Option<u64>,
     pub config: Arc<MeshConfig>,
     pub policies: Arc<CompiledPolicies>,
+    /// The `RequestAuthentication`s, key sets parsed.
+    pub authn: Arc<tidemesh_policy::reqauthn::CompiledAuthn>,
+    /// When the hub made this config version (inline key sets are this old).
+    pub hub_applied_ms: Option<u64>,
     pub routes: Option<Arc<CompiledRoutes>>,
     /// Endpoints on other spokes of the site.
     pub site: Vec<resolve::SiteEndpoint>,
@@ -347,15 +351,25 @@ impl Shared {
     pub fn compiled(&self) -> Arc<Compiled> {
         // the routes and policies were compiled when the config was
         // checked; only what depends on the registry is derived here
-        let (version, config, routes, policies) = match self.h.config.borrow().as_ref() {
-            Some(c) => (
-                Some(c.applied.version),
-                c.config.clone(),
-                Some(c.routes().clone()),
-                c.policies().clone(),
-            ),
-            None => (None, empty_config(), None, empty_policies()),
-        };
+        let (version, config, routes, policies, authn, hub_applied_ms) =
+            match self.h.config.borrow().as_ref() {
+                Some(c) => (
+                    Some(c.applied.version),
+                    c.config.clone(),
+                    Some(c.routes().clone()),
+                    c.policies().clone(),
+                    c.authn().clone(),
+                    Some(c.applied.hub_applied_ms),
+                ),
+                None => (
+                    None,
+                    empty_config(),
+                    None,
+                    empty_policies(),
+                    Arc::default(),
+                    None,
+                ),
+            };
         if let Ok(c) = self.compiled.read() {
             if let Some(c) = c.as_ref() {
                 if Arc::ptr_eq(&c.config, &config) {
@@ -370,6 +384,8 @@ impl Shared {
             candidates,
             version,
             policies,
+            authn,
+            hub_applied_ms,
             routes,
             site,
             hosts,
@@ -783,6 +799,7 @@ pub(crate) fn new_evidence(
             status_code: None,
         },
         drill: None,
+        user_identity: None,
     }
 }
 

@@ -282,6 +282,36 @@ pub(crate) fn vector(s: &Shared, service: &str) -> Result<Value, String> {
                 ]}),
             ),
         };
+        // The end user: a JWT claim when the serving end verifies one
+        // (this spoke's RequestAuthentications apply to its own and its
+        // site's workloads alike; the hub gateway verifies none).
+        let jwks = if path == CallPath::Cloud {
+            Vec::new()
+        } else {
+            compiled.authn.jwks_facts(&dest_ns, &labels, config)
+        };
+        let now_ms = crate::unix_ms(s.now());
+        let user = json!({
+            "level": vector::user_identity(!jwks.is_empty()),
+            "verified_by": if jwks.is_empty() { None } else { Some("jwt") },
+            "checked_by": if jwks.is_empty() { None } else { Some(authz_ev["enforced_by"].clone()) },
+            "key_sets": jwks.iter().map(|f| json!({
+                "policy": f.policy,
+                "issuer": f.issuer,
+                "jwks": f.source,
+                "keys": f.keys,
+                "jwks_age_s": f.read_at_ms.or(compiled.hub_applied_ms).map(|t| now_ms.saturating_sub(t) / 1000),
+            })).collect::<Vec<_>>(),
+            "note": if jwks.is_empty() {
+                "no RequestAuthentication applies: a user token, if sent, is not checked by the mesh"
+            } else {
+                "the user is a claim (JWT issuer/subject, checked by signature against a key set read by the hub at apply), not an mTLS identity like the services': weaker across this hop"
+            },
+        });
+        let mut identity_ev = identity_ev;
+        if let Some(o) = identity_ev.as_object_mut() {
+            o.insert("user".into(), user.clone());
+        }
         let shaped = split || (ramp && path == CallPath::Cloud);
         // Survival's local only is one fixed choice; the other modes pick
         // by load balancer among healthy endpoints with breakers.
@@ -297,7 +327,7 @@ pub(crate) fn vector(s: &Shared, service: &str) -> Result<Value, String> {
             "ramp_percent": if path == CallPath::Cloud { profile.ramp_percent } else { None },
         });
         let dims = json!({
-            "identity": {"level": identity, "evidence": identity_ev},
+            "identity": {"level": identity, "user_level": user["level"], "evidence": identity_ev},
             "authorization": {"level": authz, "evidence": authz_ev},
             "routing": {"level": vector::routing(shaped, balanced), "evidence": routing_ev},
             "reliability": {"level": vector::reliability(error_breaker, retry.attempts), "evidence": reliability_ev.clone()},

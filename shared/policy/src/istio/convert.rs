@@ -211,8 +211,24 @@ pub(crate) fn authorization_policy(
             let p = format!("{rp}.from[{fi}].source");
             let principals = f.source.principals.unwrap_or_default();
             let namespaces = f.source.namespaces.unwrap_or_default();
-            if principals.is_empty() && namespaces.is_empty() {
-                cx.err(&p, "a source must set principals or namespaces (an empty source would match every caller)");
+            let request_principals = f.source.request_principals.unwrap_or_default();
+            let not_request_principals = f.source.not_request_principals.unwrap_or_default();
+            if principals.is_empty()
+                && namespaces.is_empty()
+                && request_principals.is_empty()
+                && not_request_principals.is_empty()
+            {
+                cx.err(&p, "a source must set principals, namespaces, requestPrincipals or notRequestPrincipals (an empty source would match every caller)");
+            }
+            for (field, list) in [
+                ("requestPrincipals", &request_principals),
+                ("notRequestPrincipals", &not_request_principals),
+            ] {
+                for (i, rp) in list.iter().enumerate() {
+                    if let Err(e) = super::reqauthn::check_request_principal(rp) {
+                        cx.err(format!("{p}.{field}[{i}]"), e);
+                    }
+                }
             }
             for (i, pr) in principals.iter().enumerate() {
                 if let Err(e) = check_principal(pr) {
@@ -227,6 +243,8 @@ pub(crate) fn authorization_policy(
             from.push(Source {
                 principals,
                 namespaces,
+                request_principals,
+                not_request_principals,
             });
         }
         let mut to = Vec::new();
@@ -299,6 +317,9 @@ pub(crate) fn authorization_policy(
             for (i, v) in values.iter().enumerate() {
                 let checked = match key {
                     Some(ConditionKey::SourcePrincipal) => check_principal(v),
+                    Some(ConditionKey::RequestAuthPrincipal) => {
+                        super::reqauthn::check_request_principal(v)
+                    }
                     Some(ConditionKey::DestinationPort) => v
                         .parse::<u16>()
                         .ok()
@@ -377,12 +398,18 @@ fn condition_key(k: &str) -> Result<ConditionKey, String> {
         }
         return Ok(ConditionKey::RequestHeader(h.to_ascii_lowercase()));
     }
+    if let Some(rest) = k.strip_prefix("request.auth.claims") {
+        return super::reqauthn::claim_key(rest);
+    }
     match k {
+        "request.auth.principal" => Ok(ConditionKey::RequestAuthPrincipal),
+        "request.auth.audiences" => Ok(ConditionKey::RequestAuthAudiences),
+        "request.auth.presenter" => Ok(ConditionKey::RequestAuthPresenter),
         "source.principal" => Ok(ConditionKey::SourcePrincipal),
         "source.namespace" => Ok(ConditionKey::SourceNamespace),
         "destination.port" => Ok(ConditionKey::DestinationPort),
         _ => Err(format!(
-            "condition key {k:?} is not supported by tidemesh; use request.headers[NAME], source.principal, source.namespace or destination.port"
+            "condition key {k:?} is not supported by tidemesh; use request.headers[NAME], source.principal, source.namespace, destination.port, request.auth.claims[NAME], request.auth.principal, request.auth.audiences or request.auth.presenter"
         )),
     }
 }

@@ -69,11 +69,16 @@ pub(crate) struct FromIn {
 
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub(crate) struct SourceIn {
     #[serde(default)]
     pub principals: Option<Vec<String>>,
     #[serde(default)]
     pub namespaces: Option<Vec<String>>,
+    #[serde(default)]
+    pub request_principals: Option<Vec<String>>,
+    #[serde(default)]
+    pub not_request_principals: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]

@@ -17,6 +17,7 @@
 //! | --- | --- | --- |
 //! | `security.istio.io/v1beta1`, `/v1` | `AuthorizationPolicy` | [`AuthzPolicy`] |
 //! | same | `PeerAuthentication` | [`PeerAuthn`] |
+//! | same | `RequestAuthentication` | [`crate::reqauthn::RequestAuthn`] |
 //! | `networking.istio.io/v1alpha3`, `/v1beta1`, `/v1` | `VirtualService` | [`RouteRule`] |
 //! | same | `DestinationRule` | [`DestinationPolicy`] |
 //! | same | `ServiceEntry` | [`ServiceEntry`] |
@@ -36,6 +37,7 @@ mod convert;
 mod input;
 mod output;
 mod peer_authn;
+mod reqauthn;
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -93,6 +95,8 @@ pub enum Object {
     ModeMatrix(ModeMatrix),
     /// `MeshSettings`.
     MeshSettings(MeshSettings),
+    /// `RequestAuthentication`.
+    RequestAuthn(crate::reqauthn::RequestAuthn),
 }
 
 /// The identity of an object across applies: kind, namespace and name. A
@@ -135,6 +139,7 @@ impl Object {
             Object::Workload(_) => "Workload",
             Object::ModeMatrix(_) => "ModeMatrix",
             Object::MeshSettings(_) => "MeshSettings",
+            Object::RequestAuthn(_) => "RequestAuthentication",
         }
     }
 
@@ -148,6 +153,7 @@ impl Object {
             Object::DestinationPolicy(p) => (Some(p.id.namespace.clone()), p.id.name.clone()),
             Object::ServiceEntry(e) => (Some(e.id.namespace.clone()), e.id.name.clone()),
             Object::Workload(w) => (Some(w.id.namespace.clone()), w.id.name.clone()),
+            Object::RequestAuthn(r) => (Some(r.id.namespace.clone()), r.id.name.clone()),
             Object::Store(s) => (None, s.name.clone()),
             Object::ModeMatrix(_) | Object::MeshSettings(_) => (None, SINGLETON_NAME.to_string()),
         };
@@ -279,7 +285,7 @@ fn parse_one(index: usize, value: Value, errors: &mut ConfigError) -> Option<Obj
         return None;
     };
     let versions: &[&str] = match kind.as_str() {
-        "AuthorizationPolicy" | "PeerAuthentication" => ISTIO_SECURITY,
+        "AuthorizationPolicy" | "PeerAuthentication" | "RequestAuthentication" => ISTIO_SECURITY,
         "VirtualService" | "DestinationRule" | "ServiceEntry" => ISTIO_NETWORKING,
         "Store" | "Workload" | "DestinationPolicy" | "ModeMatrix" | "MeshSettings" => {
             &[TIDEMESH_API]
@@ -298,7 +304,7 @@ fn parse_one(index: usize, value: Value, errors: &mut ConfigError) -> Option<Obj
             issues.add(
                 "kind",
                 format!(
-                    "kind {other} ({api}) is not supported by tidemesh; supported kinds: AuthorizationPolicy, PeerAuthentication, VirtualService, DestinationRule, ServiceEntry, and {TIDEMESH_API} Store, Workload, DestinationPolicy, ModeMatrix, MeshSettings{hint}"
+                    "kind {other} ({api}) is not supported by tidemesh; supported kinds: AuthorizationPolicy, PeerAuthentication, RequestAuthentication, VirtualService, DestinationRule, ServiceEntry, and {TIDEMESH_API} Store, Workload, DestinationPolicy, ModeMatrix, MeshSettings{hint}"
                 ),
             );
             return None;
@@ -335,6 +341,16 @@ fn parse_one(index: usize, value: Value, errors: &mut ConfigError) -> Option<Obj
             };
             peer_authn::peer_authentication(&mut cx, id, spec.unwrap_or_default())
                 .map(Object::PeerAuthn)
+        }
+        "RequestAuthentication" => {
+            let (id, spec) =
+                typed::<reqauthn::RequestAuthenticationSpec>(value, &mut issues, false)?;
+            let spec = spec.unwrap_or_default();
+            let mut cx = convert::Cx {
+                issues: &mut issues,
+                namespace: &id.namespace.clone(),
+            };
+            reqauthn::request_authentication(&mut cx, id, spec).map(Object::RequestAuthn)
         }
         "VirtualService" => {
             let (id, spec) = typed::<input::VirtualServiceSpec>(value, &mut issues, false)?;

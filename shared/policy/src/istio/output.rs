@@ -134,6 +134,8 @@ fn authz(p: &AuthzPolicy) -> Json {
                                 source: SourceIn {
                                     principals: list(&s.principals),
                                     namespaces: list(&s.namespaces),
+                                    request_principals: list(&s.request_principals),
+                                    not_request_principals: list(&s.not_request_principals),
                                 },
                             })
                             .collect()
@@ -548,6 +550,15 @@ pub fn to_documents(config: &MeshConfig) -> Vec<Json> {
     docs.extend(config.route_rules.iter().map(route_rule));
     docs.extend(config.authz_policies.iter().map(authz));
     docs.extend(config.peer_authentications.iter().map(peer_authn));
+    docs.extend(config.request_authns.iter().map(|r| {
+        doc(
+            "security.istio.io/v1",
+            "RequestAuthentication",
+            &r.id.name,
+            Some(&r.id.namespace),
+            super::reqauthn::print(r),
+        )
+    }));
     docs
 }
 

@@ -352,6 +352,7 @@ mod tests {
             path,
             port: 8080,
             headers: &crate::NoHeaders,
+            request_auth: None,
         };
         assert!(!compiled.decide(&req(None, None, "/x")).allowed);
         assert!(
