@@ -212,7 +212,8 @@ pub mod http {
 
     /// An app's call: one raw HTTP/1.1 request to its spoke's outbound
     /// listener. No answer within 15 s (or a connection closed without
-    /// one) is a reply with status 0.
+    /// one, or no listener yet: a spoke just restarted) is a reply with
+    /// status 0 (the body says why), so a `wait_for` loop tries again.
     pub fn call(
         outbound: SocketAddr,
         method: &str,
@@ -220,7 +221,16 @@ pub mod http {
         path: &str,
         extra: &[(&str, &str)],
     ) -> Reply {
-        let mut c = TcpStream::connect(outbound).expect("connect to the outbound listener");
+        let mut c = match TcpStream::connect(outbound) {
+            Ok(c) => c,
+            Err(e) => {
+                return Reply {
+                    status: 0,
+                    headers: BTreeMap::new(),
+                    body: format!("connect to the outbound listener {outbound}: {e}"),
+                }
+            }
+        };
         c.set_read_timeout(Some(Duration::from_secs(15)))
             .expect("timeout");
         let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
