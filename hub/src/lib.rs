@@ -1157,7 +1157,7 @@ impl Hub {
                 let now = self.now_ms();
                 let id2 = id.clone();
                 let _ = self
-                    .durable(move |hub| {
+                    .durable_unbounded(move |hub| {
                         hub.inner
                             .store
                             .update_spoke(&id2, None, |r| r.last_seen_ms = now)
@@ -1288,12 +1288,34 @@ impl Hub {
             (_, req) => {
                 // signing and audit commits: off the async workers
                 let c = conn.clone();
-                self.durable(move |hub| authority::handle(hub, &c, node.as_ref(), req))
+                let anonymous = node.is_none();
+                match self
+                    .durable(move |hub| authority::handle(hub, &c, node.as_ref(), req))
                     .await
-                    .unwrap_or_else(|e| Response::Error {
+                {
+                    Ok(r) => r,
+                    Err(durable::DurableError::Busy) => {
+                        // Refused before any work: an anonymous caller
+                        // (enroll, re-establish) is told when to come back;
+                        // an authenticated one loses this stream only.
+                        if anonymous {
+                            let jitter = rand::Rng::random_range(&mut rand::rng(), 0.0..0.5);
+                            let after = durable::DURABLE_RETRY_AFTER.mul_f64(1.0 + jitter);
+                            conn.close(
+                                quinn::VarInt::from_u32(close::BUSY),
+                                &close::busy_reason(after),
+                            );
+                        } else {
+                            let _ = send.reset(quinn::VarInt::from_u32(close::BUSY));
+                            let _ = recv.stop(quinn::VarInt::from_u32(close::BUSY));
+                        }
+                        return;
+                    }
+                    Err(e) => Response::Error {
                         code: tidemesh_proto::ErrorCode::Internal,
                         message: e.to_string(),
-                    })
+                    },
+                }
             }
         };
         let close_after = matches!(

@@ -1632,7 +1632,11 @@ async fn bytes_ahead_of_the_hub(addr: SocketAddr, creds: &tidemesh_spoke::CredSt
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hub_stream_window_bounds_what_a_session_sends_ahead() {
     let slots = tidemesh_hub::ingest::IngestSettings::default().max_concurrent;
-    assert_eq!(2 * slots, 4, "the test stalls 4 sessions to take every permit");
+    assert_eq!(
+        2 * slots,
+        4,
+        "the test stalls 4 sessions to take every permit"
+    );
     let window = tidemesh_hub::STREAM_WINDOW as usize;
     let h = in_process_hub().await;
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -1645,10 +1649,13 @@ async fn hub_stream_window_bounds_what_a_session_sends_ahead() {
     eprintln!("default window {window} B: {ahead} B sent ahead; {peak} permits held at peak");
     assert_eq!(peak, 4, "the stalled sessions did not take every permit");
     assert!(ahead <= window, "{ahead} B ahead of a {window} B window");
-    assert!(ahead >= window / 2, "only {ahead} B out: something else blocked");
+    assert!(
+        ahead >= window / 2,
+        "only {ahead} B out: something else blocked"
+    );
 
-    let mut hub = HubProc::init(&tmp.path().join("p"), TD)
-        .with_args(&["--quic-stream-window", "512KiB"]);
+    let mut hub =
+        HubProc::init(&tmp.path().join("p"), TD).with_args(&["--quic-stream-window", "512KiB"]);
     let addr = hub.start();
     let id = node("sf22", "n2");
     let token = hub.token(&id, "10m");
@@ -1774,6 +1781,76 @@ fn serve_admission_flags_act() {
     )
     .filter(|v| *v >= 1.0))
     .is_some());
+}
+
+/// `tidemesh-spoke enroll --wait`: four spokes enrolling at the same
+/// moment against a hub whose new-session budget admits one at a time
+/// (`--admit-rate 2 --admit-burst 1`) all enroll in one call each: the
+/// hub told some of them busy (its metric counts it) and those said they
+/// waited its retry-after and asked again. Without `--wait` a busy hub
+/// fails the enrollment (`serve_admission_flags_act`).
+#[test]
+fn enroll_wait_comes_back_after_the_hubs_retry_after() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let m = tidemesh_tests::free_tcp();
+    let mut hub = HubProc::init(tmp.path(), TD).with_args(&[
+        "--admit-rate",
+        "2",
+        "--admit-burst",
+        "1",
+        "--metrics",
+        &m.to_string(),
+    ]);
+    let addr = hub.start();
+    let tokens: Vec<(String, String)> = (0..4)
+        .map(|i| {
+            let id = node("sf23", &format!("n{i}"));
+            let t = hub.token(&id, "10m");
+            (id, t)
+        })
+        .collect();
+    let t0 = Instant::now();
+    let children: Vec<_> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, (_, token))| {
+            Command::new(bin("tidemesh-spoke"))
+                .args(["enroll", "--data-dir"])
+                .arg(tmp.path().join(format!("s{i}")))
+                .args([
+                    "--hub",
+                    &addr.to_string(),
+                    "--token",
+                    token,
+                    "--wait",
+                    "60s",
+                ])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn enroll")
+        })
+        .collect();
+    let mut waited = 0;
+    for c in children {
+        let o = c.wait_with_output().expect("enroll");
+        assert!(o.status.success(), "enroll --wait: {}", text(&o));
+        waited += String::from_utf8_lossy(&o.stderr)
+            .lines()
+            .filter(|l| l.starts_with("hub busy: retry-after"))
+            .count();
+    }
+    let took = t0.elapsed();
+    let busy = wait_for(Duration::from_secs(10), || {
+        metric(m, "tidemesh_hub_admission_total{decision=\"busy\"}")
+    })
+    .expect("admission metric");
+    eprintln!("4 enrollments with --wait in {took:?}: {waited} waits, hub said busy {busy} times");
+    assert!(waited >= 1, "no enrollment was told to wait");
+    assert_eq!(waited as f64, busy, "every busy answer was waited out");
+    for (id, _) in &tokens {
+        assert!(hub.spoke(id).is_some(), "{id} not enrolled");
+    }
 }
 
 /// Renewal latencies (ms) of one enrolled spoke renewing its node SVID on
