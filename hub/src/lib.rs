@@ -115,28 +115,25 @@ impl Default for HubConfig {
 /// on its evidence stream ahead of the hub's reads): 128 KiB. With quinn's
 /// default (1.25 MB) a fleet of returning spokes could put about 1.25 GB
 /// on the hub's socket and into its memory before the hub read any of it;
-/// with this, 1,000 evidence sessions hold at most 125 MiB there (each
-/// connection at most [`CONNECTION_WINDOW`]), and what arrives after that
-/// is clocked by what the hub's ingest reads.
+/// with this, 1,000 evidence sessions (one per spoke) hold at most 125 MiB
+/// there, and what arrives after that is clocked by what the hub's ingest
+/// reads. No connection-wide limit is set by default: the hub reads a
+/// batch's first bytes and then waits for a held-batch permit, so with a
+/// connection window smaller than its streams' windows, unread streams
+/// could take the credit a permitted stream needs to finish its frame.
 pub const STREAM_WINDOW: u64 = 128 << 10;
-
-/// Flow-control window of one connection into the hub, across its streams:
-/// 256 KiB (an evidence stream's window plus room for control requests).
-/// Gateway connections, which carry many streams of one workload, are
-/// widened to 16 stream windows once authenticated.
-pub const CONNECTION_WINDOW: u64 = 256 << 10;
 
 /// The hub's writes kept until acknowledged, per connection: 1 MiB (one
 /// frame of the largest size).
 pub const SEND_WINDOW: u64 = 1 << 20;
 
 /// The hub's QUIC settings: [`QuicSettings::default`] with the hub's
-/// flow-control windows ([`STREAM_WINDOW`], [`CONNECTION_WINDOW`],
+/// flow-control windows ([`STREAM_WINDOW`], no connection-wide limit,
 /// [`SEND_WINDOW`]).
 pub fn quic_settings() -> QuicSettings {
     QuicSettings {
         stream_window: STREAM_WINDOW,
-        connection_window: Some(CONNECTION_WINDOW),
+        connection_window: None,
         send_window: SEND_WINDOW,
         ..QuicSettings::default()
     }
@@ -1084,15 +1081,6 @@ impl Hub {
             .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
             .and_then(|h| h.protocol);
         if alpn.as_deref() == Some(ALPN_DATA) {
-            // Many streams of one workload share a gateway connection: a
-            // stalled upstream must not hold the whole connection's credit.
-            let q = &self.inner.cfg.quic;
-            if let Some(w) = q.connection_window {
-                let wide = w.max(q.stream_window.saturating_mul(16));
-                conn.set_receive_window(
-                    quinn::VarInt::from_u64(wide).unwrap_or(quinn::VarInt::MAX),
-                );
-            }
             return self.serve_gateway(conn).await;
         }
         // A control session takes a token from the new-session budget, or

@@ -156,12 +156,6 @@ enum Cmd {
         /// memory at once (spokes × this).
         #[arg(long, env = "TIDEMESH_QUIC_STREAM_WINDOW", default_value = "128KiB", value_parser = tidemesh_net::cli::parse_size)]
         quic_stream_window: u64,
-        /// QUIC flow control: bytes a peer may send across all streams of a
-        /// control connection ahead of the hub's reads (at least
-        /// --quic-stream-window; default 256KiB or two stream windows,
-        /// whichever is more); gateway connections get 16 stream windows.
-        #[arg(long, env = "TIDEMESH_QUIC_CONNECTION_WINDOW", value_parser = tidemesh_net::cli::parse_size)]
-        quic_connection_window: Option<u64>,
     },
     /// Evidence from the spokes: query, verify, stats, prune. Works on the
     /// running hub, or directly on evidence.db when it is stopped.
@@ -472,7 +466,6 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             address_validation,
             udp_recv_buffer,
             quic_stream_window,
-            quic_connection_window,
         } => {
             tidemesh_net::cli::init_tracing(&cli.log_format).map_err(anyhow::Error::msg)?;
             if evidence_prune_interval < Duration::from_secs(1) {
@@ -484,11 +477,6 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             if !(4096..=64 << 20).contains(&quic_stream_window) {
                 bail!("--quic-stream-window {quic_stream_window}: must be between 4KiB and 64MiB");
             }
-            let quic_connection_window = quic_connection_window
-                .unwrap_or(tidemesh_hub::CONNECTION_WINDOW.max(2 * quic_stream_window));
-            if !(quic_stream_window..=256 << 20).contains(&quic_connection_window) {
-                bail!("--quic-connection-window {quic_connection_window}: must be between --quic-stream-window ({quic_stream_window}) and 256MiB");
-            }
             let cfg = HubConfig {
                 node_ttl,
                 workload_ttl,
@@ -497,7 +485,6 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                     keep_alive,
                     idle_timeout,
                     stream_window: quic_stream_window,
-                    connection_window: Some(quic_connection_window),
                     ..tidemesh_hub::quic_settings()
                 },
                 metrics,
