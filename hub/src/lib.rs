@@ -100,7 +100,7 @@ impl Default for HubConfig {
             workload_ttl: Duration::from_secs(3600),
             max_offline: Duration::from_secs(30 * 24 * 3600),
             hub_cert_ttl: Duration::from_secs(24 * 3600),
-            quic: QuicSettings::default(),
+            quic: quic_settings(),
             admin_socket: true,
             ingest: ingest::IngestSettings::default(),
             retention: evidence::Retention::default(),
@@ -109,6 +109,34 @@ impl Default for HubConfig {
             gateway: gateway::GatewaySettings::default(),
             admission: admission::AdmissionSettings::default(),
         }
+    }
+}
+
+/// Flow-control window of one stream into the hub (what a spoke may send
+/// on its evidence stream ahead of the hub's reads): 128 KiB. With quinn's
+/// default (1.25 MB) a fleet of returning spokes could put about 1.25 GB
+/// on the hub's socket and into its memory before the hub read any of it;
+/// with this, 1,000 evidence sessions (one per spoke) hold at most 125 MiB
+/// there, and what arrives after that is clocked by what the hub's ingest
+/// reads. No connection-wide limit is set by default: the hub reads a
+/// batch's first bytes and then waits for a held-batch permit, so with a
+/// connection window smaller than its streams' windows, unread streams
+/// could take the credit a permitted stream needs to finish its frame.
+pub const STREAM_WINDOW: u64 = 128 << 10;
+
+/// The hub's writes kept until acknowledged, per connection: 1 MiB (one
+/// frame of the largest size).
+pub const SEND_WINDOW: u64 = 1 << 20;
+
+/// The hub's QUIC settings: [`QuicSettings::default`] with the hub's
+/// flow-control windows ([`STREAM_WINDOW`], no connection-wide limit,
+/// [`SEND_WINDOW`]).
+pub fn quic_settings() -> QuicSettings {
+    QuicSettings {
+        stream_window: STREAM_WINDOW,
+        connection_window: None,
+        send_window: SEND_WINDOW,
+        ..QuicSettings::default()
     }
 }
 
@@ -1141,7 +1169,7 @@ impl Hub {
                 let now = self.now_ms();
                 let id2 = id.clone();
                 let _ = self
-                    .durable(move |hub| {
+                    .durable_unbounded(move |hub| {
                         hub.inner
                             .store
                             .update_spoke(&id2, None, |r| r.last_seen_ms = now)
@@ -1272,12 +1300,34 @@ impl Hub {
             (_, req) => {
                 // signing and audit commits: off the async workers
                 let c = conn.clone();
-                self.durable(move |hub| authority::handle(hub, &c, node.as_ref(), req))
+                let anonymous = node.is_none();
+                match self
+                    .durable(move |hub| authority::handle(hub, &c, node.as_ref(), req))
                     .await
-                    .unwrap_or_else(|e| Response::Error {
+                {
+                    Ok(r) => r,
+                    Err(durable::DurableError::Busy) => {
+                        // Refused before any work: an anonymous caller
+                        // (enroll, re-establish) is told when to come back;
+                        // an authenticated one loses this stream only.
+                        if anonymous {
+                            let jitter = rand::Rng::random_range(&mut rand::rng(), 0.0..0.5);
+                            let after = durable::DURABLE_RETRY_AFTER.mul_f64(1.0 + jitter);
+                            conn.close(
+                                quinn::VarInt::from_u32(close::BUSY),
+                                &close::busy_reason(after),
+                            );
+                        } else {
+                            let _ = send.reset(quinn::VarInt::from_u32(close::BUSY));
+                            let _ = recv.stop(quinn::VarInt::from_u32(close::BUSY));
+                        }
+                        return;
+                    }
+                    Err(e) => Response::Error {
                         code: tidemesh_proto::ErrorCode::Internal,
                         message: e.to_string(),
-                    })
+                    },
+                }
             }
         };
         let close_after = matches!(

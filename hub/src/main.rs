@@ -152,6 +152,12 @@ enum Cmd {
         /// `8MiB`); the size granted is logged and on /metrics.
         #[arg(long, env = "TIDEMESH_UDP_RECV_BUFFER", default_value = "4MiB", value_parser = tidemesh_net::cli::parse_size)]
         udp_recv_buffer: u64,
+        /// QUIC flow control: bytes a peer may send on one stream ahead of
+        /// the hub's reads (a spoke's evidence stream, say). Bounds what a
+        /// fleet of returning spokes puts on the hub's socket and in its
+        /// memory at once (spokes × this).
+        #[arg(long, env = "TIDEMESH_QUIC_STREAM_WINDOW", default_value = "128KiB", value_parser = tidemesh_net::cli::parse_size)]
+        quic_stream_window: u64,
     },
     /// Ask the running hub's `/readyz` (on its `--metrics` listener) whether
     /// it is ready. Exit status: 0 ready, 1 answered but not ready (the
@@ -472,6 +478,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             max_connections_per_address,
             address_validation,
             udp_recv_buffer,
+            quic_stream_window,
         } => {
             tidemesh_net::cli::init_tracing(&cli.log_format).map_err(anyhow::Error::msg)?;
             if evidence_prune_interval < Duration::from_secs(1) {
@@ -480,6 +487,9 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             if keep_alive >= idle_timeout {
                 bail!("--keep-alive {keep_alive:?} must be shorter than --idle-timeout {idle_timeout:?}");
             }
+            if !(4096..=64 << 20).contains(&quic_stream_window) {
+                bail!("--quic-stream-window {quic_stream_window}: must be between 4KiB and 64MiB");
+            }
             let cfg = HubConfig {
                 node_ttl,
                 workload_ttl,
@@ -487,7 +497,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 quic: tidemesh_net::QuicSettings {
                     keep_alive,
                     idle_timeout,
-                    ..Default::default()
+                    stream_window: quic_stream_window,
+                    ..tidemesh_hub::quic_settings()
                 },
                 metrics,
                 gateway: gateway.settings()?,

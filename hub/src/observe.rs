@@ -475,6 +475,12 @@ impl Hub {
                 f64::from(a.open),
             );
         }
+        e.single(
+            "tidemesh_hub_durable_busy_total",
+            Counter,
+            "Requests refused busy because every durable slot was taken and the queue of waiters was full.",
+            self.inner.durable.refused() as f64,
+        );
         if let Some((asked, granted)) = self.inner.udp_recv_buffer.lock().ok().and_then(|b| *b) {
             let f = e.family(
                 "tidemesh_hub_udp_recv_buffer_bytes",

@@ -79,7 +79,7 @@ use tracing::{debug, info, warn};
 pub use clock::TrustedClock;
 pub use config::{FileConfig, WorkloadConfig};
 use control::client_endpoint;
-pub use control::{enroll, Enrolled};
+pub use control::{enroll, enroll_waiting, Enrolled};
 pub use credentials::{Credentials, Svids};
 pub use creds::{CredStore, CredsError, Svid};
 pub use evsync::{SyncSettings, SyncStats};

@@ -44,6 +44,12 @@ enum Cmd {
         /// Replace an existing enrollment (new key, new identity).
         #[arg(long)]
         force: bool,
+        /// When the hub answers busy, wait its retry-after (plus jitter)
+        /// and ask again, for at most this long in all (`--wait` alone:
+        /// 5m) and at most 100 times; without it a busy hub fails the
+        /// enrollment at once.
+        #[arg(long, num_args = 0..=1, default_missing_value = "5m", value_parser = humantime::parse_duration)]
+        wait: Option<Duration>,
     },
     /// Run the spoke.
     Run {
@@ -267,6 +273,9 @@ fn hub_addr(flag: &str, s: &str) -> anyhow::Result<SocketAddr> {
     tidemesh_spoke::config::parse_hub_addr(s).map_err(|e| anyhow::anyhow!("{flag} {s:?}: {e}"))
 }
 
+/// Most waits of `enroll --wait` on a busy hub.
+const ENROLL_MAX_WAITS: u32 = 100;
+
 fn client_socket(hub: SocketAddr) -> anyhow::Result<Arc<dyn quinn::AsyncUdpSocket>> {
     let bind: SocketAddr = if hub.is_ipv6() {
         "[::]:0".parse()?
@@ -305,18 +314,50 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             hub,
             token,
             force,
+            wait,
         } => {
             let addr = hub_addr("--hub", &hub)?;
-            let e = tidemesh_spoke::enroll(
-                &data_dir,
-                addr,
-                &token,
-                force,
-                client_socket(addr)?,
-                Arc::new(SystemClock),
-                QuicSettings::default(),
-            )
-            .await?;
+            let e = match wait {
+                None => {
+                    tidemesh_spoke::enroll(
+                        &data_dir,
+                        addr,
+                        &token,
+                        force,
+                        client_socket(addr)?,
+                        Arc::new(SystemClock),
+                        QuicSettings::default(),
+                    )
+                    .await?
+                }
+                Some(wait) => {
+                    tidemesh_spoke::enroll_waiting(
+                        &data_dir,
+                        addr,
+                        &token,
+                        force,
+                        || {
+                            client_socket(addr).map_err(|e| {
+                                tidemesh_spoke::SpokeError::Net(tidemesh_net::NetError::Io(
+                                    std::io::Error::other(format!("{e:#}")),
+                                ))
+                            })
+                        },
+                        Arc::new(SystemClock),
+                        QuicSettings::default(),
+                        wait,
+                        ENROLL_MAX_WAITS,
+                        |after, d| {
+                            eprintln!(
+                                "hub busy: retry-after {} ms; asking again in {} ms",
+                                after.as_millis(),
+                                d.as_millis()
+                            );
+                        },
+                    )
+                    .await?
+                }
+            };
             if hub.parse::<SocketAddr>().is_err() {
                 // keep the name, so later runs resolve it afresh
                 tidemesh_spoke::CredStore::new(&data_dir).set_hub(&hub)?;

@@ -1583,6 +1583,95 @@ async fn evidence_sessions_hold_at_most_twice_the_slots_in_memory() {
     assert_eq!(held, 0, "every held batch was released");
 }
 
+/// How many bytes one evidence session can put ahead of the hub's reads
+/// while every held-batch permit is taken: four sessions begin a batch
+/// frame and stall (each holds a permit for up to the 30 s frame
+/// deadline), then a fifth opens its session and writes a 1 MiB frame
+/// until quinn blocks it for lack of the hub's credit.
+async fn bytes_ahead_of_the_hub(addr: SocketAddr, creds: &tidemesh_spoke::CredStore) -> usize {
+    let conn = ctl_session(addr, creds, true).await.expect("session");
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let (mut s, mut r) = conn.open_bi().await.expect("stream");
+        tidemesh_net::write_frame(&mut s, &Request::EvidenceOpen)
+            .await
+            .expect("open");
+        let _first: Response = tidemesh_net::read_frame(&mut r).await.expect("first ack");
+        // the prefix of a 512 KiB frame and a little of its body
+        let mut begun = (512u32 << 10).to_be_bytes().to_vec();
+        begun.extend_from_slice(&[0u8; 100]);
+        s.write_all(&begun).await.expect("begin a frame");
+        stalled.push((s, r));
+    }
+    let (mut s, mut r) = conn.open_bi().await.expect("stream");
+    tidemesh_net::write_frame(&mut s, &Request::EvidenceOpen)
+        .await
+        .expect("open");
+    let _first: Response = tidemesh_net::read_frame(&mut r).await.expect("first ack");
+    let mut frame = ((1u32 << 20) - 64).to_be_bytes().to_vec();
+    frame.resize(1 << 20, 0);
+    let mut sent = 0;
+    while sent < frame.len() {
+        match tokio::time::timeout(Duration::from_secs(2), s.write(&frame[sent..])).await {
+            Ok(Ok(n)) => sent += n,
+            Ok(Err(e)) => panic!("write: {e}"),
+            // blocked: the hub's credit for this stream is spent
+            Err(_) => break,
+        }
+    }
+    drop(stalled);
+    conn.close(0u32.into(), b"done");
+    sent
+}
+
+/// The hub's QUIC flow control bounds what a spoke's evidence stream puts
+/// on the hub's socket and in its memory ahead of the hub's reads: with
+/// the default 128 KiB stream window a session that the hub does not read
+/// (every held-batch permit taken) gets at most 128 KiB out; with
+/// `tidemesh-hub serve --quic-stream-window 512KiB` (the real binary) more
+/// than 256 KiB and at most 512 KiB. (quinn's default is 1.25 MB.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_stream_window_bounds_what_a_session_sends_ahead() {
+    let slots = tidemesh_hub::ingest::IngestSettings::default().max_concurrent;
+    assert_eq!(
+        2 * slots,
+        4,
+        "the test stalls 4 sessions to take every permit"
+    );
+    let window = tidemesh_hub::STREAM_WINDOW as usize;
+    let h = in_process_hub().await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let id = node("sf22", "n1");
+    let dir = tmp.path().join("s");
+    enroll_in_process(&h, &dir, &id).await;
+    let creds = tidemesh_spoke::CredStore::new(&dir);
+    let ahead = bytes_ahead_of_the_hub(h.addr, &creds).await;
+    let (_, peak) = h.hub.evidence_batches_held();
+    eprintln!("default window {window} B: {ahead} B sent ahead; {peak} permits held at peak");
+    assert_eq!(peak, 4, "the stalled sessions did not take every permit");
+    assert!(ahead <= window, "{ahead} B ahead of a {window} B window");
+    assert!(
+        ahead >= window / 2,
+        "only {ahead} B out: something else blocked"
+    );
+
+    let mut hub =
+        HubProc::init(&tmp.path().join("p"), TD).with_args(&["--quic-stream-window", "512KiB"]);
+    let addr = hub.start();
+    let id = node("sf22", "n2");
+    let token = hub.token(&id, "10m");
+    let spoke = SpokeProc::new(&tmp.path().join("p"), "s2", &id);
+    let o = spoke.enroll(addr, &token);
+    assert!(o.status.success(), "enroll: {}", text(&o));
+    let creds = tidemesh_spoke::CredStore::new(&spoke.dir);
+    let ahead = bytes_ahead_of_the_hub(addr, &creds).await;
+    eprintln!("--quic-stream-window 512KiB: {ahead} B sent ahead");
+    assert!(
+        ahead > 256 << 10 && ahead <= 512 << 10,
+        "{ahead} B ahead with a 512 KiB window"
+    );
+}
+
 /// One sample of `/metrics` at `addr` (exact name with labels).
 fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
     use std::io::{Read, Write};
@@ -1693,6 +1782,76 @@ fn serve_admission_flags_act() {
     )
     .filter(|v| *v >= 1.0))
     .is_some());
+}
+
+/// `tidemesh-spoke enroll --wait`: four spokes enrolling at the same
+/// moment against a hub whose new-session budget admits one at a time
+/// (`--admit-rate 2 --admit-burst 1`) all enroll in one call each: the
+/// hub told some of them busy (its metric counts it) and those said they
+/// waited its retry-after and asked again. Without `--wait` a busy hub
+/// fails the enrollment (`serve_admission_flags_act`).
+#[test]
+fn enroll_wait_comes_back_after_the_hubs_retry_after() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let m = tidemesh_tests::free_tcp();
+    let mut hub = HubProc::init(tmp.path(), TD).with_args(&[
+        "--admit-rate",
+        "2",
+        "--admit-burst",
+        "1",
+        "--metrics",
+        &m.to_string(),
+    ]);
+    let addr = hub.start();
+    let tokens: Vec<(String, String)> = (0..4)
+        .map(|i| {
+            let id = node("sf23", &format!("n{i}"));
+            let t = hub.token(&id, "10m");
+            (id, t)
+        })
+        .collect();
+    let t0 = Instant::now();
+    let children: Vec<_> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, (_, token))| {
+            Command::new(bin("tidemesh-spoke"))
+                .args(["enroll", "--data-dir"])
+                .arg(tmp.path().join(format!("s{i}")))
+                .args([
+                    "--hub",
+                    &addr.to_string(),
+                    "--token",
+                    token,
+                    "--wait",
+                    "60s",
+                ])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn enroll")
+        })
+        .collect();
+    let mut waited = 0;
+    for c in children {
+        let o = c.wait_with_output().expect("enroll");
+        assert!(o.status.success(), "enroll --wait: {}", text(&o));
+        waited += String::from_utf8_lossy(&o.stderr)
+            .lines()
+            .filter(|l| l.starts_with("hub busy: retry-after"))
+            .count();
+    }
+    let took = t0.elapsed();
+    let busy = wait_for(Duration::from_secs(10), || {
+        metric(m, "tidemesh_hub_admission_total{decision=\"busy\"}")
+    })
+    .expect("admission metric");
+    eprintln!("4 enrollments with --wait in {took:?}: {waited} waits, hub said busy {busy} times");
+    assert!(waited >= 1, "no enrollment was told to wait");
+    assert_eq!(waited as f64, busy, "every busy answer was waited out");
+    for (id, _) in &tokens {
+        assert!(hub.spoke(id).is_some(), "{id} not enrolled");
+    }
 }
 
 /// Renewal latencies (ms) of one enrolled spoke renewing its node SVID on

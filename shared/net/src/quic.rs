@@ -54,7 +54,26 @@ pub struct QuicSettings {
     /// Concurrent unidirectional streams a peer may open (0: none). The
     /// spoke's control connection takes the hub's pushes this way.
     pub max_uni_streams: u32,
+    /// Flow control: bytes a peer may send on one stream ahead of what this
+    /// side has read (quinn's `stream_receive_window`). Bounds what quinn
+    /// buffers for a stream nobody reads, and what a peer can put on the
+    /// wire before this side reads again.
+    pub stream_window: u64,
+    /// Flow control: bytes a peer may send across all streams of a
+    /// connection ahead of what this side has read (quinn's
+    /// `receive_window`); `None`: no connection-wide limit (quinn's
+    /// default).
+    pub connection_window: Option<u64>,
+    /// Bytes of this side's writes kept until acknowledged, per connection
+    /// (quinn's `send_window`).
+    pub send_window: u64,
 }
+
+/// quinn's default stream receive window (100 Mbit/s × 100 ms).
+pub const QUINN_STREAM_WINDOW: u64 = 1_250_000;
+
+/// quinn's default send window (8 × its stream window).
+pub const QUINN_SEND_WINDOW: u64 = 8 * QUINN_STREAM_WINDOW;
 
 impl Default for QuicSettings {
     fn default() -> Self {
@@ -63,6 +82,9 @@ impl Default for QuicSettings {
             idle_timeout: Duration::from_millis(4000),
             max_streams: 64,
             max_uni_streams: 0,
+            stream_window: QUINN_STREAM_WINDOW,
+            connection_window: None,
+            send_window: QUINN_SEND_WINDOW,
         }
     }
 }
@@ -77,6 +99,14 @@ impl QuicSettings {
         t.max_idle_timeout(quinn::IdleTimeout::try_from(self.idle_timeout).ok());
         t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(self.max_streams));
         t.max_concurrent_uni_streams(quinn::VarInt::from_u32(self.max_uni_streams));
+        let varint = |v: u64| quinn::VarInt::from_u64(v).unwrap_or(quinn::VarInt::MAX);
+        // A zero window would stall every stream: at least one packet's worth.
+        t.stream_receive_window(varint(self.stream_window.max(MIN_WINDOW)));
+        t.receive_window(
+            self.connection_window
+                .map_or(quinn::VarInt::MAX, |w| varint(w.max(MIN_WINDOW))),
+        );
+        t.send_window(self.send_window.max(MIN_WINDOW));
         Arc::new(t)
     }
 
@@ -104,6 +134,9 @@ impl QuicSettings {
         Ok(s)
     }
 }
+
+/// The smallest flow-control window [`QuicSettings::transport`] sets.
+pub const MIN_WINDOW: u64 = 4096;
 
 /// Makes an endpoint over an already bound socket (real or simulated).
 pub fn endpoint(

@@ -80,9 +80,69 @@ impl Backoff {
     }
 }
 
+/// `enroll --wait`: after the hub answered busy, when to ask again, or
+/// that it is time to give up. The hub's retry-after is honoured with
+/// jitter ([`Backoff::next_delay`]); at most `max_attempts` waits, and
+/// never one that would end past the caller's deadline.
+#[derive(Debug, Clone)]
+pub(crate) struct EnrollWait {
+    backoff: Backoff,
+    waits: u32,
+    max_waits: u32,
+}
+
+impl EnrollWait {
+    /// At most `max_waits` waits.
+    pub(crate) fn new(max_waits: u32) -> Self {
+        Self {
+            backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(30)),
+            waits: 0,
+            max_waits,
+        }
+    }
+
+    /// The wait after a busy answer with `retry_after` when `remaining`
+    /// is left of the deadline (`unit`: a uniform draw from `[0, 1)`);
+    /// `None`: give up.
+    pub(crate) fn after_busy(
+        &mut self,
+        retry_after: Duration,
+        unit: f64,
+        remaining: Duration,
+    ) -> Option<Duration> {
+        if self.waits >= self.max_waits {
+            return None;
+        }
+        let d = self.backoff.next_delay(Failure::Busy { retry_after }, unit);
+        if d > remaining {
+            return None;
+        }
+        self.waits += 1;
+        Some(d)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn enroll_wait_honours_retry_after_with_jitter_within_its_bounds() {
+        let mut w = EnrollWait::new(3);
+        let long = Duration::from_secs(600);
+        // retry-after plus up to a quarter of it
+        assert_eq!(w.after_busy(4000 * MS, 0.0, long), Some(4000 * MS));
+        assert_eq!(w.after_busy(4000 * MS, 0.5, long), Some(4500 * MS));
+        // a wait that would pass the deadline: give up (and it does not
+        // count as an attempt)
+        assert_eq!(w.after_busy(4000 * MS, 1.0, 4999 * MS), None);
+        assert_eq!(w.after_busy(4000 * MS, 1.0, 5000 * MS), Some(5000 * MS));
+        // attempts used up
+        assert_eq!(w.after_busy(MS, 0.0, long), None);
+        // a short retry-after is still spread by at least 200 ms
+        let mut w = EnrollWait::new(10);
+        assert_eq!(w.after_busy(100 * MS, 1.0, long), Some(300 * MS));
+    }
 
     const MS: Duration = Duration::from_millis(1);
 

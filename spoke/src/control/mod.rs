@@ -79,6 +79,46 @@ pub struct Enrolled {
     pub not_after: SystemTime,
 }
 
+/// [`enroll`], but a hub that answers busy (over its new-session budget,
+/// or its durable queue full) is asked again after its retry-after plus
+/// jitter, at most `max_waits` times and never past `wait` from now;
+/// any other failure, or busy once the bounds are spent, is returned.
+/// `socket` makes a fresh socket per attempt; `on_busy` hears of every
+/// wait (the hub's retry-after, the wait chosen).
+#[allow(clippy::too_many_arguments)]
+pub async fn enroll_waiting(
+    data_dir: &Path,
+    hub: SocketAddr,
+    token: &str,
+    force: bool,
+    mut socket: impl FnMut() -> Result<Arc<dyn quinn::AsyncUdpSocket>, SpokeError>,
+    clock: Arc<dyn Clock>,
+    quic: QuicSettings,
+    wait: Duration,
+    max_waits: u32,
+    mut on_busy: impl FnMut(Duration, Duration),
+) -> Result<Enrolled, SpokeError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut pacing = backoff::EnrollWait::new(max_waits);
+    loop {
+        let sock = socket()?;
+        match enroll(data_dir, hub, token, force, sock, clock.clone(), quic).await {
+            Err(SpokeError::Busy(after)) => {
+                let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let unit: f64 = rand::random();
+                match pacing.after_busy(after, unit, remaining) {
+                    Some(d) => {
+                        on_busy(after, d);
+                        tokio::time::sleep(d).await;
+                    }
+                    None => return Err(SpokeError::Busy(after)),
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Enrolls a spoke: generates the node key and the node CA key here, sends
 /// their CSRs with the join token to the hub (verified by the token's
 /// pinned CA fingerprint) and stores the node SVID, the node CA, the

@@ -128,6 +128,7 @@ impl Default for DataSettings {
                 idle_timeout: Duration::from_secs(30),
                 max_streams: 256,
                 max_uni_streams: 0,
+                ..QuicSettings::default()
             },
             tcp_idle_timeout: tidemesh_net::pipe::TCP_IDLE_TIMEOUT,
         }
