@@ -154,6 +154,11 @@ fn apply_history_rollback_and_sync_through_partitions_and_restarts() {
     assert_eq!(h.len(), 3);
     assert_eq!(h[2]["version"], 3);
     assert_eq!(h[2]["rollback_of"], 1);
+    let audits: Vec<String> = hub.audit().into_iter().map(|(e, _)| e).collect();
+    assert!(
+        audits.iter().any(|e| e == "config_rolled_back"),
+        "{audits:?}"
+    );
     assert!(
         h[2]["summary"].as_str().unwrap_or("").contains("Store"),
         "{h:?}"

@@ -445,6 +445,10 @@ spec: {host: pay}
         let file = parse_documents("apiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: inv, namespace: retail}\nspec: {host: inv}\n").expect("file");
         let e = plan_apply(&with_route, file, true).expect_err("refused");
         assert!(e.to_string().contains("subset v1"), "{e}");
+        // and so is deleting it
+        let pos = parse_key("DestinationRule", "retail/pos").expect("key");
+        let e = plan_delete(&with_route, &[pos]).expect_err("refused");
+        assert!(e.to_string().contains("subset v1"), "{e}");
     }
 
     #[test]
