@@ -1,6 +1,7 @@
-//! Versioned mesh configuration on the hub: every apply or rollback is a new,
-//! monotonically increasing version holding the complete resource set, with
-//! an audit entry (who, when, what changed).
+//! Versioned mesh configuration on the hub: every apply, delete or rollback
+//! is a new, monotonically increasing version holding the complete resource
+//! set, with an audit entry (who, when, what changed) written to the `audit`
+//! table in the same transaction.
 //!
 //! Who drives it: the admin API (`apply`, `config history|get|rollback`) and
 //! the config sync that serves each spoke its slice. What it must not do:
@@ -104,9 +105,11 @@ impl ConfigStore<'_> {
         Ok(out)
     }
 
-    /// Appends a new version (number = latest + 1) in one write transaction.
+    /// Appends a new version (number = latest + 1) and its audit entry
+    /// (`event`, detail `version N: SUMMARY`) in one write transaction.
     pub fn append(
         &self,
+        event: &str,
         at_ms: u64,
         uid: Option<u32>,
         summary: String,
@@ -135,6 +138,15 @@ impl ConfigStore<'_> {
             t.insert(version, bytes.as_slice())?;
             c
         };
+        crate::store::Store::append_audit(
+            &tx,
+            &crate::store::AuditEntry {
+                at_ms,
+                event: event.to_owned(),
+                subject: uid.map(|u| format!("uid {u}")),
+                detail: format!("version {}: {}", c.meta.version, c.meta.summary),
+            },
+        )?;
         tx.commit()?;
         Ok(c)
     }

@@ -110,6 +110,26 @@ mod tests {
         assert!(e.contains("larger than"), "{e}");
     }
 
+    /// `tidemesh-hub validate` reads key set files as apply does: a
+    /// missing one is the same error, a good one lands in the config.
+    #[test]
+    fn offline_validate_reads_key_set_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("jwks.json");
+        std::fs::write(&good, KEY).unwrap();
+        let doc = |p: &std::path::Path| {
+            format!(
+                "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: shop}}\nspec:\n  jwtRules: [{{issuer: https://idp.test, jwksUri: 'file://{}'}}]\n",
+                p.display()
+            )
+        };
+        let c = crate::sync::validate_offline(None, &doc(&good)).unwrap();
+        assert_eq!(c.jwks_files.len(), 1);
+        let e =
+            crate::sync::validate_offline(None, &doc(&dir.path().join("gone.json"))).unwrap_err();
+        assert!(e.contains("jwksUri: cannot read"), "{e}");
+    }
+
     /// Through the hub: a file key set is read at every apply and
     /// rollback (a rollback gets today's keys), travels only in the slices
     /// of stores it concerns, and a file gone by then refuses the rollback.

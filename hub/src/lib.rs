@@ -358,6 +358,23 @@ impl Drop for AdmissionSlot {
     }
 }
 
+/// Outcomes per object as the admin surface answers them.
+fn planned_json(objects: &[tidemesh_policy::lifecycle::Planned]) -> Value {
+    Value::Array(
+        objects
+            .iter()
+            .map(|o| {
+                json!({
+                    "kind": o.key.kind,
+                    "namespace": o.key.namespace,
+                    "name": o.key.name,
+                    "outcome": o.outcome.as_str(),
+                })
+            })
+            .collect(),
+    )
+}
+
 /// A loaded hub. Cheap to clone.
 #[derive(Clone)]
 pub struct Hub {
@@ -389,6 +406,11 @@ pub struct SpokeInfo {
     pub revoked: bool,
     /// The config version it last reported as applied.
     pub config_version: Option<u64>,
+    /// The hub's newest config version (`None`: nothing applied yet).
+    pub config_latest: Option<u64>,
+    /// `SYNCED` when it reported the newest version as applied, else
+    /// `STALE` (`None` when nothing has been applied).
+    pub config_state: Option<&'static str>,
     /// Seconds it could last without the hub, as it last reported
     /// (`None`: unbounded or never reported).
     pub survival_horizon_s: Option<u64>,
@@ -649,6 +671,7 @@ impl Hub {
             .lock()
             .map(|r| r.clone())
             .unwrap_or_default();
+        let latest = self.latest_config()?.map(|v| v.meta.version);
         Ok(self
             .inner
             .store
@@ -673,6 +696,14 @@ impl Hub {
                     enrolled: rfc3339_ms(r.enrolled_ms),
                     revoked: r.revoked_ms.is_some(),
                     config_version: self.applied_version(&id),
+                    config_latest: latest,
+                    config_state: latest.map(|m| {
+                        if self.applied_version(&id) == Some(m) {
+                            "SYNCED"
+                        } else {
+                            "STALE"
+                        }
+                    }),
                     id,
                 }
             })
@@ -944,15 +975,45 @@ impl Hub {
                     .map_err(|e| e.to_string())?;
                 Ok(audit_page_json(&page))
             }
-            "apply" => {
-                let yaml = arg("yaml").ok_or("missing yaml")?;
+            "apply" | "diff" | "delete" => {
+                let flag = |k: &str| req.get(k).and_then(Value::as_bool).unwrap_or(false);
+                let edit =
+                    match cmd {
+                        "delete" => match (arg("yaml"), arg("kind"), arg("name")) {
+                            (Some(yaml), None, None) => sync::ConfigEdit::DeleteYaml(yaml),
+                            (None, Some(kind), Some(name)) => sync::ConfigEdit::Delete(vec![
+                                tidemesh_policy::lifecycle::parse_key(&kind, &name)?,
+                            ]),
+                            _ => return Err("delete needs yaml, or kind and name".into()),
+                        },
+                        _ => sync::ConfigEdit::Apply {
+                            yaml: arg("yaml").ok_or("missing yaml")?,
+                            prune: flag("prune"),
+                        },
+                    };
+                if cmd == "diff" || flag("dry_run") {
+                    let hub = self.clone();
+                    let p = tokio::task::spawn_blocking(move || hub.preview(&edit))
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| e.to_string())?;
+                    return Ok(json!({
+                        "dry_run": true,
+                        "base_version": p.base_version,
+                        "objects": planned_json(&p.plan.objects),
+                        "changes": !p.diff.is_empty(),
+                        "diff": p.diff,
+                    }));
+                }
                 let uid = caller.uid;
-                let v = self
-                    .durable(move |hub| hub.apply_yaml(&yaml, uid))
+                let (v, objects) = self
+                    .durable(move |hub| hub.edit_config(&edit, uid))
                     .await
                     .map_err(|e| e.to_string())?
                     .map_err(|e| e.to_string())?;
-                Ok(json!({"version": v.meta.version, "summary": v.meta.summary}))
+                Ok(
+                    json!({"version": v.meta.version, "summary": v.meta.summary, "objects": planned_json(&objects)}),
+                )
             }
             "config_history" => {
                 let h = self

@@ -236,6 +236,62 @@ enum Cmd {
         /// The YAML file (`-` for standard input).
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
+        /// Also remove the objects of the current config whose kind and
+        /// namespace occur in the file (kind only for `Store`) but which
+        /// the file does not define; `ModeMatrix` and `MeshSettings` are
+        /// never pruned.
+        #[arg(long)]
+        prune: bool,
+        /// Say what would change per object (created, configured,
+        /// unchanged, pruned) after every check, and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// What `apply -f FILE` would change in the running hub's config: a
+    /// unified diff of the YAML of every object that would change. Exit
+    /// status: 0 no differences, 1 differences, 2 error. Changes nothing.
+    Diff {
+        /// Where the hub keeps its state.
+        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        data_dir: PathBuf,
+        /// The YAML file (`-` for standard input).
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// Diff as `apply --prune` would change it.
+        #[arg(long)]
+        prune: bool,
+    },
+    /// Delete objects: those the documents of `-f FILE` name, or one given
+    /// as `KIND NAMESPACE/NAME` (`KIND NAME` for `Store`; `ModeMatrix
+    /// default` and `MeshSettings default` return to the defaults). All or
+    /// nothing: an object that does not exist, or whose removal breaks a
+    /// reference, refuses the delete. Success makes a new version.
+    Delete {
+        /// Where the hub keeps its state.
+        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        data_dir: PathBuf,
+        /// The YAML file naming the objects (`-` for standard input).
+        #[arg(short = 'f', long = "filename", conflicts_with_all = ["kind", "name"])]
+        file: Option<PathBuf>,
+        /// The object's kind, e.g. `VirtualService`.
+        #[arg(requires = "name")]
+        kind: Option<String>,
+        /// `NAMESPACE/NAME` (`NAME` for cluster-scoped kinds).
+        name: Option<String>,
+    },
+    /// Check a config file offline, as `apply` would (documents, fields,
+    /// references across documents, TLS files named by DestinationRules,
+    /// read here); needs no hub and no data directory. Exit status 0 and a
+    /// summary of the objects, or 1 and the errors `apply` would give.
+    Validate {
+        /// The YAML file (`-` for standard input).
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// Validate on top of this config (e.g. `config get` output saved
+        /// from the hub) instead of the defaults, for files that refer to
+        /// objects applied earlier.
+        #[arg(long)]
+        base: Option<PathBuf>,
     },
     /// Config versions: history, get, rollback.
     Config {
@@ -382,6 +438,41 @@ enum TokenCmd {
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         ttl: Duration,
     },
+}
+
+/// Reads a config file (`-`: standard input), at most one byte more than
+/// the parser accepts (it then names the size limit).
+fn read_input(file: &std::path::Path) -> anyhow::Result<String> {
+    use std::io::Read;
+    let limit = tidemesh_policy::istio::MAX_INPUT_BYTES as u64 + 1;
+    let mut s = String::new();
+    if file.as_os_str() == "-" {
+        std::io::stdin()
+            .take(limit)
+            .read_to_string(&mut s)
+            .context("reading standard input")?;
+    } else {
+        std::fs::File::open(file)
+            .and_then(|f| f.take(limit).read_to_string(&mut s))
+            .with_context(|| format!("-f {}", file.display()))?;
+    }
+    Ok(s)
+}
+
+/// kubectl-style lines: `KIND NAMESPACE/NAME OUTCOME`.
+fn print_outcomes(r: &Value, dry_run: bool) {
+    for o in r["objects"].as_array().into_iter().flatten() {
+        let name = match o["namespace"].as_str() {
+            Some(ns) => format!("{ns}/{}", o["name"].as_str().unwrap_or("")),
+            None => o["name"].as_str().unwrap_or("").to_owned(),
+        };
+        println!(
+            "{} {name} {}{}",
+            o["kind"].as_str().unwrap_or(""),
+            o["outcome"].as_str().unwrap_or(""),
+            if dry_run { " (dry run)" } else { "" }
+        );
+    }
 }
 
 async fn call(data_dir: &std::path::Path, req: Value) -> anyhow::Result<Value> {
@@ -579,7 +670,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 println!(
-                    "{:<50} {:<10} {:<22} {:<22} {:<24} {:<5}",
+                    "{:<50} {:<10} {:<22} {:<22} {:<24} {:<5} CONFIG",
                     "ID", "STATE", "LAST SEEN", "CERT NOT AFTER", "HORIZON (LIMIT)", "REVOC"
                 );
                 for s in r.as_array().into_iter().flatten() {
@@ -601,8 +692,18 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                         (None, Some(l)) => format!("unbounded ({l})"),
                         _ => "-".into(),
                     };
+                    let config = match (s["config_state"].as_str(), s["config_latest"].as_u64()) {
+                        (Some(st), Some(m)) => format!(
+                            "{st} ({} of v{m})",
+                            s["config_version"]
+                                .as_u64()
+                                .map(|n| format!("v{n}"))
+                                .unwrap_or_else(|| "none".into())
+                        ),
+                        _ => "-".into(),
+                    };
                     println!(
-                        "{:<50} {:<10} {:<22} {:<22} {:<24} {:<5}",
+                        "{:<50} {:<10} {:<22} {:<22} {:<24} {:<5} config: {config}",
                         s["id"].as_str().unwrap_or(""),
                         state,
                         s["last_seen"].as_str().unwrap_or(""),
@@ -620,20 +721,98 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             call(&data_dir, json!({"cmd": "revoke", "spoke": spoke})).await?;
             println!("revoked {spoke}");
         }
-        Cmd::Apply { data_dir, file } => {
-            let yaml = if file.as_os_str() == "-" {
-                let mut s = String::new();
-                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
-                    .context("reading standard input")?;
-                s
+        Cmd::Apply {
+            data_dir,
+            file,
+            prune,
+            dry_run,
+        } => {
+            let yaml = read_input(&file)?;
+            let r = call(
+                &data_dir,
+                json!({"cmd": "apply", "yaml": yaml, "prune": prune, "dry_run": dry_run}),
+            )
+            .await?;
+            print_outcomes(&r, dry_run);
+            if dry_run {
+                println!(
+                    "dry run: nothing changed (current config version {})",
+                    r["base_version"].as_u64().unwrap_or(0)
+                );
             } else {
-                std::fs::read_to_string(&file).with_context(|| format!("-f {}", file.display()))?
+                println!(
+                    "applied: config version {} ({})",
+                    r["version"],
+                    r["summary"].as_str().unwrap_or("")
+                );
+            }
+        }
+        Cmd::Diff {
+            data_dir,
+            file,
+            prune,
+        } => {
+            let r = async {
+                let yaml = read_input(&file)?;
+                call(
+                    &data_dir,
+                    json!({"cmd": "diff", "yaml": yaml, "prune": prune}),
+                )
+                .await
+            }
+            .await;
+            match r {
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    std::process::exit(2);
+                }
+                Ok(r) => {
+                    print!("{}", r["diff"].as_str().unwrap_or(""));
+                    if r["changes"].as_bool() == Some(true) {
+                        std::process::exit(1);
+                    }
+                }
+            }
+        }
+        Cmd::Delete {
+            data_dir,
+            file,
+            kind,
+            name,
+        } => {
+            let req = match (file, kind, name) {
+                (Some(f), None, None) => json!({"cmd": "delete", "yaml": read_input(&f)?}),
+                (None, Some(k), Some(n)) => json!({"cmd": "delete", "kind": k, "name": n}),
+                _ => bail!("give -f FILE, or KIND NAMESPACE/NAME"),
             };
-            let r = call(&data_dir, json!({"cmd": "apply", "yaml": yaml})).await?;
+            let r = call(&data_dir, req).await?;
+            print_outcomes(&r, false);
             println!(
-                "applied: config version {} ({})",
+                "deleted: config version {} ({})",
                 r["version"],
                 r["summary"].as_str().unwrap_or("")
+            );
+        }
+        Cmd::Validate { file, base } => {
+            let yaml = read_input(&file)?;
+            let base = base
+                .map(|b| {
+                    std::fs::read_to_string(&b).with_context(|| format!("--base {}", b.display()))
+                })
+                .transpose()?;
+            let config = tidemesh_hub::sync::validate_offline(base.as_deref(), &yaml)
+                .map_err(anyhow::Error::msg)?;
+            let docs = tidemesh_policy::parse_documents(&yaml).map_err(anyhow::Error::msg)?;
+            let mut kinds: std::collections::BTreeMap<&str, usize> = Default::default();
+            for d in &docs {
+                *kinds.entry(d.object.kind()).or_default() += 1;
+            }
+            let by_kind: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
+            println!(
+                "valid: {} objects ({}); the config would hold {} objects",
+                docs.len(),
+                by_kind.join(", "),
+                config.objects().len()
             );
         }
         Cmd::Config {

@@ -174,7 +174,8 @@ pub struct AuditEntry {
     /// When.
     pub at_ms: u64,
     /// What: `enrolled`, `renewed`, `workload_issued`, `reestablished`,
-    /// `refused`, `revoked`, `token_created`.
+    /// `refused`, `revoked`, `token_created`, `config_applied`,
+    /// `config_deleted`, `config_rolled_back`.
     pub event: String,
     /// The spoke (or requested ID) concerned.
     pub subject: Option<String>,
@@ -336,7 +337,10 @@ impl Store {
         Ok(tx)
     }
 
-    fn append_audit(tx: &redb::WriteTransaction, e: &AuditEntry) -> Result<(), StoreError> {
+    pub(crate) fn append_audit(
+        tx: &redb::WriteTransaction,
+        e: &AuditEntry,
+    ) -> Result<(), StoreError> {
         let mut t = tx.open_table(AUDIT)?;
         let next = t.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
         let bytes = serde_json::to_vec(e).unwrap_or_default();

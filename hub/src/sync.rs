@@ -16,8 +16,9 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use tidemesh_identity::{naming, SpiffeId};
 use tidemesh_policy::{
+    lifecycle,
     model::{ObjectName, Workload},
-    MeshConfig,
+    parse_documents, MeshConfig, ObjectKey,
 };
 use tidemesh_proto::{
     sync::{hub_answer_with_registry, HubAnswer},
@@ -316,6 +317,89 @@ impl Registry {
 }
 
 /// What changed between two configs, for the audit entry.
+/// A change to the config through the admin surface.
+#[derive(Debug, Clone)]
+pub enum ConfigEdit {
+    /// `apply -f` (create or replace each object), with `--prune`: also
+    /// remove the prune set ([`lifecycle::prune_set`]).
+    Apply {
+        /// The documents.
+        yaml: String,
+        /// Remove the prune set too.
+        prune: bool,
+    },
+    /// `delete KIND NAMESPACE/NAME`.
+    Delete(Vec<ObjectKey>),
+    /// `delete -f FILE`: the objects the documents name.
+    DeleteYaml(String),
+}
+
+/// What an edit would do (`apply --dry-run`, `diff`).
+#[derive(Debug, Clone)]
+pub struct Preview {
+    /// The version it was worked out against (`None`: nothing applied yet).
+    pub base_version: Option<u64>,
+    /// The candidate config and the outcome per object.
+    pub plan: lifecycle::Plan,
+    /// [`lifecycle::diff_text`] from the current config to the candidate.
+    pub diff: String,
+}
+
+fn invalid(e: tidemesh_policy::ConfigError) -> HubError {
+    HubError::Invalid(e.to_string())
+}
+
+fn plan_edit(
+    base: &MeshConfig,
+    edit: &ConfigEdit,
+    now_ms: u64,
+) -> Result<lifecycle::Plan, HubError> {
+    let mut plan = match edit {
+        ConfigEdit::Apply { yaml, prune } => {
+            lifecycle::plan_apply(base, parse_documents(yaml).map_err(invalid)?, *prune)
+        }
+        ConfigEdit::Delete(keys) => lifecycle::plan_delete(base, keys),
+        ConfigEdit::DeleteYaml(yaml) => {
+            let keys: Vec<ObjectKey> = parse_documents(yaml)
+                .map_err(invalid)?
+                .iter()
+                .map(|r| r.object.key())
+                .collect();
+            if keys.is_empty() {
+                return Err(HubError::Invalid("the file names no objects".into()));
+            }
+            lifecycle::plan_delete(base, &keys)
+        }
+    }
+    .map_err(invalid)?;
+    // Files the config names on the hub (TLS origination, JWT key sets)
+    // are read now: a missing or bad file refuses the whole change.
+    check_files(&mut plan.candidate, now_ms).map_err(HubError::Invalid)?;
+    Ok(plan)
+}
+
+/// The checks of files a config names on the hub (TLS origination
+/// certificates and keys; JWT key sets, read into the config with the time
+/// `now_ms`), shared by apply, delete, rollback and the offline
+/// `validate`: every file is read and parsed now.
+pub fn check_files(config: &mut MeshConfig, now_ms: u64) -> Result<(), String> {
+    crate::origination::check_config(config)?;
+    crate::jwks::load_config(config, now_ms)
+}
+
+/// `tidemesh-hub validate`: the checks of an apply, without a hub. `yaml`
+/// is applied on top of `base` (a `config get` output; the defaults when
+/// `None`) exactly as the hub would, files included.
+pub fn validate_offline(base: Option<&str>, yaml: &str) -> Result<MeshConfig, String> {
+    let base = match base {
+        Some(b) => MeshConfig::from_yaml(b).map_err(|e| format!("--base: {e}"))?,
+        None => MeshConfig::default(),
+    };
+    let mut next = base.apply_yaml(yaml).map_err(|e| e.to_string())?;
+    check_files(&mut next, crate::unix_ms(std::time::SystemTime::now()))?;
+    Ok(next)
+}
+
 fn change_summary(from: &MeshConfig, to: &MeshConfig) -> String {
     let changes = from.diff(to);
     if changes.is_empty() {
@@ -424,6 +508,41 @@ impl Hub {
     /// passes, stores the result as a new version. An invalid file changes
     /// nothing; the error names the document, the field and the reason.
     pub fn apply_yaml(&self, yaml: &str, uid: Option<u32>) -> Result<Arc<ConfigVersion>, HubError> {
+        let edit = ConfigEdit::Apply {
+            yaml: yaml.to_owned(),
+            prune: false,
+        };
+        Ok(self.edit_config(&edit, uid)?.0)
+    }
+
+    /// Works out what `edit` would do to the current config, running every
+    /// check an apply runs (files named by the config included), and stores
+    /// nothing: `apply --dry-run` and `diff`.
+    pub fn preview(&self, edit: &ConfigEdit) -> Result<Preview, HubError> {
+        let cur = self.latest_config()?;
+        let base = cur.as_ref().map(|c| c.config.clone()).unwrap_or_default();
+        let plan = plan_edit(&base, edit, self.now_ms())?;
+        let diff = lifecycle::diff_text(
+            &base,
+            &plan.candidate,
+            &format!("hub v{}", cur.as_ref().map(|c| c.meta.version).unwrap_or(0)),
+            "after",
+        );
+        Ok(Preview {
+            base_version: cur.map(|c| c.meta.version),
+            plan,
+            diff,
+        })
+    }
+
+    /// Applies `edit` (apply, apply with prune, delete): every check passes
+    /// on the result or nothing changes; success is a new version with an
+    /// audit entry, published to the spokes.
+    pub fn edit_config(
+        &self,
+        edit: &ConfigEdit,
+        uid: Option<u32>,
+    ) -> Result<(Arc<ConfigVersion>, Vec<lifecycle::Planned>), HubError> {
         let _guard = self
             .inner
             .apply_lock
@@ -431,21 +550,22 @@ impl Hub {
             .map_err(|_| HubError::Invalid("apply lock poisoned".into()))?;
         let cur = self.latest_config()?;
         let base = cur.as_ref().map(|c| c.config.clone()).unwrap_or_default();
-        let mut next = base
-            .apply_yaml(yaml)
-            .map_err(|e| HubError::Invalid(e.to_string()))?;
-        // Files the config names on the hub (TLS origination, JWT key sets)
-        // are read now: a missing or bad file refuses the whole apply.
-        crate::origination::check_config(&next).map_err(HubError::Invalid)?;
-        crate::jwks::load_config(&mut next, self.now_ms()).map_err(HubError::Invalid)?;
-        let summary = change_summary(&base, &next);
-        let v = self
-            .inner
-            .store
-            .config()
-            .append(self.now_ms(), uid, summary, None, next)?;
-        tracing::info!(target: "tidemesh::audit", version = v.meta.version, uid = ?uid, summary = %v.meta.summary, "config applied");
-        Ok(self.publish(v))
+        let plan = plan_edit(&base, edit, self.now_ms())?;
+        let summary = change_summary(&base, &plan.candidate);
+        let event = match edit {
+            ConfigEdit::Apply { .. } => "config_applied",
+            ConfigEdit::Delete(_) | ConfigEdit::DeleteYaml(_) => "config_deleted",
+        };
+        let v = self.inner.store.config().append(
+            event,
+            self.now_ms(),
+            uid,
+            summary,
+            None,
+            plan.candidate,
+        )?;
+        tracing::info!(target: "tidemesh::audit", version = v.meta.version, uid = ?uid, summary = %v.meta.summary, event, "config changed");
+        Ok((self.publish(v), plan.objects))
     }
 
     /// Makes version `to` current again, as a new version.
@@ -461,10 +581,9 @@ impl Hub {
             .config()
             .get(to)?
             .ok_or_else(|| HubError::Invalid(format!("no config version {to}")))?;
-        crate::origination::check_config(&target.config).map_err(HubError::Invalid)?;
         // Key set files are read again: the version rolled back to gets
         // today's keys, stamped now.
-        crate::jwks::load_config(&mut target.config, self.now_ms()).map_err(HubError::Invalid)?;
+        check_files(&mut target.config, self.now_ms()).map_err(HubError::Invalid)?;
         let cur = self.latest_config()?;
         let base = cur.as_ref().map(|c| c.config.clone()).unwrap_or_default();
         let summary = format!(
@@ -472,6 +591,7 @@ impl Hub {
             change_summary(&base, &target.config)
         );
         let v = self.inner.store.config().append(
+            "config_rolled_back",
             self.now_ms(),
             uid,
             summary,

@@ -83,7 +83,7 @@ pub use control::{enroll, enroll_waiting, Enrolled};
 pub use credentials::{Credentials, Svids};
 pub use creds::{CredStore, CredsError, Svid};
 pub use evsync::{SyncSettings, SyncStats};
-pub use ops::verify_evidence_offline;
+pub use ops::{config_dump_offline, verify_evidence_offline};
 
 /// The SNI name used towards the hub; the SPIFFE verifier ignores it.
 const SNI: &str = "hub.tidemesh.invalid";

@@ -152,6 +152,11 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The config this spoke serves.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
     /// SVIDs for local apps that do their own mTLS.
     Svid {
         #[command(subcommand)]
@@ -197,6 +202,21 @@ enum Cmd {
     Drill {
         #[command(subcommand)]
         cmd: DrillCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Print the last-known-good config the spoke serves (its slice of the
+    /// hub's config), from the running spoke or, when it is stopped, from
+    /// `spoke.db`; the hub is not asked. Its version goes to stderr.
+    Dump {
+        /// Where the spoke keeps its state.
+        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Output format: yaml or json.
+        #[arg(short = 'o', long = "output", default_value = "yaml", value_parser = ["yaml", "json"])]
+        output: String,
     },
 }
 
@@ -475,6 +495,25 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Healthcheck { metrics, timeout } => {
             std::process::exit(tidemesh_net::cli::healthcheck(metrics, timeout).await);
+        }
+        Cmd::Config {
+            cmd: ConfigCmd::Dump { data_dir, output },
+        } => {
+            let req = json!({"cmd": "config_dump", "format": output});
+            let r = match admin::call(&admin::socket_path(&data_dir), req).await {
+                Ok(r) => r,
+                Err(admin::AdminError::Unreachable { .. }) => {
+                    tidemesh_spoke::config_dump_offline(&data_dir, &output)?
+                }
+                Err(e) => return Err(e.into()),
+            };
+            eprintln!(
+                "config version {} (made at the hub {}, applied here {})",
+                r["version"],
+                r["hub_applied"].as_str().unwrap_or("?"),
+                r["applied"].as_str().unwrap_or("?")
+            );
+            print!("{}", r["text"].as_str().unwrap_or(""));
         }
         Cmd::Status { data_dir, json } => {
             let s = admin::call(&admin::socket_path(&data_dir), json!({"cmd": "status"})).await?;

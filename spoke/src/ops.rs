@@ -1,6 +1,6 @@
 //! Operations: what an operator asks a running spoke through the admin
-//! socket (status, probes, guarantee vectors, evidence, drills) and the
-//! survival horizon they see.
+//! socket (status, probes, guarantee vectors, evidence, drills, the config
+//! dump) and the survival horizon they see.
 //!
 //! Who drives it: the admin socket (`tidemesh-spoke status`, `probe`,
 //! `vector`, `evidence ...`, `drill load`). What it must not do: change the
@@ -27,6 +27,46 @@ pub(crate) fn verify_json(b: &buffer::EvidenceBuffer) -> Value {
         }),
         Err(e) => json!({"ok": false, "error": e.to_string()}),
     }
+}
+
+/// `config dump`: the last-known-good config as `format` (`yaml` or
+/// `json`) text, with its version and when the hub made it and this spoke
+/// applied it.
+fn config_dump_json(applied: &replica::Applied, config: &MeshConfig, format: &str) -> Value {
+    let text = match format {
+        "json" => config.to_json(),
+        _ => config.to_yaml(),
+    };
+    json!({
+        "version": applied.version,
+        "hub_applied": rfc3339_ms(applied.hub_applied_ms),
+        "applied": rfc3339_ms(applied.applied_ms),
+        "text": text,
+    })
+}
+
+fn rfc3339_ms(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// `config dump` of a spoke that is not running: reads `spoke.db` directly
+/// (the same check a starting spoke makes: it must decode and compile).
+pub fn config_dump_offline(data_dir: &Path, format: &str) -> Result<Value, SpokeError> {
+    let path = data_dir.join("spoke.db");
+    if !path.exists() {
+        return Err(SpokeError::Invalid(format!(
+            "{} does not exist (has the spoke run?)",
+            path.display()
+        )));
+    }
+    let replica =
+        replica::Replica::open(data_dir).map_err(|e| SpokeError::Invalid(e.to_string()))?;
+    let applied = replica
+        .last_known_good()
+        .map_err(|e| SpokeError::Invalid(e.to_string()))?
+        .ok_or_else(|| SpokeError::Invalid("no config has been applied yet".into()))?;
+    let c = ConfigInForce::check(applied)?;
+    Ok(config_dump_json(&c.applied, &c.config, format))
 }
 
 /// Verifies `evidence.db` of a spoke that is not running (opening it
@@ -308,6 +348,16 @@ impl Spoke {
                     .await
             }
             Some("status") => Ok(self.status()),
+            Some("config_dump") => {
+                let format = req.get("format").and_then(Value::as_str).unwrap_or("yaml");
+                let c = self
+                    .inner
+                    .config
+                    .borrow()
+                    .clone()
+                    .ok_or("no config has been applied yet")?;
+                Ok(config_dump_json(&c.applied, &c.config, format))
+            }
             Some("vector") => {
                 let service = req.get("service").and_then(Value::as_str);
                 match service {

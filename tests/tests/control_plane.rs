@@ -154,6 +154,11 @@ fn apply_history_rollback_and_sync_through_partitions_and_restarts() {
     assert_eq!(h.len(), 3);
     assert_eq!(h[2]["version"], 3);
     assert_eq!(h[2]["rollback_of"], 1);
+    let audits: Vec<String> = hub.audit().into_iter().map(|(e, _)| e).collect();
+    assert!(
+        audits.iter().any(|e| e == "config_rolled_back"),
+        "{audits:?}"
+    );
     assert!(
         h[2]["summary"].as_str().unwrap_or("").contains("Store"),
         "{h:?}"
@@ -294,4 +299,267 @@ fn spokes_register_endpoints_and_health_reaches_the_site_with_or_without_the_hub
         registry_has(&n2, "site", "pos").then_some(())
     })
     .expect("n2 sees it again after the heal");
+}
+
+const LIFECYCLE_BASE: &str = "\
+apiVersion: tidemesh.io/v1alpha1
+kind: Store
+metadata: {name: sf01}
+spec: {region: us-west-2, zone: us-west-2a}
+---
+apiVersion: tidemesh.io/v1alpha1
+kind: Store
+metadata: {name: sf02}
+spec: {region: us-west-2, zone: us-west-2b}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {name: pos, namespace: retail}
+spec: {host: pos, subsets: [{name: v1, labels: {version: v1}}]}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {name: inv, namespace: retail}
+spec: {host: inv}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {name: pay, namespace: bank}
+spec: {host: pay}
+";
+
+/// The config audit entries (`config_applied`, `config_deleted`, ...).
+fn config_audits(hub: &HubProc) -> Vec<String> {
+    hub.audit()
+        .into_iter()
+        .map(|(e, _)| e)
+        .filter(|e| e.starts_with("config_"))
+        .collect()
+}
+
+fn spoke_cli(s: &SpokeProc, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(tidemesh_tests::bin("tidemesh-spoke"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(&s.dir)
+        .output()
+        .expect("run tidemesh-spoke")
+}
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn config_lifecycle_validate_dry_run_diff_delete_prune_and_spoke_dump() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let mut hub = HubProc::init(dir, TD);
+    let hub_addr = hub.start();
+    let o = apply(&hub, dir, "base", LIFECYCLE_BASE);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(config_audits(&hub), ["config_applied"]);
+
+    let id = format!("spiffe://{TD}/store/sf01/node/n0");
+    let mut spoke = SpokeProc::new(dir, "spoke0", &id);
+    assert!(spoke
+        .enroll(hub_addr, &hub.token(&id, "10m"))
+        .status
+        .success());
+    spoke.start();
+    spoke.wait_state("connected", Duration::from_secs(10));
+    let converge = |v: u64| {
+        wait_for(Duration::from_secs(10), || {
+            (config_version(&spoke) == Some(v)).then_some(())
+        })
+        .unwrap_or_else(|| panic!("spoke did not converge to v{v}: {:?}", spoke.try_status()))
+    };
+    converge(1);
+
+    // validate: offline (no data dir, no hub), same errors as apply
+    let validate = |name: &str, yaml: &str, extra: &[&str]| {
+        let f = dir.join(format!("{name}.yaml"));
+        std::fs::write(&f, yaml).expect("write");
+        std::process::Command::new(tidemesh_tests::bin("tidemesh-hub"))
+            .args(["validate", "-f", f.to_str().expect("utf8")])
+            .args(extra)
+            .output()
+            .expect("validate")
+    };
+    let o = validate("ok", LIFECYCLE_BASE, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        stdout(&o).contains("valid: 5 objects (3 DestinationRule, 2 Store)"),
+        "{}",
+        text(&o)
+    );
+    let bad = "apiVersion: tidemesh.io/v1alpha1\nkind: Workload\nmetadata: {name: till, namespace: retail}\nspec: {service: pos, store: sf09, serviceAccount: pos, address: 127.0.0.1:9}\n";
+    let v = validate("bad", bad, &[]);
+    assert!(!v.status.success());
+    let a = apply(&hub, dir, "bad", bad);
+    assert!(!a.status.success());
+    let reason = "document 1 (Workload till): spec.store: store sf09 is not defined";
+    assert!(text(&v).contains(reason), "validate: {}", text(&v));
+    assert!(text(&a).contains(reason), "apply: {}", text(&a));
+    // a file that refers to an applied object validates against a base
+    let refers = "apiVersion: tidemesh.io/v1alpha1\nkind: Workload\nmetadata: {name: till, namespace: retail}\nspec: {service: pos, store: sf02, serviceAccount: pos, address: 127.0.0.1:9}\n";
+    assert!(!validate("refers", refers, &[]).status.success());
+    let cur = hub.cli(&["config", "get"]);
+    std::fs::write(dir.join("current.yaml"), &cur.stdout).expect("write");
+    let base = dir.join("current.yaml");
+    let o = validate("refers", refers, &["--base", base.to_str().expect("utf8")]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(history(&hub).len(), 1);
+
+    // dry run and diff: outcomes per object; no version, no audit entry
+    let change = "apiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: pos, namespace: retail}\nspec: {host: pos, subsets: [{name: v1, labels: {version: v2}}]}\n---\napiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: cart, namespace: retail}\nspec: {host: cart}\n---\napiVersion: tidemesh.io/v1alpha1\nkind: Store\nmetadata: {name: sf01}\nspec: {region: us-west-2, zone: us-west-2a}\n";
+    let cf = dir.join("change.yaml");
+    std::fs::write(&cf, change).expect("write");
+    let cf = cf.to_str().expect("utf8");
+    let o = hub.cli(&["apply", "-f", cf, "--dry-run"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = stdout(&o);
+    for line in [
+        "DestinationRule retail/pos configured (dry run)",
+        "DestinationRule retail/cart created (dry run)",
+        "Store sf01 unchanged (dry run)",
+    ] {
+        assert!(out.contains(line), "{out}");
+    }
+    assert!(!out.contains("pruned"), "{out}");
+    let o = hub.cli(&["apply", "-f", cf, "--dry-run", "--prune"]);
+    let out = stdout(&o);
+    for line in [
+        "DestinationRule retail/inv pruned (dry run)",
+        "Store sf02 pruned (dry run)",
+    ] {
+        assert!(out.contains(line), "{out}");
+    }
+    assert!(
+        !out.contains("bank/pay"),
+        "another namespace is not pruned: {out}"
+    );
+    let o = hub.cli(&["diff", "-f", cf]);
+    assert_eq!(o.status.code(), Some(1), "differences: {}", text(&o));
+    let d = stdout(&o);
+    assert!(d.contains("diff DestinationRule retail/pos\n"), "{d}");
+    assert!(
+        d.contains("\n-      version: v1\n+      version: v2\n"),
+        "{d}"
+    );
+    assert!(d.contains("diff DestinationRule retail/cart\n"), "{d}");
+    assert!(d.contains("\n+kind: DestinationRule\n"), "{d}");
+    assert!(
+        !d.contains("Store sf01"),
+        "unchanged objects are not shown: {d}"
+    );
+    let o = hub.cli(&["diff", "-f", cf, "--prune"]);
+    assert!(stdout(&o).contains("diff Store sf02\n"), "{}", text(&o));
+    let same = dir.join("same.yaml");
+    std::fs::write(&same, LIFECYCLE_BASE).expect("write");
+    let o = hub.cli(&["diff", "-f", same.to_str().expect("utf8")]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(stdout(&o), "");
+    let o = hub.cli(&["diff", "-f", dir.join("bad.yaml").to_str().expect("utf8")]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains(reason), "{}", text(&o));
+    assert_eq!(history(&hub).len(), 1, "dry run and diff make no version");
+    assert_eq!(config_audits(&hub).len(), 1, "nor an audit entry");
+
+    // delete one object by name: a new version, audited; the spoke converges
+    let o = hub.cli(&["delete", "DestinationRule", "retail/inv"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        stdout(&o).contains("DestinationRule retail/inv deleted"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(history(&hub).len(), 2);
+    assert_eq!(config_audits(&hub), ["config_applied", "config_deleted"]);
+    converge(2);
+    let dump = spoke_cli(&spoke, &["config", "dump"]);
+    assert!(dump.status.success(), "{}", text(&dump));
+    let y = stdout(&dump);
+    assert!(y.contains("name: pos") && !y.contains("name: inv"), "{y}");
+    assert!(text(&dump).contains("config version 2"), "{}", text(&dump));
+    // deleting what does not exist is refused whole
+    let o = hub.cli(&["delete", "DestinationRule", "retail/inv"]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("DestinationRule retail/inv does not exist"),
+        "{}",
+        text(&o)
+    );
+    let o = hub.cli(&["delete", "VirtualService", "reviews"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("NAMESPACE/NAME"), "{}", text(&o));
+    assert_eq!(history(&hub).len(), 2);
+
+    // delete -f: the objects the documents name
+    let pay = dir.join("pay.yaml");
+    std::fs::write(
+        &pay,
+        "apiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: pay, namespace: bank}\nspec: {host: pay}\n",
+    )
+    .expect("write");
+    let o = hub.cli(&["delete", "-f", pay.to_str().expect("utf8")]);
+    assert!(o.status.success(), "{}", text(&o));
+    converge(3);
+
+    // apply --prune: sf02 goes (Store in the file), retail/cart comes
+    let o = hub.cli(&["apply", "-f", cf, "--prune"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = stdout(&o);
+    assert!(out.contains("Store sf02 pruned"), "{out}");
+    assert!(out.contains("config version 4"), "{out}");
+    assert_eq!(
+        config_audits(&hub),
+        [
+            "config_applied",
+            "config_deleted",
+            "config_deleted",
+            "config_applied"
+        ]
+    );
+    converge(4);
+    let cur = stdout(&hub.cli(&["config", "get", "-o", "json"]));
+    assert!(!cur.contains("sf02") && cur.contains("cart"), "{cur}");
+
+    // spokes: SYNCED at the newest version, STALE once the hub moves on without it
+    let o = hub.cli(&["spokes"]);
+    assert!(
+        stdout(&o).contains("config: SYNCED (v4 of v4)"),
+        "{}",
+        text(&o)
+    );
+    spoke.stop();
+    let o = apply(&hub, dir, "sf03", &store_yaml("sf03"));
+    assert!(o.status.success(), "{}", text(&o));
+    let o = hub.cli(&["spokes"]);
+    assert!(
+        stdout(&o).contains("config: STALE (v4 of v5)"),
+        "{}",
+        text(&o)
+    );
+
+    // the spoke's dump works with the spoke stopped and the hub down
+    hub.stop();
+    let dump = spoke_cli(&spoke, &["config", "dump", "-o", "json"]);
+    assert!(dump.status.success(), "{}", text(&dump));
+    let docs: serde_json::Value = serde_json::from_slice(&dump.stdout).expect("json dump");
+    let names: Vec<&str> = docs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["metadata"]["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"cart") && names.contains(&"sf01"),
+        "{names:?}"
+    );
+    assert!(
+        !names.contains(&"sf02") && !names.contains(&"sf03"),
+        "{names:?}"
+    );
+    assert!(text(&dump).contains("config version 4"), "{}", text(&dump));
 }

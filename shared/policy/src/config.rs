@@ -61,6 +61,18 @@ impl MeshConfig {
     /// This config with `resources` created or replaced, after every check
     /// passed on the result. `self` is never modified.
     pub fn apply(&self, resources: Vec<Resource>) -> Result<MeshConfig, ConfigError> {
+        self.apply_pruning(resources, &[])
+    }
+
+    /// [`MeshConfig::apply`], also removing the objects `prune` (see
+    /// [`crate::lifecycle::prune_set`]) in the same candidate, so the checks
+    /// run once on the result. A key of `prune` that the input also defines
+    /// is kept (the input wins); a singleton key is ignored.
+    pub fn apply_pruning(
+        &self,
+        resources: Vec<Resource>,
+        prune: &[ObjectKey],
+    ) -> Result<MeshConfig, ConfigError> {
         let mut errors = ConfigError::empty();
         let mut objects: BTreeMap<ObjectKey, Entry> = self
             .objects()
@@ -80,6 +92,11 @@ impl MeshConfig {
             }
             seen.insert(key.clone(), r.document);
             objects.insert(key, (Some(r.document), r.object));
+        }
+        for k in prune {
+            if !seen.contains_key(k) && !matches!(k.kind, "ModeMatrix" | "MeshSettings") {
+                objects.remove(k);
+            }
         }
         let candidate = assemble(objects.values().map(|(_, o)| o.clone()));
         validate(&candidate, &objects, &mut errors);

@@ -50,6 +50,7 @@ mod config;
 pub mod error;
 pub mod istio;
 pub mod jwt;
+pub mod lifecycle;
 pub mod mode;
 pub mod model;
 pub mod reqauthn;
