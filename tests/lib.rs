@@ -419,6 +419,9 @@ pub struct HubProc {
     child: Option<Child>,
     extra: Vec<String>,
     wrap: Vec<String>,
+    /// Environment of `serve` and the admin subcommands: `Some` sets a
+    /// variable, `None` removes it.
+    env: Vec<(String, Option<String>)>,
 }
 
 /// A command, optionally run through a wrapper such as
@@ -453,6 +456,7 @@ impl HubProc {
             child: None,
             extra: Vec::new(),
             wrap: Vec::new(),
+            env: Vec::new(),
         }
     }
 
@@ -470,6 +474,25 @@ impl HubProc {
         self
     }
 
+    /// The environment of the next starts and admin subcommands: each
+    /// variable set (`Some`) or removed (`None`), replacing earlier calls'
+    /// settings of the same names.
+    pub fn set_env(&mut self, vars: &[(&str, Option<&str>)]) {
+        for (k, v) in vars {
+            self.env.retain(|(n, _)| n != k);
+            self.env.push((k.to_string(), v.map(str::to_owned)));
+        }
+    }
+
+    fn apply_env(&self, cmd: &mut Command) {
+        for (k, v) in &self.env {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+    }
+
     /// Starts `serve` (on the previous address after the first start).
     pub fn start(&mut self) -> SocketAddr {
         assert!(self.child.is_none(), "hub already running");
@@ -482,6 +505,7 @@ impl HubProc {
             .arg(&self.dir)
             .args(["--listen", &listen])
             .args(&self.extra);
+        self.apply_env(&mut cmd);
         let log = self.dir.with_extension(format!(
             "log.{}",
             std::time::SystemTime::now()
@@ -548,6 +572,7 @@ impl HubProc {
     /// Runs an admin subcommand, e.g. `["spokes", "--json"]`.
     pub fn cli(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(bin("tidemesh-hub"));
+        self.apply_env(&mut cmd);
         cmd.arg(args[0]);
         if args[0] == "token" || args[0] == "config" || args[0] == "evidence" {
             cmd.arg(args[1])

@@ -11,11 +11,20 @@
 //! [`check_config`]; the gateway (`crate::gateway`) builds an
 //! [`Origination`] per config version and host and calls [`connect`].
 //!
+//! Without `caCertificates` the server is verified against the system
+//! roots ([`system_roots`]): the platform's trust store as
+//! `rustls-native-certs` finds it (`SSL_CERT_FILE` / `SSL_CERT_DIR` when
+//! set), read once per hub process.
+//!
 //! What it must not do: skip server verification (there is no
 //! `insecureSkipVerify`), fall back to plaintext when TLS is configured, or
 //! read unbounded files.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use rustls::{
     client::{
@@ -34,6 +43,16 @@ use tokio_rustls::{client::TlsStream, TlsConnector};
 
 /// Largest PEM file read (a CA bundle of a few hundred certificates fits).
 const MAX_PEM_BYTES: u64 = 1024 * 1024;
+
+/// Largest `SSL_CERT_FILE` accepted as the system roots (a distribution's
+/// bundle is a few hundred KiB).
+const MAX_SYSTEM_BUNDLE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Most system roots kept (a distribution ships about 150).
+const MAX_SYSTEM_ROOTS: usize = 4096;
+
+/// Most loader errors quoted in the "no system roots" error.
+const MAX_QUOTED_ERRORS: usize = 3;
 
 /// Why a TLS setting could not be loaded. Every variant names the field and
 /// the file, so the apply error points at the line to fix.
@@ -90,8 +109,9 @@ pub struct Origination {
     h1: Arc<rustls::ClientConfig>,
     /// ALPN `h2`.
     h2: Arc<rustls::ClientConfig>,
-    /// The CA file, for error messages.
-    ca_file: String,
+    /// What the server's chain must end in, for error messages:
+    /// `caCertificates (<file>)` or `the system roots (<source>; ...)`.
+    trust: String,
 }
 
 /// What the TLS leg negotiated, measured from the session.
@@ -168,22 +188,28 @@ impl Origination {
             return Ok(None);
         }
         let ca_field = "caCertificates";
-        let ca_file = tls
-            .ca_certificates
-            .clone()
-            .ok_or(OriginationError::Config {
-                field: ca_field,
-                reason: "required (the hub carries no system roots)".into(),
-            })?;
-        let mut roots = RootCertStore::empty();
-        for (i, c) in certificates(ca_field, &ca_file)?.into_iter().enumerate() {
-            roots.add(c).map_err(|e| OriginationError::Content {
-                field: ca_field,
-                path: ca_file.clone(),
-                reason: format!("certificate {} is not a usable CA: {e}", i + 1),
-            })?;
-        }
-        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+        let (roots, trust) = match &tls.ca_certificates {
+            Some(ca_file) => {
+                let mut roots = RootCertStore::empty();
+                for (i, c) in certificates(ca_field, ca_file)?.into_iter().enumerate() {
+                    roots.add(c).map_err(|e| OriginationError::Content {
+                        field: ca_field,
+                        path: ca_file.clone(),
+                        reason: format!("certificate {} is not a usable CA: {e}", i + 1),
+                    })?;
+                }
+                (Arc::new(roots), format!("caCertificates ({ca_file})"))
+            }
+            None => {
+                let system = system_roots()?;
+                let trust = format!(
+                    "the system roots ({}; caCertificates is not set)",
+                    system.source
+                );
+                (system.roots, trust)
+            }
+        };
+        let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider())
             .build()
             .map_err(|e| OriginationError::Config {
                 field: ca_field,
@@ -250,7 +276,7 @@ impl Origination {
             server_name,
             h1: Arc::new(h1),
             h2: Arc::new(h2),
-            ca_file,
+            trust,
         }))
     }
 
@@ -267,8 +293,8 @@ impl Origination {
         match e {
             rustls::Error::InvalidCertificate(c) => match c {
                 CertificateError::UnknownIssuer | CertificateError::BadSignature => format!(
-                    "the server's certificate does not chain to a CA in caCertificates ({}): {c:?}",
-                    self.ca_file
+                    "the server's certificate does not chain to a CA in {}: {c:?}",
+                    self.trust
                 ),
                 CertificateError::NotValidForName
                 | CertificateError::NotValidForNameContext { .. } => format!(
@@ -306,6 +332,111 @@ impl Origination {
         }
         None
     }
+}
+
+/// The system roots, loaded once per process.
+#[derive(Debug, Clone)]
+pub struct SystemRoots {
+    /// The trust anchors.
+    roots: Arc<RootCertStore>,
+    /// Where they came from: `SSL_CERT_FILE=<file>`, `SSL_CERT_DIR=<dirs>`
+    /// or `the platform trust store`, with the count.
+    pub source: String,
+}
+
+/// The loaded system roots; only a success is kept, so a hub whose trust
+/// store was missing tries again at the next apply or config version.
+static SYSTEM_ROOTS: Mutex<Option<SystemRoots>> = Mutex::new(None);
+
+/// Where `rustls-native-certs` looks, in words.
+fn system_source() -> String {
+    let file = std::env::var_os("SSL_CERT_FILE");
+    let dir = std::env::var_os("SSL_CERT_DIR");
+    let mut parts = Vec::new();
+    if let Some(f) = &file {
+        parts.push(format!("SSL_CERT_FILE={}", f.to_string_lossy()));
+    }
+    if let Some(d) = &dir {
+        parts.push(format!("SSL_CERT_DIR={}", d.to_string_lossy()));
+    }
+    if parts.is_empty() {
+        "the platform trust store".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// The system roots (the platform's trust store, or `SSL_CERT_FILE` /
+/// `SSL_CERT_DIR` when set), read on first use and kept for the life of
+/// the process. An error, naming where it looked, when no usable root
+/// could be loaded, when `SSL_CERT_FILE` is larger than 16 MiB, or when
+/// there are more than 4096 roots.
+pub fn system_roots() -> Result<SystemRoots, OriginationError> {
+    let mut slot = SYSTEM_ROOTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(s) = slot.as_ref() {
+        return Ok(s.clone());
+    }
+    let source = system_source();
+    let fail = |reason: String| OriginationError::Config {
+        field: "caCertificates",
+        reason: format!("not set, and no system roots could be loaded from {source}: {reason}"),
+    };
+    if let Some(f) = std::env::var_os("SSL_CERT_FILE") {
+        if let Ok(m) = std::fs::metadata(&f) {
+            if m.len() > MAX_SYSTEM_BUNDLE_BYTES {
+                return Err(fail(format!(
+                    "the file is larger than {MAX_SYSTEM_BUNDLE_BYTES} bytes"
+                )));
+            }
+        }
+    }
+    let found = rustls_native_certs::load_native_certs();
+    if found.certs.len() > MAX_SYSTEM_ROOTS {
+        return Err(fail(format!(
+            "{} certificates, more than {MAX_SYSTEM_ROOTS}",
+            found.certs.len()
+        )));
+    }
+    let mut roots = RootCertStore::empty();
+    let (added, ignored) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        let mut why: Vec<String> = found
+            .errors
+            .iter()
+            .take(MAX_QUOTED_ERRORS)
+            .map(ToString::to_string)
+            .collect();
+        if found.errors.len() > MAX_QUOTED_ERRORS {
+            why.push(format!(
+                "and {} more errors",
+                found.errors.len() - MAX_QUOTED_ERRORS
+            ));
+        }
+        if ignored > 0 {
+            why.push(format!("{ignored} certificates are not usable CAs"));
+        }
+        if why.is_empty() {
+            why.push("no CERTIFICATE found".into());
+        }
+        return Err(fail(why.join("; ")));
+    }
+    let loaded = SystemRoots {
+        roots: Arc::new(roots),
+        source: format!(
+            "{source}, {added} root{}",
+            if added == 1 { "" } else { "s" }
+        ),
+    };
+    tracing::info!(
+        roots = added,
+        ignored,
+        errors = found.errors.len(),
+        "system roots loaded from {source} for TLS origination without caCertificates"
+    );
+    *slot = Some(loaded.clone());
+    Ok(loaded)
 }
 
 /// Checks names against `subjectAltNames` (any one of them) instead of the

@@ -2909,16 +2909,21 @@ inbound = "{inventory}"
     );
 }
 
+/// A server's certificate and key.
+type ServerCert = (
+    rustls::pki_types::CertificateDer<'static>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+);
+
 /// PEM files of a test PKI for TLS origination, made with rcgen: a CA with a
 /// server certificate for `api.pay.test`, a second CA the server does not
-/// chain to, and a client CA with a client certificate.
+/// chain to (with a server certificate of its own for `api.pay.test`), and a
+/// client CA with a client certificate.
 struct TlsPki {
     ca: String,
     other_ca: String,
-    server: (
-        rustls::pki_types::CertificateDer<'static>,
-        rustls::pki_types::PrivateKeyDer<'static>,
-    ),
+    server: ServerCert,
+    other_server: ServerCert,
     client_ca: rustls::pki_types::CertificateDer<'static>,
     client_cert: String,
     client_key: String,
@@ -2956,6 +2961,8 @@ fn tls_pki(dir: &Path) -> TlsPki {
         "api.pay.test",
         ExtendedKeyUsagePurpose::ServerAuth,
     );
+    let (other_server, other_server_key) =
+        leaf(&other, "api.pay.test", ExtendedKeyUsagePurpose::ServerAuth);
     let (client, client_key) = leaf(
         &client_ca,
         "hub.client.test",
@@ -2973,17 +2980,22 @@ fn tls_pki(dir: &Path) -> TlsPki {
             server.der().clone(),
             rustls::pki_types::PrivateKeyDer::Pkcs8(server_key.serialize_der().into()),
         ),
+        other_server: (
+            other_server.der().clone(),
+            rustls::pki_types::PrivateKeyDer::Pkcs8(other_server_key.serialize_der().into()),
+        ),
         client_ca: client_ca.der().clone(),
         client_cert: write("client.pem", client.pem()),
         client_key: write("client-key.pem", client_key.serialize_pem()),
     }
 }
 
-/// A TLS 1.3/1.2 HTTP/1.1 server on 127.0.0.1 (rustls over std threads):
-/// answers every request with 200 and `tls-ok client-cert=<yes|no>`;
-/// requires a client certificate from `client_ca` when given.
+/// A TLS 1.3/1.2 HTTP/1.1 server on 127.0.0.1 (rustls over std threads)
+/// presenting `cert`: answers every request with 200 and
+/// `tls-ok client-cert=<yes|no>`; requires a client certificate from
+/// `client_ca` when given.
 fn tls_server(
-    pki: &TlsPki,
+    cert: &ServerCert,
     client_ca: Option<&rustls::pki_types::CertificateDer<'static>>,
 ) -> SocketAddr {
     use std::{io::Read, sync::Arc};
@@ -3007,7 +3019,7 @@ fn tls_server(
     };
     let config = Arc::new(
         builder
-            .with_single_cert(vec![pki.server.0.clone()], pki.server.1.clone_key())
+            .with_single_cert(vec![cert.0.clone()], cert.1.clone_key())
             .expect("server cert"),
     );
     let l = TcpListener::bind("127.0.0.1:0").expect("bind tls server");
@@ -3060,8 +3072,8 @@ fn tls_server(
 fn tls_origination_simple_mutual_and_refusals() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let pki = tls_pki(tmp.path());
-    let simple = tls_server(&pki, None);
-    let mutual = tls_server(&pki, Some(&pki.client_ca));
+    let simple = tls_server(&pki.server, None);
+    let mutual = tls_server(&pki.server, Some(&pki.client_ca));
     let mut hub = HubProc::init(tmp.path(), TD);
     let hub_addr = hub.start();
     let entry = |name: &str, addr: SocketAddr| service_entry(name, "cloud", "pay", addr, "HTTP");
@@ -3187,6 +3199,138 @@ fn tls_origination_simple_mutual_and_refusals() {
             "{host}: {rec:#}"
         );
     }
+}
+
+/// TLS origination without `caCertificates` verifies the cloud server
+/// against the hub's system roots (`SSL_CERT_FILE` here, as
+/// `rustls-native-certs` reads it). A bundle holding no certificate makes
+/// apply (and the offline validate) refuse the rule, saying no system roots
+/// could be loaded; with the bundle holding one CA, a server of that CA is
+/// reached with `sni` and with `subjectAltNames` (a wrong SAN is refused),
+/// and a server of an unrelated CA gets 503 saying its chain does not end
+/// in the system roots, also in the evidence. The roots are read once: the
+/// bundle spoiled afterwards changes nothing.
+#[test]
+fn tls_origination_without_ca_certificates_uses_the_system_roots() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = tls_pki(tmp.path());
+    // `trusted` is served by the CA the bundle will hold; `unrelated` by
+    // the CA of `pki.ca`, which the bundle never holds.
+    let trusted = tls_server(&pki.other_server, None);
+    let unrelated = tls_server(&pki.server, None);
+    let bundle = tmp.path().join("system-bundle.pem");
+    let bundle_s = bundle.to_str().expect("utf8").to_owned();
+    let key_pem = std::fs::read(&pki.client_key).expect("key pem");
+    std::fs::write(&bundle, &key_pem).expect("bundle");
+    let mut hub = HubProc::init(tmp.path(), TD);
+    hub.set_env(&[("SSL_CERT_FILE", Some(&bundle_s)), ("SSL_CERT_DIR", None)]);
+    let hub_addr = hub.start();
+    let rule = |name: &str, tls: &str| {
+        format!("---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}, namespace: cloud}}\nspec:\n  host: {name}.cloud\n  trafficPolicy:\n    tls: {tls}\n")
+    };
+    let yaml = [
+        STORE_SF01.to_string(),
+        service_entry("sys", "cloud", "pay", trusted, "HTTP"),
+        rule("sys", "{mode: SIMPLE, sni: api.pay.test}"),
+        service_entry("syssan", "cloud", "pay", trusted, "HTTP"),
+        rule(
+            "syssan",
+            "{mode: SIMPLE, sni: api.pay.test, subjectAltNames: [billing.pay.test, api.pay.test]}",
+        ),
+        service_entry("syswrongsan", "cloud", "pay", trusted, "HTTP"),
+        rule(
+            "syswrongsan",
+            "{mode: SIMPLE, sni: api.pay.test, subjectAltNames: [billing.pay.test]}",
+        ),
+        service_entry("unrelated", "cloud", "pay", unrelated, "HTTP"),
+        rule("unrelated", "{mode: SIMPLE, sni: api.pay.test}"),
+        frontend_only("pay-callers", "cloud", "pay"),
+    ]
+    .join("\n");
+    assert!(!yaml.contains("caCertificates"));
+    let f = tmp.path().join("mesh.yaml");
+    std::fs::write(&f, &yaml).expect("yaml");
+    let f = f.to_str().expect("utf8");
+
+    // No certificate in the bundle: apply and validate refuse, naming the
+    // rule, the field and where the roots were looked for.
+    let no_roots = format!(
+        "DestinationRule cloud/sys: spec.trafficPolicy.tls.caCertificates: not set, and no system roots could be loaded from SSL_CERT_FILE={bundle_s}: no CERTIFICATE found"
+    );
+    let o = hub.cli(&["apply", "-f", f]);
+    let t = text(&o);
+    assert!(!o.status.success(), "applied without roots: {t}");
+    assert!(t.contains(&no_roots), "{t}");
+    let o = run(std::process::Command::new(bin("tidemesh-hub"))
+        .env("SSL_CERT_FILE", &bundle_s)
+        .env_remove("SSL_CERT_DIR")
+        .args(["validate", "-f", f]));
+    let t = text(&o);
+    assert!(!o.status.success(), "validated without roots: {t}");
+    assert!(t.contains(&no_roots), "{t}");
+
+    // One CA in the bundle: loaded at this apply, and kept.
+    std::fs::write(&bundle, std::fs::read(&pki.other_ca).expect("ca pem")).expect("bundle");
+    let o = hub.cli(&["apply", "-f", f]);
+    assert!(o.status.success(), "apply: {}", text(&o));
+    std::fs::write(&bundle, &key_pem).expect("spoil the bundle");
+
+    let o_front = free_tcp();
+    let cfg = write_config(
+        tmp.path(),
+        "a",
+        &format!("[[workload]]\nservice_account = \"frontend\"\noutbound = \"{o_front}\"\n"),
+    );
+    let spoke = start_spoke(tmp.path(), &hub, "spoke0", 0, &cfg, hub_addr);
+
+    // SIMPLE against the system roots, the name from sni.
+    let r = wait_for(Duration::from_secs(10), || {
+        let r = call(o_front, "GET", "sys.cloud", "/sys", &[]);
+        (r.status == 200).then_some(r)
+    })
+    .unwrap_or_else(|| panic!("{:?}", call(o_front, "GET", "sys.cloud", "/sys", &[])));
+    assert_eq!(r.body, "tls-ok client-cert=no", "{r:?}");
+    let rec = find_record(&hub, &spoke, "the SIMPLE call", |r| {
+        r["telemetry"]["operation_name"] == "GET /sys" && r["telemetry"]["status_code"] == 200
+    });
+    let reason = rec["routing_decision"]["selection_reason"]
+        .as_str()
+        .unwrap_or("");
+    assert!(
+        reason.contains("upstream_tls=1.3 TLS13_") && reason.contains("SIMPLE sni=api.pay.test"),
+        "{rec:#}"
+    );
+    // subjectAltNames: one of them matching passes, none matching is refused.
+    let r = call(o_front, "GET", "syssan.cloud", "/syssan", &[]);
+    assert_eq!((r.status, r.body.as_str()), (200, "tls-ok client-cert=no"));
+    let r = call(o_front, "GET", "syswrongsan.cloud", "/syswrongsan", &[]);
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.body.contains("not valid for the expected name"), "{r:?}");
+
+    // A server whose CA is not in the system roots: 503 with the reason,
+    // naming where the roots came from, and the evidence says why.
+    let why = format!(
+        "does not chain to a CA in the system roots (SSL_CERT_FILE={bundle_s}, 1 root; caCertificates is not set)"
+    );
+    let r = call(o_front, "GET", "unrelated.cloud", "/unrelated", &[]);
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.body.contains(&why), "{r:?}");
+    assert!(!r.body.contains("tls-ok"), "{r:?}");
+    let rec = find_record(&hub, &spoke, "the refused call", |r| {
+        r["telemetry"]["operation_name"] == "GET /unrelated" && r["telemetry"]["status_code"] == 503
+    });
+    let msg = rec["telemetry"]["status"]["message"].as_str().unwrap_or("");
+    // (the record's message is bounded: the start of the reason)
+    assert!(
+        msg.contains("TLS origination")
+            && msg.contains("does not chain to a CA in the system roots (SSL_CERT_FILE="),
+        "{rec:#}"
+    );
+    // The roots were read once: the spoiled bundle is not read again.
+    let o = hub.cli(&["apply", "-f", f]);
+    assert!(o.status.success(), "apply after the load: {}", text(&o));
+    let r = call(o_front, "GET", "sys.cloud", "/sys-again", &[]);
+    assert_eq!((r.status, r.body.as_str()), (200, "tls-ok client-cert=no"));
 }
 
 /// Waits until spoke `s` applied config version `v`.

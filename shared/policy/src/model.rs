@@ -505,8 +505,8 @@ impl TlsMode {
 pub struct ClientTls {
     /// The mode.
     pub mode: TlsMode,
-    /// PEM file of the CA certificates the server's chain must end in
-    /// (required for `SIMPLE` and `MUTUAL`: the hub carries no system roots).
+    /// PEM file of the CA certificates the server's chain must end in;
+    /// when absent (`SIMPLE`, `MUTUAL`) the hub's system roots.
     pub ca_certificates: Option<String>,
     /// PEM file of the client certificate chain (`MUTUAL`).
     pub client_certificate: Option<String>,

@@ -616,6 +616,43 @@ spec:
     assert_eq!(again, c);
     let wire = postcard::to_allocvec(&c).unwrap();
     assert_eq!(postcard::from_bytes::<MeshConfig>(&wire).unwrap(), c);
+
+    // Without caCertificates (SIMPLE or MUTUAL) the hub verifies against its
+    // system roots: the setting is accepted, with no CA file, and prints
+    // back without one.
+    let no_ca = format!(
+        "{TLS_ENTRY}---{}",
+        r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: payments, namespace: cloud}
+spec:
+  host: pay.cloud.test
+  trafficPolicy:
+    tls: {mode: SIMPLE, sni: api.pay.test}
+    portLevelSettings:
+    - port: {number: 443}
+      tls: {mode: MUTUAL, clientCertificate: /etc/c.pem, privateKey: /etc/k.pem}
+"#
+    );
+    let c = MeshConfig::from_yaml(&no_ca).unwrap_or_else(|e| panic!("{e}"));
+    let t = &c.destination_policies[0].traffic;
+    let host = t.tls.as_ref().unwrap();
+    assert_eq!(
+        (host.mode, host.ca_certificates.as_deref()),
+        (TlsMode::Simple, None)
+    );
+    let port = t.tls_for_port(443).unwrap();
+    assert_eq!(
+        (port.mode, port.ca_certificates.as_deref()),
+        (TlsMode::Mutual, None)
+    );
+    let printed = c.to_yaml();
+    assert!(!printed.contains("caCertificates"), "{printed}");
+    assert_eq!(
+        MeshConfig::from_yaml(&printed).unwrap_or_else(|e| panic!("{e}")),
+        c
+    );
 }
 
 /// Every TLS setting tidemesh could not act on is refused with the field.
@@ -625,8 +662,6 @@ fn tls_origination_refuses_what_it_cannot_act_on() {
         format!("{TLS_ENTRY}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: p, namespace: cloud}}\nspec:\n  host: pay.cloud.test\n  trafficPolicy: {tp}\n")
     };
     let cases = [
-        ("{tls: {mode: SIMPLE}}",
-         "spec.trafficPolicy.tls.caCertificates: required for SIMPLE"),
         ("{tls: {mode: ISTIO_MUTUAL}}",
          "spec.trafficPolicy.tls.mode: ISTIO_MUTUAL is not supported"),
         ("{tls: {mode: MUTUAL, caCertificates: /ca.pem}}",

@@ -844,7 +844,7 @@ fn client_tls(cx: &mut Cx, path: &str, t: &ClientTlsIn) -> Option<ClientTls> {
     if t.insecure_skip_verify == Some(true) {
         cx.err(
             format!("{path}.insecureSkipVerify"),
-            "tidemesh always verifies the server; give caCertificates",
+            "tidemesh always verifies the server (against caCertificates, or the hub's system roots when it is not set)",
         );
     }
     if t.ca_crl.is_some() {
@@ -889,12 +889,8 @@ fn client_tls(cx: &mut Cx, path: &str, t: &ClientTlsIn) -> Option<ClientTls> {
             }
         }
         Some(m) => {
-            if t.ca_certificates.is_none() {
-                cx.err(
-                    format!("{path}.caCertificates"),
-                    format!("required for {}: the hub verifies cloud servers against this CA file only (it carries no system roots)", m.as_str()),
-                );
-            }
+            // Without caCertificates the hub verifies against the system
+            // roots (as Istio does).
             let pair = [
                 ("clientCertificate", &t.client_certificate),
                 ("privateKey", &t.private_key),
