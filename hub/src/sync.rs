@@ -432,30 +432,26 @@ pub fn slice_with(
         .filter(|w| w.store == store)
         .cloned()
         .collect();
+    // A policy with a selector travels only to stores with a workload
+    // (configured or registered) it selects; one without, everywhere.
+    let selects_here = |selector: &Option<tidemesh_policy::model::Labels>| match selector {
+        None => true,
+        Some(sel) => workloads
+            .iter()
+            .map(|w| &w.labels)
+            .chain(registered)
+            .any(|labels| sel.iter().all(|(k, v)| labels.get(k) == Some(v))),
+    };
     let authz_policies = config
         .authz_policies
         .iter()
-        .filter(|p| match &p.selector {
-            None => true,
-            Some(sel) => workloads
-                .iter()
-                .map(|w| &w.labels)
-                .chain(registered)
-                .any(|labels| sel.iter().all(|(k, v)| labels.get(k) == Some(v))),
-        })
+        .filter(|p| selects_here(&p.selector))
         .cloned()
         .collect();
     let request_authns: Vec<_> = config
         .request_authns
         .iter()
-        .filter(|p| match &p.selector {
-            None => true,
-            Some(sel) => workloads
-                .iter()
-                .map(|w| &w.labels)
-                .chain(registered)
-                .any(|labels| sel.iter().all(|(k, v)| labels.get(k) == Some(v))),
-        })
+        .filter(|p| selects_here(&p.selector))
         .cloned()
         .collect();
     // Only the key set files the store's rules name travel.
