@@ -31,6 +31,18 @@ impl Validity {
             .unwrap_or_default();
         self.not_before + life.mul_f64(fraction.clamp(0.05, 0.95))
     }
+
+    /// The window counted from `arrived` (when the certificate was
+    /// obtained) when that is later than `not_before`.
+    fn since(self, arrived: Option<SystemTime>) -> Validity {
+        match arrived {
+            Some(t) if t > self.not_before => Validity {
+                not_before: t.min(self.not_after),
+                not_after: self.not_after,
+            },
+            _ => self,
+        }
+    }
 }
 
 /// What is installed now.
@@ -85,6 +97,12 @@ pub struct Plan {
     settings: PlanSettings,
     /// Per action: not before this time (a backoff or the least gap).
     hold: [Option<SystemTime>; 3],
+    /// When this session last renewed the node SVID and the node CA. The
+    /// hub backdates `not_before` (60 s, for clock skew), so a window
+    /// counted from `not_before` puts the renewal point of a short-lived
+    /// certificate in the past the moment it arrives; counted from when it
+    /// arrived, a 16 s SVID is renewed after 8 s, not every least gap.
+    renewed: [Option<SystemTime>; 2],
     /// When the next time anchor is due.
     next_anchor: SystemTime,
 }
@@ -96,6 +114,7 @@ impl Plan {
         Plan {
             settings,
             hold: [None; 3],
+            renewed: [None; 2],
             next_anchor: now + settings.anchor_interval,
         }
     }
@@ -103,8 +122,13 @@ impl Plan {
     /// When `action` is due by the facts alone.
     fn due_at(&self, action: Action, f: &Facts) -> SystemTime {
         let due = match action {
-            Action::RenewNode => f.node.at(self.settings.renew_fraction),
-            Action::RenewNodeCa => f.node_ca.map_or(f.now, |ca| ca.at(0.5)),
+            Action::RenewNode => f
+                .node
+                .since(self.renewed[0])
+                .at(self.settings.renew_fraction),
+            Action::RenewNodeCa => f
+                .node_ca
+                .map_or(f.now, |ca| ca.since(self.renewed[1]).at(0.5)),
             Action::RefreshTime => self.next_anchor,
         };
         match self.hold[action.index()] {
@@ -138,6 +162,13 @@ impl Plan {
             backoff.max(self.settings.min_gap)
         };
         self.hold[action.index()] = Some(now + hold);
+        if ok {
+            match action {
+                Action::RenewNode => self.renewed[0] = Some(now),
+                Action::RenewNodeCa => self.renewed[1] = Some(now),
+                Action::RefreshTime => {}
+            }
+        }
         if action == Action::RefreshTime {
             // a failed anchor is retried after the backoff, a good one
             // after the interval
@@ -271,12 +302,14 @@ mod tests {
 
     #[test]
     fn a_certificate_due_again_at_once_cannot_make_it_spin() {
-        // the hub "renews" with the same old certificate: due again at once
+        // the hub "renews" with the same old certificate: by its window it
+        // is due again at once; the plan retries halfway through what is
+        // left each time, never closer than the least gap
         let mut plan = Plan::new(settings(), t(0));
         let node = window(0, H);
         let mut now = t(1800);
-        let mut attempts = 0;
-        while now < t(1810) {
+        let mut attempts = Vec::new();
+        while now < t(3600) {
             let f = Facts {
                 now,
                 node,
@@ -284,15 +317,60 @@ mod tests {
             };
             match plan.poll_action(&f) {
                 Some(a) => {
-                    attempts += 1;
+                    if a == Action::RenewNode {
+                        attempts.push(now);
+                    }
                     plan.handle_result(a, now, true, Duration::from_secs(5));
                 }
                 None => now = plan.next_wake(&f),
             }
         }
-        // one attempt per least gap (100 ms) at most over 10 s
-        assert!(attempts <= 101, "{attempts} attempts in 10 s");
-        assert!(attempts >= 90, "{attempts} attempts in 10 s");
+        assert_eq!(attempts[0], t(1800));
+        assert_eq!(attempts[1], t(2700), "{attempts:?}");
+        assert!(
+            (10..=25).contains(&attempts.len()),
+            "{} attempts before expiry",
+            attempts.len()
+        );
+        for w in attempts.windows(2) {
+            assert!(w[1].duration_since(w[0]).expect("ordered") >= Duration::from_millis(100));
+        }
+    }
+
+    #[test]
+    fn a_short_backdated_svid_is_renewed_at_half_its_life_not_at_once() {
+        // the hub backdates not_before by 60 s: a 16 s SVID's window is
+        // 76 s long and its half-life point is in the past when it arrives
+        let backdated = |now: SystemTime| Validity {
+            not_before: now - Duration::from_secs(60),
+            not_after: now + Duration::from_secs(16),
+        };
+        let mut plan = Plan::new(settings(), t(0));
+        let mut node = backdated(t(0));
+        let ca = Some(window(0, 30 * 24 * H));
+        let mut now = t(0);
+        let mut renewals = Vec::new();
+        while now < t(120) {
+            let f = Facts {
+                now,
+                node,
+                node_ca: ca,
+            };
+            match plan.poll_action(&f) {
+                Some(a) => {
+                    if a == Action::RenewNode {
+                        renewals.push(now.duration_since(t(0)).expect("after t0").as_secs());
+                        node = backdated(now);
+                    }
+                    plan.handle_result(a, now, true, Duration::from_secs(5));
+                }
+                None => now = plan.next_wake(&f),
+            }
+        }
+        // at once (the session does not know when the first one came),
+        // then every 8 s
+        let want: Vec<u64> = (0..15).map(|i| i * 8).collect();
+        assert_eq!(renewals, want);
     }
 
     #[test]
