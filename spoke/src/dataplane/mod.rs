@@ -1187,6 +1187,46 @@ pub(crate) async fn accept_apps<F, Fut>(
     }
 }
 
+/// Serves HTTP (HTTP/1.1 or HTTP/2, as the app speaks) on an app-facing
+/// listener: [`accept_apps`], then each request through `handle`.
+pub(crate) async fn serve_apps_http<H, Fut>(
+    s: Arc<Shared>,
+    listener: tokio::net::TcpListener,
+    what: &'static str,
+    handle: H,
+) where
+    H: Fn(Arc<Shared>, hyper::Request<hyper::body::Incoming>) -> Fut
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    Fut: std::future::Future<Output = hyper::Response<Body>> + Send + 'static,
+{
+    accept_apps(s, listener, what, move |s, stream| {
+        let handle = handle.clone();
+        async move {
+            let svc = {
+                let s = s.clone();
+                hyper::service::service_fn(move |req| {
+                    let fut = handle(s.clone(), req);
+                    async move { Ok::<_, std::convert::Infallible>(fut.await) }
+                })
+            };
+            if let Err(e) = tidemesh_net::http::app_server(
+                s.settings.header_timeout,
+                s.settings.max_header_bytes,
+                s.settings.quic.max_streams,
+            )
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+            .await
+            {
+                tracing::debug!(error = %e, listener = what, "app connection ended");
+            }
+        }
+    })
+    .await
+}
+
 /// The pooled client to this spoke's workloads: HTTP/1.1, or HTTP/2 with
 /// prior knowledge.
 fn workload_client(settings: &DataSettings, h2: bool) -> Client<HttpConnector, Body> {

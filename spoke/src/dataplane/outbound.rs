@@ -14,17 +14,14 @@
 //! commit.
 
 use std::{
-    convert::Infallible,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use http_body_util::BodyExt;
 use hyper::{
-    body::Incoming, header::HeaderValue, server::conn::http1, service::service_fn, Request,
-    Response, StatusCode,
+    body::Incoming, header::HeaderValue, server::conn::http1, Request, Response, StatusCode,
 };
-use hyper_util::rt::TokioIo;
 use tidemesh_evidence::record::{EnforcementPoint, ReliabilityEvidence, RequestEvidence};
 use tidemesh_identity::naming;
 use tidemesh_net::http::{full, HUB_STATUS, UPSTREAM, UPSTREAM_TLS};
@@ -47,24 +44,8 @@ pub(crate) fn http1_server(settings: &DataSettings) -> http1::Builder {
 
 /// Accepts app connections on workload `caller`'s outbound listener.
 pub(crate) async fn serve(s: Arc<Shared>, caller: usize, listener: tokio::net::TcpListener) {
-    super::accept_apps(s, listener, "outbound", move |s, stream| async move {
-        let svc = {
-            let s = s.clone();
-            service_fn(move |req| {
-                let s = s.clone();
-                async move { Ok::<_, Infallible>(handle(&s, caller, req).await) }
-            })
-        };
-        if let Err(e) = tidemesh_net::http::app_server(
-            s.settings.header_timeout,
-            s.settings.max_header_bytes,
-            s.settings.quic.max_streams,
-        )
-        .serve_connection(TokioIo::new(stream), svc)
-        .await
-        {
-            debug!(error = %e, "app connection ended");
-        }
+    super::serve_apps_http(s, listener, "outbound", move |s, req| async move {
+        handle(&s, caller, req).await
     })
     .await
 }

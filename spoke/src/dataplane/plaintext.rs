@@ -17,17 +17,15 @@
 //! `x-forwarded-client-cert` it sent is dropped by delivery), or deliver one
 //! without reading the mode first.
 
-use std::{convert::Infallible, sync::Arc, time::Instant};
+use std::{sync::Arc, time::Instant};
 
-use hyper::{body::Incoming, service::service_fn, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::{body::Incoming, Request, Response, StatusCode};
 use tidemesh_evidence::record::{
     AuthorizationEvidence, Decision, EnforcementPoint, IdentityEvidence, LbAlgorithm,
     RoutingEvidence, TlsVersion,
 };
 use tidemesh_policy::model::PeerMtls;
 use tokio::time::timeout;
-use tracing::debug;
 
 use super::{
     finish_from_response, inbound, local_response, outbound, span_random, trace, Body,
@@ -59,30 +57,9 @@ pub(crate) async fn bind(
 
 /// Serves local clients of workload `idx` on `listener`.
 pub(crate) async fn serve(s: Arc<Shared>, idx: usize, listener: tokio::net::TcpListener) {
-    super::accept_apps(
-        s,
-        listener,
-        "plaintext_inbound",
-        move |s, stream| async move {
-            let svc = {
-                let s = s.clone();
-                service_fn(move |req| {
-                    let s = s.clone();
-                    async move { Ok::<_, Infallible>(handle(&s, idx, req).await) }
-                })
-            };
-            if let Err(e) = tidemesh_net::http::app_server(
-                s.settings.header_timeout,
-                s.settings.max_header_bytes,
-                s.settings.quic.max_streams,
-            )
-            .serve_connection(TokioIo::new(stream), svc)
-            .await
-            {
-                debug!(error = %e, "plaintext client connection ended");
-            }
-        },
-    )
+    super::serve_apps_http(s, listener, "plaintext_inbound", move |s, req| async move {
+        handle(&s, idx, req).await
+    })
     .await
 }
 
