@@ -2502,3 +2502,278 @@ fn readyz_healthcheck_and_sd_notify_follow_enrollment_config_not_the_hub() {
         spoke_notify.messages()
     );
 }
+
+// ---- Packaging: `--version`, the `--data-dir` default, completions and man
+// pages, the container build file and the Kubernetes manifests, each checked
+// against the real binaries.
+
+fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// A child process killed when dropped (a failed assertion must not leave a
+/// hub running).
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        tidemesh_tests::kill(&mut self.0);
+    }
+}
+
+/// A command for one of the binaries with no tidemesh setting inherited
+/// from the environment the tests run in.
+fn clean_cmd(name: &str) -> Command {
+    let mut c = Command::new(bin(name));
+    for (k, _) in std::env::vars_os() {
+        if let Some(k) = k.to_str() {
+            if k.starts_with("TIDEMESH_") || k == "STATE_DIRECTORY" {
+                c.env_remove(k);
+            }
+        }
+    }
+    c
+}
+
+/// Starts `serve` (stdout's first line is `listening=ADDR`) and returns it
+/// with the QUIC address.
+fn spawn_hub_serve(mut cmd: Command, log: &std::path::Path) -> (Reaped, SocketAddr) {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(log).expect("log file"))
+        .spawn()
+        .expect("spawn hub");
+    let stdout = child.stdout.take().expect("stdout");
+    let child = Reaped(child);
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read listening line");
+    let addr = line
+        .trim()
+        .strip_prefix("listening=")
+        .unwrap_or_else(|| {
+            panic!(
+                "expected listening=ADDR, got {line:?}; log: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            )
+        })
+        .parse()
+        .expect("address");
+    (child, addr)
+}
+
+#[test]
+fn version_names_the_commit_target_and_profile() {
+    // The commit the build recorded: TIDEMESH_BUILD_COMMIT when the build
+    // had it, else git's HEAD (CI builds and tests one checkout).
+    let commit = match std::env::var("TIDEMESH_BUILD_COMMIT") {
+        Ok(c) if !c.trim().is_empty() => c.trim().to_owned(),
+        _ => Command::new("git")
+            .args(["rev-parse", "--short=12", "HEAD"])
+            .current_dir(repo_root())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_else(|| "unknown".into()),
+    };
+    for name in ["tidemesh-hub", "tidemesh-spoke"] {
+        let o = run(clean_cmd(name).arg("--version"));
+        assert!(o.status.success(), "{}", text(&o));
+        let out = String::from_utf8_lossy(&o.stdout);
+        let line = out.trim();
+        let want = format!(
+            "{name} {} (commit {commit}, built for ",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(line.starts_with(&want), "{line:?} should start {want:?}");
+        let rest = &line[want.len()..];
+        let (target, profile) = rest
+            .strip_suffix(')')
+            .and_then(|r| r.split_once(", "))
+            .unwrap_or_else(|| panic!("{line:?}"));
+        assert!(
+            target.starts_with(std::env::consts::ARCH) && target.contains("linux"),
+            "{line:?}"
+        );
+        assert!(profile == "debug" || profile == "release", "{line:?}");
+    }
+}
+
+#[test]
+fn data_dir_defaults_to_state_directory_and_says_when_it_is_missing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let missing = tmp.path().join("missing");
+
+    // $STATE_DIRECTORY names a directory that does not exist: refused before
+    // the command runs, naming it and where it came from.
+    for (name, args) in [
+        ("tidemesh-hub", &["spokes"][..]),
+        ("tidemesh-hub", &["init", "--trust-domain", TD][..]),
+        ("tidemesh-spoke", &["status"][..]),
+        ("tidemesh-spoke", &["evidence", "verify"][..]),
+    ] {
+        let o = run(clean_cmd(name).args(args).env("STATE_DIRECTORY", &missing));
+        assert_eq!(o.status.code(), Some(1), "{name} {args:?}: {}", text(&o));
+        let t = text(&o);
+        assert!(
+            t.contains(&format!(
+                "error: data directory {} ($STATE_DIRECTORY",
+                missing.display()
+            )) && t.contains("does not exist")
+                && t.contains("--data-dir"),
+            "{name} {args:?}: {t}"
+        );
+        assert!(!missing.exists(), "nothing created");
+    }
+    // Without it the default is /var/lib/NAME, checked the same way (on a
+    // box where the package is not installed).
+    for name in ["tidemesh-hub", "tidemesh-spoke"] {
+        let dflt = format!("/var/lib/{name}");
+        if std::path::Path::new(&dflt).exists() {
+            eprintln!("{dflt} exists here: its refusal is not checked");
+            continue;
+        }
+        let o = run(clean_cmd(name).arg("status"));
+        let o = if name == "tidemesh-hub" {
+            run(clean_cmd(name).arg("spokes"))
+        } else {
+            o
+        };
+        assert!(
+            text(&o).contains(&format!("data directory {dflt} (the default")),
+            "{}",
+            text(&o)
+        );
+    }
+
+    // Under systemd: init, serve, token create all find the directory
+    // through $STATE_DIRECTORY alone.
+    let hub_dir = tmp.path().join("hub");
+    std::fs::create_dir(&hub_dir).expect("mkdir");
+    let o = run(clean_cmd("tidemesh-hub")
+        .args(["init", "--trust-domain", TD])
+        .env("STATE_DIRECTORY", &hub_dir));
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(mode(&hub_dir.join("ca_key.pem")), 0o600);
+    let mut serve = clean_cmd("tidemesh-hub");
+    serve
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("STATE_DIRECTORY", &hub_dir);
+    let (_hub, addr) = spawn_hub_serve(serve, &tmp.path().join("hub.log"));
+    let id = node("pkg", "n1");
+    let token = wait_for(Duration::from_secs(10), || {
+        let o = run(clean_cmd("tidemesh-hub")
+            .args(["token", "create", "--spoke", &id])
+            .env("STATE_DIRECTORY", &hub_dir));
+        o.status
+            .success()
+            .then(|| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    })
+    .expect("token create through $STATE_DIRECTORY");
+    // TIDEMESH_DATA_DIR is an explicit choice: it wins, and is not checked
+    // as a default would be.
+    let o = run(clean_cmd("tidemesh-hub")
+        .args(["spokes", "--json"])
+        .env("STATE_DIRECTORY", &missing)
+        .env("TIDEMESH_DATA_DIR", &hub_dir));
+    assert!(o.status.success(), "{}", text(&o));
+
+    // The spoke: enroll and an offline command through $STATE_DIRECTORY.
+    let spoke_dir = tmp.path().join("spoke");
+    std::fs::create_dir(&spoke_dir).expect("mkdir");
+    let o = run(clean_cmd("tidemesh-spoke")
+        .args(["enroll", "--hub", &addr.to_string(), "--token", &token])
+        .env("STATE_DIRECTORY", &spoke_dir));
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(mode(&spoke_dir.join("node_key.pem")), 0o600);
+    let out = tmp.path().join("svid");
+    let o = run(clean_cmd("tidemesh-spoke")
+        .args(["svid", "export", "--out"])
+        .arg(&out)
+        .env("STATE_DIRECTORY", &spoke_dir));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains(&id), "{}", text(&o));
+    let o = run(clean_cmd("tidemesh-hub")
+        .args(["spokes", "--json"])
+        .env("STATE_DIRECTORY", &hub_dir));
+    assert!(text(&o).contains(&id), "{}", text(&o));
+}
+
+#[test]
+fn completions_and_man_pages_come_from_the_command_line() {
+    for (name, sub, prefix) in [
+        ("tidemesh-hub", "token", "tok"),
+        ("tidemesh-spoke", "enroll", "enr"),
+    ] {
+        // bash: load the script and ask its completion function, as
+        // bash-completion does on TAB.
+        let o = run(clean_cmd(name).args(["completions", "bash"]));
+        assert!(o.status.success(), "{}", text(&o));
+        let script = String::from_utf8_lossy(&o.stdout).into_owned();
+        // The function the script registers: `complete -F FUNC ... NAME`.
+        let func = script
+            .lines()
+            .find_map(|l| {
+                let mut w = l.split_whitespace();
+                (w.next() == Some("complete") && l.trim_end().ends_with(name))
+                    .then(|| w.skip_while(|x| *x != "-F").nth(1))
+                    .flatten()
+            })
+            .unwrap_or_else(|| panic!("no `complete -F FUNC ... {name}` in {script}"));
+        let probe = format!(
+            "{script}\nCOMP_WORDS=({name} {prefix}); COMP_CWORD=1; COMP_LINE='{name} {prefix}'; \
+             COMP_POINT=${{#COMP_LINE}}; {func} {name} {prefix} {name}; printf '%s\\n' \"${{COMPREPLY[@]}}\""
+        );
+        let o = run(Command::new("bash").args(["-c", &probe]));
+        assert!(o.status.success(), "{}", text(&o));
+        let got: Vec<String> = String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| l.trim().to_owned())
+            .collect();
+        assert_eq!(got, vec![sub.to_owned()], "{name} {prefix}<TAB>");
+        for shell in ["zsh", "fish"] {
+            let o = run(clean_cmd(name).args(["completions", shell]));
+            assert!(o.status.success(), "{}", text(&o));
+            let s = String::from_utf8_lossy(&o.stdout);
+            assert!(s.contains(name) && s.contains(sub), "{shell}: {s}");
+        }
+        let o = run(clean_cmd(name).args(["completions", "tcsh"]));
+        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+
+        // man: one page on stdout, or one per command with --out-dir.
+        let o = run(clean_cmd(name).arg("man"));
+        assert!(o.status.success(), "{}", text(&o));
+        let page = String::from_utf8_lossy(&o.stdout);
+        assert!(page.contains(&format!(".TH {name} 1")), "{page}");
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let o = run(clean_cmd(name).args(["man", "--out-dir"]).arg(tmp.path()));
+        assert!(o.status.success(), "{}", text(&o));
+        let sub_page = tmp.path().join(format!("{name}-{sub}.1"));
+        assert!(tmp.path().join(format!("{name}.1")).is_file());
+        assert!(sub_page.is_file(), "no {}", sub_page.display());
+        // Rendered by man(1) where it is installed: the page documents the
+        // --data-dir default.
+        if Command::new("man").arg("--version").output().is_ok() {
+            let o = run(Command::new("man")
+                .arg("-l")
+                .arg(tmp.path().join(format!("{name}-status.1")))
+                .env("MANWIDTH", "200")
+                .env("MANPAGER", "cat"));
+            assert!(o.status.success(), "{}", text(&o));
+            let t = String::from_utf8_lossy(&o.stdout);
+            assert!(
+                t.contains("--data-dir") && t.contains("STATE_DIRECTORY"),
+                "{t}"
+            );
+        } else {
+            eprintln!("man(1) not installed: the pages are not rendered");
+        }
+    }
+}
