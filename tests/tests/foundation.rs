@@ -2708,9 +2708,9 @@ fn data_dir_defaults_to_state_directory_and_says_when_it_is_missing() {
 
 #[test]
 fn completions_and_man_pages_come_from_the_command_line() {
-    for (name, sub, prefix) in [
-        ("tidemesh-hub", "token", "tok"),
-        ("tidemesh-spoke", "enroll", "enr"),
+    for (name, sub, prefix, with_data_dir) in [
+        ("tidemesh-hub", "token", "tok", "spokes"),
+        ("tidemesh-spoke", "enroll", "enr", "status"),
     ] {
         // bash: load the script and ask its completion function, as
         // bash-completion does on TAB.
