@@ -71,8 +71,12 @@ for p in tidemesh-hub tidemesh-spoke; do
     check "$p: /var/lib/$p owned by $p, mode 700" \
         test "$(stat -c '%U %a' "/var/lib/$p")" = "$p 700"
     check "$p: unit installed" test -n "$(unit_file "$p")"
+    check "$p: unit not enabled" test ! -e "/etc/systemd/system/multi-user.target.wants/$p.service"
     check "$p: bash completion" test -s "/usr/share/bash-completion/completions/$p"
-    check "$p: man page" test -s "/usr/share/man/man1/$p.1.gz"
+    check "$p: zsh completion" test -s "/usr/share/zsh/vendor-completions/_$p"
+    check "$p: fish completion" test -s "/usr/share/fish/vendor_completions.d/$p.fish"
+    check "$p: man pages" test -s "/usr/share/man/man1/$p.1.gz" -a -s "/usr/share/man/man1/$p-healthcheck.1.gz"
+    check "$p: README" test -s "/usr/share/doc/$p/README.md"
     v=$("/usr/bin/$p" --version)
     check "$p --version names a commit ($v)" grep -Eq "^$p [0-9.]+ \(commit [0-9a-zA-Z._+-]+, built for " <<<"$v"
 done

@@ -8,6 +8,7 @@
 #                 deploy/cross-check.sh, or drop --no-build with the cross linker set up)
 #   --no-build    package binaries already built for that profile and target
 #   --out DIR     where the .deb files go (default: TARGET_DIR/debian)
+#   --fast        faster, weaker compression (cargo deb --fast)
 #   hub, spoke    which packages (default both)
 #
 # Needs cargo-deb (`cargo install cargo-deb --locked`). Shell completions (bash, zsh,
@@ -22,6 +23,7 @@ PROFILE=release
 TARGET=
 BUILD=1
 OUT=
+FAST=()
 WHICH=()
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -29,8 +31,9 @@ while [[ $# -gt 0 ]]; do
         --target) TARGET=${2:?--target needs a value}; shift 2 ;;
         --no-build) BUILD=0; shift ;;
         --out) OUT=${2:?--out needs a value}; shift 2 ;;
+        --fast) FAST=(--fast); shift ;;
         hub | spoke) WHICH+=("$1"); shift ;;
-        -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "package: unknown argument '$1' (see --help)" >&2; exit 1 ;;
     esac
 done
@@ -79,7 +82,9 @@ for w in "${WHICH[@]}"; do
     bin=$target_dir/${TARGET:+$TARGET/}$profile_dir/$name
     [[ -x $bin ]] || fail "no binary at $bin (build it, or drop --no-build)"
     log "packaging $bin"
-    cargo deb -p "$name" --no-build --profile "$PROFILE" "${target_flag[@]}" --output "$OUT"
+    start=$SECONDS
+    cargo deb -p "$name" --no-build --profile "$PROFILE" "${target_flag[@]}" "${FAST[@]}" --output "$OUT"
+    log "cargo deb took $((SECONDS - start)) s"
 done
 log "packages in $OUT:"
 ls -l "$OUT"/*.deb
