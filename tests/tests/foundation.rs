@@ -2640,12 +2640,13 @@ fn data_dir_defaults_to_state_directory_and_says_when_it_is_missing() {
             eprintln!("{dflt} exists here: its refusal is not checked");
             continue;
         }
-        let o = run(clean_cmd(name).arg("status"));
-        let o = if name == "tidemesh-hub" {
-            run(clean_cmd(name).arg("spokes"))
+        let cmd = if name == "tidemesh-hub" {
+            "spokes"
         } else {
-            o
+            "status"
         };
+        let o = run(clean_cmd(name).arg(cmd));
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
         assert!(
             text(&o).contains(&format!("data directory {dflt} (the default")),
             "{}",
