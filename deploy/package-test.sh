@@ -54,6 +54,7 @@ cleanup() {
     for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
     DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq tidemesh-hub tidemesh-spoke >/dev/null 2>&1 || true
     rm -f /etc/tidemesh/hub.env /etc/tidemesh/spoke.env
+    rmdir /etc/tidemesh 2>/dev/null || true
     rm -rf /var/lib/tidemesh-hub "$work"
 }
 trap cleanup EXIT
