@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use serde_json::{json, Value};
 use tidemesh_hub::{Hub, HubConfig};
 use tidemesh_identity::{clock::SystemClock, svid, TrustDomain};
@@ -12,7 +12,7 @@ use tidemesh_net::admin;
 /// The tidemesh hub: SPIFFE certificate authority, enrollment and control
 /// plane for a fleet of store spokes.
 #[derive(Parser)]
-#[command(name = "tidemesh-hub", version, about)]
+#[command(name = "tidemesh-hub", version = tidemesh_net::build_info::VERSION_LINE, about)]
 struct Cli {
     /// Log format for `serve`: `text` or `json`.
     #[arg(
@@ -64,8 +64,9 @@ impl GatewayArgs {
 enum Cmd {
     /// Create a hub data directory: CA (key mode 0600) and database.
     Init {
-        /// Where the hub keeps its state.
-        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        /// Where the hub keeps its state [default: $STATE_DIRECTORY, else
+        /// /var/lib/tidemesh-hub].
+        #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
         /// The SPIFFE trust domain, e.g. `edge.example`.
         #[arg(long, env = "TIDEMESH_TRUST_DOMAIN")]
@@ -73,8 +74,9 @@ enum Cmd {
     },
     /// Run the hub: QUIC control endpoint and the admin socket.
     Serve {
-        /// Where the hub keeps its state.
-        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        /// Where the hub keeps its state [default: $STATE_DIRECTORY, else
+        /// /var/lib/tidemesh-hub].
+        #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
         /// UDP address for QUIC, e.g. `0.0.0.0:7443`.
         #[arg(long, env = "TIDEMESH_LISTEN", default_value = "0.0.0.0:7443")]
@@ -159,6 +161,21 @@ enum Cmd {
         #[arg(long, env = "TIDEMESH_QUIC_STREAM_WINDOW", default_value = "128KiB", value_parser = tidemesh_net::cli::parse_size)]
         quic_stream_window: u64,
     },
+    /// Print the shell completion script (bash, zsh, fish, elvish,
+    /// powershell) on stdout, e.g. `tidemesh-hub completions bash >
+    /// /usr/share/bash-completion/completions/tidemesh-hub`.
+    Completions {
+        /// The shell.
+        shell: tidemesh_net::cli::Shell,
+    },
+    /// Print the man page (roff) on stdout, or write one page per command
+    /// and subcommand into `--out-dir` (`tidemesh-hub.1`,
+    /// `tidemesh-hub-SUBCOMMAND.1`, ...).
+    Man {
+        /// Write every page here instead.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
     /// Ask the running hub's `/readyz` (on its `--metrics` listener) whether
     /// it is ready. Exit status: 0 ready, 1 answered but not ready (the
     /// reason is printed), 2 nothing answered within `--timeout`.
@@ -179,8 +196,9 @@ enum Cmd {
     /// Fleet summary: spokes, evidence totals, per-spoke chains, aggregates
     /// per spoke, service and mode.
     Stats {
-        /// Where the hub keeps its state.
-        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        /// Where the hub keeps its state [default: $STATE_DIRECTORY, else
+        /// /var/lib/tidemesh-hub].
+        #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
         /// Print JSON.
         #[arg(long)]
@@ -190,8 +208,9 @@ enum Cmd {
     /// it: per spoke that called it, the six dimensions of its newest
     /// outbound request record per call path, and the records read.
     Vector {
-        /// Where the hub keeps its state.
-        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        /// Where the hub keeps its state [default: $STATE_DIRECTORY, else
+        /// /var/lib/tidemesh-hub].
+        #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
         /// The service's canonical host (`inventory.store`).
         #[arg(long)]
@@ -210,8 +229,9 @@ enum Cmd {
     },
     /// List enrolled spokes.
     Spokes {
-        /// Where the hub keeps its state.
-        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        /// Where the hub keeps its state [default: $STATE_DIRECTORY, else
+        /// /var/lib/tidemesh-hub].
+        #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
         /// Print JSON.
         #[arg(long)]
@@ -219,8 +239,9 @@ enum Cmd {
     },
     /// Revoke a spoke: its connection is closed and it is refused from now on.
     Revoke {
-        /// Where the hub keeps its state.
-        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        /// Where the hub keeps its state [default: $STATE_DIRECTORY, else
+        /// /var/lib/tidemesh-hub].
+        #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
         /// The spoke's node ID.
         #[arg(long)]
@@ -230,8 +251,9 @@ enum Cmd {
     /// VirtualService, DestinationRule, ServiceEntry; tidemesh kinds). All of
     /// it is validated before anything changes; success makes a new version.
     Apply {
-        /// Where the hub keeps its state.
-        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        /// Where the hub keeps its state [default: $STATE_DIRECTORY, else
+        /// /var/lib/tidemesh-hub].
+        #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
         /// The YAML file (`-` for standard input).
         #[arg(short = 'f', long = "filename")]
@@ -251,8 +273,9 @@ enum Cmd {
     /// unified diff of the YAML of every object that would change. Exit
     /// status: 0 no differences, 1 differences, 2 error. Changes nothing.
     Diff {
-        /// Where the hub keeps its state.
-        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        /// Where the hub keeps its state [default: $STATE_DIRECTORY, else
+        /// /var/lib/tidemesh-hub].
+        #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
         /// The YAML file (`-` for standard input).
         #[arg(short = 'f', long = "filename")]
@@ -267,8 +290,9 @@ enum Cmd {
     /// nothing: an object that does not exist, or whose removal breaks a
     /// reference, refuses the delete. Success makes a new version.
     Delete {
-        /// Where the hub keeps its state.
-        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        /// Where the hub keeps its state [default: $STATE_DIRECTORY, else
+        /// /var/lib/tidemesh-hub].
+        #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
         /// The YAML file naming the objects (`-` for standard input).
         #[arg(short = 'f', long = "filename", conflicts_with_all = ["kind", "name"])]
@@ -305,8 +329,9 @@ enum Cmd {
     /// or directly on hub.db when it is stopped. Refusals of anonymous
     /// requests are counted, not audited: see `tidemesh-hub stats`.
     Audit {
-        /// Where the hub keeps its state.
-        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        /// Where the hub keeps its state [default: $STATE_DIRECTORY, else
+        /// /var/lib/tidemesh-hub].
+        #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
         /// At most this many entries (1..=10000).
         #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=10_000))]
@@ -329,8 +354,9 @@ enum Cmd {
 enum EvidenceCmd {
     /// Records of one spoke, oldest first.
     Query {
-        /// Where the hub keeps its state.
-        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        /// Where the hub keeps its state [default: $STATE_DIRECTORY, else
+        /// /var/lib/tidemesh-hub].
+        #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
         /// The spoke's node ID.
         #[arg(long)]
@@ -354,8 +380,9 @@ enum EvidenceCmd {
     /// Check one spoke's chain from genesis or the retention checkpoint;
     /// exit status 1 names the first broken sequence number.
     Verify {
-        /// Where the hub keeps its state.
-        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        /// Where the hub keeps its state [default: $STATE_DIRECTORY, else
+        /// /var/lib/tidemesh-hub].
+        #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
         /// The spoke's node ID.
         #[arg(long)]
@@ -366,8 +393,9 @@ enum EvidenceCmd {
     },
     /// One spoke's counts: records, high-water mark, gaps, chain state.
     Stats {
-        /// Where the hub keeps its state.
-        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        /// Where the hub keeps its state [default: $STATE_DIRECTORY, else
+        /// /var/lib/tidemesh-hub].
+        #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
         /// The spoke's node ID.
         #[arg(long)]
@@ -378,8 +406,9 @@ enum EvidenceCmd {
     },
     /// Apply retention now.
     Prune {
-        /// Where the hub keeps its state.
-        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        /// Where the hub keeps its state [default: $STATE_DIRECTORY, else
+        /// /var/lib/tidemesh-hub].
+        #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
         /// Delete records older than this.
         #[arg(long, value_parser = humantime::parse_duration)]
@@ -394,8 +423,9 @@ enum EvidenceCmd {
 enum ConfigCmd {
     /// Every version: number, time, who, what changed.
     History {
-        /// Where the hub keeps its state.
-        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        /// Where the hub keeps its state [default: $STATE_DIRECTORY, else
+        /// /var/lib/tidemesh-hub].
+        #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
         /// Print JSON.
         #[arg(long)]
@@ -403,8 +433,9 @@ enum ConfigCmd {
     },
     /// Print a version's config (the newest by default).
     Get {
-        /// Where the hub keeps its state.
-        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        /// Where the hub keeps its state [default: $STATE_DIRECTORY, else
+        /// /var/lib/tidemesh-hub].
+        #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
         /// Which version.
         #[arg(long)]
@@ -415,8 +446,9 @@ enum ConfigCmd {
     },
     /// Make an earlier version current again (as a new version).
     Rollback {
-        /// Where the hub keeps its state.
-        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        /// Where the hub keeps its state [default: $STATE_DIRECTORY, else
+        /// /var/lib/tidemesh-hub].
+        #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
         /// The version to return to.
         #[arg(long)]
@@ -428,8 +460,9 @@ enum ConfigCmd {
 enum TokenCmd {
     /// Print a single-use join token bound to one spoke ID.
     Create {
-        /// Where the hub keeps its state.
-        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        /// Where the hub keeps its state [default: $STATE_DIRECTORY, else
+        /// /var/lib/tidemesh-hub].
+        #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
         /// The spoke node ID: spiffe://TD/store/STORE/node/NODE.
         #[arg(long)]
@@ -527,13 +560,27 @@ async fn audit_call(data_dir: &std::path::Path, req: Value) -> anyhow::Result<Va
     }
 }
 
+/// `--data-dir`'s default: `$STATE_DIRECTORY` (systemd), else
+/// `/var/lib/tidemesh-hub`; checked to exist before a command runs.
+fn default_data_dir() -> PathBuf {
+    tidemesh_net::cli::default_data_dir("tidemesh-hub")
+}
+
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = tidemesh_net::cli::parse_args::<Cli>();
     tidemesh_net::cli::run_main(real_main(cli))
 }
 
 async fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
+        Cmd::Completions { shell } => {
+            tidemesh_net::cli::print_completions(Cli::command(), shell)
+                .context("writing the completion script")?;
+        }
+        Cmd::Man { out_dir } => {
+            tidemesh_net::cli::write_man(Cli::command(), out_dir.as_deref())
+                .context("writing the man pages")?;
+        }
         Cmd::Init {
             data_dir,
             trust_domain,

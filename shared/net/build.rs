@@ -1,5 +1,5 @@
 //! Records the git commit the binaries are built from, for
-//! `tidemesh_build_info{commit}` (see `src/build_info.rs`).
+//! `tidemesh_build_info{commit}` and `--version` (see `src/build_info.rs`).
 //!
 //! `TIDEMESH_BUILD_COMMIT` wins when set (packagers building from a
 //! tarball, or a developer who does not want every commit to rebuild the
@@ -50,4 +50,14 @@ fn main() {
         commit
     };
     println!("cargo:rustc-env=TIDEMESH_BUILD_COMMIT={commit}");
+    // For `--version`: the target triple and the profile (`debug` or
+    // `release`; profiles that inherit release say `release`), both set by
+    // cargo for build scripts.
+    for (from, to) in [
+        ("TARGET", "TIDEMESH_BUILD_TARGET"),
+        ("PROFILE", "TIDEMESH_BUILD_PROFILE"),
+    ] {
+        let v = std::env::var(from).unwrap_or_else(|_| "unknown".into());
+        println!("cargo:rustc-env={to}={v}");
+    }
 }

@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use serde_json::{json, Value};
 use tidemesh_identity::clock::SystemClock;
 use tidemesh_net::{admin, cli::parse_size, QuicSettings};
@@ -12,7 +12,7 @@ use tidemesh_spoke::{FileConfig, Spoke, SpokeConfig};
 /// The tidemesh spoke: a store's node proxy that keeps working when the
 /// uplink to the hub drops.
 #[derive(Parser)]
-#[command(name = "tidemesh-spoke", version, about)]
+#[command(name = "tidemesh-spoke", version = tidemesh_net::build_info::VERSION_LINE, about)]
 struct Cli {
     /// Log format for `run`: `text` or `json`.
     #[arg(
@@ -32,8 +32,9 @@ struct Cli {
 enum Cmd {
     /// Enroll with the hub using a single-use join token.
     Enroll {
-        /// Where the spoke keeps its state.
-        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        /// Where the spoke keeps its state [default: $STATE_DIRECTORY, else
+        /// /var/lib/tidemesh-spoke].
+        #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
         /// The hub's QUIC address, host:port.
         #[arg(long, env = "TIDEMESH_HUB")]
@@ -53,8 +54,9 @@ enum Cmd {
     },
     /// Run the spoke.
     Run {
-        /// Where the spoke keeps its state.
-        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        /// Where the spoke keeps its state [default: $STATE_DIRECTORY, else
+        /// /var/lib/tidemesh-spoke].
+        #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
         /// Spoke configuration (TOML): workloads, hub address.
         #[arg(long, env = "TIDEMESH_CONFIG")]
@@ -132,6 +134,21 @@ enum Cmd {
         #[arg(long, env = "TIDEMESH_EVIDENCE_LINGER", default_value = "200ms", value_parser = parse_linger)]
         evidence_linger: Duration,
     },
+    /// Print the shell completion script (bash, zsh, fish, elvish,
+    /// powershell) on stdout, e.g. `tidemesh-spoke completions bash >
+    /// /usr/share/bash-completion/completions/tidemesh-spoke`.
+    Completions {
+        /// The shell.
+        shell: tidemesh_net::cli::Shell,
+    },
+    /// Print the man page (roff) on stdout, or write one page per command
+    /// and subcommand into `--out-dir` (`tidemesh-spoke.1`,
+    /// `tidemesh-spoke-SUBCOMMAND.1`, ...).
+    Man {
+        /// Write every page here instead.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
     /// Ask the running spoke's `/readyz` (on its `--metrics` listener) whether
     /// it is ready. Exit status: 0 ready, 1 answered but not ready (the
     /// reason is printed), 2 nothing answered within `--timeout`.
@@ -145,8 +162,9 @@ enum Cmd {
     },
     /// Show the running spoke's status.
     Status {
-        /// Where the spoke keeps its state.
-        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        /// Where the spoke keeps its state [default: $STATE_DIRECTORY, else
+        /// /var/lib/tidemesh-spoke].
+        #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
         /// Print JSON.
         #[arg(long)]
@@ -171,8 +189,9 @@ enum Cmd {
     /// one of this spoke's workloads (mTLS with its SVID); the peer spoke
     /// answers for itself. Exit status 1 when no endpoint answers.
     Probe {
-        /// Where the spoke keeps its state.
-        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        /// Where the spoke keeps its state [default: $STATE_DIRECTORY, else
+        /// /var/lib/tidemesh-spoke].
+        #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
         /// The calling workload (service account) of this spoke.
         #[arg(long)]
@@ -188,8 +207,9 @@ enum Cmd {
     /// can route to): the level of each of the six dimensions per call
     /// path, the mode, and the evidence behind each level.
     Vector {
-        /// Where the spoke keeps its state.
-        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        /// Where the spoke keeps its state [default: $STATE_DIRECTORY, else
+        /// /var/lib/tidemesh-spoke].
+        #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
         /// The service (a host as apps write it); all when absent.
         #[arg(long)]
@@ -211,8 +231,9 @@ enum ConfigCmd {
     /// hub's config), from the running spoke or, when it is stopped, from
     /// `spoke.db`; the hub is not asked. Its version goes to stderr.
     Dump {
-        /// Where the spoke keeps its state.
-        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        /// Where the spoke keeps its state [default: $STATE_DIRECTORY, else
+        /// /var/lib/tidemesh-spoke].
+        #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
         /// Output format: yaml or json.
         #[arg(short = 'o', long = "output", default_value = "yaml", value_parser = ["yaml", "json"])]
@@ -224,8 +245,9 @@ enum ConfigCmd {
 enum EvidenceCmd {
     /// The newest records.
     Tail {
-        /// Where the spoke keeps its state.
-        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        /// Where the spoke keeps its state [default: $STATE_DIRECTORY, else
+        /// /var/lib/tidemesh-spoke].
+        #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
         /// How many.
         #[arg(short = 'n', default_value_t = 10)]
@@ -236,8 +258,9 @@ enum EvidenceCmd {
     },
     /// Buffer depth, sequence numbers, shed counts, sync progress.
     Stats {
-        /// Where the spoke keeps its state.
-        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        /// Where the spoke keeps its state [default: $STATE_DIRECTORY, else
+        /// /var/lib/tidemesh-spoke].
+        #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
         /// Print JSON.
         #[arg(long)]
@@ -247,8 +270,9 @@ enum EvidenceCmd {
     /// spoke, or directly on evidence.db when it is stopped); exit status 1
     /// names the first broken sequence number.
     Verify {
-        /// Where the spoke keeps its state.
-        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        /// Where the spoke keeps its state [default: $STATE_DIRECTORY, else
+        /// /var/lib/tidemesh-spoke].
+        #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
         /// Print JSON.
         #[arg(long)]
@@ -261,8 +285,9 @@ enum DrillCmd {
     /// Make the running spoke append synthetic request records (tagged as
     /// drill records) at a fixed rate; prints how many were committed.
     Load {
-        /// Where the spoke keeps its state.
-        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        /// Where the spoke keeps its state [default: $STATE_DIRECTORY, else
+        /// /var/lib/tidemesh-spoke].
+        #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
         /// Records per second.
         #[arg(long)]
@@ -277,8 +302,9 @@ enum DrillCmd {
 enum SvidCmd {
     /// Write svid.pem (leaf first), svid_key.pem (PKCS#8) and bundle.pem.
     Export {
-        /// Where the spoke keeps its state.
-        #[arg(long, env = "TIDEMESH_DATA_DIR")]
+        /// Where the spoke keeps its state [default: $STATE_DIRECTORY, else
+        /// /var/lib/tidemesh-spoke].
+        #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
         /// Output directory.
         #[arg(long)]
@@ -322,13 +348,27 @@ fn parse_linger(v: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// `--data-dir`'s default: `$STATE_DIRECTORY` (systemd), else
+/// `/var/lib/tidemesh-spoke`; checked to exist before a command runs.
+fn default_data_dir() -> PathBuf {
+    tidemesh_net::cli::default_data_dir("tidemesh-spoke")
+}
+
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = tidemesh_net::cli::parse_args::<Cli>();
     tidemesh_net::cli::run_main(real_main(cli))
 }
 
 async fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
+        Cmd::Completions { shell } => {
+            tidemesh_net::cli::print_completions(Cli::command(), shell)
+                .context("writing the completion script")?;
+        }
+        Cmd::Man { out_dir } => {
+            tidemesh_net::cli::write_man(Cli::command(), out_dir.as_deref())
+                .context("writing the man pages")?;
+        }
         Cmd::Enroll {
             data_dir,
             hub,

@@ -2502,3 +2502,702 @@ fn readyz_healthcheck_and_sd_notify_follow_enrollment_config_not_the_hub() {
         spoke_notify.messages()
     );
 }
+
+// ---- Packaging: `--version`, the `--data-dir` default, completions and man
+// pages, the container build file and the Kubernetes manifests, each checked
+// against the real binaries.
+
+fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// A child process killed when dropped (a failed assertion must not leave a
+/// hub running).
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        tidemesh_tests::kill(&mut self.0);
+    }
+}
+
+/// A command for one of the binaries with no tidemesh setting inherited
+/// from the environment the tests run in.
+fn clean_cmd(name: &str) -> Command {
+    let mut c = Command::new(bin(name));
+    for (k, _) in std::env::vars_os() {
+        if let Some(k) = k.to_str() {
+            if k.starts_with("TIDEMESH_") || k == "STATE_DIRECTORY" {
+                c.env_remove(k);
+            }
+        }
+    }
+    c
+}
+
+/// Starts `serve` (stdout's first line is `listening=ADDR`) and returns it
+/// with the QUIC address.
+fn spawn_hub_serve(mut cmd: Command, log: &std::path::Path) -> (Reaped, SocketAddr) {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(log).expect("log file"))
+        .spawn()
+        .expect("spawn hub");
+    let stdout = child.stdout.take().expect("stdout");
+    let child = Reaped(child);
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read listening line");
+    let addr = line
+        .trim()
+        .strip_prefix("listening=")
+        .unwrap_or_else(|| {
+            panic!(
+                "expected listening=ADDR, got {line:?}; log: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            )
+        })
+        .parse()
+        .expect("address");
+    (child, addr)
+}
+
+#[test]
+fn version_names_the_commit_target_and_profile() {
+    // The commit the build recorded: TIDEMESH_BUILD_COMMIT when the build
+    // had it, else git's HEAD (CI builds and tests one checkout).
+    let commit = match std::env::var("TIDEMESH_BUILD_COMMIT") {
+        Ok(c) if !c.trim().is_empty() => c.trim().to_owned(),
+        _ => Command::new("git")
+            .args(["rev-parse", "--short=12", "HEAD"])
+            .current_dir(repo_root())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_else(|| "unknown".into()),
+    };
+    for name in ["tidemesh-hub", "tidemesh-spoke"] {
+        let o = run(clean_cmd(name).arg("--version"));
+        assert!(o.status.success(), "{}", text(&o));
+        let out = String::from_utf8_lossy(&o.stdout);
+        let line = out.trim();
+        let want = format!(
+            "{name} {} (commit {commit}, built for ",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(line.starts_with(&want), "{line:?} should start {want:?}");
+        let rest = &line[want.len()..];
+        let (target, profile) = rest
+            .strip_suffix(')')
+            .and_then(|r| r.split_once(", "))
+            .unwrap_or_else(|| panic!("{line:?}"));
+        assert!(
+            target.starts_with(std::env::consts::ARCH) && target.contains("linux"),
+            "{line:?}"
+        );
+        assert!(profile == "debug" || profile == "release", "{line:?}");
+    }
+}
+
+#[test]
+fn data_dir_defaults_to_state_directory_and_says_when_it_is_missing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let missing = tmp.path().join("missing");
+
+    // $STATE_DIRECTORY names a directory that does not exist: refused before
+    // the command runs, naming it and where it came from.
+    for (name, args) in [
+        ("tidemesh-hub", &["spokes"][..]),
+        ("tidemesh-hub", &["init", "--trust-domain", TD][..]),
+        ("tidemesh-spoke", &["status"][..]),
+        ("tidemesh-spoke", &["evidence", "verify"][..]),
+    ] {
+        let o = run(clean_cmd(name).args(args).env("STATE_DIRECTORY", &missing));
+        assert_eq!(o.status.code(), Some(1), "{name} {args:?}: {}", text(&o));
+        let t = text(&o);
+        assert!(
+            t.contains(&format!(
+                "error: data directory {} ($STATE_DIRECTORY",
+                missing.display()
+            )) && t.contains("does not exist")
+                && t.contains("--data-dir"),
+            "{name} {args:?}: {t}"
+        );
+        assert!(!missing.exists(), "nothing created");
+    }
+    // Without it the default is /var/lib/NAME, checked the same way (on a
+    // box where the package is not installed).
+    for name in ["tidemesh-hub", "tidemesh-spoke"] {
+        let dflt = format!("/var/lib/{name}");
+        if std::path::Path::new(&dflt).exists() {
+            eprintln!("{dflt} exists here: its refusal is not checked");
+            continue;
+        }
+        let cmd = if name == "tidemesh-hub" {
+            "spokes"
+        } else {
+            "status"
+        };
+        let o = run(clean_cmd(name).arg(cmd));
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(
+            text(&o).contains(&format!("data directory {dflt} (the default")),
+            "{}",
+            text(&o)
+        );
+    }
+
+    // Under systemd: init, serve, token create all find the directory
+    // through $STATE_DIRECTORY alone.
+    let hub_dir = tmp.path().join("hub");
+    std::fs::create_dir(&hub_dir).expect("mkdir");
+    let o = run(clean_cmd("tidemesh-hub")
+        .args(["init", "--trust-domain", TD])
+        .env("STATE_DIRECTORY", &hub_dir));
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(mode(&hub_dir.join("ca_key.pem")), 0o600);
+    let mut serve = clean_cmd("tidemesh-hub");
+    serve
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("STATE_DIRECTORY", &hub_dir);
+    let (_hub, addr) = spawn_hub_serve(serve, &tmp.path().join("hub.log"));
+    let id = node("pkg", "n1");
+    let token = wait_for(Duration::from_secs(10), || {
+        let o = run(clean_cmd("tidemesh-hub")
+            .args(["token", "create", "--spoke", &id])
+            .env("STATE_DIRECTORY", &hub_dir));
+        o.status
+            .success()
+            .then(|| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    })
+    .expect("token create through $STATE_DIRECTORY");
+    // TIDEMESH_DATA_DIR is an explicit choice: it wins, and is not checked
+    // as a default would be.
+    let o = run(clean_cmd("tidemesh-hub")
+        .args(["spokes", "--json"])
+        .env("STATE_DIRECTORY", &missing)
+        .env("TIDEMESH_DATA_DIR", &hub_dir));
+    assert!(o.status.success(), "{}", text(&o));
+
+    // The spoke: enroll and an offline command through $STATE_DIRECTORY.
+    let spoke_dir = tmp.path().join("spoke");
+    std::fs::create_dir(&spoke_dir).expect("mkdir");
+    let o = run(clean_cmd("tidemesh-spoke")
+        .args(["enroll", "--hub", &addr.to_string(), "--token", &token])
+        .env("STATE_DIRECTORY", &spoke_dir));
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(mode(&spoke_dir.join("node_key.pem")), 0o600);
+    let out = tmp.path().join("svid");
+    let o = run(clean_cmd("tidemesh-spoke")
+        .args(["svid", "export", "--out"])
+        .arg(&out)
+        .env("STATE_DIRECTORY", &spoke_dir));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains(&id), "{}", text(&o));
+    let o = run(clean_cmd("tidemesh-hub")
+        .args(["spokes", "--json"])
+        .env("STATE_DIRECTORY", &hub_dir));
+    assert!(text(&o).contains(&id), "{}", text(&o));
+}
+
+#[test]
+fn completions_and_man_pages_come_from_the_command_line() {
+    for (name, sub, prefix, with_data_dir) in [
+        ("tidemesh-hub", "token", "tok", "spokes"),
+        ("tidemesh-spoke", "enroll", "enr", "status"),
+    ] {
+        // bash: load the script and ask its completion function, as
+        // bash-completion does on TAB.
+        let o = run(clean_cmd(name).args(["completions", "bash"]));
+        assert!(o.status.success(), "{}", text(&o));
+        let script = String::from_utf8_lossy(&o.stdout).into_owned();
+        // The function the script registers: `complete -F FUNC ... NAME`.
+        let func = script
+            .lines()
+            .find_map(|l| {
+                let mut w = l.split_whitespace();
+                (w.next() == Some("complete") && l.trim_end().ends_with(name))
+                    .then(|| w.skip_while(|x| *x != "-F").nth(1))
+                    .flatten()
+            })
+            .unwrap_or_else(|| panic!("no `complete -F FUNC ... {name}` in {script}"));
+        let probe = format!(
+            "{script}\nCOMP_WORDS=({name} {prefix}); COMP_CWORD=1; COMP_LINE='{name} {prefix}'; \
+             COMP_POINT=${{#COMP_LINE}}; {func} {name} {prefix} {name}; printf '%s\\n' \"${{COMPREPLY[@]}}\""
+        );
+        let o = run(Command::new("bash").args(["-c", &probe]));
+        assert!(o.status.success(), "{}", text(&o));
+        let got: Vec<String> = String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| l.trim().to_owned())
+            .collect();
+        assert_eq!(got, vec![sub.to_owned()], "{name} {prefix}<TAB>");
+        for shell in ["zsh", "fish"] {
+            let o = run(clean_cmd(name).args(["completions", shell]));
+            assert!(o.status.success(), "{}", text(&o));
+            let s = String::from_utf8_lossy(&o.stdout);
+            assert!(s.contains(name) && s.contains(sub), "{shell}: {s}");
+        }
+        let o = run(clean_cmd(name).args(["completions", "tcsh"]));
+        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+
+        // man: one page on stdout, or one per command with --out-dir.
+        let o = run(clean_cmd(name).arg("man"));
+        assert!(o.status.success(), "{}", text(&o));
+        let page = String::from_utf8_lossy(&o.stdout);
+        assert!(page.contains(&format!(".TH {name} 1")), "{page}");
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let o = run(clean_cmd(name).args(["man", "--out-dir"]).arg(tmp.path()));
+        assert!(o.status.success(), "{}", text(&o));
+        let sub_page = tmp.path().join(format!("{name}-{sub}.1"));
+        assert!(tmp.path().join(format!("{name}.1")).is_file());
+        assert!(sub_page.is_file(), "no {}", sub_page.display());
+        // Rendered by man(1) where it is installed: the page documents the
+        // --data-dir default.
+        if Command::new("man").arg("--version").output().is_ok() {
+            let o = run(Command::new("man")
+                .arg("-l")
+                .arg(tmp.path().join(format!("{name}-{with_data_dir}.1")))
+                .env("MANWIDTH", "200")
+                .env("MANPAGER", "cat"));
+            assert!(o.status.success(), "{}", text(&o));
+            let t = String::from_utf8_lossy(&o.stdout);
+            assert!(
+                t.contains("--data-dir") && t.contains("STATE_DIRECTORY"),
+                "{t}"
+            );
+        } else {
+            eprintln!("man(1) not installed: the pages are not rendered");
+        }
+    }
+}
+
+/// One instruction of a Containerfile: keyword (upper case) and the rest,
+/// continuation lines joined.
+fn containerfile(path: &std::path::Path) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(path).expect("read Containerfile");
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with('#') || (t.is_empty() && cur.is_empty()) {
+            continue;
+        }
+        match t.strip_suffix('\\') {
+            Some(part) => {
+                cur.push_str(part);
+                cur.push(' ');
+            }
+            None => {
+                cur.push_str(t);
+                let (kw, rest) = cur.trim().split_once(' ').unwrap_or((cur.trim(), ""));
+                out.push((kw.to_ascii_uppercase(), rest.trim().to_owned()));
+                cur.clear();
+            }
+        }
+    }
+    assert!(
+        cur.is_empty(),
+        "dangling continuation in {}",
+        path.display()
+    );
+    out
+}
+
+/// The exec (JSON array) form of CMD/ENTRYPOINT/HEALTHCHECK CMD.
+fn exec_form(s: &str) -> Vec<String> {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("{s:?} is not an exec-form array: {e}"))
+}
+
+/// Environment values with the image's volume path moved under a test
+/// directory.
+fn relocate(v: &str, from: &str, to: &std::path::Path) -> String {
+    match v.strip_prefix(from) {
+        Some(rest) => format!("{}{rest}", to.display()),
+        None => v.to_owned(),
+    }
+}
+
+#[test]
+fn containerfile_builds_the_workspace_and_its_runtime_commands_work() {
+    let root = repo_root();
+    let ins = containerfile(&root.join("deploy/container/Containerfile"));
+    let froms: Vec<usize> = ins
+        .iter()
+        .enumerate()
+        .filter(|(_, (k, _))| k == "FROM")
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(froms.len(), 2, "a build stage and a runtime stage");
+    let (build, runtime) = (&ins[froms[0]..froms[1]], &ins[froms[1]..]);
+    let stage = build[0]
+        .1
+        .rsplit(' ')
+        .next()
+        .expect("stage name")
+        .to_owned();
+    assert!(
+        build[0].1.contains("rust:") && build[0].1.contains(" AS "),
+        "{:?}",
+        build[0]
+    );
+    assert!(
+        runtime[0].1.contains("debian:") && runtime[0].1.contains("-slim"),
+        "{:?}",
+        runtime[0]
+    );
+
+    // The build context: every COPY source exists, and every workspace
+    // member is copied (or cargo cannot load the workspace).
+    let mut copied = Vec::new();
+    for (_, rest) in build.iter().filter(|(k, _)| k == "COPY") {
+        let words: Vec<&str> = rest.split_whitespace().collect();
+        let (srcs, _dst) = words.split_at(words.len() - 1);
+        for s in srcs {
+            assert!(
+                root.join(s).exists(),
+                "COPY {s}: no such file in the repository"
+            );
+            copied.push(s.trim_end_matches('/').to_owned());
+        }
+    }
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).expect("Cargo.toml");
+    let members = manifest
+        .split("members = [")
+        .nth(1)
+        .and_then(|m| m.split(']').next())
+        .expect("workspace members");
+    for m in members
+        .split(',')
+        .map(|m| m.trim().trim_matches('"'))
+        .filter(|m| !m.is_empty())
+    {
+        assert!(
+            copied
+                .iter()
+                .any(|c| m == c || m.starts_with(&format!("{c}/"))),
+            "workspace member {m} is not copied into the build stage ({copied:?})"
+        );
+    }
+    let run_build = build
+        .iter()
+        .find(|(k, _)| k == "RUN")
+        .expect("RUN cargo build");
+    assert!(run_build.1.contains("cargo build") && run_build.1.contains("-p tidemesh-hub"));
+    assert!(runtime
+        .iter()
+        .any(|(k, r)| k == "COPY" && r.starts_with(&format!("--from={stage} "))));
+
+    // Non-root, QUIC on UDP, the metrics port exposed.
+    let user = &runtime.iter().find(|(k, _)| k == "USER").expect("USER").1;
+    let uid = user.split(':').next().expect("uid");
+    assert!(uid != "0" && uid != "root", "USER {user}");
+    let useradd = runtime
+        .iter()
+        .find(|(k, r)| k == "RUN" && r.contains("useradd"))
+        .expect("RUN useradd");
+    assert!(useradd.1.contains(&format!("--uid {uid}")), "{useradd:?}");
+    let exposed: Vec<&str> = runtime
+        .iter()
+        .filter(|(k, _)| k == "EXPOSE")
+        .flat_map(|(_, r)| r.split_whitespace())
+        .collect();
+    let mut env: Vec<(String, String)> = Vec::new();
+    for (_, rest) in runtime.iter().filter(|(k, _)| k == "ENV") {
+        for kv in rest.split_whitespace() {
+            let (k, v) = kv.split_once('=').expect("ENV K=V");
+            env.push((k.to_owned(), v.to_owned()));
+        }
+    }
+    let get = |k: &str| {
+        env.iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("no ENV {k}"))
+    };
+    let port = |a: String| a.rsplit(':').next().expect("port").to_owned();
+    assert!(
+        exposed.contains(&format!("{}/udp", port(get("TIDEMESH_LISTEN"))).as_str()),
+        "{exposed:?}"
+    );
+    assert!(
+        exposed.contains(&format!("{}/tcp", port(get("TIDEMESH_METRICS"))).as_str()),
+        "{exposed:?}"
+    );
+
+    // Run the image's commands on the real binary: ENV as set (the volume
+    // under a temp dir, free ports), `init` as documented, ENTRYPOINT + CMD,
+    // then HEALTHCHECK's command until it says ready.
+    let volume = exec_form(
+        &runtime
+            .iter()
+            .find(|(k, _)| k == "VOLUME")
+            .expect("VOLUME")
+            .1,
+    );
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let vol = tmp.path().join("vol");
+    std::fs::create_dir(&vol).expect("mkdir");
+    let metrics = tidemesh_tests::free_tcp();
+    let entry = exec_form(
+        &runtime
+            .iter()
+            .find(|(k, _)| k == "ENTRYPOINT")
+            .expect("ENTRYPOINT")
+            .1,
+    );
+    let cmd = exec_form(&runtime.iter().find(|(k, _)| k == "CMD").expect("CMD").1);
+    assert_eq!(entry[0], "tidemesh-hub");
+    let image_cmd = |args: &[String]| {
+        let mut c = clean_cmd(&entry[0]);
+        c.args(&entry[1..]).args(args);
+        for (k, v) in &env {
+            c.env(k, relocate(v, &volume[0], &vol));
+        }
+        c.env("TIDEMESH_LISTEN", "127.0.0.1:0")
+            .env("TIDEMESH_METRICS", metrics.to_string());
+        c
+    };
+    let o = run(&mut image_cmd(&[
+        "init".into(),
+        "--trust-domain".into(),
+        TD.into(),
+    ]));
+    assert!(o.status.success(), "init: {}", text(&o));
+    let data = relocate(&get("TIDEMESH_DATA_DIR"), &volume[0], &vol);
+    assert!(
+        std::path::Path::new(&data).join("hub.db").is_file(),
+        "{data}"
+    );
+    let (_hub, _) = spawn_hub_serve(image_cmd(&cmd), &tmp.path().join("hub.log"));
+    let hc = &runtime
+        .iter()
+        .find(|(k, _)| k == "HEALTHCHECK")
+        .expect("HEALTHCHECK")
+        .1;
+    let hc = exec_form(hc.split_once(" CMD ").expect("HEALTHCHECK ... CMD [..]").1);
+    assert_eq!(
+        hc[..2],
+        ["tidemesh-hub".to_owned(), "healthcheck".to_owned()]
+    );
+    wait_for(Duration::from_secs(20), || {
+        let mut c = clean_cmd(&hc[0]);
+        c.args(&hc[1..]);
+        for (k, v) in &env {
+            c.env(k, v);
+        }
+        c.env("TIDEMESH_METRICS", metrics.to_string());
+        run(&mut c).status.success().then_some(())
+    })
+    .expect("the HEALTHCHECK command reports the hub ready");
+}
+
+/// `kubernetes-validate --strict` (PyPI) checks the manifests against the
+/// Kubernetes OpenAPI schemas; required when TIDEMESH_REQUIRE_K8S_SCHEMA=1.
+fn k8s_schema_check(files: &[std::path::PathBuf]) {
+    let o = Command::new("kubernetes-validate")
+        .args(["--strict", "--quiet"])
+        .args(files)
+        .output();
+    match o {
+        Ok(o) => {
+            assert!(o.status.success(), "kubernetes-validate: {}", text(&o));
+            eprintln!("kubernetes-validate --strict: {} files pass", files.len());
+        }
+        Err(e) => {
+            assert!(
+                std::env::var("TIDEMESH_REQUIRE_K8S_SCHEMA").as_deref() != Ok("1"),
+                "kubernetes-validate: {e} (TIDEMESH_REQUIRE_K8S_SCHEMA=1; pip install kubernetes-validate)"
+            );
+            eprintln!("SKIP the schema check: kubernetes-validate not found ({e}); pip install kubernetes-validate");
+        }
+    }
+}
+
+#[test]
+fn k8s_manifests_pass_the_schema_check_and_run_the_hub() {
+    use serde::Deserialize;
+    use serde_json::Value;
+    let root = repo_root();
+    let mut files: Vec<_> = std::fs::read_dir(root.join("deploy/k8s"))
+        .expect("deploy/k8s")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty());
+    k8s_schema_check(&files);
+
+    let mut docs: Vec<Value> = Vec::new();
+    for f in &files {
+        let s = std::fs::read_to_string(f).expect("read");
+        for d in serde_yaml_ng::Deserializer::from_str(&s) {
+            let v = Value::deserialize(d).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+            assert!(
+                v["apiVersion"].is_string() && v["kind"].is_string(),
+                "{}: {v}",
+                f.display()
+            );
+            docs.push(v);
+        }
+    }
+    let find = |kind: &str, name: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name}"))
+            .clone()
+    };
+    let sts = docs
+        .iter()
+        .find(|d| d["kind"] == "StatefulSet")
+        .expect("a StatefulSet")
+        .clone();
+    let pod = &sts["spec"]["template"]["spec"];
+    let labels = &sts["spec"]["template"]["metadata"]["labels"];
+    let hub = &pod["containers"][0];
+    let init = &pod["initContainers"][0];
+
+    // Services select the pods and name container ports; UDP 7443 for QUIC.
+    let ports = hub["ports"].as_array().expect("ports");
+    let services: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "Service").collect();
+    for s in &services {
+        for (k, v) in s["spec"]["selector"].as_object().expect("selector") {
+            assert_eq!(
+                &labels[k], v,
+                "service {} selects the pods",
+                s["metadata"]["name"]
+            );
+        }
+        for p in s["spec"]["ports"].as_array().expect("ports") {
+            let c = ports
+                .iter()
+                .find(|c| c["name"] == p["targetPort"])
+                .unwrap_or_else(|| panic!("targetPort {} is no container port", p["targetPort"]));
+            assert_eq!(c["protocol"], p["protocol"]);
+        }
+    }
+    assert!(services
+        .iter()
+        .any(|s| s["spec"]["ports"].as_array().is_some_and(|ps| ps
+            .iter()
+            .any(|p| p["protocol"] == "UDP" && p["port"] == 7443))));
+    let governing = find(
+        "Service",
+        sts["spec"]["serviceName"].as_str().expect("serviceName"),
+    );
+    assert_eq!(governing["spec"]["clusterIP"], "None", "headless");
+
+    // The data directory is on the claim template's volume.
+    let claim = sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"].clone();
+    let mount = hub["volumeMounts"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["name"] == claim))
+        .expect("the hub mounts the claim")["mountPath"]
+        .as_str()
+        .expect("mountPath")
+        .to_owned();
+    assert_eq!(init["volumeMounts"][0]["mountPath"], mount.as_str());
+    // Same non-root UID as the image.
+    let cf = std::fs::read_to_string(root.join("deploy/container/Containerfile")).expect("read");
+    let uid = pod["securityContext"]["runAsUser"]
+        .as_u64()
+        .expect("runAsUser");
+    assert!(
+        cf.contains(&format!("\nUSER {uid}:")),
+        "runAsUser {uid} is the image's USER"
+    );
+
+    // Run the pod's commands on the real binary, the volume under a temp
+    // dir: the init container's script (twice: the second start keeps the
+    // CA), then the hub with the ConfigMap's settings, and its probes.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let vol = tmp.path().join("vol");
+    std::fs::create_dir(&vol).expect("mkdir");
+    let bin_dir = bin("tidemesh-hub").parent().expect("bin dir").to_path_buf();
+    let metrics = tidemesh_tests::free_tcp();
+    let env_of = |c: &Value| {
+        let mut env: Vec<(String, String)> = Vec::new();
+        for from in c["envFrom"].as_array().into_iter().flatten() {
+            let cm = find(
+                "ConfigMap",
+                from["configMapRef"]["name"].as_str().expect("name"),
+            );
+            for (k, v) in cm["data"].as_object().expect("data") {
+                env.push((k.clone(), v.as_str().expect("string").to_owned()));
+            }
+        }
+        for e in c["env"].as_array().into_iter().flatten() {
+            let v = relocate(e["value"].as_str().expect("value"), &mount, &vol);
+            env.push((e["name"].as_str().expect("name").to_owned(), v));
+        }
+        env
+    };
+    let pod_cmd = |c: &Value, argv: Vec<String>| {
+        let mut cmd = if argv[0] == "tidemesh-hub" {
+            clean_cmd("tidemesh-hub")
+        } else {
+            Command::new(&argv[0])
+        };
+        cmd.args(&argv[1..]);
+        for (k, v) in env_of(c) {
+            cmd.env(k, v);
+        }
+        let path = std::env::var("PATH").unwrap_or_default();
+        cmd.env("PATH", format!("{}:{path}", bin_dir.display()))
+            .env("TIDEMESH_LISTEN", "127.0.0.1:0")
+            .env("TIDEMESH_METRICS", metrics.to_string());
+        cmd
+    };
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .expect("array")
+            .iter()
+            .map(|s| s.as_str().expect("string").to_owned())
+            .collect()
+    };
+    let init_argv = strings(&init["command"]);
+    let o = run(&mut pod_cmd(init, init_argv.clone()));
+    assert!(o.status.success(), "init container: {}", text(&o));
+    let data = env_of(hub)
+        .into_iter()
+        .find(|(k, _)| k == "TIDEMESH_DATA_DIR")
+        .expect("TIDEMESH_DATA_DIR")
+        .1;
+    let key = std::path::Path::new(&data).join("ca_key.pem");
+    let ca = std::fs::read(&key).expect("the init container made the CA");
+    let o = run(&mut pod_cmd(init, init_argv));
+    assert!(o.status.success(), "init container again: {}", text(&o));
+    assert_eq!(
+        std::fs::read(&key).expect("CA"),
+        ca,
+        "the second start keeps the CA"
+    );
+
+    // The main container: the image's ENTRYPOINT with the pod's args.
+    let mut argv = vec!["tidemesh-hub".to_owned()];
+    argv.extend(strings(&hub["args"]));
+    let (_hub, _) = spawn_hub_serve(pod_cmd(hub, argv), &tmp.path().join("hub.log"));
+    for probe in ["readinessProbe", "livenessProbe"] {
+        let g = &hub[probe]["httpGet"];
+        let port = ports
+            .iter()
+            .find(|p| p["name"] == g["port"])
+            .unwrap_or_else(|| panic!("{probe} port {} is no container port", g["port"]));
+        assert_eq!(port["protocol"], "TCP");
+        let path = g["path"].as_str().expect("path");
+        let (status, body) = wait_for(Duration::from_secs(20), || {
+            http_get(metrics, path).filter(|(s, _)| *s == 200)
+        })
+        .unwrap_or_else(|| panic!("{probe} GET {path} never answered 200"));
+        assert_eq!(status, 200, "{probe} {path}: {body}");
+    }
+    assert_eq!(hub["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(hub["livenessProbe"]["httpGet"]["path"], "/healthz");
+}

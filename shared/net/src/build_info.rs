@@ -1,7 +1,7 @@
 //! What binary this is: the workspace version and the git commit it was
 //! built from (recorded by `build.rs`; `unknown` outside a git checkout),
 //! exposed as `tidemesh_build_info{version, commit} 1` on both `/metrics`
-//! pages.
+//! pages and printed by `--version` with the target and profile.
 
 use crate::metrics::{Exposition, Kind};
 
@@ -9,6 +9,18 @@ use crate::metrics::{Exposition, Kind};
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The git commit (12 hex digits), or `unknown`.
 pub const COMMIT: &str = env!("TIDEMESH_BUILD_COMMIT");
+/// What `tidemesh-hub --version` and `tidemesh-spoke --version` print after
+/// the name: `0.1.0 (commit 3dc7891a2b4c, built for x86_64-unknown-linux-gnu, release)`.
+pub const VERSION_LINE: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("TIDEMESH_BUILD_COMMIT"),
+    ", built for ",
+    env!("TIDEMESH_BUILD_TARGET"),
+    ", ",
+    env!("TIDEMESH_BUILD_PROFILE"),
+    ")"
+);
 
 /// Writes the `tidemesh_build_info` family.
 pub fn write(e: &mut Exposition) {

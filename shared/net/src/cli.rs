@@ -199,3 +199,108 @@ pub async fn healthcheck(addr: std::net::SocketAddr, timeout: std::time::Duratio
         }
     }
 }
+
+/// The data directory of a command run without `--data-dir` (and without
+/// `TIDEMESH_DATA_DIR`): `$STATE_DIRECTORY` when set (systemd sets it from
+/// the unit's `StateDirectory=`; the first entry when it lists several),
+/// else `/var/lib/NAME`.
+pub fn default_data_dir(name: &str) -> std::path::PathBuf {
+    state_directory(std::env::var_os("STATE_DIRECTORY").as_deref(), name)
+}
+
+fn state_directory(v: Option<&std::ffi::OsStr>, name: &str) -> std::path::PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    v.and_then(|v| {
+        v.as_bytes()
+            .split(|b| *b == b':')
+            .find(|p| !p.is_empty())
+            .map(|p| std::path::PathBuf::from(std::ffi::OsStr::from_bytes(p)))
+    })
+    .unwrap_or_else(|| std::path::Path::new("/var/lib").join(name))
+}
+
+/// Parses the command line of a binary whose commands take `--data-dir`
+/// with [`default_data_dir`] as clap default: a defaulted directory that
+/// does not exist is an error here (exit status 1) that says where the
+/// default came from, before any command runs; a directory given with
+/// `--data-dir` or `TIDEMESH_DATA_DIR` is the command's to check (`init`
+/// creates it).
+pub fn parse_args<C: clap::Parser>() -> C {
+    let m = C::command().get_matches();
+    if let Err(e) = check_data_dir(&m) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+    C::from_arg_matches(&m).unwrap_or_else(|e| e.exit())
+}
+
+fn check_data_dir(m: &clap::ArgMatches) -> Result<(), String> {
+    if let Some((_, sub)) = m.subcommand() {
+        return check_data_dir(sub);
+    }
+    let Ok(Some(dir)) = m.try_get_one::<std::path::PathBuf>("data_dir") else {
+        return Ok(());
+    };
+    if m.value_source("data_dir") != Some(clap::parser::ValueSource::DefaultValue) || dir.is_dir() {
+        return Ok(());
+    }
+    let from = match std::env::var_os("STATE_DIRECTORY") {
+        Some(v) if !v.is_empty() => "$STATE_DIRECTORY",
+        _ => "the default",
+    };
+    Err(format!(
+        "data directory {} ({from}, as neither --data-dir nor TIDEMESH_DATA_DIR is given) does not exist: \
+         pass --data-dir DIR, or install the package, which creates it",
+        dir.display()
+    ))
+}
+
+/// The shells `completions` knows.
+pub use clap_complete::Shell;
+
+/// Prints the completion script of `cmd` for `shell` on stdout.
+pub fn print_completions(mut cmd: clap::Command, shell: Shell) -> std::io::Result<()> {
+    use std::io::Write;
+    let name = cmd.get_name().to_owned();
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut cmd, name, &mut script);
+    let mut out = std::io::stdout().lock();
+    out.write_all(&script)?;
+    out.flush()
+}
+
+/// The man pages of `cmd`: its page on stdout, or with `out_dir` one page
+/// per command and subcommand (`NAME.1`, `NAME-SUB.1`, ...) written there.
+pub fn write_man(cmd: clap::Command, out_dir: Option<&std::path::Path>) -> std::io::Result<()> {
+    match out_dir {
+        None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout()),
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            clap_mangen::generate_to(cmd, dir)
+        }
+    }
+}
+
+#[cfg(test)]
+mod data_dir_tests {
+    use std::{ffi::OsStr, path::PathBuf};
+
+    #[test]
+    fn state_directory_wins_then_var_lib() {
+        let f = super::state_directory;
+        assert_eq!(
+            f(Some(OsStr::new("/var/lib/x")), "n"),
+            PathBuf::from("/var/lib/x")
+        );
+        assert_eq!(
+            f(Some(OsStr::new("/a:/b")), "n"),
+            PathBuf::from("/a"),
+            "the first of several"
+        );
+        assert_eq!(f(Some(OsStr::new("")), "n"), PathBuf::from("/var/lib/n"));
+        assert_eq!(
+            f(None, "tidemesh-hub"),
+            PathBuf::from("/var/lib/tidemesh-hub")
+        );
+    }
+}
