@@ -1,131 +1,62 @@
 #!/usr/bin/env bash
-# tidemesh demo: a local hub and one spoke on loopback.
+# tidemesh demo: the product's story in about two minutes, on loopback.
 #
-# Builds the binaries, creates a hub (CA + database), issues a join token,
-# enrolls a spoke (with one workload), runs it, shows both sides' view,
-# then cuts the hub off to show the spoke serving from its cache and
-# reconnecting when the hub returns. Everything lives in a temporary
-# directory that is removed at the end (pass --keep to keep it running
-# until Ctrl-C).
+# A hub and two spokes of store sf01, both reaching the hub through
+# tidemesh-relay (the project's userspace UDP relay); store apps where pos
+# (spoke A) calls inventory (spoke B, same site) and payments.cloud (through
+# the hub gateway) in a steady loop. The relay then blacks the hub out for
+# longer than the workload SVID lifetime, and heals. One console line per
+# second (mode, calls per path, evidence backlog, survival horizon), then a
+# summary and a self-contained HTML report with an SVG timeline.
+#
+# Usage: deploy/demo.sh [--debug] [--short] [--keep]
+#   --debug  use debug binaries (or TIDEMESH_DEMO_PROFILE=debug); default release
+#   --short  CI mode: a 14 s outage with 8 s SVIDs (about 25 s of timeline)
+#   --keep   leave everything running, /metrics on, until Ctrl-C
+# The report goes to $TIDEMESH_DEMO_REPORT, default TARGET/demo/report.html
+# (TARGET: $CARGO_TARGET_DIR or ./target); its data next to it as .json.
 set -euo pipefail
 
-keep=0
-[ "${1:-}" = "--keep" ] && keep=1
+profile="${TIDEMESH_DEMO_PROFILE:-release}"
+args=()
+for a in "$@"; do
+  case "$a" in
+    --debug) profile=debug ;;
+    --release) profile=release ;;
+    --short | --keep) args+=("$a") ;;
+    -h | --help)
+      sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+      exit 0
+      ;;
+    *)
+      echo "demo.sh: unknown option $a (try --help)" >&2
+      exit 2
+      ;;
+  esac
+done
+case "$profile" in
+  release | debug) ;;
+  *)
+    echo "demo.sh: TIDEMESH_DEMO_PROFILE must be release or debug, not $profile" >&2
+    exit 2
+    ;;
+esac
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
-echo "== building (cargo build --bins)"
-cargo build --quiet --bins
-bin="$root/target/debug"
-hub="$bin/tidemesh-hub"
-spoke="$bin/tidemesh-spoke"
-
-work="$(mktemp -d /tmp/tidemesh-demo.XXXXXX)"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-listen="127.0.0.1:${TIDEMESH_DEMO_PORT:-0}"
-td="demo.tidemesh.example"
-id="spiffe://$td/store/sf01/node/pi1"
-
-start_hub() {
-  "$hub" serve --data-dir "$work/hub" --listen "$listen" >"$work/hub.out" 2>>"$work/hub.log" &
-  pids+=("$!")
-  hub_pid=$!
-  for _ in $(seq 1 100); do
-    if [ -S "$work/hub/admin.sock" ] && grep -q '^listening=' "$work/hub.out"; then
-      # restarts reuse the address the first start got
-      listen="$(sed -n 's/^listening=//p' "$work/hub.out")"
-      return 0
-    fi
-    sleep 0.1
-  done
-  echo "hub did not start; log:" >&2; cat "$work/hub.log" >&2; exit 1
-}
-
-wait_state() {
-  local want="$1"
-  for _ in $(seq 1 150); do
-    if "$spoke" status --data-dir "$work/spoke" --json 2>/dev/null | grep -q "\"state\": \"$want\""; then
-      return 0
-    fi
-    sleep 0.1
-  done
-  echo "spoke did not reach state $want" >&2
-  exit 1
-}
-
-echo "== tidemesh-hub init"
-"$hub" init --data-dir "$work/hub" --trust-domain "$td"
-start_hub
-echo "== tidemesh-hub serve: listening on $listen"
-echo "== tidemesh-hub token create --spoke $id"
-token="$("$hub" token create --data-dir "$work/hub" --spoke "$id" --ttl 10m)"
-echo "$token"
-echo "== tidemesh-spoke enroll"
-"$spoke" enroll --data-dir "$work/spoke" --hub "$listen" --token "$token"
-cat >"$work/spoke.toml" <<TOML
-[[workload]]
-service_account = "pos"
-service = "pos"
-namespace = "store"
-labels = { app = "pos", version = "v1" }
-TOML
-echo "== tidemesh-spoke run"
-"$spoke" run --data-dir "$work/spoke" --config "$work/spoke.toml" 2>>"$work/spoke.log" &
-pids+=("$!")
-wait_state connected
-"$spoke" status --data-dir "$work/spoke"
-echo
-echo "== tidemesh-hub spokes"
-"$hub" spokes --data-dir "$work/hub"
-echo
-echo "== tidemesh-hub apply -f (the seed's Istio AuthorizationPolicy, VirtualService, DestinationRule, ServiceEntry)"
-for f in authorization_policy canary_virtualservice_destinationrule serviceentry_multicluster; do
-  cat "$root/shared/policy/testdata/seed/$f.yaml"
-  echo "---"
-done >"$work/mesh.yaml"
-"$hub" apply --data-dir "$work/hub" -f "$work/mesh.yaml"
-for _ in $(seq 1 100); do
-  "$spoke" status --data-dir "$work/spoke" --json | grep -q '"config_version": 1' && break
-  sleep 0.1
-done
-"$hub" config history --data-dir "$work/hub"
-echo "spoke: $("$spoke" status --data-dir "$work/spoke" --json | grep '"config_version"')"
-echo
-echo "== the hub goes away (SIGKILL): the spoke keeps its identity, certificates and config"
-kill -9 "$hub_pid"
-wait "$hub_pid" 2>/dev/null || true
-wait_state disconnected
-"$spoke" status --data-dir "$work/spoke"
-echo
-echo "== evidence keeps accumulating on the spoke meanwhile (drill load: 500 records/s for 2 s)"
-"$spoke" drill load --data-dir "$work/spoke" --rate 500 --duration 2s
-"$spoke" evidence stats --data-dir "$work/spoke" | grep -E "last_committed_seq|last_acked_seq|pending_records"
-echo
-echo "== the hub comes back: the spoke reconnects by itself and syncs its evidence exactly once"
-start_hub
-wait_state connected
-"$spoke" status --data-dir "$work/spoke"
-for _ in $(seq 1 300); do
-  "$spoke" evidence stats --data-dir "$work/spoke" --json | grep -q '"pending_records": 0' && break
-  sleep 0.1
-done
-"$spoke" evidence stats --data-dir "$work/spoke" | grep -E "last_committed_seq|last_acked_seq|pending_records"
-"$hub" evidence stats --data-dir "$work/hub" --spoke "$id" | grep -E "records|high_water_mark|gaps|chain_ok"
-"$hub" evidence verify --data-dir "$work/hub" --spoke "$id"
-echo
-echo "== audit log"
-"$hub" audit --data-dir "$work/hub"
-if [ "$keep" = 1 ]; then
-  echo
-  echo "running in $work; Ctrl-C to stop"
-  wait
+target="${CARGO_TARGET_DIR:-$root/target}"
+case "$target" in
+  /*) ;;
+  *) target="$root/$target" ;;
+esac
+build=(cargo build --bin tidemesh-hub --bin tidemesh-spoke --bin tidemesh-relay --bin tidemesh-demo)
+[ "$profile" = release ] && build+=(--release)
+echo "== building the $profile binaries: ${build[*]}"
+if [ "$profile" = release ]; then
+  echo "   (the first release build takes several minutes; --debug is quicker to build)"
 fi
-echo
-echo "demo OK"
+"${build[@]}"
+bin="$target/$profile"
+report="${TIDEMESH_DEMO_REPORT:-$target/demo/report.html}"
+echo "== running $bin/tidemesh-demo run ${args[*]:-}"
+exec "$bin/tidemesh-demo" run --bin-dir "$bin" --report "$report" "${args[@]}"

@@ -12,6 +12,7 @@
 //! - [`relay`]: the tokio driver and the in-process API ([`Relay::start`]).
 //! - [`control`]: the JSON-lines control socket and its client.
 //! - [`fleet`]: `tidemesh-fleet`, N in-process spokes against one hub process.
+//! - [`demo`]: `tidemesh-demo`, the product's story through a hub outage, with a report.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -35,6 +36,7 @@
 
 pub mod action;
 pub mod control;
+pub mod demo;
 pub mod fleet;
 pub mod flows;
 pub mod impairment;

@@ -9,10 +9,18 @@
 //! 3. `tidemesh-fleet`: a small fleet of in-process spokes against a real hub
 //!    process that is SIGKILLed and restarted; all come back and the backlog
 //!    they buffered meanwhile is stored exactly once.
+//! 4. The README's demo (`tidemesh-demo run --short`): store apps served
+//!    same-site through a hub blackout longer than the SVID lifetime, cloud
+//!    calls failing fast, evidence exactly once, and the HTML report.
 
-use std::{path::PathBuf, process::Command, time::Duration};
+use std::{
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
 
-use tidemesh_tests::{run, text, HubProc, RelayProc, SpokeProc, Timeline};
+use serde_json::Value;
+use tidemesh_tests::{bin, run, text, HubProc, RelayProc, SpokeProc, Timeline};
 
 const TD: &str = "edge.example";
 const BLACKOUT: Duration = Duration::from_secs(30);
@@ -304,5 +312,96 @@ fn fleet_comes_back_after_a_hub_sigkill_with_its_backlog_exactly_once() {
             .as_u64()
             .is_some(),
         "{restart}"
+    );
+}
+
+/// The demo's short run, as CI runs it: during the outage every same-site
+/// call is served and every cloud call fails in under 2 s; afterwards each
+/// spoke's last committed record is the hub's high-water mark, the chain
+/// verifies and no record is stored twice; the report has its SVG.
+#[test]
+fn the_demo_serves_the_store_through_a_hub_outage_and_delivers_evidence_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let report = tmp.path().join("out").join("report.html");
+    let started = Instant::now();
+    let o = run(Command::new(bin("tidemesh-demo"))
+        .args(["run", "--short", "--report"])
+        .arg(&report)
+        .arg("--work-dir")
+        .arg(tmp.path().join("work")));
+    let took = started.elapsed();
+    eprintln!("{}", text(&o));
+    eprintln!("the short demo took {took:?}");
+    assert!(o.status.success(), "the demo failed");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("demo OK"), "{stdout}");
+    let json: Value = serde_json::from_slice(
+        &std::fs::read(report.with_extension("json")).expect("summary json"),
+    )
+    .expect("json");
+    let s = &json["summary"];
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    // [before, during, after] the outage
+    let (same, cloud) = (&s["same_site"][1], &s["cloud"][1]);
+    assert!(
+        n(&same["ok"]) > 0,
+        "same-site served during the outage: {s}"
+    );
+    assert_eq!(n(&same["failed"]), 0, "{s}");
+    assert!(n(&cloud["failed"]) > 0, "cloud calls failed: {s}");
+    // failed fast: at once once the spoke knew the hub was gone, and
+    // before that within the 1 s policy timeout or the tunnel's 2 s
+    // handshake timeout
+    let after = s["cloud_max_failure_ms_after_notice"].as_u64();
+    assert!(after.is_some_and(|ms| ms < 2_000), "failed fast: {s}");
+    assert!(n(&cloud["max_failure_ms"]) < 3_500, "{s}");
+    assert!(
+        n(&s["same_site"][0]["ok"]) > 0 && n(&s["cloud"][0]["ok"]) > 0,
+        "{s}"
+    );
+    assert!(
+        n(&s["cloud"][2]["ok"]) > 0,
+        "cloud back after the heal: {s}"
+    );
+    assert!(
+        s["outage_s"].as_f64().unwrap_or(0.0) > s["workload_ttl_s"].as_f64().unwrap_or(f64::MAX),
+        "{s}"
+    );
+    assert!(n(&s["svids_during_outage"]) >= 2, "renewed offline: {s}");
+    // every call of the outage in the per-call data agrees
+    let calls = json["calls"].as_array().expect("calls");
+    for c in calls.iter().filter(|c| c["phase"] == "outage") {
+        if c["path"] == "same_site" {
+            assert_eq!(n(&c["status"]), 200, "{c}");
+        } else {
+            assert_ne!(n(&c["status"]), 200, "{c}");
+            assert!(n(&c["latency_ms"]) < 3_500, "{c}");
+        }
+    }
+    // the spoke went to Survival and came back to Target
+    let modes: Vec<&str> = json["timeline"]
+        .as_array()
+        .expect("timeline")
+        .iter()
+        .filter_map(|t| t["mode_a"].as_str())
+        .collect();
+    assert!(modes.contains(&"survival"), "{modes:?}");
+    assert_eq!(modes.last(), Some(&"target"), "{modes:?}");
+    // exactly once, per spoke
+    assert_eq!(s["exactly_once"], true, "{s}");
+    let ev = s["evidence"].as_array().expect("evidence");
+    assert_eq!(ev.len(), 2, "{s}");
+    for e in ev {
+        assert!(n(&e["last_committed_seq"]) > 0, "{e}");
+        assert_eq!(e["last_committed_seq"], e["hub_high_water_mark"], "{e}");
+        assert_eq!(e["duplicates_stored"], 0, "{e}");
+        assert_eq!(e["gaps"], 0, "{e}");
+        assert_eq!(e["verify_ok"], true, "{e}");
+    }
+    let html = std::fs::read_to_string(&report).expect("report");
+    assert!(html.contains("<svg"), "inline SVG");
+    assert!(
+        stdout.contains(&report.display().to_string()),
+        "the report's path is printed"
     );
 }
