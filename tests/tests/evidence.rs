@@ -843,21 +843,7 @@ fn metrics_pass_promtool() {
     );
     drill_result(drill(&s, 200, "1s"));
     wait_drained(&hub, &s, Duration::from_secs(30));
-    // a config the spoke applies: the hub's view turns synced (stale 0)
-    let doc = tmp.path().join("store.yaml");
-    std::fs::write(&doc, tidemesh_tests::STORE_SF01).expect("yaml");
-    let o = hub.cli(&["apply", "-f", doc.to_str().expect("utf8")]);
-    assert!(o.status.success(), "apply: {}", text(&o));
     let labels = format!("store=\"sf01\",spoke=\"n1\",spiffe_id=\"{}\"", s.id);
-    let stale = |page: &str| {
-        page.lines()
-            .find_map(|l| l.strip_prefix(&format!("tidemesh_hub_spoke_config_stale{{{labels}}} ")))
-            .map(str::to_owned)
-    };
-    let synced = wait_for(Duration::from_secs(15), || {
-        (stale(&scrape(19464)).as_deref() == Some("0")).then_some(())
-    });
-    assert!(synced.is_some(), "never synced: {}", scrape(19464));
     let promtool = which("promtool");
     let mut exported = std::collections::BTreeSet::new();
     let mut label_names: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
@@ -903,7 +889,7 @@ fn metrics_pass_promtool() {
             for family in [
                 "tidemesh_hub_evidence_high_water_mark",
                 "tidemesh_hub_spoke_connected",
-                "tidemesh_hub_spoke_config_version",
+                "tidemesh_hub_spoke_cert_expiry_timestamp_seconds",
             ] {
                 assert!(
                     page.contains(&format!("{family}{{{labels}}} ")),
@@ -955,6 +941,25 @@ fn metrics_pass_promtool() {
         }
     }
     check_observability(&exported, &label_names, promtool.as_deref());
+    // a config the spoke applies: the hub's view turns synced (stale 0)
+    let doc = tmp.path().join("store.yaml");
+    std::fs::write(&doc, tidemesh_tests::STORE_SF01).expect("yaml");
+    let o = hub.cli(&["apply", "-f", doc.to_str().expect("utf8")]);
+    assert!(o.status.success(), "apply: {}", text(&o));
+    let stale = |page: &str| {
+        page.lines()
+            .find_map(|l| l.strip_prefix(&format!("tidemesh_hub_spoke_config_stale{{{labels}}} ")))
+            .map(str::to_owned)
+    };
+    let synced = wait_for(Duration::from_secs(15), || {
+        (stale(&scrape(19464)).as_deref() == Some("0")).then_some(())
+    });
+    assert!(synced.is_some(), "never synced: {}", scrape(19464));
+    let page = scrape(19464);
+    assert!(
+        page.contains(&format!("tidemesh_hub_spoke_config_version{{{labels}}} ")),
+        "{page}"
+    );
     // the spoke gone, a newer config: the hub's view turns stale (1)
     s.stop();
     let doc = tmp.path().join("store2.yaml");
