@@ -86,6 +86,9 @@ pub struct HubConfig {
     pub prune_interval: Duration,
     /// Serve Prometheus `/metrics` here.
     pub metrics: Option<SocketAddr>,
+    /// Most spokes with per-spoke series on `/metrics` (connected first,
+    /// then the most recently seen); fleet-wide totals count them all.
+    pub metrics_max_spokes: usize,
     /// The gateway to cloud services (`ServiceEntry`).
     pub gateway: gateway::GatewaySettings,
     /// Admission control: new-session budget, connection caps, address
@@ -106,6 +109,7 @@ impl Default for HubConfig {
             retention: evidence::Retention::default(),
             prune_interval: Duration::from_secs(600),
             metrics: None,
+            metrics_max_spokes: 1000,
             gateway: gateway::GatewaySettings::default(),
             admission: admission::AdmissionSettings::default(),
         }
@@ -390,7 +394,7 @@ impl std::fmt::Debug for Hub {
 }
 
 /// One row of `tidemesh-hub spokes`.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct SpokeInfo {
     /// Node SPIFFE ID.
     pub id: String,

@@ -1,6 +1,6 @@
 //! `tidemesh-hub`: the command line over the hub library.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{io::IsTerminal as _, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{bail, Context};
 use clap::{CommandFactory, Parser, Subcommand};
@@ -102,6 +102,11 @@ enum Cmd {
         /// unless given.
         #[arg(long, env = "TIDEMESH_METRICS")]
         metrics: Option<SocketAddr>,
+        /// Most spokes given per-spoke series on /metrics (connected ones
+        /// first, then the most recently seen); the fleet-wide gauges count
+        /// every spoke, and tidemesh_hub_spoke_series_omitted the rest.
+        #[arg(long, env = "TIDEMESH_METRICS_MAX_SPOKES", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        metrics_max_spokes: u32,
         #[command(flatten)]
         gateway: GatewayArgs,
         /// Evidence batches a spoke may send ahead of the hub's acks (credits).
@@ -603,6 +608,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             keep_alive,
             idle_timeout,
             metrics,
+            metrics_max_spokes,
             gateway,
             evidence_window,
             evidence_slots,
@@ -639,6 +645,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                     ..tidemesh_hub::quic_settings()
                 },
                 metrics,
+                metrics_max_spokes: metrics_max_spokes as usize,
                 gateway: gateway.settings()?,
                 ingest: tidemesh_hub::ingest::IngestSettings {
                     window: evidence_window,
@@ -939,8 +946,33 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                     json,
                 },
         } => {
-            let r =
-                evidence_call(&data_dir, json!({"cmd": "evidence_verify", "spoke": spoke})).await?;
+            // how many records there are, for the progress line (terminal only)
+            let held = if std::io::stderr().is_terminal() {
+                evidence_call(&data_dir, json!({"cmd": "evidence_stats", "spoke": spoke}))
+                    .await
+                    .ok()
+                    .and_then(|v| v["records"].as_u64())
+            } else {
+                None
+            };
+            let r = tidemesh_net::progress::show_while(
+                evidence_call(&data_dir, json!({"cmd": "evidence_verify", "spoke": spoke})),
+                Duration::from_millis(250),
+                |elapsed| async move {
+                    let what = match held {
+                        Some(n) => format!("{n} records held"),
+                        None => "evidence.db".to_owned(),
+                    };
+                    Some(tidemesh_net::progress::counted(
+                        "verifying the evidence chain",
+                        0,
+                        None,
+                        elapsed,
+                        &what,
+                    ))
+                },
+            )
+            .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             }

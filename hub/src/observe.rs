@@ -123,6 +123,59 @@ fn parse_since(t: &str) -> Result<UnixMillis, String> {
     }
 }
 
+/// The labels of a spoke's series on the hub's page: its `store` and node
+/// name (`spoke`) from its SPIFFE ID, and the ID itself (`spiffe_id`, as
+/// `tidemesh-hub spokes` and `evidence --spoke` take it). One spoke, one
+/// set: the three labels add no series over one another.
+pub(crate) struct SpokeLabels {
+    store: String,
+    spoke: String,
+    spiffe_id: String,
+}
+
+impl SpokeLabels {
+    /// From a node SPIFFE ID (as stored); an ID of another shape keeps
+    /// only `spiffe_id`, with `store` and `spoke` empty.
+    pub(crate) fn of(id: &str) -> SpokeLabels {
+        let (store, spoke) = match SpiffeId::parse(id)
+            .ok()
+            .and_then(|i| tidemesh_identity::naming::classify(&i))
+        {
+            Some(tidemesh_identity::MeshIdentity::Node { store, node }) => (store, node),
+            _ => (String::new(), String::new()),
+        };
+        SpokeLabels {
+            store,
+            spoke,
+            spiffe_id: id.to_owned(),
+        }
+    }
+
+    fn as_labels(&self) -> [(&str, &str); 3] {
+        [
+            ("store", &self.store),
+            ("spoke", &self.spoke),
+            ("spiffe_id", &self.spiffe_id),
+        ]
+    }
+}
+
+/// The spokes that get per-spoke series, at most `max`: connected ones
+/// first, then the most recently seen, ties by ID (so the set is stable
+/// from one scrape to the next).
+pub(crate) fn exported_spokes(all: &[crate::SpokeInfo], max: usize) -> Vec<&crate::SpokeInfo> {
+    let mut v: Vec<&crate::SpokeInfo> = all.iter().collect();
+    // RFC 3339 with milliseconds in UTC: the text order is the time order
+    v.sort_by(|a, b| {
+        b.connected
+            .cmp(&a.connected)
+            .then_with(|| b.last_seen.cmp(&a.last_seen))
+            .then_with(|| a.id.cmp(&b.id))
+    });
+    v.truncate(max);
+    v
+}
+
 /// Reads one figure of a spoke's evidence stats.
 type StatFn = fn(&crate::evidence::SpokeEvidenceStats) -> f64;
 
@@ -264,35 +317,43 @@ impl Hub {
             "The newest mesh config version applied at the hub (0: none); a spoke whose tidemesh_spoke_config_version is lower has not synced it yet.",
             version as f64,
         );
-        let spokes = self.spokes().unwrap_or_default();
+        let all = self.spokes().unwrap_or_default();
         e.single(
             "tidemesh_hub_spokes_enrolled",
             Gauge,
             "Spokes enrolled (revoked ones included).",
-            spokes.len() as f64,
+            all.len() as f64,
         );
         e.single(
             "tidemesh_hub_spokes_connected",
             Gauge,
             "Spokes with a live control session.",
-            spokes.iter().filter(|s| s.connected).count() as f64,
+            all.iter().filter(|s| s.connected).count() as f64,
         );
+        let spokes = exported_spokes(&all, self.inner.cfg.metrics_max_spokes);
+        e.single(
+            "tidemesh_hub_spoke_series_omitted",
+            Gauge,
+            "Enrolled spokes left out of the per-spoke series (tidemesh_hub_spoke_*, tidemesh_hub_evidence_* by spoke): past --metrics-max-spokes, connected spokes are kept first, then the most recently seen.",
+            all.len().saturating_sub(spokes.len()) as f64,
+        );
+        let labels: Vec<SpokeLabels> = spokes.iter().map(|s| SpokeLabels::of(&s.id)).collect();
         let f = e.family(
             "tidemesh_hub_spoke_connected",
             Gauge,
             "1 while the spoke has a live control session.",
         );
-        for s in &spokes {
-            f.sample(&[("spoke", &s.id)], f64::from(u8::from(s.connected)));
+        for (s, l) in spokes.iter().zip(&labels) {
+            f.sample(&l.as_labels(), f64::from(u8::from(s.connected)));
         }
         let f = e.family(
             "tidemesh_hub_spoke_cert_expiry_timestamp_seconds",
             Gauge,
             "When the spoke's current node SVID expires (Unix time).",
         );
-        for s in &spokes {
+        for (s, l) in spokes.iter().zip(&labels) {
             if let Some(t) = UnixMillis::parse_rfc3339(&s.cert_not_after) {
-                f.sample(&[("spoke", &s.id)], (t.as_millis() / 1000) as f64);
+                f.sample(&l.as_labels(), (t.as_millis() / 1000) as f64);
             }
         }
         let f = e.family(
@@ -300,19 +361,11 @@ impl Hub {
             Gauge,
             "Seconds the spoke said it could last without the hub, at its last report (its limit in the label).",
         );
-        for s in &spokes {
+        for (s, l) in spokes.iter().zip(&labels) {
             if let (Some(h), Some(limit)) = (s.survival_horizon_s, s.survival_limit.as_deref()) {
-                let store = match tidemesh_identity::SpiffeId::parse(&s.id)
-                    .ok()
-                    .and_then(|id| tidemesh_identity::naming::classify(&id))
-                {
-                    Some(tidemesh_identity::MeshIdentity::Node { store, .. }) => store,
-                    _ => String::new(),
-                };
-                f.sample(
-                    &[("spoke", &s.id), ("store", &store), ("limit", limit)],
-                    h as f64,
-                );
+                let mut with = l.as_labels().to_vec();
+                with.push(("limit", limit));
+                f.sample(&with, h as f64);
             }
         }
         let f = e.family(
@@ -320,25 +373,30 @@ impl Hub {
             Gauge,
             "The revocation list version the spoke said it enforces, at its last report.",
         );
-        for s in &spokes {
+        for (s, l) in spokes.iter().zip(&labels) {
             if let Some(v) = s.revocation_version {
-                f.sample(&[("spoke", &s.id)], v as f64);
+                f.sample(&l.as_labels(), v as f64);
             }
         }
-        let mut applied: Vec<(String, u64)> = self
-            .inner
-            .applied
-            .lock()
-            .map(|a| a.iter().map(|(k, v)| (k.clone(), *v)).collect())
-            .unwrap_or_default();
-        applied.sort();
         let f = e.family(
             "tidemesh_hub_spoke_config_version",
             Gauge,
             "The config version the spoke last reported as applied (compare with tidemesh_hub_config_version).",
         );
-        for (spoke, v) in &applied {
-            f.sample(&[("spoke", spoke)], *v as f64);
+        for (s, l) in spokes.iter().zip(&labels) {
+            if let Some(v) = s.config_version {
+                f.sample(&l.as_labels(), v as f64);
+            }
+        }
+        let f = e.family(
+            "tidemesh_hub_spoke_config_stale",
+            Gauge,
+            "1 while the spoke has not reported the hub's newest config version as applied (STALE in `tidemesh-hub spokes`), 0 once it has (SYNCED); absent while the hub has no config.",
+        );
+        for (s, l) in spokes.iter().zip(&labels) {
+            if let Some(state) = s.config_state {
+                f.sample(&l.as_labels(), f64::from(u8::from(state != "SYNCED")));
+            }
         }
         e.single(
             "tidemesh_hub_revocation_list_version",
@@ -539,10 +597,20 @@ impl Hub {
                 |s| f64::from(u8::from(s.chain_ok)),
             ),
         ];
+        // the same spokes as above, in the same bounded set
+        let exported: std::collections::HashMap<&str, &SpokeLabels> = spokes
+            .iter()
+            .zip(&labels)
+            .map(|(s, l)| (s.id.as_str(), l))
+            .collect();
+        let ev: Vec<_> = ev
+            .iter()
+            .filter_map(|s| exported.get(s.spoke.as_str()).map(|l| (s, *l)))
+            .collect();
         for (name, help, get) in families {
             let f = e.family(name, Gauge, help);
-            for s in &ev {
-                f.sample(&[("spoke", &s.spoke)], get(s));
+            for (s, l) in &ev {
+                f.sample(&l.as_labels(), get(s));
             }
         }
         let f = e.family(
@@ -550,8 +618,8 @@ impl Hub {
             Gauge,
             "Records the spoke shed under its byte bound (reported by its shed records).",
         );
-        for s in &ev {
-            f.sample(&[("spoke", &s.spoke)], s.dropped as f64);
+        for (s, l) in &ev {
+            f.sample(&l.as_labels(), s.dropped as f64);
         }
         e.finish()
     }
@@ -601,5 +669,43 @@ mod tests {
         let r = hub.readiness().await;
         assert!(!r.ready, "{r:?}");
         assert!(r.reason.contains("the hub CA expired at"), "{r:?}");
+    }
+
+    #[test]
+    fn per_spoke_series_are_capped_connected_first_then_most_recent() {
+        let spoke = |node: &str, connected: bool, last_seen: &str| crate::SpokeInfo {
+            id: format!("spiffe://m.example/store/s1/node/{node}"),
+            connected,
+            last_seen: last_seen.into(),
+            ..Default::default()
+        };
+        let all = vec![
+            spoke("old", false, "2026-12-01T10:00:00.000Z"),
+            spoke("new", false, "2026-12-07T10:00:00.000Z"),
+            spoke("live-b", true, "2026-12-07T11:00:00.000Z"),
+            spoke("live-a", true, "2026-12-07T11:00:00.000Z"),
+            spoke("mid", false, "2026-12-05T10:00:00.000Z"),
+        ];
+        let ids = |max| -> Vec<String> {
+            exported_spokes(&all, max)
+                .iter()
+                .map(|s| SpokeLabels::of(&s.id).spoke)
+                .collect()
+        };
+        assert_eq!(ids(10), ["live-a", "live-b", "new", "mid", "old"]);
+        assert_eq!(ids(3), ["live-a", "live-b", "new"]);
+        assert_eq!(ids(1), ["live-a"]);
+        let l = SpokeLabels::of("spiffe://m.example/store/s1/node/n7");
+        assert_eq!(
+            l.as_labels(),
+            [
+                ("store", "s1"),
+                ("spoke", "n7"),
+                ("spiffe_id", "spiffe://m.example/store/s1/node/n7")
+            ]
+        );
+        let odd = SpokeLabels::of("not an id");
+        assert_eq!(odd.as_labels()[0], ("store", ""));
+        assert_eq!(odd.as_labels()[2], ("spiffe_id", "not an id"));
     }
 }

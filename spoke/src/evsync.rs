@@ -501,6 +501,23 @@ impl Spoke {
         let now = self.inner.clock.now();
         let mut e = Exposition::new();
         tidemesh_net::build_info::write(&mut e);
+        let (store, node) = match tidemesh_identity::naming::classify(self.id()) {
+            Some(tidemesh_identity::MeshIdentity::Node { store, node }) => (store, node),
+            _ => (String::new(), String::new()),
+        };
+        e.family(
+            "tidemesh_spoke_info",
+            Gauge,
+            "Always 1: who this spoke is (its store, node name and SPIFFE ID), to join with its other series.",
+        )
+        .sample(
+            &[
+                ("store", &store),
+                ("spoke", &node),
+                ("spiffe_id", &self.id().to_string()),
+            ],
+            1.0,
+        );
         let state = self.state();
         e.single(
             "tidemesh_spoke_connected",
@@ -810,7 +827,7 @@ impl Spoke {
         for (name, help, v) in counters {
             e.single(name, Counter, help, v);
         }
-        c.latency.write(&mut e);
+        c.latency.write(&mut e, &store);
         let fam = e.family(
             "tidemesh_spoke_dataplane_tunnel_refusals_total",
             Counter,

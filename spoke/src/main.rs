@@ -1,12 +1,12 @@
 //! `tidemesh-spoke`: the command line over the spoke library.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{io::IsTerminal as _, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{bail, Context};
 use clap::{CommandFactory, Parser, Subcommand};
 use serde_json::{json, Value};
 use tidemesh_identity::clock::SystemClock;
-use tidemesh_net::{admin, cli::parse_size, QuicSettings};
+use tidemesh_net::{admin, cli::parse_size, progress, QuicSettings};
 use tidemesh_spoke::{FileConfig, Spoke, SpokeConfig};
 
 /// The tidemesh spoke: a store's node proxy that keeps working when the
@@ -167,8 +167,19 @@ enum Cmd {
         #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
         /// Print JSON.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Then follow the evidence backlog as it drains: one line redrawn
+        /// on stderr on a terminal, one line per look on stdout otherwise;
+        /// until interrupted (or drained, with --until-drained).
+        #[arg(long)]
+        watch: bool,
+        /// How often --watch looks.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, requires = "watch")]
+        interval: Duration,
+        /// Stop watching (exit 0) once no record is pending.
+        #[arg(long, requires = "watch")]
+        until_drained: bool,
     },
     /// The config this spoke serves.
     Config {
@@ -555,7 +566,13 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             );
             print!("{}", r["text"].as_str().unwrap_or(""));
         }
-        Cmd::Status { data_dir, json } => {
+        Cmd::Status {
+            data_dir,
+            json,
+            watch,
+            interval,
+            until_drained,
+        } => {
             let s = admin::call(&admin::socket_path(&data_dir), json!({"cmd": "status"})).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
@@ -611,6 +628,12 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                         w["cert_not_after"].as_str().unwrap_or("-")
                     );
                 }
+            }
+            if watch {
+                if interval < Duration::from_millis(100) {
+                    bail!("--interval {interval:?}: must be at least 100ms");
+                }
+                watch_backlog(&admin::socket_path(&data_dir), interval, until_drained).await?;
             }
         }
         Cmd::Vector {
@@ -706,12 +729,54 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             cmd: EvidenceCmd::Verify { data_dir, json },
         } => {
             let sock = admin::socket_path(&data_dir);
-            let r = match admin::call(&sock, json!({"cmd": "evidence_verify"})).await {
+            // the held range, for the progress line (on a terminal only)
+            let upto = if std::io::stderr().is_terminal() {
+                admin::call(&sock, json!({"cmd": "evidence_stats"}))
+                    .await
+                    .ok()
+                    .and_then(|v| v["last_committed_seq"].as_u64())
+            } else {
+                None
+            };
+            let verify = progress::show_while(
+                admin::call(&sock, json!({"cmd": "evidence_verify"})),
+                Duration::from_millis(250),
+                |elapsed| async move {
+                    let what = match upto {
+                        Some(n) => format!("records up to seq {n}"),
+                        None => "evidence.db".to_owned(),
+                    };
+                    Some(progress::counted(
+                        "verifying the evidence chain",
+                        0,
+                        None,
+                        elapsed,
+                        &what,
+                    ))
+                },
+            );
+            let r = match verify.await {
                 Ok(r) => r,
                 Err(admin::AdminError::Unreachable { .. }) => {
                     // Not running: open the file directly (no tail check,
                     // so a damaged file still opens and gets reported).
-                    tidemesh_spoke::verify_evidence_offline(&data_dir)?
+                    let dir = data_dir.clone();
+                    progress::show_while(
+                        tokio::task::spawn_blocking(move || {
+                            tidemesh_spoke::verify_evidence_offline(&dir)
+                        }),
+                        Duration::from_millis(250),
+                        |elapsed| async move {
+                            Some(progress::counted(
+                                "verifying the evidence chain",
+                                0,
+                                None,
+                                elapsed,
+                                "evidence.db (the spoke is stopped)",
+                            ))
+                        },
+                    )
+                    .await??
                 }
                 Err(e) => return Err(e.into()),
             };
@@ -739,9 +804,42 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                     duration,
                 },
         } => {
-            let r = admin::call(
-                &admin::socket_path(&data_dir),
-                json!({"cmd": "drill_load", "rate": rate, "duration_ms": duration.as_millis() as u64}),
+            let sock = admin::socket_path(&data_dir);
+            // where the buffer stood, for the progress line (terminal only)
+            let base = if std::io::stderr().is_terminal() {
+                admin::call(&sock, json!({"cmd": "evidence_stats"}))
+                    .await
+                    .ok()
+                    .and_then(|v| v["last_committed_seq"].as_u64())
+            } else {
+                None
+            };
+            let total = duration.as_secs().max(1);
+            let r = progress::show_while(
+                admin::call(
+                    &sock,
+                    json!({"cmd": "drill_load", "rate": rate, "duration_ms": duration.as_millis() as u64}),
+                ),
+                Duration::from_millis(500),
+                |elapsed| {
+                    let sock = sock.clone();
+                    async move {
+                        let st = admin::call(&sock, json!({"cmd": "evidence_stats"}))
+                            .await
+                            .ok()?;
+                        let committed = st["last_committed_seq"]
+                            .as_u64()?
+                            .saturating_sub(base.unwrap_or(0));
+                        let pending = st["pending_records"].as_u64().unwrap_or(0);
+                        Some(progress::counted(
+                            "drill load",
+                            elapsed.as_secs().min(total),
+                            Some(total),
+                            elapsed,
+                            &format!("{committed} committed, {pending} pending sync"),
+                        ))
+                    }
+                },
             )
             .await?;
             println!(
@@ -765,4 +863,52 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `status --watch`: the evidence backlog and how fast the hub acknowledges
+/// it, every `interval`; a redrawn line on a terminal, lines on stdout
+/// otherwise. Returns on Ctrl-C, or once drained with `until_drained`.
+async fn watch_backlog(
+    sock: &std::path::Path,
+    interval: Duration,
+    until_drained: bool,
+) -> anyhow::Result<()> {
+    let mut line = progress::Line::stderr();
+    let mut prev: Option<(std::time::Instant, u64)> = None;
+    let stop = tidemesh_net::cli::shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        let st = admin::call(sock, json!({"cmd": "status"})).await?;
+        let ev = admin::call(sock, json!({"cmd": "evidence_stats"})).await?;
+        let pending = ev["pending_records"].as_u64().unwrap_or(0);
+        let acked = ev["last_acked_seq"].as_u64().unwrap_or(0);
+        let now = std::time::Instant::now();
+        let rate = prev.map(|(t, a)| {
+            acked.saturating_sub(a) as f64 / now.duration_since(t).as_secs_f64().max(1e-3)
+        });
+        prev = Some((now, acked));
+        let text = progress::drain(
+            st["state"].as_str().unwrap_or("-"),
+            pending,
+            ev["oldest_pending_age_s"].as_u64().unwrap_or(0),
+            rate,
+        );
+        let done = until_drained && pending == 0;
+        if line.enabled() && !done {
+            line.draw(&text);
+        } else {
+            line.clear();
+            println!("{text}");
+        }
+        if done {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = &mut stop => {
+                line.clear();
+                return Ok(());
+            }
+        }
+    }
 }

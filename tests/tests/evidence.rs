@@ -4,7 +4,7 @@
 //! exactly-once ingest checked record by record.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -705,6 +705,127 @@ fn tamper_spoke(path: &Path, seq: u64) {
     w.commit().expect("commit");
 }
 
+/// Off a terminal the long-running commands keep their output as it was:
+/// `drill load` and both `evidence verify`s print their one result line on
+/// stdout and draw no progress line (no carriage return) on stderr;
+/// `status --watch --until-drained` prints one backlog line per look on
+/// stdout, pending while the hub is cut off, and exits 0 once the backlog
+/// has drained after the heal. On a pseudo-terminal `drill load` draws its
+/// progress line.
+#[test]
+fn status_watch_follows_the_drain_and_progress_stays_off_pipes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (hub, relay, s) = setup(tmp.path(), &[], Some(7), &[]);
+    let relay = relay.expect("relay");
+    relay.blackout(None);
+    let o = drill(&s, 200, "2s").wait_with_output().expect("drill");
+    assert!(o.status.success(), "drill load: {}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(out.starts_with("drill "), "{out}");
+    assert!(
+        !o.stderr.contains(&b'\r'),
+        "a progress line off a terminal: {}",
+        text(&o)
+    );
+    // on a terminal (a pty from util-linux `script`), the line is drawn
+    // and cleared, and the result line still comes
+    match which("script") {
+        Some(script) => {
+            let cmd = format!(
+                "'{}' drill load --data-dir '{}' --rate 100 --duration 3s",
+                bin("tidemesh-spoke").display(),
+                s.dir.display()
+            );
+            let o = run(Command::new(script)
+                .args(["-q", "-e", "-c", &cmd, "/dev/null"])
+                .stdin(Stdio::null()));
+            assert!(o.status.success(), "drill load on a pty: {}", text(&o));
+            let tty = String::from_utf8_lossy(&o.stdout);
+            assert!(
+                tty.contains("\rdrill load ["),
+                "no progress line on a pty: {tty:?}"
+            );
+            assert!(tty.contains("committed, "), "{tty:?}");
+            assert!(
+                tty.contains("\r\x1b[Kdrill "),
+                "cleared before the result: {tty:?}"
+            );
+        }
+        None => eprintln!("script (util-linux) not installed: skipping the terminal check"),
+    }
+    let watch = Command::new(bin("tidemesh-spoke"))
+        .args([
+            "status",
+            "--watch",
+            "--until-drained",
+            "--interval",
+            "300ms",
+        ])
+        .arg("--data-dir")
+        .arg(&s.dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn status --watch");
+    std::thread::sleep(Duration::from_millis(1500));
+    relay.heal();
+    let mut watch = watch;
+    let t0 = Instant::now();
+    let exited = wait_for(Duration::from_secs(60), || watch.try_wait().ok().flatten());
+    if exited.is_none() {
+        let _ = watch.kill();
+    }
+    let o = watch.wait_with_output().expect("watch output");
+    assert!(
+        exited.is_some_and(|e| e.success()),
+        "status --watch: {}",
+        text(&o)
+    );
+    eprintln!("drained {:?} after the heal", t0.elapsed());
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.starts_with("id:"), "the status comes first: {out}");
+    let backlog: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("evidence backlog"))
+        .collect();
+    let pending: Vec<u64> = backlog
+        .iter()
+        .filter_map(|l| {
+            l.split("evidence backlog ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(
+        pending.first().is_some_and(|n| *n >= 100),
+        "records pending while cut off: {out}"
+    );
+    assert_eq!(
+        backlog.last().copied(),
+        Some("connected: evidence backlog drained (0 records pending)"),
+        "{out}"
+    );
+    assert!(!o.stderr.contains(&b'\r'), "{}", text(&o));
+    wait_drained(&hub, &s, Duration::from_secs(30));
+    for o in [
+        hub.cli(&["evidence", "verify", "--spoke", &s.id]),
+        run(Command::new(bin("tidemesh-spoke"))
+            .args(["evidence", "verify", "--data-dir"])
+            .arg(&s.dir)),
+    ] {
+        assert!(o.status.success(), "verify: {}", text(&o));
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(out.lines().count(), 1, "{out}");
+        assert!(out.contains("ok"), "{out}");
+        assert!(!o.stderr.contains(&b'\r'), "{}", text(&o));
+    }
+}
+
 /// `/metrics` on hub and spoke pass `promtool check metrics`; the alert
 /// rules in `deploy/observability/` pass `promtool check rules`; the
 /// Grafana dashboard there parses, has the shape Grafana loads, and every
@@ -714,7 +835,7 @@ fn tamper_spoke(path: &Path, seq: u64) {
 #[test]
 fn metrics_pass_promtool() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (hub, _relay, s) = setup(
+    let (hub, _relay, mut s) = setup(
         tmp.path(),
         &["--metrics", "127.0.0.1:19464"],
         None,
@@ -722,10 +843,32 @@ fn metrics_pass_promtool() {
     );
     drill_result(drill(&s, 200, "1s"));
     wait_drained(&hub, &s, Duration::from_secs(30));
+    let labels = format!("store=\"sf01\",spoke=\"n1\",spiffe_id=\"{}\"", s.id);
     let promtool = which("promtool");
     let mut exported = std::collections::BTreeSet::new();
+    let mut label_names: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (who, port) in [("hub", 19464), ("spoke", 19465)] {
         let page = scrape(port);
+        // one prefix scheme: tidemesh_hub_ on the hub, tidemesh_spoke_ on
+        // the spoke, tidemesh_build_info on both
+        for l in page.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let name = l.split_whitespace().nth(2).unwrap_or_default();
+            assert!(
+                name == "tidemesh_build_info" || name.starts_with(&format!("tidemesh_{who}_")),
+                "{who}: {name} outside the tidemesh_{who}_ scheme"
+            );
+        }
+        for l in page.lines().filter(|l| !l.starts_with('#')) {
+            let Some((name, rest)) = l.split_once('{') else {
+                continue;
+            };
+            let set = label_names.entry(name.to_owned()).or_default();
+            for pair in rest.split("\",") {
+                if let Some((k, _)) = pair.split_once("=\"") {
+                    set.insert(k.to_owned());
+                }
+            }
+        }
         assert!(
             page.contains("tidemesh_build_info{version=\""),
             "{who}: {page}"
@@ -742,14 +885,27 @@ fn metrics_pass_promtool() {
             exported.insert(name.to_owned());
         }
         if who == "hub" {
+            // per-spoke series: the store and node name, and the full ID
+            for family in [
+                "tidemesh_hub_evidence_high_water_mark",
+                "tidemesh_hub_spoke_connected",
+                "tidemesh_hub_spoke_cert_expiry_timestamp_seconds",
+            ] {
+                assert!(
+                    page.contains(&format!("{family}{{{labels}}} ")),
+                    "{family}: {page}"
+                );
+            }
+            assert!(page.contains("tidemesh_hub_spoke_connected{"), "{page}");
             assert!(
-                page.contains(&format!(
-                    "tidemesh_hub_evidence_high_water_mark{{spoke=\"{}\"}}",
-                    s.id
-                )),
+                page.contains("tidemesh_hub_spoke_series_omitted 0\n"),
                 "{page}"
             );
         } else {
+            assert!(
+                page.contains(&format!("tidemesh_spoke_info{{{labels}}} 1\n")),
+                "{page}"
+            );
             assert!(page.contains("tidemesh_spoke_connected 1"), "{page}");
             assert!(
                 page.contains("tidemesh_spoke_evidence_pending_records 0"),
@@ -784,7 +940,38 @@ fn metrics_pass_promtool() {
             None => eprintln!("promtool not installed: skipping the format check ({who})"),
         }
     }
-    check_observability(&exported, promtool.as_deref());
+    check_observability(&exported, &label_names, promtool.as_deref());
+    // a config the spoke applies: the hub's view turns synced (stale 0)
+    let doc = tmp.path().join("store.yaml");
+    std::fs::write(&doc, tidemesh_tests::STORE_SF01).expect("yaml");
+    let o = hub.cli(&["apply", "-f", doc.to_str().expect("utf8")]);
+    assert!(o.status.success(), "apply: {}", text(&o));
+    let stale = |page: &str| {
+        page.lines()
+            .find_map(|l| l.strip_prefix(&format!("tidemesh_hub_spoke_config_stale{{{labels}}} ")))
+            .map(str::to_owned)
+    };
+    let synced = wait_for(Duration::from_secs(15), || {
+        (stale(&scrape(19464)).as_deref() == Some("0")).then_some(())
+    });
+    assert!(synced.is_some(), "never synced: {}", scrape(19464));
+    let page = scrape(19464);
+    assert!(
+        page.contains(&format!("tidemesh_hub_spoke_config_version{{{labels}}} ")),
+        "{page}"
+    );
+    // the spoke gone, a newer config: the hub's view turns stale (1)
+    s.stop();
+    let doc = tmp.path().join("store2.yaml");
+    std::fs::write(
+        &doc,
+        "apiVersion: tidemesh.io/v1alpha1\nkind: Store\nmetadata: {name: sf02}\nspec: {region: us-west-2, zone: us-west-2b}\n",
+    )
+    .expect("yaml");
+    let o = hub.cli(&["apply", "-f", doc.to_str().expect("utf8")]);
+    assert!(o.status.success(), "apply: {}", text(&o));
+    let page = scrape(19464);
+    assert_eq!(stale(&page).as_deref(), Some("1"), "{page}");
 }
 
 /// The metric names (`tidemesh_...`) a PromQL expression reads.
@@ -805,6 +992,59 @@ fn metric_names(expr: &str) -> Vec<String> {
         }
         out.push(expr[start..end].to_owned());
         i = end;
+    }
+    out
+}
+
+/// Label names an expression groups or joins on (`by (..)`, `on(..)`,
+/// `without (..)`, `ignoring(..)`), matches (`{k="v"}`) or its legend
+/// shows (`{{k}}`); Prometheus' own (`instance`, `job`, `le`) left out.
+fn label_refs(expr: &str, legend: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let ident = |s: &str| {
+        s.trim()
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !s.trim().is_empty()
+    };
+    for kw in ["by", "on", "without", "ignoring"] {
+        let mut rest = expr;
+        while let Some(i) = rest.find(kw) {
+            let before = rest[..i].chars().next_back();
+            let after = rest[i + kw.len()..].trim_start();
+            rest = &rest[i + kw.len()..];
+            if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+                continue;
+            }
+            if let Some(list) = after.strip_prefix('(').and_then(|a| a.split_once(')')) {
+                for l in list.0.split(',').filter(|l| ident(l)) {
+                    out.insert(l.trim().to_owned());
+                }
+            }
+        }
+    }
+    let mut rest = expr;
+    while let Some(i) = rest.find('{') {
+        let Some(j) = rest[i..].find('}') else { break };
+        for m in rest[i + 1..i + j].split(',') {
+            let k = m.split(['=', '!']).next().unwrap_or_default();
+            if ident(k) {
+                out.insert(k.trim().to_owned());
+            }
+        }
+        rest = &rest[i + j..];
+    }
+    let mut rest = legend;
+    while let Some(i) = rest.find("{{") {
+        let Some(j) = rest[i..].find("}}") else { break };
+        let k = &rest[i + 2..i + j];
+        if ident(k) {
+            out.insert(k.trim().to_owned());
+        }
+        rest = &rest[i + j..];
+    }
+    for p in ["instance", "job", "le"] {
+        out.remove(p);
     }
     out
 }
@@ -831,7 +1071,11 @@ fn names_in_source() -> String {
 
 /// `deploy/observability/`: rules through promtool, the dashboard's shape,
 /// and every metric both name is one the binaries export.
-fn check_observability(exported: &std::collections::BTreeSet<String>, promtool: Option<&Path>) {
+fn check_observability(
+    exported: &BTreeSet<String>,
+    label_names: &BTreeMap<String, BTreeSet<String>>,
+    promtool: Option<&Path>,
+) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/observability");
     let mut rules: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
         .expect("deploy/observability")
@@ -852,12 +1096,13 @@ fn check_observability(exported: &std::collections::BTreeSet<String>, promtool: 
         }
         None => eprintln!("promtool not installed: skipping promtool check rules"),
     }
-    let mut exprs: Vec<(String, String)> = Vec::new();
+    // (whence, expression, legend)
+    let mut exprs: Vec<(String, String, String)> = Vec::new();
     for r in &rules {
         let text = std::fs::read_to_string(r).expect("rules");
         for l in text.lines() {
             if let Some(e) = l.trim().strip_prefix("expr:") {
-                exprs.push((r.display().to_string(), e.trim().to_owned()));
+                exprs.push((r.display().to_string(), e.trim().to_owned(), String::new()));
             }
         }
     }
@@ -911,16 +1156,34 @@ fn check_observability(exported: &std::collections::BTreeSet<String>, promtool: 
                 "panel {id} refId twice"
             );
             let e = t["expr"].as_str().expect("expr");
-            exprs.push((format!("dashboard panel {id}"), e.to_owned()));
+            assert!(
+                t["datasource"]["uid"] == "${datasource}"
+                    || p["datasource"]["uid"] == "${datasource}",
+                "panel {id}: no datasource"
+            );
+            let legend = t["legendFormat"].as_str().unwrap_or_default().to_owned();
+            exprs.push((format!("dashboard panel {id}"), e.to_owned(), legend));
             queries += 1;
         }
     }
     assert!(queries >= 10, "the dashboard has {queries} queries");
     let source = names_in_source();
     let mut from_source = Vec::new();
-    for (whence, e) in &exprs {
+    for (whence, e, legend) in &exprs {
         let names = metric_names(e);
         assert!(!names.is_empty(), "{whence}: {e} reads no tidemesh metric");
+        // every label grouped on, matched or shown in the legend is one a
+        // series read here carries (judged on the metrics that had samples)
+        let seen: Vec<&BTreeSet<String>> =
+            names.iter().filter_map(|n| label_names.get(n)).collect();
+        if !seen.is_empty() {
+            for l in label_refs(e, legend) {
+                assert!(
+                    seen.iter().any(|set| set.contains(&l)),
+                    "{whence}: {e} (legend {legend:?}) uses label {l:?}, which no series of {names:?} carries"
+                );
+            }
+        }
         for n in names {
             // a histogram's series are its family name plus a suffix
             let family = ["_bucket", "_sum", "_count"]

@@ -184,9 +184,10 @@ inbound = "{}"
     for _ in 0..199 {
         assert_eq!(get().status, 200);
     }
-    // Each call's duration, by service, direction and locality tier.
+    // Each call's duration, by service, direction and locality tier, with
+    // the spoke's store; the totals by exact code agree with the count.
     let page = scrape(metrics);
-    let series = "service=\"shaky.store\",direction=\"outbound\",tier=\"local\"";
+    let series = "store=\"sf01\",service=\"shaky.store\",direction=\"outbound\",tier=\"local\"";
     let count = sample(
         &page,
         &format!("tidemesh_spoke_request_duration_seconds_count{{{series}}}"),
@@ -199,6 +200,21 @@ inbound = "{}"
         ),
         count,
         "{page}"
+    );
+    let ok = sample(
+        &page,
+        &format!("tidemesh_spoke_requests_total{{{series},code=\"200\"}}"),
+    );
+    assert!(ok.is_some_and(|n| n >= 200.0), "{ok:?}: {page}");
+    let totals: f64 = page
+        .lines()
+        .filter(|l| l.starts_with(&format!("tidemesh_spoke_requests_total{{{series},code=")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(
+        Some(totals),
+        count,
+        "totals by code add up to the count: {page}"
     );
     let (share, n) = shaky.with(|s| sampled_share(&s.traceparents));
     assert_eq!((share, n >= 200), (1.0, true), "Target traces everything");
@@ -222,6 +238,12 @@ inbound = "{}"
     eprintln!("35 % errors: Degraded after {degraded:?}");
     assert!(degraded < Duration::from_secs(8), "{degraded:?}");
     let page = scrape(metrics);
+    // the workload's 503s are counted under their exact code
+    let failed = sample(
+        &page,
+        &format!("tidemesh_spoke_requests_total{{{series},code=\"503\"}}"),
+    );
+    assert!(failed.is_some_and(|n| n >= 1.0), "{failed:?}: {page}");
     assert_eq!(
         sample(
             &page,

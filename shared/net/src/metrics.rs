@@ -330,17 +330,21 @@ mod tests {
     #[test]
     fn writes_families_and_escapes_labels() {
         let mut e = Exposition::new();
-        e.single("tidemesh_up", Kind::Gauge, "Up.", 1.0);
-        e.family("tidemesh_records_total", Kind::Counter, "Records\nstored.")
-            .sample(&[("spoke", "a\"b\\c")], 3.0)
-            .sample(&[("spoke", "x"), ("kind", "y")], 0.5);
+        e.single("tidemesh_spoke_ready", Kind::Gauge, "Up.", 1.0);
+        e.family(
+            "tidemesh_hub_evidence_records_total",
+            Kind::Counter,
+            "Records\nstored.",
+        )
+        .sample(&[("spoke", "a\"b\\c")], 3.0)
+        .sample(&[("spoke", "x"), ("kind", "y")], 0.5);
         let page = e.finish();
         assert_eq!(
             page,
-            "# HELP tidemesh_up Up.\n# TYPE tidemesh_up gauge\ntidemesh_up 1\n\
-             # HELP tidemesh_records_total Records\\nstored.\n# TYPE tidemesh_records_total counter\n\
-             tidemesh_records_total{spoke=\"a\\\"b\\\\c\"} 3\n\
-             tidemesh_records_total{spoke=\"x\",kind=\"y\"} 0.5\n"
+            "# HELP tidemesh_spoke_ready Up.\n# TYPE tidemesh_spoke_ready gauge\ntidemesh_spoke_ready 1\n\
+             # HELP tidemesh_hub_evidence_records_total Records\\nstored.\n# TYPE tidemesh_hub_evidence_records_total counter\n\
+             tidemesh_hub_evidence_records_total{spoke=\"a\\\"b\\\\c\"} 3\n\
+             tidemesh_hub_evidence_records_total{spoke=\"x\",kind=\"y\"} 0.5\n"
         );
         let mut e = Exposition::new();
         e.family("t_seconds", Kind::Histogram, "Latency.")

@@ -1,12 +1,17 @@
-//! Request latency histograms for `/metrics`
-//! (`tidemesh_spoke_request_duration_seconds`), per destination service,
-//! direction and locality tier.
+//! Request latency histograms and request totals by response code for
+//! `/metrics` (`tidemesh_spoke_request_duration_seconds`,
+//! `tidemesh_spoke_requests_total`), per destination service, direction and
+//! locality tier; both carry the spoke's `store`.
 //!
 //! Who drives it: every request record the data plane writes
-//! ([`super::Shared::record`]) observes its end-to-end duration once; the
-//! metrics page reads a snapshot. What it must not do: grow without bound:
-//! service names come from apps' requests, so past [`MAX_SERIES`] distinct
-//! series new services are counted under `service="_other"`.
+//! ([`super::Shared::record`]) observes its end-to-end duration and its
+//! status code once; the metrics page reads a snapshot. What it must not
+//! do: grow without bound: service names come from apps' requests, so past
+//! [`MAX_SERIES`] distinct series new services are counted under
+//! `service="_other"`; codes are the exact three digits of a valid HTTP
+//! status (100..=599), `none` when no response was sent, and past
+//! [`MAX_CODE_SERIES`] (service, code) pairs new ones fold into
+//! `service="_other",code="other"`.
 
 use std::{collections::BTreeMap, sync::Mutex};
 
@@ -21,6 +26,19 @@ pub const BUCKETS: [f64; 14] = [
 pub const MAX_SERIES: usize = 256;
 /// The service label of requests past [`MAX_SERIES`].
 pub const OTHER: &str = "_other";
+/// Most (service, direction, tier, code) series of the request totals.
+pub const MAX_CODE_SERIES: usize = 1024;
+
+/// The `code` label of a request: the exact status (`"200"`, `"503"`),
+/// `none` when no response was sent, `other` for a number that is not an
+/// HTTP status.
+pub fn code_label(status: Option<u16>) -> std::borrow::Cow<'static, str> {
+    match status {
+        None => "none".into(),
+        Some(c) if (100..=599).contains(&c) => c.to_string().into(),
+        Some(_) => "other".into(),
+    }
+}
 
 #[derive(Debug, Default, Clone)]
 struct Hist {
@@ -29,10 +47,14 @@ struct Hist {
     sum: f64,
 }
 
+/// (service, direction, tier, code) of a request total.
+type CodeKey = (String, &'static str, &'static str, String);
+
 /// The histograms (see the module docs).
 #[derive(Debug, Default)]
 pub struct Latency {
     series: Mutex<BTreeMap<(String, &'static str, &'static str), Hist>>,
+    codes: Mutex<BTreeMap<CodeKey, u64>>,
 }
 
 /// The `tier` label of a request: where the endpoint it went to is
@@ -57,12 +79,14 @@ pub fn direction(ev: &RequestEvidence) -> &'static str {
 }
 
 impl Latency {
-    /// Counts one request of `service` that took `seconds`.
+    /// Counts one request of `service` answered with `status` (`None`: no
+    /// response sent) that took `seconds`.
     pub fn observe(
         &self,
         service: &str,
         direction: &'static str,
         tier: &'static str,
+        status: Option<u16>,
         seconds: f64,
     ) {
         let Ok(mut m) = self.series.lock() else {
@@ -74,6 +98,20 @@ impl Latency {
         } else {
             (OTHER.to_owned(), direction, tier)
         };
+        if let Ok(mut c) = self.codes.lock() {
+            let code = (
+                key.0.clone(),
+                direction,
+                tier,
+                code_label(status).into_owned(),
+            );
+            let code = if c.contains_key(&code) || c.len() < MAX_CODE_SERIES {
+                code
+            } else {
+                (OTHER.to_owned(), direction, tier, "other".to_owned())
+            };
+            *c.entry(code).or_default() += 1;
+        }
         let h = m.entry(key).or_default();
         h.count += 1;
         h.sum += seconds;
@@ -82,8 +120,30 @@ impl Latency {
         }
     }
 
-    /// Writes the family (one histogram per series).
-    pub fn write(&self, e: &mut Exposition) {
+    /// Writes both families (one histogram per series, one counter per
+    /// series and code), labelled with this spoke's `store`.
+    pub fn write(&self, e: &mut Exposition, store: &str) {
+        let codes: Vec<_> = match self.codes.lock() {
+            Ok(m) => m.iter().map(|(k, n)| (k.clone(), *n)).collect(),
+            Err(_) => Vec::new(),
+        };
+        let fam = e.family(
+            "tidemesh_spoke_requests_total",
+            Kind::Counter,
+            "Requests the spoke answered, by destination service, direction, locality tier of the chosen endpoint and exact response code (none: no response sent).",
+        );
+        for ((service, direction, tier, code), n) in &codes {
+            fam.sample(
+                &[
+                    ("store", store),
+                    ("service", service),
+                    ("direction", direction),
+                    ("tier", tier),
+                    ("code", code),
+                ],
+                *n as f64,
+            );
+        }
         let snapshot: Vec<_> = match self.series.lock() {
             Ok(m) => m.iter().map(|(k, h)| (k.clone(), h.clone())).collect(),
             Err(_) => Vec::new(),
@@ -105,6 +165,7 @@ impl Latency {
                 .collect();
             fam.histogram(
                 &[
+                    ("store", store),
                     ("service", service),
                     ("direction", direction),
                     ("tier", tier),
@@ -124,13 +185,18 @@ mod tests {
     #[test]
     fn buckets_are_cumulative_and_series_bounded() {
         let l = Latency::default();
-        l.observe("inventory.store", "outbound", "local", 0.0004);
-        l.observe("inventory.store", "outbound", "local", 0.02);
-        l.observe("inventory.store", "outbound", "local", 60.0);
+        l.observe("inventory.store", "outbound", "local", Some(200), 0.0004);
+        l.observe("inventory.store", "outbound", "local", Some(503), 0.02);
+        l.observe("inventory.store", "outbound", "local", Some(200), 60.0);
         let mut e = Exposition::new();
-        l.write(&mut e);
+        l.write(&mut e, "s1");
         let page = e.finish();
-        let labels = "service=\"inventory.store\",direction=\"outbound\",tier=\"local\"";
+        let labels =
+            "store=\"s1\",service=\"inventory.store\",direction=\"outbound\",tier=\"local\"";
+        for (code, n) in [("200", 2), ("503", 1)] {
+            let line = format!("tidemesh_spoke_requests_total{{{labels},code=\"{code}\"}} {n}\n");
+            assert!(page.contains(&line), "{line} in {page}");
+        }
         for (le, n) in [
             ("0.001", 1),
             ("0.01", 1),
@@ -147,12 +213,33 @@ mod tests {
             "tidemesh_spoke_request_duration_seconds_count{{{labels}}} 3\n"
         )));
         for i in 0..MAX_SERIES + 10 {
-            l.observe(&format!("svc{i}"), "outbound", "cloud", 0.1);
+            l.observe(&format!("svc{i}"), "outbound", "cloud", Some(200), 0.1);
         }
         let n = l.series.lock().map(|m| m.len()).unwrap_or(0);
         assert!(n <= MAX_SERIES + 1, "{n} series");
+        // every code of every service: the totals stay bounded too
+        for c in 100..=599 {
+            l.observe("svc1", "outbound", "cloud", Some(c), 0.1);
+            l.observe("svc2", "outbound", "cloud", Some(c), 0.1);
+            l.observe("svc3", "outbound", "cloud", Some(c), 0.1);
+        }
+        let n = l.codes.lock().map(|m| m.len()).unwrap_or(0);
+        assert!(n <= MAX_CODE_SERIES + 1, "{n} code series");
         let mut e = Exposition::new();
-        l.write(&mut e);
-        assert!(e.finish().contains("service=\"_other\""));
+        l.write(&mut e, "s1");
+        let page = e.finish();
+        assert!(page.contains("service=\"_other\""));
+        assert!(page
+            .contains("service=\"_other\",direction=\"outbound\",tier=\"cloud\",code=\"other\""));
+    }
+
+    #[test]
+    fn code_labels_are_exact_statuses_or_a_fixed_word() {
+        assert_eq!(code_label(Some(200)), "200");
+        assert_eq!(code_label(Some(503)), "503");
+        assert_eq!(code_label(None), "none");
+        assert_eq!(code_label(Some(0)), "other");
+        assert_eq!(code_label(Some(600)), "other");
+        assert_eq!(code_label(Some(99)), "other");
     }
 }

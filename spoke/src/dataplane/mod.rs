@@ -740,6 +740,7 @@ impl Shared {
             &ev.service_name,
             latency::direction(&ev),
             latency::tier(&ev),
+            ev.telemetry.status_code,
             ev.telemetry.duration_us as f64 / 1e6,
         );
         let service = ev.service_name.clone();
