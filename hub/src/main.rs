@@ -100,6 +100,12 @@ enum Cmd {
         /// unless given.
         #[arg(long, env = "TIDEMESH_METRICS")]
         metrics: Option<SocketAddr>,
+        /// Export a span per sampled request record the spokes sync (trace,
+        /// span and parent ids, timing, status, peers, mode) to this
+        /// OpenTelemetry collector over OTLP/HTTP protobuf, e.g.
+        /// `http://127.0.0.1:4318/v1/traces`; off unless given.
+        #[arg(long, env = "TIDEMESH_OTLP_ENDPOINT", value_parser = tidemesh_hub::otlp::parse_endpoint)]
+        otlp_endpoint: Option<hyper::Uri>,
         #[command(flatten)]
         gateway: GatewayArgs,
         /// Evidence batches a spoke may send ahead of the hub's acks (credits).
@@ -556,6 +562,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             keep_alive,
             idle_timeout,
             metrics,
+            otlp_endpoint,
             gateway,
             evidence_window,
             evidence_slots,
@@ -592,6 +599,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                     ..tidemesh_hub::quic_settings()
                 },
                 metrics,
+                otlp: otlp_endpoint.map(tidemesh_hub::otlp::OtlpSettings::new),
                 gateway: gateway.settings()?,
                 ingest: tidemesh_hub::ingest::IngestSettings {
                     window: evidence_window,
