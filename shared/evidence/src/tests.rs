@@ -849,36 +849,38 @@ fn request_body() -> impl Strategy<Value = RecordBody> {
             any::<bool>(),
         ),
     )
-        .prop_map(|(svc, inbound, id, az, rl, rt, rel, tel, drill, (user, sampled))| {
-            RecordBody::Request(Box::new(RequestEvidence {
-                service_name: svc,
-                enforcement_point: if inbound {
-                    EnforcementPoint::SidecarInbound
-                } else {
-                    EnforcementPoint::SidecarOutbound
-                },
-                mode: Mode::Survival,
-                identity: id,
-                policy_evaluation: az,
-                rate_limit_check: rl,
-                routing_decision: rt,
-                reliability: rel,
-                telemetry: tel,
-                drill: drill.map(|(run, index)| DrillMarker { run, index }),
-                user_identity: user.map(|(issuer, subject, exp)| UserIdentityEvidence {
-                    kind: UserIdentityKind::Claim,
-                    verified_by: ClaimVerification::Jwt,
-                    issuer,
-                    subject,
-                    algorithm: "ES256".into(),
-                    key_id: Some("k1".into()),
-                    policy: "shop/jwt".into(),
-                    expires_at: exp,
-                    jwks_age_s: Some(3),
-                }),
-                trace_sampled: sampled,
-            }))
-        })
+        .prop_map(
+            |(svc, inbound, id, az, rl, rt, rel, tel, drill, (user, sampled))| {
+                RecordBody::Request(Box::new(RequestEvidence {
+                    service_name: svc,
+                    enforcement_point: if inbound {
+                        EnforcementPoint::SidecarInbound
+                    } else {
+                        EnforcementPoint::SidecarOutbound
+                    },
+                    mode: Mode::Survival,
+                    identity: id,
+                    policy_evaluation: az,
+                    rate_limit_check: rl,
+                    routing_decision: rt,
+                    reliability: rel,
+                    telemetry: tel,
+                    drill: drill.map(|(run, index)| DrillMarker { run, index }),
+                    user_identity: user.map(|(issuer, subject, exp)| UserIdentityEvidence {
+                        kind: UserIdentityKind::Claim,
+                        verified_by: ClaimVerification::Jwt,
+                        issuer,
+                        subject,
+                        algorithm: "ES256".into(),
+                        key_id: Some("k1".into()),
+                        policy: "shop/jwt".into(),
+                        expires_at: exp,
+                        jwks_age_s: Some(3),
+                    }),
+                    trace_sampled: sampled,
+                }))
+            },
+        )
 }
 
 fn system_body() -> impl Strategy<Value = RecordBody> {
