@@ -1030,3 +1030,91 @@ impl Timeline {
         v
     }
 }
+
+/// The OTLP/HTTP receiver of `deploy/observability/otlp_receiver.py`: it
+/// decodes what the hub exports with the official OpenTelemetry protobuf
+/// definitions (Python's `opentelemetry-proto`) and writes a JSON line per
+/// span, read back by [`OtlpReceiver::spans`].
+pub struct OtlpReceiver {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    out: PathBuf,
+    child: Option<Child>,
+}
+
+impl OtlpReceiver {
+    /// Whether `python3` can import `opentelemetry-proto`; `None` (with a
+    /// message) to skip, a panic when `TIDEMESH_REQUIRE_OTLP` is set.
+    pub fn available() -> Option<()> {
+        let ok = Command::new("python3")
+            .args([
+                "-c",
+                "import opentelemetry.proto.collector.trace.v1.trace_service_pb2",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return Some(());
+        }
+        assert!(
+            std::env::var_os("TIDEMESH_REQUIRE_OTLP").is_none(),
+            "python3 with opentelemetry-proto not found (python3 -m pip install opentelemetry-proto)"
+        );
+        eprintln!(
+            "SKIP: python3 with opentelemetry-proto not found: skipping the OTLP export test"
+        );
+        None
+    }
+
+    /// Starts the receiver on a free loopback port, spans and log in `dir`.
+    pub fn start(dir: &Path) -> OtlpReceiver {
+        std::fs::create_dir_all(dir).expect("receiver dir");
+        let out = dir.join("otlp-spans.jsonl");
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/observability/otlp_receiver.py");
+        let mut cmd = Command::new("python3");
+        cmd.arg(script)
+            .args(["--listen", "127.0.0.1:0", "--out"])
+            .arg(&out);
+        let (child, addr) = spawn_listening(cmd, &dir.join("otlp-receiver.log"));
+        OtlpReceiver {
+            addr,
+            out,
+            child: Some(child),
+        }
+    }
+
+    /// The URL to give `--otlp-endpoint`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}/v1/traces", self.addr)
+    }
+
+    /// Every line written so far (spans, and `{"error": …}` for requests it
+    /// could not decode).
+    pub fn lines(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The spans received so far.
+    pub fn spans(&self) -> Vec<Value> {
+        self.lines()
+            .into_iter()
+            .filter(|l| l.get("error").is_none())
+            .collect()
+    }
+}
+
+impl Drop for OtlpReceiver {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill(&mut c);
+        }
+    }
+}

@@ -302,6 +302,9 @@ pub struct IngestOutcome {
     pub stored: u32,
     /// Records received again and skipped.
     pub duplicates: u32,
+    /// The first sequence number this commit stored (`None`: it stored
+    /// nothing); the batch's records from there on are new.
+    pub first_stored: Option<u64>,
 }
 
 /// Which records [`EvidenceStore::query`] returns, in sequence order.
@@ -1299,6 +1302,7 @@ impl EvidenceStore {
             position,
             stored,
             duplicates,
+            first_stored,
         })
     }
 
@@ -1825,7 +1829,8 @@ mod tests {
             IngestOutcome {
                 position: ChainPosition::after(&c[4]),
                 stored: 5,
-                duplicates: 0
+                duplicates: 0,
+                first_stored: Some(1),
             }
         );
         let out = fx.ingest(seqs(&c, 6, 10)).expect("ingests");

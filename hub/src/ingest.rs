@@ -553,6 +553,7 @@ impl Hub {
         let store = self.inner.evidence.clone();
         let spoke = id.clone();
         let now = UnixMillis(self.now_ms());
+        let otlp = self.inner.otlp.clone();
         let res = tokio::task::spawn_blocking(move || {
             let mut res = store.ingest(&verified, cert_sha256, now);
             if let Err(IngestError::Store(e)) = &res {
@@ -564,7 +565,18 @@ impl Hub {
                 }
             }
             match res {
-                Ok(out) => Ok(Stored::Batch(out)),
+                Ok(out) => {
+                    // committed: the records it stored become spans (never
+                    // waits; a full export queue drops and counts)
+                    if let Some(x) = &otlp {
+                        x.offer(crate::otlp::spans_of(
+                            verified.spoke(),
+                            verified.records(),
+                            out.first_stored,
+                        ));
+                    }
+                    Ok(Stored::Batch(out))
+                }
                 Err(IngestError::Ahead { .. }) => match store.position(&spoke) {
                     Ok(pos) => Ok(Stored::Ahead(pos)),
                     Err(e) => Err(Failed::Store(e)),

@@ -26,6 +26,7 @@ pub mod ingest;
 pub mod jwks;
 mod observe;
 pub mod origination;
+pub mod otlp;
 pub mod refusals;
 pub mod store;
 pub mod sync;
@@ -94,6 +95,9 @@ pub struct HubConfig {
     /// Admission control: new-session budget, connection caps, address
     /// validation ([`admission`]).
     pub admission: admission::AdmissionSettings,
+    /// Export spans built from ingested request records over OTLP/HTTP
+    /// ([`otlp`]); off unless given.
+    pub otlp: Option<otlp::OtlpSettings>,
 }
 
 impl Default for HubConfig {
@@ -112,6 +116,7 @@ impl Default for HubConfig {
             metrics_max_spokes: 1000,
             gateway: gateway::GatewaySettings::default(),
             admission: admission::AdmissionSettings::default(),
+            otlp: None,
         }
     }
 }
@@ -331,6 +336,8 @@ pub(crate) struct Inner {
     pub(crate) evidence: Arc<evidence::EvidenceStore>,
     /// Evidence ingest slots, rate and counters.
     pub(crate) ingest: Arc<ingest::Limits>,
+    /// The OTLP span exporter (`--otlp-endpoint`).
+    pub(crate) otlp: Option<Arc<otlp::Exporter>>,
     /// The gateway to cloud services.
     pub(crate) gateway: gateway::Gateway,
     /// Refused requests: counters, log and audit limiters.
@@ -487,6 +494,7 @@ impl Hub {
         let latest = store.config().latest()?.map(Arc::new);
         let evidence = Arc::new(evidence);
         let ingest = Arc::new(ingest::Limits::new(&cfg.ingest));
+        let otlp = cfg.otlp.clone().map(|o| Arc::new(otlp::Exporter::new(o)));
         cfg.admission.check().map_err(HubError::Invalid)?;
         let admission = admission::Admission::new(cfg.admission.clone(), std::time::Instant::now());
         let (config_tx, _) =
@@ -501,6 +509,7 @@ impl Hub {
                 registry_tx: tokio::sync::watch::channel(0).0,
                 evidence,
                 ingest,
+                otlp,
                 gateway: gateway::Gateway::new(cfg.gateway.clone()),
                 data_dir: data_dir.to_owned(),
                 store,
@@ -891,6 +900,21 @@ impl Hub {
         tidemesh_net::sd_notify::notify_logged("READY=1\nSTATUS=serving");
         let hub = self.clone();
         let prune_task = tokio::spawn(async move { hub.prune_loop().await });
+        let (otlp_stop, otlp_task) = match &self.inner.otlp {
+            Some(x) => {
+                info!(endpoint = %x.endpoint(), "exporting spans over OTLP/HTTP");
+                let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+                let x = x.clone();
+                let task = tokio::spawn(async move {
+                    x.run(async {
+                        let _ = rx.await;
+                    })
+                    .await
+                });
+                (Some(tx), Some(task))
+            }
+            None => (None, None),
+        };
         info!(addr = ?endpoint.local_addr().ok(), td = %self.inner.td, "hub serving");
         let refresh = self.inner.cfg.hub_cert_ttl / 2;
         let mut refresh_timer =
@@ -932,6 +956,16 @@ impl Hub {
         }
         watchdog_task.abort();
         prune_task.abort();
+        if let (Some(stop), Some(mut task)) = (otlp_stop, otlp_task) {
+            // what is queued gets a last, short chance to leave
+            let _ = stop.send(());
+            if tokio::time::timeout(Duration::from_secs(2), &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+            }
+        }
         Ok(())
     }
 

@@ -61,6 +61,10 @@ impl GatewayArgs {
 }
 
 #[derive(Subcommand)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once at startup; `serve` has many flags"
+)]
 enum Cmd {
     /// Create a hub data directory: CA (key mode 0600) and database.
     Init {
@@ -107,6 +111,12 @@ enum Cmd {
         /// every spoke, and tidemesh_hub_spoke_series_omitted the rest.
         #[arg(long, env = "TIDEMESH_METRICS_MAX_SPOKES", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         metrics_max_spokes: u32,
+        /// Export a span per sampled request record the spokes sync (trace,
+        /// span and parent ids, timing, status, peers, mode) to this
+        /// OpenTelemetry collector over OTLP/HTTP protobuf, e.g.
+        /// `http://127.0.0.1:4318/v1/traces`; off unless given.
+        #[arg(long, env = "TIDEMESH_OTLP_ENDPOINT", value_parser = otlp_endpoint)]
+        otlp_endpoint: Option<String>,
         #[command(flatten)]
         gateway: GatewayArgs,
         /// Evidence batches a spoke may send ahead of the hub's acks (credits).
@@ -480,6 +490,12 @@ enum TokenCmd {
 
 /// Reads a config file (`-`: standard input), at most one byte more than
 /// the parser accepts (it then names the size limit).
+/// `--otlp-endpoint`: checked here (so a bad URL names the flag before
+/// anything binds), kept as text.
+fn otlp_endpoint(s: &str) -> Result<String, String> {
+    tidemesh_hub::otlp::parse_endpoint(s).map(|_| s.to_owned())
+}
+
 fn read_input(file: &std::path::Path) -> anyhow::Result<String> {
     use std::io::Read;
     let limit = tidemesh_policy::istio::MAX_INPUT_BYTES as u64 + 1;
@@ -609,6 +625,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             idle_timeout,
             metrics,
             metrics_max_spokes,
+            otlp_endpoint,
             gateway,
             evidence_window,
             evidence_slots,
@@ -646,6 +663,11 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 },
                 metrics,
                 metrics_max_spokes: metrics_max_spokes as usize,
+                otlp: otlp_endpoint
+                    .map(|e| tidemesh_hub::otlp::parse_endpoint(&e))
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!("--otlp-endpoint {e}"))?
+                    .map(tidemesh_hub::otlp::OtlpSettings::new),
                 gateway: gateway.settings()?,
                 ingest: tidemesh_hub::ingest::IngestSettings {
                     window: evidence_window,

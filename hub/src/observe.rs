@@ -458,6 +458,33 @@ impl Hub {
             "Evidence commits that failed on a full or failing evidence.db (nothing stored; the spoke retries).",
             c.store_failures.load(Ordering::Relaxed) as f64,
         );
+        if let Some(x) = &self.inner.otlp {
+            let c = &x.counters;
+            e.single(
+                "tidemesh_hub_otlp_spans_exported_total",
+                Counter,
+                "Spans built from ingested request records that the OTLP collector (--otlp-endpoint) accepted.",
+                c.exported.load(Ordering::Relaxed) as f64,
+            );
+            e.single(
+                "tidemesh_hub_otlp_spans_dropped_total",
+                Counter,
+                "Spans given up: the export queue was full, every try of their batch failed, or the collector refused them.",
+                c.dropped.load(Ordering::Relaxed) as f64,
+            );
+            e.single(
+                "tidemesh_hub_otlp_export_failures_total",
+                Counter,
+                "OTLP export requests that failed (each try counts): no connection, no answer in time, or an error status.",
+                c.failures.load(Ordering::Relaxed) as f64,
+            );
+            e.single(
+                "tidemesh_hub_otlp_queue_spans",
+                Gauge,
+                "Spans waiting to be exported.",
+                x.queued() as f64,
+            );
+        }
         let outage = self.inner.ingest.outage();
         e.single(
             "tidemesh_hub_evidence_store_full",

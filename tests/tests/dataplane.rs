@@ -18,7 +18,7 @@ use tidemesh_tests::{
     bin, free_tcp, free_udp,
     http::{call, echo_server, read_message, Reply},
     mesh::{cloud_entry, frontend_only, service_entry},
-    run, text, wait_for, write_config, HubProc, RelayProc, SpokeProc, STORE_SF01, TD,
+    run, text, wait_for, write_config, HubProc, OtlpReceiver, RelayProc, SpokeProc, STORE_SF01, TD,
 };
 
 /// The seed's AuthorizationPolicy with the principals spelled in tidemesh's
@@ -4044,4 +4044,357 @@ health = "/healthz"
     assert_eq!(r.status, 401, "{r:?}");
     let r = pos_call(Some(&cases[1].0), "/offline-forged", &[]);
     assert_eq!(r.status, 401, "{r:?}");
+}
+
+/// Nanoseconds since the epoch, now.
+fn unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// One cross-spoke call the OTLP test made: the trace it carried, the
+/// span the app named as parent (if it sent one), the span id the upstream
+/// saw, and when it was made.
+#[derive(Debug)]
+struct Traced {
+    trace: String,
+    app_span: Option<String>,
+    upstream_span: String,
+    before: u64,
+    after: u64,
+    offline: bool,
+}
+
+/// The hub exports a span per sampled request record over OTLP/HTTP
+/// protobuf, decoded by the official definitions (Python's
+/// `opentelemetry-proto`): each cross-spoke request is one trace of two
+/// spans, spoke A's CLIENT span (child of the app's span) and spoke B's
+/// SERVER span (child of A's, and the parent the upstream app saw), with
+/// the resource naming service, spoke and store. Requests made while both
+/// spokes were cut off from the hub arrive only after the heal, with the
+/// time they happened. A request the app marked unsampled is recorded at
+/// both spokes (as unsampled) and exported by neither; a new trace is
+/// sampled as its mode says.
+#[test]
+fn otlp_export_one_trace_per_request_across_spokes_through_a_hub_outage() {
+    if OtlpReceiver::available().is_none() {
+        return;
+    }
+    let started = Instant::now();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let receiver = OtlpReceiver::start(&tmp.path().join("otlp"));
+    let metrics = free_tcp();
+    let mut hub = HubProc::init(tmp.path(), TD).with_args(&[
+        "--otlp-endpoint",
+        &receiver.endpoint(),
+        "--metrics",
+        &metrics.to_string(),
+    ]);
+    let hub_addr = hub.start();
+    eprintln!("hub up {:?} into the test", started.elapsed());
+    let f = tmp.path().join("mesh.yaml");
+    std::fs::write(&f, mesh_yaml()).expect("yaml");
+    let o = hub.cli(&["apply", "-f", f.to_str().expect("utf8")]);
+    assert!(o.status.success(), "apply: {}", text(&o));
+
+    let payments = echo_server("payment-service");
+    let o_front = free_tcp();
+    let (data_a, data_b) = (free_udp(), free_udp());
+    let cfg_a = write_config(
+        tmp.path(),
+        "a",
+        &format!(
+            r#"data_listen = "{data_a}"
+data_advertise = "{data_a}"
+
+[[workload]]
+service_account = "frontend"
+service = "frontend"
+labels = {{ app = "frontend" }}
+outbound = "{o_front}"
+"#
+        ),
+    );
+    let cfg_b = write_config(
+        tmp.path(),
+        "b",
+        &format!(
+            r#"data_listen = "{data_b}"
+data_advertise = "{data_b}"
+
+[[workload]]
+service_account = "payments"
+service = "payment-service"
+namespace = "payments"
+labels = {{ app = "payment-service", version = "v1" }}
+inbound = "{payments}"
+health = "/healthz"
+"#
+        ),
+    );
+    let mut spokes = Vec::new();
+    let mut relays = Vec::new();
+    for (i, cfg) in [cfg_a, cfg_b].iter().enumerate() {
+        let relay = RelayProc::start(
+            &tmp.path().join("relays"),
+            &format!("r{i}"),
+            hub_addr,
+            71 + i as u64,
+        );
+        spokes.push(start_spoke(
+            tmp.path(),
+            &hub,
+            &format!("spoke{i}"),
+            i,
+            cfg,
+            relay.addr,
+        ));
+        relays.push(relay);
+    }
+    let (a, b) = (&spokes[0], &spokes[1]);
+    wait_site_service(a, "payment-service");
+    eprintln!("spokes up {:?} into the test", started.elapsed());
+
+    // One charge: `flags` "01" / "00" names an app span (sampled or not),
+    // `None` sends no trace context (a new trace at spoke A).
+    let mut n = 0u32;
+    let mut charge = |flags: Option<&str>, offline: bool| -> Traced {
+        n += 1;
+        let trace = format!("{:08x}{:024x}", 0x07e1_0000 + n, u64::from(n) * 7919);
+        let app_span = format!("{:016x}", 0xa0_0000 + u64::from(n));
+        let tp = flags.map(|f| format!("00-{trace}-{app_span}-{f}"));
+        let mut headers = vec![("x-api-version", "v1")];
+        if let Some(tp) = &tp {
+            headers.push(("traceparent", tp.as_str()));
+        }
+        // once: a second try would be a second request of the same trace
+        let before = unix_nanos();
+        let r = call(
+            o_front,
+            "POST",
+            "payment-service.payments",
+            "/api/charge",
+            &headers,
+        );
+        let after = unix_nanos();
+        assert_eq!(r.status, 200, "charge {n}: {r:?}");
+        let up = r
+            .upstream_header("traceparent")
+            .expect("traceparent upstream");
+        if flags.is_some() {
+            assert_eq!(trace_id(&up), trace, "{up}");
+        }
+        Traced {
+            trace: trace_id(&up).to_owned(),
+            app_span: flags.map(|_| app_span),
+            upstream_span: span_id(&up).to_owned(),
+            before,
+            after,
+            offline,
+        }
+    };
+
+    // B may take a moment to receive the policy with its slice
+    wait_for(Duration::from_secs(10), || {
+        let r = call(
+            o_front,
+            "POST",
+            "payment-service.payments",
+            "/api/charge",
+            &[("x-api-version", "v1")],
+        );
+        (r.status == 200).then_some(())
+    })
+    .expect("the charge is allowed");
+    // connected: three sampled app traces, one new trace, one unsampled
+    let mut sampled: Vec<Traced> = (0..3).map(|_| charge(Some("01"), false)).collect();
+    sampled.push(charge(None, false));
+    let unsampled_online = charge(Some("00"), false);
+
+    // the hub out of reach of both spokes; same-site calls go on
+    for r in &relays {
+        r.blackout(None);
+    }
+    wait_for(Duration::from_secs(30), || {
+        [a, b]
+            .iter()
+            .all(|s| {
+                s.try_status()
+                    .is_some_and(|st| st["state"] == "disconnected")
+            })
+            .then_some(())
+    })
+    .expect("both spokes notice the hub blackout");
+    eprintln!(
+        "both spokes disconnected {:?} into the test",
+        started.elapsed()
+    );
+    let offline: Vec<Traced> = (0..3).map(|_| charge(Some("01"), true)).collect();
+    let unsampled_offline = charge(Some("00"), true);
+    let new_offline = charge(None, true);
+    // nothing of the outage has reached the hub, hence the collector
+    std::thread::sleep(Duration::from_secs(2));
+    let seen: Vec<Value> = receiver.spans();
+    for t in &offline {
+        assert!(
+            !seen.iter().any(|s| s["trace_id"] == t.trace.as_str()),
+            "a span of {} arrived during the blackout",
+            t.trace
+        );
+    }
+    let heal = unix_nanos();
+    for r in &relays {
+        r.heal();
+    }
+    let healed = Instant::now();
+    eprintln!("healed {:?} into the test", started.elapsed());
+    sampled.extend(offline);
+
+    // every sampled request: one trace of exactly two spans, A -> B -> app
+    let by_trace = |trace: &str| -> Vec<Value> {
+        receiver
+            .spans()
+            .into_iter()
+            .filter(|s| s["trace_id"] == trace)
+            .collect()
+    };
+    let all_arrived = wait_for(Duration::from_secs(120), || {
+        sampled
+            .iter()
+            .all(|t| by_trace(&t.trace).len() >= 2)
+            .then_some(())
+    });
+    assert!(
+        all_arrived.is_some(),
+        "spans missing: {:#?}\nreceived: {:#?}\nhub log: {}",
+        sampled
+            .iter()
+            .filter(|t| by_trace(&t.trace).len() < 2)
+            .collect::<Vec<_>>(),
+        receiver.lines(),
+        hub.log()
+    );
+    eprintln!(
+        "every sampled request's spans at the receiver {:?} after the heal",
+        healed.elapsed()
+    );
+    // a moment for any duplicate to show up
+    std::thread::sleep(Duration::from_secs(2));
+    let lines = receiver.lines();
+    assert!(
+        lines.iter().all(|l| l.get("error").is_none()),
+        "the receiver could not decode a request: {lines:#?}"
+    );
+    let resource = |s: &Value, k: &str| s["resource"][k].as_str().unwrap_or("").to_owned();
+    for t in &sampled {
+        let spans = by_trace(&t.trace);
+        assert_eq!(spans.len(), 2, "one span per hop, once each: {spans:#?}");
+        let client = spans
+            .iter()
+            .find(|s| s["kind"] == "SPAN_KIND_CLIENT")
+            .unwrap_or_else(|| panic!("no client span: {spans:#?}"));
+        let server = spans
+            .iter()
+            .find(|s| s["kind"] == "SPAN_KIND_SERVER")
+            .unwrap_or_else(|| panic!("no server span: {spans:#?}"));
+        // A's outbound span: child of the app's span (or the root)
+        assert_eq!(resource(client, "tidemesh.spoke"), a.id, "{client}");
+        assert_eq!(resource(client, "tidemesh.store"), "sf01");
+        assert_eq!(resource(client, "service.name"), "frontend");
+        assert_eq!(
+            client["parent_span_id"].as_str(),
+            Some(t.app_span.as_deref().unwrap_or("")),
+            "{client}"
+        );
+        assert_eq!(client["name"], "POST /api/charge");
+        assert_eq!(
+            client["attributes"]["peer.service"],
+            "payment-service.payments"
+        );
+        assert_eq!(client["attributes"]["http.response.status_code"], 200);
+        assert_eq!(client["status_code"], "STATUS_CODE_OK");
+        // B's inbound span: child of A's, and the parent the app saw
+        assert_eq!(resource(server, "tidemesh.spoke"), b.id, "{server}");
+        assert_eq!(resource(server, "tidemesh.store"), "sf01");
+        assert_eq!(resource(server, "service.name"), "payment-service.payments");
+        assert_eq!(server["parent_span_id"], client["span_id"], "{spans:#?}");
+        assert_eq!(server["span_id"].as_str(), Some(t.upstream_span.as_str()));
+        assert_eq!(
+            server["attributes"]["tidemesh.source.principal"],
+            format!("spiffe://{TD}/store/sf01/sa/frontend").as_str()
+        );
+        // the time it happened (by the spoke's trusted clock, which may
+        // stand a few milliseconds off this host's)
+        const SLACK: u64 = 500_000_000;
+        for s in [client, server] {
+            let start = s["start_time_unix_nano"].as_u64().expect("start");
+            let end = s["end_time_unix_nano"].as_u64().expect("end");
+            assert!(
+                start + SLACK >= t.before && start <= t.after + SLACK && end >= start,
+                "span time {start}..{end} outside the call {}..{}: {s}",
+                t.before,
+                t.after
+            );
+            if t.offline {
+                assert!(start < heal, "an outage span after the heal: {s}");
+                assert!(s["attributes"]["tidemesh.mode"].is_string(), "{s}");
+            }
+        }
+    }
+    // one trace per request
+    let mut traces: Vec<&str> = sampled.iter().map(|t| t.trace.as_str()).collect();
+    traces.sort();
+    traces.dedup();
+    assert_eq!(traces.len(), sampled.len());
+
+    // unsampled: recorded at both spokes, marked so, exported by neither
+    for t in [&unsampled_online, &unsampled_offline] {
+        assert!(
+            by_trace(&t.trace).is_empty(),
+            "unsampled {} exported",
+            t.trace
+        );
+        for s in [a, b] {
+            let rec = find_record(&hub, s, "the unsampled charge", |r| {
+                r["telemetry"]["trace_id"] == t.trace.as_str()
+            });
+            assert_eq!(rec["trace_sampled"], false, "{rec}");
+        }
+    }
+    // a new trace during the outage: sampled as A's mode for the service says
+    let rec = find_record(&hub, a, "the new trace of the outage", |r| {
+        r["telemetry"]["trace_id"] == new_offline.trace.as_str()
+    });
+    let exported = by_trace(&new_offline.trace).len();
+    match rec["mode"].as_str() {
+        Some("survival") => {
+            assert_eq!(rec["trace_sampled"], false, "{rec}");
+            assert_eq!(exported, 0);
+        }
+        Some("target") | Some("recovery") => {
+            assert_eq!(rec["trace_sampled"], true, "{rec}");
+            assert_eq!(exported, 2);
+        }
+        other => eprintln!(
+            "new trace in mode {other:?}: sampled {}",
+            rec["trace_sampled"]
+        ),
+    }
+    eprintln!(
+        "OTLP: {} sampled requests (3 made offline) as {} spans; new trace during the outage in mode {} exported {exported} spans",
+        sampled.len(),
+        sampled.len() * 2,
+        rec["mode"]
+    );
+    let page = scrape(metrics);
+    let spans = metric(&page, "tidemesh_hub_otlp_spans_exported_total").expect("exported metric");
+    assert!(spans >= (sampled.len() * 2) as f64, "{spans}");
+    assert_eq!(
+        metric(&page, "tidemesh_hub_otlp_spans_dropped_total"),
+        Some(0.0)
+    );
+    assert!(metric(&page, "tidemesh_hub_otlp_export_failures_total").is_some());
+    assert!(metric(&page, "tidemesh_hub_otlp_queue_spans").is_some());
 }

@@ -73,7 +73,12 @@ pub use types::{
 /// in the slot of the drill marker (tag 2 there); records without one
 /// encode exactly as in v2, so every v1 and v2 encoding decodes and
 /// verifies unchanged.
-pub const RECORD_FORMAT_VERSION: u16 = 3;
+///
+/// v4 marks request records whose trace was not sampled
+/// ([`record::RequestEvidence::trace_sampled`], tag 3 in the same slot);
+/// sampled records encode exactly as in v3, so every older encoding
+/// decodes as sampled and verifies unchanged.
+pub const RECORD_FORMAT_VERSION: u16 = 4;
 
 #[cfg(test)]
 mod tests;

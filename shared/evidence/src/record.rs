@@ -155,6 +155,11 @@ pub enum EnforcementPoint {
 /// followed by the drill marker option and the user identity. JSON has
 /// both fields by name (`user_identity` absent in older JSON reads as
 /// `null`).
+///
+/// Format v4 adds `trace_sampled`: a sampled record (every record before
+/// v4) encodes exactly as in v3; an unsampled one writes tag 3 in the last
+/// slot, followed by the drill marker option and the user identity option.
+/// JSON has `trace_sampled` by name (absent in older JSON reads as `true`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestEvidence {
     /// The service the request was for, e.g. `backend.payments`.
@@ -182,6 +187,11 @@ pub struct RequestEvidence {
     /// the request made (issuer, subject), checked by JWT signature, not a
     /// peer proven by mTLS (format v3).
     pub user_identity: Option<UserIdentityEvidence>,
+    /// Whether the request's trace was sampled (the caller's flag, or the
+    /// mode's sampling rate for a new trace). An unsampled request keeps
+    /// its record and its trace ids but is not exported as a span
+    /// (format v4; every older record reads as sampled).
+    pub trace_sampled: bool,
 }
 
 /// What kind of identity a user identity is: a claim carried by the
@@ -235,6 +245,7 @@ enum TailRef<'a> {
     None,
     Drill(&'a DrillMarker),
     WithUser(&'a Option<DrillMarker>, &'a UserIdentityEvidence),
+    Unsampled(&'a Option<DrillMarker>, &'a Option<UserIdentityEvidence>),
 }
 
 #[derive(Deserialize)]
@@ -242,6 +253,7 @@ enum TailOwned {
     None,
     Drill(DrillMarker),
     WithUser(Option<DrillMarker>, UserIdentityEvidence),
+    Unsampled(Option<DrillMarker>, Option<UserIdentityEvidence>),
 }
 
 #[derive(Serialize)]
@@ -285,6 +297,7 @@ struct JsonRef<'a> {
     telemetry: &'a TelemetryEvidence,
     drill: &'a Option<DrillMarker>,
     user_identity: &'a Option<UserIdentityEvidence>,
+    trace_sampled: bool,
 }
 
 #[derive(Deserialize)]
@@ -302,6 +315,13 @@ struct JsonOwned {
     drill: Option<DrillMarker>,
     #[serde(default)]
     user_identity: Option<UserIdentityEvidence>,
+    #[serde(default = "sampled_by_default")]
+    trace_sampled: bool,
+}
+
+/// Records without the flag (before format v4) were sampled.
+fn sampled_by_default() -> bool {
+    true
 }
 
 impl Serialize for RequestEvidence {
@@ -319,13 +339,15 @@ impl Serialize for RequestEvidence {
                 telemetry: &self.telemetry,
                 drill: &self.drill,
                 user_identity: &self.user_identity,
+                trace_sampled: self.trace_sampled,
             }
             .serialize(s);
         }
-        let tail = match (&self.drill, &self.user_identity) {
-            (None, None) => TailRef::None,
-            (Some(d), None) => TailRef::Drill(d),
-            (d, Some(u)) => TailRef::WithUser(d, u),
+        let tail = match (&self.drill, &self.user_identity, self.trace_sampled) {
+            (d, u, false) => TailRef::Unsampled(d, u),
+            (None, None, true) => TailRef::None,
+            (Some(d), None, true) => TailRef::Drill(d),
+            (d, Some(u), true) => TailRef::WithUser(d, u),
         };
         WireRef {
             service_name: &self.service_name,
@@ -359,13 +381,15 @@ impl<'de> Deserialize<'de> for RequestEvidence {
                 telemetry: j.telemetry,
                 drill: j.drill,
                 user_identity: j.user_identity,
+                trace_sampled: j.trace_sampled,
             });
         }
         let w = WireOwned::deserialize(d)?;
-        let (drill, user_identity) = match w.tail {
-            TailOwned::None => (None, None),
-            TailOwned::Drill(m) => (Some(m), None),
-            TailOwned::WithUser(m, u) => (m, Some(u)),
+        let (drill, user_identity, trace_sampled) = match w.tail {
+            TailOwned::None => (None, None, true),
+            TailOwned::Drill(m) => (Some(m), None, true),
+            TailOwned::WithUser(m, u) => (m, Some(u), true),
+            TailOwned::Unsampled(m, u) => (m, u, false),
         };
         Ok(RequestEvidence {
             service_name: w.service_name,
@@ -379,6 +403,7 @@ impl<'de> Deserialize<'de> for RequestEvidence {
             telemetry: w.telemetry,
             drill,
             user_identity,
+            trace_sampled,
         })
     }
 }
@@ -625,7 +650,9 @@ pub struct Status {
 }
 
 /// Observability evidence: timing, status and trace context (seed Evidence
-/// Type 5). Trace ids are `None` when the request was not sampled.
+/// Type 5). Trace ids are kept when the trace was not sampled (the record
+/// says so in [`RequestEvidence::trace_sampled`]), so an audit can still
+/// follow a request across spokes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TelemetryEvidence {
     /// Trace id.

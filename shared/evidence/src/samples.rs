@@ -99,6 +99,7 @@ pub fn request(i: u64, at: UnixMillis) -> RecordBody {
         },
         drill: None,
         user_identity: None,
+        trace_sampled: true,
     }))
 }
 

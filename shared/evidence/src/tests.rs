@@ -844,37 +844,43 @@ fn request_body() -> impl Strategy<Value = RecordBody> {
         proptest::option::of(reliability),
         telemetry,
         proptest::option::of((text(), any::<u64>())),
-        proptest::option::of((text(), proptest::option::of(text()), millis())),
+        (
+            proptest::option::of((text(), proptest::option::of(text()), millis())),
+            any::<bool>(),
+        ),
     )
-        .prop_map(|(svc, inbound, id, az, rl, rt, rel, tel, drill, user)| {
-            RecordBody::Request(Box::new(RequestEvidence {
-                service_name: svc,
-                enforcement_point: if inbound {
-                    EnforcementPoint::SidecarInbound
-                } else {
-                    EnforcementPoint::SidecarOutbound
-                },
-                mode: Mode::Survival,
-                identity: id,
-                policy_evaluation: az,
-                rate_limit_check: rl,
-                routing_decision: rt,
-                reliability: rel,
-                telemetry: tel,
-                drill: drill.map(|(run, index)| DrillMarker { run, index }),
-                user_identity: user.map(|(issuer, subject, exp)| UserIdentityEvidence {
-                    kind: UserIdentityKind::Claim,
-                    verified_by: ClaimVerification::Jwt,
-                    issuer,
-                    subject,
-                    algorithm: "ES256".into(),
-                    key_id: Some("k1".into()),
-                    policy: "shop/jwt".into(),
-                    expires_at: exp,
-                    jwks_age_s: Some(3),
-                }),
-            }))
-        })
+        .prop_map(
+            |(svc, inbound, id, az, rl, rt, rel, tel, drill, (user, sampled))| {
+                RecordBody::Request(Box::new(RequestEvidence {
+                    service_name: svc,
+                    enforcement_point: if inbound {
+                        EnforcementPoint::SidecarInbound
+                    } else {
+                        EnforcementPoint::SidecarOutbound
+                    },
+                    mode: Mode::Survival,
+                    identity: id,
+                    policy_evaluation: az,
+                    rate_limit_check: rl,
+                    routing_decision: rt,
+                    reliability: rel,
+                    telemetry: tel,
+                    drill: drill.map(|(run, index)| DrillMarker { run, index }),
+                    user_identity: user.map(|(issuer, subject, exp)| UserIdentityEvidence {
+                        kind: UserIdentityKind::Claim,
+                        verified_by: ClaimVerification::Jwt,
+                        issuer,
+                        subject,
+                        algorithm: "ES256".into(),
+                        key_id: Some("k1".into()),
+                        policy: "shop/jwt".into(),
+                        expires_at: exp,
+                        jwks_age_s: Some(3),
+                    }),
+                    trace_sampled: sampled,
+                }))
+            },
+        )
 }
 
 fn system_body() -> impl Strategy<Value = RecordBody> {
@@ -1073,7 +1079,7 @@ fn shed_reasons_v2_are_appended_at_the_end() {
             serde_json::json!(name)
         );
     }
-    assert_eq!(RECORD_FORMAT_VERSION, 3);
+    assert_eq!(RECORD_FORMAT_VERSION, 4);
 }
 
 /// Format v3: a request record with a user identity claim round-trips in
@@ -1154,6 +1160,70 @@ fn user_identity_claims_are_v3_and_old_records_still_decode() {
     assert_eq!(from_json, sealed);
     // an unknown tag in the last slot is refused
     let mut bad = with.clone();
-    bad[plain.len() - 1] = 3;
+    bad[plain.len() - 1] = 4;
     assert!(postcard::from_bytes::<RequestEvidence>(&bad).is_err());
+}
+
+/// Format v4: an unsampled request record writes tag 3 in the last slot
+/// (with or without a drill marker and a user identity), round-trips in
+/// postcard and JSON and chains; a sampled one encodes exactly as in v3,
+/// and JSON without the flag (older records) reads as sampled.
+#[test]
+fn unsampled_requests_are_v4_and_sampled_ones_encode_as_before() {
+    let golden = golden_chain();
+    let RecordBody::Request(q) = &golden[0].body else {
+        panic!("the golden chain starts with a request")
+    };
+    assert!(q.trace_sampled, "golden records read as sampled");
+    let plain = postcard::to_allocvec(&**q).expect("encodes");
+    let mut unsampled = q.clone();
+    unsampled.trace_sampled = false;
+    let bytes = postcard::to_allocvec(&*unsampled).expect("encodes");
+    // same bytes up to the last slot; tag 3, then two absent options
+    assert_eq!(bytes[..plain.len() - 1], plain[..plain.len() - 1]);
+    assert_eq!(bytes[plain.len() - 1..], [3, 0, 0]);
+    let back: RequestEvidence = postcard::from_bytes(&bytes).expect("decodes");
+    assert_eq!(back, *unsampled);
+    // with a drill marker and a user identity as well
+    unsampled.drill = Some(DrillMarker {
+        run: "r".into(),
+        index: 7,
+    });
+    unsampled.user_identity = Some(UserIdentityEvidence {
+        kind: UserIdentityKind::Claim,
+        verified_by: ClaimVerification::Jwt,
+        issuer: "https://idp.store.test".into(),
+        subject: None,
+        algorithm: "EdDSA".into(),
+        key_id: None,
+        policy: "shop/jwt".into(),
+        expires_at: at(1),
+        jwks_age_s: None,
+    });
+    let bytes = postcard::to_allocvec(&*unsampled).expect("encodes");
+    let back: RequestEvidence = postcard::from_bytes(&bytes).expect("decodes");
+    assert_eq!(back, *unsampled);
+    let mut chain = Chain::genesis(&spoke());
+    let sealed = chain
+        .append(NewRecord::new(
+            at(1),
+            RecordBody::Request(Box::new((*unsampled).clone())),
+        ))
+        .expect("appends");
+    let back = SealedRecord::decode(&sealed.encode()).expect("v4 decodes");
+    assert_eq!(back, sealed);
+    verify_chain(&ChainPosition::genesis(&spoke()), &[back]).expect("v4 chain verifies");
+    let mut json = serde_json::to_value(&sealed).expect("json");
+    assert_eq!(json["body"]["request"]["trace_sampled"], false);
+    let from_json: SealedRecord = serde_json::from_value(json.clone()).expect("json reads back");
+    assert_eq!(from_json, sealed);
+    // JSON written before v4 has no flag: sampled
+    if let Some(r) = json["body"]["request"].as_object_mut() {
+        r.remove("trace_sampled");
+    }
+    let old: SealedRecord = serde_json::from_value(json).expect("old json reads");
+    let RecordBody::Request(r) = &old.body else {
+        panic!("a request")
+    };
+    assert!(r.trace_sampled);
 }

@@ -802,6 +802,7 @@ pub(crate) fn new_evidence(
         },
         drill: None,
         user_identity: None,
+        trace_sampled: span.sampled,
     }
 }
 

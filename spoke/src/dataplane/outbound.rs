@@ -124,13 +124,21 @@ async fn handle(s: &Shared, caller: usize, mut req: Request<Incoming>) -> Respon
         let h = req.headers();
         trace::extract(&|n| header_string(h, n))
     };
-    let mut span = trace::Span::start(parent, span_random());
     let host = req
         .headers()
         .get(hyper::header::HOST)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    // The mode of the service asked for decides what routing may use, how
+    // many retries, how the breakers trip, whether a new trace is sampled.
+    let service = host.as_ref().map(|host| {
+        resolve::canonical_target(&s.compiled().hosts, host, &w.namespace)
+            .unwrap_or_else(|_| host.clone())
+    });
+    let span = trace::Span::start(parent, span_random(), || {
+        s.h.modes.sample(service.as_deref().unwrap_or_default())
+    });
     let operation = format!("{} {}", req.method(), req.uri().path());
     // HTTP/2 from the app goes on as HTTP/1.1 (to the workload, over the
     // tunnel); the Host is the authority it named.
@@ -142,7 +150,7 @@ async fn handle(s: &Shared, caller: usize, mut req: Request<Incoming>) -> Respon
     set_trace_headers(headers, &span);
     let request_id = ensure_request_id(headers, None);
 
-    let Some(host) = host else {
+    let (Some(host), Some(service)) = (host, service) else {
         let mut ev = s.new_evidence("", EnforcementPoint::SidecarOutbound, &span, operation);
         let r = local_response(
             StatusCode::BAD_REQUEST,
@@ -159,16 +167,8 @@ async fn handle(s: &Shared, caller: usize, mut req: Request<Incoming>) -> Respon
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "/".into());
     let method = req.method().as_str().to_owned();
-    // The mode of the service asked for decides what routing may use, how
-    // many retries, how the breakers trip, whether a new trace is sampled.
-    let service = resolve::canonical_target(&s.compiled().hosts, &host, &w.namespace)
-        .unwrap_or_else(|_| host.clone());
     let profile = s.h.modes.profile(&service);
     let limits = resolve::RouteLimits::of(profile.routing);
-    if parent.is_none() {
-        span.sampled = s.h.modes.sample(&service);
-        set_trace_headers(req.headers_mut(), &span);
-    }
     let first = resolve::resolve(
         s,
         &host,
@@ -620,7 +620,7 @@ mod tests {
             HeaderValue::from_static("05e3ac9a4f6e3b90"),
         );
         h.insert(trace::B3_SPAN, HeaderValue::from_static("e457b5a2e4d86bd1"));
-        let root = trace::Span::start(None, [3; 24]);
+        let root = trace::Span::start(None, [3; 24], || true);
         set_trace_headers(&mut h, &root);
         assert!(h.get("b3").is_none());
         assert!(
@@ -632,7 +632,7 @@ mod tests {
             h.get(trace::TRACEPARENT).unwrap().to_str().unwrap(),
             root.traceparent()
         );
-        let child = trace::Span::start(Some(root.as_parent()), [4; 24]);
+        let child = trace::Span::start(Some(root.as_parent()), [4; 24], || true);
         set_trace_headers(&mut h, &child);
         assert_eq!(h.get(trace::B3_PARENT).unwrap(), "0303030303030303");
         assert_eq!(h.get_all(trace::B3_SPAN).iter().count(), 1);

@@ -98,10 +98,7 @@ async fn handle(s: &Shared, idx: usize, mut req: Request<Incoming>) -> Response<
         let h = req.headers();
         trace::extract(&|n| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned))
     };
-    let mut span = trace::Span::start(parent, span_random());
-    if parent.is_none() {
-        span.sampled = s.h.modes.sample(&w.service);
-    }
+    let span = trace::Span::start(parent, span_random(), || s.h.modes.sample(&w.service));
     let operation = format!("{} {}", req.method(), req.uri().path());
     tidemesh_net::http::to_http1(&mut req);
     {

@@ -238,11 +238,12 @@ impl Held {
 async fn outbound_conn(s: &Shared, caller: usize, service: &str, mut app: TcpStream) {
     let started = Instant::now();
     let w = &s.workloads[caller];
-    let span = trace::Span::start(None, span_random());
     // The mode of the service decides what routing may use (a connection
-    // is not retried by the mode: only moved on when unreachable).
+    // is not retried by the mode: only moved on when unreachable) and
+    // whether the connection's new trace is sampled.
     let canon = resolve::canonical_target(&s.compiled().hosts, service, &w.namespace)
         .unwrap_or_else(|_| service.to_owned());
+    let span = trace::Span::start(None, span_random(), || s.h.modes.sample(&canon));
     let profile = s.h.modes.profile(&canon);
     let mut limits = resolve::RouteLimits::of(profile.routing);
     if profile.routing == tidemesh_policy::model::RoutingMode::Ramp
@@ -777,10 +778,10 @@ pub(crate) async fn serve_stream(
         .map(|t| trace::Parent {
             trace_id: t.trace_id,
             span_id: t.span_id,
-            sampled: t.sampled,
+            sampled: Some(t.sampled),
         })
         .filter(|p| p.trace_id != [0; 16] && p.span_id != [0; 8]);
-    let span = trace::Span::start(parent, span_random());
+    let span = trace::Span::start(parent, span_random(), || s.h.modes.sample(&header.service));
     let mut ev = s.new_evidence(
         &header.service,
         EnforcementPoint::SidecarInbound,
@@ -830,7 +831,7 @@ mod tests {
 
     #[test]
     fn the_record_names_the_outcome_and_the_bytes() {
-        let span = trace::Span::start(None, [7; 24]);
+        let span = trace::Span::start(None, [7; 24], || true);
         let mut ev = super::super::new_evidence(
             "db.default",
             EnforcementPoint::SidecarOutbound,

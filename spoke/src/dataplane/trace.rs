@@ -1,11 +1,15 @@
 //! Trace context: W3C `traceparent` and B3 headers read, continued or
 //! created, and `x-request-id` created when absent.
 //!
-//! What it is: parsing and formatting, with randomness passed in as bytes.
-//! Who drives it: the outbound path (a span per proxied call, child of the
-//! app's) and the inbound path (a span per delivered call, child of the
-//! calling spoke's). What it must not do: draw its own randomness, or trust
-//! a malformed header (it is ignored and a new trace starts).
+//! What it is: parsing and formatting, with randomness passed in as bytes,
+//! and the sampling decision of a hop: the caller's flag when it sent one
+//! (W3C `traceparent` flags, B3 `x-b3-sampled` / `x-b3-flags`), else the
+//! mode's sampling rate for a new trace (or a B3 caller that deferred the
+//! decision). Who drives it: the outbound path (a span per proxied call,
+//! child of the app's) and the inbound path (a span per delivered call,
+//! child of the calling spoke's). What it must not do: draw its own
+//! randomness, or trust a malformed header (it is ignored and a new trace
+//! starts).
 
 use hyper::header::{HeaderName, HeaderValue};
 
@@ -16,8 +20,9 @@ pub struct Parent {
     pub trace_id: [u8; 16],
     /// The caller's span id (never all zero).
     pub span_id: [u8; 8],
-    /// Sampled flag.
-    pub sampled: bool,
+    /// The caller's sampling decision; `None` when it left the decision to
+    /// this hop (B3 without `x-b3-sampled`).
+    pub sampled: Option<bool>,
 }
 
 /// The span this proxy hop opens.
@@ -29,7 +34,7 @@ pub struct Span {
     pub span_id: [u8; 8],
     /// The caller's span, if the request came with one.
     pub parent_span_id: Option<[u8; 8]>,
-    /// Sampled flag (new traces are sampled).
+    /// Sampled flag: the caller's, or the mode's draw (see [`Span::start`]).
     pub sampled: bool,
 }
 
@@ -43,6 +48,8 @@ pub const B3_SPAN: &str = "x-b3-spanid";
 pub const B3_PARENT: &str = "x-b3-parentspanid";
 /// B3 sampled flag.
 pub const B3_SAMPLED: &str = "x-b3-sampled";
+/// B3 debug flag (`1`: sampled).
+pub const B3_FLAGS: &str = "x-b3-flags";
 /// Single-header B3, removed when the multi-header form is written.
 pub const B3_SINGLE: &str = "b3";
 /// Request id.
@@ -105,12 +112,14 @@ pub fn parse_traceparent(v: &str) -> Option<Parent> {
     Some(Parent {
         trace_id,
         span_id,
-        sampled: flags & 1 == 1,
+        sampled: Some(flags & 1 == 1),
     })
 }
 
 /// Reads B3 multi-header context (`x-b3-traceid` of 16 or 32 hex digits,
-/// 64-bit ids left-padded with zeros; `x-b3-spanid`; `x-b3-sampled`).
+/// 64-bit ids left-padded with zeros; `x-b3-spanid`; `x-b3-sampled` `1`,
+/// `true`, `0` or `false`, anything else or nothing deferring the decision;
+/// `x-b3-flags: 1`, debug, meaning sampled).
 pub fn parse_b3(get: &dyn Fn(&str) -> Option<String>) -> Option<Parent> {
     let t = get(B3_TRACE)?;
     let trace_id = match t.len() {
@@ -127,7 +136,13 @@ pub fn parse_b3(get: &dyn Fn(&str) -> Option<String>) -> Option<Parent> {
     if trace_id == [0; 16] || span_id == [0; 8] {
         return None;
     }
-    let sampled = !matches!(get(B3_SAMPLED).as_deref(), Some("0") | Some("false"));
+    let debug = get(B3_FLAGS).is_some_and(|f| f.trim() == "1");
+    let sampled = match get(B3_SAMPLED).as_deref().map(str::trim) {
+        _ if debug => Some(true),
+        Some("1") | Some("true") => Some(true),
+        Some("0") | Some("false") => Some(false),
+        _ => None,
+    };
     Some(Parent {
         trace_id,
         span_id,
@@ -142,10 +157,22 @@ pub fn extract(get: &dyn Fn(&str) -> Option<String>) -> Option<Parent> {
         .or_else(|| parse_b3(get))
 }
 
+/// Whether this hop samples: the caller's decision when it made one, else
+/// `draw()` (the mode's sampling rate), called only then.
+pub fn sampled(parent: Option<&Parent>, draw: impl FnOnce() -> bool) -> bool {
+    match parent.and_then(|p| p.sampled) {
+        Some(decided) => decided,
+        None => draw(),
+    }
+}
+
 impl Span {
-    /// Opens a span under `parent` (or a new sampled trace), with ids made
-    /// from `random` (24 random bytes: 16 for a new trace id, 8 for the span).
-    pub fn start(parent: Option<Parent>, random: [u8; 24]) -> Span {
+    /// Opens a span under `parent` (or a new trace), with ids made from
+    /// `random` (24 random bytes: 16 for a new trace id, 8 for the span),
+    /// sampled as [`sampled`] decides (`draw` is the mode's draw for a new
+    /// trace).
+    pub fn start(parent: Option<Parent>, random: [u8; 24], draw: impl FnOnce() -> bool) -> Span {
+        let sampled = sampled(parent.as_ref(), draw);
         let mut span_id = [0u8; 8];
         span_id.copy_from_slice(&random[16..]);
         if span_id == [0; 8] {
@@ -156,7 +183,7 @@ impl Span {
                 trace_id: p.trace_id,
                 span_id,
                 parent_span_id: Some(p.span_id),
-                sampled: p.sampled,
+                sampled,
             },
             None => {
                 let mut trace_id = [0u8; 16];
@@ -168,7 +195,7 @@ impl Span {
                     trace_id,
                     span_id,
                     parent_span_id: None,
-                    sampled: true,
+                    sampled,
                 }
             }
         }
@@ -179,7 +206,7 @@ impl Span {
         Parent {
             trace_id: self.trace_id,
             span_id: self.span_id,
-            sampled: self.sampled,
+            sampled: Some(self.sampled),
         }
     }
 
@@ -284,8 +311,8 @@ mod tests {
     fn traceparent_is_continued_with_a_new_span() {
         let p = parse_traceparent(TP).unwrap();
         assert_eq!(hex(&p.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert!(p.sampled);
-        let s = Span::start(Some(p), [7; 24]);
+        assert_eq!(p.sampled, Some(true));
+        let s = Span::start(Some(p), [7; 24], || panic!("the caller decided"));
         assert_eq!(s.trace_id, p.trace_id);
         assert_eq!(s.parent_span_id, Some(p.span_id));
         assert_eq!(
@@ -314,7 +341,7 @@ mod tests {
         }
         // a future version may append fields
         assert!(parse_traceparent(&format!("01{}-extra", &TP[2..])).is_some());
-        let s = Span::start(None, [9; 24]);
+        let s = Span::start(None, [9; 24], || true);
         assert_eq!(s.trace_id, [9; 16]);
         assert_eq!(s.parent_span_id, None);
         assert!(s.sampled);
@@ -329,11 +356,61 @@ mod tests {
         ];
         let p = extract(&headers(&h)).unwrap();
         assert_eq!(hex(&p.trace_id), "0000000000000000a3ce929d0e0e4736");
-        assert!(!p.sampled);
+        assert_eq!(p.sampled, Some(false));
         let both = [("traceparent", TP), ("x-b3-traceid", "a3ce929d0e0e4736")];
         let p = extract(&headers(&both)).unwrap();
         assert_eq!(hex(&p.span_id), "00f067aa0ba902b7");
         assert!(extract(&headers(&[("x-b3-traceid", "zz")])).is_none());
+    }
+
+    #[test]
+    fn the_callers_sampling_decision_wins_and_a_new_trace_draws() {
+        let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        let p = parse_traceparent(unsampled).unwrap();
+        assert_eq!(p.sampled, Some(false));
+        // an unsampled caller stays unsampled even where the mode samples
+        // everything, and its flag goes on to the next hop
+        let s = Span::start(Some(p), [1; 24], || panic!("no draw"));
+        assert!(!s.sampled);
+        assert!(s.traceparent().ends_with("-00"));
+        assert!(written(&s).contains(&(B3_SAMPLED.into(), "0".into())));
+        // a sampled caller stays sampled where the mode samples nothing
+        let s = Span::start(Some(parse_traceparent(TP).unwrap()), [1; 24], || false);
+        assert!(s.sampled);
+        // the next hop reads this hop's decision from what it writes
+        let next = parse_traceparent(&s.traceparent()).unwrap();
+        assert_eq!(next.sampled, Some(true));
+        // a new trace takes the mode's draw, either way
+        assert!(!Span::start(None, [1; 24], || false).sampled);
+        assert!(Span::start(None, [1; 24], || true).sampled);
+        // B3: explicit flags decide; debug means sampled; no flag defers
+        let b3 = |extra: &[(&'static str, &'static str)]| {
+            let mut h = vec![
+                ("x-b3-traceid", "a3ce929d0e0e4736"),
+                ("x-b3-spanid", "00f067aa0ba902b7"),
+            ];
+            h.extend_from_slice(extra);
+            let get = headers(&h);
+            let p = extract(&get).unwrap();
+            p.sampled
+        };
+        assert_eq!(b3(&[("x-b3-sampled", "1")]), Some(true));
+        assert_eq!(b3(&[("x-b3-sampled", "true")]), Some(true));
+        assert_eq!(b3(&[("x-b3-sampled", "0")]), Some(false));
+        assert_eq!(b3(&[("x-b3-sampled", "false")]), Some(false));
+        assert_eq!(
+            b3(&[("x-b3-sampled", "0"), ("x-b3-flags", "1")]),
+            Some(true)
+        );
+        assert_eq!(b3(&[]), None);
+        assert_eq!(b3(&[("x-b3-sampled", "maybe")]), None);
+        let p = extract(&headers(&[
+            ("x-b3-traceid", "a3ce929d0e0e4736"),
+            ("x-b3-spanid", "00f067aa0ba902b7"),
+        ]));
+        assert!(!sampled(p.as_ref(), || false));
+        assert!(sampled(p.as_ref(), || true));
+        assert!(sampled(None, || true));
     }
 
     #[test]
@@ -366,7 +443,7 @@ mod tests {
     fn header_values_are_the_formatted_ids() {
         for parent in [None, Some(parse_traceparent(TP).unwrap())] {
             for seed in [[0u8; 24], [0xab; 24]] {
-                let s = Span::start(parent, seed);
+                let s = Span::start(parent, seed, || true);
                 let (t, sp) = (hex(&s.trace_id), hex(&s.span_id));
                 let mut expect = vec![
                     (TRACEPARENT.to_owned(), format!("00-{t}-{sp}-01")),
@@ -403,13 +480,13 @@ mod tests {
                 let _ = parse_traceparent(&hexish);
                 let _ = extract(&|n: &str| (n == B3_TRACE || n == B3_SPAN).then(|| hexish.clone()));
                 let parent = if continue_it { parse_traceparent(&hexish) } else { None };
-                let span = Span::start(parent, seed);
+                let span = Span::start(parent, seed, || seed[0] & 1 == 1);
                 let written = span.header_values();
                 let tp = written[0].as_ref().map(|(_, v)| v.to_str().unwrap().to_owned());
                 let back = parse_traceparent(&tp.unwrap()).unwrap();
                 prop_assert_eq!(back.trace_id, span.trace_id);
                 prop_assert_eq!(back.span_id, span.span_id);
-                prop_assert_eq!(back.sampled, span.sampled);
+                prop_assert_eq!(back.sampled, Some(span.sampled));
                 let b3 = extract(&|n: &str| {
                     written.iter().flatten().find(|(k, _)| *k == n && n != TRACEPARENT)
                         .map(|(_, v)| v.to_str().unwrap().to_owned())

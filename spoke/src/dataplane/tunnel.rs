@@ -763,7 +763,7 @@ async fn serve_streams(s: &Arc<Shared>, conn: &quinn::Connection, peer: Arc<Peer
 /// reachability probe.
 async fn serve_probe(s: &Shared, peer: &Peer, header: &StreamHeader, mut send: quinn::SendStream) {
     let started = tokio::time::Instant::now();
-    let span = trace::Span::start(None, span_random());
+    let span = trace::Span::start(None, span_random(), || s.h.modes.sample(&header.service));
     let mut ev = s.new_evidence(
         &header.service,
         EnforcementPoint::SidecarInbound,
@@ -819,7 +819,7 @@ pub(crate) async fn probe(
     record: bool,
 ) -> Result<Probed, String> {
     let started = tokio::time::Instant::now();
-    let span = trace::Span::start(None, span_random());
+    let span = trace::Span::start(None, span_random(), || s.h.modes.sample(service));
     let mut ev = s.new_evidence(
         service,
         EnforcementPoint::SidecarOutbound,
@@ -900,11 +900,11 @@ async fn serve_request(
         header.trace.map(|t| trace::Parent {
             trace_id: t.trace_id,
             span_id: t.span_id,
-            sampled: t.sampled,
+            sampled: Some(t.sampled),
         })
     })
     .filter(|p| p.trace_id != [0; 16] && p.span_id != [0; 8]);
-    let span = trace::Span::start(parent, span_random());
+    let span = trace::Span::start(parent, span_random(), || s.h.modes.sample(&header.service));
     let operation = format!("{} {}", req.method(), req.uri().path());
     {
         let h = req.headers_mut();
