@@ -501,6 +501,8 @@ health = "/healthz"
             .expect("deploy/examples/spoke.toml parses");
         assert!(c.workloads[0].rate_limit.is_some());
         assert!(c.workloads[1].plaintext_inbound.is_some());
+        assert!(c.workload_api.is_some());
+        assert_eq!(c.workloads[0].selectors.len(), 3);
     }
 
     #[test]

@@ -608,6 +608,37 @@ mod tests {
         assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
     }
 
+    #[tokio::test]
+    async fn attestation_reads_proc_only_for_a_process_of_the_peer_uid() {
+        let me = std::process::id() as i32;
+        let uid = std::fs::metadata("/proc/self").unwrap().uid();
+        let c = attest(PeerCred {
+            pid: Some(me),
+            uid,
+            gid: 0,
+        })
+        .await;
+        assert_eq!(c.path, Some(std::env::current_exe().unwrap()));
+        assert_eq!(c.uid, uid);
+        // /proc/PID belongs to another uid (a pid reused since the
+        // connect): nothing is read, so no path or unit selector matches
+        let c = attest(PeerCred {
+            pid: Some(me),
+            uid: uid.wrapping_add(1),
+            gid: 0,
+        })
+        .await;
+        assert_eq!((c.path, c.unit), (None, None));
+        // no pid in our namespace
+        let c = attest(PeerCred {
+            pid: None,
+            uid,
+            gid: 0,
+        })
+        .await;
+        assert_eq!((c.pid, c.path), (0, None));
+    }
+
     #[test]
     fn the_security_header_must_say_true() {
         let mut req = Request::new(pb::X509svidRequest {});
