@@ -4287,7 +4287,7 @@ selectors = ["unix:uid:{}"]
             .iter()
             .map(|s| s.spiffe_id().to_string())
             .collect();
-        assert_eq!(ids, [pos_id.clone()]);
+        assert_eq!(ids, [pos_id.as_str()]);
         let s1 = first.default_svid().expect("a default SVID").clone();
         // the workload's own key, the one on the spoke's disk; never the node's
         let pos_key = creds_a
