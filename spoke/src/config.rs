@@ -9,6 +9,8 @@ use std::{collections::BTreeMap, net::SocketAddr, path::Path};
 use serde::Deserialize;
 use tidemesh_identity::SpiffeId;
 
+use crate::workload_api::{selector::Selector, SocketMode, WorkloadApiAddr};
+
 /// The whole file.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -19,6 +21,11 @@ pub struct FileConfig {
     pub data_listen: Option<SocketAddr>,
     /// The address peers dial; registered with the hub.
     pub data_advertise: Option<SocketAddr>,
+    /// Serve the SPIFFE Workload API on this Unix socket,
+    /// `unix:///run/tidemesh/workload.sock` (`run --workload-api` overrides).
+    pub workload_api: Option<WorkloadApiAddr>,
+    /// The Workload API socket's permission bits, octal (default `"0666"`).
+    pub workload_api_mode: Option<SocketMode>,
     /// Local workloads this spoke holds SVIDs for and proxies.
     #[serde(default, rename = "workload")]
     pub workloads: Vec<WorkloadConfig>,
@@ -63,6 +70,12 @@ pub struct WorkloadConfig {
     /// `tcp_outbound = [{ listen = "127.0.0.1:15002", service = "db" }]`.
     #[serde(default)]
     pub tcp_outbound: Vec<TcpOutboundConfig>,
+    /// Who gets this workload's SVID from the Workload API, in SPIRE's
+    /// syntax (`unix:uid:1000`, `unix:gid:N`, `unix:path:/usr/bin/pos`,
+    /// `systemd:unit:pos.service`): a caller must match all of them; none
+    /// (the default) means no caller ever gets it.
+    #[serde(default)]
+    pub selectors: Vec<Selector>,
 }
 
 /// `protocol = "http" | "http2" | "tcp"` of a `[[workload]]`.
@@ -199,6 +212,13 @@ impl FileConfig {
                     "must be an address peers can dial: a concrete IP and a non-zero port",
                 ));
             }
+        }
+        if let (Some(m), None) = (self.workload_api_mode, &self.workload_api) {
+            return Err(invalid(
+                "workload_api_mode",
+                format!("{:04o}", m.0),
+                "is the mode of the workload_api socket: set workload_api too",
+            ));
         }
         let mut seen = std::collections::HashSet::new();
         let mut outbound_seen = std::collections::HashSet::new();
@@ -481,6 +501,57 @@ health = "/healthz"
             .expect("deploy/examples/spoke.toml parses");
         assert!(c.workloads[0].rate_limit.is_some());
         assert!(c.workloads[1].plaintext_inbound.is_some());
+        assert!(c.workload_api.is_some());
+        assert_eq!(c.workloads[0].selectors.len(), 3);
+    }
+
+    #[test]
+    fn workload_api_keys_and_selectors_are_checked() {
+        let c = FileConfig::parse(
+            r#"
+workload_api = "unix:///run/tidemesh/workload.sock"
+workload_api_mode = "0660"
+[[workload]]
+service_account = "pos"
+selectors = ["unix:uid:1000", "unix:path:/usr/bin/pos", "systemd:unit:pos.service"]
+[[workload]]
+service_account = "batch"
+"#,
+        )
+        .expect("valid");
+        assert_eq!(
+            c.workload_api.as_ref().map(|a| a.to_string()).as_deref(),
+            Some("unix:///run/tidemesh/workload.sock")
+        );
+        assert_eq!(c.workload_api_mode.map(|m| m.0), Some(0o660));
+        assert_eq!(c.workloads[0].selectors.len(), 3);
+        assert_eq!(
+            c.workloads[0].selectors[2].to_string(),
+            "systemd:unit:pos.service"
+        );
+        assert!(c.workloads[1].selectors.is_empty());
+        for (text, want) in [
+            ("workload_api = \"tcp://127.0.0.1:1\"\n", "Unix socket only"),
+            (
+                "workload_api = \"unix:///a\"\nworkload_api_mode = \"999\"\n",
+                "octal",
+            ),
+            (
+                "workload_api_mode = \"0600\"\n",
+                "workload_api_mode = \"0600\": is the mode of the workload_api socket",
+            ),
+            (
+                "[[workload]]\nservice_account = \"a\"\nselectors = [\"unix:user:pos\"]\n",
+                "unsupported selector unix:user",
+            ),
+            (
+                "[[workload]]\nservice_account = \"a\"\nselectors = [\"unix:uid:x\"]\n",
+                "selectors",
+            ),
+        ] {
+            let e = FileConfig::parse(text).expect_err(text);
+            assert!(e.to_string().contains(want), "{text}: {e}");
+        }
     }
 
     #[test]

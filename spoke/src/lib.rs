@@ -36,7 +36,8 @@
 //!   (`tidemesh_policy::mode`); [`credentials`]: the watch that owns the
 //!   SVIDs and the node CA; [`clock`]: trusted time; [`survival`]: the
 //!   horizon; [`dataplane`]: inbound, outbound and the tunnel, handed watches
-//!   and handles rather than the spoke.
+//!   and handles rather than the spoke; [`workload_api`]: the SPIFFE
+//!   Workload API for local apps, handed the credentials.
 
 pub mod buffer;
 pub mod clock;
@@ -52,6 +53,7 @@ mod ops;
 pub mod ready;
 pub mod replica;
 pub mod survival;
+pub mod workload_api;
 
 use std::{
     future::Future,
@@ -212,6 +214,17 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// A served socket: the task is aborted, then the file removed, when
+/// dropped.
+struct RemoveOnDrop(AbortOnDrop, PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        self.0 .0.abort();
+        let _ = std::fs::remove_file(&self.1);
     }
 }
 
@@ -999,6 +1012,33 @@ impl Spoke {
             Some(AbortOnDrop(tokio::spawn(data.serve())))
         } else {
             None
+        };
+        let _workload_api = match &self.inner.cfg.file.workload_api {
+            Some(addr) => {
+                let mode = self.inner.cfg.file.workload_api_mode.unwrap_or_default();
+                let listener = workload_api::bind(addr, mode)
+                    .map_err(|e| SpokeError::Invalid(e.to_string()))?;
+                let api = workload_api::WorkloadApi::new(
+                    self.inner.creds.clone(),
+                    self.inner
+                        .cfg
+                        .file
+                        .workloads
+                        .iter()
+                        .map(|w| workload_api::ApiWorkload {
+                            account: w.service_account.clone(),
+                            selectors: w.selectors.clone(),
+                        })
+                        .collect(),
+                    self.inner.clock.clone(),
+                );
+                info!(socket = %addr, mode = format!("{:04o}", mode.0), "serving the SPIFFE Workload API");
+                Some(RemoveOnDrop(
+                    AbortOnDrop(tokio::spawn(workload_api::serve(listener, api))),
+                    addr.path().to_owned(),
+                ))
+            }
+            None => None,
         };
         let me = self.clone();
         let _health = AbortOnDrop(tokio::spawn(async move { me.health_loop().await }));

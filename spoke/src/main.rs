@@ -133,6 +133,16 @@ enum Cmd {
         /// spoke is caught up (0s: send each commit at once; at most 10s).
         #[arg(long, env = "TIDEMESH_EVIDENCE_LINGER", default_value = "200ms", value_parser = parse_linger)]
         evidence_linger: Duration,
+        /// Serve the SPIFFE Workload API on this Unix socket, e.g.
+        /// `unix:///run/tidemesh/workload.sock` (the config file's
+        /// `workload_api`; this flag overrides it). Callers get the SVIDs of
+        /// the workloads whose `selectors` they match.
+        #[arg(long, env = "TIDEMESH_WORKLOAD_API", value_parser = tidemesh_spoke::workload_api::WorkloadApiAddr::parse)]
+        workload_api: Option<tidemesh_spoke::workload_api::WorkloadApiAddr>,
+        /// The Workload API socket's permission bits, octal (default 0666;
+        /// the config file's `workload_api_mode`).
+        #[arg(long, env = "TIDEMESH_WORKLOAD_API_MODE", value_parser = tidemesh_spoke::workload_api::SocketMode::parse)]
+        workload_api_mode: Option<tidemesh_spoke::workload_api::SocketMode>,
     },
     /// Print the shell completion script (bash, zsh, fish, elvish,
     /// powershell) on stdout, e.g. `tidemesh-spoke completions bash >
@@ -460,6 +470,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             evidence_drain_rate,
             evidence_batch,
             evidence_linger,
+            workload_api,
+            workload_api_mode,
         } => {
             tidemesh_net::cli::init_tracing(&cli.log_format).map_err(anyhow::Error::msg)?;
             let file = match &config {
@@ -482,8 +494,14 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 tidemesh_spoke::config::check_hub_addr(h)
                     .map_err(|e| anyhow::anyhow!("--hub {h:?}: {e}"))?;
             }
+            if workload_api_mode.is_some() && workload_api.is_none() && file.workload_api.is_none()
+            {
+                bail!("--workload-api-mode: is the mode of the Workload API socket: set --workload-api (or workload_api in the config file) too");
+            }
             let file = FileConfig {
                 hub: hub.or(file.hub),
+                workload_api: workload_api.or(file.workload_api),
+                workload_api_mode: workload_api_mode.or(file.workload_api_mode),
                 ..file
             };
             let cfg = SpokeConfig {

@@ -4398,3 +4398,399 @@ health = "/healthz"
     assert!(metric(&page, "tidemesh_hub_otlp_export_failures_total").is_some());
     assert!(metric(&page, "tidemesh_hub_otlp_queue_spans").is_some());
 }
+
+/// One HTTP/1.1 GET over the data tunnel of the spoke at `addr` (node ID
+/// `server`), made the way any mTLS client holding a workload SVID makes
+/// it: QUIC with ALPN `tidemesh-data/1`, the SVID's chain and key as the
+/// client certificate, the server checked against `bundle` and its node
+/// ID, a stream header naming the service and workload, then the request.
+/// Returns the whole answer (head and body).
+async fn tunnel_get(
+    addr: SocketAddr,
+    server: tidemesh_identity::SpiffeId,
+    bundle: tidemesh_identity::TrustBundle,
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: &tidemesh_identity::KeyPair,
+    (service, workload, host): (&str, &str, &str),
+) -> Result<String, String> {
+    let tls = tidemesh_identity::verify::client_config(
+        bundle,
+        chain,
+        key,
+        std::sync::Arc::new(tidemesh_identity::verify::ExactId(server)),
+        std::sync::Arc::new(tidemesh_identity::clock::SystemClock),
+        &[tidemesh_proto::ALPN_DATA],
+    )
+    .map_err(|e| e.to_string())?;
+    let cfg = tidemesh_net::QuicSettings::default()
+        .client_config(tls)
+        .map_err(|e| e.to_string())?;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let ep = tidemesh_net::quic::endpoint(
+        tidemesh_net::quic::wrap_socket(sock).map_err(|e| e.to_string())?,
+        None,
+    )
+    .map_err(|e| e.to_string())?;
+    let header = tidemesh_proto::data::StreamHeader {
+        service: service.into(),
+        workload: workload.into(),
+        protocol: tidemesh_proto::data::StreamProtocol::Http1,
+        trace: None,
+        request_id: None,
+    };
+    let req = format!(
+        "GET /items HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    );
+    let exchange = async {
+        let conn = ep
+            .connect_with(cfg, addr, "data.test")
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        send.write_all(&header.encode().map_err(|e| e.to_string())?)
+            .await
+            .map_err(|e| e.to_string())?;
+        send.write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        // the send side stays open: the serving end's HTTP/1.1 server
+        // takes a half-closed stream for a caller gone; `Connection:
+        // close` ends the answer
+        let answer = recv.read_to_end(1 << 20).await.map_err(|e| e.to_string())?;
+        conn.close(quinn::VarInt::from_u32(0), b"done");
+        Ok::<_, String>(String::from_utf8_lossy(&answer).to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| "no answer within 10 s".to_string())?
+}
+
+/// A raw gRPC call to a Workload API socket with hyper's HTTP/2 client
+/// (no SPIFFE library: they all add the security header): the
+/// `grpc-status` the server answered with.
+async fn workload_api_raw(sock: &Path, rpc: &str, security_header: bool) -> Option<String> {
+    let stream = tokio::net::UnixStream::connect(sock).await.ok()?;
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .ok()?;
+    tokio::spawn(conn);
+    let mut req = hyper::Request::post(format!("http://localhost/SpiffeWorkloadAPI/{rpc}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if security_header {
+        req = req.header("workload.spiffe.io", "true");
+    }
+    let body = http_body_util::Full::new(grpc_frame(&[]));
+    let resp = send.send_request(req.body(body).ok()?).await.ok()?;
+    if let Some(s) = resp.headers().get("grpc-status") {
+        return s.to_str().ok().map(str::to_owned);
+    }
+    use http_body_util::BodyExt;
+    let collected = resp.into_body().collect().await.ok()?;
+    collected
+        .trailers()
+        .and_then(|t| t.get("grpc-status"))
+        .and_then(|s| s.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// The next message of a Workload API X.509 context stream, within 20 s.
+async fn next_context<S>(stream: &mut S, what: &str) -> spiffe::X509Context
+where
+    S: tokio_stream::Stream<Item = Result<spiffe::X509Context, spiffe::WorkloadApiError>> + Unpin,
+{
+    use tokio_stream::StreamExt;
+    tokio::time::timeout(Duration::from_secs(20), stream.next())
+        .await
+        .unwrap_or_else(|_| panic!("no {what} within 20 s"))
+        .unwrap_or_else(|| panic!("the stream ended before the {what}"))
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+/// Issue 19's must-show: an app built on a real SPIFFE client library (the
+/// `spiffe` crate) gets its X.509-SVID from spoke A's Workload API, sees
+/// it rotate (workload TTL 6 s, renewed at half life) on the same stream,
+/// and calls spoke B over mTLS with the rotated SVID; B authorizes it by
+/// the AuthorizationPolicy's principal. Callers that do not match a
+/// workload's selectors are refused with PermissionDenied (another
+/// executable, another uid, a spoke whose selectors name another uid), a
+/// request without the security header gets InvalidArgument, the JWT
+/// profile Unimplemented, and the node key is never returned.
+#[test]
+fn workload_api_gives_a_spiffe_client_its_rotating_svid_for_mtls_a_peer_spoke_authorizes() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // another uid must reach the sockets below (the setpriv caller)
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    let mut hub = HubProc::init(tmp.path(), TD).with_args(&["--workload-ttl", "6s"]);
+    let hub_addr = hub.start();
+    let yaml = format!(
+        r#"{STORE_SF01}
+---
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {{name: inventory-readers, namespace: store}}
+spec:
+  selector:
+    matchLabels: {{app: inventory}}
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["{TD}/store/sf01/sa/pos"]
+    to:
+    - operation:
+        methods: ["GET"]
+"#
+    );
+    let f = tmp.path().join("mesh.yaml");
+    std::fs::write(&f, yaml).expect("yaml");
+    let o = hub.cli(&["apply", "-f", f.to_str().expect("utf8")]);
+    assert!(o.status.success(), "apply: {}", text(&o));
+
+    let uid = std::fs::metadata("/proc/self").expect("/proc").uid();
+    let exe = std::env::current_exe().expect("the test's executable");
+    // the spoke creates the parent directories
+    let sock_a = tmp.path().join("run-a/tidemesh/workload.sock");
+    let sock_b = tmp.path().join("run-b/workload.sock");
+    let inventory = echo_server("inventory");
+    let data_b = free_udp();
+    let cfg_a = write_config(
+        tmp.path(),
+        "a",
+        &format!(
+            r#"workload_api = "unix://{}"
+
+[[workload]]
+service_account = "pos"
+selectors = ["unix:uid:{uid}", "unix:path:{}"]
+
+[[workload]]
+service_account = "kiosk"
+selectors = ["unix:uid:{uid}", "systemd:unit:kiosk-test-never.service"]
+
+[[workload]]
+service_account = "batch"
+"#,
+            sock_a.display(),
+            exe.display()
+        ),
+    );
+    let cfg_b = write_config(
+        tmp.path(),
+        "b",
+        &format!(
+            r#"data_listen = "{data_b}"
+data_advertise = "{data_b}"
+workload_api = "unix://{}"
+workload_api_mode = "0600"
+
+[[workload]]
+service_account = "inventory"
+service = "inventory"
+namespace = "store"
+labels = {{ app = "inventory" }}
+inbound = "{inventory}"
+selectors = ["unix:uid:{}"]
+"#,
+            sock_b.display(),
+            uid.wrapping_add(4242)
+        ),
+    );
+    let a = start_spoke(tmp.path(), &hub, "a", 1, &cfg_a, hub_addr);
+    let b = start_spoke(tmp.path(), &hub, "b", 2, &cfg_b, hub_addr);
+    let mode = |p: &Path| std::fs::metadata(p).map(|m| m.permissions().mode() & 0o777);
+    assert_eq!(mode(&sock_a).expect("A's socket"), 0o666);
+    assert_eq!(mode(&sock_b).expect("B's socket"), 0o600);
+    let url_a = format!("unix://{}", sock_a.display());
+    let url_b = format!("unix://{}", sock_b.display());
+    let pos_id = format!("spiffe://{TD}/store/sf01/sa/pos");
+    let td = tidemesh_identity::TrustDomain::new(TD).expect("td");
+    let creds_a = tidemesh_spoke::CredStore::new(&a.dir);
+    let node_a = creds_a.node().expect("A's node SVID");
+    let node_key = node_a.key.serialize_der();
+    let mut node_certs = vec![node_a.chain[0].to_vec()];
+    if let Some(s) = creds_a.serving().expect("serving") {
+        assert_eq!(s.key.serialize_der(), node_key);
+        node_certs.push(s.chain[0].to_vec());
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let client = spiffe::WorkloadApiClient::connect_to(&url_a)
+            .await
+            .expect("connect to A's Workload API");
+        let mut contexts = client
+            .stream_x509_contexts()
+            .await
+            .expect("FetchX509SVID stream");
+        let first = next_context(&mut contexts, "first SVID").await;
+        // only the workload whose selectors this process all matches: not
+        // kiosk (its unit), not batch (no selectors)
+        let ids: Vec<String> = first
+            .svids()
+            .iter()
+            .map(|s| s.spiffe_id().to_string())
+            .collect();
+        assert_eq!(ids, [pos_id.as_str()]);
+        let s1 = first.default_svid().expect("a default SVID").clone();
+        // the workload's own key, the one on the spoke's disk; never the node's
+        let pos_key = creds_a
+            .workload("pos")
+            .expect("read")
+            .expect("pos SVID on disk")
+            .key
+            .serialize_der();
+        assert_eq!(s1.private_key().as_ref(), pos_key.as_slice());
+        assert_ne!(s1.private_key().as_ref(), node_key.as_slice());
+        for c in s1.cert_chain() {
+            assert!(
+                !node_certs.iter().any(|n| n.as_slice() == c.as_ref()),
+                "a node certificate was served"
+            );
+        }
+        let bundle = first.bundle_set().get(&spiffe::TrustDomain::new(TD).expect("td"));
+        let roots: Vec<rustls::pki_types::CertificateDer<'static>> = bundle
+            .expect("the trust domain's bundle")
+            .authorities()
+            .iter()
+            .map(|c| c.as_ref().to_vec().into())
+            .collect();
+        assert_eq!(
+            roots,
+            creds_a.bundle(&td).expect("A's bundle").roots(),
+            "the bundle the spoke's verifiers use"
+        );
+
+        // FetchX509Bundles: the same bundle, to the same attested caller
+        let set = client.fetch_x509_bundles().await.expect("FetchX509Bundles");
+        let only: Vec<Vec<u8>> = set
+            .get(&spiffe::TrustDomain::new(TD).expect("td"))
+            .expect("the trust domain's bundle")
+            .authorities()
+            .iter()
+            .map(|c| c.as_ref().to_vec())
+            .collect();
+        assert_eq!(set.len(), 1, "one trust domain, no federation");
+        let root_bytes: Vec<Vec<u8>> = roots.iter().map(|c| c.to_vec()).collect();
+        assert_eq!(only, root_bytes);
+
+        // rotation: the same stream brings the renewed SVID
+        let t0 = Instant::now();
+        let second = next_context(&mut contexts, "rotated SVID").await;
+        let rotated_in = t0.elapsed();
+        let s2 = second.default_svid().expect("a default SVID").clone();
+        assert_eq!(s2.spiffe_id().to_string(), pos_id);
+        assert_ne!(s2.leaf().as_ref(), s1.leaf().as_ref(), "a new certificate");
+        let not_after = |c: &spiffe::Certificate| {
+            tidemesh_identity::svid::cert_validity(c.as_ref())
+                .expect("validity")
+                .1
+        };
+        assert!(not_after(s2.leaf()) > not_after(s1.leaf()));
+        eprintln!(
+            "rotated SVID pushed {rotated_in:?} after the first (workload TTL 6 s, renewed at half life)"
+        );
+
+        // mTLS with the rotated SVID to spoke B, which authorizes the
+        // principal by the policy and delivers to its workload
+        let chain: Vec<rustls::pki_types::CertificateDer<'static>> = s2
+            .cert_chain()
+            .iter()
+            .map(|c| c.as_ref().to_vec().into())
+            .collect();
+        let key = tidemesh_identity::KeyPair::try_from(s2.private_key().as_ref())
+            .expect("the served key loads");
+        let node_b: tidemesh_identity::SpiffeId = b.id.parse().expect("id");
+        let bundle = tidemesh_identity::TrustBundle::new(td.clone(), roots);
+        let answer = tunnel_get(
+            data_b,
+            node_b,
+            bundle,
+            chain,
+            &key,
+            ("inventory.store", "inventory", "inventory"),
+        )
+        .await
+        .expect("mTLS call to spoke B");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains("\"server\":\"inventory\""), "{answer}");
+        assert!(
+            answer.contains(&format!("URI={pos_id}")),
+            "the workload sees the caller's SPIFFE ID: {answer}"
+        );
+
+        // spoke B's API: its workload's selector names another uid
+        let client_b = spiffe::WorkloadApiClient::connect_to(&url_b)
+            .await
+            .expect("connect to B's Workload API");
+        match client_b.fetch_x509_svid().await {
+            Err(spiffe::WorkloadApiError::NoIdentityIssued) => {}
+            other => panic!("B's API should refuse this caller: {other:?}"),
+        }
+        // the protocol's own rules, on the wire
+        assert_eq!(
+            workload_api_raw(&sock_a, "FetchX509SVID", false).await.as_deref(),
+            Some("3"),
+            "no security header: InvalidArgument"
+        );
+        assert_eq!(
+            workload_api_raw(&sock_a, "FetchJWTSVID", true).await.as_deref(),
+            Some("12"),
+            "the JWT profile: Unimplemented"
+        );
+        assert_eq!(
+            workload_api_raw(&sock_b, "FetchX509Bundles", true).await.as_deref(),
+            Some("7"),
+            "bundles need an attested caller too: PermissionDenied"
+        );
+    });
+    let rec = find_record(&hub, &b, "the Workload API caller's request", |r| {
+        r["identity"]["client_identity"] == pos_id.as_str()
+    });
+    assert_eq!(rec["identity"]["server_identity"], b.id.as_str());
+
+    // Another executable with the same uid: pos also names the path.
+    let fetch = bin("tidemesh-test-spiffe-fetch");
+    let o = run(std::process::Command::new(&fetch).arg(&url_a));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "error no-identity-issued",
+        "{}",
+        text(&o)
+    );
+    // Another uid (nobody), through the 0666 socket.
+    if uid == 0 && std::path::Path::new("/usr/bin/setpriv").exists() {
+        // a copy it can execute, whatever the target directory's modes
+        let copy = tmp.path().join("spiffe-fetch");
+        std::fs::copy(&fetch, &copy).expect("copy the app");
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let o = run(std::process::Command::new("setpriv")
+            .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+            .arg(&copy)
+            .arg(&url_a));
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout).trim(),
+            "error no-identity-issued",
+            "{}",
+            text(&o)
+        );
+    } else {
+        eprintln!("skipping the other-uid caller: needs root and setpriv");
+    }
+    let (mut a, mut b) = (a, b);
+    a.stop();
+    b.stop();
+    assert!(
+        !sock_a.exists() && !sock_b.exists(),
+        "the sockets are removed at shutdown"
+    );
+}

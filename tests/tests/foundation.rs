@@ -908,6 +908,7 @@ spec:
                     rate_limit: None,
                     protocol: Default::default(),
                     tcp_outbound: Vec::new(),
+                    selectors: Vec::new(),
                 }],
                 ..Default::default()
             },

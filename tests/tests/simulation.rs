@@ -143,6 +143,7 @@ fn day_long_partition_expires_the_certificate_and_the_spoke_comes_back() {
                             rate_limit: None,
                             protocol: Default::default(),
                             tcp_outbound: Vec::new(),
+                            selectors: Vec::new(),
                         }],
                         ..Default::default()
                     },
@@ -448,6 +449,7 @@ fn store_of_two(seed: u64, max_offline: Duration, tick: Duration, horizon: Durat
                             rate_limit: None,
                             protocol: Default::default(),
                             tcp_outbound: Vec::new(),
+                            selectors: Vec::new(),
                         }],
                         ..Default::default()
                     },
