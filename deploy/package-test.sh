@@ -46,6 +46,13 @@ for p in tidemesh-hub tidemesh-spoke; do
         skip "$p is installed already; this test installs and purges it"
     fi
 done
+# Purging the hub keeps /var/lib/tidemesh-hub (its CA key), and this test
+# removes what it made: on a box that has or had a hub or spoke, do nothing.
+for d in /var/lib/tidemesh-hub /var/lib/tidemesh-spoke /etc/tidemesh/hub.env /etc/tidemesh/spoke.env; do
+    if [[ -e $d ]]; then
+        skip "$d exists (a real or earlier installation); this test would overwrite or remove it"
+    fi
+done
 
 work=$(mktemp -d)
 pids=()

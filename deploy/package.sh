@@ -63,6 +63,12 @@ if [[ $BUILD -eq 1 ]]; then
     log "build took $((SECONDS - start)) s"
 fi
 
+case ${TARGET:-} in
+    "") deb_arch=$(dpkg --print-architecture 2>/dev/null || echo amd64) ;;
+    aarch64-*) deb_arch=arm64 ;;
+    x86_64-*) deb_arch=amd64 ;;
+    *) deb_arch=${TARGET%%-*} ;;
+esac
 for w in "${WHICH[@]}"; do
     name=tidemesh-$w
     host_bin=$target_dir/$profile_dir/$name
@@ -82,6 +88,8 @@ for w in "${WHICH[@]}"; do
     bin=$target_dir/${TARGET:+$TARGET/}$profile_dir/$name
     [[ -x $bin ]] || fail "no binary at $bin (build it, or drop --no-build)"
     log "packaging $bin"
+    # an older version's package of this architecture would make two
+    rm -f "$OUT/${name}_"*"_$deb_arch.deb"
     start=$SECONDS
     cargo deb -p "$name" --no-build --profile "$PROFILE" "${target_flag[@]}" "${FAST[@]}" --output "$OUT"
     log "cargo deb took $((SECONDS - start)) s"

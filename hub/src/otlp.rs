@@ -419,9 +419,9 @@ pub fn span_of(spoke: &SpiffeId, seq: u64, r: &RequestEvidence) -> Option<Pendin
             SpanStatus::Error => proto::STATUS_CODE_ERROR,
         },
     };
-    // sampled; an inbound span's parent is the calling spoke's (remote),
-    // an outbound span's the app's on this node
-    let remote = if t.parent_span_id.is_some() && inbound {
+    // a parent always came from another process: an inbound span's is the
+    // calling spoke's, an outbound span's the app's (from its traceparent)
+    let remote = if t.parent_span_id.is_some() {
         proto::FLAGS_IS_REMOTE
     } else {
         0
@@ -773,7 +773,10 @@ mod tests {
         assert_eq!(sp.parent_span_id, vec![9; 8]);
         assert_eq!(sp.start_time_unix_nano, 1_700_000_000_123_000_000);
         assert_eq!(sp.end_time_unix_nano - sp.start_time_unix_nano, 2_500_000);
-        assert_eq!(sp.flags, 0x101, "sampled, parent local");
+        assert_eq!(
+            sp.flags, 0x301,
+            "sampled, parent remote (the app's span, from its traceparent)"
+        );
         assert_eq!(sp.status.as_ref().unwrap().code, proto::STATUS_CODE_OK);
         let attr = |k: &str| {
             sp.attributes
