@@ -183,6 +183,27 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> WorkloadApiError + '_ {
     }
 }
 
+/// Creates `dir` and its missing ancestors, each 0755 whatever the umask
+/// (a service's `UMask=0077` would make them 0700, and callers of other
+/// users could not reach the socket); directories that exist already are
+/// left as they are.
+fn create_dirs(dir: &Path) -> Result<(), WorkloadApiError> {
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && std::fs::symlink_metadata(d).is_err())
+        .collect();
+    for d in missing.into_iter().rev() {
+        match std::fs::DirBuilder::new().mode(0o755).create(d) {
+            Ok(()) => std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))
+                .map_err(io_err(d))?,
+            // made meanwhile by someone else: theirs, left alone
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err(d)(e)),
+        }
+    }
+    Ok(())
+}
+
 /// Binds the socket: creates its parent directory (0755) if needed,
 /// removes a stale socket left by a previous run (one nobody answers on),
 /// and sets the file's mode. Needs a tokio runtime.
@@ -190,11 +211,7 @@ pub fn bind(addr: &WorkloadApiAddr, mode: SocketMode) -> Result<UnixListener, Wo
     use std::os::unix::fs::FileTypeExt;
     let path = addr.path();
     if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)
-            .map_err(io_err(dir))?;
+        create_dirs(dir)?;
     }
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
@@ -586,10 +603,20 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("run/tidemesh/workload.sock");
         let addr = WorkloadApiAddr::parse(&format!("unix://{}", path.display())).unwrap();
-        let l = bind(&addr, SocketMode(0o640)).unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        // an existing directory keeps its mode; the ones bind makes are
+        // 0755 whatever the umask (the process umask is not touched here,
+        // so a 0700 parent stands in for what UMask=0077 would leave)
+        std::fs::create_dir(tmp.path().join("run")).unwrap();
+        std::fs::set_permissions(
+            tmp.path().join("run"),
+            std::fs::Permissions::from_mode(0o700),
+        )
+        .unwrap();
+        let l = bind(&addr, SocketMode(0o640)).unwrap();
         assert_eq!(mode(&path), 0o640);
         assert_eq!(mode(path.parent().unwrap()), 0o755);
+        assert_eq!(mode(&tmp.path().join("run")), 0o700);
         // someone serves on it: refused, and the socket is left alone
         let e = bind(&addr, SocketMode::default()).unwrap_err();
         assert!(matches!(e, WorkloadApiError::InUse(_)), "{e}");
