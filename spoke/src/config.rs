@@ -213,13 +213,9 @@ impl FileConfig {
                 ));
             }
         }
-        if let (Some(m), None) = (self.workload_api_mode, &self.workload_api) {
-            return Err(invalid(
-                "workload_api_mode",
-                format!("{:04o}", m.0),
-                "is the mode of the workload_api socket: set workload_api too",
-            ));
-        }
+        // `workload_api_mode` without `workload_api` is allowed here: the
+        // socket may come from `run --workload-api`; `run` refuses a mode
+        // with no socket from either.
         let mut seen = std::collections::HashSet::new();
         let mut outbound_seen = std::collections::HashSet::new();
         let inbounds: std::collections::HashSet<SocketAddr> =
@@ -530,15 +526,16 @@ service_account = "batch"
             "systemd:unit:pos.service"
         );
         assert!(c.workloads[1].selectors.is_empty());
+        // the mode alone is fine in the file: `run --workload-api` may give
+        // the socket (`run` refuses a mode with no socket from either)
+        let c = FileConfig::parse("workload_api_mode = \"0600\"\n").expect("mode alone");
+        assert_eq!(c.workload_api_mode.map(|m| m.0), Some(0o600));
+        assert!(c.workload_api.is_none());
         for (text, want) in [
             ("workload_api = \"tcp://127.0.0.1:1\"\n", "Unix socket only"),
             (
                 "workload_api = \"unix:///a\"\nworkload_api_mode = \"999\"\n",
                 "octal",
-            ),
-            (
-                "workload_api_mode = \"0600\"\n",
-                "workload_api_mode = \"0600\": is the mode of the workload_api socket",
             ),
             (
                 "[[workload]]\nservice_account = \"a\"\nselectors = [\"unix:user:pos\"]\n",

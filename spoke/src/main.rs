@@ -494,9 +494,13 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 tidemesh_spoke::config::check_hub_addr(h)
                     .map_err(|e| anyhow::anyhow!("--hub {h:?}: {e}"))?;
             }
-            if workload_api_mode.is_some() && workload_api.is_none() && file.workload_api.is_none()
-            {
-                bail!("--workload-api-mode: is the mode of the Workload API socket: set --workload-api (or workload_api in the config file) too");
+            if workload_api.is_none() && file.workload_api.is_none() {
+                if workload_api_mode.is_some() {
+                    bail!("--workload-api-mode: is the mode of the Workload API socket: set --workload-api (or workload_api in the config file) too");
+                }
+                if file.workload_api_mode.is_some() {
+                    bail!("workload_api_mode in the config file: is the mode of the Workload API socket: set workload_api in the config file (or --workload-api) too");
+                }
             }
             let file = FileConfig {
                 hub: hub.or(file.hub),

@@ -6,13 +6,19 @@
 //!
 //! What it is: a gRPC server (the official `SpiffeWorkloadAPI` service,
 //! `proto/workload.proto`, compiled by protox in `build.rs`) served by
-//! hyper over HTTP/2 on a Unix socket. Each RPC is attested: the caller's
-//! peer credentials (uid, gid, pid: `SO_PEERCRED`, from the kernel at
-//! connect time), its executable (`/proc/PID/exe`) and its systemd unit
-//! (`/proc/PID/cgroup`) are matched against the `selectors` each
-//! `[[workload]]` declares ([`selector`]); the caller gets the SVIDs of
+//! hyper over HTTP/2 on a Unix socket. Each connection is attested once,
+//! at accept: the caller's peer credentials (uid, gid, pid: `SO_PEERCRED`,
+//! from the kernel at connect time), then at once its executable
+//! (`/proc/PID/exe`) and its systemd unit (`/proc/PID/cgroup`), kept only
+//! if the process is still the same one afterwards (same owner, same
+//! start time); every RPC on the connection is judged on those facts,
+//! matched against the `selectors` each `[[workload]]` declares
+//! ([`selector`]). A path selector is weaker than a uid or unit one: a
+//! process of the same uid can connect and then exec the named binary
+//! before the spoke reads `/proc/PID/exe`. The caller gets the SVIDs of
 //! every workload whose selectors it all satisfies, in config order (the
-//! first is its default), and `PermissionDenied` when there is none.
+//! first is its default), and `PermissionDenied` when there is none
+//! (after which the connection is closed).
 //! `FetchX509SVID` and `FetchX509Bundles` stream: a new message whenever a
 //! served SVID is renewed or the bundle changes. The JWT profile answers
 //! `Unimplemented` (the mesh issues X.509-SVIDs only). Every request must
@@ -33,16 +39,17 @@ use std::{
     fmt,
     os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
 };
 
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tidemesh_identity::clock::Clock;
 use tokio::{
     net::UnixListener,
-    sync::{mpsc, watch, Semaphore},
+    sync::{mpsc, watch, Notify, Semaphore},
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -68,6 +75,19 @@ use pb::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer}
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 /// Most connections open at once on the socket; one more is closed.
 pub const MAX_CONNECTIONS: usize = 256;
+/// Most connections open at once from one uid (whatever its processes):
+/// one user cannot take all [`MAX_CONNECTIONS`] from the others; one more
+/// is closed at accept.
+pub const MAX_CONNECTIONS_PER_UID: usize = 16;
+/// A connection with no RPC under way for this long is closed (a client
+/// holding a `FetchX509SVID` stream is never idle).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often an idle connection is looked for.
+const IDLE_CHECK: Duration = Duration::from_secs(15);
+/// HTTP/2 PING interval on a connection the peer has sent nothing on; no
+/// answer within [`KEEPALIVE_TIMEOUT`] closes it (a peer gone silently).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Most concurrent RPCs on one connection.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 16;
 /// Most bytes of a decoded request message (they are all empty or tiny).
@@ -183,6 +203,27 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> WorkloadApiError + '_ {
     }
 }
 
+/// Creates `dir` and its missing ancestors, each 0755 whatever the umask
+/// (a service's `UMask=0077` would make them 0700, and callers of other
+/// users could not reach the socket); directories that exist already are
+/// left as they are.
+fn create_dirs(dir: &Path) -> Result<(), WorkloadApiError> {
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && std::fs::symlink_metadata(d).is_err())
+        .collect();
+    for d in missing.into_iter().rev() {
+        match std::fs::DirBuilder::new().mode(0o755).create(d) {
+            Ok(()) => std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))
+                .map_err(io_err(d))?,
+            // made meanwhile by someone else: theirs, left alone
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err(d)(e)),
+        }
+    }
+    Ok(())
+}
+
 /// Binds the socket: creates its parent directory (0755) if needed,
 /// removes a stale socket left by a previous run (one nobody answers on),
 /// and sets the file's mode. Needs a tokio runtime.
@@ -190,11 +231,7 @@ pub fn bind(addr: &WorkloadApiAddr, mode: SocketMode) -> Result<UnixListener, Wo
     use std::os::unix::fs::FileTypeExt;
     let path = addr.path();
     if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)
-            .map_err(io_err(dir))?;
+        create_dirs(dir)?;
     }
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
@@ -216,7 +253,7 @@ pub fn bind(addr: &WorkloadApiAddr, mode: SocketMode) -> Result<UnixListener, Wo
 }
 
 /// The kernel's word on the process at the other end of a connection
-/// (`SO_PEERCRED` at connect time), put in each request's extensions.
+/// (`SO_PEERCRED` at connect time), read at accept and attested there.
 #[derive(Debug, Clone, Copy)]
 struct PeerCred {
     pid: Option<i32>,
@@ -224,10 +261,20 @@ struct PeerCred {
     gid: u32,
 }
 
-/// The facts of a caller: peer credentials, then its executable and
-/// systemd unit from `/proc`, read only while `/proc/PID` still belongs to
-/// the peer's uid (a pid reused by another user's process reads as
-/// unknown, and unknown matches no selector).
+/// Field 22 of `/proc/PID/stat`, the process's start time (clock ticks
+/// since boot): a pid reused by a later process has another one. The
+/// command name (field 2) may hold spaces and parentheses, so fields are
+/// counted after its last `)`.
+fn start_time(stat: &str) -> Option<u64> {
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The facts of a caller, read once when its connection is accepted: peer
+/// credentials, then its executable and systemd unit from `/proc`, kept
+/// only if `/proc/PID` belonged to the peer's uid and had the same start
+/// time before and after they were read (a pid reused by another process
+/// reads as unknown, and unknown matches no selector).
 async fn attest(p: PeerCred) -> Caller {
     let mut c = Caller {
         pid: p.pid.unwrap_or(0),
@@ -240,26 +287,117 @@ async fn attest(p: PeerCred) -> Caller {
         return c;
     };
     let proc_dir = PathBuf::from(format!("/proc/{pid}"));
-    let owned = |m: &std::fs::Metadata| m.uid() == p.uid;
-    if !tokio::fs::metadata(&proc_dir)
-        .await
-        .is_ok_and(|m| owned(&m))
-    {
+    let same = || async {
+        let owned = tokio::fs::metadata(&proc_dir)
+            .await
+            .is_ok_and(|m| m.uid() == p.uid);
+        let started = tokio::fs::read_to_string(proc_dir.join("stat"))
+            .await
+            .ok()
+            .and_then(|t| start_time(&t));
+        started.filter(|_| owned)
+    };
+    let Some(before) = same().await else {
         return c;
-    }
+    };
     let path = tokio::fs::read_link(proc_dir.join("exe")).await.ok();
     let unit = tokio::fs::read_to_string(proc_dir.join("cgroup"))
         .await
         .ok()
         .and_then(|t| selector::unit_from_cgroup(&t));
-    if tokio::fs::metadata(&proc_dir)
-        .await
-        .is_ok_and(|m| owned(&m))
-    {
+    if same().await == Some(before) {
         c.path = path;
         c.unit = unit;
     }
     c
+}
+
+/// Connections open per uid, for [`MAX_CONNECTIONS_PER_UID`].
+#[derive(Debug, Clone, Default)]
+struct PerUid(Arc<Mutex<std::collections::HashMap<u32, usize>>>);
+
+/// One connection's place in its uid's count, given back when dropped.
+#[derive(Debug)]
+struct UidSlot {
+    counts: PerUid,
+    uid: u32,
+}
+
+impl PerUid {
+    /// A place for one more connection of `uid`, if it has fewer than `max`.
+    fn acquire(&self, uid: u32, max: usize) -> Option<UidSlot> {
+        let mut m = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = m.entry(uid).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(UidSlot {
+            counts: self.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        let mut m = self.counts.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = m.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// One connection's state: the attested caller, the RPCs under way (and
+/// since when there are none), and the word that it is to be closed.
+#[derive(Debug)]
+struct Conn {
+    caller: Caller,
+    /// RPCs under way, and when the count last fell to zero.
+    active: Mutex<(usize, Instant)>,
+    /// Signalled after a `PermissionDenied` answer: the connection closes.
+    close: Notify,
+}
+
+/// An RPC under way on a [`Conn`], until its response body is dropped.
+struct Rpc(Arc<Conn>);
+
+impl Conn {
+    fn new(caller: Caller) -> Conn {
+        Conn {
+            caller,
+            active: Mutex::new((0, Instant::now())),
+            close: Notify::new(),
+        }
+    }
+
+    fn rpc(self: &Arc<Self>) -> Rpc {
+        self.active.lock().unwrap_or_else(PoisonError::into_inner).0 += 1;
+        Rpc(self.clone())
+    }
+
+    /// How long the connection has had no RPC under way (zero if it has one).
+    fn idle_for(&self) -> Duration {
+        let a = self.active.lock().unwrap_or_else(PoisonError::into_inner);
+        if a.0 == 0 {
+            a.1.elapsed()
+        } else {
+            Duration::ZERO
+        }
+    }
+}
+
+impl Drop for Rpc {
+    fn drop(&mut self) {
+        let mut a = self.0.active.lock().unwrap_or_else(PoisonError::into_inner);
+        a.0 = a.0.saturating_sub(1);
+        if a.0 == 0 {
+            a.1 = Instant::now();
+        }
+    }
 }
 
 /// One `[[workload]]` as the API sees it.
@@ -307,20 +445,23 @@ impl WorkloadApi {
         }
     }
 
-    /// Checks the security header, attests the caller and returns the
-    /// indices of the workloads it is entitled to (never empty).
-    async fn admit<T>(&self, req: &Request<T>, rpc: &str) -> Result<(Caller, Vec<usize>), Status> {
+    /// Checks the security header and returns the caller attested when its
+    /// connection was accepted and the indices of the workloads it is
+    /// entitled to (never empty); a refused caller's connection is closed
+    /// once the answer is sent.
+    fn admit<T>(&self, req: &Request<T>, rpc: &str) -> Result<(Caller, Vec<usize>), Status> {
         check_header(req)?;
-        let Some(peer) = req.extensions().get::<PeerCred>().copied() else {
-            return Err(Status::internal("no peer credentials on this connection"));
+        let Some(conn) = req.extensions().get::<Arc<Conn>>() else {
+            return Err(Status::internal("no attested caller on this connection"));
         };
-        let caller = attest(peer).await;
+        let caller = conn.caller.clone();
         let ids = selector::entitled(
             self.workloads.iter().map(|w| w.selectors.as_slice()),
             &caller,
         );
         if ids.is_empty() {
-            warn!(target: "tidemesh::audit", %caller, rpc, "workload API: caller matches no workload's selectors: refused");
+            conn.close.notify_one();
+            warn!(target: "tidemesh::audit", %caller, rpc, "workload API: caller matches no workload's selectors: refused, connection closed");
             return Err(Status::permission_denied(format!(
                 "no identity issued: the caller ({caller}) matches the selectors of no workload of this spoke"
             )));
@@ -437,7 +578,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let (caller, ids) = self.admit(&req, "FetchX509SVID").await?;
+        let (caller, ids) = self.admit(&req, "FetchX509SVID")?;
         let ids_text: Vec<String> = ids
             .iter()
             .filter_map(|i| self.workloads.get(*i).map(|w| w.account.clone()))
@@ -455,7 +596,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let (caller, _) = self.admit(&req, "FetchX509Bundles").await?;
+        let (caller, _) = self.admit(&req, "FetchX509Bundles")?;
         debug!(%caller, "workload API: serving X.509 bundles");
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         tokio::spawn(push(self.creds.subscribe(), tx, |s| {
@@ -490,12 +631,16 @@ impl SpiffeWorkloadApi for WorkloadApi {
 }
 
 /// Serves the API on `listener` until the future is dropped (which also
-/// ends every connection and stream): HTTP/2 connections, each tagged
-/// with its peer credentials; at most [`MAX_CONNECTIONS`] at once.
+/// ends every connection and stream): HTTP/2 connections, each attested
+/// once at accept; at most [`MAX_CONNECTIONS`] at once and
+/// [`MAX_CONNECTIONS_PER_UID`] per uid; one is closed after a
+/// `PermissionDenied` answer, after [`IDLE_TIMEOUT`] with no RPC under
+/// way, or when the peer stops answering HTTP/2 PINGs.
 pub async fn serve(listener: UnixListener, api: WorkloadApi) {
     use tonic::codegen::Service;
     let svc = SpiffeWorkloadApiServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES);
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_uid = PerUid::default();
     let mut conns = tokio::task::JoinSet::new();
     loop {
         while conns.try_join_next().is_some() {}
@@ -525,18 +670,60 @@ pub async fn serve(listener: UnixListener, api: WorkloadApi) {
                 continue;
             }
         };
+        let Some(uid_slot) = per_uid.acquire(cred.uid, MAX_CONNECTIONS_PER_UID) else {
+            warn!(
+                uid = cred.uid,
+                max = MAX_CONNECTIONS_PER_UID,
+                "workload API: connection refused: too many open for this uid"
+            );
+            continue;
+        };
         let svc = svc.clone();
         conns.spawn(async move {
             let _permit = permit;
+            let _uid_slot = uid_slot;
+            let conn = Arc::new(Conn::new(attest(cred).await));
+            let state = conn.clone();
             let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-                req.extensions_mut().insert(cred);
+                let rpc = conn.rpc();
+                req.extensions_mut().insert(conn.clone());
                 let mut svc = svc.clone();
-                async move { svc.call(req).await }
+                async move {
+                    let resp = svc.call(req).await?;
+                    // the RPC is under way until its body is dropped
+                    Ok::<_, std::convert::Infallible>(resp.map(|b| {
+                        b.map_frame(move |f| {
+                            let _ = &rpc;
+                            f
+                        })
+                    }))
+                }
             });
             let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .keep_alive_interval(Some(KEEPALIVE_INTERVAL))
+                .keep_alive_timeout(KEEPALIVE_TIMEOUT)
                 .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(served);
+            let mut check = tokio::time::interval(IDLE_CHECK);
+            let mut closing = false;
+            let served = loop {
+                tokio::select! {
+                    r = served.as_mut() => break r,
+                    () = state.close.notified(), if !closing => {
+                        closing = true;
+                        served.as_mut().graceful_shutdown();
+                    }
+                    _ = check.tick(), if !closing => {
+                        if state.idle_for() >= IDLE_TIMEOUT {
+                            debug!(caller = %state.caller, "workload API: idle connection closed");
+                            closing = true;
+                            served.as_mut().graceful_shutdown();
+                        }
+                    }
+                }
+            };
             if let Err(e) = served {
                 debug!(error = %e, "workload API connection ended");
             }
@@ -586,10 +773,20 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("run/tidemesh/workload.sock");
         let addr = WorkloadApiAddr::parse(&format!("unix://{}", path.display())).unwrap();
-        let l = bind(&addr, SocketMode(0o640)).unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        // an existing directory keeps its mode; the ones bind makes are
+        // 0755 whatever the umask (the process umask is not touched here,
+        // so a 0700 parent stands in for what UMask=0077 would leave)
+        std::fs::create_dir(tmp.path().join("run")).unwrap();
+        std::fs::set_permissions(
+            tmp.path().join("run"),
+            std::fs::Permissions::from_mode(0o700),
+        )
+        .unwrap();
+        let l = bind(&addr, SocketMode(0o640)).unwrap();
         assert_eq!(mode(&path), 0o640);
         assert_eq!(mode(path.parent().unwrap()), 0o755);
+        assert_eq!(mode(&tmp.path().join("run")), 0o700);
         // someone serves on it: refused, and the socket is left alone
         let e = bind(&addr, SocketMode::default()).unwrap_err();
         assert!(matches!(e, WorkloadApiError::InUse(_)), "{e}");
@@ -637,6 +834,49 @@ mod tests {
         })
         .await;
         assert_eq!((c.pid, c.path), (0, None));
+    }
+
+    #[test]
+    fn the_start_time_is_field_22_whatever_the_command_name() {
+        let stat =
+            "4242 (a) (b c) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
+        assert_eq!(start_time(stat), Some(987_654));
+        assert_eq!(start_time("4242 (short) S 1"), None);
+        assert_eq!(start_time("garbage"), None);
+        let me = std::fs::read_to_string("/proc/self/stat").unwrap();
+        assert!(start_time(&me).is_some(), "{me}");
+    }
+
+    #[test]
+    fn connections_are_capped_per_uid_and_given_back() {
+        let per_uid = PerUid::default();
+        let held: Vec<UidSlot> = (0..MAX_CONNECTIONS_PER_UID)
+            .map(|_| per_uid.acquire(1000, MAX_CONNECTIONS_PER_UID).unwrap())
+            .collect();
+        assert!(per_uid.acquire(1000, MAX_CONNECTIONS_PER_UID).is_none());
+        // another uid is not held back by the first one's connections
+        let other = per_uid.acquire(1001, MAX_CONNECTIONS_PER_UID).unwrap();
+        drop(held.into_iter().next());
+        let again = per_uid.acquire(1000, MAX_CONNECTIONS_PER_UID);
+        assert!(again.is_some());
+        drop((again, other));
+        assert_eq!(per_uid.0.lock().unwrap().get(&1001), None);
+    }
+
+    #[test]
+    fn a_connection_is_idle_only_with_no_rpc_under_way() {
+        let conn = Arc::new(Conn::new(Caller {
+            pid: 1,
+            uid: 0,
+            gid: 0,
+            path: None,
+            unit: None,
+        }));
+        let rpc = conn.rpc();
+        assert_eq!(conn.idle_for(), Duration::ZERO);
+        drop(rpc);
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(conn.idle_for() >= Duration::from_millis(5));
     }
 
     #[test]

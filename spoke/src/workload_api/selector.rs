@@ -150,19 +150,26 @@ pub fn entitled<'a>(
 }
 
 /// The systemd unit a process runs in, from the text of its
-/// `/proc/PID/cgroup`: the last path component of the unified (v2)
-/// hierarchy, or of the `name=systemd` one (v1), that names a unit
-/// (`.service` or `.scope`: a process of a login session reports its
-/// session scope, e.g. `session-3.scope`); `None` when there is none (a
-/// container's own cgroup, the root).
+/// `/proc/PID/cgroup`: in the unified (v2) hierarchy, or the `name=systemd`
+/// one (v1), the FIRST path component under the root that names a unit
+/// (`.service` or `.scope`; slices above it are skipped: a process of a
+/// login session reports its session scope, e.g. `session-3.scope`).
+/// `None` when there is none (a container's own cgroup, the root) and for
+/// any path through a user manager (`user@UID.service`): that subtree is
+/// delegated to the user, who names its units freely, so a unit there
+/// (`.../user@1000.service/app.slice/pos.service`) proves nothing.
+/// Sub-cgroups below the unit (a service's own delegated tree) do not
+/// change the answer.
 pub fn unit_from_cgroup(text: &str) -> Option<String> {
     let path = text.lines().find_map(|l| {
         let mut f = l.splitn(3, ':');
         let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
         (controllers.is_empty() || controllers == "name=systemd").then_some(path)
     })?;
+    if path.split('/').any(|c| c.starts_with("user@")) {
+        return None;
+    }
     path.split('/')
-        .rev()
         .find(|c| c.ends_with(".service") || c.ends_with(".scope"))
         .map(str::to_owned)
 }
@@ -250,13 +257,25 @@ mod tests {
             unit_from_cgroup("0::/system.slice/pos.service\n").as_deref(),
             Some("pos.service")
         );
+        // the first unit under the root: a service's own sub-cgroups, or a
+        // unit-like name it gives them, do not change it
         assert_eq!(
-            unit_from_cgroup(
-                "0::/user.slice/user-1000.slice/user@1000.service/app.slice/kiosk.service\n"
-            )
-            .as_deref(),
-            Some("kiosk.service")
+            unit_from_cgroup("0::/system.slice/pos.service/worker/fake.service\n").as_deref(),
+            Some("pos.service")
         );
+        assert_eq!(
+            unit_from_cgroup("0::/user.slice/user-1000.slice/session-3.scope\n").as_deref(),
+            Some("session-3.scope")
+        );
+        // a user manager's subtree is the user's to name: nothing matches
+        for text in [
+            "0::/user.slice/user-1000.slice/user@1000.service/app.slice/pos.service\n",
+            "0::/user.slice/user-1000.slice/user@1000.service/init.scope\n",
+            "1:name=systemd:/user.slice/user-1000.slice/user@1000.service/app.slice/pos.service\n",
+            "12:cpu,cpuacct:/\n1:name=systemd:/user.slice/user-1000.slice/user@1000.service/pos.service\n",
+        ] {
+            assert_eq!(unit_from_cgroup(text), None, "{text}");
+        }
         // cgroup v1: the name=systemd hierarchy
         assert_eq!(
             unit_from_cgroup("12:cpu,cpuacct:/\n1:name=systemd:/system.slice/pos.service\n")
