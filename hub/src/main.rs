@@ -884,11 +884,12 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 *kinds.entry(d.object.kind()).or_default() += 1;
             }
             let by_kind: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
+            let objects = |n: usize| format!("{n} object{}", if n == 1 { "" } else { "s" });
             println!(
-                "valid: {} objects ({}); the config would hold {} objects",
-                docs.len(),
+                "valid: {} ({}); the config would hold {}",
+                objects(docs.len()),
                 by_kind.join(", "),
-                config.objects().len()
+                objects(config.objects().len())
             );
         }
         Cmd::Config {

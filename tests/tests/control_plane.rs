@@ -409,6 +409,11 @@ fn config_lifecycle_validate_dry_run_diff_delete_prune_and_spoke_dump() {
     let base = dir.join("current.yaml");
     let o = validate("refers", refers, &["--base", base.to_str().expect("utf8")]);
     assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        stdout(&o).contains("valid: 1 object (1 Workload); the config would hold 8 objects"),
+        "{}",
+        text(&o)
+    );
     assert_eq!(history(&hub).len(), 1);
 
     // dry run and diff: outcomes per object; no version, no audit entry

@@ -2610,7 +2610,10 @@ fn version_names_the_commit_target_and_profile() {
 #[test]
 fn data_dir_defaults_to_state_directory_and_says_when_it_is_missing() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let missing = tmp.path().join("missing");
+    // systemd's StateDirectory= is named after the binary's state:
+    // /var/lib/tidemesh-hub, or under another root
+    let missing_root = tmp.path().join("missing");
+    let missing = |name: &str| missing_root.join(name);
 
     // $STATE_DIRECTORY names a directory that does not exist: refused before
     // the command runs, naming it and where it came from.
@@ -2620,6 +2623,7 @@ fn data_dir_defaults_to_state_directory_and_says_when_it_is_missing() {
         ("tidemesh-spoke", &["status"][..]),
         ("tidemesh-spoke", &["evidence", "verify"][..]),
     ] {
+        let missing = missing(name);
         let o = run(clean_cmd(name).args(args).env("STATE_DIRECTORY", &missing));
         assert_eq!(o.status.code(), Some(1), "{name} {args:?}: {}", text(&o));
         let t = text(&o);
@@ -2633,6 +2637,10 @@ fn data_dir_defaults_to_state_directory_and_says_when_it_is_missing() {
         );
         assert!(!missing.exists(), "nothing created");
     }
+    // Another unit's $STATE_DIRECTORY (a backup job running a hub command)
+    // is not the hub's data: it is passed over for /var/lib/NAME.
+    let other = tmp.path().join("backup-job");
+    std::fs::create_dir(&other).expect("mkdir");
     // Without it the default is /var/lib/NAME, checked the same way (on a
     // box where the package is not installed).
     for name in ["tidemesh-hub", "tidemesh-spoke"] {
@@ -2646,18 +2654,22 @@ fn data_dir_defaults_to_state_directory_and_says_when_it_is_missing() {
         } else {
             "status"
         };
-        let o = run(clean_cmd(name).arg(cmd));
-        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-        assert!(
-            text(&o).contains(&format!("data directory {dflt} (the default")),
-            "{}",
-            text(&o)
-        );
+        for o in [
+            run(clean_cmd(name).arg(cmd)),
+            run(clean_cmd(name).arg(cmd).env("STATE_DIRECTORY", &other)),
+        ] {
+            assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+            assert!(
+                text(&o).contains(&format!("data directory {dflt} (the default")),
+                "{}",
+                text(&o)
+            );
+        }
     }
 
     // Under systemd: init, serve, token create all find the directory
     // through $STATE_DIRECTORY alone.
-    let hub_dir = tmp.path().join("hub");
+    let hub_dir = tmp.path().join("tidemesh-hub");
     std::fs::create_dir(&hub_dir).expect("mkdir");
     let o = run(clean_cmd("tidemesh-hub")
         .args(["init", "--trust-domain", TD])
@@ -2683,12 +2695,12 @@ fn data_dir_defaults_to_state_directory_and_says_when_it_is_missing() {
     // as a default would be.
     let o = run(clean_cmd("tidemesh-hub")
         .args(["spokes", "--json"])
-        .env("STATE_DIRECTORY", &missing)
+        .env("STATE_DIRECTORY", missing("tidemesh-hub"))
         .env("TIDEMESH_DATA_DIR", &hub_dir));
     assert!(o.status.success(), "{}", text(&o));
 
     // The spoke: enroll and an offline command through $STATE_DIRECTORY.
-    let spoke_dir = tmp.path().join("spoke");
+    let spoke_dir = tmp.path().join("tidemesh-spoke");
     std::fs::create_dir(&spoke_dir).expect("mkdir");
     let o = run(clean_cmd("tidemesh-spoke")
         .args(["enroll", "--hub", &addr.to_string(), "--token", &token])

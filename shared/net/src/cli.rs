@@ -201,9 +201,11 @@ pub async fn healthcheck(addr: std::net::SocketAddr, timeout: std::time::Duratio
 }
 
 /// The data directory of a command run without `--data-dir` (and without
-/// `TIDEMESH_DATA_DIR`): `$STATE_DIRECTORY` when set (systemd sets it from
-/// the unit's `StateDirectory=`; the first entry when it lists several),
-/// else `/var/lib/NAME`.
+/// `TIDEMESH_DATA_DIR`): the entry of `$STATE_DIRECTORY` whose last
+/// component is `name` (systemd sets it from the unit's
+/// `StateDirectory=NAME`), else `/var/lib/NAME`. Another entry is not taken:
+/// a hub command run from some other unit (a backup job, say) inherits that
+/// unit's `$STATE_DIRECTORY`, which is not the hub's data.
 pub fn default_data_dir(name: &str) -> std::path::PathBuf {
     state_directory(std::env::var_os("STATE_DIRECTORY").as_deref(), name)
 }
@@ -213,8 +215,9 @@ fn state_directory(v: Option<&std::ffi::OsStr>, name: &str) -> std::path::PathBu
     v.and_then(|v| {
         v.as_bytes()
             .split(|b| *b == b':')
-            .find(|p| !p.is_empty())
-            .map(|p| std::path::PathBuf::from(std::ffi::OsStr::from_bytes(p)))
+            .map(|p| std::path::Path::new(std::ffi::OsStr::from_bytes(p)))
+            .find(|p| p.is_absolute() && p.file_name() == Some(std::ffi::OsStr::new(name)))
+            .map(std::path::Path::to_path_buf)
     })
     .unwrap_or_else(|| std::path::Path::new("/var/lib").join(name))
 }
@@ -245,7 +248,7 @@ fn check_data_dir(m: &clap::ArgMatches) -> Result<(), String> {
         return Ok(());
     }
     let from = match std::env::var_os("STATE_DIRECTORY") {
-        Some(v) if !v.is_empty() => "$STATE_DIRECTORY",
+        Some(v) if std::env::split_paths(&v).any(|p| p == *dir) => "$STATE_DIRECTORY",
         _ => "the default",
     };
     Err(format!(
@@ -289,13 +292,28 @@ mod data_dir_tests {
     fn state_directory_wins_then_var_lib() {
         let f = super::state_directory;
         assert_eq!(
-            f(Some(OsStr::new("/var/lib/x")), "n"),
-            PathBuf::from("/var/lib/x")
+            f(Some(OsStr::new("/var/lib/n")), "n"),
+            PathBuf::from("/var/lib/n")
         );
         assert_eq!(
-            f(Some(OsStr::new("/a:/b")), "n"),
-            PathBuf::from("/a"),
-            "the first of several"
+            f(Some(OsStr::new("/srv/state/n")), "n"),
+            PathBuf::from("/srv/state/n"),
+            "StateDirectory= under another root"
+        );
+        assert_eq!(
+            f(Some(OsStr::new("/a:/srv/n:/b/n")), "n"),
+            PathBuf::from("/srv/n"),
+            "the first entry named like the binary's state"
+        );
+        assert_eq!(
+            f(Some(OsStr::new("/var/lib/backup-job")), "n"),
+            PathBuf::from("/var/lib/n"),
+            "another unit's state directory is not taken"
+        );
+        assert_eq!(
+            f(Some(OsStr::new("n:/x")), "n"),
+            PathBuf::from("/var/lib/n"),
+            "a relative entry is not taken"
         );
         assert_eq!(f(Some(OsStr::new("")), "n"), PathBuf::from("/var/lib/n"));
         assert_eq!(
