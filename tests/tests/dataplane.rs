@@ -4924,3 +4924,52 @@ inbound = "{}"
     );
     drop(silent);
 }
+
+/// `serve --otlp-endpoint https://…` reads the system roots at startup:
+/// with `SSL_CERT_FILE` holding no certificate the hub refuses to start and
+/// says where it looked; with a CA there it serves.
+#[test]
+fn an_https_otlp_endpoint_needs_system_roots_at_startup() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut hub = HubProc::init(tmp.path(), TD);
+    let empty = tmp.path().join("empty.pem");
+    std::fs::write(&empty, "").expect("empty bundle");
+    let empty_s = empty.to_str().expect("utf8").to_owned();
+    let mut child = std::process::Command::new(bin("tidemesh-hub"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(tmp.path().join("hub"))
+        .args(["--otlp-endpoint", "https://127.0.0.1:9/v1/traces"])
+        .env("SSL_CERT_FILE", &empty_s)
+        .env_remove("SSL_CERT_DIR")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the hub");
+    let exited = wait_for(Duration::from_secs(20), || child.try_wait().ok().flatten());
+    if exited.is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().expect("hub output");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        exited.is_some_and(|s| !s.success()),
+        "the hub must refuse to start: {err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "--otlp-endpoint https://127.0.0.1:9/v1/traces is https, but no system roots could be loaded from SSL_CERT_FILE={empty_s}"
+        )),
+        "{err}"
+    );
+    // a bundle with a CA: it serves
+    let pki = tls_pki(tmp.path());
+    let ca = std::fs::read_to_string(&pki.ca).expect("ca pem");
+    let bundle = tmp.path().join("bundle.pem");
+    std::fs::write(&bundle, ca).expect("bundle");
+    let bundle_s = bundle.to_str().expect("utf8").to_owned();
+    hub.set_env(&[("SSL_CERT_FILE", Some(&bundle_s)), ("SSL_CERT_DIR", None)]);
+    let mut hub = hub.with_args(&["--otlp-endpoint", "https://127.0.0.1:9/v1/traces"]);
+    hub.start();
+    let o = hub.cli(&["stats", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+}
