@@ -494,7 +494,13 @@ impl Hub {
         let latest = store.config().latest()?.map(Arc::new);
         let evidence = Arc::new(evidence);
         let ingest = Arc::new(ingest::Limits::new(&cfg.ingest));
-        let otlp = cfg.otlp.clone().map(|o| Arc::new(otlp::Exporter::new(o)));
+        let otlp = cfg
+            .otlp
+            .clone()
+            .map(otlp::Exporter::new)
+            .transpose()
+            .map_err(|e| HubError::Invalid(format!("--otlp-endpoint {e}")))?
+            .map(Arc::new);
         cfg.admission.check().map_err(HubError::Invalid)?;
         let admission = admission::Admission::new(cfg.admission.clone(), std::time::Instant::now());
         let (config_tx, _) =

@@ -114,7 +114,9 @@ enum Cmd {
         /// Export a span per sampled request record the spokes sync (trace,
         /// span and parent ids, timing, status, peers, mode) to this
         /// OpenTelemetry collector over OTLP/HTTP protobuf, e.g.
-        /// `http://127.0.0.1:4318/v1/traces`; off unless given.
+        /// `http://127.0.0.1:4318/v1/traces`; an `https://` collector is
+        /// verified against the system roots (`SSL_CERT_FILE` /
+        /// `SSL_CERT_DIR` when set); off unless given.
         #[arg(long, env = "TIDEMESH_OTLP_ENDPOINT", value_parser = otlp_endpoint)]
         otlp_endpoint: Option<String>,
         #[command(flatten)]

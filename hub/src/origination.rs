@@ -344,6 +344,13 @@ pub struct SystemRoots {
     pub source: String,
 }
 
+impl SystemRoots {
+    /// The trust anchors.
+    pub fn roots(&self) -> Arc<RootCertStore> {
+        self.roots.clone()
+    }
+}
+
 /// The loaded system roots; only a success is kept, so a hub whose trust
 /// store was missing tries again at the next apply or config version.
 static SYSTEM_ROOTS: Mutex<Option<SystemRoots>> = Mutex::new(None);
@@ -372,6 +379,15 @@ fn system_source() -> String {
 /// could be loaded, when `SSL_CERT_FILE` is larger than 16 MiB, or when
 /// there are more than 4096 roots.
 pub fn system_roots() -> Result<SystemRoots, OriginationError> {
+    load_system_roots().map_err(|reason| OriginationError::Config {
+        field: "caCertificates",
+        reason: format!("not set, and {reason}"),
+    })
+}
+
+/// [`system_roots`] for other TLS clients of the hub (the OTLP exporter):
+/// the error is `no system roots could be loaded from <where>: <why>`.
+pub fn load_system_roots() -> Result<SystemRoots, String> {
     let mut slot = SYSTEM_ROOTS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -379,10 +395,7 @@ pub fn system_roots() -> Result<SystemRoots, OriginationError> {
         return Ok(s.clone());
     }
     let source = system_source();
-    let fail = |reason: String| OriginationError::Config {
-        field: "caCertificates",
-        reason: format!("not set, and no system roots could be loaded from {source}: {reason}"),
-    };
+    let fail = |reason: String| format!("no system roots could be loaded from {source}: {reason}");
     if let Some(f) = std::env::var_os("SSL_CERT_FILE") {
         if let Ok(m) = std::fs::metadata(&f) {
             if m.len() > MAX_SYSTEM_BUNDLE_BYTES {
@@ -433,7 +446,7 @@ pub fn system_roots() -> Result<SystemRoots, OriginationError> {
         roots = added,
         ignored,
         errors = found.errors.len(),
-        "system roots loaded from {source} for TLS origination without caCertificates"
+        "system roots loaded from {source}"
     );
     *slot = Some(loaded.clone());
     Ok(loaded)

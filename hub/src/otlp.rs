@@ -20,6 +20,15 @@
 //! Who drives it: evidence ingest offers the records of each committed
 //! batch ([`Exporter::offer`]); `Hub::serve` runs the export task.
 //!
+//! The endpoint is `http://` or `https://`; an https collector is verified
+//! against the system roots (the platform's trust store, or
+//! `SSL_CERT_FILE` / `SSL_CERT_DIR`), loaded when the exporter is made so
+//! that a hub without them fails at startup. One HTTP/1.1 connection is
+//! kept and made again when it closes or has been idle for
+//! [`IDLE_RECONNECT`]. A collector that answers 429 or 503 with
+//! `Retry-After: <seconds>` is tried again after that long (at most
+//! [`OtlpSettings::max_retry_after`]) instead of the backoff.
+//!
 //! What it must not do: block or slow ingest (an offer takes a lock and
 //! appends; what does not fit in the queue is dropped and counted), export
 //! a record twice (only records stored by this commit are offered, and a
@@ -31,18 +40,18 @@ use std::{
     collections::{BTreeMap, VecDeque},
     sync::{
         atomic::{AtomicU64, Ordering},
-        Mutex,
+        Arc, Mutex,
     },
     time::Duration,
 };
 
 use http_body_util::{BodyExt, Full};
-use hyper::{body::Bytes, header, Method, Request, StatusCode, Uri};
-use hyper_util::{
-    client::legacy::{connect::HttpConnector, Client},
-    rt::TokioExecutor,
+use hyper::{
+    body::Bytes, client::conn::http1::SendRequest, header, Method, Request, StatusCode, Uri,
 };
+use hyper_util::rt::TokioIo;
 use prost::Message;
+use rustls::pki_types::ServerName;
 use tidemesh_evidence::{
     record::{EnforcementPoint, Locality, Mode, RequestEvidence, StatusCode as SpanStatus},
     RecordBody, SealedRecord,
@@ -241,7 +250,14 @@ pub struct OtlpSettings {
     pub backoff: Duration,
     /// One request's deadline (connect, send, answer).
     pub timeout: Duration,
+    /// The longest `Retry-After` honoured; a longer one waits this long.
+    pub max_retry_after: Duration,
 }
+
+/// A kept connection idle this long is closed and made again before the
+/// next request (collectors close idle connections; a request on one they
+/// just closed would fail).
+pub const IDLE_RECONNECT: Duration = Duration::from_secs(30);
 
 impl OtlpSettings {
     /// The defaults, sending to `endpoint`.
@@ -254,33 +270,43 @@ impl OtlpSettings {
             attempts: 4,
             backoff: Duration::from_millis(250),
             timeout: Duration::from_secs(5),
+            max_retry_after: Duration::from_secs(60),
         }
     }
 }
 
-/// Reads `--otlp-endpoint`: an `http://` URL with a host (the collector's
-/// OTLP/HTTP traces path, usually `/v1/traces`, is taken as given).
+/// Reads `--otlp-endpoint`: an `http://` or `https://` URL with a host
+/// (the collector's OTLP/HTTP traces path, usually `/v1/traces`, is taken
+/// as given).
 pub fn parse_endpoint(s: &str) -> Result<Uri, String> {
     let uri: Uri = s.parse().map_err(|e| {
         format!("{s:?} is not a URL ({e}): give e.g. http://127.0.0.1:4318/v1/traces")
     })?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(format!(
-                "{s:?}: https is not supported yet; run a local collector (or agent) on http and let it forward over TLS"
-            ))
-        }
-        _ => {
-            return Err(format!(
-                "{s:?}: give an http:// URL, e.g. http://127.0.0.1:4318/v1/traces"
-            ))
-        }
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(format!(
+            "{s:?}: give an http:// or https:// URL, e.g. http://127.0.0.1:4318/v1/traces"
+        ));
     }
     if uri.host().is_none_or(str::is_empty) {
         return Err(format!("{s:?}: no host"));
     }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(format!("{s:?}: credentials in the URL are not supported"));
+    }
     Ok(uri)
+}
+
+/// The wait a `Retry-After` value asks for, in its delay-seconds form
+/// (`120`), at most `max`; `None` for anything else (an HTTP date, junk),
+/// when the exporter's own backoff applies.
+pub fn retry_after(value: &[u8], max: Duration) -> Option<Duration> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    if text.is_empty() || text.len() > 20 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // all digits: only an overflow fails, and that is beyond any cap
+    let secs = text.parse::<u64>().unwrap_or(u64::MAX);
+    Some(Duration::from_secs(secs).min(max))
 }
 
 /// Who a span's resource is: service, spoke, store.
@@ -517,10 +543,83 @@ pub struct OtlpCounters {
 enum Sent {
     /// Accepted (`rejected` of them refused by the collector).
     Accepted { rejected: u64 },
-    /// Worth another try (connection failure, timeout, 429, 502-504).
-    Retry(String),
+    /// Worth another try (connection failure, timeout, 429, 502-504),
+    /// after the collector's `Retry-After` when it gave one.
+    Retry(String, Option<Duration>),
     /// Not worth another try (any other answer).
     Refused(String),
+}
+
+/// Where the collector is and how to speak to it.
+struct Target {
+    /// Host name or IP address (without IPv6 brackets) and port.
+    host: String,
+    port: u16,
+    /// `Host` header value.
+    authority: String,
+    /// The request target (path and query).
+    path: String,
+    /// For `https://`: the TLS connector and the name the certificate
+    /// must carry.
+    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+}
+
+impl Target {
+    fn of(endpoint: &Uri, roots: Option<Arc<rustls::RootCertStore>>) -> Result<Target, String> {
+        let https = endpoint.scheme_str() == Some("https");
+        let host = endpoint
+            .host()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| format!("{endpoint}: no host"))?;
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = endpoint.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let authority = endpoint
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .unwrap_or_else(|| host.clone());
+        let path = endpoint
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| "/".into());
+        let tls = if https {
+            let roots = match roots {
+                Some(r) => r,
+                None => crate::origination::load_system_roots()
+                    .map_err(|e| format!("{endpoint} is https, but {e}"))?
+                    .roots(),
+            };
+            let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let name = ServerName::try_from(host.clone())
+                .map_err(|e| format!("{endpoint}: {host:?} is not a TLS server name: {e}"))?;
+            Some((tokio_rustls::TlsConnector::from(Arc::new(config)), name))
+        } else {
+            None
+        };
+        Ok(Target {
+            host,
+            port,
+            authority,
+            path,
+            tls,
+        })
+    }
+}
+
+/// The kept connection to the collector and when it was last used.
+struct Link {
+    sender: SendRequest<Full<Bytes>>,
+    used: tokio::time::Instant,
 }
 
 /// The bounded span queue and the export task's state.
@@ -530,26 +629,34 @@ pub struct Exporter {
     wake: tokio::sync::Notify,
     /// Exported, dropped and failed counts.
     pub counters: OtlpCounters,
-    client: Client<HttpConnector, Full<Bytes>>,
+    target: Target,
+    /// Only the export task sends, one request at a time.
+    link: tokio::sync::Mutex<Option<Link>>,
 }
 
 impl Exporter {
-    /// An exporter for `settings` (its task is [`Exporter::run`]).
-    pub fn new(settings: OtlpSettings) -> Exporter {
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(settings.timeout));
-        http.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(1)
-            .build(http);
-        Exporter {
+    /// An exporter for `settings` (its task is [`Exporter::run`]); for an
+    /// `https://` endpoint it loads the system roots, and fails without
+    /// them.
+    pub fn new(settings: OtlpSettings) -> Result<Exporter, String> {
+        Exporter::with_roots(settings, None)
+    }
+
+    /// [`Exporter::new`] trusting `roots` instead of the system roots for
+    /// an `https://` endpoint (when `Some`).
+    pub fn with_roots(
+        settings: OtlpSettings,
+        roots: Option<Arc<rustls::RootCertStore>>,
+    ) -> Result<Exporter, String> {
+        let target = Target::of(&settings.endpoint, roots)?;
+        Ok(Exporter {
             settings,
             queue: Mutex::new(VecDeque::new()),
             wake: tokio::sync::Notify::new(),
             counters: OtlpCounters::default(),
-            client,
-        }
+            target,
+            link: tokio::sync::Mutex::new(None),
+        })
     }
 
     /// The endpoint spans go to.
@@ -645,68 +752,136 @@ impl Exporter {
                     warn!(endpoint = %self.settings.endpoint, spans = n, error = %why, "OTLP collector refused spans: dropped");
                     return;
                 }
-                Sent::Retry(why) => {
+                Sent::Retry(why, after) => {
                     self.counters.failures.fetch_add(1, Ordering::Relaxed);
                     if attempt == self.settings.attempts.max(1) {
                         self.counters.dropped.fetch_add(n, Ordering::Relaxed);
                         warn!(endpoint = %self.settings.endpoint, spans = n, attempts = attempt, error = %why, "OTLP export failed: spans dropped");
                         return;
                     }
-                    debug!(endpoint = %self.settings.endpoint, attempt, error = %why, "OTLP export failed; retrying");
-                    tokio::time::sleep(wait).await;
+                    // the collector's word when it gave one, else the backoff
+                    let pause = after.unwrap_or(wait);
+                    debug!(endpoint = %self.settings.endpoint, attempt, error = %why, ?pause, "OTLP export failed; retrying");
+                    tokio::time::sleep(pause).await;
                     wait = wait.saturating_mul(2);
                 }
             }
         }
     }
 
+    /// A new connection to the collector (TCP, TLS for https, HTTP/1.1).
+    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, String> {
+        let t = &self.target;
+        let tcp = tokio::net::TcpStream::connect((t.host.as_str(), t.port))
+            .await
+            .map_err(|e| format!("cannot connect to {}:{}: {e}", t.host, t.port))?;
+        let _ = tcp.set_nodelay(true);
+        let sender = match &t.tls {
+            None => {
+                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        debug!(error = %e, "OTLP connection ended");
+                    }
+                });
+                sender
+            }
+            Some((connector, name)) => {
+                let tls = connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(|e| format!("TLS handshake with {}: {e}", t.host))?;
+                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        debug!(error = %e, "OTLP connection ended");
+                    }
+                });
+                sender
+            }
+        };
+        Ok(sender)
+    }
+
     async fn send(&self, body: Bytes) -> Sent {
         let req = match Request::builder()
             .method(Method::POST)
-            .uri(self.settings.endpoint.clone())
+            .uri(self.target.path.as_str())
+            .header(header::HOST, self.target.authority.as_str())
             .header(header::CONTENT_TYPE, "application/x-protobuf")
             .body(Full::new(body))
         {
             Ok(r) => r,
             Err(e) => return Sent::Refused(e.to_string()),
         };
+        let mut link = self.link.lock().await;
         let exchange = async {
-            let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+            // the kept connection while it is open and was used lately
+            let kept = link
+                .take()
+                .filter(|l| !l.sender.is_closed() && l.used.elapsed() < IDLE_RECONNECT);
+            let mut sender = match kept {
+                Some(l) => l.sender,
+                None => self.connect().await?,
+            };
+            sender.ready().await.map_err(|e| e.to_string())?;
+            let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
             let status = resp.status();
+            let after = resp
+                .headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| retry_after(v.as_bytes(), self.settings.max_retry_after));
             // a collector's answer is small; cap what is read of it
             let body = http_body_util::Limited::new(resp.into_body(), 64 << 10)
                 .collect()
                 .await
                 .map(|b| b.to_bytes())
                 .unwrap_or_default();
-            Ok::<_, String>((status, body))
+            Ok::<_, String>((sender, status, after, body))
         };
-        match tokio::time::timeout(self.settings.timeout, exchange).await {
-            Err(_) => Sent::Retry(format!("no answer within {:?}", self.settings.timeout)),
-            Ok(Err(e)) => Sent::Retry(e),
-            Ok(Ok((status, body))) => {
-                if status.is_success() {
-                    let rejected = proto::ExportTraceServiceResponse::decode(body)
-                        .ok()
-                        .and_then(|r| r.partial_success)
-                        .map(|p| u64::try_from(p.rejected_spans).unwrap_or(0))
-                        .unwrap_or(0);
-                    Sent::Accepted { rejected }
-                } else if matches!(
-                    status,
-                    StatusCode::TOO_MANY_REQUESTS
-                        | StatusCode::BAD_GATEWAY
-                        | StatusCode::SERVICE_UNAVAILABLE
-                        | StatusCode::GATEWAY_TIMEOUT
-                ) {
-                    Sent::Retry(format!("answered {status}"))
-                } else {
-                    Sent::Refused(format!(
-                        "answered {status}: {}",
-                        String::from_utf8_lossy(&body[..body.len().min(200)])
-                    ))
+        let (sender, status, after, body) =
+            match tokio::time::timeout(self.settings.timeout, exchange).await {
+                Err(_) => {
+                    return Sent::Retry(
+                        format!("no answer within {:?}", self.settings.timeout),
+                        None,
+                    )
                 }
-            }
+                Ok(Err(e)) => return Sent::Retry(e, None),
+                Ok(Ok(x)) => x,
+            };
+        // kept for the next batch (a connection the collector closes is
+        // noticed then)
+        *link = Some(Link {
+            sender,
+            used: tokio::time::Instant::now(),
+        });
+        if status.is_success() {
+            let rejected = proto::ExportTraceServiceResponse::decode(body)
+                .ok()
+                .and_then(|r| r.partial_success)
+                .map(|p| u64::try_from(p.rejected_spans).unwrap_or(0))
+                .unwrap_or(0);
+            Sent::Accepted { rejected }
+        } else if matches!(
+            status,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        ) {
+            Sent::Retry(format!("answered {status}"), after)
+        } else if matches!(
+            status,
+            StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT
+        ) {
+            Sent::Retry(format!("answered {status}"), None)
+        } else {
+            Sent::Refused(format!(
+                "answered {status}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(200)])
+            ))
         }
     }
 }
@@ -892,14 +1067,62 @@ mod tests {
     }
 
     #[test]
-    fn endpoints_are_http_urls() {
+    fn endpoints_are_http_or_https_urls() {
         assert!(parse_endpoint("http://127.0.0.1:4318/v1/traces").is_ok());
         assert!(parse_endpoint("http://collector/v1/traces").is_ok());
-        let https = parse_endpoint("https://collector:4318/v1/traces").unwrap_err();
-        assert!(https.contains("https is not supported"), "{https}");
+        assert!(parse_endpoint("https://collector:4318/v1/traces").is_ok());
         assert!(parse_endpoint("collector:4318").is_err());
         assert!(parse_endpoint("not a url").is_err());
-        assert!(parse_endpoint("ftp://x/").is_err());
+        let ftp = parse_endpoint("ftp://x/").unwrap_err();
+        assert!(ftp.contains("http:// or https://"), "{ftp}");
+        let creds = parse_endpoint("https://u:p@collector/v1/traces").unwrap_err();
+        assert!(creds.contains("credentials"), "{creds}");
+        // where requests go: host, port (the scheme's default), Host, path
+        let t = Target::of(&"http://[::1]/v1/traces".parse().unwrap(), None).unwrap();
+        assert_eq!(
+            (
+                t.host.as_str(),
+                t.port,
+                t.authority.as_str(),
+                t.path.as_str()
+            ),
+            ("::1", 80, "[::1]", "/v1/traces")
+        );
+        assert!(t.tls.is_none());
+        let roots = Arc::new(rustls::RootCertStore::empty());
+        let t = Target::of(&"https://otel.example:4318".parse().unwrap(), Some(roots)).unwrap();
+        assert_eq!((t.port, t.path.as_str()), (4318, "/"));
+        let t = Target::of(
+            &"https://otel.example/v1/traces".parse().unwrap(),
+            Some(Arc::new(rustls::RootCertStore::empty())),
+        )
+        .unwrap();
+        assert_eq!(t.port, 443);
+        assert_eq!(
+            t.tls.map(|(_, n)| n.to_str().into_owned()),
+            Some("otel.example".to_owned())
+        );
+    }
+
+    #[test]
+    fn retry_after_seconds_are_honoured_up_to_the_cap() {
+        let max = Duration::from_secs(60);
+        assert_eq!(retry_after(b"1", max), Some(Duration::from_secs(1)));
+        assert_eq!(retry_after(b" 30 ", max), Some(Duration::from_secs(30)));
+        assert_eq!(retry_after(b"0", max), Some(Duration::ZERO));
+        assert_eq!(retry_after(b"3600", max), Some(max), "capped");
+        assert_eq!(
+            retry_after(b"99999999999999999999", max),
+            Some(max),
+            "an overflow is capped too"
+        );
+        // the date form, junk and signs fall back to the backoff
+        assert_eq!(retry_after(b"Wed, 21 Oct 2015 07:28:00 GMT", max), None);
+        assert_eq!(retry_after(b"-1", max), None);
+        assert_eq!(retry_after(b"1.5", max), None);
+        assert_eq!(retry_after(b"", max), None);
+        assert_eq!(retry_after(b"\xff", max), None);
+        assert_eq!(retry_after(&[b'9'; 21], max), None, "too long");
     }
 
     fn settings(addr: SocketAddr) -> OtlpSettings {
@@ -914,6 +1137,11 @@ mod tests {
         }
     }
 
+    /// What a test collector got: the accepted requests, and when each
+    /// request (accepted or not) arrived.
+    type Got = Arc<Mutex<Vec<proto::ExportTraceServiceRequest>>>;
+    type Arrivals = Arc<Mutex<Vec<tokio::time::Instant>>>;
+
     /// A collector on loopback that answers the first `fail` requests
     /// with `status`, then 200, and keeps what it accepted.
     async fn collector(
@@ -924,31 +1152,51 @@ mod tests {
         Arc<Mutex<Vec<proto::ExportTraceServiceRequest>>>,
         Arc<AtomicUsize>,
     ) {
+        let (addr, got, seen, _) = collector_with(fail, status, None, None).await;
+        (addr, got, seen)
+    }
+
+    /// [`collector`], its refusals carrying `Retry-After: retry_after`,
+    /// serving TLS with `tls` when given; also when each request came.
+    async fn collector_with(
+        fail: usize,
+        status: StatusCode,
+        retry_after: Option<&'static str>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> (SocketAddr, Got, Arc<AtomicUsize>, Arrivals) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let got = Arc::new(Mutex::new(Vec::new()));
         let seen = Arc::new(AtomicUsize::new(0));
-        let (g, n) = (got.clone(), seen.clone());
+        let arrivals = Arc::new(Mutex::new(Vec::new()));
+        let (g, n, a) = (got.clone(), seen.clone(), arrivals.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((c, _)) = l.accept().await else { return };
-                let (g, n) = (g.clone(), n.clone());
+                let (g, n, a) = (g.clone(), n.clone(), a.clone());
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
-                        let (g, n) = (g.clone(), n.clone());
+                        let (g, n, a) = (g.clone(), n.clone(), a.clone());
                         async move {
+                            a.lock().unwrap().push(tokio::time::Instant::now());
                             let ct = req.headers().get(header::CONTENT_TYPE).cloned();
+                            let host = req.headers().get(header::HOST).cloned();
+                            let path = req.uri().path().to_owned();
                             let body = req.into_body().collect().await.unwrap().to_bytes();
                             let i = n.fetch_add(1, Ordering::SeqCst);
                             if i < fail {
+                                let mut r = Response::builder().status(status);
+                                if let Some(v) = retry_after {
+                                    r = r.header(header::RETRY_AFTER, v);
+                                }
                                 return Ok::<_, std::convert::Infallible>(
-                                    Response::builder()
-                                        .status(status)
-                                        .body(Full::new(Bytes::new()))
-                                        .unwrap(),
+                                    r.body(Full::new(Bytes::new())).unwrap(),
                                 );
                             }
                             assert_eq!(ct.unwrap(), "application/x-protobuf");
+                            assert_eq!(path, "/v1/traces");
+                            assert!(host.is_some(), "a Host header");
                             let req = proto::ExportTraceServiceRequest::decode(body).unwrap();
                             g.lock().unwrap().push(req);
                             let answer = proto::ExportTraceServiceResponse::default();
@@ -957,13 +1205,33 @@ mod tests {
                             ))))
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(c), svc)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(c), svc).await;
+                        }
+                        Some(acceptor) => {
+                            if let Ok(c) = acceptor.accept(c).await {
+                                let _ = http.serve_connection(TokioIo::new(c), svc).await;
+                            }
+                        }
+                    }
                 });
             }
         });
-        (addr, got, seen)
+        (addr, got, seen, arrivals)
+    }
+
+    /// The span ids a collector accepted, in order.
+    fn span_ids(got: &Got) -> Vec<u8> {
+        got.lock()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.resource_spans.iter())
+            .flat_map(|r| r.scope_spans.iter())
+            .flat_map(|s| s.spans.iter())
+            .map(|s| s.span_id[0])
+            .collect()
     }
 
     fn pending(n: u8) -> Vec<PendingSpan> {
@@ -985,7 +1253,7 @@ mod tests {
     #[tokio::test]
     async fn spans_are_posted_in_batches_and_retried_through_a_busy_collector() {
         let (addr, got, seen) = collector(2, StatusCode::SERVICE_UNAVAILABLE).await;
-        let x = Arc::new(Exporter::new(settings(addr)));
+        let x = Arc::new(Exporter::new(settings(addr)).unwrap());
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = {
             let x = x.clone();
@@ -1025,7 +1293,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
         };
-        let x = Arc::new(Exporter::new(settings(addr)));
+        let x = Arc::new(Exporter::new(settings(addr)).unwrap());
         // the task is not running: the queue holds 8 of 11
         x.offer(pending(11));
         assert_eq!(x.queued(), 8);
@@ -1047,7 +1315,7 @@ mod tests {
         assert_eq!(x.queued(), 0);
         // a collector that refuses outright: one try, dropped
         let (addr, got, _) = collector(usize::MAX, StatusCode::BAD_REQUEST).await;
-        let y = Exporter::new(settings(addr));
+        let y = Exporter::new(settings(addr)).unwrap();
         y.offer(pending(2));
         let batch = y.take_batch();
         y.export(batch).await;
@@ -1056,5 +1324,118 @@ mod tests {
         assert!(got.lock().unwrap().is_empty());
         let _ = stop_tx.send(());
         task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn retry_after_from_a_busy_collector_is_waited_and_nothing_is_lost_or_sent_twice() {
+        // 429 with Retry-After: 1, then 503 with Retry-After: 1, then 200;
+        // the exporter's own backoff is 10 ms
+        let (addr, got, seen, arrivals) =
+            collector_with(2, StatusCode::TOO_MANY_REQUESTS, Some("1"), None).await;
+        let x = Exporter::new(settings(addr)).unwrap();
+        x.offer(pending(3));
+        let batch = x.take_batch();
+        let t0 = tokio::time::Instant::now();
+        x.export(batch).await;
+        let took = t0.elapsed();
+        assert_eq!(x.counters.exported.load(Ordering::Relaxed), 3);
+        assert_eq!(x.counters.dropped.load(Ordering::Relaxed), 0);
+        assert_eq!(x.counters.failures.load(Ordering::Relaxed), 2);
+        assert_eq!(seen.load(Ordering::SeqCst), 3, "two refusals, one accept");
+        assert_eq!(span_ids(&got), vec![1, 2, 3], "each span once");
+        let at = arrivals.lock().unwrap().clone();
+        for w in at.windows(2) {
+            let gap = w[1] - w[0];
+            assert!(
+                gap >= Duration::from_millis(950),
+                "the retry waited Retry-After, not the 10 ms backoff: {gap:?}"
+            );
+        }
+        assert!(took < Duration::from_secs(5), "{took:?}");
+
+        // a Retry-After beyond the cap waits the cap
+        let (addr, got, _, arrivals) =
+            collector_with(1, StatusCode::SERVICE_UNAVAILABLE, Some("3600"), None).await;
+        let x = Exporter::new(OtlpSettings {
+            max_retry_after: Duration::from_millis(300),
+            ..settings(addr)
+        })
+        .unwrap();
+        x.offer(pending(2));
+        let batch = x.take_batch();
+        x.export(batch).await;
+        assert_eq!(span_ids(&got), vec![1, 2]);
+        let at = arrivals.lock().unwrap().clone();
+        let gap = at[1] - at[0];
+        assert!(
+            gap >= Duration::from_millis(280) && gap < Duration::from_secs(3),
+            "{gap:?}"
+        );
+    }
+
+    /// A CA and a server certificate for 127.0.0.1 and `localhost` it
+    /// signed: the CA's roots and the server's TLS acceptor.
+    fn tls_pki() -> (Arc<rustls::RootCertStore>, tokio_rustls::TlsAcceptor) {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.der().clone()).unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+        (
+            Arc::new(roots),
+            tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+        )
+    }
+
+    #[tokio::test]
+    async fn an_https_collector_is_verified_and_gets_the_spans() {
+        let (roots, acceptor) = tls_pki();
+        let (addr, got, _, _) =
+            collector_with(0, StatusCode::OK, None, Some(acceptor.clone())).await;
+        let https = |addr: SocketAddr| OtlpSettings {
+            endpoint: format!("https://{addr}/v1/traces").parse().unwrap(),
+            ..settings(addr)
+        };
+        let x = Exporter::with_roots(https(addr), Some(roots)).unwrap();
+        x.offer(pending(4));
+        let batch = x.take_batch();
+        x.export(batch).await;
+        assert_eq!(x.counters.exported.load(Ordering::Relaxed), 4);
+        // the kept connection carries the next batch
+        x.offer(pending(2));
+        let batch = x.take_batch();
+        x.export(batch).await;
+        assert_eq!(span_ids(&got), vec![1, 2, 3, 4, 1, 2]);
+
+        // a collector whose certificate the roots do not vouch for gets
+        // nothing: every try fails, the batch is dropped
+        let (other_roots, _) = tls_pki();
+        let (addr, got, seen, _) = collector_with(0, StatusCode::OK, None, Some(acceptor)).await;
+        let y = Exporter::with_roots(https(addr), Some(other_roots)).unwrap();
+        y.offer(pending(2));
+        let batch = y.take_batch();
+        y.export(batch).await;
+        assert_eq!(y.counters.exported.load(Ordering::Relaxed), 0);
+        assert_eq!(y.counters.dropped.load(Ordering::Relaxed), 2);
+        assert_eq!(y.counters.failures.load(Ordering::Relaxed), 3);
+        assert_eq!(seen.load(Ordering::SeqCst), 0, "no request got through");
+        assert!(got.lock().unwrap().is_empty());
     }
 }

@@ -4791,3 +4791,185 @@ selectors = ["unix:uid:{}"]
         "the sockets are removed at shutdown"
     );
 }
+
+/// Whether `body` says the QUIC handshake ran out of the call's 300 ms
+/// (what is left of it when the try starts, rounded up to a millisecond).
+fn handshake_timed_out(body: &str) -> bool {
+    body.split_once("no QUIC handshake within the call's limit of ")
+        .and_then(|(_, rest)| rest.trim().strip_suffix("ms"))
+        .and_then(|n| n.parse::<u64>().ok())
+        .is_some_and(|n| (250..=300).contains(&n))
+}
+
+/// A call ends within its route timeout even when the peer never answers
+/// the QUIC handshake: a peer spoke whose advertised data address is a UDP
+/// socket nobody reads, and the hub gateway in the first moments of a
+/// blackout (before the spoke notices it). The handshake's own 2 s timeout
+/// does not stretch a 300 ms call.
+#[test]
+fn a_call_to_a_silent_peer_or_gateway_ends_within_its_route_timeout() {
+    let started = Instant::now();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut hub = HubProc::init(tmp.path(), TD);
+    let hub_addr = hub.start();
+    let catalog = Workload::start("catalog");
+    let inventory = Workload::start("inventory");
+    let f = tmp.path().join("mesh.yaml");
+    std::fs::write(
+        &f,
+        format!(
+            r#"{STORE_SF01}
+{catalog_entry}{catalog_readers}{inventory_readers}---
+apiVersion: tidemesh.io/v1alpha1
+kind: DestinationPolicy
+metadata: {{name: inventory, namespace: store}}
+spec:
+  host: inventory.store
+  timeout: 300ms
+---
+apiVersion: tidemesh.io/v1alpha1
+kind: DestinationPolicy
+metadata: {{name: catalog, namespace: cloud}}
+spec:
+  host: catalog.cloud
+  timeout: 300ms
+"#,
+            catalog_entry = cloud_entry("catalog", catalog.addr, "HTTP"),
+            catalog_readers = frontend_only("catalog-readers", "cloud", "catalog"),
+            inventory_readers = frontend_only("inventory-readers", "store", "inventory"),
+        ),
+    )
+    .expect("yaml");
+    let o = hub.cli(&["apply", "-f", f.to_str().expect("utf8")]);
+    assert!(o.status.success(), "apply: {}", text(&o));
+
+    // B serves inventory but advertises a data address that drops every
+    // datagram: bound (so no ICMP refusal), never read
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind the silent socket");
+    let silent_addr = silent.local_addr().expect("addr");
+    let (o_front, data_b) = (free_tcp(), free_udp());
+    let cfg_a = write_config(
+        tmp.path(),
+        "a",
+        &format!(
+            r#"[[workload]]
+service_account = "frontend"
+outbound = "{o_front}"
+"#
+        ),
+    );
+    let cfg_b = write_config(
+        tmp.path(),
+        "b",
+        &format!(
+            r#"data_listen = "{data_b}"
+data_advertise = "{silent_addr}"
+
+[[workload]]
+service_account = "inventory"
+service = "inventory"
+namespace = "store"
+labels = {{ app = "inventory" }}
+inbound = "{}"
+"#,
+            inventory.addr
+        ),
+    );
+    // A reaches the hub (control and gateway) through a relay, for the blackout
+    let relay = RelayProc::start(&tmp.path().join("relays"), "rs", hub_addr, 91);
+    let a = start_spoke(tmp.path(), &hub, "spoke0", 0, &cfg_a, relay.addr);
+    let _b = start_spoke(tmp.path(), &hub, "spoke1", 1, &cfg_b, hub_addr);
+    wait_site_service(&a, "inventory");
+    eprintln!("{:?}: hub and spokes up", started.elapsed());
+
+    // the peer spoke: its handshake never completes
+    let t0 = Instant::now();
+    let r = call(o_front, "GET", "inventory.store", "/silent", &[]);
+    let took = t0.elapsed();
+    eprintln!("a 300 ms call to a silent peer spoke ended after {took:?}: {r:?}");
+    assert_eq!(r.status, 504, "{r:?}");
+    assert!(
+        handshake_timed_out(&r.body),
+        "the answer names what timed out: {r:?}"
+    );
+    assert!(took >= Duration::from_millis(250), "{took:?}");
+    assert!(took < Duration::from_millis(1_500), "{took:?}");
+    let rec = one_record(&hub, &a, "GET /silent");
+    eprintln!("{:?}: its record found", started.elapsed());
+    assert_eq!(rec["telemetry"]["status_code"], 504, "{rec}");
+    assert!(
+        rec["telemetry"]["status"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no QUIC handshake"),
+        "{rec}"
+    );
+    let us = rec["telemetry"]["duration_us"].as_u64().unwrap_or(u64::MAX);
+    assert!(us < 1_500_000, "{rec}");
+
+    // the hub gateway, blacked out a moment ago: the spoke still believes
+    // it connected, and this caller has no gateway connection yet
+    relay.blackout(None);
+    let t0 = Instant::now();
+    let r = call(o_front, "GET", "catalog.cloud", "/items", &[]);
+    let took = t0.elapsed();
+    eprintln!("a 300 ms cloud call in a fresh hub blackout ended after {took:?}: {r:?}");
+    assert_eq!(r.status, 504, "{r:?}");
+    assert!(handshake_timed_out(&r.body), "{r:?}");
+    assert!(took < Duration::from_millis(1_500), "{took:?}");
+    assert_eq!(
+        a.try_status().map(|s| s["state"].clone()),
+        Some(Value::from("connected")),
+        "the spoke had not noticed the blackout yet"
+    );
+    drop(silent);
+}
+
+/// `serve --otlp-endpoint https://…` reads the system roots at startup:
+/// with `SSL_CERT_FILE` holding no certificate the hub refuses to start and
+/// says where it looked; with a CA there it serves.
+#[test]
+fn an_https_otlp_endpoint_needs_system_roots_at_startup() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut hub = HubProc::init(tmp.path(), TD);
+    let empty = tmp.path().join("empty.pem");
+    std::fs::write(&empty, "").expect("empty bundle");
+    let empty_s = empty.to_str().expect("utf8").to_owned();
+    let mut child = std::process::Command::new(bin("tidemesh-hub"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(tmp.path().join("hub"))
+        .args(["--otlp-endpoint", "https://127.0.0.1:9/v1/traces"])
+        .env("SSL_CERT_FILE", &empty_s)
+        .env_remove("SSL_CERT_DIR")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the hub");
+    let exited = wait_for(Duration::from_secs(20), || child.try_wait().ok().flatten());
+    if exited.is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().expect("hub output");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        exited.is_some_and(|s| !s.success()),
+        "the hub must refuse to start: {err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "--otlp-endpoint https://127.0.0.1:9/v1/traces is https, but no system roots could be loaded from SSL_CERT_FILE={empty_s}"
+        )),
+        "{err}"
+    );
+    // a bundle with a CA: it serves
+    let pki = tls_pki(tmp.path());
+    let ca = std::fs::read_to_string(&pki.ca).expect("ca pem");
+    let bundle = tmp.path().join("bundle.pem");
+    std::fs::write(&bundle, ca).expect("bundle");
+    let bundle_s = bundle.to_str().expect("utf8").to_owned();
+    hub.set_env(&[("SSL_CERT_FILE", Some(&bundle_s)), ("SSL_CERT_DIR", None)]);
+    let mut hub = hub.with_args(&["--otlp-endpoint", "https://127.0.0.1:9/v1/traces"]);
+    hub.start();
+    let o = hub.cli(&["stats", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+}

@@ -316,7 +316,8 @@ fn fleet_comes_back_after_a_hub_sigkill_with_its_backlog_exactly_once() {
 }
 
 /// The demo's short run, as CI runs it: during the outage every same-site
-/// call is served and every cloud call fails in under 2 s; afterwards each
+/// call is served and every cloud call fails within its 1 s policy timeout
+/// plus a margin (under 1.6 s); afterwards each
 /// spoke's last committed record is the hub's high-water mark, the chain
 /// verifies and no record is stored twice; the report has its SVG.
 #[test]
@@ -350,11 +351,11 @@ fn the_demo_serves_the_store_through_a_hub_outage_and_delivers_evidence_once() {
     assert_eq!(n(&same["failed"]), 0, "{s}");
     assert!(n(&cloud["failed"]) > 0, "cloud calls failed: {s}");
     // failed fast: at once once the spoke knew the hub was gone, and
-    // before that within the 1 s policy timeout or the tunnel's 2 s
-    // handshake timeout
+    // before that within the 1 s policy timeout (the handshake to the
+    // gateway included) plus a margin
     let after = s["cloud_max_failure_ms_after_notice"].as_u64();
     assert!(after.is_some_and(|ms| ms < 2_000), "failed fast: {s}");
-    assert!(n(&cloud["max_failure_ms"]) < 3_500, "{s}");
+    assert!(n(&cloud["max_failure_ms"]) < 1_600, "{s}");
     assert!(
         n(&s["same_site"][0]["ok"]) > 0 && n(&s["cloud"][0]["ok"]) > 0,
         "{s}"

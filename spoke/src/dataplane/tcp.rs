@@ -478,8 +478,12 @@ async fn through_tunnel(
             )
         }
     };
+    // Raw TCP has no request timeout: opening the stream (the handshake,
+    // stream credit, the fresh try after a dead pooled connection) gets the
+    // handshake timeout in all.
+    let within = super::tunnel::Deadline::after(s.settings.connect_timeout);
     let (t, hs, (mut send, mut recv)) =
-        match super::tunnel::open_stream(s, caller, addr, server).await {
+        match super::tunnel::open_stream(s, caller, addr, server, within).await {
             Ok(x) => x,
             Err(e) => return Try::Unreachable(format!("cannot reach {server} at {addr}: {e}")),
         };

@@ -296,16 +296,98 @@ pub(crate) async fn refresh_server_config(s: &Arc<Shared>) {
     }
 }
 
+/// Why a tunnel stream could not be opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct OpenError {
+    /// What failed or timed out, for the caller's message.
+    pub reason: String,
+    /// The caller's own limit ran out (rather than the handshake failing
+    /// or the handshake's own timeout expiring): a timeout, not a connect
+    /// failure.
+    pub timed_out: bool,
+}
+
+impl OpenError {
+    fn failed(reason: impl Into<String>) -> OpenError {
+        OpenError {
+            reason: reason.into(),
+            timed_out: false,
+        }
+    }
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+/// How long the next step of opening a stream (a handshake, waiting for
+/// stream credit) may wait at `now`: its own timeout `cap`, or what is left
+/// of the caller's `deadline` when that is shorter (then `true`: the
+/// caller's limit is what binds). `None` when the deadline has passed.
+pub(crate) fn step_wait(
+    cap: Duration,
+    now: tokio::time::Instant,
+    deadline: tokio::time::Instant,
+) -> Option<(Duration, bool)> {
+    let left = deadline.saturating_duration_since(now);
+    if left.is_zero() {
+        None
+    } else if left < cap {
+        Some((left, true))
+    } else {
+        Some((cap, false))
+    }
+}
+
+/// When a call must be over: the instant, and the limit it was set from
+/// (for messages).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Deadline {
+    pub at: tokio::time::Instant,
+    pub limit: Duration,
+}
+
+impl Deadline {
+    /// `limit` from now; a limit too large to represent is a day (nothing
+    /// here waits that long).
+    pub(crate) fn after(limit: Duration) -> Deadline {
+        let now = tokio::time::Instant::now();
+        Deadline {
+            at: now
+                .checked_add(limit)
+                .unwrap_or_else(|| now + Duration::from_secs(86_400)),
+            limit,
+        }
+    }
+
+    /// The error for this deadline running out while `what`.
+    fn out_of_time(&self, what: &str) -> OpenError {
+        OpenError {
+            reason: format!("{what} within the call's limit of {}", ms(self.limit)),
+            timed_out: true,
+        }
+    }
+}
+
+/// A limit in whole milliseconds, rounded up (a 300 ms route timeout is
+/// `300ms` however little of it earlier steps took).
+fn ms(d: Duration) -> String {
+    format!("{}ms", d.as_micros().div_ceil(1000))
+}
+
 /// The pooled connection of `caller` to `addr`, or a new one (then with the
-/// handshake time). A pooled connection made with an SVID the caller has
-/// since renewed is not used for new streams: it drains and closes at its
-/// expiry.
+/// handshake time) made by `deadline`. A pooled connection made with an
+/// SVID the caller has since renewed is not used for new streams: it
+/// drains and closes at its expiry.
 async fn connect(
     s: &Shared,
     caller: usize,
     addr: SocketAddr,
     server: &SpiffeId,
-) -> Result<(Arc<Tunnel>, Option<u32>), String> {
+    deadline: Deadline,
+) -> Result<(Arc<Tunnel>, Option<u32>), OpenError> {
     let key = (caller, addr);
     if let Some(t) = s
         .tunnels
@@ -330,7 +412,7 @@ async fn connect(
             return Ok((t, None));
         }
     }
-    let (t, hs) = connect_new(s, caller, addr, server).await?;
+    let (t, hs) = connect_new(s, caller, addr, server, deadline).await?;
     let t = Arc::new(t);
     if let Ok(mut m) = s.tunnels.conns.lock() {
         if let Some(old) = m.insert(key, t.clone()) {
@@ -346,13 +428,15 @@ async fn connect(
 
 /// A new connection of `caller` to the peer spoke `server` at `addr`, with
 /// the handshake's duration in µs; closed when a certificate of either
-/// chain expires.
+/// chain expires. The handshake waits `connect_timeout` at most, and no
+/// later than `deadline` (the instant and the caller's limit it came from).
 async fn connect_new(
     s: &Shared,
     caller: usize,
     addr: SocketAddr,
     server: &SpiffeId,
-) -> Result<(Tunnel, u32), String> {
+    deadline: Deadline,
+) -> Result<(Tunnel, u32), OpenError> {
     let cur = s.h.creds.current();
     let svid = cur
         .workloads
@@ -360,23 +444,23 @@ async fn connect_new(
         .cloned()
         .flatten()
         .ok_or_else(|| {
-            format!(
+            OpenError::failed(format!(
                 "no SVID for workload {} yet: {}",
                 s.workloads[caller].account,
                 s.h.creds
                     .last_error()
                     .unwrap_or_else(|| "the node CA has not issued one yet".into())
-            )
+            ))
         })?;
     if svid.expired(s.now()) {
-        return Err(format!(
+        return Err(OpenError::failed(format!(
             "the SVID of workload {} expired at {}: {}",
             s.workloads[caller].account,
             crate::rfc3339(svid.not_after),
             s.h.creds
                 .last_error()
                 .unwrap_or_else(|| "it has not been renewed".into())
-        ));
+        )));
     }
     let tls = verify::client_config(
         cur.bundle.clone(),
@@ -386,25 +470,29 @@ async fn connect_new(
         s.h.clock.clone(),
         &[ALPN_DATA],
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| OpenError::failed(e.to_string()))?;
     let cfg = s
         .settings
         .quic
         .client_config(tls)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| OpenError::failed(e.to_string()))?;
     let t0 = tokio::time::Instant::now();
+    let Some((wait, by_caller)) = step_wait(s.settings.connect_timeout, t0, deadline.at) else {
+        return Err(deadline.out_of_time("no time left for a QUIC handshake"));
+    };
     let connecting = s
         .endpoint
         .connect_with(cfg, addr, SNI)
-        .map_err(|e| e.to_string())?;
-    let conn = match timeout(s.settings.connect_timeout, connecting).await {
+        .map_err(|e| OpenError::failed(e.to_string()))?;
+    let conn = match timeout(wait, connecting).await {
         Ok(Ok(c)) => c,
-        Ok(Err(e)) => return Err(e.to_string()),
+        Ok(Err(e)) => return Err(OpenError::failed(e.to_string())),
+        Err(_) if by_caller => return Err(deadline.out_of_time("no QUIC handshake")),
         Err(_) => {
-            return Err(format!(
+            return Err(OpenError::failed(format!(
                 "no QUIC handshake within {:?} (is UDP to it allowed?)",
                 s.settings.connect_timeout
-            ))
+            )))
         }
     };
     let hs = t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
@@ -458,33 +546,45 @@ impl Tunnel {
 /// local workload `caller`, on the pooled connection or a new one; returns
 /// the connection, the handshake time when this call made the connection,
 /// and the stream. A pooled connection may have died since its last use:
-/// one fresh try.
+/// one fresh try. All of it (handshakes, waits for stream credit, the fresh
+/// try) ends by `deadline`; a handshake also within `connect_timeout`.
 pub(crate) async fn open_stream(
     s: &Shared,
     caller: usize,
     addr: SocketAddr,
     server: &SpiffeId,
+    deadline: Deadline,
 ) -> Result<
     (
         Arc<Tunnel>,
         Option<u32>,
         (quinn::SendStream, quinn::RecvStream),
     ),
-    String,
+    OpenError,
 > {
     let mut last_err = String::new();
     for _ in 0..2 {
-        let (t, hs) = connect(s, caller, addr, server).await?;
-        match timeout(s.settings.connect_timeout, t.conn.open_bi()).await {
+        let (t, hs) = connect(s, caller, addr, server, deadline).await?;
+        let Some((wait, by_caller)) = step_wait(
+            s.settings.connect_timeout,
+            tokio::time::Instant::now(),
+            deadline.at,
+        ) else {
+            return Err(deadline.out_of_time("no time left to open a stream"));
+        };
+        match timeout(wait, t.conn.open_bi()).await {
             Ok(Ok(streams)) => return Ok((t, hs, streams)),
             Ok(Err(e)) => last_err = e.to_string(),
+            Err(_) if by_caller => {
+                return Err(deadline.out_of_time("no stream credit from the peer"));
+            }
             Err(_) => last_err = "no stream credit from the peer in time".into(),
         }
         if let Ok(mut m) = s.tunnels.conns.lock() {
             m.remove(&(caller, addr));
         }
     }
-    Err(last_err)
+    Err(OpenError::failed(last_err))
 }
 
 /// Sends one request to workload `header.workload` at the peer spoke
@@ -518,8 +618,18 @@ pub(crate) async fn call(
             )
         }
     };
-    let (t, hs, (mut send, recv)) = match open_stream(s, caller, addr, server).await {
+    // The call's limit bounds everything from here: the handshake, the
+    // stream, the retry of a dead pooled connection and the exchange.
+    let deadline = Deadline::after(limit);
+    let (t, hs, (mut send, recv)) = match open_stream(s, caller, addr, server, deadline).await {
         Ok(x) => x,
+        Err(e) if e.timed_out => {
+            return failed(
+                StatusCode::GATEWAY_TIMEOUT,
+                Outcome::Timeout,
+                format!("{server} at {addr}: {e}"),
+            )
+        }
         Err(e) => {
             return failed(
                 StatusCode::BAD_GATEWAY,
@@ -549,7 +659,7 @@ pub(crate) async fn call(
         });
         sender.send_request(req).await.map_err(|e| e.to_string())
     };
-    match timeout(limit, exchange).await {
+    match tokio::time::timeout_at(deadline.at, exchange).await {
         Ok(Ok(mut resp)) => {
             inbound::strip_hop_by_hop(resp.headers_mut());
             resp.map(http_body_util::BodyExt::boxed)
@@ -562,7 +672,7 @@ pub(crate) async fn call(
         Err(_) => failed(
             StatusCode::GATEWAY_TIMEOUT,
             Outcome::Timeout,
-            format!("{server} at {addr}: no response within {limit:?}"),
+            format!("{server} at {addr}: no response within {}", ms(limit)),
         ),
     }
 }
@@ -842,14 +952,27 @@ pub(crate) async fn probe(
         // an operator's probe makes a new handshake (does mTLS work now,
         // with the SVIDs in force?); the routine ones use the pool
         let (t, hs, (mut send, mut recv)) = if record {
-            let (t, hs) = connect_new(s, caller, addr, server).await?;
+            let within = Deadline::after(s.settings.connect_timeout);
+            let (t, hs) = connect_new(s, caller, addr, server, within)
+                .await
+                .map_err(|e| e.reason)?;
             let streams = timeout(s.settings.connect_timeout, t.conn.open_bi())
                 .await
                 .map_err(|_| "no stream credit from the peer in time".to_string())?
                 .map_err(|e| e.to_string())?;
             (Arc::new(t), Some(hs), streams)
         } else {
-            open_stream(s, caller, addr, server).await?
+            // routine: the pooled connection, or a new one, within the
+            // handshake timeout in all
+            open_stream(
+                s,
+                caller,
+                addr,
+                server,
+                Deadline::after(s.settings.connect_timeout),
+            )
+            .await
+            .map_err(|e| e.reason)?
         };
         let _close = record.then(|| CloseOnDrop(t.conn.clone()));
         ev.identity = Some(t.identity_evidence(s, caller, hs));
@@ -954,4 +1077,66 @@ async fn serve_request(
     finish_from_response(&mut ev, started, &resp);
     s.record(ev);
     resp
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_waits_its_own_timeout_or_what_is_left_of_the_call() {
+        let now = tokio::time::Instant::now();
+        let cap = Duration::from_secs(2);
+        // a long call: the handshake's own timeout binds
+        assert_eq!(
+            step_wait(cap, now, now + Duration::from_secs(30)),
+            Some((cap, false))
+        );
+        // exactly as long: still the handshake's timeout
+        assert_eq!(step_wait(cap, now, now + cap), Some((cap, false)));
+        // a 300 ms call: what is left of it, and the call's limit binds
+        assert_eq!(
+            step_wait(cap, now, now + Duration::from_millis(300)),
+            Some((Duration::from_millis(300), true))
+        );
+        // later in the same call, less is left
+        assert_eq!(
+            step_wait(
+                cap,
+                now + Duration::from_millis(200),
+                now + Duration::from_millis(300)
+            ),
+            Some((Duration::from_millis(100), true))
+        );
+        // at or past the deadline: no time for another step
+        assert_eq!(step_wait(cap, now + cap, now + cap), None);
+        assert_eq!(step_wait(cap, now + cap, now), None);
+    }
+
+    #[test]
+    fn a_deadline_too_far_to_represent_is_a_day() {
+        let before = tokio::time::Instant::now();
+        let d = Deadline::after(Duration::MAX);
+        assert_eq!(d.limit, Duration::MAX);
+        let ahead = d.at.saturating_duration_since(before);
+        assert!(ahead >= Duration::from_secs(86_400), "{ahead:?}");
+        assert!(ahead < Duration::from_secs(86_401), "{ahead:?}");
+        let d = Deadline::after(Duration::from_millis(300));
+        assert!(d.at.saturating_duration_since(before) >= Duration::from_millis(300));
+        let e = d.out_of_time("no QUIC handshake");
+        assert!(e.timed_out);
+        assert_eq!(
+            e.reason,
+            "no QUIC handshake within the call's limit of 300ms"
+        );
+        // what is left of a 300 ms timeout after a moment's routing
+        let e = Deadline::after(Duration::from_micros(299_560)).out_of_time("no QUIC handshake");
+        assert_eq!(
+            e.reason,
+            "no QUIC handshake within the call's limit of 300ms"
+        );
+        assert_eq!(ms(Duration::from_secs(2)), "2000ms");
+        assert_eq!(ms(Duration::ZERO), "0ms");
+    }
 }
