@@ -370,7 +370,7 @@ ul {{ margin: 4px 0 12px; }}
 /// Where event labels go: the first of a few rows at the top where a label
 /// does not run into one already placed; (x, row, anchor) per event.
 fn place_labels(events: &[(f64, &str)], right_edge: f64) -> Vec<(f64, usize, &'static str)> {
-    const ROWS: usize = 3;
+    const ROWS: usize = 2;
     // bold 12 px text, about 7.5 px a character, plus a gap
     let width = |l: &str| l.chars().count() as f64 * 7.5 + 8.0;
     let mut taken: Vec<Vec<(f64, f64)>> = vec![Vec::new(); ROWS];
@@ -406,8 +406,8 @@ pub fn svg(seconds: &[Second], events: &[(f64, String)]) -> String {
     // rows of event labels, mode bands, then the panels
     let ev_top = 16.0;
     let ev_row = 15.0;
-    let modes_top = ev_top + 3.0 * ev_row + 4.0;
-    let h = modes_top + 640.0;
+    let modes_top = ev_top + 2.0 * ev_row + 2.0;
+    let h = modes_top + 610.0;
     let axis_y = h - 26.0;
     let _ = write!(
         o,
