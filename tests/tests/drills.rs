@@ -14,13 +14,22 @@
 //!    calls failing fast, evidence exactly once, and the HTML report.
 
 use std::{
+    io::{BufRead, BufReader, Read, Write},
     path::PathBuf,
-    process::Command,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
-use tidemesh_tests::{bin, run, text, HubProc, RelayProc, SpokeProc, Timeline};
+use tidemesh_tests::{bin, run, text, wait_for, HubProc, RelayProc, SpokeProc, Timeline};
+
+/// Whether a process runs (a zombie does not).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| {
+        st.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+    })
+}
 
 const TD: &str = "edge.example";
 const BLACKOUT: Duration = Duration::from_secs(30);
@@ -325,16 +334,79 @@ fn the_demo_serves_the_store_through_a_hub_outage_and_delivers_evidence_once() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let report = tmp.path().join("out").join("report.html");
     let started = Instant::now();
-    let o = run(Command::new(bin("tidemesh-demo"))
-        .args(["run", "--short", "--report"])
+    let mut demo = Command::new(bin("tidemesh-demo"))
+        .args(["run", "--short", "--keep", "--report"])
         .arg(&report)
         .arg("--work-dir")
-        .arg(tmp.path().join("work")));
+        .arg(tmp.path().join("work"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the demo");
+    // --keep: read up to the last child's pid line, then everything answers
+    let mut out = BufReader::new(demo.stdout.take().expect("stdout"));
+    let mut stdout = String::new();
+    let mut line = String::new();
+    while !stdout.contains("  spoke-b: pid ") {
+        line.clear();
+        let n = out.read_line(&mut line).expect("read the demo's output");
+        assert!(n > 0, "the demo ended before --keep's listing: {stdout}");
+        stdout.push_str(&line);
+    }
     let took = started.elapsed();
-    eprintln!("{}", text(&o));
-    eprintln!("the short demo took {took:?}");
-    assert!(o.status.success(), "the demo failed");
-    let stdout = String::from_utf8_lossy(&o.stdout);
+    eprintln!("the short demo took {took:?} up to --keep's listing");
+    let url = |prefix: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|u| u.trim().strip_prefix("http://"))
+            .and_then(|u| u.strip_suffix("/metrics"))
+            .unwrap_or_else(|| panic!("no {prefix:?} line: {stdout}"))
+            .to_owned()
+    };
+    for (who, addr) in [
+        ("hub", url("hub metrics:")),
+        ("spoke-a", url("spoke-a metrics:")),
+        ("spoke-b", url("spoke-b metrics:")),
+    ] {
+        for (path, want) in [
+            ("/metrics", "tidemesh_build_info"),
+            ("/readyz", "ready"),
+            ("/healthz", "ok"),
+        ] {
+            let reply = http_get(&addr, path);
+            assert!(
+                reply.starts_with("HTTP/1.1 200") && reply.contains(want),
+                "--keep: {who} {path}: {reply}"
+            );
+        }
+    }
+    let pids: Vec<u32> = stdout
+        .lines()
+        .filter_map(|l| {
+            l.split_once(": pid ")
+                .and_then(|(_, p)| p.trim().parse().ok())
+        })
+        .collect();
+    assert_eq!(pids.len(), 6, "apps, hub, relay, two spokes: {stdout}");
+    assert!(pids.iter().all(|&p| alive(p)), "kept running: {pids:?}");
+    // SIGTERM (as Ctrl-C's SIGINT) stops everything and the run passes
+    let k = run(Command::new("kill").args(["-TERM", &demo.id().to_string()]));
+    assert!(k.status.success(), "kill: {}", text(&k));
+    let rest = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let status = wait_for(Duration::from_secs(30), || demo.try_wait().ok().flatten())
+        .expect("the demo stops within 30 s of SIGTERM");
+    stdout.push_str(&rest.join().expect("reader"));
+    let mut err = String::new();
+    let _ = demo.stderr.take().map(|mut e| e.read_to_string(&mut err));
+    eprintln!("{stdout}{err}");
+    assert!(status.success(), "the demo failed: {status}");
+    let left: Vec<u32> = pids.iter().copied().filter(|&p| alive(p)).collect();
+    assert!(left.is_empty(), "still running after SIGTERM: {left:?}");
     assert!(stdout.contains("demo OK"), "{stdout}");
     let json: Value = serde_json::from_slice(
         &std::fs::read(report.with_extension("json")).expect("summary json"),
@@ -405,4 +477,86 @@ fn the_demo_serves_the_store_through_a_hub_outage_and_delivers_evidence_once() {
         stdout.contains(&report.display().to_string()),
         "the report's path is printed"
     );
+}
+
+/// A GET over plain HTTP/1.1; the whole reply.
+fn http_get(addr: &str, path: &str) -> String {
+    let mut c = std::net::TcpStream::connect(addr).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut s = String::new();
+    let _ = c.read_to_string(&mut s);
+    s
+}
+
+/// A SIGTERM in the middle of the demo (children up, before the summary)
+/// stops every child it started and ends the demo with 143; the logs stay.
+#[test]
+fn the_demo_stops_every_child_on_sigterm_mid_run() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let work = tmp.path().join("work");
+    let mut demo = Command::new(bin("tidemesh-demo"))
+        .args(["run", "--short", "--report"])
+        .arg(tmp.path().join("report.html"))
+        .arg("--work-dir")
+        .arg(&work)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the demo");
+    let mut out = BufReader::new(demo.stdout.take().expect("stdout"));
+    let mut stdout = String::new();
+    let mut line = String::new();
+    // the timeline's first line: every child is up
+    while !stdout.contains("  0s  normal") {
+        line.clear();
+        let n = out.read_line(&mut line).expect("read");
+        assert!(n > 0, "the demo ended early: {stdout}");
+        stdout.push_str(&line);
+    }
+    let me = demo.id();
+    let children: Vec<u32> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            // "pid (comm) state ppid ..."; comm may hold spaces
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|st| {
+                    let rest = st.rsplit_once(')')?.1.to_owned();
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(me)
+        })
+        .collect();
+    assert!(
+        children.len() >= 6,
+        "apps, hub, relay, two spokes: {children:?}"
+    );
+    let k = run(Command::new("kill").args(["-TERM", &me.to_string()]));
+    assert!(k.status.success(), "kill: {}", text(&k));
+    let rest = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let status = wait_for(Duration::from_secs(30), || demo.try_wait().ok().flatten())
+        .expect("the demo ends within 30 s of SIGTERM");
+    let _ = rest.join();
+    let mut err = String::new();
+    let _ = demo.stderr.take().map(|mut e| e.read_to_string(&mut err));
+    assert_eq!(status.code(), Some(143), "{err}");
+    assert!(
+        err.contains("SIGTERM: stopping the hub, spokes, relay and apps"),
+        "{err}"
+    );
+    let left: Vec<u32> = children.iter().copied().filter(|&p| alive(p)).collect();
+    assert!(left.is_empty(), "left running: {left:?}");
+    assert!(work.join("hub.log").is_file(), "the logs stay");
 }

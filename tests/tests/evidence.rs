@@ -1205,6 +1205,158 @@ fn check_observability(
     );
 }
 
+/// `deploy/observability/schema-check/check.mjs` checks the dashboard with
+/// `tsc --strict` against Grafana's own definitions (`@grafana/schema`: the
+/// dashboard, panels, rows, each panel plugin's options and field config;
+/// the foundation SDK's Prometheus query), versions pinned by the lock file
+/// there. `.ci/run` installs them with `npm ci` into
+/// `TARGET/grafana-schema-check` (or `$TIDEMESH_GRAFANA_SCHEMA_DIR`); the test
+/// skips without node or that install unless TIDEMESH_REQUIRE_GRAFANA_SCHEMA=1.
+/// Broken copies (a string `gridPos.w`, an unknown panel key, a legend mode
+/// the timeseries panel does not have, a query without `refId`) must fail,
+/// each naming its place.
+#[test]
+fn dashboard_passes_grafanas_own_schema_and_broken_copies_fail() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let check = root.join("deploy/observability/schema-check/check.mjs");
+    let dash_path = root.join("deploy/observability/tidemesh-dashboard.json");
+    let modules = std::env::var_os("TIDEMESH_GRAFANA_SCHEMA_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_TARGET_TMPDIR"))
+                .parent()
+                .expect("target dir")
+                .join("grafana-schema-check")
+        });
+    let installed = [
+        "typescript/bin/tsc",
+        "@grafana/schema/package.json",
+        "@grafana/grafana-foundation-sdk/package.json",
+    ]
+    .iter()
+    .all(|f| modules.join("node_modules").join(f).is_file());
+    let why = match which("node") {
+        None => Some("node not found".to_owned()),
+        Some(_) if !installed => Some(format!(
+            "no npm ci of deploy/observability/schema-check in {}",
+            modules.display()
+        )),
+        Some(_) => None,
+    };
+    if let Some(why) = why {
+        assert!(
+            std::env::var("TIDEMESH_REQUIRE_GRAFANA_SCHEMA").as_deref() != Ok("1"),
+            "{why} (TIDEMESH_REQUIRE_GRAFANA_SCHEMA=1; .ci/run installs it)"
+        );
+        eprintln!(
+            "SKIP the Grafana schema check: {why}; install: mkdir -p {m} && cp deploy/observability/schema-check/package*.json {m}/ && npm ci --prefix {m}",
+            m = modules.display()
+        );
+        return;
+    }
+    let checker = |files: &[&Path]| {
+        run(Command::new("node")
+            .arg(&check)
+            .arg("--modules")
+            .arg(&modules)
+            .args(files))
+    };
+    let o = checker(&[&dash_path]);
+    assert!(
+        o.status.success(),
+        "the dashboard fails Grafana's schema: {}",
+        text(&o)
+    );
+    assert!(
+        text(&o).contains("grafana schema check OK: 1 dashboard(s) against @grafana/schema 13."),
+        "{}",
+        text(&o)
+    );
+    eprintln!("{}", text(&o).trim());
+
+    let dash: Value =
+        serde_json::from_str(&std::fs::read_to_string(&dash_path).expect("dashboard"))
+            .expect("dashboard json");
+    let panels = dash["panels"].as_array().expect("panels");
+    let first = |t: &str| {
+        panels
+            .iter()
+            .position(|p| p["type"] == t)
+            .unwrap_or_else(|| panic!("no {t} panel"))
+    };
+    let (stat, ts) = (first("stat"), first("timeseries"));
+    let tmp = tempfile::tempdir().expect("tempdir");
+    type Mutation = Box<dyn Fn(&mut Value)>;
+    // (file, change, what the checker must say about it)
+    let broken: Vec<(&str, Mutation, Vec<String>)> = vec![
+        (
+            "grid-w-string.json",
+            Box::new(move |d| d["panels"][stat]["gridPos"]["w"] = Value::from("6")),
+            vec![
+                format!("panels[{stat}]"),
+                r#""w": "6""#.into(),
+                "not assignable to type 'number'".into(),
+            ],
+        ),
+        (
+            "unknown-panel-key.json",
+            Box::new(move |d| d["panels"][ts]["colour"] = Value::from("red")),
+            vec![
+                format!("panels[{ts}]"),
+                r#"'"colour"' does not exist"#.into(),
+            ],
+        ),
+        (
+            "bad-legend-mode.json",
+            Box::new(move |d| {
+                d["panels"][ts]["options"] =
+                    serde_json::json!({"legend": {"displayMode": "sideways"}})
+            }),
+            vec![
+                format!("panels[{ts}].options (timeseries Options)"),
+                r#"'"sideways"' is not assignable"#.into(),
+            ],
+        ),
+        (
+            "query-without-refid.json",
+            Box::new(move |d| {
+                d["panels"][stat]["targets"][0]
+                    .as_object_mut()
+                    .expect("target")
+                    .remove("refId");
+            }),
+            vec![
+                format!("panels[{stat}].targets[0] (prometheus query)"),
+                "Property 'refId' is missing".into(),
+            ],
+        ),
+    ];
+    let mut paths = Vec::new();
+    for (name, change, _) in &broken {
+        let mut d = dash.clone();
+        change(&mut d);
+        let p = tmp.path().join(name);
+        std::fs::write(&p, serde_json::to_string_pretty(&d).expect("json")).expect("write");
+        paths.push(p);
+    }
+    let o = checker(&paths.iter().map(|p| p.as_path()).collect::<Vec<_>>());
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "broken copies pass: {out}");
+    assert!(out.contains("grafana schema check FAILED"), "{out}");
+    for ((_, _, expect), p) in broken.iter().zip(&paths) {
+        let mine: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with(&format!("{}: ", p.display())))
+            .collect();
+        assert!(
+            mine.iter()
+                .any(|l| expect.iter().all(|e| l.contains(e.as_str()))),
+            "{}: no error with {expect:?} in:\n{out}",
+            p.display()
+        );
+    }
+}
+
 fn which(name: &str) -> Option<std::path::PathBuf> {
     std::env::var_os("PATH").and_then(|p| {
         std::env::split_paths(&p)

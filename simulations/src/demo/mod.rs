@@ -92,6 +92,88 @@ impl Timings {
     }
 }
 
+/// The children alive now, for the signal watcher: a SIGINT or SIGTERM
+/// before `--keep`'s wait stops them and ends the demo (the process would
+/// otherwise die without running `Procs`' drop and leave them running).
+static LIVE: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+/// Set once a signal has stopped the children: a child started after that
+/// is stopped at once.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+/// Set while `--keep` waits: a signal then only ends the wait.
+static KEEPING: AtomicBool = AtomicBool::new(false);
+/// A signal arrived while `--keep` waited.
+static SIGNALLED: AtomicBool = AtomicBool::new(false);
+
+fn term(pid: u32) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Starts the thread that handles SIGINT and SIGTERM for the whole run (the
+/// handlers are in place when this returns).
+fn watch_signals(work: &Path) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("runtime")?;
+    let (mut int, mut trm) = {
+        let _g = rt.enter();
+        (
+            signal(SignalKind::interrupt()).context("SIGINT handler")?,
+            signal(SignalKind::terminate()).context("SIGTERM handler")?,
+        )
+    };
+    let work = work.to_path_buf();
+    std::thread::spawn(move || loop {
+        let name = rt.block_on(async {
+            tokio::select! {
+                _ = int.recv() => "SIGINT",
+                _ = trm.recv() => "SIGTERM",
+            }
+        });
+        if KEEPING.load(Ordering::SeqCst) {
+            SIGNALLED.store(true, Ordering::SeqCst);
+            continue;
+        }
+        let pids = {
+            let live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+            STOPPING.store(true, Ordering::SeqCst);
+            live.clone()
+        };
+        eprintln!(
+            "\n{name}: stopping the hub, spokes, relay and apps ({} processes); logs and data kept in {}",
+            pids.len(),
+            work.display()
+        );
+        for &p in &pids {
+            term(p);
+        }
+        // they are our children: reap them, SIGKILL what is left after 5 s
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let alive = |p: u32| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|st| {
+                st.rsplit(')')
+                    .next()
+                    .is_some_and(|r| !r.trim_start().starts_with('Z'))
+            })
+        };
+        while Instant::now() < deadline && pids.iter().any(|&p| alive(p)) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for &p in pids.iter().filter(|&&p| alive(p)) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &p.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+        std::process::exit(if name == "SIGINT" { 130 } else { 143 });
+    });
+    Ok(())
+}
+
 /// Every child process, stopped (SIGTERM, then SIGKILL) on drop.
 #[derive(Default)]
 struct Procs {
@@ -108,6 +190,7 @@ impl Procs {
             .stderr(log)
             .spawn()
             .with_context(|| format!("start {name} ({cmd:?})"))?;
+        register(child.id());
         self.children.push((name.into(), child));
         Ok(())
     }
@@ -123,6 +206,7 @@ impl Procs {
             .spawn()
             .with_context(|| format!("start {name} ({cmd:?})"))?;
         let stdout = child.stdout.take().context("child stdout")?;
+        register(child.id());
         self.children.push((name.into(), child));
         let mut line = String::new();
         BufReader::new(stdout)
@@ -148,13 +232,20 @@ impl Procs {
     }
 }
 
+/// Notes a child for the signal watcher (stopping it at once when a signal
+/// already stopped the others).
+fn register(pid: u32) {
+    let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+    if STOPPING.load(Ordering::SeqCst) {
+        term(pid);
+    }
+    live.push(pid);
+}
+
 impl Drop for Procs {
     fn drop(&mut self) {
         for (_, c) in &self.children {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .stderr(Stdio::null())
-                .status();
+            term(c.id());
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         for (_, c) in &mut self.children {
@@ -164,6 +255,8 @@ impl Drop for Procs {
             let _ = c.kill();
             let _ = c.wait();
         }
+        let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+        live.retain(|p| !self.children.iter().any(|(_, c)| c.id() == *p));
     }
 }
 
@@ -542,6 +635,7 @@ pub fn run(cfg: &DemoConfig) -> Result<Summary> {
         )),
     };
     std::fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
+    watch_signals(&work)?;
     let tools = Tools {
         hub: cfg.bin_dir.join("tidemesh-hub"),
         spoke: cfg.bin_dir.join("tidemesh-spoke"),
@@ -983,7 +1077,11 @@ inbound = "{inventory}"
         for (n, pid) in procs.pids() {
             say(&format!("  {n}: pid {pid}"));
         }
-        wait_ctrl_c()?;
+        KEEPING.store(true, Ordering::SeqCst);
+        while !SIGNALLED.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        say("stopping everything");
     }
     drop(procs);
     Ok(summary)
@@ -997,22 +1095,6 @@ fn short_mode(m: &str) -> &str {
         "degraded" => "degraded",
         other => other,
     }
-}
-
-/// Blocks until SIGINT or SIGTERM.
-fn wait_ctrl_c() -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("runtime")?;
-    rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r,
-            _ = term.recv() => Ok(()),
-        }
-    })
-    .context("wait for Ctrl-C")
 }
 
 /// The slowest a cloud call may fail during the outage: its 1 s policy

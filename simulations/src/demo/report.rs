@@ -367,8 +367,34 @@ ul {{ margin: 4px 0 12px; }}
     )
 }
 
-/// The timeline: mode bands, requests per path, errors, evidence backlog
-/// and sync, on one time axis.
+/// Where event labels go: the first of a few rows at the top where a label
+/// does not run into one already placed; (x, row, anchor) per event.
+fn place_labels(events: &[(f64, &str)], right_edge: f64) -> Vec<(f64, usize, &'static str)> {
+    const ROWS: usize = 2;
+    // bold 12 px text, about 7.5 px a character, plus a gap
+    let width = |l: &str| l.chars().count() as f64 * 7.5 + 8.0;
+    let mut taken: Vec<Vec<(f64, f64)>> = vec![Vec::new(); ROWS];
+    let mut out = Vec::new();
+    for &(ex, label) in events {
+        let w = width(label);
+        // near the right edge the label goes to the left of its line
+        let (x0, x1, tx, anchor) = if ex + 4.0 + w > right_edge {
+            (ex - 4.0 - w, ex, ex - 4.0, "end")
+        } else {
+            (ex, ex + 4.0 + w, ex + 4.0, "start")
+        };
+        let row = (0..ROWS)
+            .find(|r| taken[*r].iter().all(|(a, b)| x1 <= *a || x0 >= *b))
+            .unwrap_or(ROWS - 1);
+        taken[row].push((x0, x1));
+        out.push((tx, row, anchor));
+    }
+    out
+}
+
+/// The timeline: event labels, mode bands, one lane of requests per path
+/// (answered per second as a line, failures as bars), the evidence backlog
+/// and the sync, on one time axis.
 pub fn svg(seconds: &[Second], events: &[(f64, String)]) -> String {
     const W: f64 = 1300.0;
     const LEFT: f64 = 200.0;
@@ -377,7 +403,12 @@ pub fn svg(seconds: &[Second], events: &[(f64, String)]) -> String {
     let pw = W - LEFT - RIGHT;
     let x = |t: f64| LEFT + t / span * pw;
     let mut o = String::new();
-    let h = 640.0;
+    // rows of event labels, mode bands, then the panels
+    let ev_top = 16.0;
+    let ev_row = 15.0;
+    let modes_top = ev_top + 2.0 * ev_row + 2.0;
+    let h = modes_top + 610.0;
+    let axis_y = h - 26.0;
     let _ = write!(
         o,
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" viewBox="0 0 {W} {h}" font-family="system-ui, sans-serif" font-size="12">"#
@@ -390,10 +421,11 @@ pub fn svg(seconds: &[Second], events: &[(f64, String)]) -> String {
     if let (Some(a), Some(b)) = (outage.first(), outage.last()) {
         let _ = write!(
             o,
-            r##"<rect x="{:.1}" y="20" width="{:.1}" height="{:.1}" fill="#c8372d" fill-opacity="0.07"/>"##,
+            r##"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="#c8372d" fill-opacity="0.07"/>"##,
             x(a.t as f64),
+            modes_top - 4.0,
             x((b.t + 1) as f64) - x(a.t as f64),
-            h - 50.0
+            axis_y - modes_top + 4.0
         );
     }
     // modes
@@ -424,31 +456,48 @@ pub fn svg(seconds: &[Second], events: &[(f64, String)]) -> String {
             i = j + 1;
         }
     };
-    band(&mut o, 30.0, "mode: spoke A (pos)", &|s| s.mode_a.as_str());
-    band(&mut o, 54.0, "mode: spoke B (inv.)", &|s| s.mode_b.as_str());
+    band(&mut o, modes_top, "mode: spoke A (pos)", &|s| {
+        s.mode_a.as_str()
+    });
+    band(&mut o, modes_top + 24.0, "mode: spoke B (inv.)", &|s| {
+        s.mode_b.as_str()
+    });
     let mut lx = LEFT;
     for m in ["target", "survival", "recovery", "degraded"] {
         let _ = write!(
             o,
-            r#"<rect x="{lx}" y="80" width="12" height="12" fill="{}"/><text x="{}" y="90">{m}</text>"#,
+            r#"<rect x="{lx}" y="{:.1}" width="12" height="12" fill="{}"/><text x="{}" y="{:.1}">{m}</text>"#,
+            modes_top + 50.0,
             mode_color(m),
-            lx + 16.0
+            lx + 16.0,
+            modes_top + 60.0
         );
         lx += 90.0;
     }
-    // a panel: frame, title, y ticks
+    // a panel: frame, title, y ticks at 0, half and the top with faint
+    // grid lines
     let panel = |o: &mut String, top: f64, height: f64, title: &str, max: f64| {
         let _ = write!(
             o,
-            r##"<rect x="{LEFT}" y="{top}" width="{pw}" height="{height}" fill="none" stroke="#dadce0"/><text x="8" y="{:.1}" font-weight="600">{}</text><text x="{:.1}" y="{:.1}" text-anchor="end" fill="#5f6368">{}</text><text x="{:.1}" y="{:.1}" text-anchor="end" fill="#5f6368">0</text>"##,
+            r##"<rect x="{LEFT}" y="{top}" width="{pw}" height="{height}" fill="none" stroke="#dadce0"/><text x="8" y="{:.1}" font-weight="600">{}</text>"##,
             top + 14.0,
             esc(title),
-            LEFT - 6.0,
-            top + 10.0,
-            max,
-            LEFT - 6.0,
-            top + height
         );
+        for (frac, v) in [(0.0, 0.0), (0.5, max / 2.0), (1.0, max)] {
+            let y = top + height - frac * height;
+            let label = if v.fract() == 0.0 {
+                format!("{v:.0}")
+            } else {
+                format!("{v:.1}")
+            };
+            let _ = write!(
+                o,
+                r##"<line x1="{LEFT}" x2="{:.1}" y1="{y:.1}" y2="{y:.1}" stroke="#e8eaed"/><text x="{:.1}" y="{:.1}" text-anchor="end" fill="#5f6368">{label}</text>"##,
+                LEFT + pw,
+                LEFT - 6.0,
+                y + 4.0
+            );
+        }
     };
     let line = |o: &mut String,
                 top: f64,
@@ -486,48 +535,63 @@ pub fn svg(seconds: &[Second], events: &[(f64, String)]) -> String {
             lx += 30.0 + label.chars().count() as f64 * 7.0;
         }
     };
-    // requests per second per path, failures as bars
-    let (top, ph) = (110.0, 170.0);
+    // one lane per path: calls answered per second, failures as bars; the
+    // same scale in both
     let rmax = seconds
         .iter()
         .map(|s| (s.same_ok + s.same_fail).max(s.cloud_ok + s.cloud_fail))
         .max()
         .unwrap_or(1)
         .max(1) as f64;
-    panel(&mut o, top, ph, "requests / s", rmax);
-    let bw = (x(1.0) - x(0.0)) / 2.0;
-    for s in seconds {
-        for (i, n, color) in [
-            (0.0, s.same_fail, "#7b1fa2"),
-            (1.0, s.cloud_fail, "#c8372d"),
-        ] {
+    let bw = (x(1.0) - x(0.0) - 1.0).max(1.0);
+    type Count = fn(&Second) -> u64;
+    let lanes: [(&str, Count, Count, &str, &str, &str, &str); 2] = [
+        (
+            "same-site requests / s",
+            |s| s.same_ok,
+            |s| s.same_fail,
+            "#1a73e8",
+            "answered (pos → inventory, spoke B)",
+            "#7b1fa2",
+            "failed",
+        ),
+        (
+            "cloud requests / s",
+            |s| s.cloud_ok,
+            |s| s.cloud_fail,
+            "#12b5cb",
+            "answered (pos → payments.cloud, hub gateway)",
+            "#c8372d",
+            "failed",
+        ),
+    ];
+    let ph = 100.0;
+    let mut top = modes_top + 80.0;
+    for (title, ok, fail, ok_color, ok_label, fail_color, fail_label) in lanes {
+        panel(&mut o, top, ph, title, rmax);
+        for s in seconds {
+            let n = fail(s);
             if n > 0 {
                 let bh = (n as f64 / rmax).min(1.0) * ph;
                 let _ = write!(
                     o,
-                    r#"<rect x="{:.1}" y="{:.1}" width="{:.2}" height="{bh:.1}" fill="{color}" fill-opacity="0.75"><title>{}s: {n} failed</title></rect>"#,
-                    x(s.t as f64) + i * bw,
+                    r#"<rect x="{:.1}" y="{:.1}" width="{bw:.2}" height="{bh:.1}" fill="{fail_color}" fill-opacity="0.75"><title>{}s: {n} failed</title></rect>"#,
+                    x(s.t as f64) + 0.5,
                     top + ph - bh,
-                    bw,
                     s.t
                 );
             }
         }
+        line(&mut o, top, ph, rmax, ok_color, &|s| ok(s) as f64);
+        legend(
+            &mut o,
+            top + ph + 16.0,
+            &[(ok_color, ok_label), (fail_color, fail_label)],
+        );
+        top += ph + 30.0;
     }
-    line(&mut o, top, ph, rmax, "#1a73e8", &|s| s.same_ok as f64);
-    line(&mut o, top, ph, rmax, "#12b5cb", &|s| s.cloud_ok as f64);
-    legend(
-        &mut o,
-        top + ph + 18.0,
-        &[
-            ("#1a73e8", "same-site ok (pos → inventory)"),
-            ("#12b5cb", "cloud ok (pos → payments.cloud)"),
-            ("#c8372d", "cloud failed"),
-            ("#7b1fa2", "same-site failed"),
-        ],
-    );
     // evidence backlog
-    let (top, ph2) = (320.0, 110.0);
+    let ph2 = 90.0;
     let bmax = seconds.iter().map(|s| s.backlog).max().unwrap_or(1).max(1) as f64;
     panel(&mut o, top, ph2, "evidence backlog", bmax);
     let pts: Vec<String> = seconds
@@ -553,11 +617,12 @@ pub fn svg(seconds: &[Second], events: &[(f64, String)]) -> String {
     }
     legend(
         &mut o,
-        top + ph2 + 18.0,
+        top + ph2 + 16.0,
         &[("#f9ab00", "records waiting for the hub (both spokes)")],
     );
+    top += ph2 + 30.0;
     // sync: committed on the spokes vs acked by the hub
-    let (top, ph3) = (470.0, 110.0);
+    let ph3 = 90.0;
     let smax = seconds
         .iter()
         .map(|s| s.committed)
@@ -569,14 +634,13 @@ pub fn svg(seconds: &[Second], events: &[(f64, String)]) -> String {
     line(&mut o, top, ph3, smax, "#2e9d57", &|s| s.acked as f64);
     legend(
         &mut o,
-        top + ph3 + 18.0,
+        top + ph3 + 16.0,
         &[
             ("#5f6368", "committed on the spokes"),
             ("#2e9d57", "acked by the hub (high-water mark)"),
         ],
     );
     // time axis and events
-    let axis_y = h - 26.0;
     let step = if span > 60.0 { 10 } else { 5 };
     let mut t = 0;
     while (t as f64) <= span {
@@ -590,17 +654,13 @@ pub fn svg(seconds: &[Second], events: &[(f64, String)]) -> String {
         );
         t += step;
     }
-    for (at, label) in events {
-        let ex = x(*at);
-        // near the right edge the label goes to the left of its line
-        let (tx, anchor) = if ex > W - RIGHT - 120.0 {
-            (ex - 4.0, "end")
-        } else {
-            (ex + 4.0, "start")
-        };
+    let at: Vec<(f64, &str)> = events.iter().map(|(t, l)| (x(*t), l.as_str())).collect();
+    for ((ex, label), (tx, row, anchor)) in at.iter().zip(place_labels(&at, W - RIGHT)) {
+        let ty = ev_top + row as f64 * ev_row;
         let _ = write!(
             o,
-            r##"<line x1="{ex:.1}" x2="{ex:.1}" y1="28" y2="{:.1}" stroke="#202124" stroke-dasharray="4 3"/><text x="{tx:.1}" y="106" text-anchor="{anchor}" font-weight="600">{}</text>"##,
+            r##"<line x1="{ex:.1}" x2="{ex:.1}" y1="{:.1}" y2="{:.1}" stroke="#202124" stroke-dasharray="4 3"/><text x="{tx:.1}" y="{ty:.1}" text-anchor="{anchor}" font-weight="600">{}</text>"##,
+            ty - 10.0,
             axis_y - 4.0,
             esc(label)
         );
@@ -627,6 +687,25 @@ mod tests {
             acked: t * 10,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn event_labels_close_together_take_separate_rows() {
+        // "heal" and "Target" 8 px apart, "blackout" far from both, one
+        // label at the right edge
+        let placed = place_labels(
+            &[
+                (300.0, "hub blackout"),
+                (1000.0, "heal"),
+                (1008.0, "Target"),
+                (1275.0, "end"),
+            ],
+            1280.0,
+        );
+        assert_eq!(placed[0], (304.0, 0, "start"));
+        assert_eq!(placed[1], (1004.0, 0, "start"));
+        assert_eq!(placed[2].1, 1, "Target moves to the second row");
+        assert_eq!(placed[3], (1271.0, 0, "end"));
     }
 
     #[test]
@@ -669,7 +748,8 @@ mod tests {
         let page = html(&seconds, &[(10.0, "blackout".into())], &s);
         assert!(page.contains("<svg"), "svg inline");
         for part in [
-            "requests / s",
+            "same-site requests / s",
+            "cloud requests / s",
             "evidence backlog",
             "evidence sync",
             "mode: spoke A",
