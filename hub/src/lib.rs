@@ -1104,7 +1104,6 @@ impl Hub {
                 let h = self
                     .inner
                     .store
-                    
                     .config_history()
                     .map_err(|e| e.to_string())?;
                 Ok(Value::Array(
@@ -1118,7 +1117,6 @@ impl Hub {
                     Some(n) => self
                         .inner
                         .store
-                        
                         .config_get(n)
                         .map_err(|e| e.to_string())?
                         .ok_or_else(|| format!("no config version {n}"))?,

@@ -574,7 +574,6 @@ impl Hub {
         let mut target = self
             .inner
             .store
-            
             .config_get(to)?
             .ok_or_else(|| HubError::Invalid(format!("no config version {to}")))?;
         // Key set files are read again: the version rolled back to gets

@@ -364,7 +364,13 @@ mod tests {
         );
         let e = StateLocation::parse(Some("etcd://x:2379")).expect_err("unknown scheme");
         assert!(e.contains("unknown store"), "{e}");
-        for bad in ["nats://", "nats://host", "nats://h:0", "nats://:4222", "nats://h:x"] {
+        for bad in [
+            "nats://",
+            "nats://host",
+            "nats://h:0",
+            "nats://:4222",
+            "nats://h:x",
+        ] {
             let e = StateLocation::parse(Some(bad)).expect_err(bad);
             assert!(e.contains("HOST:PORT"), "{bad}: {e}");
         }

@@ -13,7 +13,9 @@
 //!
 //! # Layout
 //! Buckets and the stream get `min(3, number of --store addresses)`
-//! replicas, file storage, one value per key (history 1).
+//! replicas, file storage, one value per key (history 1); a bucket is the
+//! stream `KV_<bucket>` on subjects `$KV.<bucket>.>` (the KV convention,
+//! so the `nats kv` tools read it), made without direct gets.
 //!
 //! | bucket / stream          | key                             | value |
 //! |--------------------------|---------------------------------|-------|
@@ -29,16 +31,17 @@
 //! The records are the redb backend's types, encoded the same way.
 //!
 //! # Single use and compare-and-set
-//! Every change reads the key with its revision (from the stream leader,
-//! not a direct-get replica) and writes with that revision as the
-//! expected last one (`create` when the key is new). A writer that loses
-//! reads again and decides again. A join token is consumed by turning its
+//! Every change reads the bucket's last sequence and then the key (from
+//! the stream leader, not a direct-get replica), and writes with that
+//! sequence as the expected last one (`Nats-Expected-Last-Sequence`; see
+//! [`NatsState::write`] for why not the key's revision). A writer that
+//! loses reads again and decides again. A join token is consumed by turning its
 //! [`TokenSlot::Pending`] into [`TokenSlot::Used`] that way: of two hubs
 //! presenting one token, exactly one write lands; the other reads the
 //! tombstone and refuses. A write whose answer is lost (the server died)
 //! is recognised on the re-read by its bytes: each tombstone carries a
-//! random claim number. Config versions are created with `create` on the
-//! next number, so two appends never share a version. Audit entries are
+//! random claim number. A config version is written only while its
+//! number's key is absent, so two appends never share a version. Audit entries are
 //! published with a `Nats-Msg-Id`, so a retried publish is stored once
 //! (within JetStream's duplicate window).
 //!
@@ -274,21 +277,29 @@ impl NatsState {
             js.set_timeout(REQUEST_TIMEOUT);
             let mut kvs = Vec::new();
             for (_, name) in BUCKETS {
-                let kv = if create {
-                    js.create_key_value(kv::Config {
-                        bucket: name.to_owned(),
-                        history: 1,
-                        num_replicas: replicas,
+                if create {
+                    // the bucket's stream made here, not by
+                    // `create_key_value`: that asks for account info this
+                    // client cannot parse from a 2.9 server; and without
+                    // direct gets, so every read goes to the leader
+                    js.get_or_create_stream(stream::Config {
+                        name: format!("KV_{name}"),
+                        subjects: vec![format!("$KV.{name}.>")],
+                        max_messages_per_subject: 1,
                         storage: stream::StorageType::File,
+                        num_replicas: replicas,
+                        allow_rollup: true,
+                        deny_delete: true,
+                        allow_direct: false,
+                        discard: stream::DiscardPolicy::New,
                         ..Default::default()
                     })
                     .await
-                    .map_err(|e| format!("create bucket {name}: {e}"))?
-                } else {
-                    js.get_key_value(name).await.map_err(|e| {
-                        format!("bucket {name}: {e}: no hub state at nats://{list}? run `tidemesh-hub init --store nats://{list}` first")
-                    })?
-                };
+                    .map_err(|e| format!("create bucket {name}: {e}"))?;
+                }
+                let kv = js.get_key_value(name).await.map_err(|e| {
+                    format!("bucket {name}: {e}: no hub state at nats://{list}? run `tidemesh-hub init --store nats://{list}` first")
+                })?;
                 kvs.push(Arc::new(kv));
             }
             if create {
@@ -394,25 +405,73 @@ impl NatsState {
         })
     }
 
-    /// Writes `value` if the key's revision is still `rev` (0: absent).
-    fn write(&self, b: Bucket, key: &str, value: Vec<u8>, rev: u64, until: Instant) -> Result<Written, String> {
+    /// The bucket's last stream sequence and then the key's value and
+    /// revision: a revision not above that sequence is the key's value as
+    /// of it (a write in between would show in the key's read).
+    fn snapshot(
+        &self,
+        b: Bucket,
+        key: &str,
+        until: Instant,
+        op: &'static str,
+    ) -> Result<(u64, Option<(u64, Vec<u8>)>), StoreError> {
+        loop {
+            let last = self.retrying(until, op, || {
+                let name = self.kv(b).stream_name.clone();
+                let js = self.conn.js.clone();
+                self.run(until, async move {
+                    let s = js
+                        .get_stream(&name)
+                        .await
+                        .map_err(|e| format!("stream {name}: {e}"))?;
+                    Ok(s.cached_info().state.last_sequence)
+                })
+            })?;
+            let cur = self.read(b, key, until, op)?;
+            if cur.as_ref().is_none_or(|(rev, _)| *rev <= last) {
+                return Ok((last, cur));
+            }
+            if Instant::now() >= until {
+                return Err(err(op, "the bucket kept changing under a read"));
+            }
+        }
+    }
+
+    /// Writes `value` if the bucket's last sequence is still `last`.
+    ///
+    /// The condition is on the bucket's stream, not the key's revision:
+    /// nats-server before 2.9.21 (Debian ships 2.9.10) checks a key's
+    /// expected revision outside the replicated log in a cluster, so two
+    /// concurrent updates of one revision may both land (nats-server
+    /// issue 4320); the stream's expected last sequence is checked
+    /// against the proposals in flight. The cost: any write to the bucket
+    /// makes a concurrent one retry.
+    fn write(
+        &self,
+        b: Bucket,
+        key: &str,
+        value: Vec<u8>,
+        last: u64,
+        until: Instant,
+    ) -> Result<Written, String> {
         let kv = self.kv(b);
-        let key = key.to_owned();
+        let js = self.conn.js.clone();
+        let subject = format!("{}{key}", kv.prefix);
         self.run(until, async move {
-            if rev == 0 {
-                match kv.create(&key, value.into()).await {
-                    Ok(_) => Ok(Written::Yes),
-                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(Written::Lost),
-                    Err(e) => Err(format!("create {key}: {e}")),
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Nats-Expected-Stream", kv.stream_name.as_str());
+            h.insert("Nats-Expected-Last-Sequence", last.to_string().as_str());
+            let ack = js
+                .publish_with_headers(subject.clone(), h, value.into())
+                .await
+                .map_err(|e| format!("write {subject}: {e}"))?
+                .await;
+            match ack {
+                Ok(_) => Ok(Written::Yes),
+                Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                    Ok(Written::Lost)
                 }
-            } else {
-                match kv.update(&key, value.into(), rev).await {
-                    Ok(_) => Ok(Written::Yes),
-                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                        Ok(Written::Lost)
-                    }
-                    Err(e) => Err(format!("update {key}: {e}")),
-                }
+                Err(e) => Err(format!("write {subject}: {e}")),
             }
         })
     }
@@ -430,19 +489,15 @@ impl NatsState {
     ) -> Result<T, StoreError> {
         let mut pending: Option<(Vec<u8>, T)> = None;
         loop {
-            let cur = self.read(b, key, until, op)?;
+            let (last, cur) = self.snapshot(b, key, until, op)?;
             if let Some((bytes, t)) = pending.take() {
                 if cur.as_ref().is_some_and(|(_, v)| *v == bytes) {
                     return Ok(t);
                 }
             }
-            let (rev, val) = match &cur {
-                Some((r, v)) => (*r, Some(v.as_slice())),
-                None => (0, None),
-            };
-            match decide(val)? {
+            match decide(cur.as_ref().map(|(_, v)| v.as_slice()))? {
                 Step::Done(t) => return Ok(t),
-                Step::Write(bytes, t) => match self.write(b, key, bytes.clone(), rev, until) {
+                Step::Write(bytes, t) => match self.write(b, key, bytes.clone(), last, until) {
                     Ok(Written::Yes) => return Ok(t),
                     Ok(Written::Lost) => continue,
                     Err(e) => {
@@ -711,8 +766,7 @@ impl HubState for NatsState {
         spoke: &str,
         now_ms: u64,
     ) -> Result<TokenState, StoreError> {
-        let Some((_, v)) = self.read(Bucket::Tokens, &hex(hash), deadline(), "token_state")?
-        else {
+        let Some((_, v)) = self.read(Bucket::Tokens, &hex(hash), deadline(), "token_state")? else {
             return Ok(TokenState::Unknown);
         };
         Ok(match decode::<TokenSlot>("tokens", &v)? {
@@ -845,14 +899,20 @@ impl HubState for NatsState {
         f: &mut dyn FnMut(&mut SpokeRecord),
     ) -> Result<Option<SpokeRecord>, StoreError> {
         let until = deadline();
-        let updated = self.cas(Bucket::Spokes, &hex(id.as_bytes()), until, "update_spoke", |cur| {
-            let Some(v) = cur else {
-                return Ok(Step::Done(None));
-            };
-            let mut rec: SpokeRecord = decode("spokes", v)?;
-            f(&mut rec);
-            Ok(Step::Write(encode(&rec), Some(rec)))
-        })?;
+        let updated = self.cas(
+            Bucket::Spokes,
+            &hex(id.as_bytes()),
+            until,
+            "update_spoke",
+            |cur| {
+                let Some(v) = cur else {
+                    return Ok(Step::Done(None));
+                };
+                let mut rec: SpokeRecord = decode("spokes", v)?;
+                f(&mut rec);
+                Ok(Step::Write(encode(&rec), Some(rec)))
+            },
+        )?;
         if let Some(a) = audit {
             self.publish_audit(a, until)?;
         }
@@ -876,17 +936,23 @@ impl HubState for NatsState {
         let sid = id.to_string();
         // mark the record first: a crash before the list is written is
         // repaired by reconcile_revocations
-        let rec = self.cas(Bucket::Spokes, &hex(sid.as_bytes()), until, "revoke", |cur| {
-            let Some(v) = cur else {
-                return Ok(Step::Done(None));
-            };
-            let mut r: SpokeRecord = decode("spokes", v)?;
-            if r.revoked_ms.is_some() {
-                return Ok(Step::Done(Some(r)));
-            }
-            r.revoked_ms = Some(now_ms);
-            Ok(Step::Write(encode(&r), Some(r)))
-        })?;
+        let rec = self.cas(
+            Bucket::Spokes,
+            &hex(sid.as_bytes()),
+            until,
+            "revoke",
+            |cur| {
+                let Some(v) = cur else {
+                    return Ok(Step::Done(None));
+                };
+                let mut r: SpokeRecord = decode("spokes", v)?;
+                if r.revoked_ms.is_some() {
+                    return Ok(Step::Done(Some(r)));
+                }
+                r.revoked_ms = Some(now_ms);
+                Ok(Step::Write(encode(&r), Some(r)))
+            },
+        )?;
         let Some(rec) = rec else {
             return Ok(None);
         };
@@ -927,15 +993,21 @@ impl HubState for NatsState {
         if !live(self)? {
             return Ok(false);
         }
-        self.cas(Bucket::NodeCas, &hex(id.as_bytes()), until, "add_node_ca", |cur| {
-            let mut cas: Vec<NodeCaRecord> = match cur {
-                None => Vec::new(),
-                Some(v) => decode("node_cas", v)?,
-            };
-            cas.retain(|c| c.not_after_ms > now_ms);
-            cas.push(ca);
-            Ok(Step::Write(encode(&cas), ()))
-        })?;
+        self.cas(
+            Bucket::NodeCas,
+            &hex(id.as_bytes()),
+            until,
+            "add_node_ca",
+            |cur| {
+                let mut cas: Vec<NodeCaRecord> = match cur {
+                    None => Vec::new(),
+                    Some(v) => decode("node_cas", v)?,
+                };
+                cas.retain(|c| c.not_after_ms > now_ms);
+                cas.push(ca);
+                Ok(Step::Write(encode(&cas), ()))
+            },
+        )?;
         // A revocation that raced this write may have read the node CAs
         // before it: put this CA's key on the list ourselves and refuse.
         if !live(self)? {
