@@ -152,6 +152,24 @@ impl Cluster {
         self.nodes.iter().position(|n| n.name == leader)
     }
 
+    /// How many servers hold `stream` (leader and replicas), as a running
+    /// server reports it.
+    pub fn stream_servers(&self, stream: &str) -> Option<usize> {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .find_map(|n| {
+                let v = n.get("/jsz?accounts=true&streams=true")?;
+                let s = v["account_details"]
+                    .as_array()?
+                    .iter()
+                    .flat_map(|a| a["stream_detail"].as_array().cloned().unwrap_or_default())
+                    .find(|s| s["name"] == stream)?;
+                let replicas = s["cluster"]["replicas"].as_array().map_or(0, Vec::len);
+                s["cluster"]["leader"].as_str().map(|_| 1 + replicas)
+            })
+    }
+
     /// SIGKILLs server `i`.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.nodes[i].child.take() {

@@ -285,6 +285,26 @@ fn store_cases_pass_on_jetstream() {
     let s = NatsState::init(&cluster.servers(), TD).expect("init");
     assert_eq!(s.backend(), "jetstream");
     exercise(&s);
+    // every bucket and the audit stream on all three servers
+    for stream in [
+        "KV_tidemesh_meta",
+        "KV_tidemesh_tokens",
+        "KV_tidemesh_spokes",
+        "KV_tidemesh_node_cas",
+        "KV_tidemesh_revocations",
+        "KV_tidemesh_config",
+        "TIDEMESH_AUDIT",
+    ] {
+        let n = wait_for(Duration::from_secs(10), || {
+            cluster.stream_servers(stream).filter(|&n| n == 3)
+        });
+        assert_eq!(
+            n,
+            Some(3),
+            "{stream} on 3 servers: {:?}",
+            cluster.stream_servers(stream)
+        );
+    }
     // a second init is refused; open finds the same state
     let e = NatsState::init(&cluster.servers(), TD).expect_err("second init");
     assert!(e.to_string().contains("already holds a hub"), "{e}");
@@ -479,6 +499,11 @@ fn hub_serve_on_jetstream_enrolls_a_spoke() {
     assert!(hub.dir.join("ca_key.pem").exists());
     assert!(!hub.dir.join("hub.db").exists(), "the state is in NATS");
     let addr = hub.start();
+    assert!(
+        hub.dir.join("evidence.db").exists(),
+        "evidence stays in the data dir"
+    );
+    assert!(!hub.dir.join("hub.db").exists());
     let id = node("n1");
     let tok = hub.token(&id, "10m");
     let mut spoke = SpokeProc::new(tmp.path(), "s1", &id);

@@ -153,7 +153,7 @@ fn hex(b: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
@@ -183,6 +183,9 @@ fn json_decode<T: for<'de> Deserialize<'de>>(
         reason: e.to_string(),
     })
 }
+
+/// A key's revision (its stream sequence) and value.
+type Revision = (u64, Vec<u8>);
 
 /// What a compare-and-set step decided.
 enum Step<T> {
@@ -383,7 +386,7 @@ impl NatsState {
         key: &str,
         until: Instant,
         op: &'static str,
-    ) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+    ) -> Result<Option<Revision>, StoreError> {
         self.retrying(until, op, || {
             let kv = self.kv(b);
             let subject = format!("{}{key}", kv.prefix);
@@ -414,7 +417,7 @@ impl NatsState {
         key: &str,
         until: Instant,
         op: &'static str,
-    ) -> Result<(u64, Option<(u64, Vec<u8>)>), StoreError> {
+    ) -> Result<(u64, Option<Revision>), StoreError> {
         loop {
             let last = self.retrying(until, op, || {
                 let name = self.kv(b).stream_name.clone();
