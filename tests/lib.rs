@@ -330,6 +330,7 @@ pub fn run(cmd: &mut Command) -> Output {
 pub const TD: &str = "edge.example";
 
 pub mod mesh;
+pub mod nats;
 
 /// The Store document of store sf01 (region us-west-2, zone us-west-2a),
 /// which the data-plane tests and bench apply first.
@@ -440,14 +441,21 @@ fn command(wrap: &[String], program: PathBuf) -> Command {
 impl HubProc {
     /// `tidemesh-hub init` in `root/hub`.
     pub fn init(root: &Path, td: &str) -> HubProc {
+        Self::init_with(root, td, &[])
+    }
+
+    /// [`HubProc::init`] with extra `init` flags (e.g. `--store URL`).
+    pub fn init_with(root: &Path, td: &str, args: &[&str]) -> HubProc {
         let dir = root.join("hub");
-        let o = run(Command::new(bin("tidemesh-hub")).args([
-            "init",
-            "--data-dir",
-            dir.to_str().expect("utf8 path"),
-            "--trust-domain",
-            td,
-        ]));
+        let o = run(Command::new(bin("tidemesh-hub"))
+            .args([
+                "init",
+                "--data-dir",
+                dir.to_str().expect("utf8 path"),
+                "--trust-domain",
+                td,
+            ])
+            .args(args));
         assert!(o.status.success(), "hub init failed: {}", text(&o));
         HubProc {
             dir,

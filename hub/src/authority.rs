@@ -315,7 +315,7 @@ pub fn handle(
             match req {
                 Request::Hello { .. } => {
                     let now = hub.now_ms();
-                    let _ = hub.inner.store.update_spoke(&sid, None, |r| r.last_seen_ms = now);
+                    let _ = hub.inner.store.update_spoke(&sid, None, &mut |r| r.last_seen_ms = now);
                     Response::Welcome { hub_time_unix_ms: now }
                 }
                 Request::Ping => Response::Pong,
@@ -658,7 +658,7 @@ fn issue_node(hub: &Hub, id: &SpiffeId, csr: &[u8], event: &str) -> Response {
         subject: Some(sid.clone()),
         detail: format!("node SVID until {}", rfc3339_ms(not_after)),
     };
-    match hub.inner.store.update_spoke(&sid, Some(&audit), |r| {
+    match hub.inner.store.update_spoke(&sid, Some(&audit), &mut |r| {
         r.cert_not_after_ms = not_after;
         r.last_seen_ms = now;
     }) {

@@ -12,7 +12,7 @@
 //! |---------------|------|
 //! | `ca.pem`      | the CA certificate (the trust bundle) |
 //! | `ca_key.pem`  | the CA private key, PKCS#8, mode 0600 |
-//! | `hub.db`      | redb: tokens, spokes, audit log ([`store`]) |
+//! | `hub.db`      | redb: tokens, spokes, audit log ([`store`]); absent with `--store nats://...` ([`state`]) |
 //! | `evidence.db` | redb: the spokes' evidence chains, aggregates ([`evidence`]) |
 //! | `admin.sock`  | the admin socket while `serve` runs, mode 0600 |
 
@@ -28,6 +28,7 @@ mod observe;
 pub mod origination;
 pub mod otlp;
 pub mod refusals;
+pub mod state;
 pub mod store;
 pub mod sync;
 pub mod vector;
@@ -60,6 +61,7 @@ use tidemesh_proto::{
 use tracing::{info, warn};
 
 pub use observe::evidence_command;
+pub use state::{HubState, StateLocation};
 pub use store::{AuditEntry, AuditPage, AuditQuery, SpokeRecord, Store};
 
 /// Hub settings.
@@ -245,6 +247,18 @@ pub(crate) fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), HubE
 /// Creates a hub data directory: the CA (key mode 0600) and the database.
 /// Refuses to touch a directory that already holds either.
 pub fn init(data_dir: &Path, td: &TrustDomain, clock: &dyn Clock) -> Result<[u8; 32], HubError> {
+    init_with_state(data_dir, td, clock, &StateLocation::Redb)
+}
+
+/// [`init`] with the control-plane state at `location`: the CA stays in
+/// `data_dir` whatever the location; `hub.db` is created there only for
+/// [`StateLocation::Redb`], the JetStream buckets otherwise.
+pub fn init_with_state(
+    data_dir: &Path,
+    td: &TrustDomain,
+    clock: &dyn Clock,
+    location: &StateLocation,
+) -> Result<[u8; 32], HubError> {
     for name in [CA_CERT, CA_KEY, HUB_DB] {
         let p = data_dir.join(name);
         if p.exists() {
@@ -263,9 +277,16 @@ pub fn init(data_dir: &Path, td: &TrustDomain, clock: &dyn Clock) -> Result<[u8;
         now - Duration::from_secs(3600),
         now + Duration::from_secs(10 * 365 * 24 * 3600),
     )?;
+    // the buckets first, so that a cluster already holding a hub's state
+    // leaves no CA behind
+    if let StateLocation::Nats(servers) = location {
+        state::nats::NatsState::init(servers, td.as_str())?;
+    }
     write_new(&data_dir.join(CA_KEY), ca.key_pem().as_bytes(), 0o600)?;
     write_new(&data_dir.join(CA_CERT), ca.cert_pem().as_bytes(), 0o644)?;
-    Store::create(&data_dir.join(HUB_DB), td.as_str())?;
+    if *location == StateLocation::Redb {
+        Store::create(&data_dir.join(HUB_DB), td.as_str())?;
+    }
     // The new names are durable only once the directory is.
     fs::File::open(data_dir)
         .and_then(|d| d.sync_all())
@@ -306,7 +327,7 @@ pub(crate) struct Reported {
 
 pub(crate) struct Inner {
     pub(crate) data_dir: PathBuf,
-    pub(crate) store: Store,
+    pub(crate) store: Arc<dyn HubState>,
     pub(crate) ca: Ca,
     pub(crate) td: TrustDomain,
     pub(crate) cfg: HubConfig,
@@ -438,10 +459,25 @@ pub struct SpokeInfo {
 impl Hub {
     /// Loads a hub data directory.
     pub fn open(data_dir: &Path, cfg: HubConfig, clock: Arc<dyn Clock>) -> Result<Hub, HubError> {
+        Self::open_at(data_dir, &StateLocation::Redb, cfg, clock)
+    }
+
+    /// [`Hub::open`] with the control-plane state at `location` (the CA
+    /// and `evidence.db` stay in `data_dir`).
+    pub fn open_at(
+        data_dir: &Path,
+        location: &StateLocation,
+        cfg: HubConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Hub, HubError> {
         let key_path = data_dir.join(CA_KEY);
         let cert_path = data_dir.join(CA_CERT);
         let db_path = data_dir.join(HUB_DB);
-        for p in [&key_path, &cert_path, &db_path] {
+        let needed: &[&PathBuf] = match location {
+            StateLocation::Redb => &[&key_path, &cert_path, &db_path],
+            StateLocation::Nats(_) => &[&key_path, &cert_path],
+        };
+        for p in needed {
             if !p.exists() {
                 return Err(HubError::NotInitialized(data_dir.to_owned()));
             }
@@ -451,7 +487,7 @@ impl Hub {
         let key = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
         let cert = fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
         let ca = Ca::from_pem(&cert, &key)?;
-        let store = Store::open(&db_path)?;
+        let store = location.open(data_dir)?;
         let ev_path = data_dir.join(EVIDENCE_DB);
         let evidence = evidence::EvidenceStore::open(&ev_path)
             .map_err(|e| HubError::Invalid(format!("{}: {e}", ev_path.display())))?;
@@ -464,6 +500,17 @@ impl Hub {
     pub fn open_with_stores(
         data_dir: &Path,
         store: Store,
+        evidence: evidence::EvidenceStore,
+        cfg: HubConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Hub, HubError> {
+        Self::open_with_state(data_dir, Arc::new(store), evidence, cfg, clock)
+    }
+
+    /// [`Hub::open_with_stores`] with any [`HubState`] backend.
+    pub fn open_with_state(
+        data_dir: &Path,
+        store: Arc<dyn HubState>,
         evidence: evidence::EvidenceStore,
         cfg: HubConfig,
         clock: Arc<dyn Clock>,
@@ -481,7 +528,7 @@ impl Hub {
     fn assemble(
         data_dir: &Path,
         ca: Ca,
-        store: Store,
+        store: Arc<dyn HubState>,
         evidence: evidence::EvidenceStore,
         cfg: HubConfig,
         clock: Arc<dyn Clock>,
@@ -491,7 +538,7 @@ impl Hub {
             .ok_or_else(|| HubError::NotInitialized(data_dir.to_owned()))?;
         let td = TrustDomain::new(&td_s).map_err(|e| HubError::Invalid(e.to_string()))?;
         let revocations = Revocations::new(store.reconcile_revocations(unix_ms(clock.now()))?);
-        let latest = store.config().latest()?.map(Arc::new);
+        let latest = store.config_latest()?.map(Arc::new);
         let evidence = Arc::new(evidence);
         let ingest = Arc::new(ingest::Limits::new(&cfg.ingest));
         let otlp = cfg
@@ -546,9 +593,9 @@ impl Hub {
         self.inner.ca.fingerprint()
     }
 
-    /// The database (for inspection by tests and tools).
-    pub fn store(&self) -> &Store {
-        &self.inner.store
+    /// The control-plane state (for inspection by tests and tools).
+    pub fn store(&self) -> &dyn HubState {
+        &*self.inner.store
     }
 
     /// The evidence database (for inspection by tests and tools).
@@ -1063,8 +1110,7 @@ impl Hub {
                 let h = self
                     .inner
                     .store
-                    .config()
-                    .history()
+                    .config_history()
                     .map_err(|e| e.to_string())?;
                 Ok(Value::Array(
                     h.into_iter()
@@ -1077,8 +1123,7 @@ impl Hub {
                     Some(n) => self
                         .inner
                         .store
-                        .config()
-                        .get(n)
+                        .config_get(n)
                         .map_err(|e| e.to_string())?
                         .ok_or_else(|| format!("no config version {n}"))?,
                     None => self
@@ -1277,7 +1322,7 @@ impl Hub {
                     .durable_unbounded(move |hub| {
                         hub.inner
                             .store
-                            .update_spoke(&id2, None, |r| r.last_seen_ms = now)
+                            .update_spoke(&id2, None, &mut |r| r.last_seen_ms = now)
                     })
                     .await;
                 info!(spoke = %id, reason = ?conn.close_reason(), "spoke disconnected");

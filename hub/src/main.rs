@@ -5,7 +5,7 @@ use std::{io::IsTerminal as _, net::SocketAddr, path::PathBuf, sync::Arc, time::
 use anyhow::{bail, Context};
 use clap::{CommandFactory, Parser, Subcommand};
 use serde_json::{json, Value};
-use tidemesh_hub::{Hub, HubConfig};
+use tidemesh_hub::{Hub, HubConfig, StateLocation};
 use tidemesh_identity::{clock::SystemClock, svid, TrustDomain};
 use tidemesh_net::admin;
 
@@ -75,6 +75,12 @@ enum Cmd {
         /// The SPIFFE trust domain, e.g. `edge.example`.
         #[arg(long, env = "TIDEMESH_TRUST_DOMAIN")]
         trust_domain: String,
+        /// Where the control-plane state lives: `redb` (`hub.db` in
+        /// --data-dir, the default) or `nats://HOST:PORT[,HOST:PORT...]`, a
+        /// NATS JetStream cluster (preview; the CA key and `evidence.db`
+        /// stay in --data-dir).
+        #[arg(long, env = "TIDEMESH_STORE")]
+        store: Option<String>,
     },
     /// Run the hub: QUIC control endpoint and the admin socket.
     Serve {
@@ -82,6 +88,12 @@ enum Cmd {
         /// /var/lib/tidemesh-hub].
         #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
+        /// Where the control-plane state lives: `redb` (`hub.db` in
+        /// --data-dir, the default) or `nats://HOST:PORT[,HOST:PORT...]`, a
+        /// NATS JetStream cluster (preview; the CA key and `evidence.db`
+        /// stay in --data-dir).
+        #[arg(long, env = "TIDEMESH_STORE")]
+        store: Option<String>,
         /// UDP address for QUIC, e.g. `0.0.0.0:7443`.
         #[arg(long, env = "TIDEMESH_LISTEN", default_value = "0.0.0.0:7443")]
         listen: SocketAddr,
@@ -607,18 +619,24 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Init {
             data_dir,
             trust_domain,
+            store,
         } => {
             let td = TrustDomain::new(&trust_domain)
                 .with_context(|| format!("--trust-domain {trust_domain:?}"))?;
-            let fp = tidemesh_hub::init(&data_dir, &td, &SystemClock)?;
+            let location = StateLocation::parse(store.as_deref()).map_err(anyhow::Error::msg)?;
+            let fp = tidemesh_hub::init_with_state(&data_dir, &td, &SystemClock, &location)?;
             println!(
                 "initialized hub for trust domain {td} in {}",
                 data_dir.display()
             );
+            if let StateLocation::Nats(servers) = &location {
+                println!("state in NATS JetStream at nats://{}", servers.join(","));
+            }
             println!("ca fingerprint sha256:{}", svid::hex(&fp));
         }
         Cmd::Serve {
             data_dir,
+            store,
             listen,
             node_ttl,
             workload_ttl,
@@ -644,6 +662,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             quic_stream_window,
         } => {
             tidemesh_net::cli::init_tracing(&cli.log_format).map_err(anyhow::Error::msg)?;
+            let location = StateLocation::parse(store.as_deref()).map_err(anyhow::Error::msg)?;
             if evidence_prune_interval < Duration::from_secs(1) {
                 bail!("--evidence-prune-interval {evidence_prune_interval:?}: must be at least 1s");
             }
@@ -699,7 +718,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| {
                     format!("--udp-recv-buffer {udp_recv_buffer}: must be between 4KiB and 1GiB")
                 })?;
-            let hub = Hub::open(&data_dir, cfg, Arc::new(SystemClock))?;
+            let hub = Hub::open_at(&data_dir, &location, cfg, Arc::new(SystemClock))?;
             let sock =
                 std::net::UdpSocket::bind(listen).with_context(|| format!("--listen {listen}"))?;
             let bound = sock.local_addr()?;

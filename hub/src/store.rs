@@ -197,6 +197,15 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
+    /// The NATS JetStream store failed or did not answer in time
+    /// ([`crate::state::nats`]).
+    #[error("nats jetstream: {op}: {reason}")]
+    Nats {
+        /// The operation.
+        op: &'static str,
+        /// Why.
+        reason: String,
+    },
 }
 
 macro_rules! db_err {

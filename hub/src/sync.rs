@@ -484,7 +484,7 @@ impl Hub {
                 return Ok(c.clone());
             }
         }
-        let v = self.inner.store.config().latest()?.map(Arc::new);
+        let v = self.inner.store.config_latest()?.map(Arc::new);
         if let Ok(mut c) = self.inner.latest.lock() {
             c.clone_from(&v);
         }
@@ -552,7 +552,7 @@ impl Hub {
             ConfigEdit::Apply { .. } => "config_applied",
             ConfigEdit::Delete(_) | ConfigEdit::DeleteYaml(_) => "config_deleted",
         };
-        let v = self.inner.store.config().append(
+        let v = self.inner.store.config_append(
             event,
             self.now_ms(),
             uid,
@@ -574,8 +574,7 @@ impl Hub {
         let mut target = self
             .inner
             .store
-            .config()
-            .get(to)?
+            .config_get(to)?
             .ok_or_else(|| HubError::Invalid(format!("no config version {to}")))?;
         // Key set files are read again: the version rolled back to gets
         // today's keys, stamped now.
@@ -586,7 +585,7 @@ impl Hub {
             "rollback to version {to}: {}",
             change_summary(&base, &target.config)
         );
-        let v = self.inner.store.config().append(
+        let v = self.inner.store.config_append(
             "config_rolled_back",
             self.now_ms(),
             uid,

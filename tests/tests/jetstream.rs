@@ -1,0 +1,535 @@
+//! The hub's control-plane state on both backends: the same store-level
+//! cases against redb (a temp file) and a real 3-node NATS JetStream
+//! cluster on loopback; two connections (as two hub replicas would hold)
+//! racing on one join token; operations going on after a NATS node is
+//! SIGKILLed; and `tidemesh-hub serve --store nats://...` enrolling a
+//! real spoke. Skips (with a message) without `nats-server`, unless
+//! `TIDEMESH_REQUIRE_NATS` is set.
+
+use std::{
+    process::Command,
+    sync::{Arc, Barrier},
+    time::{Duration, Instant},
+};
+
+use tidemesh_hub::{
+    state::nats::NatsState,
+    store::{NodeCaRecord, TokenOutcome, TokenRecord, TokenState, TokenUse},
+    AuditEntry, AuditQuery, HubState, SpokeRecord, Store,
+};
+use tidemesh_identity::{svid::sha256, SpiffeId};
+use tidemesh_policy::MeshConfig;
+use tidemesh_tests::{bin, nats, run, text, wait_for, HubProc, SpokeProc, TD};
+
+fn node(n: &str) -> String {
+    format!("spiffe://{TD}/store/sf01/node/{n}")
+}
+
+fn entry(event: &str) -> AuditEntry {
+    AuditEntry {
+        at_ms: 1,
+        event: event.into(),
+        subject: None,
+        detail: String::new(),
+    }
+}
+
+fn spoke_rec(key: u8, at: u64) -> SpokeRecord {
+    SpokeRecord {
+        pinned_key: vec![key; 65],
+        enrolled_ms: at,
+        cert_not_after_ms: 50_000,
+        last_seen_ms: at,
+        revoked_ms: None,
+    }
+}
+
+fn token(spoke: &str, expires_ms: u64) -> TokenRecord {
+    TokenRecord {
+        spoke: spoke.into(),
+        created_ms: 1_000,
+        expires_ms,
+    }
+}
+
+/// The store-level cases, whatever the backend: token create, consume,
+/// replay, burn; spoke pin update; node CAs; revocation and re-enrollment;
+/// config versions; the audit log they leave.
+fn exercise(s: &dyn HubState) {
+    let a = node("n1");
+    let b = node("n2");
+    let a_id = SpiffeId::parse(&a).expect("id");
+    assert_eq!(s.meta("trust_domain").expect("meta").as_deref(), Some(TD));
+
+    // a token: valid, mismatched, expired, unknown
+    let h1 = [1u8; 32];
+    s.put_token(&h1, &token(&a, 100_000), &entry("token_created"))
+        .expect("put");
+    assert_eq!(
+        s.token_state(&h1, &a, 2_000).expect("st"),
+        TokenState::Valid
+    );
+    assert_eq!(
+        s.token_state(&h1, &b, 2_000).expect("st"),
+        TokenState::Mismatch { bound: a.clone() }
+    );
+    assert_eq!(
+        s.token_state(&h1, &a, 100_000).expect("st"),
+        TokenState::Expired
+    );
+    assert_eq!(
+        s.token_state(&[0; 32], &a, 2_000).expect("st"),
+        TokenState::Unknown
+    );
+    // consumed once; the replay is refused, noted once
+    let rec = spoke_rec(4, 2_000);
+    assert_eq!(
+        s.consume_token(&h1, &a, 2_000, &rec, &entry("enrolled"))
+            .expect("consume"),
+        TokenUse::Enrolled
+    );
+    assert_eq!(
+        s.consume_token(&h1, &a, 2_100, &rec, &entry("enrolled"))
+            .expect("consume"),
+        TokenUse::Invalid
+    );
+    let TokenState::Used(u) = s.token_state(&h1, &a, 2_200).expect("st") else {
+        panic!("tombstone expected");
+    };
+    assert_eq!(
+        (u.outcome, u.used_ms, u.replay_ms),
+        (TokenOutcome::Enrolled, 2_000, None)
+    );
+    assert!(s.note_replay(&h1, 3_000, &entry("refused")).expect("note"));
+    assert!(!s.note_replay(&h1, 3_100, &entry("refused")).expect("note"));
+    assert_eq!(s.spoke(&a).expect("spoke"), Some(rec.clone()));
+
+    // presented for another ID: burned; expired: burned once
+    let h2 = [2u8; 32];
+    s.put_token(&h2, &token(&b, 100_000), &entry("token_created"))
+        .expect("put");
+    assert_eq!(
+        s.consume_token(&h2, &a, 3_000, &rec, &entry("enrolled"))
+            .expect("consume"),
+        TokenUse::Mismatch { bound: b.clone() }
+    );
+    assert!(matches!(
+        s.token_state(&h2, &b, 3_100).expect("st"),
+        TokenState::Used(u) if u.outcome == TokenOutcome::Mismatch
+    ));
+    let h3 = [3u8; 32];
+    s.put_token(&h3, &token(&b, 5_000), &entry("token_created"))
+        .expect("put");
+    assert!(s
+        .burn_token(&h3, 6_000, TokenOutcome::Expired, &entry("refused"))
+        .expect("burn"));
+    assert!(!s
+        .burn_token(&h3, 6_100, TokenOutcome::Expired, &entry("refused"))
+        .expect("burn"));
+    assert_eq!(s.spoke(&b).expect("spoke"), None);
+
+    // the pinned key and certificate expiry change (a re-key renewal)
+    let updated = s
+        .update_spoke(&a, Some(&entry("renewed")), &mut |r| {
+            r.pinned_key = vec![5; 65];
+            r.cert_not_after_ms = 60_000;
+        })
+        .expect("update")
+        .expect("known spoke");
+    assert_eq!(updated.pinned_key, vec![5; 65]);
+    assert_eq!(s.spoke(&a).expect("spoke"), Some(updated));
+    assert_eq!(
+        s.update_spoke(&b, None, &mut |r| r.last_seen_ms = 1)
+            .expect("update"),
+        None
+    );
+
+    // node CAs: recorded, expired ones not returned
+    let ca = NodeCaRecord {
+        key_fingerprint: [9; 32],
+        issued_ms: 3_000,
+        not_after_ms: 90_000,
+    };
+    assert!(s.add_node_ca(&a, ca, 3_000, &entry("node_ca")).expect("ca"));
+    assert_eq!(s.node_cas(&a, 4_000).expect("cas"), vec![ca]);
+    assert!(s.node_cas(&a, 90_000).expect("cas").is_empty());
+
+    // revocation: a new list version naming the node, its key and its CA
+    assert_eq!(s.revocation_list().expect("list").version, 0);
+    let (r, list) = s
+        .revoke_spoke(&a_id, 7_000, &entry("revoked"))
+        .expect("revoke")
+        .expect("known spoke");
+    assert_eq!(r.revoked_ms, Some(7_000));
+    assert_eq!((list.version, list.issued_ms), (1, 7_000));
+    assert!(list.nodes.contains(&a_id));
+    let fps: Vec<[u8; 32]> = list.keys.iter().map(|k| k.fingerprint).collect();
+    assert!(
+        fps.contains(&sha256(&[5; 65])) && fps.contains(&[9; 32]),
+        "{list:?}"
+    );
+    assert_eq!(s.revocation_list().expect("list"), list);
+    assert!(
+        !s.add_node_ca(&a, ca, 7_100, &entry("node_ca")).expect("ca"),
+        "no node CA for a revoked spoke"
+    );
+    assert_eq!(s.reconcile_revocations(8_000).expect("reconcile"), list);
+    let unknown = SpiffeId::parse(&node("n9")).expect("id");
+    assert!(s
+        .revoke_spoke(&unknown, 8_000, &entry("revoked"))
+        .expect("revoke")
+        .is_none());
+
+    // enrolled again with a new token: the node leaves the list, its old
+    // keys stay
+    let h4 = [4u8; 32];
+    s.put_token(&h4, &token(&a, 100_000), &entry("token_created"))
+        .expect("put");
+    assert_eq!(
+        s.consume_token(&h4, &a, 9_000, &spoke_rec(6, 9_000), &entry("enrolled"))
+            .expect("consume"),
+        TokenUse::Enrolled
+    );
+    let list2 = s.revocation_list().expect("list");
+    assert_eq!(list2.version, 2);
+    assert!(!list2.nodes.contains(&a_id));
+    assert_eq!(list2.keys, list.keys);
+    assert!(s.node_cas(&a, 9_000).expect("cas").is_empty());
+    assert_eq!(s.spoke(&a).expect("spoke"), Some(spoke_rec(6, 9_000)));
+
+    // config versions
+    assert!(s.config_latest().expect("latest").is_none());
+    let v1 = s
+        .config_append(
+            "config_applied",
+            10_000,
+            Some(1000),
+            "first".into(),
+            None,
+            MeshConfig::default(),
+        )
+        .expect("append");
+    let v2 = s
+        .config_append(
+            "config_rolled_back",
+            11_000,
+            None,
+            "back".into(),
+            Some(1),
+            MeshConfig::default(),
+        )
+        .expect("append");
+    assert_eq!((v1.meta.version, v2.meta.version), (1, 2));
+    assert_eq!(s.config_get(1).expect("get"), Some(v1.clone()));
+    assert_eq!(s.config_get(3).expect("get"), None);
+    assert_eq!(s.config_latest().expect("latest"), Some(v2.clone()));
+    let h = s.config_history().expect("history");
+    assert_eq!(h, vec![v1.meta, v2.meta]);
+
+    let spokes = s.spokes().expect("spokes");
+    assert_eq!(spokes.len(), 1);
+    assert_eq!(spokes[0].0, a);
+
+    // the audit log: 4 tokens created, 2 enrolled, 1 replay, 1 burn,
+    // 1 renewal, 1 node CA, 1 revocation, 2 config versions
+    assert_eq!(s.audit_len().expect("len"), 13);
+    let log = s.audit_log().expect("log");
+    assert_eq!(
+        log.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+        (1..=13).collect::<Vec<_>>()
+    );
+    assert_eq!(log[0].1.event, "token_created");
+    assert_eq!(log[12].1.event, "config_rolled_back");
+    assert_eq!(log[12].1.detail, "version 2: back");
+    let page = s
+        .audit_page(&AuditQuery {
+            before: None,
+            after: None,
+            limit: 3,
+        })
+        .expect("page");
+    assert_eq!(
+        page.entries.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+        vec![11, 12, 13]
+    );
+    assert_eq!((page.older, page.newer), (Some(11), None));
+    let page = s
+        .audit_page(&AuditQuery {
+            before: None,
+            after: Some(2),
+            limit: 2,
+        })
+        .expect("page");
+    assert_eq!(
+        page.entries.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+        vec![3, 4]
+    );
+    assert_eq!((page.older, page.newer), (None, Some(4)));
+}
+
+#[test]
+fn store_cases_pass_on_redb() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let s = Store::create(&tmp.path().join("hub.db"), TD).expect("create");
+    assert_eq!(HubState::backend(&s), "redb");
+    exercise(&s);
+}
+
+#[test]
+fn store_cases_pass_on_jetstream() {
+    if !nats::available("store_cases_pass_on_jetstream") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cluster = nats::Cluster::start(tmp.path(), 3);
+    let s = NatsState::init(&cluster.servers(), TD).expect("init");
+    assert_eq!(s.backend(), "jetstream");
+    exercise(&s);
+    // every bucket and the audit stream on all three servers
+    for stream in [
+        "KV_tidemesh_meta",
+        "KV_tidemesh_tokens",
+        "KV_tidemesh_spokes",
+        "KV_tidemesh_node_cas",
+        "KV_tidemesh_revocations",
+        "KV_tidemesh_config",
+        "TIDEMESH_AUDIT",
+    ] {
+        let n = wait_for(Duration::from_secs(10), || {
+            cluster.stream_servers(stream).filter(|&n| n == 3)
+        });
+        assert_eq!(
+            n,
+            Some(3),
+            "{stream} on 3 servers: {:?}",
+            cluster.stream_servers(stream)
+        );
+    }
+    // a second init is refused; open finds the same state
+    let e = NatsState::init(&cluster.servers(), TD).expect_err("second init");
+    assert!(e.to_string().contains("already holds a hub"), "{e}");
+    let again = NatsState::open(&cluster.servers()).expect("open");
+    assert_eq!(again.audit_len().expect("len"), 13);
+    assert_eq!(again.revocation_list().expect("list").version, 2);
+}
+
+/// Two connections, as two hub replicas hold, present one join token at
+/// once, 50 times: exactly one enrolls each time, and the spoke record
+/// is the winner's.
+#[test]
+fn two_hubs_racing_on_one_token_exactly_one_wins() {
+    if !nats::available("two_hubs_racing_on_one_token_exactly_one_wins") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cluster = nats::Cluster::start(tmp.path(), 3);
+    let hubs: [Arc<dyn HubState>; 2] = [
+        Arc::new(NatsState::init(&cluster.servers(), TD).expect("init")),
+        Arc::new(NatsState::open(&cluster.servers()).expect("open")),
+    ];
+    let mut wins = [0u32; 2];
+    for race in 0..50u8 {
+        let id = node(&format!("r{race}"));
+        let hash = [race; 32];
+        hubs[0]
+            .put_token(&hash, &token(&id, u64::MAX), &entry("token_created"))
+            .expect("put");
+        let barrier = Arc::new(Barrier::new(2));
+        let racers: Vec<_> = (0..2u8)
+            .map(|i| {
+                let (hub, barrier, id) = (hubs[i as usize].clone(), barrier.clone(), id.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    hub.consume_token(&hash, &id, 2_000, &spoke_rec(i, 2_000), &entry("enrolled"))
+                        .expect("consume")
+                })
+            })
+            .collect();
+        let got: Vec<TokenUse> = racers
+            .into_iter()
+            .map(|t| t.join().expect("racer"))
+            .collect();
+        let winners: Vec<usize> = (0..2).filter(|&i| got[i] == TokenUse::Enrolled).collect();
+        assert_eq!(winners.len(), 1, "race {race}: {got:?}");
+        let w = winners[0];
+        assert_eq!(got[1 - w], TokenUse::Invalid, "race {race}: {got:?}");
+        wins[w] += 1;
+        let stored = hubs[1 - w].spoke(&id).expect("spoke").expect("enrolled");
+        assert_eq!(stored.pinned_key, vec![w as u8; 65], "race {race}");
+    }
+    assert_eq!(wins[0] + wins[1], 50);
+    assert_eq!(
+        hubs[0].audit_len().expect("len"),
+        100,
+        "50 tokens, 50 enrollments"
+    );
+    eprintln!("wins per connection: {wins:?}");
+}
+
+/// SIGKILL the server leading the join-token bucket: token consume,
+/// revocation and config put go on with the other two.
+#[test]
+fn operations_continue_after_a_nats_node_is_killed() {
+    if !nats::available("operations_continue_after_a_nats_node_is_killed") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut cluster = nats::Cluster::start(tmp.path(), 3);
+    let s = NatsState::init(&cluster.servers(), TD).expect("init");
+    let a = node("n1");
+    s.put_token(&[1; 32], &token(&a, u64::MAX), &entry("token_created"))
+        .expect("put");
+    s.put_token(
+        &[2; 32],
+        &token(&node("n2"), u64::MAX),
+        &entry("token_created"),
+    )
+    .expect("put");
+    s.config_append(
+        "config_applied",
+        1_000,
+        None,
+        "before".into(),
+        None,
+        MeshConfig::default(),
+    )
+    .expect("append");
+    let victim = wait_for(Duration::from_secs(10), || {
+        cluster.stream_leader("KV_tidemesh_tokens")
+    })
+    .expect("the tokens bucket has a leader");
+    cluster.kill(victim);
+    let t0 = Instant::now();
+    assert_eq!(
+        s.consume_token(
+            &[1; 32],
+            &a,
+            2_000,
+            &spoke_rec(1, 2_000),
+            &entry("enrolled")
+        )
+        .unwrap_or_else(|e| panic!("consume after the kill: {e}\n{}", cluster.logs())),
+        TokenUse::Enrolled
+    );
+    let first = t0.elapsed();
+    let (_, list) = s
+        .revoke_spoke(&SpiffeId::parse(&a).expect("id"), 3_000, &entry("revoked"))
+        .expect("revoke after the kill")
+        .expect("known spoke");
+    assert_eq!(list.version, 1);
+    let v = s
+        .config_append(
+            "config_applied",
+            4_000,
+            None,
+            "after".into(),
+            None,
+            MeshConfig::default(),
+        )
+        .expect("config after the kill");
+    assert_eq!(v.meta.version, 2);
+    // the single use still holds on two servers
+    assert_eq!(
+        s.consume_token(
+            &[1; 32],
+            &a,
+            5_000,
+            &spoke_rec(1, 5_000),
+            &entry("enrolled")
+        )
+        .expect("consume"),
+        TokenUse::Invalid
+    );
+    assert_eq!(
+        s.consume_token(
+            &[2; 32],
+            &node("n2"),
+            5_000,
+            &spoke_rec(2, 5_000),
+            &entry("enrolled")
+        )
+        .expect("consume"),
+        TokenUse::Enrolled
+    );
+    // and a new connection (a hub starting now) reads it all
+    let fresh = NatsState::open(&cluster.servers()).expect("open with a server down");
+    assert_eq!(
+        fresh
+            .config_latest()
+            .expect("latest")
+            .map(|v| v.meta.version),
+        Some(2)
+    );
+    assert_eq!(fresh.revocation_list().expect("list").version, 1);
+    assert_eq!(fresh.audit_len().expect("len"), 7);
+    eprintln!("killed n{victim} (tokens leader); first operation after it took {first:?}");
+}
+
+#[test]
+fn unknown_store_schemes_are_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("hub");
+    let dir = dir.to_str().expect("utf8");
+    for args in [
+        &["init", "--trust-domain", TD, "--data-dir", dir][..],
+        &["serve", "--listen", "127.0.0.1:0", "--data-dir", dir][..],
+    ] {
+        let cmd = args[0];
+        let o = run(Command::new(bin("tidemesh-hub"))
+            .args(args)
+            .args(["--store", "etcd://127.0.0.1:2379"]));
+        assert!(!o.status.success(), "{cmd}: {}", text(&o));
+        assert!(text(&o).contains("unknown store"), "{cmd}: {}", text(&o));
+    }
+    assert!(!tmp.path().join("hub").join("ca_key.pem").exists());
+}
+
+/// `tidemesh-hub init|serve --store nats://...` enrolls a real spoke; the
+/// hub keeps its CA in the data directory and no `hub.db`.
+#[test]
+fn hub_serve_on_jetstream_enrolls_a_spoke() {
+    if !nats::available("hub_serve_on_jetstream_enrolls_a_spoke") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cluster = nats::Cluster::start(tmp.path(), 3);
+    let url = cluster.url();
+    let mut hub =
+        HubProc::init_with(tmp.path(), TD, &["--store", &url]).with_args(&["--store", &url]);
+    assert!(hub.dir.join("ca_key.pem").exists());
+    assert!(!hub.dir.join("hub.db").exists(), "the state is in NATS");
+    let addr = hub.start();
+    assert!(
+        hub.dir.join("evidence.db").exists(),
+        "evidence stays in the data dir"
+    );
+    assert!(!hub.dir.join("hub.db").exists());
+    let id = node("n1");
+    let tok = hub.token(&id, "10m");
+    let mut spoke = SpokeProc::new(tmp.path(), "s1", &id);
+    let o = spoke.enroll(addr, &tok);
+    assert!(o.status.success(), "enroll: {}\n{}", text(&o), hub.log());
+    // the token is single use through the hub too
+    let again = SpokeProc::new(tmp.path(), "s1b", &id).enroll(addr, &tok);
+    assert!(!again.status.success(), "a used token enrolled again");
+    spoke.start();
+    spoke.wait_state("connected", Duration::from_secs(15));
+    wait_for(Duration::from_secs(10), || {
+        hub.spoke(&id).filter(|r| r["connected"] == true)
+    })
+    .unwrap_or_else(|| panic!("hub lists the spoke: {}", hub.log()));
+    // the records are in the buckets: a second connection reads them
+    let s = NatsState::open(&cluster.servers()).expect("open");
+    assert!(s.spoke(&id).expect("spoke").is_some());
+    let events: Vec<String> = s
+        .audit_log()
+        .expect("audit")
+        .into_iter()
+        .map(|(_, e)| e.event)
+        .collect();
+    assert!(
+        events.iter().any(|e| e == "token_created") && events.iter().any(|e| e == "enrolled"),
+        "{events:?}"
+    );
+    hub.stop();
+}
