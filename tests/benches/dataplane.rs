@@ -27,6 +27,14 @@
 //! 6 and 7 are references, not goals: what the HTTP stack the spoke is
 //! built on adds by itself, so the spoke's own share can be told apart.
 //!
+//! Scenarios 1 to 5 run again with 4 KiB and 64 KiB bodies (both ways:
+//! the upstream answers with as many bytes as it was sent; keys `_4k`,
+//! `_64k`) and with 256 client connections at the same rate (`_c256`);
+//! each is measured against direct with the same body and connections.
+//! The `_h2` rows (spoke one hop, two spokes, haproxy one hop with an h2c
+//! frontend) carry every caller's requests as streams of one long-lived
+//! HTTP/2 connection, as `ab`-style and gRPC callers do.
+//!
 //! haproxy runs with `nbthread 1`, keep-alive on both sides and `http-reuse
 //! always`; it is skipped (with a message) when not installed. The spokes
 //! run as shipped (tokio's default: one worker per core; every request
@@ -60,7 +68,10 @@
 //! release binaries first). Quick smoke pass: set `TIDEMESH_BENCH_QUICK=1`;
 //! without `--bench` (for example under `cargo test --benches`) it is quick
 //! too. `TIDEMESH_BENCH_ONLY=spoke_one_hop,haproxy_one_hop` runs only the
-//! scenarios named (and direct).
+//! scenarios named (and the direct runs they are measured against).
+//! `TIDEMESH_BENCH_CPUS=0-1` pins the bench to those CPUs before it starts
+//! anything, so every process it spawns inherits the set (the spokes' tokio
+//! runtimes then start one worker per CPU of the set).
 
 #[path = "../../hub/benches/common/mod.rs"]
 mod common;
@@ -80,6 +91,9 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use common::{loadavg, machine};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
@@ -104,8 +118,16 @@ const ONLY_ENV: &str = "TIDEMESH_BENCH_ONLY";
 /// The hyper-only reference proxy (tests/bin/hyper_floor.rs).
 const FLOOR_BIN: &str = "tidemesh-bench-hyper-floor";
 const TD: &str = "edge.example";
-/// Request and response body size.
+/// Request and response body size of the main rows.
 const BODY: usize = 1024;
+/// Every body size a scenario uses (the upstream answers with as many bytes).
+const BODIES: [usize; 3] = [BODY, 4 * 1024, 64 * 1024];
+/// Client connections of the many-connections rows.
+const MANY_CONNS: usize = 256;
+/// Set to a CPU list (`0-1`, `0,2-3`) to pin the whole bench to those CPUs:
+/// the bench sets its own affinity first, so the hub, spokes, haproxy and
+/// the reference proxies it spawns inherit it.
+const CPUS_ENV: &str = "TIDEMESH_BENCH_CPUS";
 /// The goal for a spoke's idle RSS.
 const IDLE_RSS_GOAL_MIB: f64 = 15.0;
 /// Most bytes of a message head the parser accepts.
@@ -458,6 +480,7 @@ async fn exchange(
     conn: &mut Option<TcpStream>,
     buf: &mut Vec<u8>,
     req: &[u8],
+    body: usize,
 ) -> Result<(), String> {
     if conn.is_none() {
         buf.clear();
@@ -481,8 +504,8 @@ async fn exchange(
             if m.status != 200 {
                 return Err(format!("HTTP {}: {}", m.status, m.snippet));
             }
-            if m.body_len != BODY {
-                return Err(format!("body of {} bytes, want {BODY}", m.body_len));
+            if m.body_len != body {
+                return Err(format!("body of {} bytes, want {body}", m.body_len));
             }
             Ok(())
         }
@@ -493,14 +516,99 @@ async fn exchange(
     }
 }
 
-/// The request every scenario sends (only the Host differs).
-fn request(host: &str) -> Arc<[u8]> {
+/// The request every scenario sends (the Host and body size differ).
+fn request(host: &str, body: usize) -> Arc<[u8]> {
     let mut r = format!(
-        "POST /bench HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/octet-stream\r\nContent-Length: {BODY}\r\n\r\n"
+        "POST /bench HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/octet-stream\r\nContent-Length: {body}\r\n\r\n"
     )
     .into_bytes();
-    r.extend(std::iter::repeat_n(b'q', BODY));
+    r.extend(std::iter::repeat_n(b'q', body));
     r.into()
+}
+
+/// The upstream's answer to a request with a `body`-byte body: as many bytes.
+fn response(body: usize) -> Arc<[u8]> {
+    let mut r = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {body}\r\n\r\n"
+    )
+    .into_bytes();
+    r.extend(std::iter::repeat_n(b'r', body));
+    r.into()
+}
+
+/// A caller's connection: HTTP/1.1 on a raw keep-alive socket (one request
+/// at a time), or one stream slot on a shared long-lived HTTP/2 connection
+/// (h2c, prior knowledge), as `ab`-style and gRPC callers use.
+enum Caller {
+    H1 {
+        conn: Option<TcpStream>,
+        buf: Vec<u8>,
+    },
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+impl Caller {
+    async fn exchange(&mut self, sc: &Scenario) -> Result<(), String> {
+        match self {
+            Caller::H1 { conn, buf } => exchange(sc.addr, conn, buf, &sc.req, sc.body).await,
+            Caller::H2(send) => {
+                let req = hyper::Request::post(format!("http://{}/bench", sc.host))
+                    .header("content-type", "application/octet-stream")
+                    .body(Full::new(Bytes::from(vec![b'q'; sc.body])))
+                    .map_err(|e| format!("request: {e}"))?;
+                send.ready().await.map_err(|e| format!("h2: {e}"))?;
+                let resp = send
+                    .send_request(req)
+                    .await
+                    .map_err(|e| format!("h2: {e}"))?;
+                let status = resp.status();
+                let body = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| format!("h2 body: {e}"))?
+                    .to_bytes();
+                if status != hyper::StatusCode::OK {
+                    return Err(format!(
+                        "HTTP {status}: {}",
+                        String::from_utf8_lossy(&body[..body.len().min(200)])
+                    ));
+                }
+                if body.len() != sc.body {
+                    return Err(format!("body of {} bytes, want {}", body.len(), sc.body));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Opens `n` callers to the scenario's entry: `n` HTTP/1.1 connections, or
+/// `n` stream slots on one HTTP/2 connection.
+async fn open_callers(sc: &Scenario, n: usize) -> Result<Vec<Caller>> {
+    if sc.h2 {
+        let s = connect(sc.addr)
+            .await
+            .with_context(|| format!("{}: connect {}", sc.name, sc.addr))?;
+        let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(s))
+            .await
+            .with_context(|| format!("{}: HTTP/2 handshake", sc.name))?;
+        tokio::spawn(conn);
+        return Ok((0..n).map(|_| Caller::H2(send.clone())).collect());
+    }
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let conn = connect(sc.addr)
+            .await
+            .with_context(|| format!("{}: connect {}", sc.name, sc.addr))?;
+        out.push(Caller::H1 {
+            conn: Some(conn),
+            buf: Vec::with_capacity(8192),
+        });
+    }
+    Ok(out)
 }
 
 // ---- the upstream ----------------------------------------------------------------
@@ -510,17 +618,14 @@ fn request(host: &str) -> Arc<[u8]> {
 static UPSTREAM_ACCEPTS: AtomicU64 = AtomicU64::new(0);
 
 /// Starts the upstream on its own thread and single-threaded runtime:
-/// every request gets `200` with a 1 KB body, connections stay open.
+/// every request gets `200` with a body as long as the request's,
+/// connections stay open.
 fn start_upstream() -> Result<SocketAddr> {
     let l = StdTcpListener::bind("127.0.0.1:0")?;
     l.set_nonblocking(true)?;
     let addr = l.local_addr()?;
-    let mut resp = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {BODY}\r\n\r\n"
-    )
-    .into_bytes();
-    resp.extend(std::iter::repeat_n(b'r', BODY));
-    let resp: Arc<[u8]> = resp.into();
+    let resps: Arc<BTreeMap<usize, Arc<[u8]>>> =
+        Arc::new(BODIES.iter().map(|&b| (b, response(b))).collect());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()?;
@@ -538,10 +643,14 @@ fn start_upstream() -> Result<SocketAddr> {
                     };
                     UPSTREAM_ACCEPTS.fetch_add(1, Ordering::Relaxed);
                     let _ = s.set_nodelay(true);
-                    let resp = resp.clone();
+                    let resps = resps.clone();
                     tokio::spawn(async move {
                         let mut buf = Vec::with_capacity(4096);
                         while let Ok(m) = read_message(&mut s, &mut buf, false).await {
+                            let resp = match resps.get(&m.body_len) {
+                                Some(r) => r.clone(),
+                                None => response(m.body_len),
+                            };
                             if s.write_all(&resp).await.is_err() || m.close {
                                 return;
                             }
@@ -579,10 +688,8 @@ impl ConnOut {
 /// Open loop: this connection's share of the rate, from `first` every
 /// `interval` until `end`.
 async fn fixed_conn(
-    addr: SocketAddr,
-    req: Arc<[u8]>,
-    mut conn: Option<TcpStream>,
-    mut buf: Vec<u8>,
+    sc: Arc<Scenario>,
+    mut caller: Caller,
     first: Instant,
     interval: Duration,
     end: Instant,
@@ -603,7 +710,7 @@ async fn fixed_conn(
         } else {
             intended
         };
-        let r = exchange(addr, &mut conn, &mut buf, &req).await;
+        let r = caller.exchange(&sc).await;
         let done = Instant::now();
         prev_done = done;
         match r {
@@ -615,20 +722,14 @@ async fn fixed_conn(
 }
 
 /// Closed loop: the next request as soon as the answer is in, until `end`.
-async fn saturation_conn(
-    addr: SocketAddr,
-    req: Arc<[u8]>,
-    mut conn: Option<TcpStream>,
-    mut buf: Vec<u8>,
-    end: Instant,
-) -> ConnOut {
+async fn saturation_conn(sc: Arc<Scenario>, mut caller: Caller, end: Instant) -> ConnOut {
     let mut out = ConnOut::default();
     loop {
         let sent = Instant::now();
         if sent >= end {
             break;
         }
-        let r = exchange(addr, &mut conn, &mut buf, &req).await;
+        let r = caller.exchange(&sc).await;
         let done = Instant::now();
         if done > end {
             break;
@@ -675,30 +776,23 @@ struct Window {
 }
 
 async fn load(
-    sc: &Scenario,
+    sc: &Arc<Scenario>,
     mode: Mode,
     plan: &Plan,
     hub_pid: Option<u32>,
     mesh_pids: &[u32],
 ) -> Result<(Vec<ConnOut>, Window)> {
-    let conns = match mode {
+    let conns = sc.conns.unwrap_or(match mode {
         Mode::Fixed => plan.fixed_conns,
         Mode::Saturation => plan.sat_conns,
-    };
-    let mut ready = Vec::new();
-    for i in 0..conns {
-        let mut conn = Some(
-            connect(sc.addr)
-                .await
-                .with_context(|| format!("{}: connect {}", sc.name, sc.addr))?,
-        );
-        let mut buf = Vec::with_capacity(8192);
+    });
+    let mut ready = open_callers(sc, conns).await?;
+    for (i, caller) in ready.iter_mut().enumerate() {
         for _ in 0..plan.warmup {
-            if let Err(e) = exchange(sc.addr, &mut conn, &mut buf, &sc.req).await {
+            if let Err(e) = caller.exchange(sc).await {
                 bail!("{}: warm-up request on connection {i} failed: {e}", sc.name);
             }
         }
-        ready.push((conn, buf));
     }
     let hub = hub_pid.map(|p| vec![p]).unwrap_or_default();
     let (cpu0, hub0) = (cpu_ticks_sum(&sc.pids), cpu_ticks_sum(&hub));
@@ -716,15 +810,14 @@ async fn load(
     };
     let end = t0 + Duration::from_secs_f64(secs);
     let mut tasks = Vec::new();
-    for (i, (conn, buf)) in ready.into_iter().enumerate() {
-        let req = sc.req.clone();
-        let addr = sc.addr;
+    for (i, caller) in ready.into_iter().enumerate() {
+        let sc = sc.clone();
         tasks.push(match mode {
             Mode::Fixed => {
                 let first = t0 + Duration::from_secs_f64(i as f64 / plan.rate);
-                tokio::spawn(fixed_conn(addr, req, conn, buf, first, interval, end))
+                tokio::spawn(fixed_conn(sc, caller, first, interval, end))
             }
-            Mode::Saturation => tokio::spawn(saturation_conn(addr, req, conn, buf, end)),
+            Mode::Saturation => tokio::spawn(saturation_conn(sc, caller, end)),
         });
     }
     let mut outs = Vec::new();
@@ -748,7 +841,7 @@ async fn load(
 
 fn measure(
     rt: &tokio::runtime::Runtime,
-    sc: &Scenario,
+    sc: &Arc<Scenario>,
     mode: Mode,
     plan: &Plan,
     hub_pid: Option<u32>,
@@ -1127,14 +1220,25 @@ fn haproxy_version(exe: &Path) -> String {
 // ---- scenarios -------------------------------------------------------------------
 
 struct Scenario {
-    key: &'static str,
-    name: &'static str,
+    key: String,
+    name: String,
     addr: SocketAddr,
+    /// The Host (HTTP/1.1) or authority (HTTP/2) requests name.
+    host: &'static str,
+    /// Request and response body size.
+    body: usize,
+    /// The HTTP/1.1 request (unused by HTTP/2 callers).
     req: Arc<[u8]>,
     /// Proxy processes on the path (CPU and RSS are theirs).
     pids: Vec<u32>,
     /// Proxy hops on the path.
     hops: u32,
+    /// Client connections (or HTTP/2 stream slots), when not the plan's.
+    conns: Option<usize>,
+    /// One long-lived HTTP/2 connection instead of HTTP/1.1 connections.
+    h2: bool,
+    /// Key of the direct scenario its added latency is measured against.
+    base: String,
 }
 
 #[derive(Default)]
@@ -1206,9 +1310,11 @@ fn check(rt: &tokio::runtime::Runtime, sc: &Scenario) -> Result<()> {
     let started = Instant::now();
     loop {
         let r = rt.block_on(async {
-            let mut conn = None;
-            let mut buf = Vec::new();
-            exchange(sc.addr, &mut conn, &mut buf, &sc.req).await
+            let mut callers = open_callers(sc, 1).await.map_err(|e| format!("{e:#}"))?;
+            match callers.first_mut() {
+                Some(c) => c.exchange(sc).await,
+                None => Err("no caller".into()),
+            }
         });
         match r {
             Ok(()) => return Ok(()),
@@ -1220,12 +1326,57 @@ fn check(rt: &tokio::runtime::Runtime, sc: &Scenario) -> Result<()> {
     }
 }
 
+// ---- CPU pinning -------------------------------------------------------------------
+
+/// Parses a CPU list (`0-3`, `0,2,4-5`).
+fn parse_cpus(list: &str) -> Result<Vec<usize>> {
+    let mut out = Vec::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+        let (lo, hi): (usize, usize) = (
+            lo.trim()
+                .parse()
+                .with_context(|| format!("{CPUS_ENV}: bad CPU {lo:?} in {list:?}"))?,
+            hi.trim()
+                .parse()
+                .with_context(|| format!("{CPUS_ENV}: bad CPU {hi:?} in {list:?}"))?,
+        );
+        ensure!(
+            lo <= hi && hi < rustix::thread::CpuSet::MAX_CPU,
+            "{CPUS_ENV}: bad CPU range {part:?}"
+        );
+        out.extend(lo..=hi);
+    }
+    ensure!(!out.is_empty(), "{CPUS_ENV}: no CPU in {list:?}");
+    Ok(out)
+}
+
+/// Pins this process (its threads to come, and every child it spawns) to
+/// the CPUs of `TIDEMESH_BENCH_CPUS`; returns the list when set.
+fn pin_cpus() -> Result<Option<String>> {
+    let Ok(list) = std::env::var(CPUS_ENV) else {
+        return Ok(None);
+    };
+    if list.trim().is_empty() {
+        return Ok(None);
+    }
+    let mut set = rustix::thread::CpuSet::new();
+    for c in parse_cpus(&list)? {
+        set.set(c);
+    }
+    rustix::thread::sched_setaffinity(None, &set)
+        .with_context(|| format!("{CPUS_ENV}={list}: sched_setaffinity"))?;
+    Ok(Some(list.trim().to_owned()))
+}
+
 // ---- main ----------------------------------------------------------------------------
 
 fn main() -> Result<()> {
     let quick = std::env::var(QUICK_ENV).is_ok_and(|v| !v.is_empty() && v != "0")
         || !std::env::args().any(|a| a == "--bench");
     let plan = if quick { QUICK } else { FULL };
+    // Before any thread or child exists, so all inherit it.
+    let pinned = pin_cpus()?;
     // The proxies log at their default level, whatever the caller's shell says.
     std::env::remove_var("RUST_LOG");
     use_release_bins();
@@ -1289,7 +1440,9 @@ fn main() -> Result<()> {
                 " ssl crt {d}/client.pem ca-file {d}/ca.pem verify required verifyhost {HAPROXY_B_NAME} ssl-min-ver TLSv1.3"
             ),
         )?;
-        haproxies = vec![one, a, b];
+        // h2c from the caller (prior knowledge), HTTP/1.1 to the upstream
+        let h2 = start_haproxy(exe, root, "haproxy-h2", upstream, " proto h2", "")?;
+        haproxies = vec![one, a, b, h2];
         haproxy_note = haproxy_version(exe);
     } else {
         eprintln!("dataplane bench: haproxy not found on PATH (apt-get install haproxy): haproxy scenarios skipped");
@@ -1321,48 +1474,108 @@ fn main() -> Result<()> {
         .map(|h| status_kib(h.child.id(), "VmRSS").unwrap_or(0))
         .collect();
 
-    let mut scenarios = vec![
-        Scenario {
-            key: "direct",
-            name: "direct (client -> upstream)",
-            addr: upstream,
-            req: request("upstream.bench"),
-            pids: vec![],
-            hops: 0,
-        },
-        Scenario {
-            key: "spoke_one_hop",
-            name: "spoke, one hop (local workload)",
-            addr: mesh.outbound,
-            req: request("echo-local.bench"),
-            pids: vec![pid_a],
-            hops: 1,
-        },
-        Scenario {
-            key: "spoke_two_hops",
-            name: "two spokes (QUIC mTLS hop)",
-            addr: mesh.outbound,
-            req: request("echo-remote.bench"),
-            pids: vec![pid_a, pid_b],
-            hops: 2,
-        },
+    // (key, name, entry, host, proxy pids, hops)
+    type Base<'a> = (&'a str, &'a str, SocketAddr, &'static str, Vec<u32>, u32);
+    let mut bases: Vec<Base> = vec![
+        (
+            "direct",
+            "direct (client -> upstream)",
+            upstream,
+            "upstream.bench",
+            vec![],
+            0,
+        ),
+        (
+            "spoke_one_hop",
+            "spoke, one hop (local workload)",
+            mesh.outbound,
+            "echo-local.bench",
+            vec![pid_a],
+            1,
+        ),
+        (
+            "spoke_two_hops",
+            "two spokes (QUIC mTLS hop)",
+            mesh.outbound,
+            "echo-remote.bench",
+            vec![pid_a, pid_b],
+            2,
+        ),
     ];
-    if let [one, a, b] = haproxies.as_slice() {
+    if let [one, a, b, _] = haproxies.as_slice() {
+        bases.push((
+            "haproxy_one_hop",
+            "haproxy, one hop (plain HTTP)",
+            one.addr,
+            "upstream.bench",
+            vec![one.child.id()],
+            1,
+        ));
+        bases.push((
+            "haproxy_tls_pair",
+            "haproxy pair (TLS 1.3 mTLS hop)",
+            a.addr,
+            "upstream.bench",
+            vec![a.child.id(), b.child.id()],
+            2,
+        ));
+    }
+    let mut scenarios = Vec::new();
+    // (key suffix, name suffix, body, connections): the main rows, then
+    // bigger bodies and many connections
+    for (suffix, label, body, conns) in [
+        ("", "", BODY, None),
+        ("_4k", ", 4 KiB", 4 * 1024, None),
+        ("_64k", ", 64 KiB", 64 * 1024, None),
+        ("_c256", ", 256 conns", BODY, Some(MANY_CONNS)),
+    ] {
+        for (key, name, addr, host, pids, hops) in &bases {
+            scenarios.push(Scenario {
+                key: format!("{key}{suffix}"),
+                name: format!("{name}{label}"),
+                addr: *addr,
+                host,
+                body,
+                req: request(host, body),
+                pids: pids.clone(),
+                hops: *hops,
+                conns,
+                h2: false,
+                base: format!("direct{suffix}"),
+            });
+        }
+    }
+    // One long-lived HTTP/2 connection carrying every caller's requests
+    // (the upstream speaks HTTP/1.1 only: added latency is against direct).
+    for (key, name, addr, host, pids, hops) in &bases {
+        let addr = match *key {
+            "spoke_one_hop" | "spoke_two_hops" => *addr,
+            "haproxy_one_hop" => match haproxies.as_slice() {
+                [_, _, _, h2] => h2.addr,
+                _ => continue,
+            },
+            _ => continue,
+        };
+        let pids = if *key == "haproxy_one_hop" {
+            haproxies
+                .get(3)
+                .map(|h| vec![h.child.id()])
+                .unwrap_or_default()
+        } else {
+            pids.clone()
+        };
         scenarios.push(Scenario {
-            key: "haproxy_one_hop",
-            name: "haproxy, one hop (plain HTTP)",
-            addr: one.addr,
-            req: request("upstream.bench"),
-            pids: vec![one.child.id()],
-            hops: 1,
-        });
-        scenarios.push(Scenario {
-            key: "haproxy_tls_pair",
-            name: "haproxy pair (TLS 1.3 mTLS hop)",
-            addr: a.addr,
-            req: request("upstream.bench"),
-            pids: vec![a.child.id(), b.child.id()],
-            hops: 2,
+            key: format!("{key}_h2"),
+            name: format!("{name}, HTTP/2 caller"),
+            addr,
+            host,
+            body: BODY,
+            req: request(host, BODY),
+            pids,
+            hops: *hops,
+            conns: None,
+            h2: true,
+            base: "direct".into(),
         });
     }
 
@@ -1375,18 +1588,30 @@ fn main() -> Result<()> {
     ] {
         let f = start_floor(&floor_exe, upstream, mode)?;
         scenarios.push(Scenario {
-            key,
-            name,
+            key: key.into(),
+            name: name.into(),
             addr: f.addr,
-            req: request("upstream.bench"),
+            host: "upstream.bench",
+            body: BODY,
+            req: request("upstream.bench", BODY),
             pids: vec![f.child.id()],
             hops: 1,
+            conns: None,
+            h2: false,
+            base: "direct".into(),
         });
         floors.push(f);
     }
     if let Ok(only) = std::env::var(ONLY_ENV) {
-        scenarios.retain(|s| s.key == "direct" || only.split(',').any(|k| k == s.key));
+        let mut wanted: Vec<String> = only.split(',').map(|k| k.trim().to_owned()).collect();
+        for sc in &scenarios {
+            if wanted.contains(&sc.key) && !wanted.contains(&sc.base) {
+                wanted.push(sc.base.clone());
+            }
+        }
+        scenarios.retain(|s| wanted.contains(&s.key));
     }
+    let scenarios: Vec<Arc<Scenario>> = scenarios.into_iter().map(Arc::new).collect();
     // The load generator: one thread for every connection.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -1440,11 +1665,19 @@ fn main() -> Result<()> {
     let total = t_all.elapsed();
 
     // ---- figures ----
-    let direct_fixed = Results::pooled(&results[0].fixed);
     let idx = |key: &str| scenarios.iter().position(|s| s.key == key);
+    // each scenario's direct run (same body and connections)
+    let base: Vec<usize> = scenarios
+        .iter()
+        .map(|s| idx(&s.base).unwrap_or(0))
+        .collect();
     let fixed_pct: Vec<Pct> = results.iter().map(|r| Results::pooled(&r.fixed)).collect();
     let sat_pct: Vec<Pct> = results.iter().map(|r| Results::pooled(&r.sat)).collect();
-    let added: Vec<Pct> = fixed_pct.iter().map(|p| p.minus(&direct_fixed)).collect();
+    let added: Vec<Pct> = fixed_pct
+        .iter()
+        .zip(&base)
+        .map(|(p, &b)| p.minus(&fixed_pct[b]))
+        .collect();
     let per_hop: Vec<Pct> = added
         .iter()
         .zip(&scenarios)
@@ -1452,7 +1685,7 @@ fn main() -> Result<()> {
         .collect();
     // per-round added latency (scenario minus direct of the same round)
     let round_added = |i: usize, round: usize| -> Pct {
-        Pct::of(&results[i].fixed[round].lat).minus(&Pct::of(&results[0].fixed[round].lat))
+        Pct::of(&results[i].fixed[round].lat).minus(&Pct::of(&results[base[i]].fixed[round].lat))
     };
 
     let m = machine();
@@ -1470,6 +1703,16 @@ fn main() -> Result<()> {
     println!(
         "  plan: POST {BODY} B -> 200 with {BODY} B, HTTP/1.1 keep-alive on loopback; fixed rate {:.0} req/s over {} connections, {} rounds x {:.1} s; saturation {} connections, {} rounds x {:.1} s; runs interleaved, order rotating per round",
         plan.rate, plan.fixed_conns, plan.rounds, plan.fixed_secs, plan.sat_conns, plan.rounds, plan.sat_secs
+    );
+    println!(
+        "  extra rows: 4 KiB and 64 KiB bodies (both ways); {MANY_CONNS} client connections (same rate); one long-lived HTTP/2 (h2c) connection carrying every caller's requests; each against direct with the same body and connections"
+    );
+    println!(
+        "  CPUs: {}",
+        match &pinned {
+            Some(list) => format!("whole bench pinned to {list} ({CPUS_ENV})"),
+            None => format!("not pinned (set {CPUS_ENV}=0-1 to pin)"),
+        }
     );
     println!(
         "  sharing the cores: load generator 1 thread, upstream 1 thread, each spoke 1 tokio worker per core (+ hub), haproxy nbthread 1; all on {} cores",
@@ -1495,7 +1738,7 @@ fn main() -> Result<()> {
         plan.rate
     );
     println!(
-        "  {:<34} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>9} {:>7} {:>5} {:>6}",
+        "  {:<44} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>9} {:>7} {:>5} {:>6}",
         "scenario",
         "n",
         "p50",
@@ -1522,7 +1765,7 @@ fn main() -> Result<()> {
             )
         };
         println!(
-            "  {:<34} {:>6} {:>7.0} {:>7.0} {:>7.0} {:>7} {:>7} {:>7} {:>9} {:>7.0} {:>5} {:>6}",
+            "  {:<44} {:>6} {:>7.0} {:>7.0} {:>7.0} {:>7} {:>7} {:>7} {:>9} {:>7.0} {:>5} {:>6}",
             sc.name,
             p.n,
             p.p50,
@@ -1547,13 +1790,13 @@ fn main() -> Result<()> {
         plan.sat_conns
     );
     println!(
-        "  {:<34} {:>8} {:>7} {:>7} {:>7} {:>9} {:>7} {:>5} {:>6}",
+        "  {:<44} {:>8} {:>7} {:>7} {:>7} {:>9} {:>7} {:>5} {:>6}",
         "scenario", "req/s", "p50", "p99", "p99.9", "CPU ms/1k", "up c/1k", "UDPd", "errors"
     );
     for (i, sc) in scenarios.iter().enumerate() {
         let p = &sat_pct[i];
         println!(
-            "  {:<34} {:>8.0} {:>7.0} {:>7.0} {:>7.0} {:>9} {:>7.0} {:>5} {:>6}",
+            "  {:<44} {:>8.0} {:>7.0} {:>7.0} {:>7.0} {:>9} {:>7.0} {:>5} {:>6}",
             sc.name,
             Results::rate(&results[i].sat),
             p.p50,
@@ -1596,40 +1839,56 @@ fn main() -> Result<()> {
     println!();
     println!("ratios, spoke vs haproxy (same run; lower is better unless noted)");
     let mut ratios = serde_json::Map::new();
-    let pairs = [
-        (
-            "one_hop",
-            "one hop: spoke / haproxy",
-            "spoke_one_hop",
-            "haproxy_one_hop",
-            true,
-        ),
-        (
-            "tls_hop",
-            "per hop over mTLS: two spokes / haproxy pair",
-            "spoke_two_hops",
-            "haproxy_tls_pair",
-            true,
-        ),
-        // References, not goals: what hyper alone adds, on the same scale.
+    // (key, label, ours, theirs, is it a goal)
+    let mut pairs: Vec<(String, String, String, String, bool)> = Vec::new();
+    for (suffix, what) in [
+        ("", ""),
+        ("_4k", ", 4 KiB"),
+        ("_64k", ", 64 KiB"),
+        ("_c256", ", 256 conns"),
+        ("_h2", ", HTTP/2 caller"),
+    ] {
+        pairs.push((
+            format!("one_hop{suffix}"),
+            format!("one hop{what}: spoke / haproxy"),
+            format!("spoke_one_hop{suffix}"),
+            format!("haproxy_one_hop{suffix}"),
+            suffix.is_empty(),
+        ));
+        if suffix != "_h2" {
+            pairs.push((
+                format!("tls_hop{suffix}"),
+                format!("per hop over mTLS{what}: two spokes / haproxy pair"),
+                format!("spoke_two_hops{suffix}"),
+                format!("haproxy_tls_pair{suffix}"),
+                suffix.is_empty(),
+            ));
+        }
+    }
+    // References, not goals: what hyper alone adds, on the same scale.
+    for (key, label) in [
         (
             "hyper_floor_pooled",
             "one hop: hyper only, pooled / haproxy",
-            "hyper_floor_pooled",
-            "haproxy_one_hop",
-            false,
         ),
         (
             "hyper_floor_affine",
             "one hop: hyper only, affine / haproxy",
-            "hyper_floor_affine",
-            "haproxy_one_hop",
-            false,
         ),
-    ];
+    ] {
+        pairs.push((
+            key.into(),
+            label.into(),
+            key.into(),
+            "haproxy_one_hop".into(),
+            false,
+        ));
+    }
     for (key, label, ours, theirs, is_goal) in pairs {
-        let (Some(o), Some(t)) = (idx(ours), idx(theirs)) else {
-            println!("  {label}: skipped (scenario not run)");
+        let (Some(o), Some(t)) = (idx(&ours), idx(&theirs)) else {
+            if is_goal {
+                println!("  {label}: skipped (scenario not run)");
+            }
             continue;
         };
         let round_ratio = |f: fn(&Pct) -> f64| -> (Option<f64>, f64, f64) {
@@ -1696,7 +1955,7 @@ fn main() -> Result<()> {
         obj.insert("rps_saturation".into(), json!(rps));
         obj.insert("cpu_per_1k_fixed".into(), json!(cpu));
         obj.insert("cpu_per_1k_saturation".into(), json!(cpu_sat));
-        ratios.insert(key.into(), Value::Object(obj));
+        ratios.insert(key, Value::Object(obj));
     }
     if let (Some(one), Some(two)) = (idx("spoke_one_hop"), idx("spoke_two_hops")) {
         println!(
@@ -1710,21 +1969,29 @@ fn main() -> Result<()> {
     println!();
     println!("memory, VmRSS in MiB");
     println!(
-        "  {:<34} {:>7} {:>11} {:>10} {:>7}",
+        "  {:<44} {:>7} {:>11} {:>10} {:>7}",
         "process", "idle", "under load", "after load", "VmHWM"
     );
-    let spoke_max = |i: Option<usize>, pos: usize| -> u64 {
-        i.map(|i| results[i].rss_max().get(pos).copied().unwrap_or(0))
+    // the highest VmRSS sample of a process over every scenario it served
+    let rss_under = |pid: u32| -> u64 {
+        scenarios
+            .iter()
+            .zip(&results)
+            .filter_map(|(sc, r)| {
+                let pos = sc.pids.iter().position(|&p| p == pid)?;
+                r.rss_max().get(pos).copied()
+            })
+            .max()
             .unwrap_or(0)
     };
-    let load_a = spoke_max(idx("spoke_one_hop"), 0).max(spoke_max(idx("spoke_two_hops"), 0));
-    let load_b = spoke_max(idx("spoke_two_hops"), 1);
+    let load_a = rss_under(pid_a);
+    let load_b = rss_under(pid_b);
     for (name, idle, under, after, hwm) in [
         ("spoke A (caller side)", idle_a, load_a, after_a, hwm_a),
         ("spoke B (serving side)", idle_b, load_b, after_b, hwm_b),
     ] {
         println!(
-            "  {:<34} {:>7.1} {:>11.1} {:>10.1} {:>7.1}",
+            "  {:<44} {:>7.1} {:>11.1} {:>10.1} {:>7.1}",
             name,
             mib(idle),
             mib(under),
@@ -1736,13 +2003,13 @@ fn main() -> Result<()> {
         "haproxy one hop",
         "haproxy A (TLS out)",
         "haproxy B (TLS in)",
+        "haproxy one hop, h2c in",
     ];
     let hap_under = |i: usize| -> u64 {
-        match i {
-            0 => spoke_max(idx("haproxy_one_hop"), 0),
-            1 => spoke_max(idx("haproxy_tls_pair"), 0),
-            _ => spoke_max(idx("haproxy_tls_pair"), 1),
-        }
+        haproxies
+            .get(i)
+            .map(|h| rss_under(h.child.id()))
+            .unwrap_or(0)
     };
     for (i, ((idle, (after, hwm)), name)) in idle_haproxy
         .iter()
@@ -1751,7 +2018,7 @@ fn main() -> Result<()> {
         .enumerate()
     {
         println!(
-            "  {:<34} {:>7.1} {:>11.1} {:>10.1} {:>7.1}",
+            "  {:<44} {:>7.1} {:>11.1} {:>10.1} {:>7.1}",
             name,
             mib(*idle),
             mib(hap_under(i)),
@@ -1837,7 +2104,9 @@ fn main() -> Result<()> {
         "total_s": total.as_secs_f64(),
         "haproxy": haproxy_exe.as_ref().map(|_| haproxy_note.clone()),
         "plan": {"rate": plan.rate, "fixed_conns": plan.fixed_conns, "fixed_secs": plan.fixed_secs,
-                 "sat_conns": plan.sat_conns, "sat_secs": plan.sat_secs, "rounds": plan.rounds, "body": BODY},
+                 "sat_conns": plan.sat_conns, "sat_secs": plan.sat_secs, "rounds": plan.rounds, "body": BODY,
+                 "bodies": BODIES, "many_conns": MANY_CONNS},
+        "cpus": pinned,
         "scenarios": per_scenario,
         "ratios": ratios,
         "rss_kib": {

@@ -13,7 +13,10 @@
 //! [`MAX_CODE_SERIES`] (service, code) pairs new ones fold into
 //! `service="_other",code="other"`.
 
-use std::{collections::BTreeMap, sync::Mutex};
+use std::{
+    collections::BTreeMap,
+    sync::{Mutex, OnceLock},
+};
 
 use tidemesh_evidence::record::{EnforcementPoint, Locality, RequestEvidence};
 use tidemesh_net::metrics::{Exposition, Kind};
@@ -31,12 +34,17 @@ pub const MAX_CODE_SERIES: usize = 1024;
 
 /// The `code` label of a request: the exact status (`"200"`, `"503"`),
 /// `none` when no response was sent, `other` for a number that is not an
-/// HTTP status.
-pub fn code_label(status: Option<u16>) -> std::borrow::Cow<'static, str> {
+/// HTTP status. No allocation: the label of every valid status is made once
+/// per process.
+pub fn code_label(status: Option<u16>) -> &'static str {
+    static CODES: OnceLock<Vec<String>> = OnceLock::new();
     match status {
-        None => "none".into(),
-        Some(c) if (100..=599).contains(&c) => c.to_string().into(),
-        Some(_) => "other".into(),
+        None => "none",
+        Some(c) if (100..=599).contains(&c) => CODES
+            .get_or_init(|| (100..=599u16).map(|c| c.to_string()).collect())
+            .get(usize::from(c - 100))
+            .map_or("other", String::as_str),
+        Some(_) => "other",
     }
 }
 
@@ -47,14 +55,28 @@ struct Hist {
     sum: f64,
 }
 
-/// (service, direction, tier, code) of a request total.
-type CodeKey = (String, &'static str, &'static str, String);
+/// (direction, tier) of a series within its service.
+type SeriesKey = (&'static str, &'static str);
+
+/// (direction, tier, code) of a request total within its service.
+type CodeKey = (&'static str, &'static str, &'static str);
+
+/// Both families, keyed by service first so that a request of a known
+/// series is counted without allocating (one lock per request).
+#[derive(Debug, Default)]
+struct Families {
+    series: BTreeMap<String, BTreeMap<SeriesKey, Hist>>,
+    /// (service, direction, tier) series in `series`.
+    n_series: usize,
+    codes: BTreeMap<String, BTreeMap<CodeKey, u64>>,
+    /// (service, direction, tier, code) series in `codes`.
+    n_codes: usize,
+}
 
 /// The histograms (see the module docs).
 #[derive(Debug, Default)]
 pub struct Latency {
-    series: Mutex<BTreeMap<(String, &'static str, &'static str), Hist>>,
-    codes: Mutex<BTreeMap<CodeKey, u64>>,
+    families: Mutex<Families>,
 }
 
 /// The `tier` label of a request: where the endpoint it went to is
@@ -89,30 +111,48 @@ impl Latency {
         status: Option<u16>,
         seconds: f64,
     ) {
-        let Ok(mut m) = self.series.lock() else {
+        let Ok(mut g) = self.families.lock() else {
             return;
         };
-        let key = (service.to_owned(), direction, tier);
-        let key = if m.contains_key(&key) || m.len() < MAX_SERIES {
-            key
+        let Families {
+            series,
+            n_series,
+            codes,
+            n_codes,
+        } = &mut *g;
+        let key = (direction, tier);
+        let known = series.get(service).is_some_and(|m| m.contains_key(&key));
+        let service = if known || *n_series < MAX_SERIES {
+            service
         } else {
-            (OTHER.to_owned(), direction, tier)
+            OTHER
         };
-        if let Ok(mut c) = self.codes.lock() {
-            let code = (
-                key.0.clone(),
-                direction,
-                tier,
-                code_label(status).into_owned(),
-            );
-            let code = if c.contains_key(&code) || c.len() < MAX_CODE_SERIES {
-                code
-            } else {
-                (OTHER.to_owned(), direction, tier, "other".to_owned())
-            };
-            *c.entry(code).or_default() += 1;
-        }
-        let h = m.entry(key).or_default();
+        let code = code_label(status);
+        let code_key = (direction, tier, code);
+        let known_code = codes
+            .get(service)
+            .is_some_and(|m| m.contains_key(&code_key));
+        let (code_service, code_key) = if known_code || *n_codes < MAX_CODE_SERIES {
+            (service, code_key)
+        } else {
+            (OTHER, (direction, tier, "other"))
+        };
+        let by_code = match codes.get_mut(code_service) {
+            Some(m) => m,
+            None => codes.entry(code_service.to_owned()).or_default(),
+        };
+        *by_code.entry(code_key).or_insert_with(|| {
+            *n_codes += 1;
+            0
+        }) += 1;
+        let by_key = match series.get_mut(service) {
+            Some(m) => m,
+            None => series.entry(service.to_owned()).or_default(),
+        };
+        let h = by_key.entry(key).or_insert_with(|| {
+            *n_series += 1;
+            Hist::default()
+        });
         h.count += 1;
         h.sum += seconds;
         if let Some(i) = BUCKETS.iter().position(|b| seconds <= *b) {
@@ -123,9 +163,24 @@ impl Latency {
     /// Writes both families (one histogram per series, one counter per
     /// series and code), labelled with this spoke's `store`.
     pub fn write(&self, e: &mut Exposition, store: &str) {
-        let codes: Vec<_> = match self.codes.lock() {
-            Ok(m) => m.iter().map(|(k, n)| (k.clone(), *n)).collect(),
-            Err(_) => Vec::new(),
+        let (codes, snapshot): (Vec<_>, Vec<_>) = match self.families.lock() {
+            Ok(g) => (
+                g.codes
+                    .iter()
+                    .flat_map(|(svc, m)| {
+                        m.iter()
+                            .map(move |((d, t, c), n)| ((svc.clone(), *d, *t, *c), *n))
+                    })
+                    .collect(),
+                g.series
+                    .iter()
+                    .flat_map(|(svc, m)| {
+                        m.iter()
+                            .map(move |((d, t), h)| ((svc.clone(), *d, *t), h.clone()))
+                    })
+                    .collect(),
+            ),
+            Err(_) => (Vec::new(), Vec::new()),
         };
         let fam = e.family(
             "tidemesh_spoke_requests_total",
@@ -144,10 +199,6 @@ impl Latency {
                 *n as f64,
             );
         }
-        let snapshot: Vec<_> = match self.series.lock() {
-            Ok(m) => m.iter().map(|(k, h)| (k.clone(), h.clone())).collect(),
-            Err(_) => Vec::new(),
-        };
         let fam = e.family(
             "tidemesh_spoke_request_duration_seconds",
             Kind::Histogram,
@@ -215,7 +266,7 @@ mod tests {
         for i in 0..MAX_SERIES + 10 {
             l.observe(&format!("svc{i}"), "outbound", "cloud", Some(200), 0.1);
         }
-        let n = l.series.lock().map(|m| m.len()).unwrap_or(0);
+        let n = l.families.lock().map(|g| g.n_series).unwrap_or(0);
         assert!(n <= MAX_SERIES + 1, "{n} series");
         // every code of every service: the totals stay bounded too
         for c in 100..=599 {
@@ -223,7 +274,7 @@ mod tests {
             l.observe("svc2", "outbound", "cloud", Some(c), 0.1);
             l.observe("svc3", "outbound", "cloud", Some(c), 0.1);
         }
-        let n = l.codes.lock().map(|m| m.len()).unwrap_or(0);
+        let n = l.families.lock().map(|g| g.n_codes).unwrap_or(0);
         assert!(n <= MAX_CODE_SERIES + 1, "{n} code series");
         let mut e = Exposition::new();
         l.write(&mut e, "s1");
