@@ -623,10 +623,13 @@ pub(crate) async fn call(
     let deadline = Deadline::after(limit);
     let (t, hs, (mut send, recv)) = match open_stream(s, caller, addr, server, deadline).await {
         Ok(x) => x,
+        // The limit ran out before the request left the spoke: a 504, but
+        // a connect failure to the retry policy (`connect-failure` matches,
+        // and a POST may be tried again on another endpoint).
         Err(e) if e.timed_out => {
             return failed(
                 StatusCode::GATEWAY_TIMEOUT,
-                Outcome::Timeout,
+                Outcome::ConnectFailure,
                 format!("{server} at {addr}: {e}"),
             )
         }
