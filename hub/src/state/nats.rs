@@ -488,13 +488,28 @@ impl NatsState {
         key: &str,
         until: Instant,
         op: &'static str,
+        decide: impl FnMut(Option<&[u8]>) -> Result<Step<T>, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.cas_with(b, key, until, op, |written, cur| written == cur, decide)
+    }
+
+    /// [`Self::cas`], with `landed(written, current)` telling whether the
+    /// key still shows a write whose answer was lost (a later change on
+    /// top of it, a replay noted on a tombstone, say, must not hide it).
+    fn cas_with<T>(
+        &self,
+        b: Bucket,
+        key: &str,
+        until: Instant,
+        op: &'static str,
+        landed: impl Fn(&[u8], &[u8]) -> bool,
         mut decide: impl FnMut(Option<&[u8]>) -> Result<Step<T>, StoreError>,
     ) -> Result<T, StoreError> {
         let mut pending: Option<(Vec<u8>, T)> = None;
         loop {
             let (last, cur) = self.snapshot(b, key, until, op)?;
             if let Some((bytes, t)) = pending.take() {
-                if cur.as_ref().is_some_and(|(_, v)| *v == bytes) {
+                if cur.as_ref().is_some_and(|(_, v)| landed(&bytes, v)) {
                     return Ok(t);
                 }
             }
@@ -502,7 +517,13 @@ impl NatsState {
                 Step::Done(t) => return Ok(t),
                 Step::Write(bytes, t) => match self.write(b, key, bytes.clone(), last, until) {
                     Ok(Written::Yes) => return Ok(t),
-                    Ok(Written::Lost) => continue,
+                    Ok(Written::Lost) => {
+                        // another writer of this bucket got in first: read
+                        // again after a short jittered pause, so writers
+                        // racing on one bucket do not spin
+                        std::thread::sleep(Duration::from_millis(5 + rand::random::<u64>() % 45));
+                        continue;
+                    }
                     Err(e) => {
                         if Instant::now() + RETRY_PAUSE >= until {
                             return Err(err(op, e));
@@ -660,10 +681,22 @@ impl NatsState {
         op: &'static str,
         mut decide: impl FnMut(Option<TokenSlot>) -> Step<TokenUse>,
     ) -> Result<TokenUse, StoreError> {
-        self.cas(Bucket::Tokens, &hex(hash), until, op, |cur| {
+        self.cas_with(Bucket::Tokens, &hex(hash), until, op, same_claim, |cur| {
             let slot = cur.map(|v| decode::<TokenSlot>("tokens", v)).transpose()?;
             Ok(decide(slot))
         })
+    }
+}
+
+/// Whether the token slot `cur` is the tombstone `written` put there: the
+/// same claim number, whatever was noted on it since (a replay).
+fn same_claim(written: &[u8], cur: &[u8]) -> bool {
+    match (
+        postcard::from_bytes::<TokenSlot>(written),
+        postcard::from_bytes::<TokenSlot>(cur),
+    ) {
+        (Ok(TokenSlot::Used { claim: a, .. }), Ok(TokenSlot::Used { claim: b, .. })) => a == b,
+        _ => written == cur,
     }
 }
 
@@ -1152,5 +1185,43 @@ impl NatsState {
             None => Ok(None),
             Some((_, b)) => Ok(Some(json_decode("config_versions", &b)?)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn used(claim: u64, replay_ms: Option<u64>) -> Vec<u8> {
+        encode(&TokenSlot::Used {
+            used: UsedToken {
+                spoke: "spiffe://td/store/s/node/n".into(),
+                used_ms: 1,
+                outcome: TokenOutcome::Enrolled,
+                replay_ms,
+            },
+            claim,
+        })
+    }
+
+    /// A consume whose answer was lost is still recognised after a replay
+    /// was noted on its tombstone; another hub's tombstone is not it.
+    #[test]
+    fn a_lost_consume_is_recognised_by_its_claim_after_a_replay_note() {
+        let written = used(7, None);
+        assert!(same_claim(&written, &used(7, None)));
+        assert!(
+            same_claim(&written, &used(7, Some(5))),
+            "replay noted since"
+        );
+        assert!(!same_claim(&written, &used(8, None)), "another hub won");
+        let pending = encode(&TokenSlot::Pending(TokenRecord {
+            spoke: "s".into(),
+            created_ms: 1,
+            expires_ms: 2,
+        }));
+        assert!(!same_claim(&written, &pending), "never landed");
+        assert!(same_claim(&pending, &pending));
+        assert!(!same_claim(&written, b"junk"));
     }
 }
