@@ -18,9 +18,14 @@
 //! Evidence (`evidence.db`) is not behind this interface yet.
 //!
 //! # Blocking, deliberately
-//! The trait is synchronous. Every hub call site already runs on tokio's
-//! blocking pool (a durable slot or `spawn_blocking`) because redb commits
-//! block on fsync; an async trait would have pushed `async` through
+//! The trait is synchronous. The writes already run on tokio's blocking
+//! pool (a durable slot or `spawn_blocking`) because redb commits block on
+//! fsync. Some reads do not yet: the gateway's and the config long poll's
+//! `latest_config` while no config is cached, `config get`, and the
+//! `spokes` listing call the store from async code. With redb those are
+//! short reads; with JetStream each can hold a tokio worker for a round
+//! trip to the cluster (up to [`nats::OP_DEADLINE`] when it is down),
+//! which is one reason the backend is a preview. An async trait would have pushed `async` through
 //! `authority`, `sync` and the admin commands for no gain to the default
 //! backend. The JetStream backend owns a small runtime of its own (one
 //! worker thread) where its client connection lives; a call spawns the
@@ -200,6 +205,12 @@ impl StateLocation {
         let mut servers = Vec::new();
         for part in rest.split(',') {
             let part = part.trim().trim_start_matches("nats://");
+            if part.contains(['@', '/', '?']) {
+                return Err(format!(
+                    "--store: {:?} has credentials, a path or a query; the NATS connection takes none (HOST:PORT only; see README: plaintext, no credentials in this preview)",
+                    part.split('@').next_back().unwrap_or_default()
+                ));
+            }
             let ok = part
                 .rsplit_once(':')
                 .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
@@ -370,9 +381,18 @@ mod tests {
             "nats://h:0",
             "nats://:4222",
             "nats://h:x",
+            "nats://h:1/path",
         ] {
             let e = StateLocation::parse(Some(bad)).expect_err(bad);
             assert!(e.contains("HOST:PORT"), "{bad}: {e}");
         }
+        // credentials are refused, and not echoed in the error
+        for bad in ["nats://user:secret@h:4222", "nats://a:1,u:secret@b:2"] {
+            let e = StateLocation::parse(Some(bad)).expect_err(bad);
+            assert!(!e.contains("secret"), "{bad}: {e}");
+            assert!(e.contains("HOST:PORT"), "{bad}: {e}");
+        }
+        let e = StateLocation::parse(Some("nats://h:1?x=1")).expect_err("a query");
+        assert!(e.contains("HOST:PORT"), "{e}");
     }
 }
