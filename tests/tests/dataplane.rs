@@ -3638,6 +3638,11 @@ plaintext_inbound = "{p_till}"
     let st = b.status();
     assert_eq!(st["connected"], false, "{st}");
     assert_eq!(st["config_version"], 4, "{st}");
+    // the admin socket answers before the workload listeners are bound
+    wait_for(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(p_till).ok().map(|_| ())
+    })
+    .expect("spoke B's plaintext listener back after the restart");
     let r = plain(p_till, "/plain-till-lkg");
     assert_eq!(r.status, 200, "from the last-known-good: {r:?}");
     assert_eq!(r.echo()["server"], "till");
