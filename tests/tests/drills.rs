@@ -345,14 +345,7 @@ fn the_demo_serves_the_store_through_a_hub_outage_and_delivers_evidence_once() {
         .expect("start the demo");
     // --keep: read up to the last child's pid line, then everything answers
     let mut out = BufReader::new(demo.stdout.take().expect("stdout"));
-    let mut stdout = String::new();
-    let mut line = String::new();
-    while !stdout.contains("  spoke-b: pid ") {
-        line.clear();
-        let n = out.read_line(&mut line).expect("read the demo's output");
-        assert!(n > 0, "the demo ended before --keep's listing: {stdout}");
-        stdout.push_str(&line);
-    }
+    let mut stdout = read_until(&mut out, "  spoke-b: pid ");
     let took = started.elapsed();
     eprintln!("the short demo took {took:?} up to --keep's listing");
     let url = |prefix: &str| {
@@ -510,15 +503,8 @@ fn the_demo_stops_every_child_on_sigterm_mid_run() {
         .spawn()
         .expect("start the demo");
     let mut out = BufReader::new(demo.stdout.take().expect("stdout"));
-    let mut stdout = String::new();
-    let mut line = String::new();
     // the timeline's first line: every child is up
-    while !stdout.contains("  0s  normal") {
-        line.clear();
-        let n = out.read_line(&mut line).expect("read");
-        assert!(n > 0, "the demo ended early: {stdout}");
-        stdout.push_str(&line);
-    }
+    read_until(&mut out, "  0s  normal");
     let me = demo.id();
     let children: Vec<u32> = std::fs::read_dir("/proc")
         .expect("/proc")
@@ -559,4 +545,17 @@ fn the_demo_stops_every_child_on_sigterm_mid_run() {
     let left: Vec<u32> = children.iter().copied().filter(|&p| alive(p)).collect();
     assert!(left.is_empty(), "left running: {left:?}");
     assert!(work.join("hub.log").is_file(), "the logs stay");
+}
+
+/// Reads the demo's output up to and including the line holding `marker`.
+fn read_until(out: &mut impl BufRead, marker: &str) -> String {
+    let mut text = String::new();
+    let mut line = String::new();
+    while !text.contains(marker) {
+        line.clear();
+        let n = out.read_line(&mut line).expect("read the demo's output");
+        assert!(n > 0, "the demo ended before {marker:?}: {text}");
+        text.push_str(&line);
+    }
+    text
 }
