@@ -21,6 +21,7 @@ pub mod authority;
 pub mod config;
 pub mod durable;
 pub mod evidence;
+mod follow;
 pub mod gateway;
 pub mod ingest;
 pub mod jwks;
@@ -953,6 +954,8 @@ impl Hub {
         tidemesh_net::sd_notify::notify_logged("READY=1\nSTATUS=serving");
         let hub = self.clone();
         let prune_task = tokio::spawn(async move { hub.prune_loop().await });
+        // other replicas' config applies and revocations (shared state only)
+        let follow_task = self.follow_shared_state();
         let (otlp_stop, otlp_task) = match &self.inner.otlp {
             Some(x) => {
                 info!(endpoint = %x.endpoint(), "exporting spans over OTLP/HTTP");
@@ -1009,6 +1012,9 @@ impl Hub {
         }
         watchdog_task.abort();
         prune_task.abort();
+        if let Some(t) = follow_task {
+            t.abort();
+        }
         if let (Some(stop), Some(mut task)) = (otlp_stop, otlp_task) {
             // what is queued gets a last, short chance to leave
             let _ = stop.send(());

@@ -491,13 +491,38 @@ impl Hub {
         Ok(v)
     }
 
-    fn publish(&self, v: ConfigVersion) -> Arc<ConfigVersion> {
+    /// Makes `v` the newest version and wakes the long polls, unless a
+    /// newer one is already published (another replica's, seen through the
+    /// shared state, may arrive before or after our own apply).
+    pub(crate) fn publish(&self, v: ConfigVersion) -> Arc<ConfigVersion> {
         let v = Arc::new(v);
+        let n = v.meta.version;
         if let Ok(mut c) = self.inner.latest.lock() {
-            *c = Some(v.clone());
+            if c.as_ref().is_none_or(|cur| cur.meta.version < n) {
+                *c = Some(v.clone());
+            }
+            self.inner.config_tx.send_if_modified(|cur| {
+                let newer = *cur < n;
+                if newer {
+                    *cur = n;
+                }
+                newer
+            });
         }
-        self.inner.config_tx.send_replace(v.meta.version);
         v
+    }
+
+    /// The newest version as the store holds it now, published if it is
+    /// newer than the cached one: what an edit builds on, so that an apply
+    /// on one hub replica starts from another's latest.
+    fn refresh_latest(&self) -> Result<Option<Arc<ConfigVersion>>, HubError> {
+        match self.inner.store.config_latest()? {
+            Some(v) => {
+                self.publish(v);
+                self.latest_config()
+            }
+            None => self.latest_config(),
+        }
     }
 
     /// Validates `yaml` against the current config and, if every check
@@ -544,7 +569,7 @@ impl Hub {
             .apply_lock
             .lock()
             .map_err(|_| HubError::Invalid("apply lock poisoned".into()))?;
-        let cur = self.latest_config()?;
+        let cur = self.refresh_latest()?;
         let base = cur.as_ref().map(|c| c.config.clone()).unwrap_or_default();
         let plan = plan_edit(&base, edit, self.now_ms())?;
         let summary = change_summary(&base, &plan.candidate);
@@ -579,7 +604,7 @@ impl Hub {
         // Key set files are read again: the version rolled back to gets
         // today's keys, stamped now.
         check_files(&mut target.config, self.now_ms()).map_err(HubError::Invalid)?;
-        let cur = self.latest_config()?;
+        let cur = self.refresh_latest()?;
         let base = cur.as_ref().map(|c| c.config.clone()).unwrap_or_default();
         let summary = format!(
             "rollback to version {to}: {}",

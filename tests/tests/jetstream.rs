@@ -533,3 +533,146 @@ fn hub_serve_on_jetstream_enrolls_a_spoke() {
     );
     hub.stop();
 }
+
+/// A second `serve --store nats://...` replica of the hub behind `a`:
+/// its own data directory holding a copy of `a`'s CA key and certificate
+/// (made by `init` with the default store, whose `hub.db` is removed, then
+/// given `a`'s CA files), serving from the same cluster.
+fn second_replica(root: &std::path::Path, a: &HubProc, url: &str) -> HubProc {
+    let b = HubProc::init(root, TD).with_args(&["--store", url]);
+    for f in ["ca_key.pem", "ca.pem"] {
+        std::fs::copy(a.dir.join(f), b.dir.join(f)).expect("copy the CA file");
+    }
+    std::fs::remove_file(b.dir.join("hub.db")).expect("remove hub.db");
+    b
+}
+
+/// Two hub replicas on one cluster: a config applied through replica A
+/// wakes the long poll a spoke holds on replica B (within 2 s of the
+/// apply, against the spoke's 20 s poll), also after the NATS server
+/// leading the config bucket is killed; and a spoke revoked through A is
+/// cut off by B.
+#[test]
+fn an_apply_on_one_replica_reaches_spokes_on_the_other() {
+    if !nats::available("an_apply_on_one_replica_reaches_spokes_on_the_other") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut cluster = nats::Cluster::start(tmp.path(), 3);
+    let url = cluster.url();
+    let mut a =
+        HubProc::init_with(tmp.path(), TD, &["--store", &url]).with_args(&["--store", &url]);
+    let mut b = second_replica(&tmp.path().join("b"), &a, &url);
+    a.start();
+    let b_addr = b.start();
+
+    // a spoke enrolled through B and connected to B only
+    let id = node("n1");
+    let mut spoke = SpokeProc::new(tmp.path(), "s1", &id);
+    let o = spoke.enroll(b_addr, &b.token(&id, "10m"));
+    assert!(o.status.success(), "enroll at B: {}\n{}", text(&o), b.log());
+    spoke.start();
+    spoke.wait_state("connected", Duration::from_secs(15));
+    assert!(spoke.status()["config_version"].is_null());
+    // its long poll is held by B now
+    std::thread::sleep(Duration::from_millis(500));
+
+    let f = tmp.path().join("mesh.yaml");
+    for (version, doc) in [
+        (1, tidemesh_tests::STORE_SF01.to_owned()),
+        (
+            2,
+            tidemesh_tests::STORE_SF01.replace("us-west-2a", "us-west-2b"),
+        ),
+    ] {
+        std::fs::write(&f, doc).expect("yaml");
+        let t0 = Instant::now();
+        let o = a.cli(&["apply", "-f", f.to_str().expect("utf8")]);
+        assert!(o.status.success(), "apply at A: {}", text(&o));
+        let applied = t0.elapsed();
+        let t1 = Instant::now();
+        wait_for(Duration::from_secs(15), || {
+            (spoke.try_status()?["config_version"] == version).then_some(())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "version {version} applied at A never reached the spoke on B: {:?}\nB:\n{}",
+                spoke.try_status(),
+                b.log()
+            )
+        });
+        let reached = t1.elapsed();
+        eprintln!(
+            "version {version}: apply at A took {applied:?}; the spoke on B had it {reached:?} after"
+        );
+        assert!(
+            reached <= Duration::from_secs(2),
+            "version {version} reached the spoke on B {reached:?} after the apply at A (the poll would have returned by itself after 20 s)"
+        );
+    }
+    // B's own view follows too
+    let o = b.cli(&["config", "get"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("us-west-2b"), "{}", text(&o));
+
+    // the NATS server leading the config bucket is killed: the watches
+    // are re-created on the other two, and the next apply still wakes B
+    let victim = wait_for(Duration::from_secs(10), || {
+        cluster.stream_leader("KV_tidemesh_config")
+    })
+    .expect("the config bucket has a leader");
+    cluster.kill(victim);
+    std::fs::write(
+        &f,
+        tidemesh_tests::STORE_SF01.replace("us-west-2a", "us-west-2c"),
+    )
+    .expect("yaml");
+    let t0 = Instant::now();
+    let o = a.cli(&["apply", "-f", f.to_str().expect("utf8")]);
+    assert!(
+        o.status.success(),
+        "apply at A after the kill: {}",
+        text(&o)
+    );
+    let applied = t0.elapsed();
+    let t1 = Instant::now();
+    wait_for(Duration::from_secs(30), || {
+        (spoke.try_status()?["config_version"] == 3).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "version 3 (after killing n{victim}) never reached the spoke on B: {:?}\nB:\n{}",
+            spoke.try_status(),
+            b.log()
+        )
+    });
+    let reached = t1.elapsed();
+    eprintln!(
+        "killed n{victim} (config bucket leader): the apply at A took {applied:?}; the spoke on B had version 3 {reached:?} after"
+    );
+    assert!(
+        reached < Duration::from_secs(15),
+        "{reached:?}: the spoke's own 20 s poll, not the watch"
+    );
+
+    // revoked through A: B closes the spoke's session and refuses it
+    let t0 = Instant::now();
+    let o = a.cli(&["revoke", "--spoke", &id]);
+    assert!(o.status.success(), "revoke at A: {}", text(&o));
+    spoke.wait_state("revoked", Duration::from_secs(15));
+    eprintln!(
+        "revocation at A reached the spoke on B in {:?}",
+        t0.elapsed()
+    );
+    let row = b.spoke(&id).expect("listed at B");
+    assert_eq!(row["connected"], false, "{row}");
+    spoke.kill();
+    spoke.start();
+    std::thread::sleep(Duration::from_secs(3));
+    let st = spoke.status();
+    assert_eq!(st["connected"], false, "{st}");
+    assert_eq!(b.spoke(&id).expect("listed")["connected"], false);
+    spoke.stop();
+    a.stop();
+    b.stop();
+}

@@ -60,11 +60,37 @@ use crate::store::{
     TokenRecord, TokenState, TokenUse,
 };
 
+/// What another process sharing the state may have changed (see
+/// [`HubState::watch_changes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Changed {
+    /// The config versions (a new one appended).
+    Config,
+    /// The revocation list.
+    Revocations,
+}
+
+/// Called by a backend's watcher; must return at once (it runs on the
+/// backend's own threads).
+pub type OnChange = Arc<dyn Fn(Changed) + Send + Sync>;
+
 /// The hub's control-plane records, whatever holds them. Every method
 /// blocks; call it from the blocking pool (see the module doc).
 pub trait HubState: Send + Sync + std::fmt::Debug {
     /// Which backend: `redb` or `jetstream`.
     fn backend(&self) -> &'static str;
+
+    /// Starts following changes that other processes sharing this state
+    /// (hub replicas) make to the config versions and the revocation
+    /// list: `on_change` is called after each such change (ours too), and
+    /// once whenever the watch is (re)established, since a change made
+    /// while it was down is not replayed; the caller re-reads the latest
+    /// and compares. Returns `false`, watching nothing, when no other
+    /// process can change the state (redb: one hub owns `hub.db`).
+    fn watch_changes(&self, on_change: OnChange) -> bool {
+        let _ = on_change;
+        false
+    }
 
     /// A meta value (`trust_domain`, `schema`).
     fn meta(&self, key: &str) -> Result<Option<String>, StoreError>;

@@ -59,7 +59,7 @@ use tidemesh_identity::{revocation::RevokedKey, RevocationList, SpiffeId};
 use tidemesh_policy::MeshConfig;
 use tokio_stream::StreamExt as _;
 
-use super::HubState;
+use super::{Changed, HubState, OnChange};
 use crate::config::{ConfigVersion, VersionMeta};
 use crate::store::{
     AuditEntry, AuditPage, AuditQuery, NodeCaRecord, SpokeRecord, StoreError, TokenOutcome,
@@ -72,6 +72,11 @@ pub const OP_DEADLINE: Duration = Duration::from_secs(30);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// Pause between retries of a failed step.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
+/// First pause before re-creating a failed KV watch; doubles up to
+/// [`WATCH_RETRY_MAX`] while it keeps failing.
+const WATCH_RETRY_MIN: Duration = Duration::from_millis(100);
+/// Longest pause between attempts to re-create a KV watch.
+const WATCH_RETRY_MAX: Duration = Duration::from_secs(5);
 
 const AUDIT_STREAM: &str = "TIDEMESH_AUDIT";
 const AUDIT_SUBJECT: &str = "tidemesh.audit";
@@ -688,6 +693,45 @@ impl NatsState {
     }
 }
 
+/// Follows one bucket with a KV watch (new writes only), calling
+/// `on_change` for each and once after every (re)start of the watch: a
+/// write made while no watch ran is not replayed, so the caller re-reads.
+/// A failed or ended watch (a NATS server lost, its consumer gone) is
+/// re-created after a pause that doubles from [`WATCH_RETRY_MIN`] to
+/// [`WATCH_RETRY_MAX`] while it keeps failing. Runs until the backend's
+/// runtime stops.
+async fn watch_bucket(kv: Arc<kv::Store>, what: Changed, on_change: OnChange) {
+    let bucket = kv.name.clone();
+    let mut pause = WATCH_RETRY_MIN;
+    loop {
+        match kv.watch_all().await {
+            Ok(mut w) => {
+                tracing::debug!(bucket = %bucket, "watching for changes by other hub replicas");
+                on_change(what);
+                pause = WATCH_RETRY_MIN;
+                loop {
+                    match w.next().await {
+                        Some(Ok(_)) => on_change(what),
+                        Some(Err(e)) => {
+                            tracing::warn!(bucket = %bucket, error = %e, "KV watch failed; re-creating it");
+                            break;
+                        }
+                        None => {
+                            tracing::warn!(bucket = %bucket, "KV watch ended; re-creating it");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(bucket = %bucket, error = %e, retry_in = ?pause, "cannot watch the bucket; retrying");
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(WATCH_RETRY_MAX);
+    }
+}
+
 /// Whether the token slot `cur` is the tombstone `written` put there: the
 /// same claim number, whatever was noted on it since (a replay).
 fn same_claim(written: &[u8], cur: &[u8]) -> bool {
@@ -719,6 +763,17 @@ fn tombstone(tok: &TokenRecord, now_ms: u64, outcome: TokenOutcome, claim: u64) 
 impl HubState for NatsState {
     fn backend(&self) -> &'static str {
         "jetstream"
+    }
+
+    fn watch_changes(&self, on_change: OnChange) -> bool {
+        for (b, what) in [
+            (Bucket::Config, Changed::Config),
+            (Bucket::Revocations, Changed::Revocations),
+        ] {
+            self.handle
+                .spawn(watch_bucket(self.kv(b), what, on_change.clone()));
+        }
+        true
     }
 
     fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
