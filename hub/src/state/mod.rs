@@ -8,7 +8,9 @@
 //! - **NATS JetStream** ([`nats::NatsState`], `--store nats://...`): KV
 //!   buckets and an audit stream on a JetStream cluster, so that several
 //!   hub replicas can share the state later (the layout is documented in
-//!   [`nats`]). A preview: one hub uses it today; replicas are not done.
+//!   [`nats`]). A preview: hub replicas on one cluster see each other's
+//!   config versions and revocations ([`HubState::watch_changes`]); the
+//!   spoke registry and evidence are still per hub process.
 //!
 //! Who drives it: [`crate::Hub`], from its durable slots
 //! ([`crate::durable`]) and from `spawn_blocking`. What it must not do:

@@ -1,7 +1,9 @@
 //! The hub's control-plane state on a NATS JetStream cluster
 //! (`tidemesh-hub init|serve --store nats://HOST:PORT[,HOST:PORT...]`), a
-//! preview: one hub at a time uses it today; the layout is made so that
-//! several hub replicas can share it later.
+//! preview: several hub replicas can share it; each watches the config
+//! and revocation buckets (KV watches, re-created with backoff when a
+//! server is lost) so that a change made through one replica reaches the
+//! spokes of all ([`crate::HubState::watch_changes`]).
 //!
 //! Who drives it: [`crate::Hub`] through [`super::HubState`], from the
 //! blocking pool. What it must not do: hold the CA key (it stays in the
