@@ -12,12 +12,21 @@ use std::{
     time::{Duration, Instant},
 };
 
+use tidemesh_evidence::{
+    samples, Batch, Chain, NewRecord, SealedRecord, UnixMillis, VerifiedBatch,
+};
+use tidemesh_hub::evidence::{
+    nats::NatsEvidence, EvidenceBackend, EvidenceStore, IngestError, Query,
+};
 use tidemesh_hub::{
     state::nats::NatsState,
     store::{NodeCaRecord, TokenOutcome, TokenRecord, TokenState, TokenUse},
     AuditEntry, AuditQuery, HubState, SpokeRecord, Store,
 };
-use tidemesh_identity::{svid::sha256, SpiffeId};
+use tidemesh_identity::{
+    svid::{self, sha256, KeyPair},
+    SpiffeId,
+};
 use tidemesh_policy::MeshConfig;
 use tidemesh_tests::{bin, nats, run, text, wait_for, HubProc, SpokeProc, TD};
 
@@ -532,4 +541,216 @@ fn hub_serve_on_jetstream_enrolls_a_spoke() {
         "{events:?}"
     );
     hub.stop();
+}
+
+const T0: u64 = 1_705_314_600_000;
+
+/// Requests 1..=n of `spoke`, record `i` at `T0 + i s`; bodies differ from
+/// `fork_at` on (another chain sharing the first records).
+fn ev_chain(spoke: &SpiffeId, n: u64, fork_at: u64) -> Vec<SealedRecord> {
+    let mut chain = Chain::genesis(spoke);
+    (1..=n)
+        .map(|i| {
+            let t = UnixMillis(T0 + i * 1000);
+            let body = samples::request(if i >= fork_at { i + 1000 } else { i }, t);
+            chain.append(NewRecord::new(t, body)).expect("appends")
+        })
+        .collect()
+}
+
+fn signed(spoke: &SpiffeId, key: &KeyPair, recs: &[SealedRecord]) -> VerifiedBatch {
+    Batch::sign(spoke.clone(), recs.to_vec(), key)
+        .expect("signs")
+        .verify_signature(key.public_key_raw())
+        .expect("verifies")
+}
+
+fn all() -> Query {
+    Query {
+        since: None,
+        kind: None,
+        from_seq: None,
+        limit: usize::MAX,
+    }
+}
+
+/// The evidence store cases, whatever the backend: batches in order, a
+/// resend overlapping what is stored (duplicates, stored once), a batch
+/// ahead of the high-water mark, a fork, a refusal the caller decided;
+/// stats, query and verify after each.
+fn exercise_evidence(s: &dyn EvidenceBackend) {
+    let key = svid::generate_key().expect("key");
+    let a = SpiffeId::parse(&node("ev-a")).expect("id");
+    let b = SpiffeId::parse(&node("ev-b")).expect("id");
+    let now = UnixMillis(T0 + 100_000);
+    let c = ev_chain(&a, 10, u64::MAX);
+
+    assert_eq!(s.position(&a).expect("pos").last_seq(), 0);
+    let o = s
+        .ingest(&signed(&a, &key, &c[0..4]), [7; 32], now)
+        .expect("1..=4");
+    assert_eq!((o.position.last_seq(), o.stored, o.duplicates), (4, 4, 0));
+    assert_eq!(o.first_stored, Some(1));
+    // a resend of 3..=6 (the ack of 1..=4 lost): 3, 4 duplicates, 5, 6 new
+    let o = s
+        .ingest(&signed(&a, &key, &c[2..6]), [7; 32], now)
+        .expect("3..=6");
+    assert_eq!((o.position.last_seq(), o.stored, o.duplicates), (6, 2, 2));
+    assert_eq!(o.first_stored, Some(5));
+    // the same again: all duplicates, nothing stored
+    let o = s
+        .ingest(&signed(&a, &key, &c[2..6]), [7; 32], now)
+        .expect("again");
+    assert_eq!((o.position.last_seq(), o.stored, o.duplicates), (6, 0, 4));
+    // ahead: 8..=10 while the hub holds up to 6
+    let e = s
+        .ingest(&signed(&a, &key, &c[7..10]), [7; 32], now)
+        .expect_err("ahead");
+    assert!(matches!(e, IngestError::Ahead { .. }), "{e}");
+    assert_eq!(s.position(&a).expect("pos").last_seq(), 6);
+    // a fork: another record 2 (bytes differ from the stored one)
+    let fork = ev_chain(&a, 8, 2);
+    let e = s
+        .ingest(&signed(&a, &key, &fork[1..8]), [7; 32], now)
+        .expect_err("fork");
+    assert!(matches!(e, IngestError::Fork { .. }), "{e}");
+    // the rest, in order
+    let o = s
+        .ingest(&signed(&a, &key, &c[6..10]), [7; 32], now)
+        .expect("7..=10");
+    assert_eq!((o.position.last_seq(), o.stored), (10, 4));
+    s.record_rejection(&a, "bad signature", now)
+        .expect("reject");
+
+    let st = s.stats(&a).expect("stats");
+    assert_eq!(st.high_water_mark, 10);
+    assert_eq!(st.records, 10);
+    assert_eq!(st.first_seq_held, 1);
+    assert_eq!(st.rejected_batches, 2, "the fork and the rejection");
+    assert_eq!(st.chain_breaks, 1, "the fork");
+    assert!(!st.chain_ok);
+    assert_eq!(st.last_error.as_deref(), Some("bad signature"));
+    let got = s.query(&a, &all()).expect("query");
+    assert_eq!(got, c, "every record once, in order");
+    let q = Query {
+        from_seq: Some(5),
+        limit: 3,
+        ..all()
+    };
+    let got: Vec<u64> = s
+        .query(&a, &q)
+        .expect("query")
+        .iter()
+        .map(|r| r.seq.get())
+        .collect();
+    assert_eq!(got, vec![5, 6, 7]);
+    let v = s.verify(&a).expect("verify");
+    assert!(v.ok, "{v:?}");
+    assert_eq!((v.records_checked, v.from_seq, v.to_seq), (10, 1, 10));
+
+    // another spoke is separate
+    assert_eq!(s.position(&b).expect("pos").last_seq(), 0);
+    let cb = ev_chain(&b, 3, u64::MAX);
+    let o = s.ingest(&signed(&b, &key, &cb), [7; 32], now).expect("b");
+    assert_eq!(o.position.last_seq(), 3);
+    assert!(s.verify(&b).expect("verify b").ok);
+    assert_eq!(s.stats(&b).expect("stats b").records, 3);
+    assert_eq!(s.stats(&a).expect("stats a").records, 10);
+}
+
+#[test]
+fn evidence_store_cases_pass_on_redb() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let s = EvidenceStore::open(&tmp.path().join("evidence.db")).expect("open");
+    assert_eq!(EvidenceBackend::backend(&s), "redb");
+    exercise_evidence(&s);
+}
+
+#[test]
+fn evidence_store_cases_pass_on_jetstream() {
+    if !nats::available("evidence_store_cases_pass_on_jetstream") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cluster = nats::Cluster::start(tmp.path(), 3);
+    let s = NatsEvidence::open(&cluster.servers()).expect("open");
+    assert_eq!(s.backend(), "jetstream");
+    exercise_evidence(&s);
+    let n = wait_for(Duration::from_secs(10), || {
+        cluster
+            .stream_servers("TIDEMESH_EVIDENCE")
+            .filter(|&n| n == 3)
+    });
+    assert_eq!(n, Some(3), "the evidence stream on 3 servers");
+    // a second connection (another replica) reads the same chain
+    let again = NatsEvidence::open(&cluster.servers()).expect("open again");
+    let a = SpiffeId::parse(&node("ev-a")).expect("id");
+    assert_eq!(again.position(&a).expect("pos").last_seq(), 10);
+    assert!(again.verify(&a).expect("verify").ok);
+}
+
+/// Two connections, as two hub replicas hold, accept the same spoke's
+/// next batch at once, 30 times: each time exactly one stores it, the
+/// other finds it stored (all duplicates) and acks the same position;
+/// every record is stored once and the chain verifies.
+#[test]
+fn two_replicas_racing_on_one_spokes_batch_store_it_once() {
+    if !nats::available("two_replicas_racing_on_one_spokes_batch_store_it_once") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cluster = nats::Cluster::start(tmp.path(), 3);
+    let hubs: [Arc<NatsEvidence>; 2] = [
+        Arc::new(NatsEvidence::open(&cluster.servers()).expect("open")),
+        Arc::new(NatsEvidence::open(&cluster.servers()).expect("open")),
+    ];
+    let key = Arc::new(svid::generate_key().expect("key"));
+    let spoke = SpiffeId::parse(&node("racer")).expect("id");
+    let per = 5u64;
+    let races = 30u64;
+    let c = Arc::new(ev_chain(&spoke, per * races, u64::MAX));
+    let mut wins = [0u32; 2];
+    for race in 0..races {
+        let lo = (race * per) as usize;
+        let batch = Arc::new(signed(&spoke, &key, &c[lo..lo + per as usize]));
+        let barrier = Arc::new(Barrier::new(2));
+        let racers: Vec<_> = (0..2)
+            .map(|i| {
+                let (hub, barrier, batch) = (hubs[i].clone(), barrier.clone(), batch.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    hub.ingest(&batch, [i as u8; 32], UnixMillis(T0))
+                        .expect("ingest")
+                })
+            })
+            .collect();
+        let got: Vec<_> = racers
+            .into_iter()
+            .map(|t| t.join().expect("racer"))
+            .collect();
+        let end = (race + 1) * per;
+        for o in &got {
+            assert_eq!(o.position.last_seq(), end, "race {race}: {got:?}");
+        }
+        let winners: Vec<usize> = (0..2).filter(|&i| got[i].stored > 0).collect();
+        assert_eq!(winners.len(), 1, "race {race}: {got:?}");
+        let w = winners[0];
+        assert_eq!(got[w].stored as u64, per, "race {race}: {got:?}");
+        assert_eq!(got[1 - w].duplicates as u64, per, "race {race}: {got:?}");
+        wins[w] += 1;
+    }
+    eprintln!("winning replica per race: {wins:?} of {races}");
+    let st = hubs[0].stats(&spoke).expect("stats");
+    assert_eq!(st.high_water_mark, per * races);
+    assert_eq!(st.records, per * races);
+    assert_eq!(st.batches, races, "one stored batch per race");
+    let stored: Vec<u64> = hubs[1]
+        .query(&spoke, &all())
+        .expect("query")
+        .iter()
+        .map(|r| r.seq.get())
+        .collect();
+    assert_eq!(stored, (1..=per * races).collect::<Vec<_>>(), "each once");
+    let v = hubs[1].verify(&spoke).expect("verify");
+    assert!(v.ok && v.records_checked == per * races, "{v:?}");
 }
