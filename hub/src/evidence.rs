@@ -202,6 +202,9 @@ pub enum EvidenceStoreError {
         "the evidence database is closed after a write error and not reopened yet; retry later"
     )]
     Closed,
+    /// Not available on this backend yet.
+    #[error("{0} is not available on the JetStream evidence store yet")]
+    Unsupported(&'static str),
     /// The NATS JetStream evidence store failed (no answer, no leader).
     #[error("evidence on JetStream, {op}: {reason}")]
     Nats {
@@ -615,6 +618,30 @@ pub trait EvidenceBackend: Send + Sync + std::fmt::Debug {
     fn verify(&self, spoke: &SpiffeId) -> Result<VerifyReport, EvidenceStoreError>;
     /// `spoke`'s counters.
     fn stats(&self, spoke: &SpiffeId) -> Result<SpokeEvidenceStats, EvidenceStoreError>;
+    /// Every spoke with evidence, by ID.
+    fn spokes(&self) -> Result<Vec<SpokeEvidenceStats>, EvidenceStoreError>;
+    /// Records a gap the spoke declared (see [`EvidenceStore::declare_gap`]).
+    fn declare_gap(
+        &self,
+        spoke: &SpiffeId,
+        resume: &ChainPosition,
+        reason: &str,
+        now: UnixMillis,
+    ) -> Result<GapInfo, EvidenceStoreError>;
+    /// The aggregates (see "Aggregates").
+    fn aggregates(&self, spoke: Option<&SpiffeId>) -> Result<Vec<Aggregate>, EvidenceStoreError>;
+    /// Applies a retention policy (see "Retention").
+    fn prune(&self, policy: &Retention, now: UnixMillis)
+        -> Result<PruneReport, EvidenceStoreError>;
+    /// Whether `e` is a storage failure a retry may cure.
+    fn fault(&self, e: &EvidenceStoreError) -> Option<StorageFault> {
+        StorageFault::of(e)
+    }
+    /// Reopens the store after a storage failure (a no-op where nothing
+    /// needs reopening).
+    fn reopen(&self) -> Result<(), EvidenceStoreError> {
+        Ok(())
+    }
 }
 
 impl EvidenceBackend for EvidenceStore {
@@ -648,6 +675,34 @@ impl EvidenceBackend for EvidenceStore {
     }
     fn stats(&self, spoke: &SpiffeId) -> Result<SpokeEvidenceStats, EvidenceStoreError> {
         EvidenceStore::stats(self, spoke)
+    }
+    fn spokes(&self) -> Result<Vec<SpokeEvidenceStats>, EvidenceStoreError> {
+        EvidenceStore::spokes(self)
+    }
+    fn declare_gap(
+        &self,
+        spoke: &SpiffeId,
+        resume: &ChainPosition,
+        reason: &str,
+        now: UnixMillis,
+    ) -> Result<GapInfo, EvidenceStoreError> {
+        EvidenceStore::declare_gap(self, spoke, resume, reason, now)
+    }
+    fn aggregates(&self, spoke: Option<&SpiffeId>) -> Result<Vec<Aggregate>, EvidenceStoreError> {
+        EvidenceStore::aggregates(self, spoke)
+    }
+    fn prune(
+        &self,
+        policy: &Retention,
+        now: UnixMillis,
+    ) -> Result<PruneReport, EvidenceStoreError> {
+        EvidenceStore::prune(self, policy, now)
+    }
+    fn fault(&self, e: &EvidenceStoreError) -> Option<StorageFault> {
+        EvidenceStore::fault(self, e)
+    }
+    fn reopen(&self) -> Result<(), EvidenceStoreError> {
+        EvidenceStore::reopen(self)
     }
 }
 

@@ -60,8 +60,8 @@ use tidemesh_evidence::{
 use tidemesh_identity::SpiffeId;
 
 use super::{
-    agg_key, check_duplicate_against, mode_name, AggRow, BatchRow, EvidenceBackend,
-    EvidenceStoreError, IngestError, IngestOutcome, Query, SpokeEvidenceStats, SpokeState,
+    check_duplicate_against, Aggregate, BatchRow, EvidenceBackend, EvidenceStoreError, GapInfo,
+    IngestError, IngestOutcome, PruneReport, Query, Retention, SpokeEvidenceStats, SpokeState,
     VerifyReport, Walk,
 };
 
@@ -507,7 +507,6 @@ fn decide_batch(
     now: UnixMillis,
 ) -> Decided {
     let spoke_id = batch.spoke();
-    let spoke = spoke_id.to_string();
     let mut st = snap
         .tip
         .as_ref()
@@ -517,7 +516,6 @@ fn decide_batch(
     let (mut bytes, mut shed_records, mut dropped) = (0u64, 0u64, 0u64);
     let mut records = Vec::new();
     let mut cut_shed = None;
-    let mut aggs: std::collections::BTreeMap<String, AggRow> = Default::default();
     for r in batch.records() {
         let next = verifier.position().next_seq;
         let cut;
@@ -560,16 +558,9 @@ fn decide_batch(
         bytes += enc.len() as u64;
         records.push((rec.seq.get(), enc));
         stored = stored.saturating_add(1);
-        match &rec.body {
-            RecordBody::Request(req) => aggs
-                .entry(agg_key(&spoke, &req.service_name, mode_name(req.mode)))
-                .or_default()
-                .add_request(req),
-            RecordBody::Shed(s) => {
-                shed_records += 1;
-                dropped += s.count;
-            }
-            _ => {}
+        if let RecordBody::Shed(s) = &rec.body {
+            shed_records += 1;
+            dropped += s.count;
         }
     }
     let position = *verifier.position();
@@ -731,5 +722,67 @@ impl EvidenceBackend for NatsEvidence {
             st.checkpoint.next_seq.get()
         };
         Ok(st.stats(&spoke.to_string(), first))
+    }
+
+    fn spokes(&self) -> Result<Vec<SpokeEvidenceStats>, EvidenceStoreError> {
+        let until = Instant::now() + OP_DEADLINE;
+        let subjects = self.retrying(until, "spokes", || {
+            let js = self.js.clone();
+            self.run(until, async move {
+                let s = js
+                    .get_stream_no_info(STREAM)
+                    .await
+                    .map_err(|e| format!("stream {STREAM}: {e}"))?;
+                let mut list = s
+                    .info_with_subjects(format!("{SUBJECT_PREFIX}*"))
+                    .await
+                    .map_err(|e| format!("stream {STREAM} subjects: {e}"))?;
+                let mut out = Vec::new();
+                while let Some(item) = tokio_stream::StreamExt::next(&mut list).await {
+                    let (subject, _) =
+                        item.map_err(|e| format!("stream {STREAM} subjects: {e}"))?;
+                    out.push(subject);
+                }
+                Ok(out)
+            })
+        })?;
+        let mut ids = Vec::new();
+        for subj in subjects {
+            let hex = subj.strip_prefix(SUBJECT_PREFIX).unwrap_or("");
+            let bytes: Option<Vec<u8>> = (0..hex.len() / 2)
+                .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+                .collect();
+            let id = bytes
+                .and_then(|b| String::from_utf8(b).ok())
+                .and_then(|s| SpiffeId::parse(&s).ok())
+                .ok_or_else(|| super::corrupt("evidence stream", format!("subject {subj}")))?;
+            ids.push(id);
+        }
+        ids.sort_by_key(|id| id.to_string());
+        ids.iter().map(|id| self.stats(id)).collect()
+    }
+
+    fn declare_gap(
+        &self,
+        _spoke: &SpiffeId,
+        _resume: &ChainPosition,
+        _reason: &str,
+        _now: UnixMillis,
+    ) -> Result<GapInfo, EvidenceStoreError> {
+        Err(EvidenceStoreError::Unsupported("declaring a gap"))
+    }
+
+    fn aggregates(&self, _spoke: Option<&SpiffeId>) -> Result<Vec<Aggregate>, EvidenceStoreError> {
+        Err(EvidenceStoreError::Unsupported("aggregates"))
+    }
+
+    fn prune(
+        &self,
+        _policy: &Retention,
+        _now: UnixMillis,
+    ) -> Result<PruneReport, EvidenceStoreError> {
+        Err(EvidenceStoreError::Unsupported(
+            "retention (evidence prune)",
+        ))
     }
 }
