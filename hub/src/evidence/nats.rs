@@ -406,7 +406,7 @@ impl NatsEvidence {
                     let (_, step) = next_back.take()?;
                     if let StepKind::Batch { records, .. } = &step.kind {
                         let mut rs = records.clone();
-                        rs.extend(loaded.drain(..));
+                        rs.append(&mut loaded);
                         loaded = rs;
                     }
                     if step.prev != 0 {
