@@ -125,6 +125,8 @@ use tidemesh_evidence::{
 };
 use tidemesh_identity::SpiffeId;
 
+pub mod nats;
+
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const SPOKES: TableDefinition<&str, &[u8]> = TableDefinition::new("spokes");
 const RECORDS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("records");
@@ -200,6 +202,17 @@ pub enum EvidenceStoreError {
         "the evidence database is closed after a write error and not reopened yet; retry later"
     )]
     Closed,
+    /// Not available on this backend yet.
+    #[error("{0} is not available on the JetStream evidence store yet")]
+    Unsupported(&'static str),
+    /// The NATS JetStream evidence store failed (no answer, no leader).
+    #[error("evidence on JetStream, {op}: {reason}")]
+    Nats {
+        /// What it was doing.
+        op: &'static str,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// What kind of storage failure an error is, if it is one a retry (after
@@ -228,7 +241,8 @@ impl StorageFault {
                 },
             ),
             EvidenceStoreError::Db(redb::Error::PreviousIo | redb::Error::DatabaseClosed)
-            | EvidenceStoreError::Closed => Some(StorageFault::WriteFailed),
+            | EvidenceStoreError::Closed
+            | EvidenceStoreError::Nats { .. } => Some(StorageFault::WriteFailed),
             _ => None,
         }
     }
@@ -573,6 +587,125 @@ impl SpokeState {
     }
 }
 
+/// The evidence store's narrow interface: what ingest and verification
+/// need, whatever holds the records. Two backends: [`EvidenceStore`]
+/// (`evidence.db`, redb, the default) and [`nats::NatsEvidence`] (a
+/// JetStream stream shared by hub replicas, `--store nats://...`). Both
+/// apply the same ingest rules (see "Ingest"); both are blocking.
+pub trait EvidenceBackend: Send + Sync + std::fmt::Debug {
+    /// `redb` or `jetstream`.
+    fn backend(&self) -> &'static str;
+    /// The high-water mark: where the stored chain of `spoke` ends.
+    fn position(&self, spoke: &SpiffeId) -> Result<ChainPosition, EvidenceStoreError>;
+    /// Accepts a signature-checked batch: stores the records past the
+    /// high-water mark exactly once and returns the new position.
+    fn ingest(
+        &self,
+        batch: &VerifiedBatch,
+        signer_cert_sha256: [u8; 32],
+        now: UnixMillis,
+    ) -> Result<IngestOutcome, IngestError>;
+    /// Flags a refusal the caller decided (see [`EvidenceStore::record_rejection`]).
+    fn record_rejection(
+        &self,
+        spoke: &SpiffeId,
+        reason: &str,
+        now: UnixMillis,
+    ) -> Result<(), EvidenceStoreError>;
+    /// Stored records of `spoke` in sequence order, filtered by `q`.
+    fn query(&self, spoke: &SpiffeId, q: &Query) -> Result<Vec<SealedRecord>, EvidenceStoreError>;
+    /// Verifies the stored chain (see "Verification").
+    fn verify(&self, spoke: &SpiffeId) -> Result<VerifyReport, EvidenceStoreError>;
+    /// `spoke`'s counters.
+    fn stats(&self, spoke: &SpiffeId) -> Result<SpokeEvidenceStats, EvidenceStoreError>;
+    /// Every spoke with evidence, by ID.
+    fn spokes(&self) -> Result<Vec<SpokeEvidenceStats>, EvidenceStoreError>;
+    /// Records a gap the spoke declared (see [`EvidenceStore::declare_gap`]).
+    fn declare_gap(
+        &self,
+        spoke: &SpiffeId,
+        resume: &ChainPosition,
+        reason: &str,
+        now: UnixMillis,
+    ) -> Result<GapInfo, EvidenceStoreError>;
+    /// The aggregates (see "Aggregates").
+    fn aggregates(&self, spoke: Option<&SpiffeId>) -> Result<Vec<Aggregate>, EvidenceStoreError>;
+    /// Applies a retention policy (see "Retention").
+    fn prune(&self, policy: &Retention, now: UnixMillis)
+        -> Result<PruneReport, EvidenceStoreError>;
+    /// Whether `e` is a storage failure a retry may cure.
+    fn fault(&self, e: &EvidenceStoreError) -> Option<StorageFault> {
+        StorageFault::of(e)
+    }
+    /// Reopens the store after a storage failure (a no-op where nothing
+    /// needs reopening).
+    fn reopen(&self) -> Result<(), EvidenceStoreError> {
+        Ok(())
+    }
+}
+
+impl EvidenceBackend for EvidenceStore {
+    fn backend(&self) -> &'static str {
+        "redb"
+    }
+    fn position(&self, spoke: &SpiffeId) -> Result<ChainPosition, EvidenceStoreError> {
+        EvidenceStore::position(self, spoke)
+    }
+    fn ingest(
+        &self,
+        batch: &VerifiedBatch,
+        signer_cert_sha256: [u8; 32],
+        now: UnixMillis,
+    ) -> Result<IngestOutcome, IngestError> {
+        EvidenceStore::ingest(self, batch, signer_cert_sha256, now)
+    }
+    fn record_rejection(
+        &self,
+        spoke: &SpiffeId,
+        reason: &str,
+        now: UnixMillis,
+    ) -> Result<(), EvidenceStoreError> {
+        EvidenceStore::record_rejection(self, spoke, reason, now)
+    }
+    fn query(&self, spoke: &SpiffeId, q: &Query) -> Result<Vec<SealedRecord>, EvidenceStoreError> {
+        EvidenceStore::query(self, spoke, q)
+    }
+    fn verify(&self, spoke: &SpiffeId) -> Result<VerifyReport, EvidenceStoreError> {
+        EvidenceStore::verify(self, spoke)
+    }
+    fn stats(&self, spoke: &SpiffeId) -> Result<SpokeEvidenceStats, EvidenceStoreError> {
+        EvidenceStore::stats(self, spoke)
+    }
+    fn spokes(&self) -> Result<Vec<SpokeEvidenceStats>, EvidenceStoreError> {
+        EvidenceStore::spokes(self)
+    }
+    fn declare_gap(
+        &self,
+        spoke: &SpiffeId,
+        resume: &ChainPosition,
+        reason: &str,
+        now: UnixMillis,
+    ) -> Result<GapInfo, EvidenceStoreError> {
+        EvidenceStore::declare_gap(self, spoke, resume, reason, now)
+    }
+    fn aggregates(&self, spoke: Option<&SpiffeId>) -> Result<Vec<Aggregate>, EvidenceStoreError> {
+        EvidenceStore::aggregates(self, spoke)
+    }
+    fn prune(
+        &self,
+        policy: &Retention,
+        now: UnixMillis,
+    ) -> Result<PruneReport, EvidenceStoreError> {
+        EvidenceStore::prune(self, policy, now)
+    }
+    fn fault(&self, e: &EvidenceStoreError) -> Option<StorageFault> {
+        EvidenceStore::fault(self, e)
+    }
+    fn reopen(&self) -> Result<(), EvidenceStoreError> {
+        EvidenceStore::reopen(self)
+    }
+}
+
 /// Proof of origin of an accepted batch (see the module docs).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct BatchRow {
@@ -814,12 +947,20 @@ fn check_duplicate(
         .range((spoke, 0)..=(spoke, last.get()))?
         .next_back()
         .transpose()?;
-    let Some((k, v)) = covering else {
+    check_duplicate_against(covering.as_ref().map(|(k, v)| (k.value().1, v.value())), r)
+}
+
+/// The duplicate rule of "Ingest", given the stored row with the greatest
+/// key not past `r`'s last seq (`None`: pruned, or never held).
+fn check_duplicate_against(
+    covering: Option<(u64, &[u8])>,
+    r: &SealedRecord,
+) -> Result<(), IngestError> {
+    let last = r.last_seq();
+    let Some((key, stored)) = covering else {
         // Pruned, or never held (inside a declared gap).
         return Ok(());
     };
-    let key = k.value().1;
-    let stored = v.value();
     if key == r.seq.get() && stored == r.encode().as_slice() {
         return Ok(());
     }

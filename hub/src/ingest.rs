@@ -291,7 +291,7 @@ enum Failed {
 /// After a storage fault, reopens the database (redb does no more work
 /// after an I/O error until then); a failed reopen leaves it closed and
 /// the next batch tries again. Blocking.
-fn reopen_after(store: &crate::evidence::EvidenceStore, f: Failed) -> Failed {
+fn reopen_after(store: &dyn crate::evidence::EvidenceBackend, f: Failed) -> Failed {
     if let Failed::Store(e) = &f {
         if StorageFault::of(e).is_some() {
             if let Err(e) = store.reopen() {
@@ -586,7 +586,7 @@ impl Hub {
                 }
                 Err(IngestError::Store(e)) => Err(Failed::Store(e)),
             }
-            .map_err(|f| reopen_after(&store, f))
+            .map_err(|f| reopen_after(&*store, f))
         })
         .await
         .map_err(|e| Refusal::Flag(format!("ingest task failed: {e}")))?;
@@ -655,7 +655,7 @@ impl Hub {
             store
                 .declare_gap(&spoke, &r, &reason, now)
                 .map_err(|e| match StorageFault::of(&e) {
-                    Some(_) => reopen_after(&store, Failed::Store(e)),
+                    Some(_) => reopen_after(&*store, Failed::Store(e)),
                     None => Failed::Refused(Refusal::Flag(format!("gap refused: {e}"))),
                 })
         })

@@ -355,7 +355,7 @@ pub(crate) struct Inner {
     /// Bumped on every registration; held polls wake on it.
     pub(crate) registry_tx: tokio::sync::watch::Sender<u64>,
     /// Evidence from the spokes (`evidence.db`).
-    pub(crate) evidence: Arc<evidence::EvidenceStore>,
+    pub(crate) evidence: Arc<dyn evidence::EvidenceBackend>,
     /// Evidence ingest slots, rate and counters.
     pub(crate) ingest: Arc<ingest::Limits>,
     /// The OTLP span exporter (`--otlp-endpoint`).
@@ -489,9 +489,19 @@ impl Hub {
         let cert = fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
         let ca = Ca::from_pem(&cert, &key)?;
         let store = location.open(data_dir)?;
-        let ev_path = data_dir.join(EVIDENCE_DB);
-        let evidence = evidence::EvidenceStore::open(&ev_path)
-            .map_err(|e| HubError::Invalid(format!("{}: {e}", ev_path.display())))?;
+        let evidence: Arc<dyn evidence::EvidenceBackend> = match location {
+            StateLocation::Redb => {
+                let ev_path = data_dir.join(EVIDENCE_DB);
+                Arc::new(
+                    evidence::EvidenceStore::open(&ev_path)
+                        .map_err(|e| HubError::Invalid(format!("{}: {e}", ev_path.display())))?,
+                )
+            }
+            StateLocation::Nats(servers) => Arc::new(
+                evidence::nats::NatsEvidence::open(servers)
+                    .map_err(|e| HubError::Invalid(e.to_string()))?,
+            ),
+        };
         Self::assemble(data_dir, ca, store, evidence, cfg, clock)
     }
 
@@ -523,14 +533,14 @@ impl Hub {
         let key = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
         let cert = fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
         let ca = Ca::from_pem(&cert, &key)?;
-        Self::assemble(data_dir, ca, store, evidence, cfg, clock)
+        Self::assemble(data_dir, ca, store, Arc::new(evidence), cfg, clock)
     }
 
     fn assemble(
         data_dir: &Path,
         ca: Ca,
         store: Arc<dyn HubState>,
-        evidence: evidence::EvidenceStore,
+        evidence: Arc<dyn evidence::EvidenceBackend>,
         cfg: HubConfig,
         clock: Arc<dyn Clock>,
     ) -> Result<Hub, HubError> {
@@ -540,7 +550,6 @@ impl Hub {
         let td = TrustDomain::new(&td_s).map_err(|e| HubError::Invalid(e.to_string()))?;
         let revocations = Revocations::new(store.reconcile_revocations(unix_ms(clock.now()))?);
         let latest = store.config_latest()?.map(Arc::new);
-        let evidence = Arc::new(evidence);
         let ingest = Arc::new(ingest::Limits::new(&cfg.ingest));
         let otlp = cfg
             .otlp
@@ -600,8 +609,8 @@ impl Hub {
     }
 
     /// The evidence database (for inspection by tests and tools).
-    pub fn evidence(&self) -> &evidence::EvidenceStore {
-        &self.inner.evidence
+    pub fn evidence(&self) -> &dyn evidence::EvidenceBackend {
+        &*self.inner.evidence
     }
 
     /// Refusals counted since the hub started, by request and reason
@@ -1158,7 +1167,7 @@ impl Hub {
                 let store = self.inner.evidence.clone();
                 // The rest of the stats answer while evidence.db cannot be
                 // read (closed after a failed write, reopened later).
-                let mut v = tokio::task::spawn_blocking(move || evidence_command(&store, &req))
+                let mut v = tokio::task::spawn_blocking(move || evidence_command(&*store, &req))
                     .await
                     .map_err(|e| e.to_string())?
                     .unwrap_or_else(|e| json!({ "evidence_error": e }));
@@ -1219,7 +1228,7 @@ impl Hub {
                 };
                 let store = self.inner.evidence.clone();
                 tokio::task::spawn_blocking(move || {
-                    vector::vector(&store, &spokes, &host, &|m| {
+                    vector::vector(&*store, &spokes, &host, &|m| {
                         use tidemesh_evidence::record::Mode as M;
                         use tidemesh_policy::model::{Mode as P, Observability};
                         let mode = match m {
@@ -1239,7 +1248,7 @@ impl Hub {
             }
             c if c.starts_with("evidence_") => {
                 let store = self.inner.evidence.clone();
-                tokio::task::spawn_blocking(move || evidence_command(&store, &req))
+                tokio::task::spawn_blocking(move || evidence_command(&*store, &req))
                     .await
                     .map_err(|e| e.to_string())?
             }

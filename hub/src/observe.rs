@@ -13,7 +13,7 @@ use tidemesh_evidence::{RecordKind, UnixMillis};
 use tidemesh_identity::SpiffeId;
 use tracing::{info, warn};
 
-use crate::evidence::{EvidenceStore, Query};
+use crate::evidence::{EvidenceBackend, Query};
 use crate::Hub;
 
 /// How long `/readyz` waits for a read of `hub.db`.
@@ -28,7 +28,7 @@ fn now_ms() -> u64 {
 
 /// Runs an evidence admin command (`evidence_query`, `evidence_verify`,
 /// `evidence_stats`, `evidence_prune`, `stats`) against `store`. Blocking.
-pub fn evidence_command(store: &EvidenceStore, req: &Value) -> Result<Value, String> {
+pub fn evidence_command(store: &dyn EvidenceBackend, req: &Value) -> Result<Value, String> {
     let cmd = req.get("cmd").and_then(Value::as_str).unwrap_or("");
     let spoke = || -> Result<SpiffeId, String> {
         let s = req

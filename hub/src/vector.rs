@@ -19,7 +19,7 @@ use tidemesh_evidence::{
 use tidemesh_identity::SpiffeId;
 use tidemesh_policy::vector::{self, CallPath};
 
-use crate::evidence::{EvidenceStore, Query};
+use crate::evidence::{EvidenceBackend, Query};
 
 /// Records read per spoke, newest first.
 const WINDOW: u64 = 5_000;
@@ -111,7 +111,7 @@ fn dimensions(r: &RequestEvidence, path: CallPath, sampling: f64) -> Value {
 /// The newest outbound request records of `service` from `spoke`, newest
 /// first (at most the last [`WINDOW`] records of the spoke are read).
 fn newest(
-    store: &EvidenceStore,
+    store: &dyn EvidenceBackend,
     spoke: &SpiffeId,
     service: &str,
 ) -> Result<Vec<SealedRecord>, String> {
@@ -142,7 +142,7 @@ fn newest(
 /// it, from the records at the hub; `sampling` is the trace sampling of
 /// each mode of the mode matrix in force.
 pub fn vector(
-    store: &EvidenceStore,
+    store: &dyn EvidenceBackend,
     spokes: &[SpiffeId],
     service: &str,
     sampling: &dyn Fn(Mode) -> f64,

@@ -7,17 +7,27 @@
 //! `TIDEMESH_REQUIRE_NATS` is set.
 
 use std::{
-    process::Command,
+    os::unix::fs::PermissionsExt,
+    process::{Child, Command, Stdio},
     sync::{Arc, Barrier},
     time::{Duration, Instant},
 };
 
+use tidemesh_evidence::{
+    samples, Batch, Chain, NewRecord, SealedRecord, UnixMillis, VerifiedBatch,
+};
+use tidemesh_hub::evidence::{
+    nats::NatsEvidence, EvidenceBackend, EvidenceStore, IngestError, Query, Retention,
+};
 use tidemesh_hub::{
     state::nats::NatsState,
     store::{NodeCaRecord, TokenOutcome, TokenRecord, TokenState, TokenUse},
     AuditEntry, AuditQuery, HubState, SpokeRecord, Store,
 };
-use tidemesh_identity::{svid::sha256, SpiffeId};
+use tidemesh_identity::{
+    svid::{self, sha256, KeyPair},
+    SpiffeId,
+};
 use tidemesh_policy::MeshConfig;
 use tidemesh_tests::{bin, nats, run, text, wait_for, HubProc, SpokeProc, TD};
 
@@ -500,8 +510,8 @@ fn hub_serve_on_jetstream_enrolls_a_spoke() {
     assert!(!hub.dir.join("hub.db").exists(), "the state is in NATS");
     let addr = hub.start();
     assert!(
-        hub.dir.join("evidence.db").exists(),
-        "evidence stays in the data dir"
+        !hub.dir.join("evidence.db").exists(),
+        "evidence is in the cluster too"
     );
     assert!(!hub.dir.join("hub.db").exists());
     let id = node("n1");
@@ -674,5 +684,386 @@ fn an_apply_on_one_replica_reaches_spokes_on_the_other() {
     assert_eq!(b.spoke(&id).expect("listed")["connected"], false);
     spoke.stop();
     a.stop();
+    b.stop();
+}
+
+const T0: u64 = 1_705_314_600_000;
+
+/// Requests 1..=n of `spoke`, record `i` at `T0 + i s`; bodies differ from
+/// `fork_at` on (another chain sharing the first records).
+fn ev_chain(spoke: &SpiffeId, n: u64, fork_at: u64) -> Vec<SealedRecord> {
+    let mut chain = Chain::genesis(spoke);
+    (1..=n)
+        .map(|i| {
+            let t = UnixMillis(T0 + i * 1000);
+            let body = samples::request(if i >= fork_at { i + 1000 } else { i }, t);
+            chain.append(NewRecord::new(t, body)).expect("appends")
+        })
+        .collect()
+}
+
+fn signed(spoke: &SpiffeId, key: &KeyPair, recs: &[SealedRecord]) -> VerifiedBatch {
+    Batch::sign(spoke.clone(), recs.to_vec(), key)
+        .expect("signs")
+        .verify_signature(key.public_key_raw())
+        .expect("verifies")
+}
+
+fn all() -> Query {
+    Query {
+        since: None,
+        kind: None,
+        from_seq: None,
+        limit: usize::MAX,
+    }
+}
+
+/// The evidence store cases, whatever the backend: batches in order, a
+/// resend overlapping what is stored (duplicates, stored once), a batch
+/// ahead of the high-water mark, a fork, a refusal the caller decided;
+/// stats, query and verify after each.
+fn exercise_evidence(s: &dyn EvidenceBackend) {
+    let key = svid::generate_key().expect("key");
+    let a = SpiffeId::parse(&node("ev-a")).expect("id");
+    let b = SpiffeId::parse(&node("ev-b")).expect("id");
+    let now = UnixMillis(T0 + 100_000);
+    let c = ev_chain(&a, 10, u64::MAX);
+
+    assert_eq!(s.position(&a).expect("pos").last_seq(), 0);
+    let o = s
+        .ingest(&signed(&a, &key, &c[0..4]), [7; 32], now)
+        .expect("1..=4");
+    assert_eq!((o.position.last_seq(), o.stored, o.duplicates), (4, 4, 0));
+    assert_eq!(o.first_stored, Some(1));
+    // a resend of 3..=6 (the ack of 1..=4 lost): 3, 4 duplicates, 5, 6 new
+    let o = s
+        .ingest(&signed(&a, &key, &c[2..6]), [7; 32], now)
+        .expect("3..=6");
+    assert_eq!((o.position.last_seq(), o.stored, o.duplicates), (6, 2, 2));
+    assert_eq!(o.first_stored, Some(5));
+    // the same again: all duplicates, nothing stored
+    let o = s
+        .ingest(&signed(&a, &key, &c[2..6]), [7; 32], now)
+        .expect("again");
+    assert_eq!((o.position.last_seq(), o.stored, o.duplicates), (6, 0, 4));
+    // ahead: 8..=10 while the hub holds up to 6
+    let e = s
+        .ingest(&signed(&a, &key, &c[7..10]), [7; 32], now)
+        .expect_err("ahead");
+    assert!(matches!(e, IngestError::Ahead { .. }), "{e}");
+    assert_eq!(s.position(&a).expect("pos").last_seq(), 6);
+    // a fork: another record 2 (bytes differ from the stored one)
+    let fork = ev_chain(&a, 8, 2);
+    let e = s
+        .ingest(&signed(&a, &key, &fork[1..8]), [7; 32], now)
+        .expect_err("fork");
+    assert!(matches!(e, IngestError::Fork { .. }), "{e}");
+    // the rest, in order
+    let o = s
+        .ingest(&signed(&a, &key, &c[6..10]), [7; 32], now)
+        .expect("7..=10");
+    assert_eq!((o.position.last_seq(), o.stored), (10, 4));
+    s.record_rejection(&a, "bad signature", now)
+        .expect("reject");
+
+    let st = s.stats(&a).expect("stats");
+    assert_eq!(st.high_water_mark, 10);
+    assert_eq!(st.records, 10);
+    assert_eq!(st.first_seq_held, 1);
+    assert_eq!(st.rejected_batches, 2, "the fork and the rejection");
+    assert_eq!(st.chain_breaks, 1, "the fork");
+    assert!(!st.chain_ok);
+    assert_eq!(st.last_error.as_deref(), Some("bad signature"));
+    let got = s.query(&a, &all()).expect("query");
+    assert_eq!(got, c, "every record once, in order");
+    let q = Query {
+        from_seq: Some(5),
+        limit: 3,
+        ..all()
+    };
+    let got: Vec<u64> = s
+        .query(&a, &q)
+        .expect("query")
+        .iter()
+        .map(|r| r.seq.get())
+        .collect();
+    assert_eq!(got, vec![5, 6, 7]);
+    let v = s.verify(&a).expect("verify");
+    assert!(v.ok, "{v:?}");
+    assert_eq!((v.records_checked, v.from_seq, v.to_seq), (10, 1, 10));
+
+    // another spoke is separate
+    assert_eq!(s.position(&b).expect("pos").last_seq(), 0);
+    let cb = ev_chain(&b, 3, u64::MAX);
+    let o = s.ingest(&signed(&b, &key, &cb), [7; 32], now).expect("b");
+    assert_eq!(o.position.last_seq(), 3);
+    assert!(s.verify(&b).expect("verify b").ok);
+    assert_eq!(s.stats(&b).expect("stats b").records, 3);
+    assert_eq!(s.stats(&a).expect("stats a").records, 10);
+}
+
+#[test]
+fn evidence_store_cases_pass_on_redb() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let s = EvidenceStore::open(&tmp.path().join("evidence.db")).expect("open");
+    assert_eq!(EvidenceBackend::backend(&s), "redb");
+    exercise_evidence(&s);
+}
+
+#[test]
+fn evidence_store_cases_pass_on_jetstream() {
+    if !nats::available("evidence_store_cases_pass_on_jetstream") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cluster = nats::Cluster::start(tmp.path(), 3);
+    let s = NatsEvidence::open(&cluster.servers()).expect("open");
+    assert_eq!(s.backend(), "jetstream");
+    exercise_evidence(&s);
+    let n = wait_for(Duration::from_secs(10), || {
+        cluster
+            .stream_servers("TIDEMESH_EVIDENCE")
+            .filter(|&n| n == 3)
+    });
+    assert_eq!(n, Some(3), "the evidence stream on 3 servers");
+    // not there yet: refused with a message, nothing changed
+    let a = SpiffeId::parse(&node("ev-a")).expect("id");
+    let e = s
+        .prune(&Retention::default(), UnixMillis(T0))
+        .expect_err("prune");
+    assert!(
+        e.to_string().contains("not available on the JetStream"),
+        "{e}"
+    );
+    let e = s.aggregates(None).expect_err("aggregates");
+    assert!(
+        e.to_string().contains("not available on the JetStream"),
+        "{e}"
+    );
+    let resume = s.position(&a).expect("pos");
+    let e = s
+        .declare_gap(&a, &resume, "lost disk", UnixMillis(T0))
+        .expect_err("gap");
+    assert!(
+        e.to_string().contains("not available on the JetStream"),
+        "{e}"
+    );
+    let listed: Vec<String> = s
+        .spokes()
+        .expect("spokes")
+        .into_iter()
+        .map(|x| x.spoke)
+        .collect();
+    assert_eq!(listed, vec![node("ev-a"), node("ev-b")]);
+    // a second connection (another replica) reads the same chain
+    let again = NatsEvidence::open(&cluster.servers()).expect("open again");
+    assert_eq!(again.position(&a).expect("pos").last_seq(), 10);
+    assert!(again.verify(&a).expect("verify").ok);
+}
+
+/// Two connections, as two hub replicas hold, accept the same spoke's
+/// next batch at once, 30 times: each time exactly one stores it, the
+/// other finds it stored (all duplicates) and acks the same position;
+/// every record is stored once and the chain verifies.
+#[test]
+fn two_replicas_racing_on_one_spokes_batch_store_it_once() {
+    if !nats::available("two_replicas_racing_on_one_spokes_batch_store_it_once") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cluster = nats::Cluster::start(tmp.path(), 3);
+    let hubs: [Arc<NatsEvidence>; 2] = [
+        Arc::new(NatsEvidence::open(&cluster.servers()).expect("open")),
+        Arc::new(NatsEvidence::open(&cluster.servers()).expect("open")),
+    ];
+    let key = Arc::new(svid::generate_key().expect("key"));
+    let spoke = SpiffeId::parse(&node("racer")).expect("id");
+    let per = 5u64;
+    let races = 30u64;
+    let c = Arc::new(ev_chain(&spoke, per * races, u64::MAX));
+    let mut wins = [0u32; 2];
+    for race in 0..races {
+        let lo = (race * per) as usize;
+        let batch = Arc::new(signed(&spoke, &key, &c[lo..lo + per as usize]));
+        let barrier = Arc::new(Barrier::new(2));
+        let racers: Vec<_> = (0..2)
+            .map(|i| {
+                let (hub, barrier, batch) = (hubs[i].clone(), barrier.clone(), batch.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    hub.ingest(&batch, [i as u8; 32], UnixMillis(T0))
+                        .expect("ingest")
+                })
+            })
+            .collect();
+        let got: Vec<_> = racers
+            .into_iter()
+            .map(|t| t.join().expect("racer"))
+            .collect();
+        let end = (race + 1) * per;
+        for o in &got {
+            assert_eq!(o.position.last_seq(), end, "race {race}: {got:?}");
+        }
+        let winners: Vec<usize> = (0..2).filter(|&i| got[i].stored > 0).collect();
+        assert_eq!(winners.len(), 1, "race {race}: {got:?}");
+        let w = winners[0];
+        assert_eq!(got[w].stored as u64, per, "race {race}: {got:?}");
+        assert_eq!(got[1 - w].duplicates as u64, per, "race {race}: {got:?}");
+        wins[w] += 1;
+    }
+    eprintln!("winning replica per race: {wins:?} of {races}");
+    let st = hubs[0].stats(&spoke).expect("stats");
+    assert_eq!(st.high_water_mark, per * races);
+    assert_eq!(st.records, per * races);
+    assert_eq!(st.batches, races, "one stored batch per race");
+    let stored: Vec<u64> = hubs[1]
+        .query(&spoke, &all())
+        .expect("query")
+        .iter()
+        .map(|r| r.seq.get())
+        .collect();
+    assert_eq!(stored, (1..=per * races).collect::<Vec<_>>(), "each once");
+    let v = hubs[1].verify(&spoke).expect("verify");
+    assert!(v.ok && v.records_checked == per * races, "{v:?}");
+}
+
+/// `drill load` against `s` in the background.
+fn drill(s: &SpokeProc, rate: u32, duration: &str) -> Child {
+    Command::new(bin("tidemesh-spoke"))
+        .args(["drill", "load", "--data-dir"])
+        .arg(&s.dir)
+        .args(["--rate", &rate.to_string(), "--duration", duration])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn drill load")
+}
+
+fn spoke_evidence_stats(s: &SpokeProc) -> Option<serde_json::Value> {
+    let o = run(Command::new(bin("tidemesh-spoke"))
+        .args(["evidence", "stats", "--json", "--data-dir"])
+        .arg(&s.dir));
+    o.status
+        .success()
+        .then(|| serde_json::from_slice(&o.stdout).ok())
+        .flatten()
+}
+
+fn hub_evidence(hub: &HubProc, cmd: &str, spoke: &str) -> serde_json::Value {
+    let o = hub.cli(&["evidence", cmd, "--spoke", spoke, "--json"]);
+    assert!(
+        o.status.success(),
+        "evidence {cmd}: {}\n{}",
+        text(&o),
+        hub.log()
+    );
+    serde_json::from_slice(&o.stdout).expect("json")
+}
+
+/// Two `serve --store nats://...` replicas share one cluster (B's data
+/// dir holds a copy of A's CA key and cert). A spoke sends `drill load`
+/// evidence to A; A is SIGKILLed mid-ingest; the spoke, restarted with
+/// `--hub B`, resends to B: the stored chain ends at the spoke's last
+/// committed seq, every record once, and it verifies.
+#[test]
+fn hub_replica_killed_mid_ingest_the_other_stores_every_record_once() {
+    if !nats::available("hub_replica_killed_mid_ingest_the_other_stores_every_record_once") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cluster = nats::Cluster::start(tmp.path(), 3);
+    let url = cluster.url();
+    let mut a =
+        HubProc::init_with(tmp.path(), TD, &["--store", &url]).with_args(&["--store", &url]);
+    let b_dir = tmp.path().join("hub-b");
+    std::fs::create_dir(&b_dir).expect("mkdir");
+    std::fs::set_permissions(&b_dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    for f in ["ca.pem", "ca_key.pem"] {
+        std::fs::copy(a.dir.join(f), b_dir.join(f)).expect("copy CA");
+    }
+    let mut b = HubProc::at(b_dir, TD).with_args(&["--store", &url]);
+    let a_addr = a.start();
+    let b_addr = b.start();
+    let id = node("n1");
+    let mut s = SpokeProc::new(tmp.path(), "s1", &id).with_args(&["--evidence-drain-rate", "1000"]);
+    let o = s.enroll(a_addr, &a.token(&id, "10m"));
+    assert!(o.status.success(), "enroll: {}\n{}", text(&o), a.log());
+    s.start();
+    s.wait_state("connected", Duration::from_secs(15));
+    let load = drill(&s, 1_000, "4s");
+    // mid-ingest: A has stored some of it
+    let at_kill = wait_for(Duration::from_secs(20), || {
+        let st = hub_evidence(&a, "stats", &id);
+        st["high_water_mark"].as_u64().filter(|&h| h >= 800)
+    })
+    .unwrap_or_else(|| panic!("A stored nothing: {}", a.log()));
+    a.kill();
+    let o = load.wait_with_output().expect("drill output");
+    assert!(o.status.success(), "drill load: {}", text(&o));
+    let committed = spoke_evidence_stats(&s).expect("spoke stats")["last_committed_seq"]
+        .as_u64()
+        .expect("committed");
+    assert!(
+        committed > at_kill,
+        "A was killed after the end: {at_kill} of {committed}"
+    );
+    s.stop();
+    let mut s = s.with_args(&[
+        "--evidence-drain-rate",
+        "1500",
+        "--hub",
+        &b_addr.to_string(),
+    ]);
+    s.start();
+    s.wait_state("connected", Duration::from_secs(15));
+    let hwm = wait_for(Duration::from_secs(60), || {
+        let st = spoke_evidence_stats(&s)?;
+        let hs = hub_evidence(&b, "stats", &id);
+        (st["pending_records"] == 0 && hs["high_water_mark"].as_u64() == Some(committed))
+            .then_some(hs)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "B did not catch up to {committed}: spoke {:?} hub {}\n{}",
+            spoke_evidence_stats(&s),
+            hub_evidence(&b, "stats", &id),
+            b.log()
+        )
+    });
+    assert_eq!(hwm["records"].as_u64(), Some(committed), "{hwm}");
+    assert_eq!(hwm["chain_ok"], true, "{hwm}");
+    let v = hub_evidence(&b, "verify", &id);
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["records_checked"].as_u64(), Some(committed), "{v}");
+    // every seq once, in order, read back through B
+    let mut next = 1u64;
+    while next <= committed {
+        let o = b.cli(&[
+            "evidence",
+            "query",
+            "--spoke",
+            &id,
+            "--from-seq",
+            &next.to_string(),
+            "--limit",
+            "5000",
+            "--json",
+        ]);
+        assert!(o.status.success(), "query: {}", text(&o));
+        let recs: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("record json"))
+            .collect();
+        assert!(!recs.is_empty(), "nothing from {next}");
+        for r in recs {
+            assert_eq!(r["seq"].as_u64(), Some(next), "record {r}");
+            next += 1;
+        }
+    }
+    eprintln!(
+        "replica A killed at high-water mark {at_kill} of {committed}; B holds 1..={committed} once, chain ok"
+    );
+    s.stop();
     b.stop();
 }

@@ -17,7 +17,8 @@
 //! decide policy (which token is valid for whom, what a renewal may do);
 //! it stores and fetches records and keeps each change's invariant (a
 //! token is consumed once, a revocation list version is never lost).
-//! Evidence (`evidence.db`) is not behind this interface yet.
+//! Evidence has its own interface, [`crate::evidence::EvidenceBackend`]
+//! (`evidence.db`, or the JetStream stream of [`crate::evidence::nats`]).
 //!
 //! # Blocking, deliberately
 //! The trait is synchronous. The writes already run on tokio's blocking
