@@ -468,6 +468,20 @@ impl HubProc {
         }
     }
 
+    /// A hub data directory made some other way (a replica's, after
+    /// `init --join`), not started yet.
+    pub fn at(dir: PathBuf, td: &str) -> HubProc {
+        HubProc {
+            dir,
+            td: td.into(),
+            addr: None,
+            child: None,
+            extra: Vec::new(),
+            wrap: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
     /// Runs `serve` through a wrapper (e.g. `["ip", "netns", "exec", "NS"]`)
     /// and on a fixed listen address.
     pub fn wrapped(mut self, wrap: &[&str], listen: SocketAddr) -> HubProc {

@@ -1,7 +1,8 @@
 //! The hub's control-plane state on a NATS JetStream cluster
 //! (`tidemesh-hub init|serve --store nats://HOST:PORT[,HOST:PORT...]`), a
-//! preview: one hub at a time uses it today; the layout is made so that
-//! several hub replicas can share it later.
+//! preview: replicas of one hub share it, each with a copy of the hub's CA
+//! files, checked against the fingerprint recorded at init
+//! ([`super::HubState::check_ca`]).
 //!
 //! Who drives it: [`crate::Hub`] through [`super::HubState`], from the
 //! blocking pool. What it must not do: hold the CA key (it stays in the
@@ -19,7 +20,7 @@
 //!
 //! | bucket / stream          | key                             | value |
 //! |--------------------------|---------------------------------|-------|
-//! | KV `tidemesh_meta`       | `trust_domain`, `schema`        | UTF-8 |
+//! | KV `tidemesh_meta`       | `trust_domain`, `schema`, `ca_fingerprint` (SHA-256 of the CA certificate, hex) | UTF-8 |
 //! | KV `tidemesh_tokens`     | lowercase hex SHA-256 of the secret | postcard [`TokenSlot`]: the token, then its tombstone |
 //! | KV `tidemesh_spokes`     | lowercase hex of the node SPIFFE ID | postcard [`SpokeRecord`] (pinned key, revoked mark) |
 //! | KV `tidemesh_node_cas`   | lowercase hex of the node SPIFFE ID | postcard `Vec<`[`NodeCaRecord`]`>` |
@@ -76,6 +77,8 @@ const RETRY_PAUSE: Duration = Duration::from_millis(200);
 const AUDIT_STREAM: &str = "TIDEMESH_AUDIT";
 const AUDIT_SUBJECT: &str = "tidemesh.audit";
 const LIST_KEY: &str = "list";
+/// `tidemesh_meta` key of the CA certificate's fingerprint.
+const CA_KEY: &str = "ca_fingerprint";
 
 /// A join token's key in `tidemesh_tokens`: waiting, then its tombstone.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -719,6 +722,25 @@ fn tombstone(tok: &TokenRecord, now_ms: u64, outcome: TokenOutcome, claim: u64) 
 impl HubState for NatsState {
     fn backend(&self) -> &'static str {
         "jetstream"
+    }
+
+    fn check_ca(&self, fingerprint: &str) -> Result<(), StoreError> {
+        // init records it; a state made before this check records the
+        // first CA that serves it
+        let mine = fingerprint.as_bytes().to_vec();
+        let recorded = self.cas(Bucket::Meta, CA_KEY, deadline(), "check_ca", |cur| {
+            Ok(match cur {
+                None => Step::Write(mine.clone(), None),
+                Some(v) => Step::Done(Some(String::from_utf8_lossy(v).into_owned())),
+            })
+        })?;
+        match recorded {
+            Some(r) if r != fingerprint => Err(StoreError::CaMismatch {
+                recorded: r,
+                local: fingerprint.to_owned(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
