@@ -468,8 +468,8 @@ impl HubProc {
         }
     }
 
-    /// A hub whose data directory `dir` is already set up (a second
-    /// replica's, say); nothing is run.
+    /// A hub data directory made some other way (a replica's, after
+    /// `init --join`), not started yet.
     pub fn at(dir: PathBuf, td: &str) -> HubProc {
         HubProc {
             dir,

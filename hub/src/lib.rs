@@ -281,7 +281,8 @@ pub fn init_with_state(
     // the buckets first, so that a cluster already holding a hub's state
     // leaves no CA behind
     if let StateLocation::Nats(servers) = location {
-        state::nats::NatsState::init(servers, td.as_str())?;
+        state::nats::NatsState::init(servers, td.as_str())?
+            .check_ca(&svid::hex(&ca.fingerprint()))?;
     }
     write_new(&data_dir.join(CA_KEY), ca.key_pem().as_bytes(), 0o600)?;
     write_new(&data_dir.join(CA_CERT), ca.cert_pem().as_bytes(), 0o644)?;
@@ -293,6 +294,57 @@ pub fn init_with_state(
         .and_then(|d| d.sync_all())
         .map_err(io_err(data_dir))?;
     Ok(ca.fingerprint())
+}
+
+/// `init --join`: makes `data_dir` a replica of the hub whose state is in
+/// the JetStream cluster at `location`. The hub's CA files must already be
+/// there (copied from the first replica's data directory); they are checked
+/// against the trust domain and the CA fingerprint recorded in the cluster.
+/// Nothing is written to the cluster. Returns the trust domain and the CA
+/// fingerprint.
+pub fn join_state(
+    data_dir: &Path,
+    location: &StateLocation,
+) -> Result<(TrustDomain, [u8; 32]), HubError> {
+    let StateLocation::Nats(servers) = location else {
+        return Err(HubError::Invalid(
+            "--join: only with --store nats://...: replicas share a JetStream cluster's state"
+                .into(),
+        ));
+    };
+    let key_path = data_dir.join(CA_KEY);
+    let cert_path = data_dir.join(CA_CERT);
+    for p in [&cert_path, &key_path] {
+        if !p.exists() {
+            return Err(HubError::Invalid(format!(
+                "--join: {} is missing: copy ca.pem and ca_key.pem from the first replica's data directory first (install -m 600 A/ca.pem A/ca_key.pem {})",
+                p.display(),
+                data_dir.display()
+            )));
+        }
+    }
+    if data_dir.join(HUB_DB).exists() {
+        return Err(HubError::Invalid(format!(
+            "--join: {} holds hub.db, a hub of its own on redb: a replica's data directory has only the CA files",
+            data_dir.display()
+        )));
+    }
+    enforce_mode(data_dir, 0o700)?;
+    enforce_mode(&key_path, 0o600)?;
+    let key = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+    let cert = fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
+    let ca = Ca::from_pem(&cert, &key)?;
+    let state = state::nats::NatsState::open(servers)?;
+    let td = state.meta("trust_domain")?.unwrap_or_default();
+    if td != ca.trust_domain().as_str() {
+        return Err(HubError::Invalid(format!(
+            "--join: the CA in {} is for trust domain {}, the hub in the cluster for {td:?}",
+            data_dir.display(),
+            ca.trust_domain()
+        )));
+    }
+    state.check_ca(&svid::hex(&ca.fingerprint()))?;
+    Ok((ca.trust_domain().clone(), ca.fingerprint()))
 }
 
 /// Admits, at the TLS handshake, spoke nodes (their node SVID, issued by
@@ -548,6 +600,8 @@ impl Hub {
             .meta("trust_domain")?
             .ok_or_else(|| HubError::NotInitialized(data_dir.to_owned()))?;
         let td = TrustDomain::new(&td_s).map_err(|e| HubError::Invalid(e.to_string()))?;
+        // replicas sharing one state must hold one CA
+        store.check_ca(&svid::hex(&ca.fingerprint()))?;
         let revocations = Revocations::new(store.reconcile_revocations(unix_ms(clock.now()))?);
         let latest = store.config_latest()?.map(Arc::new);
         let ingest = Arc::new(ingest::Limits::new(&cfg.ingest));

@@ -72,9 +72,16 @@ enum Cmd {
         /// /var/lib/tidemesh-hub].
         #[arg(long, env = "TIDEMESH_DATA_DIR", default_value_os_t = default_data_dir(), hide_default_value = true)]
         data_dir: PathBuf,
-        /// The SPIFFE trust domain, e.g. `edge.example`.
-        #[arg(long, env = "TIDEMESH_TRUST_DOMAIN")]
-        trust_domain: String,
+        /// The SPIFFE trust domain, e.g. `edge.example` (with --join: the
+        /// one in the cluster, checked when given).
+        #[arg(long, env = "TIDEMESH_TRUST_DOMAIN", required_unless_present = "join")]
+        trust_domain: Option<String>,
+        /// Make --data-dir a replica of the hub already in the --store
+        /// cluster: its ca.pem and ca_key.pem, copied from the first
+        /// replica's data directory, are checked against the cluster's
+        /// trust domain and CA fingerprint; nothing is created.
+        #[arg(long, requires = "store")]
+        join: bool,
         /// Where the control-plane state lives: `redb` (`hub.db` in
         /// --data-dir, the default) or `nats://HOST:PORT[,HOST:PORT...]`, a
         /// NATS JetStream cluster (preview; the CA key and `evidence.db`
@@ -620,10 +627,24 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             data_dir,
             trust_domain,
             store,
+            join,
         } => {
+            let location = StateLocation::parse(store.as_deref()).map_err(anyhow::Error::msg)?;
+            if join {
+                let (td, fp) = tidemesh_hub::join_state(&data_dir, &location)?;
+                if let Some(want) = trust_domain.filter(|t| t != td.as_str()) {
+                    bail!("--trust-domain {want:?}: the hub in the cluster is for {td}");
+                }
+                println!(
+                    "{} joins the hub for trust domain {td} (state in NATS JetStream)",
+                    data_dir.display()
+                );
+                println!("ca fingerprint sha256:{}", svid::hex(&fp));
+                return Ok(());
+            }
+            let trust_domain = trust_domain.unwrap_or_default();
             let td = TrustDomain::new(&trust_domain)
                 .with_context(|| format!("--trust-domain {trust_domain:?}"))?;
-            let location = StateLocation::parse(store.as_deref()).map_err(anyhow::Error::msg)?;
             let fp = tidemesh_hub::init_with_state(&data_dir, &td, &SystemClock, &location)?;
             println!(
                 "initialized hub for trust domain {td} in {}",

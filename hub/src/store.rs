@@ -206,6 +206,17 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
+    /// The CA in this hub's data directory is not the CA the shared state
+    /// was initialized with (a hub replica needs the first hub's CA files).
+    #[error(
+        "the CA in --data-dir (sha256:{local}) is not this hub's CA, recorded in the state at init (sha256:{recorded}): a hub replica needs the first replica's ca.pem and ca_key.pem in its data directory (install -m 600)"
+    )]
+    CaMismatch {
+        /// Fingerprint recorded in the state (hex).
+        recorded: String,
+        /// Fingerprint of the CA in the data directory (hex).
+        local: String,
+    },
 }
 
 macro_rules! db_err {

@@ -15,8 +15,10 @@ use crate::workload_api::{selector::Selector, SocketMode, WorkloadApiAddr};
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
-    /// The hub's QUIC address; defaults to the one used at enrollment.
-    pub hub: Option<String>,
+    /// The hub's QUIC address, or the addresses of its replicas tried in
+    /// turn (`hub = ["a:7443", "b:7443"]`); defaults to the one used at
+    /// enrollment.
+    pub hub: Option<HubAddrs>,
     /// QUIC listener for peer spokes at the site (data plane).
     pub data_listen: Option<SocketAddr>,
     /// The address peers dial; registered with the hub.
@@ -202,7 +204,8 @@ impl FileConfig {
 
     fn validate(&self) -> Result<(), ConfigError> {
         if let Some(h) = &self.hub {
-            check_hub_addr(h).map_err(|reason| invalid("hub", h.clone(), reason))?;
+            h.check()
+                .map_err(|(key, value, reason)| invalid(key, value, reason))?;
         }
         if let Some(a) = self.data_advertise {
             if a.ip().is_unspecified() || a.port() == 0 {
@@ -419,6 +422,81 @@ fn check_plaintext_inbound(
     Ok(())
 }
 
+/// Most hub addresses a spoke may list (`hub = [...]`, `run --hub a,b`).
+pub const MAX_HUBS: usize = 8;
+
+/// `hub = "host:port"` or `hub = ["host:port", ...]`: the hub, or the
+/// replicas of one hub (one trust domain, one CA), in the order the spoke
+/// tries them. Checked by [`HubAddrs::check`] (1 to [`MAX_HUBS`] distinct
+/// `host:port` entries).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubAddrs(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for HubAddrs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        match OneOrMany::deserialize(d) {
+            Ok(OneOrMany::One(s)) => Ok(HubAddrs(vec![s])),
+            Ok(OneOrMany::Many(v)) => Ok(HubAddrs(v)),
+            Err(_) => Err(serde::de::Error::custom(
+                "expected \"host:port\" or a list [\"host:port\", ...]",
+            )),
+        }
+    }
+}
+
+impl HubAddrs {
+    /// A comma-separated list (`run --hub a:7443,b:7443`), checked.
+    pub fn parse_list(s: &str) -> Result<HubAddrs, String> {
+        let h = HubAddrs(s.split(',').map(|p| p.trim().to_owned()).collect());
+        h.check()
+            .map_err(|(_, value, reason)| format!("{value:?}: {reason}"))?;
+        Ok(h)
+    }
+
+    /// 1 to [`MAX_HUBS`] entries, each `host:port` ([`check_hub_addr`]),
+    /// none twice; an error is (key, value, reason), the key naming the
+    /// entry (`hub[1]`).
+    pub fn check(&self) -> Result<(), (String, String, String)> {
+        if self.0.is_empty() {
+            return Err((
+                "hub".into(),
+                "[]".into(),
+                "an empty list: give at least one host:port".into(),
+            ));
+        }
+        if self.0.len() > MAX_HUBS {
+            return Err((
+                "hub".into(),
+                self.0.join(","),
+                format!(
+                    "{} addresses: at most {MAX_HUBS} hub replicas may be listed",
+                    self.0.len()
+                ),
+            ));
+        }
+        let key = |i: usize| {
+            if self.0.len() == 1 {
+                "hub".to_owned()
+            } else {
+                format!("hub[{i}]")
+            }
+        };
+        for (i, h) in self.0.iter().enumerate() {
+            check_hub_addr(h).map_err(|reason| (key(i), h.clone(), reason))?;
+            if self.0[..i].contains(h) {
+                return Err((key(i), h.clone(), "is listed twice".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Checks the shape of `host:port` without resolving it, so a spoke that
 /// boots during an outage (no DNS) still starts; the name is resolved at
 /// each connection attempt.
@@ -489,6 +567,48 @@ health = "/healthz"
         let e = FileConfig::parse("[[workload]]\nservice_account = \"a\"\ninbound = \"x\"\n")
             .expect_err("bad addr");
         assert!(e.to_string().contains("inbound"), "{e}");
+    }
+
+    #[test]
+    fn hub_is_one_address_or_a_bounded_list_of_replicas() {
+        let one = FileConfig::parse("hub = \"a.example:7443\"\n").expect("one address");
+        assert_eq!(one.hub, Some(HubAddrs(vec!["a.example:7443".into()])));
+        let two =
+            FileConfig::parse("hub = [\"10.0.0.1:7443\", \"b.example:7443\"]\n").expect("a list");
+        assert_eq!(
+            two.hub,
+            Some(HubAddrs(vec![
+                "10.0.0.1:7443".into(),
+                "b.example:7443".into()
+            ]))
+        );
+        let eight: Vec<String> = (1..=8).map(|i| format!("\"10.0.0.{i}:7443\"")).collect();
+        FileConfig::parse(&format!("hub = [{}]\n", eight.join(","))).expect("eight addresses");
+        let nine: Vec<String> = (1..=9).map(|i| format!("\"10.0.0.{i}:7443\"")).collect();
+        let e = FileConfig::parse(&format!("hub = [{}]\n", nine.join(","))).expect_err("nine");
+        assert!(e.to_string().contains("at most 8"), "{e}");
+        let e = FileConfig::parse("hub = []\n").expect_err("empty");
+        assert!(e.to_string().contains("at least one"), "{e}");
+        let e =
+            FileConfig::parse("hub = [\"a:7443\", \"bad host:7443\"]\n").expect_err("bad entry");
+        assert!(
+            e.to_string().starts_with("hub[1] = \"bad host:7443\""),
+            "{e}"
+        );
+        let e = FileConfig::parse("hub = [\"a:7443\", \"a:7443\"]\n").expect_err("twice");
+        assert!(
+            e.to_string().contains("hub[1]") && e.to_string().contains("twice"),
+            "{e}"
+        );
+        let e = FileConfig::parse("hub = 7443\n").expect_err("a number");
+        assert!(e.to_string().contains("host:port"), "{e}");
+        // the --hub flag's comma list, checked the same way
+        assert_eq!(
+            HubAddrs::parse_list("a:1, b:2").expect("list"),
+            HubAddrs(vec!["a:1".into(), "b:2".into()])
+        );
+        let e = HubAddrs::parse_list("a:1,nope").expect_err("bad entry");
+        assert!(e.contains("nope") && e.contains("host:port"), "{e}");
     }
 
     #[test]

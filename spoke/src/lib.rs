@@ -430,8 +430,11 @@ struct Inner {
     issue_wake: tokio::sync::Notify,
     /// Why the hub refused this spoke's last registration, if it did.
     registration_error: Mutex<Option<String>>,
-    /// `host:port` of the hub, resolved at each connection attempt.
-    hub: String,
+    /// `host:port` of the hub, or of its replicas in the order they are
+    /// tried; resolved at each connection attempt.
+    hubs: Vec<String>,
+    /// Which of `hubs` the control session dials.
+    hub_rotation: Mutex<control::failover::Rotation>,
     store: CredStore,
     ident: creds::Identity,
     cfg: SpokeConfig,
@@ -590,13 +593,15 @@ impl Spoke {
             clock.clone(),
             cfg.renew_fraction,
         )?);
-        let hub = match (cfg.hub, &cfg.file.hub) {
-            (Some(a), _) => a.to_string(),
+        let hubs = match (cfg.hub, &cfg.file.hub) {
+            (Some(a), _) => config::HubAddrs(vec![a.to_string()]),
             (None, Some(h)) => h.clone(),
-            (None, None) => ident.hub.clone(),
+            (None, None) => config::HubAddrs(vec![ident.hub.clone()]),
         };
-        config::check_hub_addr(&hub)
-            .map_err(|e| SpokeError::Invalid(format!("hub address {hub:?}: {e}")))?;
+        hubs.check().map_err(|(_, value, reason)| {
+            SpokeError::Invalid(format!("hub address {value:?}: {reason}"))
+        })?;
+        let hubs = hubs.0;
         let rng = match cfg.seed {
             Some(s) => StdRng::seed_from_u64(s),
             None => StdRng::from_os_rng(),
@@ -676,7 +681,8 @@ impl Spoke {
                     last_error: None,
                     last_contact_ms,
                 }),
-                hub,
+                hub_rotation: Mutex::new(control::failover::Rotation::new(hubs.len())),
+                hubs,
                 rng: Mutex::new(rng),
                 started: std::sync::atomic::AtomicBool::new(false),
             }),
@@ -1049,12 +1055,15 @@ impl Spoke {
             .store(true, std::sync::atomic::Ordering::SeqCst);
         let me = self.clone();
         let _notify = AbortOnDrop(tokio::spawn(async move { me.notify_ready().await }));
-        info!(spoke = %self.inner.ident.id, hub = %self.inner.hub, "spoke running");
+        info!(spoke = %self.inner.ident.id, hub = %self.inner.hubs.join(","), "spoke running");
         tokio::pin!(shutdown);
         let mut backoff =
             control::Backoff::new(self.inner.cfg.reconnect_min, self.inner.cfg.reconnect_max);
         loop {
             let mut failure = control::Failure::Lost;
+            // a session that came up and ended is retried on its address
+            // first; a failed attempt moves on to the next replica
+            let mut next = control::failover::Next::Backoff;
             let end = tokio::select! {
                 _ = &mut shutdown => SessionEnd::Shutdown,
                 r = self.session(&endpoint) => match r {
@@ -1067,6 +1076,7 @@ impl Spoke {
                         if let SpokeError::Busy(retry_after) = e {
                             failure = control::Failure::Busy { retry_after };
                         }
+                        next = self.hub_failed();
                         let (state, msg) = self.classify_failure(&e);
                         self.set_state(state, Some(msg.clone()));
                         warn!(spoke = %self.inner.ident.id, error = %msg, "hub session failed");
@@ -1089,6 +1099,10 @@ impl Spoke {
                 // Nothing a retry can fix soon; still retry, slowly, so an
                 // operator's fix (unrevoke, new window) is picked up.
                 State::Revoked | State::NeedsEnrollment => Duration::from_secs(60),
+                // another replica left in this round: try it soon
+                _ if next == control::failover::Next::Quick => {
+                    self.inner.cfg.reconnect_min.mul_f64(self.unit_random())
+                }
                 _ => backoff.next_delay(failure, self.unit_random()),
             };
             tokio::select! {

@@ -61,7 +61,9 @@ enum Cmd {
         /// Spoke configuration (TOML): workloads, hub address.
         #[arg(long, env = "TIDEMESH_CONFIG")]
         config: Option<PathBuf>,
-        /// Override the hub address stored at enrollment.
+        /// Override the hub address stored at enrollment (and `hub` in the
+        /// config file): `host:port`, or the replicas of one hub as a comma
+        /// list `a:7443,b:7443` (at most 8), tried in turn.
         #[arg(long, env = "TIDEMESH_HUB")]
         hub: Option<String>,
         /// Renew SVIDs this far into their lifetime (0.05..0.95).
@@ -490,10 +492,12 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             if data_keep_alive >= data_idle_timeout {
                 bail!("--data-keep-alive {data_keep_alive:?} must be shorter than --data-idle-timeout {data_idle_timeout:?}");
             }
-            if let Some(h) = &hub {
-                tidemesh_spoke::config::check_hub_addr(h)
-                    .map_err(|e| anyhow::anyhow!("--hub {h:?}: {e}"))?;
-            }
+            let hub = hub
+                .map(|h| {
+                    tidemesh_spoke::config::HubAddrs::parse_list(&h)
+                        .map_err(|e| anyhow::anyhow!("--hub {e}"))
+                })
+                .transpose()?;
             if workload_api.is_none() && file.workload_api.is_none() {
                 if workload_api_mode.is_some() {
                     bail!("--workload-api-mode: is the mode of the Workload API socket: set --workload-api (or workload_api in the config file) too");
@@ -607,6 +611,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 println!("id:              {}", f("id"));
                 println!("state:           {}", f("state"));
                 println!("hub:             {}", f("hub"));
+                if let Some(all) = s["hubs"].as_array().filter(|a| a.len() > 1) {
+                    let all: Vec<&str> = all.iter().filter_map(Value::as_str).collect();
+                    println!("hub replicas:    {}", all.join(", "));
+                }
                 println!(
                     "cert not after:  {} ({} s left)",
                     f("cert_not_after"),

@@ -160,7 +160,7 @@ impl Spoke {
     /// The status document (`tidemesh-spoke status --json`).
     pub fn status(&self) -> Value {
         let now = self.inner.clock.now();
-        let hub = &self.inner.hub;
+        let hub = self.current_hub();
         let (state, last_error, last_contact_ms) = match self.inner.live.lock() {
             Ok(l) => (l.state, l.last_error.clone(), l.last_contact_ms),
             Err(_) => (State::Disconnected, None, None),
@@ -204,7 +204,9 @@ impl Spoke {
             "id": self.inner.ident.id.to_string(),
             "connected": connected,
             "state": state,
+            // the address the control session dials (or last reached)
             "hub": hub,
+            "hubs": &self.inner.hubs,
             "cert_not_after": rfc3339(node.not_after),
             "cert_time_left_s": node.not_after.duration_since(now).map(|d| d.as_secs() as i64).unwrap_or_else(|e| -(e.duration().as_secs() as i64)),
             "cert_expired": node.expired(now),

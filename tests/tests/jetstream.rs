@@ -2,8 +2,9 @@
 //! cases against redb (a temp file) and a real 3-node NATS JetStream
 //! cluster on loopback; two connections (as two hub replicas would hold)
 //! racing on one join token; operations going on after a NATS node is
-//! SIGKILLed; and `tidemesh-hub serve --store nats://...` enrolling a
-//! real spoke. Skips (with a message) without `nats-server`, unless
+//! SIGKILLed; `tidemesh-hub serve --store nats://...` enrolling a
+//! real spoke; and two hub replicas sharing one CA, a spoke failing over
+//! from one to the other. Skips (with a message) without `nats-server`, unless
 //! `TIDEMESH_REQUIRE_NATS` is set.
 
 use std::{
@@ -1066,4 +1067,215 @@ fn hub_replica_killed_mid_ingest_the_other_stores_every_record_once() {
     );
     s.stop();
     b.stop();
+}
+
+/// `sha256:HEX` from an `init` or `init --join` output.
+fn fingerprint_line(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("ca fingerprint sha256:"))
+        .unwrap_or_else(|| panic!("no fingerprint in {}", text(o)))
+        .to_owned()
+}
+
+/// Copies the CA files of one hub data directory into another (mode 0700
+/// directory, 0600 key), as an operator's `install -m 600` does.
+fn copy_ca(from: &std::path::Path, to: &std::path::Path) {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(to)
+        .expect("replica dir");
+    for f in ["ca.pem", "ca_key.pem"] {
+        std::fs::copy(from.join(f), to.join(f)).expect("copy CA file");
+        std::fs::set_permissions(to.join(f), std::fs::Permissions::from_mode(0o600)).expect("mode");
+    }
+}
+
+fn hub_cmd(args: &[&str], dir: &std::path::Path, url: &str) -> std::process::Output {
+    run(Command::new(bin("tidemesh-hub"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--store", url]))
+}
+
+/// Two hub replicas on one JetStream cluster: B joins with A's CA files
+/// (`init --join`), a data directory with another CA is refused by `init
+/// --join` and `serve` naming both fingerprints; a spoke enrolled through
+/// A with `hub = [A, B]` keeps working through B once A is SIGKILLed: it
+/// reconnects, renews its node SVID and receives a config applied on B,
+/// and its status names B.
+#[test]
+fn hub_replicas_share_one_ca_and_a_spoke_fails_over() {
+    if !nats::available("hub_replicas_share_one_ca_and_a_spoke_fails_over") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cluster = nats::Cluster::start(tmp.path(), 3);
+    let url = cluster.url();
+    let serve = ["--store", url.as_str(), "--node-ttl", "16s"];
+    let mut a = HubProc::init_with(tmp.path(), TD, &["--store", &url]).with_args(&serve);
+
+    // a replica needs A's CA files first
+    let b_dir = tmp.path().join("hub-b");
+    let o = hub_cmd(&["init", "--join"], &b_dir, &url);
+    assert!(!o.status.success(), "join without the CA: {}", text(&o));
+    assert!(
+        text(&o).contains("ca_key.pem") || text(&o).contains("ca.pem"),
+        "{}",
+        text(&o)
+    );
+    assert!(!b_dir.exists(), "a refused join creates nothing");
+    copy_ca(&a.dir, &b_dir);
+    let o = hub_cmd(&["init", "--join"], &b_dir, &url);
+    assert!(o.status.success(), "join: {}", text(&o));
+    let fp = fingerprint_line(&o);
+    let mut files: Vec<String> = std::fs::read_dir(&b_dir)
+        .expect("replica dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["ca.pem", "ca_key.pem"], "join creates nothing");
+    // init recorded A's CA in the cluster
+    let state = NatsState::open(&cluster.servers()).expect("open");
+    assert_eq!(
+        state.meta("ca_fingerprint").expect("meta").as_deref(),
+        Some(fp.as_str())
+    );
+
+    // a data directory holding another hub's CA is refused, naming both
+    let other = run(Command::new(bin("tidemesh-hub"))
+        .args(["init", "--trust-domain", TD, "--data-dir"])
+        .arg(tmp.path().join("other")));
+    assert!(other.status.success(), "{}", text(&other));
+    let other_fp = fingerprint_line(&other);
+    assert_ne!(other_fp, fp);
+    let x_dir = tmp.path().join("hub-x");
+    copy_ca(&tmp.path().join("other"), &x_dir);
+    for args in [
+        &["init", "--join"][..],
+        &["serve", "--listen", "127.0.0.1:0"][..],
+    ] {
+        let o = hub_cmd(args, &x_dir, &url);
+        assert!(
+            !o.status.success(),
+            "{args:?} with another CA: {}",
+            text(&o)
+        );
+        let msg = text(&o);
+        assert!(
+            msg.contains(&format!("sha256:{fp}")) && msg.contains(&format!("sha256:{other_fp}")),
+            "{args:?}: {msg}"
+        );
+    }
+
+    let addr_a = a.start();
+    let o = apply_store(&a, tmp.path(), "v1");
+    assert!(o.status.success(), "apply on A: {}", text(&o));
+    let mut b = HubProc::at(b_dir, TD).with_args(&serve);
+    let addr_b = b.start();
+    assert_ne!(addr_a, addr_b);
+    assert_ne!(a.dir.join("admin.sock"), b.dir.join("admin.sock"));
+
+    let id = node("n1");
+    let spoke = SpokeProc::new(tmp.path(), "s1", &id);
+    let o = spoke.enroll(addr_a, &a.token(&id, "10m"));
+    assert!(
+        o.status.success(),
+        "enroll through A: {}\n{}",
+        text(&o),
+        a.log()
+    );
+    let cfg = tidemesh_tests::write_config(
+        tmp.path(),
+        "s1",
+        &format!("hub = [\"{addr_a}\", \"{addr_b}\"]\n"),
+    );
+    let mut spoke = spoke.with_args(&["--config", &cfg]);
+    spoke.start();
+    let st = spoke.wait_state("connected", Duration::from_secs(15));
+    assert_eq!(st["hub"], addr_a.to_string(), "{st}");
+    assert_eq!(
+        st["hubs"],
+        serde_json::json!([addr_a.to_string(), addr_b.to_string()])
+    );
+    wait_for(Duration::from_secs(10), || {
+        (spoke.try_status()?["config_version"] == 1).then_some(())
+    })
+    .expect("config v1 through A");
+
+    a.kill();
+    let t0 = Instant::now();
+    let st = wait_for(Duration::from_secs(30), || {
+        spoke
+            .try_status()
+            .filter(|s| s["state"] == "connected" && s["hub"] == addr_b.to_string().as_str())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the spoke did not move to B: {:?}\n{}",
+            spoke.try_status(),
+            spoke.log()
+        )
+    });
+    let moved = t0.elapsed();
+    let o = run(Command::new(bin("tidemesh-spoke"))
+        .args(["status", "--data-dir"])
+        .arg(&spoke.dir));
+    assert!(
+        text(&o).contains(&format!("hub:             {addr_b}")),
+        "{}",
+        text(&o)
+    );
+    wait_for(Duration::from_secs(10), || {
+        b.spoke(&id).filter(|r| r["connected"] == true)
+    })
+    .unwrap_or_else(|| panic!("B lists the spoke connected: {}", b.log()));
+
+    // it renews through B (a 16 s node SVID renews at half life)
+    let cert = st["cert_not_after"].clone();
+    let renewed = wait_for(Duration::from_secs(30), || {
+        spoke
+            .try_status()
+            .filter(|s| s["cert_not_after"] != cert && s["hub"] == addr_b.to_string().as_str())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no renewal through B: {:?}\n{}",
+            spoke.try_status(),
+            b.log()
+        )
+    });
+    assert_eq!(renewed["connected"], true);
+
+    // and receives a config applied on B
+    let o = apply_store(&b, tmp.path(), "v2");
+    assert!(o.status.success(), "apply on B: {}", text(&o));
+    let t1 = Instant::now();
+    wait_for(Duration::from_secs(10), || {
+        (spoke.try_status()?["config_version"] == 2).then_some(())
+    })
+    .unwrap_or_else(|| panic!("config v2 from B: {:?}\n{}", spoke.try_status(), b.log()));
+    eprintln!(
+        "moved to B {moved:?} after A was killed; config from B in {:?}",
+        t1.elapsed()
+    );
+    b.stop();
+}
+
+fn apply_store(hub: &HubProc, dir: &std::path::Path, name: &str) -> std::process::Output {
+    let f = dir.join(format!("{name}.yaml"));
+    let zone = if name == "v1" {
+        "us-west-2a"
+    } else {
+        "us-west-2b"
+    };
+    std::fs::write(
+        &f,
+        format!("apiVersion: tidemesh.io/v1alpha1\nkind: Store\nmetadata: {{name: sf01}}\nspec: {{region: us-west-2, zone: {zone}}}\n"),
+    )
+    .expect("write yaml");
+    hub.cli(&["apply", "-f", f.to_str().expect("utf8")])
 }

@@ -8,9 +8,10 @@
 //! - **NATS JetStream** ([`nats::NatsState`], `--store nats://...`): KV
 //!   buckets and an audit stream on a JetStream cluster, so that several
 //!   hub replicas can share the state later (the layout is documented in
-//!   [`nats`]). A preview: hub replicas on one cluster see each other's
-//!   config versions and revocations ([`HubState::watch_changes`]); the
-//!   spoke registry and evidence are still per hub process.
+//!   [`nats`]). A preview: replicas of one hub (the same CA files in
+//!   each data directory, [`HubState::check_ca`]) share it and see each
+//!   other's config versions and revocations ([`HubState::watch_changes`])
+//!   and evidence; the spoke registry is still per hub process.
 //!
 //! Who drives it: [`crate::Hub`], from its durable slots
 //! ([`crate::durable`]) and from `spawn_blocking`. What it must not do:
@@ -97,6 +98,16 @@ pub trait HubState: Send + Sync + std::fmt::Debug {
 
     /// A meta value (`trust_domain`, `schema`).
     fn meta(&self, key: &str) -> Result<Option<String>, StoreError>;
+
+    /// Checks that the CA certificate with SHA-256 `fingerprint` (lowercase
+    /// hex) is the one this state belongs to, recording it if the state
+    /// holds none yet; [`StoreError::CaMismatch`] otherwise. redb: always
+    /// fine (`hub.db` and the CA share one data directory). JetStream: the
+    /// state is shared by replicas, each with its own copy of the CA.
+    fn check_ca(&self, fingerprint: &str) -> Result<(), StoreError> {
+        let _ = fingerprint;
+        Ok(())
+    }
 
     /// Appends an audit entry on its own.
     fn audit(&self, e: &AuditEntry) -> Result<(), StoreError>;

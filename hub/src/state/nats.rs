@@ -3,7 +3,9 @@
 //! preview: several hub replicas can share it; each watches the config
 //! and revocation buckets (KV watches, re-created with backoff when a
 //! server is lost) so that a change made through one replica reaches the
-//! spokes of all ([`crate::HubState::watch_changes`]).
+//! spokes of all ([`crate::HubState::watch_changes`]). Each replica holds a
+//! copy of the hub's CA files, checked against the fingerprint recorded
+//! at init ([`super::HubState::check_ca`]).
 //!
 //! Who drives it: [`crate::Hub`] through [`super::HubState`], from the
 //! blocking pool. What it must not do: hold the CA key (it stays in the
@@ -21,7 +23,7 @@
 //!
 //! | bucket / stream          | key                             | value |
 //! |--------------------------|---------------------------------|-------|
-//! | KV `tidemesh_meta`       | `trust_domain`, `schema`        | UTF-8 |
+//! | KV `tidemesh_meta`       | `trust_domain`, `schema`, `ca_fingerprint` (SHA-256 of the CA certificate, hex) | UTF-8 |
 //! | KV `tidemesh_tokens`     | lowercase hex SHA-256 of the secret | postcard [`TokenSlot`]: the token, then its tombstone |
 //! | KV `tidemesh_spokes`     | lowercase hex of the node SPIFFE ID | postcard [`SpokeRecord`] (pinned key, revoked mark) |
 //! | KV `tidemesh_node_cas`   | lowercase hex of the node SPIFFE ID | postcard `Vec<`[`NodeCaRecord`]`>` |
@@ -83,6 +85,8 @@ const WATCH_RETRY_MAX: Duration = Duration::from_secs(5);
 const AUDIT_STREAM: &str = "TIDEMESH_AUDIT";
 const AUDIT_SUBJECT: &str = "tidemesh.audit";
 const LIST_KEY: &str = "list";
+/// `tidemesh_meta` key of the CA certificate's fingerprint.
+const CA_KEY: &str = "ca_fingerprint";
 
 /// A join token's key in `tidemesh_tokens`: waiting, then its tombstone.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -776,6 +780,25 @@ impl HubState for NatsState {
                 .spawn(watch_bucket(self.kv(b), what, on_change.clone()));
         }
         true
+    }
+
+    fn check_ca(&self, fingerprint: &str) -> Result<(), StoreError> {
+        // init records it; a state made before this check records the
+        // first CA that serves it
+        let mine = fingerprint.as_bytes().to_vec();
+        let recorded = self.cas(Bucket::Meta, CA_KEY, deadline(), "check_ca", |cur| {
+            Ok(match cur {
+                None => Step::Write(mine.clone(), None),
+                Some(v) => Step::Done(Some(String::from_utf8_lossy(v).into_owned())),
+            })
+        })?;
+        match recorded {
+            Some(r) if r != fingerprint => Err(StoreError::CaMismatch {
+                recorded: r,
+                local: fingerprint.to_owned(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {

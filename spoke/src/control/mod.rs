@@ -11,6 +11,7 @@
 use super::*;
 
 pub(crate) mod backoff;
+pub(crate) mod failover;
 pub(crate) mod plan;
 
 pub(crate) use backoff::{Backoff, Failure};
@@ -419,22 +420,56 @@ impl Spoke {
         }
     }
 
+    /// The hub address the rotation points at now (`host:port` as
+    /// configured).
+    pub(crate) fn current_hub(&self) -> String {
+        let i = self
+            .inner
+            .hub_rotation
+            .lock()
+            .map(|r| r.current())
+            .unwrap_or(0);
+        self.inner
+            .hubs
+            .get(i)
+            .or_else(|| self.inner.hubs.first())
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// A session came up on the current hub address.
+    pub(crate) fn hub_up(&self) {
+        if let Ok(mut r) = self.inner.hub_rotation.lock() {
+            r.handle_up();
+        }
+    }
+
+    /// An attempt on the current hub address failed: the next one is
+    /// dialled (the rotation says whether after a short jitter or a
+    /// backoff).
+    pub(crate) fn hub_failed(&self) -> failover::Next {
+        let from = self.current_hub();
+        let next = match self.inner.hub_rotation.lock() {
+            Ok(mut r) => r.handle_failure(),
+            Err(_) => failover::Next::Backoff,
+        };
+        if self.inner.hubs.len() > 1 {
+            info!(spoke = %self.inner.ident.id, from = %from, to = %self.current_hub(), "hub replica unreachable; trying the next");
+        }
+        next
+    }
+
+    /// Resolves the current hub address (a name afresh at each attempt).
     pub(crate) async fn hub_addr(&self) -> Result<SocketAddr, SpokeError> {
-        if let Some(a) = self.inner.cfg.hub {
+        let hub = self.current_hub();
+        if let Ok(a) = hub.parse() {
             return Ok(a);
         }
-        if let Ok(a) = self.inner.hub.parse() {
-            return Ok(a);
-        }
-        tokio::net::lookup_host(self.inner.hub.as_str())
+        let found = tokio::net::lookup_host(hub.as_str())
             .await
-            .map_err(|e| {
-                SpokeError::Invalid(format!("cannot resolve hub {}: {e}", self.inner.hub))
-            })?
-            .next()
-            .ok_or_else(|| {
-                SpokeError::Invalid(format!("hub {} resolves to no address", self.inner.hub))
-            })
+            .map_err(|e| SpokeError::Invalid(format!("cannot resolve hub {hub}: {e}")))?
+            .next();
+        found.ok_or_else(|| SpokeError::Invalid(format!("hub {hub} resolves to no address")))
     }
 
     pub(crate) fn bundle(&self) -> Result<TrustBundle, SpokeError> {
@@ -719,6 +754,7 @@ impl Spoke {
         if let Err(e) = self.ensure_node_ca(&conn).await {
             warn!(error = %e, "node CA request failed; retrying with the next maintenance");
         }
+        self.hub_up();
         self.set_state(State::Connected, None);
         self.touch_contact();
         let me = self.clone();
