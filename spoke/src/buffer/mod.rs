@@ -171,10 +171,7 @@ pub struct BufferConfig {
     /// [`AppendError::Backlogged`] (memory bound if the disk stalls).
     /// Default 100,000 (~50 MB).
     pub max_queued: u64,
-    /// redb page cache. Default 4 MiB: appends touch the tail of the
-    /// chain and the sync reads just behind it, so a bigger cache only
-    /// fills with pages already written (32 MiB of resident memory
-    /// under load for nothing).
+    /// redb page cache. Default 32 MiB.
     pub cache_bytes: usize,
     /// redb quick repair (two-phase commit that also saves the allocator
     /// state), so reopening after a crash is instant instead of a full
@@ -196,7 +193,7 @@ impl Default for BufferConfig {
             shed_chunk_bytes: None,
             tail_check: 4096,
             max_queued: 100_000,
-            cache_bytes: 4 << 20,
+            cache_bytes: 32 << 20,
             quick_repair: true,
             retry_min: Duration::from_millis(100),
             retry_max: Duration::from_secs(5),
