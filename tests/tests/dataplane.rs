@@ -4978,3 +4978,162 @@ fn an_https_otlp_endpoint_needs_system_roots_at_startup() {
     let o = hub.cli(&["stats", "--json"]);
     assert!(o.status.success(), "{}", text(&o));
 }
+
+/// A keep-alive workload for the pool test: answers every request on a
+/// connection with 200 after `hold` (so a burst's requests are all in
+/// flight at once), counting the connections it accepted.
+fn keepalive_counting_server(
+    hold: Duration,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    };
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let a = accepted.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { continue };
+            a.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let _ = c.set_read_timeout(Some(Duration::from_secs(60)));
+                while read_message(&mut c).is_some() {
+                    std::thread::sleep(hold);
+                    let out = b"pooled";
+                    let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", out.len());
+                    if c.write_all(head.as_bytes()).is_err() || c.write_all(out).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// Issue 17: the spoke's pool to a workload keeps as many idle connections
+/// as its callers use at once. 96 keep-alive callers send three bursts of
+/// one request each, every burst's requests in flight together: the first
+/// burst opens about 96 upstream connections and the later bursts reuse
+/// them (with a pool of 64 idle connections, each later burst opened ~32
+/// new ones).
+#[test]
+fn the_upstream_pool_keeps_a_connection_per_concurrent_caller_between_bursts() {
+    use std::sync::{atomic::Ordering, Arc, Barrier};
+    const CALLERS: usize = 96;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (upstream, accepted) = keepalive_counting_server(Duration::from_millis(300));
+    let mut hub = HubProc::init(tmp.path(), TD);
+    let hub_addr = hub.start();
+    let yaml = format!(
+        r#"{STORE_SF01}
+---
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {{name: pool-callers, namespace: pool}}
+spec:
+  selector:
+    matchLabels: {{app: pooled}}
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["{TD}/store/sf01/sa/caller"]
+"#
+    );
+    let f = tmp.path().join("mesh.yaml");
+    std::fs::write(&f, yaml).expect("write mesh");
+    let o = hub.cli(&["apply", "-f", f.to_str().expect("utf8")]);
+    assert!(o.status.success(), "apply: {}", text(&o));
+    let outbound = free_tcp();
+    let data = free_udp();
+    let cfg = write_config(
+        tmp.path(),
+        "pool",
+        &format!(
+            r#"data_listen = "{data}"
+data_advertise = "{data}"
+
+[[workload]]
+service_account = "caller"
+namespace = "pool"
+outbound = "{outbound}"
+
+[[workload]]
+service_account = "pooled"
+service = "pooled"
+namespace = "pool"
+labels = {{ app = "pooled" }}
+inbound = "{upstream}"
+"#
+        ),
+    );
+    let s = start_spoke(tmp.path(), &hub, "pool", 0, &cfg, hub_addr);
+    // the route is up once one call gets through
+    let first = wait_for(Duration::from_secs(20), || {
+        let r = call(outbound, "GET", "pooled.pool", "/", &[]);
+        (r.status == 200).then_some(r)
+    });
+    assert!(first.is_some(), "no call reached the pooled workload");
+    let before = accepted.load(Ordering::SeqCst);
+    let barrier = Arc::new(Barrier::new(CALLERS + 1));
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|_| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || -> Result<(), String> {
+                // Takes part in every burst's two barriers whatever happens,
+                // so a failed caller cannot hang the test.
+                let mut c = TcpStream::connect(outbound).map_err(|e| e.to_string());
+                if let Ok(c) = &c {
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(20)));
+                }
+                let mut failure = None;
+                for _ in 0..3 {
+                    barrier.wait();
+                    let answer = match &mut c {
+                        Ok(c) => c
+                            .write_all(b"GET / HTTP/1.1\r\nHost: pooled.pool\r\n\r\n")
+                            .ok()
+                            .and_then(|_| read_message(c)),
+                        Err(_) => None,
+                    };
+                    barrier.wait();
+                    match answer {
+                        Some((head, _)) if head.starts_with("HTTP/1.1 200") => {}
+                        other if failure.is_none() => failure = Some(format!("no 200: {other:?}")),
+                        _ => {}
+                    }
+                }
+                c?;
+                failure.map_or(Ok(()), Err)
+            })
+        })
+        .collect();
+    let mut opened = Vec::new();
+    let mut seen = before;
+    for _ in 0..3 {
+        barrier.wait(); // the burst starts
+        barrier.wait(); // every answer is in
+        let now = accepted.load(Ordering::SeqCst);
+        opened.push(now - seen);
+        seen = now;
+    }
+    for c in callers {
+        c.join().expect("caller thread").expect("caller");
+    }
+    eprintln!("upstream connections opened per burst: {opened:?}");
+    // the bursts were concurrent: the first needed about one connection per
+    // caller (the pool held at most one from the warm-up call)
+    assert!(
+        opened[0] >= CALLERS - 8,
+        "first burst opened only {opened:?}: not concurrent"
+    );
+    // ... and the later ones found them idle in the pool
+    assert!(
+        opened[1] + opened[2] <= 8,
+        "later bursts opened {opened:?} new upstream connections"
+    );
+    drop(s);
+}
