@@ -457,15 +457,7 @@ impl HubProc {
             ])
             .args(args));
         assert!(o.status.success(), "hub init failed: {}", text(&o));
-        HubProc {
-            dir,
-            td: td.into(),
-            addr: None,
-            child: None,
-            extra: Vec::new(),
-            wrap: Vec::new(),
-            env: Vec::new(),
-        }
+        HubProc::at(dir, td)
     }
 
     /// A hub data directory made some other way (a replica's, after
@@ -738,6 +730,20 @@ impl SpokeProc {
             .args(["enroll", "--data-dir"])
             .arg(&self.dir)
             .args(["--hub", &hub.to_string(), "--token", token]))
+    }
+
+    /// `tidemesh-spoke drill load` against this spoke, in the background;
+    /// its output says what was committed.
+    pub fn drill_load(&self, rate: u32, duration: &str) -> Child {
+        Command::new(bin("tidemesh-spoke"))
+            .args(["drill", "load", "--data-dir"])
+            .arg(&self.dir)
+            .args(["--rate", &rate.to_string(), "--duration", duration])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn drill load")
     }
 
     /// Extra `run` flags for every (re)start.

@@ -121,19 +121,6 @@ fn assert_contiguous(records: &[Value]) -> u64 {
     next - 1
 }
 
-/// `drill load` in the background; its output says what was committed.
-fn drill(s: &SpokeProc, rate: u32, duration: &str) -> Child {
-    Command::new(bin("tidemesh-spoke"))
-        .args(["drill", "load", "--data-dir"])
-        .arg(&s.dir)
-        .args(["--rate", &rate.to_string(), "--duration", duration])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn drill load")
-}
-
 /// Waits for `drill load`; returns (run id, committed).
 fn drill_result(child: Child) -> (String, u64) {
     let o = child.wait_with_output().expect("drill output");
@@ -214,7 +201,7 @@ fn drill_through_a_60s_blackout_arrives_exactly_once() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (hub, relay, s) = setup(tmp.path(), &[], Some(11), &[]);
     let relay = relay.expect("relay");
-    let load = drill(&s, 200, "75s");
+    let load = s.drill_load(200, "75s");
     std::thread::sleep(Duration::from_secs(5));
     relay.blackout(None);
     let cut = Instant::now();
@@ -259,7 +246,7 @@ fn spoke_sigkilled_while_syncing_loses_nothing_committed() {
     let (hub, _relay, mut s) = setup(tmp.path(), &[], None, &["--evidence-drain-rate", "3000"]);
     let mut committed_max = 0u64;
     for round in 0..5u64 {
-        let load = drill(&s, 2_000, "10s");
+        let load = s.drill_load(2_000, "10s");
         std::thread::sleep(Duration::from_millis(700 + 450 * round));
         if let Some(st) = spoke_stats(&s) {
             committed_max = committed_max.max(st["last_committed_seq"].as_u64().unwrap_or(0));
@@ -304,7 +291,7 @@ fn hub_sigkilled_mid_ingest_stores_exactly_once() {
     let (mut hub, _relay, s) = setup(tmp.path(), &[], None, &["--evidence-drain-rate", "2000"]);
     hub.stop();
     s.wait_state("disconnected", Duration::from_secs(10));
-    let (run_id, committed) = drill_result(drill(&s, 5_000, "4s"));
+    let (run_id, committed) = drill_result(s.drill_load(5_000, "4s"));
     assert_eq!(committed, 20_000);
     let total = spoke_stats(&s).expect("stats")["last_committed_seq"]
         .as_u64()
@@ -357,7 +344,7 @@ fn lost_acks_duplication_and_reordering_store_each_record_once() {
     // a backlog, so the sync is busy when the acks are cut
     hub.stop();
     s.wait_state("disconnected", Duration::from_secs(10));
-    let (run_id, committed) = drill_result(drill(&s, 5_000, "3s"));
+    let (run_id, committed) = drill_result(s.drill_load(5_000, "3s"));
     hub.start();
     wait_for(Duration::from_secs(20), || {
         (hub_stats(&hub, &s.id)["high_water_mark"]
@@ -404,7 +391,7 @@ fn full_buffer_sheds_requests_keeps_audit_and_verifies_at_the_hub() {
     let audit_before = hub_records_or_spoke_audit(&s);
     relay.blackout(None);
     s.wait_state("disconnected", Duration::from_secs(10));
-    let (_run_id, committed) = drill_result(drill(&s, 2_000, "5s"));
+    let (_run_id, committed) = drill_result(s.drill_load(2_000, "5s"));
     let st = spoke_stats(&s).expect("stats");
     assert!(st["shed_records"].as_u64().unwrap_or(0) > 0, "{st}");
     assert!(
@@ -491,7 +478,7 @@ fn hub_rate_and_spoke_cap_pace_the_drain() {
     );
     hub.stop();
     s.wait_state("disconnected", Duration::from_secs(10));
-    drill_result(drill(&s, 5_000, "2s"));
+    drill_result(s.drill_load(5_000, "2s"));
     hub.start();
     let t = Instant::now();
     let st = wait_drained(&hub, &s, Duration::from_secs(60));
@@ -560,7 +547,7 @@ fn steady_load_syncs_in_few_batches_and_arrives_promptly() {
     };
     let (b0, c0) = base(&s);
     let (eb0, ec0) = base(&eager);
-    let loads = [drill(&s, 500, "4s"), drill(&eager, 500, "4s")];
+    let loads = [s.drill_load(500, "4s"), eager.drill_load(500, "4s")];
     let mut runs = Vec::new();
     for l in loads {
         runs.push(drill_result(l));
@@ -602,7 +589,7 @@ fn altered_records_are_detected_and_named() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (mut hub, relay, mut s) = setup(tmp.path(), &[], Some(41), &[]);
     let relay = relay.expect("relay");
-    drill_result(drill(&s, 500, "1s"));
+    drill_result(s.drill_load(500, "1s"));
     wait_drained(&hub, &s, Duration::from_secs(30));
     // at the hub: stop it, alter record 100 in evidence.db, verify offline
     hub.stop();
@@ -626,7 +613,7 @@ fn altered_records_are_detected_and_named() {
     // at the spoke: partition, append, stop it, alter a pending record
     relay.blackout(None);
     s.wait_state("disconnected", Duration::from_secs(10));
-    drill_result(drill(&s, 500, "1s"));
+    drill_result(s.drill_load(500, "1s"));
     let last = spoke_stats(&s).expect("stats")["last_committed_seq"]
         .as_u64()
         .expect("seq");
@@ -718,7 +705,7 @@ fn status_watch_follows_the_drain_and_progress_stays_off_pipes() {
     let (hub, relay, s) = setup(tmp.path(), &[], Some(7), &[]);
     let relay = relay.expect("relay");
     relay.blackout(None);
-    let o = drill(&s, 200, "2s").wait_with_output().expect("drill");
+    let o = s.drill_load(200, "2s").wait_with_output().expect("drill");
     assert!(o.status.success(), "drill load: {}", text(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     assert_eq!(out.lines().count(), 1, "{out}");
@@ -841,7 +828,7 @@ fn metrics_pass_promtool() {
         None,
         &["--metrics", "127.0.0.1:19465"],
     );
-    drill_result(drill(&s, 200, "1s"));
+    drill_result(s.drill_load(200, "1s"));
     wait_drained(&hub, &s, Duration::from_secs(30));
     let labels = format!("store=\"sf01\",spoke=\"n1\",spiffe_id=\"{}\"", s.id);
     let promtool = which("promtool");
@@ -1701,7 +1688,7 @@ fn spoke_on_a_full_tmpfs_counts_every_lost_record_and_recovers() {
     );
     let relay = relay.expect("relay");
     const RATE: u32 = 400;
-    let load = drill(&s, RATE, "20s");
+    let load = s.drill_load(RATE, "20s");
     std::thread::sleep(Duration::from_secs(3));
     relay.blackout(None);
     let filled = fs.fill();
@@ -1843,7 +1830,7 @@ fn hub_serves_renewals_and_revocations_while_its_evidence_db_is_full() {
     assert_eq!(hub_state(&hub)["state"], "ok");
     assert_eq!(gauge("tidemesh_hub_evidence_store_full"), Some(0.0));
 
-    let load = drill(&s, 400, "30s");
+    let load = s.drill_load(400, "30s");
     std::thread::sleep(Duration::from_secs(3));
     let cert_before = hub.spoke(&id).expect("row")["cert_not_after"].clone();
     let filled = fs.fill();

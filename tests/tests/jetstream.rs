@@ -8,7 +8,7 @@
 //! `TIDEMESH_REQUIRE_NATS` is set.
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     sync::{Arc, Barrier},
     time::{Duration, Instant},
 };
@@ -927,19 +927,6 @@ fn two_replicas_racing_on_one_spokes_batch_store_it_once() {
     assert!(v.ok && v.records_checked == per * races, "{v:?}");
 }
 
-/// `drill load` against `s` in the background.
-fn drill(s: &SpokeProc, rate: u32, duration: &str) -> Child {
-    Command::new(bin("tidemesh-spoke"))
-        .args(["drill", "load", "--data-dir"])
-        .arg(&s.dir)
-        .args(["--rate", &rate.to_string(), "--duration", duration])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn drill load")
-}
-
 fn spoke_evidence_stats(s: &SpokeProc) -> Option<serde_json::Value> {
     let o = run(Command::new(bin("tidemesh-spoke"))
         .args(["evidence", "stats", "--json", "--data-dir"])
@@ -1043,7 +1030,7 @@ fn three_spokes_fail_over_mid_ingest_and_every_record_is_stored_once() {
         let st = s.wait_state("connected", Duration::from_secs(15));
         assert_eq!(st["hub"], a_addr.to_string(), "{st}");
     }
-    let loads: Vec<Child> = spokes.iter().map(|s| drill(s, 400, "5s")).collect();
+    let loads: Vec<Child> = spokes.iter().map(|s| s.drill_load(400, "5s")).collect();
     // mid-ingest: A has stored some of every spoke's load
     let at_kill: Vec<u64> = wait_for(Duration::from_secs(30), || {
         let hwms: Vec<u64> = spokes
